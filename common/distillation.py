@@ -89,14 +89,22 @@ class DistillationLoss:
         return total, {name: float(value.detach()) for name, value in parts.items()}
 
 
-def kd_step(teacher: torch.nn.Module, loss: DistillationLoss):
-    """``compute_loss(model, batch)`` for ``training.train``: teacher forward without gradients, then ``loss``."""
+def kd_step(teacher: torch.nn.Module, loss: DistillationLoss, teacher_token_ids: torch.Tensor | None = None):
+    """``compute_loss(model, batch)`` for ``training.train``: teacher forward without gradients, then ``loss``.
+
+    ``teacher_token_ids[i]`` is the teacher's id of the student's token ``i``, for a student whose vocabulary
+    was pruned (its ids are renumbered); None when both share one vocabulary.
+    """
     teacher.eval()
 
     def compute_loss(model, batch):
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        teacher_inputs = inputs
+        if teacher_token_ids is not None:
+            mapping = teacher_token_ids.to(batch["input_ids"].device)
+            teacher_inputs = {**inputs, "input_ids": mapping[batch["input_ids"]]}
         with torch.no_grad():
-            teacher_output = teacher(**inputs, output_hidden_states=loss.needs_hidden_states)
+            teacher_output = teacher(**teacher_inputs, output_hidden_states=loss.needs_hidden_states)
         student_output = model(**inputs, output_hidden_states=loss.needs_hidden_states)
         return loss(student_output, teacher_output, batch["labels"], batch["attention_mask"])
 

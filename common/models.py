@@ -11,7 +11,7 @@ import importlib.metadata
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -326,20 +326,23 @@ def save_checkpoint(
     output_dir: Optional[str] = None,
     overwrite: bool = False,
     state_dict: Optional[dict] = None,
-    extra_files: Optional[dict] = None,
+    verify: Optional[Callable[[Path], dict]] = None,
 ) -> Path:
     """Write model, tokenizer, ``compression.json`` and flat ``metrics.json`` atomically; return the folder.
 
-    ``record`` is completed with the stage, the architecture record and package versions.
+    ``record`` is completed with the stage, the architecture record and package versions. ``verify(folder)``
+    runs on the written files before they are moved into place (e.g. reload and evaluate); it may raise to
+    reject the checkpoint, and the metrics it returns are added to ``record["metrics"]``.
     """
     record = {"stage": stage, "architecture": architecture_record(getattr(model, "module", model)), **record}
     record.setdefault("versions", checkpoints.package_versions())
     with checkpoints.checkpoint_writer(stage, output_dir, overwrite) as pending:
         save_model(model, tokenizer, pending.path, state_dict=state_dict)
-        for name, payload in (extra_files or {}).items():
-            checkpoints.write_json(pending.path / name, payload)
-        checkpoints.write_json(pending.path / checkpoints.METRICS_FILE, _flatten(record.get("metrics", {})))
         checkpoints.write_json(pending.path / checkpoints.RECORD_FILE, record)
+        if verify is not None:
+            record["metrics"] = {**record.get("metrics", {}), **verify(pending.path)}
+            checkpoints.write_json(pending.path / checkpoints.RECORD_FILE, record)
+        checkpoints.write_json(pending.path / checkpoints.METRICS_FILE, _flatten(record.get("metrics", {})))
     return pending.final
 
 

@@ -1,15 +1,379 @@
-"""Loading of quantized weights (see the 4-bit sections below)."""
+"""4-bit NF4/FP4 quantization (real, through bitsandbytes, and fake, for training), compressed embeddings and
+an int8 CPU deployment model.
+
+What is quantized: every ``nn.Linear`` inside the encoder layers. Embeddings, LayerNorms, the pooler and the
+classifier stay in full precision (bitsandbytes cannot quantize the small classifier of a pruned model, and
+the head is where 4-bit error hurts most), unless ``skip_modules`` adds more to skip. Word embeddings can be
+stored row-wise in int8/int4 in the checkpoint and are dequantized on load.
+
+Fake quantization reproduces bitsandbytes' CPU ``quantize_4bit`` exactly: flatten the weight, cut it into
+blocks of ``blocksize``, scale each by the reciprocal of its absmax, pick the code by bucketizing against the
+midpoints of the sorted codebook, and (double quantization) store the absmax in bitsandbytes' 8-bit blockwise
+format. The backward pass is the straight-through estimator. So a model trained with fake quantization and
+exported gives bit-identical 4-bit weights (tested element-wise).
+
+CPU traps handled here (see DEVELOPERS.md): bitsandbytes computes in bf16 on CPUs with AVX512-BF16 unless
+``support_avx512bf16_for_cpu`` is False, and its first ``eval()`` + ``no_grad`` forward repacks the weights,
+which breaks later training. Loaded 4-bit models therefore use the fp32 path unless the checkpoint's
+``compute_dtype`` is bfloat16, and training never touches a real 4-bit module.
+"""
 
 from __future__ import annotations
 
+import logging
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .models import LAYER_LAYOUTS, model_type_of
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ALWAYS_SKIPPED = ("classifier", "pre_classifier", "pooler")
+NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for double-quantized absmax
+
+
+# -- which modules --------------------------------------------------------------------------------------
+
+
+def quantizable_linear_names(model: nn.Module, skip_modules: tuple | list = ()) -> list[str]:
+    """Names of the encoder's ``nn.Linear`` modules, minus any whose name contains a ``skip_modules`` entry."""
+    prefix = LAYER_LAYOUTS[model_type_of(model)]["layers"] + "."
+    skipped = tuple(skip_modules) + ALWAYS_SKIPPED
+    return [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith(prefix) and not any(s in name for s in skipped)
+    ]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attribute, module)
+
+
+# -- codebooks and fake quantization ------------------------------------------------------------------------
+
+
+def codebook(quant_type: str) -> torch.Tensor:
+    """The 16 values of bitsandbytes' NF4 or FP4 code, sorted ascending."""
+    from bitsandbytes.functional import get_4bit_type
+
+    return torch.sort(get_4bit_type(quant_type, device="cpu").float()).values
+
+
+def _double_quantize_absmax(absmax: torch.Tensor) -> torch.Tensor:
+    """absmax as bitsandbytes stores it with compress_statistics: 8-bit blockwise of (absmax - mean), + mean."""
+    from bitsandbytes.functional import dequantize_blockwise, quantize_blockwise
+
+    device = absmax.device
+    absmax = absmax.detach().float().cpu()
+    offset = absmax.mean()
+    quantized, state = quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+    return (dequantize_blockwise(quantized, state) + offset).to(device)
+
+
+def fake_quantize_4bit_values(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = False):
+    """(quantize -> dequantize)(weight) exactly as bitsandbytes does on CPU; also returns the code indices."""
+    code = codebook(quant_type).to(weight.device)
+    midpoints = (code[:-1] + code[1:]) / 2
+    flat = weight.detach().reshape(-1).float()
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = flat[:full].reshape(-1, blocksize)
+    absmax = blocks.abs().max(dim=-1)[0]
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if n > full:
+        tail_max = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_max.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
+    indices = torch.bucketize(scaled, midpoints)
+    if double_quant:
+        absmax = _double_quantize_absmax(absmax)
+    scales = torch.repeat_interleave(absmax, blocksize)[:n]
+    values = (code[indices] * scales).reshape(weight.shape).to(weight.dtype)
+    return values, indices.reshape(weight.shape)
+
+
+class _StraightThrough4bit(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, quant_type, blocksize, double_quant):
+        return fake_quantize_4bit_values(weight, quant_type, blocksize, double_quant)[0]
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None, None, None
+
+
+def fake_quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = False) -> torch.Tensor:
+    """Forward: the 4-bit value of each weight. Backward: the gradient passes through unchanged (STE)."""
+    return _StraightThrough4bit.apply(weight, quant_type, blocksize, double_quant)
+
+
+class FakeQuant4bitLinear(nn.Linear):
+    """A Linear whose full-precision master weight is fake-quantized to 4 bits in every forward pass."""
+
+    def __init__(self, linear: nn.Linear, quant_type: str, blocksize: int, double_quant: bool) -> None:
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                         device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                self.bias.copy_(linear.bias)
+        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight = fake_quantize_4bit(self.weight, self.quant_type, self.blocksize, self.double_quant)
+        return F.linear(input, weight, self.bias)
+
+
+def prepare_fake_quantization(model: nn.Module, settings) -> list[str]:
+    """Swap the quantizable Linears for ``FakeQuant4bitLinear`` in place; return their names."""
+    names = quantizable_linear_names(model, settings.skip_modules)
+    for name in names:
+        _set_module(model, name, FakeQuant4bitLinear(model.get_submodule(name), settings.quant_type, settings.blocksize, settings.double_quant))
+    return names
+
+
+def strip_fake_quantization(model: nn.Module) -> None:
+    """Turn ``FakeQuant4bitLinear`` back into plain Linears holding the master weights."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FakeQuant4bitLinear):
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=module.weight.dtype)
+            with torch.no_grad():
+                plain.weight.copy_(module.weight)
+                if module.bias is not None:
+                    plain.bias.copy_(module.bias)
+            _set_module(model, name, plain)
+
+
+# -- real 4-bit (bitsandbytes) ------------------------------------------------------------------------------
+
+
+def _linear4bit(linear: nn.Linear, settings_record: dict):
+    import bitsandbytes as bnb
+
+    module = bnb.nn.Linear4bit(
+        linear.in_features, linear.out_features, bias=linear.bias is not None,
+        compute_dtype=DTYPES[settings_record["compute_dtype"]],
+        compress_statistics=settings_record["double_quant"],
+        quant_type=settings_record["quant_type"], quant_storage=torch.uint8, device="cpu",
+    )
+    # The AVX512-BF16 kernel silently computes in bf16; keep fp32 results unless bf16 was asked for.
+    module.support_avx512bf16_for_cpu = settings_record["compute_dtype"] == "bfloat16"
+    if linear.bias is not None:
+        module.bias = nn.Parameter(linear.bias.detach().to("cpu", torch.float32).clone(), requires_grad=False)
+    return module
+
+
+def quantize_model_4bit(model: nn.Module, settings) -> dict:
+    """Replace the quantizable Linears of a CPU model by bitsandbytes 4-bit ones; return the quantization record."""
+    import bitsandbytes as bnb
+
+    record = {
+        "method": "bitsandbytes_4bit",
+        "quant_type": settings.quant_type,
+        "blocksize": settings.blocksize,
+        "double_quant": settings.double_quant,
+        "compute_dtype": settings.compute_dtype,
+        "modules": quantizable_linear_names(model, settings.skip_modules),
+        "kept_full_precision": sorted(set(n for n, m in model.named_modules() if isinstance(m, nn.Linear)) - set(quantizable_linear_names(model, settings.skip_modules))),
+    }
+    model.to("cpu")
+    for name in record["modules"]:
+        linear = model.get_submodule(name)
+        module = _linear4bit(linear, record)
+        module.weight = bnb.nn.Params4bit(
+            linear.weight.detach().to(torch.float32).contiguous().clone(), requires_grad=False,
+            quant_type=settings.quant_type, blocksize=settings.blocksize,
+            compress_statistics=settings.double_quant, quant_storage=torch.uint8, module=module,
+        ).to("cpu")
+        _set_module(model, name, module)
+    return record
+
+
+def _load_4bit_modules(model: nn.Module, state: dict, record: dict) -> set[str]:
+    """Install prequantized bitsandbytes weights from ``state``; return the state keys consumed."""
+    import bitsandbytes as bnb
+
+    consumed = set()
+    for name in record["modules"]:
+        prefix = f"{name}.weight"
+        stats = {key[len(prefix) + 1 :]: value for key, value in state.items() if key.startswith(prefix + ".")}
+        if prefix not in state or not stats:
+            raise ValueError(f"The checkpoint lacks the 4-bit weight or quantization state of {name}; it is corrupt. Re-run its stage.")
+        consumed.update(f"{prefix}.{key}" for key in stats)  # before from_prequantized, which pops from stats
+        module = _linear4bit(model.get_submodule(name), record)
+        module.weight = bnb.nn.Params4bit.from_prequantized(state[prefix], stats, requires_grad=False, device="cpu", module=module)
+        if f"{name}.bias" in state:
+            module.bias = nn.Parameter(state[f"{name}.bias"].float(), requires_grad=False)
+            consumed.add(f"{name}.bias")
+        _set_module(model, name, module)
+        consumed.add(prefix)
+    return consumed
+
+
+# -- compressed word embeddings ---------------------------------------------------------------------------
+
+
+def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric row-wise quantization: (codes, per-row scale). int4 codes are packed two per byte."""
+    levels = 2 ** (bits - 1) - 1  # 127 or 7
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / levels
+    codes = torch.round(weight / scale.unsqueeze(1)).clamp(-levels, levels).to(torch.int8)
+    if bits == 4:
+        unsigned = (codes + 8).to(torch.uint8)
+        if unsigned.shape[1] % 2:
+            unsigned = F.pad(unsigned, (0, 1), value=8)
+        codes = (unsigned[:, ::2] << 4) | unsigned[:, 1::2]
+    return codes, scale.float()
+
+
+def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
+    if bits == 4:
+        high = (codes >> 4).to(torch.int16) - 8
+        low = (codes & 0xF).to(torch.int16) - 8
+        codes = torch.stack([high, low], dim=2).reshape(codes.shape[0], -1)[:, :columns]
+    return codes.float() * scale.unsqueeze(1)
+
+
+EMBEDDING_BITS = {"int8": 8, "int4": 4}
+
+
+def compress_embedding_state(model: nn.Module, state: dict, method: str) -> tuple[dict, Optional[dict]]:
+    """Replace the word-embedding weight in ``state`` by row-wise codes and scales; return (state, record)."""
+    if method == "none":
+        return state, None
+    name = LAYER_LAYOUTS[model_type_of(model)]["embeddings"]
+    weight = state.pop(f"{name}.weight")
+    codes, scale = quantize_rows(weight.float(), EMBEDDING_BITS[method])
+    state[f"{name}.weight_codes"] = codes
+    state[f"{name}.weight_scale"] = scale
+    return state, {"method": method, "module": name, "shape": list(weight.shape)}
+
+
+def _load_embedding(state: dict, record: dict) -> dict:
+    name, bits = record["module"], EMBEDDING_BITS[record["method"]]
+    codes, scale = state.pop(f"{name}.weight_codes"), state.pop(f"{name}.weight_scale")
+    state[f"{name}.weight"] = dequantize_rows(codes, scale, bits, record["shape"][1])
+    return state
+
+
+# -- int8 CPU deployment model (torch dynamic quantization) ------------------------------------------------
+
+
+def quantize_model_int8(model: nn.Module) -> tuple[nn.Module, dict]:
+    """Dynamic int8 quantization of every Linear but the classifier head; weights per output channel."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    names = quantizable_linear_names(model)
+    model = quantize_dynamic(model.to("cpu").eval(), {name: per_channel_dynamic_qconfig for name in names}, dtype=torch.qint8)
+    return model, {"method": "torch_dynamic_int8", "modules": names}
+
+
+def int8_state_dict(model: nn.Module) -> dict:
+    """Plain tensors for safetensors: int8 codes, per-channel scales and zero points, and float biases."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    state = {}
+    quantized = {name for name, module in model.named_modules() if isinstance(module, DynamicLinear)}
+    for name, tensor in model.state_dict().items():
+        if not any(name.startswith(q + ".") for q in quantized) and isinstance(tensor, torch.Tensor):
+            state[name] = tensor
+    for name in quantized:
+        weight, bias = model.get_submodule(name)._weight_bias()
+        state[f"{name}.weight_int8"] = weight.int_repr()
+        state[f"{name}.weight_scales"] = weight.q_per_channel_scales().float()
+        state[f"{name}.weight_zero_points"] = weight.q_per_channel_zero_points().to(torch.int64)
+        if bias is not None:
+            state[f"{name}.bias"] = bias.float()
+    return state
+
+
+def _load_int8(model: nn.Module, state: dict, record: dict) -> tuple[nn.Module, set[str]]:
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    model = quantize_dynamic(model.eval(), {name: per_channel_dynamic_qconfig for name in record["modules"]}, dtype=torch.qint8)
+    consumed = set()
+    for name in record["modules"]:
+        keys = [f"{name}.weight_int8", f"{name}.weight_scales", f"{name}.weight_zero_points"]
+        if any(key not in state for key in keys):
+            raise ValueError(f"The int8 checkpoint lacks the weights of {name}; it is corrupt. Re-run 11_export_int8.py.")
+        weight = torch._make_per_channel_quantized_tensor(state[keys[0]], state[keys[1]].double(), state[keys[2]], axis=0)
+        bias = state.get(f"{name}.bias")
+        model.get_submodule(name).set_weight_bias(weight, bias)
+        consumed.update(keys + ([f"{name}.bias"] if bias is not None else []))
+    return model, consumed
+
+
+# -- loading any checkpoint -----------------------------------------------------------------------------------
 
 
 def is_movable(record: dict) -> bool:
-    return not record.get("quantization")
+    """Only full-precision models move to a GPU; the quantized ones here are CPU models."""
+    return not record.get("quantization") and not record.get("embedding_quantization")
 
 
 def load_quantized_state(model: nn.Module, state: dict, record: dict) -> nn.Module:
-    model.load_state_dict(state, strict=True)
+    """Load ``state`` into the skeleton ``model``, installing 4-bit, int8 and compressed-embedding weights."""
+    state = dict(state)
+    if record.get("embedding_quantization"):
+        state = _load_embedding(state, record["embedding_quantization"])
+    quantization = record.get("quantization") or {}
+    consumed: set[str] = set()
+    method = quantization.get("method")
+    if method == "bitsandbytes_4bit":
+        consumed = _load_4bit_modules(model, state, quantization)
+    elif method == "torch_dynamic_int8":
+        model, consumed = _load_int8(model, state, quantization)
+    elif method is not None:
+        raise ValueError(f"Unknown quantization method {method!r} in compression.json; known: bitsandbytes_4bit, torch_dynamic_int8.")
+    remaining = {key: value for key, value in state.items() if key not in consumed}
+    expected = {key for key in model.state_dict() if key not in consumed and not _is_quantized_key(model, key)}
+    missing, unexpected = sorted(expected - set(remaining)), sorted(set(remaining) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"Checkpoint weights do not match the rebuilt model: missing {missing[:5]}, unexpected {unexpected[:5]}. "
+            f"The checkpoint is corrupt or was written by another version; re-run its stage."
+        )
+    model.load_state_dict(remaining, strict=False)
     return model
+
+
+def _is_quantized_key(model: nn.Module, key: str) -> bool:
+    """State keys of 4-bit/int8 modules that ``load_state_dict`` must not see (they were installed directly)."""
+    import bitsandbytes as bnb
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    module_name = key.rsplit(".", 1)[0]
+    while module_name:
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            module_name = module_name.rpartition(".")[0]
+            continue
+        return isinstance(module, (bnb.nn.Linear4bit, DynamicLinear))
+    return False
+
+
+def bits_per_weight(blocksize: int, double_quant: bool) -> float:
+    """Storage cost of one 4-bit weight including its absmax scale."""
+    return 4 + (8 / blocksize + 32 / (blocksize * NESTED_BLOCKSIZE) if double_quant else 32 / blocksize)
+
+
+__all__ = [
+    "FakeQuant4bitLinear",
+    "bits_per_weight",
+    "compress_embedding_state",
+    "fake_quantize_4bit",
+    "fake_quantize_4bit_values",
+    "int8_state_dict",
+    "load_quantized_state",
+    "prepare_fake_quantization",
+    "quantizable_linear_names",
+    "quantize_model_4bit",
+    "quantize_model_int8",
+    "strip_fake_quantization",
+]

@@ -1,0 +1,140 @@
+"""Stage 10: QKD-4bit, quantization-aware training of the pruned student with distillation.
+
+Reads:  the newest results/pruned/ checkpoint (or --pruned_model_path), the teacher (--teacher 'teacher': the
+        newest stage-1 checkpoint; 'pruned': the full-precision pruned model; or --teacher_model_path) and the
+        same data split as stage 1.
+Does:   trains full-precision master weights through NF4 fake quantization (bitsandbytes' codebook and
+        per-block absmax, straight-through gradients) with
+            total = beta_ce*CE + beta_logits*KL(teacher/T || student/T)*T^2 + beta_hidden*MSE(hidden states),
+        evaluates the fake-quantized model every epoch and keeps the best, exports it to real bitsandbytes
+        4-bit weights, reloads the checkpoint and checks that its validation accuracy matches the
+        fake-quantized one within --max_accuracy_gap points (a mismatch is an error; nothing is saved).
+Writes: results/qkd_4bit/<run_id>/ with the 4-bit weights and compression.json.
+
+Run as:
+    python 10_qat_kd_4bit.py
+    python 10_qat_kd_4bit.py --pruned_model_path results/pruned/<run_id> --num_epochs 2 --learning_rate 1e-5 --batch_size 16
+"""
+
+import torch
+from accelerate.utils import set_seed
+
+from common import DataConfig, QATKDConfig, parse_config, setup_logging
+from common.checkpoints import Stopwatch, read_record
+from common.config import config_to_dict, log_config
+from common.data import build_loaders, load_splits
+from common.distillation import DistillationLoss, kd_step, layer_map, num_layers
+from common.evaluation import evaluate_accuracy
+from common.models import load_checkpoint_tokenizer, load_model, load_stage_model, save_checkpoint
+from common.quantization import (
+    compress_embedding_state,
+    prepare_fake_quantization,
+    quantize_model_4bit,
+    strip_fake_quantization,
+)
+from common.training import make_accelerator, train
+
+
+def load_teacher(config: QATKDConfig, label_names, pruned_folder):
+    if config.teacher_model_path is None and config.teacher == "pruned":
+        return load_stage_model("pruned", str(pruned_folder), label_names)[:2]
+    return load_stage_model("teacher", config.teacher_model_path, label_names)[:2]
+
+
+def teacher_token_ids(student_tokenizer, teacher_folder, pruned_record):
+    """None when teacher and student share a vocabulary, else the student-id -> teacher-id table."""
+    teacher_vocab = load_checkpoint_tokenizer(teacher_folder).get_vocab()
+    if student_tokenizer.get_vocab() == teacher_vocab:
+        return None
+    kept = ((pruned_record.get("pruning") or {}).get("vocabulary") or {}).get("kept_token_ids")
+    id_to_token = {index: token for token, index in student_tokenizer.get_vocab().items()}
+    if kept is None or any(teacher_vocab.get(id_to_token[new]) != old for new, old in enumerate(kept)):
+        raise ValueError(
+            f"The teacher {teacher_folder} uses another vocabulary than the pruned model and no token map links them. "
+            f"Use --teacher pruned, or a teacher with the student's tokenizer."
+        )
+    return torch.tensor(kept)
+
+
+def main(data_config: DataConfig, config: QATKDConfig) -> None:
+    stopwatch = Stopwatch()
+    accelerator = make_accelerator(config)
+    if accelerator.is_main_process:
+        log_config(data_config, config)
+    set_seed(config.seed)
+
+    data = load_splits(data_config)
+    student, pruned_folder, pruned_record = load_stage_model("pruned", config.pruned_model_path, data.label_names)
+    teacher, teacher_folder = load_teacher(config, data.label_names, pruned_folder)
+    teacher.to(accelerator.device)
+    tokenizer = load_checkpoint_tokenizer(pruned_folder)
+    token_map = teacher_token_ids(tokenizer, teacher_folder, pruned_record)
+    train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)
+
+    full_precision = evaluate_accuracy(student, eval_loader)
+    fake_quantized = prepare_fake_quantization(student, config)
+    before_training = evaluate_accuracy(student, eval_loader)
+    print(f"Fake-quantizing {len(fake_quantized)} linear layers ({config.quant_type}); validation accuracy: full precision "
+          f"{full_precision['accuracy']:.4f}, 4-bit before training {before_training['accuracy']:.4f}")
+
+    loss = DistillationLoss(
+        config.beta_ce, config.beta_logits, config.beta_hidden, config.temperature,
+        mapping=layer_map(num_layers(student), num_layers(teacher)),
+    )
+    result = train(student, train_loader, eval_loader, config, kd_step(teacher, loss, token_map), accelerator, description="qkd")
+
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        accelerator.end_training()
+        return
+    student = accelerator.unwrap_model(student).to("cpu")
+    student.load_state_dict(result.best_state)
+    strip_fake_quantization(student)
+    quantization = quantize_model_4bit(student, config)
+    state, embedding = compress_embedding_state(student, dict(student.state_dict()), config.embedding_quantization)
+
+    def reload_and_check(folder):
+        reloaded = evaluate_accuracy(load_model(folder), eval_loader)
+        gap = 100 * abs(reloaded["accuracy"] - result.best_metrics["accuracy"])
+        if gap > config.max_accuracy_gap:
+            raise RuntimeError(
+                f"The exported 4-bit model reaches {reloaded['accuracy']:.4f} validation accuracy but the fake-quantized "
+                f"one reached {result.best_metrics['accuracy']:.4f}: a {gap:.2f}-point gap, above max_accuracy_gap="
+                f"{config.max_accuracy_gap}. Fake and real quantization disagree (check quant_type/blocksize/double_quant "
+                f"and embedding_quantization); nothing was saved."
+            )
+        return {
+            "validation": reloaded,
+            "validation_fake_quantized": result.best_metrics,
+            "validation_full_precision_start": full_precision,
+            "validation_4bit_before_training": before_training,
+            "fake_vs_real_gap_points": gap,
+            "best_epoch": result.best_epoch,
+        }
+
+    folder = save_checkpoint(
+        "qkd_4bit", student, tokenizer,
+        {
+            "parent": str(pruned_folder),
+            "teacher": str(teacher_folder),
+            "config": config_to_dict(data_config, config),
+            "label_names": data.label_names,
+            "seed": config.seed,
+            "quantization": quantization,
+            "embedding_quantization": embedding,
+            "history": result.history,
+            "seconds_per_step": result.seconds_per_step,
+            "wall_time_s": stopwatch.seconds,
+        },
+        state_dict=state, verify=reload_and_check,
+        output_dir=config.output_dir, overwrite=config.overwrite_output_dir,
+    )
+    metrics = read_record(folder)["metrics"]
+    print(f"QKD-4bit: validation accuracy {metrics['validation']['accuracy']:.4f} (fake-quantized "
+          f"{result.best_metrics['accuracy']:.4f}, epoch {result.best_epoch}) -> {folder}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    setup_logging()
+    main(*parse_config(DataConfig, QATKDConfig))

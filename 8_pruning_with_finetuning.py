@@ -1,0 +1,130 @@
+"""Stage 8: KGSP/MSP structured pruning of the student, fine-tuned with distillation from the teacher.
+
+Reads:  the newest results/student/ checkpoint (or --student_model_path), the newest results/teacher/
+        checkpoint (or --teacher_model_path) and the same data split as stage 1.
+Does:   fine-tunes with alpha_ce*CE + alpha_kd*KL*T^2 (+ alpha_hidden*MSE) while a StructuralPruner raises the
+        sparsity of attention heads and FFN neurons along a cubic schedule (importance_mode l2 / kd_grad /
+        l2+kd_grad; uniform or multi-granularity), evaluates the masked model, then removes the pruned
+        structures physically. Optionally prunes the vocabulary to the tokens of the training split.
+Writes: results/pruned/<run_id>/ with the smaller model, its architecture record (heads and FFN width per
+        layer) and a pruning summary (sparsity, parameters and validation accuracy before and after).
+
+Run as:
+    python 8_pruning_with_finetuning.py
+    python 8_pruning_with_finetuning.py --importance_mode l2 --enable_multi_granularity false   # the original
+    python 8_pruning_with_finetuning.py --head_final_sparsity 0.5 --ffn_final_sparsity 0.6 --prune_vocabulary
+"""
+
+import math
+
+from accelerate.utils import set_seed
+
+from common import DataConfig, PruningConfig, parse_config, setup_logging
+from common.checkpoints import Stopwatch
+from common.config import config_to_dict, log_config
+from common.data import build_loaders, load_splits
+from common.distillation import DistillationLoss, kd_step, layer_map, num_layers
+from common.evaluation import evaluate_accuracy
+from common.models import count_parameters, load_checkpoint_tokenizer, load_stage_model, save_checkpoint
+from common.pruning import StructuralPruner
+from common.training import make_accelerator, train
+from common.vocabulary import prune_vocabulary
+
+
+class PruningHooks:
+    def __init__(self, pruner: StructuralPruner) -> None:
+        self.pruner = pruner
+
+    def after_backward(self, step: int) -> None:
+        self.pruner.accumulate_importance_scores()
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.pruner.step(step)
+
+
+def main(data_config: DataConfig, config: PruningConfig) -> None:
+    stopwatch = Stopwatch()
+    accelerator = make_accelerator(config)
+    if accelerator.is_main_process:
+        log_config(data_config, config)
+    set_seed(config.seed)
+
+    data = load_splits(data_config)
+    teacher, teacher_folder, _ = load_stage_model("teacher", config.teacher_model_path, data.label_names)
+    student, student_folder, _ = load_stage_model("student", config.student_model_path, data.label_names)
+    teacher.to(accelerator.device)
+    tokenizer = load_checkpoint_tokenizer(student_folder)
+    train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)
+
+    pruner = StructuralPruner(student, config)  # raises now if the targets cannot be met
+    parameters_before = count_parameters(student)
+    accuracy_before = evaluate_accuracy(student, eval_loader)["accuracy"]
+    total_steps = math.ceil(len(train_loader) / accelerator.num_processes) * config.num_epochs
+    pruner.set_schedule(total_steps)
+    print(f"Pruning {len(pruner.head_groups)} head groups and {len(pruner.ffn_groups)} FFN groups; "
+          f"student validation accuracy before: {accuracy_before:.4f}")
+
+    loss = DistillationLoss(
+        config.alpha_ce, config.alpha_kd, config.alpha_hidden, config.temperature,
+        mapping=layer_map(num_layers(student), num_layers(teacher)),
+    )
+    result = train(
+        student, train_loader, eval_loader, config, kd_step(teacher, loss), accelerator,
+        hooks=PruningHooks(pruner), keep="last", description="prune",
+    )
+
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        accelerator.end_training()
+        return
+    student = accelerator.unwrap_model(student)
+    student.load_state_dict(result.best_state)
+    pruner.finalize()
+    pruner.apply_masks()
+    masked_metrics = evaluate_accuracy(student, eval_loader)
+    summary = pruner.summary()
+    architecture = pruner.prune_physically()
+    pruned_metrics = evaluate_accuracy(student, eval_loader)
+    vocabulary = None
+    if config.prune_vocabulary:
+        student, tokenizer, vocabulary = prune_vocabulary(student, tokenizer, data, data_config.max_length, config.vocabulary_extra_tokens)
+        pruned_metrics = evaluate_accuracy(student, build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)[1])
+    parameters_after = count_parameters(student)
+    summary.update(
+        parameters_before=parameters_before,
+        parameters_after=parameters_after,
+        validation_accuracy_before=accuracy_before,
+        validation_accuracy_masked=masked_metrics["accuracy"],
+        validation_accuracy_after=pruned_metrics["accuracy"],
+        kept_heads=architecture["kept_heads"],
+        vocabulary=vocabulary,
+    )
+    folder = save_checkpoint(
+        "pruned", student, tokenizer,
+        {
+            "parent": str(student_folder),
+            "teacher": str(teacher_folder),
+            "config": config_to_dict(data_config, config),
+            "label_names": data.label_names,
+            "seed": config.seed,
+            "pruning": summary,
+            "pruning_history": pruner.history,
+            "metrics": {"validation": pruned_metrics, "validation_before": {"accuracy": accuracy_before}},
+            "history": result.history,
+            "seconds_per_step": result.seconds_per_step,
+            "wall_time_s": stopwatch.seconds,
+        },
+        output_dir=config.output_dir, overwrite=config.overwrite_output_dir,
+    )
+    print(
+        f"Pruned: heads per layer {summary['kept_heads_per_layer']}, FFN width per layer {summary['ffn_width_per_layer']}, "
+        f"head sparsity {summary['head_sparsity']:.3f}, FFN sparsity {summary['ffn_sparsity']:.3f}; "
+        f"parameters {parameters_before:,} -> {parameters_after:,}; validation accuracy {accuracy_before:.4f} -> "
+        f"{pruned_metrics['accuracy']:.4f} (masked {masked_metrics['accuracy']:.4f}) -> {folder}"
+    )
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    setup_logging()
+    main(*parse_config(DataConfig, PruningConfig))

@@ -1,0 +1,68 @@
+"""Stage 9: 4-bit post-training quantization (PTQ) of the pruned student, no training.
+
+Reads:  the newest results/pruned/ checkpoint (or --pruned_model_path) and the validation split.
+Does:   stores every encoder Linear in bitsandbytes NF4 (or FP4) with the given block size and double
+        quantization; embeddings, LayerNorms, pooler and classifier stay full precision, except that the
+        word embeddings are stored row-wise in int8 (--embedding_quantization int8|int4|none). Then reloads
+        the written checkpoint through the project's loader and evaluates it on validation.
+Writes: results/ptq_4bit/<run_id>/ with the 4-bit weights, compression.json (quantization record, validation
+        accuracy of the reloaded model and its drop against the full-precision pruned model).
+
+Run as:
+    python 9_quantize_pruned_model.py
+    python 9_quantize_pruned_model.py --quant_type fp4 --blocksize 128 --double_quant false
+"""
+
+from common import DataConfig, PTQConfig, parse_config, setup_logging
+from common.checkpoints import Stopwatch, read_record
+from common.config import config_to_dict, log_config
+from common.data import build_loaders, load_splits
+from common.evaluation import evaluate_accuracy
+from common.models import load_checkpoint_tokenizer, load_model, load_stage_model, save_checkpoint
+from common.quantization import compress_embedding_state, quantize_model_4bit
+
+
+def main(data_config: DataConfig, config: PTQConfig) -> None:
+    stopwatch = Stopwatch()
+    log_config(data_config, config)
+    data = load_splits(data_config)
+    model, pruned_folder, pruned_record = load_stage_model("pruned", config.pruned_model_path, data.label_names)
+    tokenizer = load_checkpoint_tokenizer(pruned_folder)
+    _, eval_loader = build_loaders(data, tokenizer, data_config, config.eval_batch_size, config.eval_batch_size, seed=0)
+
+    full_precision = evaluate_accuracy(model, eval_loader)
+    quantization = quantize_model_4bit(model, config)
+    state, embedding = compress_embedding_state(model, dict(model.state_dict()), config.embedding_quantization)
+    print(f"Quantized {len(quantization['modules'])} linear layers to {config.quant_type} (block {config.blocksize}, "
+          f"double quant {config.double_quant}); kept in full precision: {quantization['kept_full_precision']}")
+
+    def reload_and_evaluate(folder):
+        reloaded = evaluate_accuracy(load_model(folder), eval_loader)
+        return {
+            "validation": reloaded,
+            "validation_full_precision": full_precision,
+            "accuracy_drop_points": 100 * (full_precision["accuracy"] - reloaded["accuracy"]),
+        }
+
+    folder = save_checkpoint(
+        "ptq_4bit", model, tokenizer,
+        {
+            "parent": str(pruned_folder),
+            "config": config_to_dict(data_config, config),
+            "label_names": data.label_names,
+            "seed": pruned_record.get("seed"),
+            "quantization": quantization,
+            "embedding_quantization": embedding,
+            "wall_time_s": stopwatch.seconds,
+        },
+        state_dict=state, verify=reload_and_evaluate,
+        output_dir=config.output_dir, overwrite=config.overwrite_output_dir,
+    )
+    metrics = read_record(folder)["metrics"]
+    print(f"PTQ-4bit: validation accuracy {metrics['validation']['accuracy']:.4f} (full precision "
+          f"{full_precision['accuracy']:.4f}, drop {metrics['accuracy_drop_points']:.2f} points) -> {folder}")
+
+
+if __name__ == "__main__":
+    setup_logging()
+    main(*parse_config(DataConfig, PTQConfig))
