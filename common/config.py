@@ -29,6 +29,7 @@ QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 QAT_TEACHERS = ("teacher", "pruned")
 EMBEDDING_QUANT_CHOICES = ("none", "int8", "int4")
+INT8_SOURCES = ("auto", "qkd_4bit", "pruned")
 
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -112,7 +113,17 @@ class DataConfig:
 
 
 @dataclass
-class TrainingConfig:
+class OutputFields:
+    """Where a stage writes its checkpoint."""
+
+    output_dir: Optional[str] = _field(
+        None, "Write the checkpoint here instead of a new results/<stage>/<run_id>/ folder."
+    )
+    overwrite_output_dir: bool = _field(False, "Allow replacing a non-empty output_dir.")
+
+
+@dataclass
+class TrainingConfig(OutputFields):
     """Optimisation fields shared by every training stage."""
 
     seed: int = _field(42, "Seed for model initialisation, data order and dropout.")
@@ -124,10 +135,6 @@ class TrainingConfig:
     weight_decay: float = _field(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights).")
     max_grad_norm: float = _field(1.0, "Gradient clipping norm; 0 disables clipping.")
     mixed_precision: str = _field("no", "'no', 'fp16' or 'bf16' (through accelerate; fp16 needs a GPU).")
-    output_dir: Optional[str] = _field(
-        None, "Write the checkpoint here instead of a new results/<stage>/<run_id>/ folder."
-    )
-    overwrite_output_dir: bool = _field(False, "Allow replacing a non-empty output_dir.")
 
     SMOKE_PROFILE: ClassVar[dict] = {"num_epochs": 1}
 
@@ -228,7 +235,7 @@ class PruningConfig(TrainingConfig, DistillationWeights):
     min_heads_per_layer: int = _field(1, "Heads kept in every layer at least.")
     min_ffn_neurons_per_layer: int = _field(1, "FFN neurons kept in every layer at least.")
     prune_vocabulary: bool = _field(
-        False,
+        True,
         "Drop word-embedding rows of tokens that never occur in the training split (special tokens always kept) and "
         "save a matching tokenizer; unseen tokens become [UNK].",
     )
@@ -287,13 +294,11 @@ class QuantizationFields:
 
 
 @dataclass
-class PTQConfig(QuantizationFields):
+class PTQConfig(QuantizationFields, OutputFields):
     """Stage 9: 4-bit post-training quantization of the pruned student."""
 
     pruned_model_path: Optional[str] = _field(None, "Pruned checkpoint. Default: the newest results/pruned/ run.")
     eval_batch_size: int = _field(64, "Evaluation batch size.")
-    output_dir: Optional[str] = _field(None, "Write the checkpoint here instead of a new results/ptq_4bit/<run_id>/ folder.")
-    overwrite_output_dir: bool = _field(False, "Allow replacing a non-empty output_dir.")
 
     def __post_init__(self) -> None:
         QuantizationFields.__post_init__(self)
@@ -328,6 +333,24 @@ class QATKDConfig(TrainingConfig, QuantizationFields):
             raise ValueError("beta_ce, beta_logits and beta_hidden are all 0; at least one loss weight must be positive.")
         _check_positive("temperature", self.temperature)
         _check_range("max_accuracy_gap", self.max_accuracy_gap, 0.0, 100.0)
+
+
+@dataclass
+class Int8Config(OutputFields):
+    """Stage 11: int8 CPU deployment model (torch dynamic quantization)."""
+
+    source: str = _field(
+        "auto", "'auto' (whichever of the newest qkd_4bit and pruned checkpoints has the higher validation accuracy), "
+        "'qkd_4bit' or 'pruned'."
+    )
+    source_model_path: Optional[str] = _field(None, "Explicit checkpoint to convert; overrides --source.")
+    embedding_quantization: str = _field("int8", "'none', 'int8' or 'int4': row-wise storage of the word embeddings.")
+    eval_batch_size: int = _field(64, "Evaluation batch size.")
+
+    def __post_init__(self) -> None:
+        _check_choice("source", self.source, INT8_SOURCES)
+        _check_choice("embedding_quantization", self.embedding_quantization, EMBEDDING_QUANT_CHOICES)
+        _check_positive("eval_batch_size", self.eval_batch_size)
 
 
 @dataclass
@@ -388,6 +411,7 @@ def parse_config(*config_types: type, args: Optional[list[str]] = None) -> tuple
 
     argv = list(sys.argv[1:] if args is None else args)
     parser = HfArgumentParser(config_types)
+    parser.allow_abbrev = False  # '--num_epoch' must be an error, not silently '--num_epochs'
     if "--config" in argv:
         position = argv.index("--config")
         if position + 1 >= len(argv):

@@ -117,7 +117,10 @@ def _load_table(config: DataConfig) -> tuple[DatasetDict, str]:
         suffixes = [s.lower() for s in path.suffixes]
         builder = "json" if any(s in (".json", ".jsonl") for s in suffixes) else "csv"
         kwargs = {"delimiter": "\t"} if ".tsv" in suffixes else {}
-        table = datasets.load_dataset(builder, data_files=str(path), **kwargs)
+        try:
+            table = datasets.load_dataset(builder, data_files=str(path), **kwargs)
+        except ValueError as error:  # datasets' message for an empty file does not name it
+            raise ValueError(f"{path} could not be read as {builder}: {error}. Is the file empty or malformed?") from error
         return table, str(path.resolve())
     try:
         table = datasets.load_dataset(config.dataset, config.dataset_config)

@@ -21,6 +21,8 @@ which breaks later training. Loaded 4-bit models therefore use the fp32 path unl
 from __future__ import annotations
 
 import logging
+import math
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -152,10 +154,51 @@ def strip_fake_quantization(model: nn.Module) -> None:
 # -- real 4-bit (bitsandbytes) ------------------------------------------------------------------------------
 
 
-def _linear4bit(linear: nn.Linear, settings_record: dict):
+def dequantize_4bit_exact(weight) -> torch.Tensor:
+    """The float32 values of a bitsandbytes 4-bit weight, blocks taken over the flattened matrix as
+    ``quantize_4bit`` makes them.
+
+    bitsandbytes 0.50's CPU ``dequantize_4bit`` kernel takes blocks per row instead, so it returns wrong values
+    whenever a row length is even but not a multiple of the block size (e.g. a pruned FFN width of 186 or 5
+    heads x 32 = 160 columns with blocksize 64). Our loader uses this function for those layers.
+    """
+    from bitsandbytes.functional import dequantize_blockwise
+
+    state = weight.quant_state
+    packed = weight.data.reshape(-1).view(torch.uint8)
+    count = math.prod(state.shape)
+    codes = torch.empty(packed.numel() * 2, dtype=torch.long, device=packed.device)
+    codes[0::2] = packed >> 4
+    codes[1::2] = packed & 0xF
+    absmax = state.absmax
+    if state.nested:
+        absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset
+    values = state.code.float().to(packed.device)[codes[:count]]
+    scales = torch.repeat_interleave(absmax.float(), state.blocksize)[:count]
+    return (values * scales).reshape(state.shape)
+
+
+@lru_cache(maxsize=None)
+def _linear4bit_class():
     import bitsandbytes as bnb
 
-    module = bnb.nn.Linear4bit(
+    class BlockSafeLinear4bit(bnb.nn.Linear4bit):
+        """bitsandbytes' Linear4bit, except on CPU for row lengths its CPU kernel dequantizes wrongly."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            blocksize = self.weight.quant_state.blocksize
+            if x.device.type == "cpu" and self.in_features % blocksize and self.in_features % 2 == 0:
+                dtype = self.compute_dtype or x.dtype
+                weight = dequantize_4bit_exact(self.weight).to(dtype)
+                bias = None if self.bias is None else self.bias.to(dtype)
+                return F.linear(x.to(dtype), weight, bias).to(x.dtype)
+            return super().forward(x)
+
+    return BlockSafeLinear4bit
+
+
+def _linear4bit(linear: nn.Linear, settings_record: dict):
+    module = _linear4bit_class()(
         linear.in_features, linear.out_features, bias=linear.bias is not None,
         compute_dtype=DTYPES[settings_record["compute_dtype"]],
         compress_statistics=settings_record["double_quant"],
@@ -213,6 +256,22 @@ def _load_4bit_modules(model: nn.Module, state: dict, record: dict) -> set[str]:
         _set_module(model, name, module)
         consumed.add(prefix)
     return consumed
+
+
+def dequantize_4bit_model(model: nn.Module) -> nn.Module:
+    """Replace bitsandbytes 4-bit Linears by plain Linears holding their dequantized weights (no-op otherwise)."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = dequantize_4bit_exact(module.weight)
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                plain.weight.copy_(weight)
+                if module.bias is not None:
+                    plain.bias.copy_(module.bias.float())
+            _set_module(model, name, plain)
+    return model
 
 
 # -- compressed word embeddings ---------------------------------------------------------------------------
@@ -338,7 +397,16 @@ def load_quantized_state(model: nn.Module, state: dict, record: dict) -> nn.Modu
             f"Checkpoint weights do not match the rebuilt model: missing {missing[:5]}, unexpected {unexpected[:5]}. "
             f"The checkpoint is corrupt or was written by another version; re-run its stage."
         )
-    model.load_state_dict(remaining, strict=False)
+    if method is None:
+        model.load_state_dict(remaining, strict=True)
+        return model
+    # Quantized modules reject load_state_dict without their own keys, so copy the plain tensors directly.
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with torch.no_grad():
+        for key, value in remaining.items():
+            if tensors[key].shape != value.shape:
+                raise ValueError(f"{key} has shape {tuple(value.shape)} in the checkpoint but {tuple(tensors[key].shape)} in the rebuilt model.")
+            tensors[key].copy_(value)
     return model
 
 
@@ -347,14 +415,14 @@ def _is_quantized_key(model: nn.Module, key: str) -> bool:
     import bitsandbytes as bnb
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    module_name = key.rsplit(".", 1)[0]
-    while module_name:
+    parts = key.split(".")
+    for end in range(len(parts) - 1, 0, -1):
         try:
-            module = model.get_submodule(module_name)
+            module = model.get_submodule(".".join(parts[:end]))
         except AttributeError:
-            module_name = module_name.rpartition(".")[0]
             continue
-        return isinstance(module, (bnb.nn.Linear4bit, DynamicLinear))
+        if isinstance(module, (bnb.nn.Linear4bit, DynamicLinear)):
+            return True
     return False
 
 

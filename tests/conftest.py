@@ -30,7 +30,7 @@ def make_tokenizer(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     vocab_file = folder / "vocab.txt"
     vocab_file.write_text("\n".join(VOCABULARY) + "\n")
-    return BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    return BertTokenizerFast.from_pretrained(str(folder), do_lower_case=True)
 
 
 def tiny_bert_config(num_labels: int = 2, layers: int = 2, heads: int = 4, hidden: int = 32, ffn: int = 64):

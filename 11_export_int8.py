@@ -1,0 +1,79 @@
+"""Stage 11: an int8 CPU deployment model (torch dynamic quantization) of the best compressed model.
+
+Reads:  the newest results/qkd_4bit/ and results/pruned/ checkpoints (or --source_model_path). From QKD it
+        takes the trained full-precision master weights' 4-bit values (dequantized), from pruned the weights
+        as they are; with --source auto the one with the higher validation accuracy wins.
+Does:   dynamic int8 quantization of every encoder Linear (per output channel; activations quantized on the
+        fly), the classifier kept in fp32. Saved as plain safetensors tensors (int8 codes, scales, zero points)
+        because save_pretrained cannot store torch's packed int8 parameters; reloaded through the project's
+        loader and evaluated on validation before it is moved into place.
+Writes: results/int8/<run_id>/ with compression.json (method torch_dynamic_int8).
+
+Run as:
+    python 11_export_int8.py
+    python 11_export_int8.py --source pruned
+"""
+
+from common import DataConfig, parse_config, setup_logging
+from common.checkpoints import Stopwatch, find_checkpoint, read_record
+from common.config import Int8Config, config_to_dict, log_config
+from common.data import build_loaders, load_splits
+from common.evaluation import evaluate_accuracy
+from common.models import load_checkpoint_tokenizer, load_model, save_checkpoint
+from common.quantization import compress_embedding_state, dequantize_4bit_model, int8_state_dict, quantize_model_int8
+
+
+def choose_source(config: Int8Config):
+    if config.source_model_path is not None:
+        return find_checkpoint(read_record(config.source_model_path)["stage"], config.source_model_path)
+    candidates = []
+    for stage in (("qkd_4bit", "pruned") if config.source == "auto" else (config.source,)):
+        try:
+            folder = find_checkpoint(stage)
+        except FileNotFoundError:
+            if config.source != "auto":
+                raise
+            continue
+        candidates.append((read_record(folder)["metrics"]["validation"]["accuracy"], folder))
+    if not candidates:
+        raise FileNotFoundError("No qkd_4bit or pruned checkpoint found; run 8_pruning_with_finetuning.py first.")
+    return max(candidates)[1]
+
+
+def main(data_config: DataConfig, config: Int8Config) -> None:
+    stopwatch = Stopwatch()
+    log_config(data_config, config)
+    data = load_splits(data_config)
+    source = choose_source(config)
+    source_record = read_record(source)
+    model = dequantize_4bit_model(load_model(source))
+    tokenizer = load_checkpoint_tokenizer(source)
+    _, eval_loader = build_loaders(data, tokenizer, data_config, config.eval_batch_size, config.eval_batch_size, seed=0)
+    model, quantization = quantize_model_int8(model)
+    state, embedding = compress_embedding_state(model, int8_state_dict(model), config.embedding_quantization)
+
+    def reload_and_evaluate(folder):
+        return {"validation": evaluate_accuracy(load_model(folder), eval_loader), "source_validation": source_record["metrics"]["validation"]}
+
+    folder = save_checkpoint(
+        "int8", model, tokenizer,
+        {
+            "parent": str(source),
+            "config": config_to_dict(data_config, config),
+            "label_names": source_record.get("label_names"),
+            "seed": source_record.get("seed"),
+            "quantization": quantization,
+            "embedding_quantization": embedding,
+            "wall_time_s": stopwatch.seconds,
+        },
+        state_dict=state, verify=reload_and_evaluate,
+        output_dir=config.output_dir, overwrite=config.overwrite_output_dir,
+    )
+    metrics = read_record(folder)["metrics"]
+    print(f"Int8: validation accuracy {metrics['validation']['accuracy']:.4f} (source {source.name}: "
+          f"{metrics['source_validation']['accuracy']:.4f}) -> {folder}")
+
+
+if __name__ == "__main__":
+    setup_logging()
+    main(*parse_config(DataConfig, Int8Config))

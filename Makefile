@@ -1,0 +1,59 @@
+# Run order of the numbered scripts (7 writes the report, so it runs last). `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+SMOKE_DIR ?= results/smoke
+
+# The embedded default needs no network; set HF_HUB_OFFLINE=0 to use hub models or datasets.
+HF_HUB_OFFLINE ?= 1
+export HF_HUB_OFFLINE
+export HF_DATASETS_OFFLINE := $(HF_HUB_OFFLINE)
+export TOKENIZERS_PARALLELISM := false
+
+STAGES := 1_train_teacher.py 2_distill_student.py 8_pruning_with_finetuning.py 9_quantize_pruned_model.py \
+          10_qat_kd_4bit.py 11_export_int8.py 7_evaluate_and_generate_report.py
+
+.PHONY: help install pipeline smoke test ablation benchmark clean-smoke
+
+help:
+	@echo "make pipeline   install if needed, then run every stage on the embedded default (ARGS='--field value' passes overrides)"
+	@echo "make test       install if needed, then run the test suite"
+	@echo "make smoke      every stage on the smoke profile, into $(SMOKE_DIR)/"
+	@echo "make ablation   KGSP / MSP / QKD ablation over 3 seeds -> results/ablation.{json,png,md}"
+	@echo "make benchmark  student vs pruned size and latency, l2 vs l2+kd_grad step time"
+
+$(STAMP): requirements.txt requirements-embedded.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-embedded.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+pipeline: install
+	@set -e; for stage in $(STAGES); do \
+		echo "==> $$stage"; start=$$(date +%s); \
+		$(PY) $$stage $(ARGS); \
+		echo "==> $$stage finished in $$(( $$(date +%s) - start )) s"; \
+	done
+
+smoke: install
+	@set -e; for stage in $(STAGES); do \
+		echo "==> $$stage (smoke)"; \
+		COMPRESSION_RESULTS_DIR=$(SMOKE_DIR) $(PY) $$stage --profile smoke $(ARGS); \
+	done
+
+test: install
+	$(PY) -m pytest -q tests
+
+ablation: install
+	$(PY) scripts/ablation.py $(ARGS)
+
+benchmark: install
+	$(PY) scripts/benchmark_pruning.py $(ARGS)
+
+clean-smoke:
+	rm -rf $(SMOKE_DIR)

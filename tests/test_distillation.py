@@ -1,0 +1,82 @@
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from common.distillation import DistillationLoss, hidden_mse_loss, kd_kl_loss, layer_map
+from common.models import build_student_from_teacher, layer_views, teacher_layers_for_student
+from conftest import tiny_bert_config, tiny_distilbert_config, tiny_model
+
+
+def hand_kl(student_logits, teacher_logits, temperature):
+    total = 0.0
+    for s_row, t_row in zip(student_logits.tolist(), teacher_logits.tolist()):
+        s_exp = [math.exp(v / temperature) for v in s_row]
+        t_exp = [math.exp(v / temperature) for v in t_row]
+        s_prob = [v / sum(s_exp) for v in s_exp]
+        t_prob = [v / sum(t_exp) for v in t_exp]
+        total += sum(t * math.log(t / s) for t, s in zip(t_prob, s_prob))
+    return total / len(student_logits) * temperature**2
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_kd_loss_matches_hand_computation_with_t_squared(temperature):
+    student = torch.tensor([[1.0, -0.5, 0.2], [0.3, 0.1, -1.2]])
+    teacher = torch.tensor([[2.0, -1.0, 0.0], [-0.5, 0.5, 0.0]])
+    expected = hand_kl(student, teacher, temperature)
+    assert float(kd_kl_loss(student, teacher, temperature)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_kd_loss_is_zero_for_identical_logits():
+    logits = torch.randn(4, 3)
+    assert float(kd_kl_loss(logits, logits.clone(), 2.0)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_hidden_mse_ignores_padding_and_follows_layer_map():
+    mask = torch.tensor([[1, 1, 0]])
+    student = (torch.zeros(1, 3, 2), torch.ones(1, 3, 2))
+    teacher = (torch.zeros(1, 3, 2), torch.zeros(1, 3, 2), torch.full((1, 3, 2), 3.0))
+    teacher[2][0, 2] = 100.0  # a padding position: must not count
+    loss = hidden_mse_loss(student, teacher, mask, [(1, 2)])
+    assert float(loss) == pytest.approx(4.0)  # (1 - 3)^2 over the two real tokens
+
+
+def test_layer_map_maps_last_to_last():
+    assert layer_map(3, 6) == [(1, 2), (2, 4), (3, 6)]
+    assert layer_map(2, 2) == [(1, 1), (2, 2)]
+    assert layer_map(4, 6)[-1] == (4, 6)
+
+
+def test_combined_loss_weights_each_part():
+    labels = torch.tensor([0, 2])
+    student = SimpleNamespace(logits=torch.tensor([[1.0, 0.0, -1.0], [0.2, 0.1, 0.3]]), hidden_states=(torch.zeros(2, 2, 2), torch.ones(2, 2, 2)))
+    teacher = SimpleNamespace(logits=torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]), hidden_states=(torch.zeros(2, 2, 2), torch.zeros(2, 2, 2)))
+    mask = torch.ones(2, 2)
+    loss = DistillationLoss(0.2, 0.5, 0.3, 2.0, mapping=[(1, 1)])
+    total, parts = loss(student, teacher, labels, mask)
+    ce = float(torch.nn.functional.cross_entropy(student.logits, labels))
+    expected = 0.2 * ce + 0.5 * hand_kl(student.logits, teacher.logits, 2.0) + 0.3 * 1.0
+    assert float(total) == pytest.approx(expected, rel=1e-5)
+    assert set(parts) == {"ce", "kd", "hidden"}
+
+
+def test_student_copies_every_other_teacher_layer():
+    teacher = tiny_model(tiny_bert_config(layers=4))
+    student, copied = build_student_from_teacher(teacher, 2)
+    assert copied == [0, 2] == teacher_layers_for_student(4, 2)
+    teacher_layers, student_layers = layer_views(teacher), layer_views(student)
+    for s_index, t_index in enumerate(copied):
+        for (name, s_param), (_, t_param) in zip(student_layers[s_index].module.named_parameters(), teacher_layers[t_index].module.named_parameters()):
+            assert torch.equal(s_param, t_param), name
+    assert torch.equal(student.bert.embeddings.word_embeddings.weight, teacher.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(student.classifier.weight, teacher.classifier.weight)
+    assert student.config.num_hidden_layers == 2
+
+
+def test_distilbert_student_and_bad_layer_count():
+    teacher = tiny_model(tiny_distilbert_config(layers=6))
+    student, copied = build_student_from_teacher(teacher, 3)
+    assert copied == [0, 2, 4] and student.config.n_layers == 3
+    with pytest.raises(ValueError, match="student_num_layers=7 must be between 1 and the teacher's 6"):
+        build_student_from_teacher(teacher, 7)

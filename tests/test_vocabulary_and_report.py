@@ -1,0 +1,99 @@
+import json
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+
+from common.config import ReportConfig
+from common.data import TextClassificationData
+from common.evaluation import classification_metrics
+from common.models import load_checkpoint_tokenizer, load_model, save_checkpoint
+from common.report import build_report, pareto_front, write_report
+from common.vocabulary import prune_vocabulary
+from conftest import tiny_bert_config, tiny_model
+
+
+def tiny_data(train_texts, test_texts=("great film",)):
+    def split(texts):
+        return Dataset.from_dict({"text": list(texts), "label": [i % 2 for i in range(len(texts))]})
+
+    return TextClassificationData(split(train_texts), split(test_texts), split(test_texts), ["negative", "positive"], "test")
+
+
+def test_vocabulary_pruning_round_trip(tokenizer, results_dir):
+    model = tiny_model(tiny_bert_config())
+    data = tiny_data(["great film and fun story", "dull boring plot"], ["great plot", "unseen words"])
+    kept_text = ["fun story and great plot", "boring film"]
+    before_inputs = tokenizer(kept_text, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        before = model(input_ids=before_inputs["input_ids"], attention_mask=before_inputs["attention_mask"]).logits
+    model, pruned_tokenizer, summary = prune_vocabulary(model, tokenizer, data, max_length=32)
+    assert summary["kept_vocab_size"] == 5 + 8  # special tokens + the training split's 8 distinct words
+    assert model.bert.embeddings.word_embeddings.num_embeddings == 13
+    folder = save_checkpoint("pruned", model, pruned_tokenizer, {"label_names": ["negative", "positive"]})
+    reloaded_tokenizer = load_checkpoint_tokenizer(folder)
+    reloaded = load_model(folder)
+    after_inputs = reloaded_tokenizer(kept_text, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        after = reloaded(input_ids=after_inputs["input_ids"], attention_mask=after_inputs["attention_mask"]).logits
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+    unknown = reloaded_tokenizer("unseen words")["input_ids"]
+    assert unknown[1:-1] == [reloaded_tokenizer.unk_token_id] * 2
+    assert summary["coverage"]["test"] == pytest.approx(2 / 4)
+    assert [tokenizer.convert_ids_to_tokens(i) for i in summary["kept_token_ids"][5:8]] == ["and", "boring", "dull"]
+
+
+def test_metrics_on_hand_made_predictions():
+    predictions = [0, 0, 1, 1, 2, 2, 2, 0]
+    references = [0, 1, 1, 1, 2, 0, 2, 0]
+    metrics = classification_metrics(predictions, references)
+    assert metrics["accuracy"] == pytest.approx(6 / 8)
+    # per-class F1: class 0: tp 2, pred 3, true 3 -> 2/3; class 1: tp 2, pred 2, true 3 -> 0.8; class 2: tp 2, pred 3, true 2 -> 0.8
+    assert metrics["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 0.8) / 3)
+
+
+def test_pareto_front_on_hand_made_points():
+    # (cost, accuracy): B dominates A; C is cheapest; D is most accurate; E is dominated by C and D
+    points = [(10, 0.80), (8, 0.82), (2, 0.70), (20, 0.90), (15, 0.69)]
+    assert pareto_front(points) == [False, True, True, True, False]
+    assert pareto_front([(1, 0.5), (1, 0.5)]) == [True, True]
+
+
+@pytest.fixture
+def report_results(results_dir, tokenizer):
+    """A teacher and a student checkpoint, a corrupted pruned one, and no quantized stages at all."""
+    for stage in ("teacher", "student", "pruned"):
+        model = tiny_model(tiny_bert_config(layers=2 if stage == "teacher" else 1))
+        save_checkpoint(stage, model, tokenizer, {"label_names": ["negative", "positive"]})
+    pruned = next((results_dir / "pruned").iterdir())
+    weights = pruned / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return results_dir
+
+
+def test_report_with_missing_and_corrupt_checkpoints(report_results):
+    config = ReportConfig(latency_repeats=2, latency_warmup=0, latency_batch_size=2, latency_seq_length=8)
+    data = tiny_data(["great film", "dull plot"] * 10, ["great film", "dull plot", "fun story", "boring actor"])
+    report = build_report(config, data, max_length=16, settings={"latency_batch_size": 2, "latency_seq_length": 8, "latency_repeats": 2, "latency_warmup": 0})
+    paths = write_report(report, report_results, "final_report")
+    assert [row["label"] for row in report["models"]] == ["Teacher (FP32)", "Student (FP32)"]
+    skipped = {item["label"]: item["reason"] for item in report["skipped"]}
+    assert set(skipped) == {"Pruned Student (FP32)", "Pruned + Quantized Student (PTQ)", "Pruned + QKD-4bit (QAT)", "Int8 CPU deployment"}
+    assert "FileNotFoundError" in skipped["Pruned + QKD-4bit (QAT)"]
+    assert "FileNotFoundError" not in skipped["Pruned Student (FP32)"]  # corrupt, not missing
+    written = json.loads(paths["json"].read_text())
+    required = {
+        "label", "stage", "path", "test_accuracy", "test_macro_f1", "parameters", "size_bytes", "size_mb", "latency_ms_median",
+        "latency_ms_p90", "throughput_examples_per_s", "peak_rss_mb", "model_rss_mb", "num_threads", "accuracy_vs_teacher",
+        "size_ratio_to_teacher", "latency_ratio_to_teacher", "pareto_size", "pareto_latency",
+    }
+    for row in written["models"]:
+        assert required <= set(row)
+        for key in required - {"label", "stage", "path", "pareto_size", "pareto_latency"}:
+            assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), key
+    assert written["models"][0]["accuracy_vs_teacher"] == 1.0
+    assert {"machine", "settings", "skipped", "data"} <= set(written)
+    assert paths["png"].stat().st_size > 10_000
+    markdown = paths["md"].read_text()
+    assert "Student (FP32)" in markdown and "Skipped:" in markdown and "Pruned Student (FP32)" in markdown
