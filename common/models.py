@@ -102,6 +102,7 @@ def load_pretrained_classifier(source: str, label_names: list[str]):
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)},
+        ignore_mismatched_sizes=True,  # a checkpoint's own classifier head for other labels is replaced
     )
     logger.info("Loaded pretrained %s encoder from %s", config.model_type, path)
     return model

@@ -48,7 +48,9 @@ def make_accelerator(config: TrainingConfig):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
+    # cpu=True is what makes accelerate set up gloo DDP under torchrun when there is no GPU.
     return Accelerator(
+        cpu=not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
