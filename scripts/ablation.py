@@ -178,7 +178,7 @@ def plot(result: dict, path: Path) -> None:
     right.invert_yaxis()
     right.set_xlabel("Accuracy difference A − B (points)")
     right.set_title("Claims: measured vs expected")
-    right.legend(loc="lower right")
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     figure.savefig(path, dpi=130)
     plt.close(figure)
 
