@@ -17,12 +17,10 @@ Run as:
 """
 
 import torch
-from accelerate.utils import set_seed
 
 from common import DataConfig, QATKDConfig, parse_config, setup_logging
-from common.checkpoints import Stopwatch, read_record
-from common.config import config_to_dict, log_config
-from common.data import build_loaders, load_splits
+from common.checkpoints import read_record
+from common.data import build_loaders
 from common.distillation import DistillationLoss, kd_step, layer_map, num_layers
 from common.evaluation import evaluate_accuracy
 from common.models import load_checkpoint_tokenizer, load_model, load_stage_model, save_checkpoint
@@ -32,7 +30,7 @@ from common.quantization import (
     quantize_model_4bit,
     strip_fake_quantization,
 )
-from common.training import make_accelerator, train
+from common.training import start_stage, train
 
 
 def load_teacher(config: QATKDConfig, label_names, pruned_folder):
@@ -57,13 +55,8 @@ def teacher_token_ids(student_tokenizer, teacher_folder, pruned_record):
 
 
 def main(data_config: DataConfig, config: QATKDConfig) -> None:
-    stopwatch = Stopwatch()
-    accelerator = make_accelerator(config)
-    if accelerator.is_main_process:
-        log_config(data_config, config)
-    set_seed(config.seed)
-
-    data = load_splits(data_config)
+    run = start_stage(data_config, config)
+    accelerator, data = run.accelerator, run.data
     student, pruned_folder, pruned_record = load_stage_model("pruned", config.pruned_model_path, data.label_names)
     teacher, teacher_folder = load_teacher(config, data.label_names, pruned_folder)
     teacher.to(accelerator.device)
@@ -114,18 +107,11 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
 
     folder = save_checkpoint(
         "qkd_4bit", student, tokenizer,
-        {
-            "parent": str(pruned_folder),
-            "teacher": str(teacher_folder),
-            "config": config_to_dict(data_config, config),
-            "label_names": data.label_names,
-            "seed": config.seed,
-            "quantization": quantization,
-            "embedding_quantization": embedding,
-            "history": result.history,
-            "seconds_per_step": result.seconds_per_step,
-            "wall_time_s": stopwatch.seconds,
-        },
+        run.record(
+            data_config, config, result,
+            parent=str(pruned_folder), teacher=str(teacher_folder),
+            quantization=quantization, embedding_quantization=embedding,
+        ),
         state_dict=state, verify=reload_and_check,
         output_dir=config.output_dir, overwrite=config.overwrite_output_dir,
     )

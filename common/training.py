@@ -14,13 +14,15 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import TrainingConfig
+from .checkpoints import Stopwatch
+from .config import TrainingConfig, config_to_dict, log_config
+from .data import TextClassificationData, load_splits
 from .evaluation import evaluate_accuracy
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,40 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     steps: int = 0
     seconds_per_step: float = 0.0
+
+
+@dataclass
+class StageRun:
+    """What every training stage sets up first: the accelerator, the data split and a wall clock."""
+
+    accelerator: Any
+    data: TextClassificationData
+    stopwatch: Stopwatch
+
+    def record(self, data_config, config: TrainingConfig, result: "TrainResult", **fields) -> dict:
+        """The ``compression.json`` fields every training stage writes, plus the stage's own ``fields``."""
+        return {
+            "config": config_to_dict(data_config, config),
+            "label_names": self.data.label_names,
+            "seed": config.seed,
+            "history": result.history,
+            "seconds_per_step": result.seconds_per_step,
+            "wall_time_s": self.stopwatch.seconds,
+            "num_processes": self.accelerator.num_processes,
+            **fields,
+        }
+
+
+def start_stage(data_config, config: TrainingConfig) -> StageRun:
+    """Accelerator, logged config, seed and the data split, in the order every training script needs them."""
+    from accelerate.utils import set_seed
+
+    stopwatch = Stopwatch()
+    accelerator = make_accelerator(config)
+    if accelerator.is_main_process:
+        log_config(data_config, config)
+    set_seed(config.seed)
+    return StageRun(accelerator, load_splits(data_config), stopwatch)
 
 
 def make_accelerator(config: TrainingConfig):
