@@ -3,7 +3,7 @@
 Reads:  the newest results/pruned/ checkpoint (or --pruned_model_path) and the validation split.
 Does:   stores every encoder Linear in bitsandbytes NF4 (or FP4) with the given block size and double
         quantization; embeddings, LayerNorms, pooler and classifier stay full precision, except that the
-        word embeddings are stored row-wise in int8 (--embedding_quantization int8|int4|none). Then reloads
+        word embeddings are stored row-wise in int4 (--embedding_quantization int4|int8|none). Then reloads
         the written checkpoint through the project's loader and evaluates it on validation.
 Writes: results/ptq_4bit/<run_id>/ with the 4-bit weights, compression.json (quantization record, validation
         accuracy of the reloaded model and its drop against the full-precision pruned model).

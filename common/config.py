@@ -283,7 +283,9 @@ class QuantizationFields:
         [], "Extra module names (or name fragments) kept in full precision besides embeddings, LayerNorms, pooler and classifier."
     )
     embedding_quantization: str = _field(
-        "int8", "'none', 'int8' or 'int4': row-wise quantized storage of the word embeddings in the checkpoint."
+        "int4",
+        "'none', 'int8' or 'int4': row-wise quantized storage of the word embeddings in the checkpoint (QKD also "
+        "trains through it).",
     )
 
     def __post_init__(self) -> None:

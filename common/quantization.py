@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALWAYS_SKIPPED = ("classifier", "pre_classifier", "pooler")
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for double-quantized absmax
+EMBEDDING_BITS = {"int8": 8, "int4": 4}
 
 
 # -- which modules --------------------------------------------------------------------------------------
@@ -131,16 +132,52 @@ class FakeQuant4bitLinear(nn.Linear):
         return F.linear(input, weight, self.bias)
 
 
+def fake_quantize_rows(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Row-wise symmetric quantize -> dequantize, exactly as the checkpoint stores embeddings."""
+    levels = 2 ** (bits - 1) - 1
+    scale = weight.detach().abs().amax(dim=1).clamp(min=1e-12) / levels
+    codes = torch.round(weight.detach() / scale.unsqueeze(1)).clamp(-levels, levels)
+    return codes * scale.unsqueeze(1)
+
+
+class _StraightThroughRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, bits):
+        return fake_quantize_rows(weight, bits)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None
+
+
+class FakeQuantEmbedding(nn.Embedding):
+    """Word embeddings seen through their int8/int4 row-wise storage in every forward pass (STE backward)."""
+
+    def __init__(self, embedding: nn.Embedding, bits: int) -> None:
+        super().__init__(embedding.num_embeddings, embedding.embedding_dim, padding_idx=embedding.padding_idx,
+                         device=embedding.weight.device, dtype=embedding.weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(embedding.weight)
+        self.bits = bits
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input, _StraightThroughRows.apply(self.weight, self.bits), self.padding_idx)
+
+
 def prepare_fake_quantization(model: nn.Module, settings) -> list[str]:
-    """Swap the quantizable Linears for ``FakeQuant4bitLinear`` in place; return their names."""
+    """Swap the quantizable Linears for ``FakeQuant4bitLinear`` (and the word embeddings for
+    ``FakeQuantEmbedding`` when they will be stored quantized) in place; return the Linears' names."""
     names = quantizable_linear_names(model, settings.skip_modules)
     for name in names:
         _set_module(model, name, FakeQuant4bitLinear(model.get_submodule(name), settings.quant_type, settings.blocksize, settings.double_quant))
+    if settings.embedding_quantization != "none":
+        name = LAYER_LAYOUTS[model_type_of(model)]["embeddings"]
+        _set_module(model, name, FakeQuantEmbedding(model.get_submodule(name), EMBEDDING_BITS[settings.embedding_quantization]))
     return names
 
 
 def strip_fake_quantization(model: nn.Module) -> None:
-    """Turn ``FakeQuant4bitLinear`` back into plain Linears holding the master weights."""
+    """Turn fake-quantized modules back into plain Linears and Embeddings holding the master weights."""
     for name, module in list(model.named_modules()):
         if isinstance(module, FakeQuant4bitLinear):
             plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=module.weight.dtype)
@@ -148,6 +185,11 @@ def strip_fake_quantization(model: nn.Module) -> None:
                 plain.weight.copy_(module.weight)
                 if module.bias is not None:
                     plain.bias.copy_(module.bias)
+            _set_module(model, name, plain)
+        elif isinstance(module, FakeQuantEmbedding):
+            plain = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx, dtype=module.weight.dtype)
+            with torch.no_grad():
+                plain.weight.copy_(module.weight)
             _set_module(model, name, plain)
 
 
@@ -296,9 +338,6 @@ def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, bits: int, columns
         low = (codes & 0xF).to(torch.int16) - 8
         codes = torch.stack([high, low], dim=2).reshape(codes.shape[0], -1)[:, :columns]
     return codes.float() * scale.unsqueeze(1)
-
-
-EMBEDDING_BITS = {"int8": 8, "int4": 4}
 
 
 def compress_embedding_state(model: nn.Module, state: dict, method: str) -> tuple[dict, Optional[dict]]:

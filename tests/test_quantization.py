@@ -157,3 +157,23 @@ def test_corrupt_4bit_checkpoint_is_reported(tokenizer, results_dir):
     folder = save_checkpoint("ptq_4bit", model, tokenizer, {"quantization": record}, state_dict=state)
     with pytest.raises(ValueError, match="lacks the 4-bit weight or quantization state of bert.encoder.layer.1.output.dense"):
         load_model(folder)
+
+
+@pytest.mark.parametrize("method, bits", [("int8", 8), ("int4", 4)])
+def test_fake_quantized_embeddings_equal_stored_ones(method, bits):
+    model = tiny_model(tiny_bert_config())
+    settings = PTQConfig(embedding_quantization=method)
+    prepare_fake_quantization(model, settings)
+    embedding = word_embeddings(model)
+    ids = torch.arange(embedding.num_embeddings)
+    seen = embedding(ids).detach()
+    embedding.weight.grad = None
+    embedding(ids).sum().backward()
+    expected_grad = torch.ones_like(embedding.weight)
+    expected_grad[embedding.padding_idx] = 0  # the padding row never receives gradient
+    assert torch.equal(embedding.weight.grad, expected_grad)  # straight through
+    strip_fake_quantization(model)
+    state, record = compress_embedding_state(model, dict(model.state_dict()), method)
+    name = record["module"]
+    stored = dequantize_rows(state[f"{name}.weight_codes"], state[f"{name}.weight_scale"], bits, record["shape"][1])
+    assert torch.equal(seen, stored)
