@@ -213,22 +213,31 @@ def plot_report(report: dict, path: Path) -> None:
         return
     colormap = plt.get_cmap("tab10" if len(rows) <= 10 else "viridis")
     colors = [colormap(i if len(rows) <= 10 else i / max(1, len(rows) - 1)) for i in range(len(rows))]
+    markers = "osD^vPX*hp<>"
+    # Later models are drawn smaller and on top, so models at the same point stay visible as nested markers.
+    sizes = [max(50, 260 - 35 * i) for i in range(len(rows))]
     panels = (("size_mb", "pareto_size", "Weight files on disk (MB, log scale)"), ("latency_ms_median", "pareto_latency", "CPU latency per batch (ms, log scale)"))
     for axis, (key, front_key, xlabel) in zip(axes, panels):
-        for row, color in zip(rows, colors):
-            axis.scatter(row[key], 100 * row["test_accuracy"], s=110, color=color, label=row["label"], zorder=3,
-                         edgecolors="black" if row[front_key] else "none", linewidths=1.6)
+        for index, (row, color, size) in enumerate(zip(rows, colors, sizes)):
+            x, y = row[key], 100 * row["test_accuracy"]
+            axis.scatter(x, y, s=size, color=color, marker=markers[index % len(markers)], label=row["label"], zorder=3 + index, alpha=0.95)
+            if row[front_key]:
+                axis.scatter(x, y, s=size + 220, facecolors="none", edgecolors="black", linewidths=1.3, zorder=2)
         front = sorted((row[key], 100 * row["test_accuracy"]) for row in rows if row[front_key])
         if len(front) > 1:
-            axis.step([x for x, _ in front], [y for _, y in front], where="post", color="grey", linestyle="--", linewidth=1, zorder=2, label="Pareto front")
+            axis.step([x for x, _ in front], [y for _, y in front], where="post", color="grey", linestyle="--", linewidth=1, zorder=1)
         axis.set_xscale("log")
         axis.set_xlabel(xlabel)
         axis.set_ylabel("Test accuracy (%)")
+        axis.margins(x=0.15, y=0.15)
         axis.grid(True, which="both", alpha=0.3)
-    axes[0].set_title("Accuracy vs size (black ring: Pareto-optimal)")
+    axes[0].set_title("Accuracy vs size")
     axes[1].set_title("Accuracy vs latency")
     handles, labels = axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside right center", fontsize=9, frameon=False)
+    ring = plt.Line2D([], [], marker="o", linestyle="none", markerfacecolor="none", markeredgecolor="black", markersize=13)
+    front_line = plt.Line2D([], [], color="grey", linestyle="--")
+    figure.legend(handles + [ring, front_line], labels + ["Pareto-optimal (ring)", "Pareto front"],
+                  loc="outside right center", fontsize=9, frameon=False)
     figure.savefig(path, dpi=130, format="png")
     plt.close(figure)
 
