@@ -191,8 +191,14 @@ def apply_architecture(model: nn.Module, record: dict) -> None:
 
 def count_parameters(model: nn.Module) -> int:
     """Logical parameter count: a 4-bit weight counts as its number of elements, not its packed bytes."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
     total = 0
     for module in model.modules():
+        if isinstance(module, DynamicInt8Linear):  # packed int8 weights are not nn.Parameters
+            weight, bias = module._weight_bias()
+            total += weight.numel() + (bias.numel() if bias is not None else 0)
+            continue
         for name, parameter in module.named_parameters(recurse=False):
             shape = getattr(getattr(parameter, "quant_state", None), "shape", None)
             total += int(torch.Size(shape).numel()) if shape is not None else parameter.numel()

@@ -170,8 +170,8 @@ def _number(value, digits: int = 2) -> str:
 def markdown_table(report: dict) -> str:
     header = (
         "| Model | Test acc. | Macro-F1 | vs teacher | Params | Size (MB) | × smaller | Latency (ms) | × faster | "
-        "Throughput (ex/s) | Model memory (MB) | Pareto size / latency |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "Throughput (ex/s) | Resident (MB) | Peak (MB) | Pareto size / latency |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for row in report["models"]:
@@ -180,7 +180,7 @@ def markdown_table(report: dict) -> str:
             f"{_number(None if row['accuracy_vs_teacher'] is None else 100 * row['accuracy_vs_teacher'])}% | "
             f"{row['parameters']:,} | {row['size_mb']:.2f} | {_number(row['compression_vs_teacher'], 1)} | "
             f"{row['latency_ms_median']:.1f} | {_number(row['speedup_vs_teacher'], 1)} | "
-            f"{row['throughput_examples_per_s']:.0f} | {row['model_rss_mb']:.0f} | "
+            f"{row['throughput_examples_per_s']:.0f} | {row['model_rss_mb']:.0f} | {row['inference_peak_mb']:.0f} | "
             f"{'✓' if row['pareto_size'] else ''} / {'✓' if row['pareto_latency'] else ''} |"
         )
     text = header + "\n".join(lines) + "\n"
@@ -189,8 +189,8 @@ def markdown_table(report: dict) -> str:
         f"\nTest split: {report['data']['test_examples']} examples of {report['data']['source']}. Latency: batch "
         f"{settings['latency_batch_size']} × {settings['latency_seq_length']} tokens, median of {settings['latency_repeats']} "
         f"runs after {settings['latency_warmup']} warm-up, {report['machine']['torch_threads']} threads, one fresh process per model. "
-        f"Model memory: peak resident memory of that process minus its size before loading the model (weights, "
-        f"activations and allocator overhead).\n"
+        f"Resident: memory the loaded model adds to its process; Peak: the process's peak resident memory during the "
+        f"timed forward passes, over its size before loading (weights plus activations).\n"
     )
     if report["skipped"]:
         text += "\nSkipped:\n" + "".join(f"- {s['label']}: {s['reason']}\n" for s in report["skipped"])

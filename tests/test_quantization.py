@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from common.config import PruningConfig, PTQConfig
-from common.models import load_model, save_checkpoint, word_embeddings
+from common.models import count_parameters, load_model, save_checkpoint, word_embeddings
 from common.pruning import StructuralPruner
 from common.quantization import (
     FakeQuant4bitLinear,
@@ -148,6 +148,7 @@ def test_int8_model_save_reload_gives_identical_logits(tokenizer, results_dir):
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, before)
     assert "classifier" not in record["modules"]
+    assert count_parameters(reloaded) == count_parameters(model)  # packed int8 weights still count
 
 
 def test_corrupt_4bit_checkpoint_is_reported(tokenizer, results_dir):

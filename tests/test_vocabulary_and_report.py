@@ -85,7 +85,7 @@ def test_report_with_missing_and_corrupt_checkpoints(report_results):
     written = json.loads(paths["json"].read_text())
     required = {
         "label", "stage", "path", "test_accuracy", "test_macro_f1", "parameters", "size_bytes", "size_mb", "latency_ms_median",
-        "latency_ms_p90", "throughput_examples_per_s", "peak_rss_mb", "model_rss_mb", "num_threads", "accuracy_vs_teacher",
+        "latency_ms_p90", "throughput_examples_per_s", "peak_rss_mb", "model_rss_mb", "inference_peak_mb", "num_threads", "accuracy_vs_teacher",
         "size_ratio_to_teacher", "latency_ratio_to_teacher", "pareto_size", "pareto_latency",
     }
     for row in written["models"]:
