@@ -202,6 +202,7 @@ def plot_report(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = report["models"]
     figure, axes = plt.subplots(1, 2, figsize=(13, 5.2), constrained_layout=True)
@@ -227,6 +228,9 @@ def plot_report(report: dict, path: Path) -> None:
         if len(front) > 1:
             axis.step([x for x, _ in front], [y for _, y in front], where="post", color="grey", linestyle="--", linewidth=1, zorder=1)
         axis.set_xscale("log")
+        # plain numbers on the log axis; minor labels would run into each other
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_xlabel(xlabel)
         axis.set_ylabel("Test accuracy (%)")
         axis.margins(x=0.15, y=0.15)
