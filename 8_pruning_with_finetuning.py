@@ -18,7 +18,7 @@ Run as:
 import math
 
 from common import DataConfig, PruningConfig, parse_config, setup_logging
-from common.data import build_loaders
+from common.data import build_loaders, make_loader, tokenize_dataset
 from common.distillation import DistillationLoss, kd_step, layer_map, num_layers
 from common.evaluation import evaluate_accuracy
 from common.models import count_parameters, load_checkpoint_tokenizer, load_stage_model, save_checkpoint
@@ -79,7 +79,9 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
     vocabulary = None
     if config.prune_vocabulary:
         student, tokenizer, vocabulary = prune_vocabulary(student, tokenizer, data, data_config.max_length, config.vocabulary_extra_tokens)
-        pruned_metrics = evaluate_accuracy(student, build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)[1])
+        # the pruned vocabulary renumbers tokens, so only the validation split is tokenized again
+        validation = tokenize_dataset(data.validation, tokenizer, data_config.max_length)
+        pruned_metrics = evaluate_accuracy(student, make_loader(validation, tokenizer, config.eval_batch_size, shuffle=False))
     parameters_after = count_parameters(student)
     summary.update(
         parameters_before=parameters_before,

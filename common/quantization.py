@@ -257,14 +257,16 @@ def quantize_model_4bit(model: nn.Module, settings) -> dict:
     """Replace the quantizable Linears of a CPU model by bitsandbytes 4-bit ones; return the quantization record."""
     import bitsandbytes as bnb
 
+    quantized = quantizable_linear_names(model, settings.skip_modules)
+    all_linear = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     record = {
         "method": "bitsandbytes_4bit",
         "quant_type": settings.quant_type,
         "blocksize": settings.blocksize,
         "double_quant": settings.double_quant,
         "compute_dtype": settings.compute_dtype,
-        "modules": quantizable_linear_names(model, settings.skip_modules),
-        "kept_full_precision": sorted(set(n for n, m in model.named_modules() if isinstance(m, nn.Linear)) - set(quantizable_linear_names(model, settings.skip_modules))),
+        "modules": quantized,
+        "kept_full_precision": sorted(all_linear - set(quantized)),
     }
     model.to("cpu")
     for name in record["modules"]:
