@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE := $(HF_HUB_OFFLINE)
 export TOKENIZERS_PARALLELISM := false
 
 STAGES := 1_train_teacher.py 2_distill_student.py 8_pruning_with_finetuning.py 9_quantize_pruned_model.py \
-          10_qat_kd_4bit.py 11_export_int8.py 7_evaluate_and_generate_report.py
+          10_qat_kd_4bit.py 11_export_int8.py 12_export_onnx.py 7_evaluate_and_generate_report.py
 
 .PHONY: help install pipeline smoke test ablation benchmark clean-smoke
 

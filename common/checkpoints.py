@@ -35,7 +35,10 @@ STAGE_SCRIPTS = {
     "ptq_4bit": "9_quantize_pruned_model.py",
     "qkd_4bit": "10_qat_kd_4bit.py",
     "int8": "11_export_int8.py",
+    "onnx": "12_export_onnx.py",
+    "onnx_4bit": "12_export_onnx.py",
 }
+ONNX_STAGES = ("onnx", "onnx_4bit")  # folders of .onnx files, run by ONNX Runtime rather than loaded into torch
 STAGES = tuple(STAGE_SCRIPTS)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

@@ -30,6 +30,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 QAT_TEACHERS = ("teacher", "pruned")
 EMBEDDING_QUANT_CHOICES = ("none", "int8", "int4")
 INT8_SOURCES = ("auto", "qkd_4bit", "pruned")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -356,6 +357,50 @@ class Int8Config(OutputFields):
 
 
 @dataclass
+class OnnxExportConfig(OutputFields):
+    """Stage 12: ONNX export, ONNX Runtime int8 (dynamic and calibrated static) and 4-bit (MatMulBnb4) models."""
+
+    source_model_path: Optional[str] = _field(
+        None, "Full-precision checkpoint to export (any stage: teacher, student, pruned). Default: the newest pruned run."
+    )
+    qkd_model_path: Optional[str] = _field(
+        None, "4-bit checkpoint whose NF4/FP4 codes go into the 4-bit ONNX model. Default: the newest qkd_4bit run."
+    )
+    export_4bit: bool = _field(True, "Also write the 4-bit ONNX model (results/onnx_4bit/) from the qkd_4bit checkpoint.")
+    calibration_methods: list[str] = _field(
+        list(CALIBRATION_METHODS), "Static int8 calibrators to try, of 'minmax', 'percentile', 'entropy'; the best on validation is kept."
+    )
+    calibration_samples: int = _field(512, "Validation examples used for calibration (padded to max_length, one fixed shape).")
+    calibration_batch_size: int = _field(32, "Examples per calibration batch.")
+    percentile: float = _field(99.999, "Percentile of the 'percentile' calibrator.")
+    optimize_graph: bool = _field(
+        True, "Run ONNX Runtime's transformer optimizer (LayerNorm/Gelu fusions) before int8 quantization, kept only when "
+        "the interleaved benchmark shows it faster."
+    )
+    max_abs_difference: float = _field(1e-4, "Largest allowed |ONNX Runtime - torch| logit difference on validation.")
+    embedding_quantization: str = _field(
+        "int4", "'none', 'int8' or 'int4': row-wise storage of the word embeddings in the 4-bit ONNX model."
+    )
+    eval_batch_size: int = _field(64, "Evaluation batch size.")
+    num_threads: Optional[int] = _field(None, "Threads of the graph-optimization benchmark. Default: torch's default.")
+
+    SMOKE_PROFILE: ClassVar[dict] = {"calibration_samples": 64}
+
+    def __post_init__(self) -> None:
+        if not self.calibration_methods:
+            raise ValueError(f"calibration_methods is empty; choose some of {', '.join(CALIBRATION_METHODS)}.")
+        for method in self.calibration_methods:
+            _check_choice("calibration_methods entry", method, CALIBRATION_METHODS)
+        _check_positive("calibration_samples", self.calibration_samples)
+        _check_positive("calibration_batch_size", self.calibration_batch_size)
+        _check_range("percentile", self.percentile, 90.0, 100.0, high_open=True)
+        _check_positive("max_abs_difference", self.max_abs_difference)
+        _check_choice("embedding_quantization", self.embedding_quantization, EMBEDDING_QUANT_CHOICES)
+        _check_positive("eval_batch_size", self.eval_batch_size)
+        _check_positive("num_threads", self.num_threads, allow_none=True)
+
+
+@dataclass
 class ReportConfig:
     """Stage 7: evaluate every stage on the test split and write the report."""
 
@@ -365,21 +410,31 @@ class ReportConfig:
     ptq_path: Optional[str] = _field(None, "PTQ 4-bit checkpoint. Default: the newest results/ptq_4bit/ run.")
     qkd_path: Optional[str] = _field(None, "QKD 4-bit checkpoint. Default: the newest results/qkd_4bit/ run.")
     int8_path: Optional[str] = _field(None, "int8 CPU deployment checkpoint. Default: the newest results/int8/ run.")
+    onnx_path: Optional[str] = _field(None, "ONNX folder of stage 12. Default: the newest results/onnx/ run.")
+    onnx_4bit_path: Optional[str] = _field(None, "4-bit ONNX folder of stage 12. Default: the newest results/onnx_4bit/ run.")
+    ort_reference: bool = _field(
+        True, "Add the row 'Teacher, ONNX Runtime dynamic int8 (no project)': the teacher exported to ONNX and quantized "
+        "with ONNX Runtime's defaults, what a user gets without this pipeline."
+    )
     extra_models: list[str] = _field(
-        [], "More rows, each 'Label=path/to/checkpoint', e.g. 'My model=results/pruned/20260101-120000'."
+        [], "More rows, each 'Label=path/to/checkpoint' or 'Label=path/to/onnx_folder:file.onnx', e.g. "
+        "'My model=results/pruned/20260101-120000'."
     )
     eval_batch_size: int = _field(64, "Batch size of the accuracy evaluation.")
     latency_batch_size: int = _field(32, "Batch size of the latency benchmark.")
     latency_seq_length: int = _field(64, "Tokens per example in the latency benchmark.")
-    latency_warmup: int = _field(3, "Untimed warm-up runs before the latency measurement.")
-    latency_repeats: int = _field(20, "Timed runs; the median is reported.")
-    num_threads: Optional[int] = _field(None, "CPU threads for the latency benchmark. Default: torch's default.")
+    latency_warmup: int = _field(3, "Untimed warm-up rounds before the latency measurement.")
+    latency_repeats: int = _field(
+        30, "Timed rounds of the interleaved benchmark; each round runs every model once. Median and IQR are reported."
+    )
+    memory_repeats: int = _field(3, "Forward passes while the peak memory of each model is measured in its own process.")
+    num_threads: Optional[int] = _field(None, "CPU threads of torch and ONNX Runtime in the benchmark. Default: torch's default.")
     report_name: str = _field("final_report", "Base name of the report files written in the results folder.")
 
-    SMOKE_PROFILE: ClassVar[dict] = {"latency_repeats": 3, "latency_warmup": 1}
+    SMOKE_PROFILE: ClassVar[dict] = {"latency_repeats": 3, "latency_warmup": 1, "memory_repeats": 1}
 
     def __post_init__(self) -> None:
-        for name in ("eval_batch_size", "latency_batch_size", "latency_seq_length", "latency_repeats"):
+        for name in ("eval_batch_size", "latency_batch_size", "latency_seq_length", "latency_repeats", "memory_repeats"):
             _check_positive(name, getattr(self, name))
         _check_range("latency_warmup", self.latency_warmup, 0, float("inf"))
         _check_positive("num_threads", self.num_threads, allow_none=True)

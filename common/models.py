@@ -7,7 +7,9 @@ its config, so every checkpoint carries an architecture record (kept heads and F
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,6 +24,12 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded"
 WEIGHTS_FILE = "model.safetensors"
+STOCK_LOADER = Path(__file__).resolve().parent / "remote_code" / "modeling_pruned.py"
+# config.json names of the per-layer shapes, and the class in STOCK_LOADER that rebuilds uneven layers
+CONFIG_SHAPE_KEYS = {
+    "bert": ("num_attention_heads", "intermediate_size", "PrunedBertForSequenceClassification"),
+    "distilbert": ("n_heads", "hidden_dim", "PrunedDistilBertForSequenceClassification"),
+}
 
 # Submodule names, relative to one encoder layer, of the parts pruning and quantization touch.
 LAYER_LAYOUTS = {
@@ -69,7 +77,7 @@ def check_supported(config) -> None:
 def load_tokenizer(source: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_source(source))
+    return AutoTokenizer.from_pretrained(resolve_model_source(source), trust_remote_code=False)
 
 
 def load_pretrained_classifier(source: str, label_names: list[str]):
@@ -78,7 +86,7 @@ def load_pretrained_classifier(source: str, label_names: list[str]):
 
     path = resolve_model_source(source)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except OSError as error:
         raise OSError(
             f"Could not load model {source!r}: {error}. Without network access use 'embedded' or a local folder."
@@ -90,6 +98,7 @@ def load_pretrained_classifier(source: str, label_names: list[str]):
         id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)},
         ignore_mismatched_sizes=True,  # a checkpoint's own classifier head for other labels is replaced
+        trust_remote_code=False,  # never run code shipped in a model folder
     )
     logger.info("Loaded pretrained %s encoder from %s", config.model_type, path)
     return model
@@ -262,13 +271,33 @@ def save_model(model: nn.Module, tokenizer, folder: Path, state_dict: Optional[d
     save_file(tensors, str(Path(folder) / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
+def ship_stock_loader(folder: Path, architecture: dict) -> bool:
+    """Make a full-precision checkpoint with uneven layers loadable by stock transformers: copy the modeling
+    file and point ``auto_map`` at it, with the per-layer shapes in ``config.json``. False when the layers are
+    uniform (stock ``from_pretrained`` already rebuilds them)."""
+    heads_key, ffn_key, class_name = CONFIG_SHAPE_KEYS[architecture["model_type"]]
+    config_path = Path(folder) / "config.json"
+    config = json.loads(config_path.read_text())
+    heads, widths = architecture["heads_per_layer"], architecture["ffn_width_per_layer"]
+    if all(h == config[heads_key] for h in heads) and all(w == config[ffn_key] for w in widths):
+        return False
+    shutil.copyfile(STOCK_LOADER, Path(folder) / STOCK_LOADER.name)
+    config["auto_map"] = {"AutoModelForSequenceClassification": f"{STOCK_LOADER.stem}.{class_name}"}
+    config["pruned_layers"] = {"heads_per_layer": heads, "ffn_width_per_layer": widths}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return True
+
+
 def build_skeleton(folder: Path, record: dict) -> nn.Module:
-    """The model described by ``folder/config.json`` and the record's architecture, with random weights."""
+    """The model described by ``folder/config.json`` and the record's architecture, with random weights.
+
+    Never runs code from the folder: the shapes come from ``compression.json``, and ``trust_remote_code=False``
+    keeps transformers on its own classes even where ``config.json`` names a shipped modeling file."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     check_supported(config)
-    model = AutoModelForSequenceClassification.from_config(config)
+    model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=False)
     architecture = record.get("architecture")
     if architecture is not None:
         apply_architecture(model, architecture)
@@ -308,7 +337,7 @@ def load_stage_model(stage: str, explicit_path: Optional[str], label_names: list
 def load_checkpoint_tokenizer(folder: str | Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
 
 
 def save_checkpoint(
@@ -332,6 +361,8 @@ def save_checkpoint(
     record.setdefault("versions", checkpoints.package_versions())
     with checkpoints.checkpoint_writer(stage, output_dir, overwrite) as pending:
         save_model(model, tokenizer, pending.path, state_dict=state_dict)
+        if not record.get("quantization") and not record.get("embedding_quantization"):
+            record["stock_transformers_loader"] = ship_stock_loader(pending.path, record["architecture"])
         checkpoints.write_json(pending.path / checkpoints.RECORD_FILE, record)
         if verify is not None:
             record["metrics"] = {**record.get("metrics", {}), **verify(pending.path)}

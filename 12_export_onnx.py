@@ -1,0 +1,272 @@
+"""Stage 12: deployable ONNX models — fp32, ONNX Runtime int8 (dynamic and calibrated static), and 4-bit NF4.
+
+Reads:  the newest results/pruned/ checkpoint (or --source_model_path: any full-precision checkpoint, teacher and
+        student included), the newest results/qkd_4bit/ checkpoint (or --qkd_model_path) and the validation split.
+Does:   1. exports the model to ONNX with its per-layer head counts and FFN widths baked in (dynamic batch and
+           sequence axes; inputs input_ids, attention_mask and token_type_ids where the model has them; output
+           logits) and checks ONNX Runtime against torch on every validation batch (max |difference| of the
+           logits <= --max_abs_difference, else nothing is saved);
+        2. optionally fuses the graph with ONNX Runtime's transformer optimizer, kept only if the interleaved
+           benchmark shows it faster;
+        3. quantizes it with onnxruntime.quantization: dynamic int8, and static int8 QDQ (per-channel weights)
+           calibrated on validation batches of one fixed shape with each of MinMax, Percentile and Entropy; the
+           calibrator with the best validation accuracy is kept, all results are recorded;
+        4. exports the QKD-4bit model with its trained NF4/FP4 codes in ONNX Runtime's MatMulBnb4 op and the word
+           embeddings stored row-wise in int4 (--embedding_quantization), checked against the torch 4-bit model.
+Writes: results/onnx/<run_id>/       model.onnx, model_int8_dynamic.onnx, model_int8_static.onnx, config.json
+                                     (id2label), tokenizer.json and the other tokenizer files, compression.json
+        results/onnx_4bit/<run_id>/  model.onnx (MatMulBnb4 + int4 embeddings), config.json, tokenizer, compression.json
+        Both folders run with onnxruntime and the tokenizers library alone (see README, "Deploy").
+
+Run as:
+    python 12_export_onnx.py
+    python 12_export_onnx.py --source_model_path results/teacher/<run_id> --export_4bit false
+    python 12_export_onnx.py --calibration_methods minmax entropy --calibration_samples 256
+"""
+
+import copy
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from common import DataConfig, parse_config, setup_logging
+from common.checkpoints import (
+    Stopwatch,
+    checkpoint_writer,
+    find_checkpoint,
+    list_checkpoints,
+    package_versions,
+    read_record,
+    stage_dir,
+    write_json,
+)
+from common.config import OnnxExportConfig, config_to_dict, log_config
+from common.data import build_loaders, load_splits
+from common.evaluation import InferenceModel, interleaved_latency, predict
+from common.models import architecture_record, count_parameters, load_checkpoint_tokenizer, load_model
+from common.onnx_export import export_onnx, quantize_word_embeddings, save_onnx, use_bnb4_codes, write_runtime_files
+from common.onnx_runtime import (
+    OnnxClassifier,
+    accuracy_of,
+    calibration_batches,
+    optimize_graph,
+    predict_onnx,
+    preprocess_for_static,
+    quantize_dynamic_int8,
+    quantize_static_int8,
+)
+from common.quantization import EMBEDDING_BITS, dequantize_4bit_exact, dequantize_4bit_model
+
+logger = logging.getLogger("12_export_onnx")
+STATIC_FILE, DYNAMIC_FILE, FP32_FILE = "model_int8_static.onnx", "model_int8_dynamic.onnx", "model.onnx"
+
+
+def full_precision_source(config: OnnxExportConfig, label_names):
+    if config.source_model_path is None:
+        folder = find_checkpoint("pruned")
+    else:
+        folder = find_checkpoint(read_record(config.source_model_path).get("stage", "pruned"), config.source_model_path)
+    record = read_record(folder)
+    if record.get("quantization") or record.get("embedding_quantization"):
+        raise ValueError(
+            f"--source_model_path {folder} is a {record.get('stage')} checkpoint with quantized weights; the int8 export "
+            f"starts from full precision. Pass a teacher, student or pruned checkpoint (the 4-bit model is exported "
+            f"from --qkd_model_path)."
+        )
+    check_labels(folder, record, label_names)
+    return folder, record
+
+
+def check_labels(folder, record, label_names) -> None:
+    if record.get("label_names") is not None and list(record["label_names"]) != list(label_names):
+        raise ValueError(
+            f"{folder} was trained on labels {record['label_names']}, but the data now has {label_names}. Pass the same "
+            f"--dataset/--label_column settings as the run that made it."
+        )
+
+
+def evaluate_file(path: Path, loader) -> tuple[float, np.ndarray]:
+    logits, labels = predict_onnx(OnnxClassifier(path), loader)
+    return accuracy_of(logits, labels), logits
+
+
+def file_entry(path: Path, accuracy: float, **fields) -> dict:
+    return {"size_bytes": path.stat().st_size, "validation_accuracy": accuracy, **fields}
+
+
+def compare_speed(paths: dict[str, Path], vocab_size: int, num_threads, batch_size=32, seq_length=64, rounds=20) -> dict:
+    models = {label: InferenceModel(path.parent, path.name, num_threads, vocab_size) for label, path in paths.items()}
+    runners = {label: model.runner(model.batch(batch_size, seq_length)) for label, model in models.items()}
+    return interleaved_latency(runners, warmup=3, rounds=rounds, batch_size=batch_size, reference=next(iter(paths)))
+
+
+def export_int8_bundle(data_config, config, data, scratch: Path) -> Path:
+    source, source_record = full_precision_source(config, data.label_names)
+    model = load_model(source)
+    tokenizer = load_checkpoint_tokenizer(source)
+    _, loader = build_loaders(data, tokenizer, data_config, config.eval_batch_size, config.eval_batch_size, seed=0)
+    torch_logits, labels = predict(model, loader)
+    record = {
+        "stage": "onnx", "parent": str(source), "parent_stage": source_record.get("stage"),
+        "config": config_to_dict(data_config, config), "label_names": data.label_names,
+        "architecture": architecture_record(model), "parameters": count_parameters(model),
+        "versions": {**package_versions(), **onnx_versions()}, "files": {},
+    }
+    with checkpoint_writer("onnx", config.output_dir, config.overwrite_output_dir) as pending:
+        folder = pending.path
+        names = export_onnx(model, tokenizer, folder / FP32_FILE, data_config.max_length)
+        write_runtime_files(folder, tokenizer, model.config, data_config.max_length)
+        fp32_accuracy, fp32_logits = evaluate_file(folder / FP32_FILE, loader)
+        difference = float(np.abs(fp32_logits - torch_logits).max())
+        print(f"ONNX fp32: validation accuracy {fp32_accuracy:.4f} (torch {accuracy_of(torch_logits, labels):.4f}); "
+              f"max |ORT - torch| logit difference {difference:.2e}")
+        if difference > config.max_abs_difference:
+            raise RuntimeError(
+                f"ONNX Runtime's logits differ from torch's by up to {difference:.2e}, above max_abs_difference="
+                f"{config.max_abs_difference}; the export is wrong, nothing was saved."
+            )
+        record.update(inputs=names, max_abs_difference_vs_torch=difference,
+                      torch_validation_accuracy=accuracy_of(torch_logits, labels))
+        record["files"][FP32_FILE] = file_entry(folder / FP32_FILE, fp32_accuracy, precision="fp32")
+
+        quantize_from = folder / FP32_FILE
+        if config.optimize_graph:
+            quantize_from, record["graph_optimization"] = optimized_if_faster(folder / FP32_FILE, scratch, model, loader, fp32_logits, config)
+
+        dynamic_accuracy = None
+        quantize_dynamic_int8(quantize_from, folder / DYNAMIC_FILE)
+        dynamic_accuracy, _ = evaluate_file(folder / DYNAMIC_FILE, loader)
+        record["files"][DYNAMIC_FILE] = file_entry(folder / DYNAMIC_FILE, dynamic_accuracy, precision="int8 dynamic",
+                                                   quantized_from=quantize_from.name)
+        print(f"ONNX Runtime dynamic int8: validation accuracy {dynamic_accuracy:.4f}")
+
+        prepared = scratch / "preprocessed.onnx"
+        preprocess_for_static(quantize_from, prepared)
+        batches = calibration_batches(tokenizer, list(data.validation["text"]), names, data_config.max_length,
+                                      config.calibration_batch_size, config.calibration_samples)
+        calibrations = {}
+        for method in config.calibration_methods:
+            target = scratch / f"static_{method}.onnx"
+            details = quantize_static_int8(prepared, target, batches, method, config.percentile)
+            accuracy, _ = evaluate_file(target, loader)
+            calibrations[method] = {**details, "validation_accuracy": accuracy}
+            print(f"ONNX Runtime static int8 ({method} calibration): validation accuracy {accuracy:.4f}")
+        best = max(config.calibration_methods, key=lambda m: (calibrations[m]["validation_accuracy"], -config.calibration_methods.index(m)))
+        shutil.copyfile(scratch / f"static_{best}.onnx", folder / STATIC_FILE)
+        record["files"][STATIC_FILE] = file_entry(folder / STATIC_FILE, calibrations[best]["validation_accuracy"],
+                                                  precision="int8 static QDQ", calibration=best, quantized_from=quantize_from.name)
+        record["calibrations"] = calibrations
+        # the deployment model: the int8 model that validates better (static on a tie: no run-time quantization cost)
+        record["deployment_model"] = STATIC_FILE if calibrations[best]["validation_accuracy"] >= dynamic_accuracy else DYNAMIC_FILE
+        record["metrics"] = {"validation": {"accuracy": record["files"][record["deployment_model"]]["validation_accuracy"]},
+                             "validation_fp32": {"accuracy": fp32_accuracy}}
+        write_json(folder / "compression.json", record)
+        write_json(folder / "metrics.json", {f"{name}.validation_accuracy": entry["validation_accuracy"] for name, entry in record["files"].items()})
+    print(f"ONNX folder -> {pending.final} (deployment model {record['deployment_model']}, calibration kept: {best})")
+    return pending.final
+
+
+def optimized_if_faster(plain: Path, scratch: Path, model, loader, fp32_logits, config) -> tuple[Path, dict]:
+    """ONNX Runtime's transformer optimizer, kept only when it is exact and measurably faster."""
+    config_ = model.config
+    heads = getattr(config_, "num_attention_heads", None) or getattr(config_, "n_heads", 0)
+    hidden = getattr(config_, "hidden_size", None) or getattr(config_, "dim", 0)
+    optimized = scratch / "optimized.onnx"
+    fusions = optimize_graph(plain, optimized, heads, hidden)
+    _, logits = evaluate_file(optimized, loader)
+    difference = float(np.abs(logits - fp32_logits).max())
+    speed = compare_speed({"plain": plain, "optimized": optimized}, config_.vocab_size, config.num_threads)
+    speedup = speed["optimized"]["speedup_vs_reference_median"]
+    keep = difference <= config.max_abs_difference and speedup > 1.0
+    print(f"Graph optimization: fusions {fusions}, max difference {difference:.2e}, fp32 speed-up {speedup:.2f}x "
+          f"(IQR {speed['optimized']['speedup_vs_reference_p25']:.2f}-{speed['optimized']['speedup_vs_reference_p75']:.2f}) "
+          f"-> {'int8 models are quantized from the optimized graph' if keep else 'not used'}")
+    return (optimized if keep else plain), {"fusions": fusions, "max_abs_difference": difference, "used": keep,
+                                            "fp32_speedup_median": speedup, "benchmark": speed}
+
+
+def export_4bit_bundle(data_config, config, data, scratch: Path) -> Path:
+    source = find_checkpoint("qkd_4bit", config.qkd_model_path)
+    source_record = read_record(source)
+    quantization = source_record.get("quantization") or {}
+    if quantization.get("method") != "bitsandbytes_4bit":
+        raise ValueError(
+            f"--qkd_model_path {source} is a {source_record.get('stage')} checkpoint without bitsandbytes 4-bit weights "
+            f"(quantization method {quantization.get('method')!r}); pass a qkd_4bit or ptq_4bit checkpoint."
+        )
+    check_labels(source, source_record, data.label_names)
+    quantized = load_model(source)
+    tokenizer = load_checkpoint_tokenizer(source)
+    _, loader = build_loaders(data, tokenizer, data_config, config.eval_batch_size, config.eval_batch_size, seed=0)
+    torch_logits, labels = predict(quantized, loader)
+    import bitsandbytes as bnb
+
+    exported = {name: dequantize_4bit_exact(module.weight) for name, module in quantized.named_modules()
+                if isinstance(module, bnb.nn.Linear4bit)}
+    plain = dequantize_4bit_model(copy.deepcopy(quantized))
+    names = export_onnx(plain, tokenizer, scratch / "dequantized.onnx", data_config.max_length)
+    graph = onnx.load(str(scratch / "dequantized.onnx"))
+    replaced = use_bnb4_codes(graph, quantized, exported)
+    embedding = None
+    if config.embedding_quantization != "none":
+        embedding = quantize_word_embeddings(graph, plain.get_input_embeddings().weight, EMBEDDING_BITS[config.embedding_quantization])
+    record = {
+        "stage": "onnx_4bit", "parent": str(source), "parent_stage": source_record.get("stage"),
+        "config": config_to_dict(data_config, config), "label_names": data.label_names, "inputs": names,
+        "architecture": architecture_record(plain), "parameters": count_parameters(quantized),
+        "quantization": {"method": "ort_matmul_bnb4", "quant_type": quantization["quant_type"],
+                         "blocksize": quantization["blocksize"], "modules": replaced, "codes": "the checkpoint's own"},
+        "embedding_quantization": embedding, "versions": {**package_versions(), **onnx_versions()},
+        "deployment_model": FP32_FILE,
+    }
+    with checkpoint_writer("onnx_4bit", None, False) as pending:
+        folder = pending.path
+        save_onnx(graph, folder / FP32_FILE)
+        write_runtime_files(folder, tokenizer, plain.config, data_config.max_length)
+        accuracy, logits = evaluate_file(folder / FP32_FILE, loader)
+        torch_accuracy = accuracy_of(torch_logits, labels)
+        gap = 100 * abs(accuracy - torch_accuracy)
+        print(f"ONNX 4-bit ({len(replaced)} MatMulBnb4 layers, embeddings {config.embedding_quantization}): validation "
+              f"accuracy {accuracy:.4f} vs torch 4-bit {torch_accuracy:.4f}; max logit difference "
+              f"{float(np.abs(logits - torch_logits).max()):.2e}")
+        if gap > 0.1 and config.embedding_quantization in ("none", (source_record.get("embedding_quantization") or {}).get("method", "none")):
+            raise RuntimeError(
+                f"The 4-bit ONNX model validates at {accuracy:.4f} but the torch 4-bit model at {torch_accuracy:.4f} "
+                f"({gap:.2f} points apart, more than 0.1); the codes were not carried over faithfully. Nothing was saved."
+            )
+        record["files"] = {FP32_FILE: file_entry(folder / FP32_FILE, accuracy, precision="NF4/FP4 MatMulBnb4")}
+        record["max_abs_difference_vs_torch_4bit"] = float(np.abs(logits - torch_logits).max())
+        record["metrics"] = {"validation": {"accuracy": accuracy}, "validation_torch_4bit": {"accuracy": torch_accuracy}}
+        write_json(folder / "compression.json", record)
+        write_json(folder / "metrics.json", {"validation_accuracy": accuracy, "validation_torch_4bit_accuracy": torch_accuracy})
+    print(f"ONNX 4-bit folder -> {pending.final}")
+    return pending.final
+
+
+def onnx_versions() -> dict:
+    import onnxruntime
+
+    return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def main(data_config: DataConfig, config: OnnxExportConfig) -> None:
+    stopwatch = Stopwatch()
+    log_config(data_config, config)
+    data = load_splits(data_config)
+    with tempfile.TemporaryDirectory(prefix="onnx-export-") as scratch:
+        export_int8_bundle(data_config, config, data, Path(scratch))
+        if config.export_4bit and config.qkd_model_path is None and not list_checkpoints("qkd_4bit"):
+            logger.warning("No qkd_4bit checkpoint in %s, so no 4-bit ONNX model is written; run 10_qat_kd_4bit.py first "
+                           "or pass --export_4bit false.", stage_dir("qkd_4bit"))
+        elif config.export_4bit:
+            export_4bit_bundle(data_config, config, data, Path(scratch))
+    print(f"Stage 12 finished in {stopwatch.seconds:.0f} s")
+
+
+if __name__ == "__main__":
+    setup_logging()
+    main(*parse_config(DataConfig, OnnxExportConfig))

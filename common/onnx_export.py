@@ -1,0 +1,255 @@
+"""Export a classifier to ONNX, and rewrite the exported graph for the compressed storage formats.
+
+- ``export_onnx``: torch -> ONNX with the model's real per-layer shapes baked in (pruned layers included),
+  dynamic batch and sequence axes, the tokenizer's inputs and one output, ``logits``.
+- ``use_bnb4_codes``: replaces each encoder MatMul by ONNX Runtime's ``MatMulBnb4`` contrib op fed with the
+  *trained* bitsandbytes NF4/FP4 codes of a 4-bit checkpoint (no re-quantization, so the codes are the ones
+  the QKD run produced; ``MatMulBnb4`` takes bitsandbytes' block layout: blocks over the flattened
+  ``[out, in]`` weight, high nibble first).
+- ``quantize_word_embeddings``: stores the word-embedding table row-wise in int8 or int4 and dequantizes only
+  the gathered rows at run time (standard ONNX ops, so any runtime runs it).
+
+Weights are found in the graph by value, not by name: the TorchScript exporter renames initializers, but a
+Linear's weight appears exactly (transposed) as its MatMul's constant input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+from pathlib import Path
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+OUTPUT_NAME = "logits"
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+BNB4_TYPES = {"fp4": 0, "nf4": 1}  # ONNX Runtime's MatMulBnb4 quant_type attribute
+
+
+def input_names(model: nn.Module, tokenizer) -> list[str]:
+    """The tokenizer outputs the model's forward accepts, in a fixed order (DistilBERT has no token types)."""
+    accepted = set(inspect.signature(model.forward).parameters)
+    produced = set(getattr(tokenizer, "model_input_names", MODEL_INPUTS)) | {"input_ids", "attention_mask"}
+    return [name for name in MODEL_INPUTS if name in accepted and name in produced]
+
+
+class _LogitsOnly(nn.Module):
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *inputs):
+        return self.model(**dict(zip(self.names, inputs))).logits
+
+
+@torch.no_grad()
+def export_onnx(model: nn.Module, tokenizer, path: Path, max_length: int = 64) -> list[str]:
+    """Write ``model`` (a plain full-precision classifier) to ``path``; return the graph's input names."""
+    model = model.to("cpu").eval()
+    names = input_names(model, tokenizer)
+    sample = tokenizer(["an onnx export sample", "a second, longer sample sentence for the export"],
+                       padding="max_length", truncation=True, max_length=min(16, max_length), return_tensors="pt")
+    inputs = tuple(sample[name] if name in sample else torch.zeros_like(sample["input_ids"]) for name in names)
+    # (the wrapper is put in eval mode: the exporter restores the wrapper's mode recursively afterwards, and a
+    # wrapper left in training mode would switch the model's dropout on)
+    # eager attention exports to plain MatMul/Softmax, which every ONNX Runtime build and optimizer understands
+    previous = getattr(model.config, "_attn_implementation", None)
+    model.config._attn_implementation = "eager"
+    try:
+        torch.onnx.export(
+            _LogitsOnly(model, names).eval(), inputs, str(path), input_names=names, output_names=[OUTPUT_NAME],
+            dynamic_axes={**{name: {0: "batch", 1: "sequence"} for name in names}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=OPSET, do_constant_folding=True, dynamo=False,
+        )
+    finally:
+        if previous is not None:
+            model.config._attn_implementation = previous
+    return names
+
+
+# -- finding weights in the graph ---------------------------------------------------------------------------
+
+
+def _fingerprint(array: np.ndarray) -> str:
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    return hashlib.sha1(array.tobytes() + str(array.shape).encode()).hexdigest()
+
+
+def _initializers(graph) -> dict:
+    return {tensor.name: tensor for tensor in graph.initializer}
+
+
+def _matmul_weights(graph) -> dict[str, tuple]:
+    """fingerprint of W (torch layout [out, in]) -> (MatMul node, initializer) for MatMuls with a constant B."""
+    import onnx.numpy_helper
+
+    initializers = _initializers(graph)
+    found = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in initializers:
+            weight_t = onnx.numpy_helper.to_array(initializers[node.input[1]])
+            if weight_t.ndim == 2:
+                found[_fingerprint(weight_t.T)] = (node, initializers[node.input[1]])
+    return found
+
+
+def use_bnb4_codes(onnx_model, quantized_model: nn.Module, dequantized_weights: dict[str, torch.Tensor]) -> list[str]:
+    """Swap the MatMul of every bitsandbytes 4-bit Linear for ``MatMulBnb4`` holding its trained codes.
+
+    ``dequantized_weights[name]`` is the float weight that was exported for module ``name`` (how the MatMul is
+    found). Raises when a quantized module has no matching MatMul: a half-quantized graph is never returned.
+    """
+    import bitsandbytes as bnb
+    import onnx
+    from bitsandbytes.functional import dequantize_blockwise
+
+    graph = onnx_model.graph
+    by_weight = _matmul_weights(graph)
+    replaced, missing = [], []
+    for name, module in quantized_model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        match = by_weight.get(_fingerprint(dequantized_weights[name].numpy()))
+        if match is None:
+            missing.append(name)
+            continue
+        node, initializer = match
+        state = module.weight.quant_state
+        absmax = state.absmax
+        if state.nested:
+            absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset
+        codes = module.weight.data.reshape(-1).view(torch.uint8).numpy()
+        out_features, in_features = state.shape
+        codes_name, absmax_name = f"{initializer.name}_bnb4", f"{initializer.name}_absmax"
+        graph.initializer.extend([
+            onnx.numpy_helper.from_array(codes.copy(), codes_name),
+            onnx.numpy_helper.from_array(absmax.float().numpy().copy(), absmax_name),
+        ])
+        position = list(graph.node).index(node)
+        graph.node.insert(position, onnx.helper.make_node(
+            "MatMulBnb4", [node.input[0], codes_name, absmax_name], list(node.output), name=f"{name}.MatMulBnb4",
+            domain="com.microsoft", K=in_features, N=out_features, block_size=state.blocksize,
+            quant_type=BNB4_TYPES[state.quant_type],
+        ))
+        graph.node.remove(node)
+        replaced.append(name)
+    if missing:
+        raise RuntimeError(f"No MatMul in the exported graph holds the weight of {missing}; the 4-bit export is incomplete.")
+    _add_opset(onnx_model, "com.microsoft", 1)
+    _drop_unused_initializers(graph)
+    return replaced
+
+
+def quantize_word_embeddings(onnx_model, weight: torch.Tensor, bits: int) -> dict:
+    """Replace the Gather over the float word-embedding table by int8/int4 row codes and per-row scales.
+
+    Only the rows of the tokens in a batch are dequantized (Gather, then unpack, Cast and Mul), so the float
+    table never exists at run time. Returns a record of what was stored.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    from .quantization import quantize_rows
+
+    graph = onnx_model.graph
+    initializers = _initializers(graph)
+    target = _fingerprint(weight.detach().float().numpy())
+    gather = next(
+        (node for node in graph.node if node.op_type == "Gather" and node.input[0] in initializers
+         and _fingerprint(onnx.numpy_helper.to_array(initializers[node.input[0]])) == target),
+        None,
+    )
+    if gather is None:
+        raise RuntimeError("The exported graph has no Gather over the word-embedding table; cannot quantize it.")
+    codes, scale = quantize_rows(weight.detach().float(), bits)
+    prefix = "word_embeddings"
+    rows, columns = weight.shape
+    new_initializers = [
+        onnx.numpy_helper.from_array(codes.numpy(), f"{prefix}.codes"),
+        onnx.numpy_helper.from_array(scale.numpy().reshape(-1, 1), f"{prefix}.scale"),
+    ]
+    ids = gather.input[1]
+    nodes = [helper.make_node("Gather", [f"{prefix}.codes", ids], [f"{prefix}.gathered_codes"], axis=0),
+             helper.make_node("Gather", [f"{prefix}.scale", ids], [f"{prefix}.gathered_scale"], axis=0)]
+    if bits == 8:
+        nodes.append(helper.make_node("Cast", [f"{prefix}.gathered_codes"], [f"{prefix}.values"], to=TensorProto.FLOAT))
+    else:
+        # two codes per byte, high nibble first, stored with an offset of 8 (see quantization.quantize_rows)
+        new_initializers += [
+            onnx.numpy_helper.from_array(np.array(4, dtype=np.uint8), f"{prefix}.four"),
+            onnx.numpy_helper.from_array(np.array(8.0, dtype=np.float32), f"{prefix}.offset"),
+            onnx.numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), f"{prefix}.flat_shape"),
+            onnx.numpy_helper.from_array(np.array([0], dtype=np.int64), f"{prefix}.start"),
+            onnx.numpy_helper.from_array(np.array([columns], dtype=np.int64), f"{prefix}.columns"),
+            onnx.numpy_helper.from_array(np.array([2], dtype=np.int64), f"{prefix}.last_axis"),
+            onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{prefix}.unsqueeze_axis"),
+        ]
+        nodes += [
+            helper.make_node("BitShift", [f"{prefix}.gathered_codes", f"{prefix}.four"], [f"{prefix}.high"], direction="RIGHT"),
+            # low nibble = byte - (high << 4): BitwiseAnd needs opset 18, these ops exist since opset 11
+            helper.make_node("BitShift", [f"{prefix}.high", f"{prefix}.four"], [f"{prefix}.high_shifted"], direction="LEFT"),
+            helper.make_node("Sub", [f"{prefix}.gathered_codes", f"{prefix}.high_shifted"], [f"{prefix}.low"]),
+            helper.make_node("Unsqueeze", [f"{prefix}.high", f"{prefix}.unsqueeze_axis"], [f"{prefix}.high3"]),
+            helper.make_node("Unsqueeze", [f"{prefix}.low", f"{prefix}.unsqueeze_axis"], [f"{prefix}.low3"]),
+            helper.make_node("Concat", [f"{prefix}.high3", f"{prefix}.low3"], [f"{prefix}.pairs"], axis=-1),
+            helper.make_node("Reshape", [f"{prefix}.pairs", f"{prefix}.flat_shape"], [f"{prefix}.unpacked"]),
+            helper.make_node("Slice", [f"{prefix}.unpacked", f"{prefix}.start", f"{prefix}.columns", f"{prefix}.last_axis"],
+                             [f"{prefix}.unpadded"]),
+            helper.make_node("Cast", [f"{prefix}.unpadded"], [f"{prefix}.shifted"], to=TensorProto.FLOAT),
+            helper.make_node("Sub", [f"{prefix}.shifted", f"{prefix}.offset"], [f"{prefix}.values"]),
+        ]
+    nodes.append(helper.make_node("Mul", [f"{prefix}.values", f"{prefix}.gathered_scale"], list(gather.output)))
+    position = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(position + offset, node)
+    graph.initializer.extend(new_initializers)
+    _drop_unused_initializers(graph)
+    return {"method": f"int{bits}", "shape": [rows, columns], "row_wise": True}
+
+
+def _add_opset(onnx_model, domain: str, version: int) -> None:
+    import onnx
+
+    if not any(opset.domain == domain for opset in onnx_model.opset_import):
+        onnx_model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {name for node in graph.node for name in node.input}
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
+
+
+def save_onnx(onnx_model, path: Path) -> None:
+    """Check and save a graph as one self-contained file (our models are far below protobuf's 2 GB limit)."""
+    import onnx
+
+    onnx.checker.check_model(onnx_model)
+    onnx.save_model(onnx_model, str(path))
+
+
+def write_runtime_files(folder: Path, tokenizer, model_config, max_length: int) -> None:
+    """What a deployment needs beside the graph: ``config.json`` (``id2label``) and the tokenizer files, with
+    padding and truncation to ``max_length`` stored in ``tokenizer.json`` so that the ``tokenizers`` library alone
+    encodes batches exactly as the pipeline did."""
+    from tokenizers import Tokenizer
+
+    model_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        raise RuntimeError(f"{type(tokenizer).__name__} wrote no tokenizer.json; ONNX folders need a fast tokenizer.")
+    backend = Tokenizer.from_file(str(path))
+    backend.enable_truncation(max_length=max_length)
+    backend.enable_padding(pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
+    backend.save(str(path))
+
+
+__all__ = ["export_onnx", "input_names", "quantize_word_embeddings", "save_onnx", "use_bnb4_codes", "write_runtime_files"]
+

@@ -1,0 +1,197 @@
+"""Run and quantize ONNX classifiers with ONNX Runtime.
+
+- ``OnnxClassifier``: an ``InferenceSession`` over one ``.onnx`` file with a fixed thread count, fed from the
+  same tokenized batches as the torch models (``logits(batch)``).
+- ``quantize_dynamic_int8`` / ``quantize_static_int8``: ``onnxruntime.quantization`` with the choices that
+  keep accuracy on these graphs: only MatMuls with a constant weight (the attention-score MatMuls of two
+  activations stay in float; quantizing them is what drops a naive static model to ~58%), per-channel
+  symmetric int8 weights, and calibration on batches of one fixed shape (the histogram calibrators,
+  Percentile and Entropy, fail on batches of different sequence lengths).
+- ``optimize_graph``: ONNX Runtime's transformer optimizer (LayerNorm, Gelu, SkipLayerNorm fusions; attention
+  is fused only when every layer has the same head count).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+def session_options(num_threads: Optional[int] = None, spinning: bool = True):
+    """``spinning=False`` stops idle worker threads from busy-waiting after a run: in a round-robin benchmark a
+    spinning session would steal the cores from the model timed right after it."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if num_threads:
+        options.intra_op_num_threads = num_threads
+        options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # warnings about unused initializers are noise here
+    return options
+
+
+class OnnxClassifier:
+    """Logits from an ONNX classifier for batches of ``input_ids``/``attention_mask``(/``token_type_ids``)."""
+
+    def __init__(self, path: str | Path, num_threads: Optional[int] = None, spinning: bool = True) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX model {self.path} does not exist.")
+        self.session = ort.InferenceSession(str(self.path), session_options(num_threads, spinning), providers=["CPUExecutionProvider"])
+        self.input_names = [item.name for item in self.session.get_inputs()]
+
+    def feeds(self, batch: dict) -> dict:
+        feeds = {}
+        for name in self.input_names:
+            value = batch.get(name)
+            if value is None and name == "token_type_ids":
+                value = np.zeros_like(np.asarray(batch["input_ids"]))
+            if value is None:
+                raise ValueError(f"{self.path.name} needs the input {name!r}, which the batch lacks.")
+            feeds[name] = np.asarray(value.numpy() if hasattr(value, "numpy") else value, dtype=np.int64)
+        return feeds
+
+    def logits(self, batch: dict) -> np.ndarray:
+        return self.session.run(["logits"], self.feeds(batch))[0]
+
+    def __call__(self, **batch):
+        """torch-like call for benchmark code that times ``model(**batch)``."""
+        return self.logits(batch)
+
+
+def predict_onnx(classifier: OnnxClassifier, loader) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of every example of a (torch) data loader."""
+    all_logits, all_labels = [], []
+    for batch in loader:
+        all_logits.append(classifier.logits(batch))
+        all_labels.append(batch["labels"].numpy())
+    return np.concatenate(all_logits), np.concatenate(all_labels)
+
+
+def accuracy_of(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(-1) == labels).mean())
+
+
+# -- quantization --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _quiet_quantizer():
+    """onnxruntime.quantization logs one INFO line per tensor on the root logger; keep its warnings only."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _constant_b_matmuls(path: Path) -> list[str]:
+    import onnx
+
+    model = onnx.load(str(path))
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    return [node.name for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in initializers]
+
+
+def quantize_dynamic_int8(source: Path, target: Path) -> dict:
+    """Dynamic int8: weights of every constant-weight MatMul per channel; activations quantized at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    nodes = _constant_b_matmuls(source)
+    with _quiet_quantizer():
+        quantize_dynamic(
+            str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+            op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, extra_options={"MatMulConstBOnly": True},
+        )
+    return {"method": "ort_dynamic_int8", "weights": "int8 per channel, symmetric", "quantized_matmuls": len(nodes)}
+
+
+class FixedShapeReader:
+    """``CalibrationDataReader`` over batches padded to one fixed length (histogram calibrators need it)."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches = batches
+        self.position = 0
+
+    def get_next(self) -> Optional[dict]:
+        if self.position >= len(self.batches):
+            return None
+        self.position += 1
+        return self.batches[self.position - 1]
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def calibration_batches(tokenizer, texts: list[str], input_names: Iterable[str], max_length: int, batch_size: int, limit: int) -> list[dict]:
+    """Tokenized calibration feeds, every one padded to ``max_length`` so all share one shape."""
+    texts = texts[:limit]
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(texts[start : start + batch_size], padding="max_length", truncation=True,
+                            max_length=max_length, return_tensors="np")
+        batch = {}
+        for name in input_names:
+            value = encoded.get(name)
+            batch[name] = (np.zeros_like(encoded["input_ids"]) if value is None else value).astype(np.int64)
+        batches.append(batch)
+    if len(batches) > 1 and len(batches[-1]["input_ids"]) != len(batches[0]["input_ids"]):
+        batches.pop()  # a short last batch would break the fixed shape
+    if not batches:
+        raise ValueError("No calibration batches: the calibration split is empty.")
+    return batches
+
+
+def preprocess_for_static(source: Path, target: Path) -> None:
+    """ONNX Runtime's recommended pre-processing (graph optimization, shape inference) before QDQ quantization.
+    Symbolic shape inference fails on these graphs, so it is skipped (see DEVELOPERS.md)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with _quiet_quantizer():
+        quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+
+
+def quantize_static_int8(source: Path, target: Path, batches: list[dict], method: str, percentile: float = 99.999) -> dict:
+    """Static QDQ int8 (per-channel weights, activations calibrated with ``method``) of constant-weight MatMuls."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method {method!r} is not supported; allowed: {', '.join(CALIBRATION_METHODS)}.")
+    calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                 "entropy": CalibrationMethod.Entropy}[method]
+    nodes = _constant_b_matmuls(source)
+    extra = {"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": False}
+    if method == "percentile":
+        extra["CalibPercentile"] = percentile
+    with _quiet_quantizer():
+        quantize_static(
+            str(source), str(target), FixedShapeReader(batches), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calibrate,
+            extra_options=extra,
+        )
+    return {"method": "ort_static_int8_qdq", "calibration": method, "calibration_batches": len(batches),
+            "calibration_shape": list(batches[0]["input_ids"].shape), "quantized_matmuls": len(nodes)}
+
+
+def optimize_graph(source: Path, target: Path, num_heads: int, hidden_size: int) -> dict:
+    """ONNX Runtime's BERT optimizer; returns which fusions it made."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimized = optimize_model(str(source), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=1)
+    optimized.save_model_to_file(str(target))
+    return {name: int(count) for name, count in optimized.get_fused_operator_statistics().items() if count}

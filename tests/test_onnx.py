@@ -1,0 +1,185 @@
+"""ONNX export and ONNX Runtime quantization on tiny pruned models: exactness, calibrators, 4-bit codes,
+compressed embeddings, and folders that run without this project (no torch, no ``common``)."""
+
+import copy
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from common.config import PruningConfig, PTQConfig
+from common.onnx_export import export_onnx, quantize_word_embeddings, save_onnx, use_bnb4_codes, write_runtime_files
+from common.onnx_runtime import (
+    CALIBRATION_METHODS,
+    OnnxClassifier,
+    calibration_batches,
+    preprocess_for_static,
+    quantize_dynamic_int8,
+    quantize_static_int8,
+)
+from common.pruning import StructuralPruner
+from common.quantization import dequantize_4bit_exact, dequantize_4bit_model, fake_quantize_rows, quantize_model_4bit
+from conftest import NEGATIVE, NEUTRAL, POSITIVE, PROJECT_ROOT, tiny_bert_config, tiny_distilbert_config, tiny_model
+
+TEXTS = ["great film and fun story", "dull boring plot", "the actor was charming", "a movie", "weak script and flat ending",
+         "superb moving brilliant film and the ending was warm"]
+
+
+def pruned_model(config, head_sparsity=0.5, ffn_sparsity=0.4):
+    """A tiny model with uneven layers: global (MSP) ranking of L2 scores removes different counts per layer."""
+    model = tiny_model(config)
+    with torch.no_grad():  # make layer 0 matter more so the global ranking prunes the layers unevenly
+        for name, parameter in model.named_parameters():
+            if ".0." in name and parameter.dim() == 2:
+                parameter.mul_(3.0)
+    pruner = StructuralPruner(model, PruningConfig(importance_mode="l2", head_final_sparsity=head_sparsity,
+                                                   ffn_final_sparsity=ffn_sparsity))
+    pruner.compute_importance_and_prune(head_sparsity, ffn_sparsity)
+    record = pruner.prune_physically()
+    assert len(set(record["heads_per_layer"])) > 1 or len(set(record["ffn_width_per_layer"])) > 1, record
+    return model.eval()
+
+
+def torch_logits(model, tokenizer, texts, names):
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**{k: batch[k] for k in names}).logits.numpy(), batch
+
+
+@pytest.mark.parametrize("make_config", [lambda: tiny_bert_config(layers=3, hidden=64, heads=4, ffn=128),
+                                         lambda: tiny_distilbert_config(layers=3, dim=64, heads=4, ffn=128)],
+                         ids=["bert", "distilbert"])
+def test_export_round_trip_of_uneven_pruned_layers(make_config, tokenizer, tmp_path):
+    model = pruned_model(make_config())
+    names = export_onnx(model, tokenizer, tmp_path / "model.onnx")
+    assert names == (["input_ids", "attention_mask", "token_type_ids"] if model.config.model_type == "bert"
+                     else ["input_ids", "attention_mask"])
+    session = OnnxClassifier(tmp_path / "model.onnx")
+    for texts in (TEXTS[:1], TEXTS, TEXTS[2:5]):  # batch and sequence lengths other than the export sample's
+        expected, batch = torch_logits(model, tokenizer, texts, names)
+        np.testing.assert_allclose(session.logits(batch), expected, atol=1e-5, rtol=0)
+    assert model.training is False, "the export must leave the model in eval mode (dropout off)"
+
+
+def graph_ops(path):
+    return [node.op_type for node in onnx.load(str(path)).graph.node]
+
+
+def test_dynamic_and_static_int8_with_every_calibrator(tokenizer, tmp_path):
+    model = pruned_model(tiny_bert_config(layers=2, hidden=64, heads=4, ffn=128))
+    names = export_onnx(model, tokenizer, tmp_path / "model.onnx")
+    expected, batch = torch_logits(model, tokenizer, TEXTS, names)
+    scale = np.abs(expected).max()
+    quantize_dynamic_int8(tmp_path / "model.onnx", tmp_path / "dynamic.onnx")
+    assert "MatMulInteger" in graph_ops(tmp_path / "dynamic.onnx") or "DynamicQuantizeMatMul" in graph_ops(tmp_path / "dynamic.onnx")
+    assert np.abs(OnnxClassifier(tmp_path / "dynamic.onnx").logits(batch) - expected).max() < 0.1 * scale
+
+    calibration = [" ".join(words) for words in zip(POSITIVE, NEGATIVE, NEUTRAL)] * 8
+    batches = calibration_batches(tokenizer, calibration, names, max_length=16, batch_size=8, limit=64)
+    assert {tuple(b["input_ids"].shape) for b in batches} == {(8, 16)}, "calibration batches share one fixed shape"
+    preprocess_for_static(tmp_path / "model.onnx", tmp_path / "pre.onnx")
+    constant_matmuls = sum(op == "MatMul" for op in graph_ops(tmp_path / "model.onnx")) - 2 * 2  # 2 attention MatMuls a layer
+    for method in CALIBRATION_METHODS:
+        target = tmp_path / f"static_{method}.onnx"
+        details = quantize_static_int8(tmp_path / "pre.onnx", target, batches, method)
+        assert details["calibration"] == method and details["quantized_matmuls"] == constant_matmuls
+        graph = onnx.load(str(target)).graph
+        producers = {output: node.op_type for node in graph.node for output in node.output}
+        matmuls = [node for node in graph.node if node.op_type == "MatMul"]
+        fed_by_qdq = [node for node in matmuls if all(producers.get(name) == "DequantizeLinear" for name in node.input)]
+        float_only = [node for node in matmuls if not any(producers.get(name) == "DequantizeLinear" for name in node.input)]
+        assert len(fed_by_qdq) == constant_matmuls  # every weight MatMul runs in int8 ...
+        assert len(float_only) == 2 * 2  # ... and the attention-score MatMuls of two activations stay in float
+        logits = OnnxClassifier(target).logits(batch)
+        assert np.abs(logits - expected).max() < 0.1 * scale, method
+
+
+def test_unknown_calibrator_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="calibration method 'kl'.*minmax, percentile, entropy"):
+        quantize_static_int8(tmp_path / "a.onnx", tmp_path / "b.onnx", [], "kl")
+
+
+def test_bnb4_export_runs_the_trained_codes(tokenizer, tmp_path):
+    import bitsandbytes as bnb
+
+    model = pruned_model(tiny_bert_config(layers=2, hidden=128, heads=4, ffn=256))
+    quantized = copy.deepcopy(model)
+    quantize_model_4bit(quantized, PTQConfig(blocksize=64, double_quant=True))
+    weights = {n: dequantize_4bit_exact(m.weight) for n, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    plain = dequantize_4bit_model(copy.deepcopy(quantized))
+    names = export_onnx(plain, tokenizer, tmp_path / "plain.onnx")
+    exported = onnx.load(str(tmp_path / "plain.onnx"))
+    replaced = use_bnb4_codes(exported, quantized, weights)
+    assert sorted(replaced) == sorted(weights)
+    graph = exported.graph
+    initializers = {tensor.name for tensor in graph.initializer}
+    nodes = [node for node in graph.node if node.op_type == "MatMulBnb4"]
+    assert len(nodes) == len(weights)
+    assert not any(node.op_type == "MatMul" and node.input[1] in initializers for node in graph.node)
+    codes = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    first = quantized.get_submodule(replaced[0])
+    stored = codes[next(n for n in nodes if n.name.startswith(replaced[0] + ".")).input[1]]
+    np.testing.assert_array_equal(stored, first.weight.data.reshape(-1).view(torch.uint8).numpy())
+    embeddings = plain.get_input_embeddings().weight
+    for bits in (8, 4):
+        variant = copy.deepcopy(exported)
+        record = quantize_word_embeddings(variant, embeddings, bits)
+        save_onnx(variant, tmp_path / f"bnb4_emb{bits}.onnx")
+        reference = copy.deepcopy(quantized)
+        with torch.no_grad():
+            reference.get_input_embeddings().weight.copy_(fake_quantize_rows(embeddings, bits))
+        expected, batch = torch_logits(reference, tokenizer, TEXTS, names)
+        np.testing.assert_allclose(OnnxClassifier(tmp_path / f"bnb4_emb{bits}.onnx").logits(batch), expected, atol=1e-4, rtol=0)
+        assert record["method"] == f"int{bits}"
+        assert not any(t.dims == list(embeddings.shape) and t.data_type == onnx.TensorProto.FLOAT for t in variant.graph.initializer)
+
+
+def readme_snippet(title: str) -> str:
+    text = (PROJECT_ROOT / "README.md").read_text()
+    match = re.search(rf"<!-- {title} -->\s*```python\n(.*?)```", text, re.S)
+    assert match, f"README.md lost its '{title}' snippet"
+    return match.group(1)
+
+
+def run_without_project(code: str, cwd, block=("common", "torch")) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter in which importing ``block`` fails, outside the checkout."""
+    guard = "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in block)
+    completed = subprocess.run([sys.executable, "-c", guard + code], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
+
+
+def test_readme_onnx_snippet_runs_with_onnxruntime_and_tokenizers_only(tokenizer, tmp_path):
+    model = pruned_model(tiny_bert_config(layers=2, hidden=64, heads=4, ffn=128, num_labels=2))
+    model.config.id2label, model.config.label2id = {0: "rotten", 1: "fresh"}, {"rotten": 0, "fresh": 1}
+    folder = tmp_path / "onnx-folder"
+    folder.mkdir()
+    names = export_onnx(model, tokenizer, folder / "model.onnx")
+    write_runtime_files(folder, tokenizer, model.config, max_length=32)
+    (folder / "compression.json").write_text(json.dumps({"deployment_model": "model.onnx"}))
+    code = readme_snippet("deploy-onnx").replace("results/onnx/<run_id>", str(folder))
+    completed = run_without_project(code + "\nprint(json.dumps(logits.tolist()))\n", cwd=tmp_path)
+    printed = completed.stdout.strip().splitlines()
+    logits = np.array(json.loads(printed[-1]))
+    texts = ["a gripping, funny film", "dull and far too long"]
+    expected, _ = torch_logits(model, tokenizer, texts, names)
+    np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
+    assert any(line.split()[0] in ("rotten", "fresh") for line in printed[:-1])
+
+
+def test_readme_stock_transformers_snippet_loads_a_pruned_checkpoint(tokenizer, results_dir, tmp_path):
+    from common.models import save_checkpoint
+
+    model = pruned_model(tiny_distilbert_config(layers=2, dim=64, heads=4, ffn=128))
+    folder = save_checkpoint("pruned", model, tokenizer, {"label_names": ["negative", "positive"]})
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForSequenceClassification"] == "modeling_pruned.PrunedDistilBertForSequenceClassification"
+    code = readme_snippet("deploy-transformers").replace("results/pruned/<run_id>", str(folder))
+    completed = run_without_project(code + "\nimport json\nprint(json.dumps(logits.tolist()))\n", cwd=tmp_path, block=("common",))
+    expected, _ = torch_logits(model, tokenizer, ["a gripping, funny film", "dull and far too long"], ["input_ids", "attention_mask"])
+    np.testing.assert_allclose(np.array(json.loads(completed.stdout.strip().splitlines()[-1])), expected, atol=1e-5, rtol=0)
