@@ -77,23 +77,37 @@ def test_report_with_missing_and_corrupt_checkpoints(report_results):
     data = tiny_data(["great film", "dull plot"] * 10, ["great film", "dull plot", "fun story", "boring actor"])
     report = build_report(config, data, max_length=16, settings={"latency_batch_size": 2, "latency_seq_length": 8, "latency_repeats": 2, "latency_warmup": 0})
     paths = write_report(report, report_results, "final_report")
-    assert [row["label"] for row in report["models"]] == ["Teacher (FP32)", "Student (FP32)"]
+    assert [row["label"] for row in report["models"]] == [
+        "Teacher (FP32)", "Teacher, ONNX Runtime dynamic int8 (no project)", "Student (FP32)"]
     skipped = {item["label"]: item["reason"] for item in report["skipped"]}
-    assert set(skipped) == {"Pruned Student (FP32)", "Pruned + Quantized Student (PTQ)", "Pruned + QKD-4bit (QAT)", "Int8 CPU deployment"}
+    assert set(skipped) == {
+        "Pruned Student (FP32)", "Pruned + Quantized Student (PTQ)", "Pruned + QKD-4bit (QAT)", "Int8 CPU deployment (torch)",
+        "Pruned, ONNX Runtime FP32", "Pruned, ONNX Runtime int8 dynamic", "Pruned, ONNX Runtime int8 static",
+        "QKD-4bit, ONNX Runtime NF4 (MatMulBnb4)",
+    }
     assert "FileNotFoundError" in skipped["Pruned + QKD-4bit (QAT)"]
     assert "FileNotFoundError" not in skipped["Pruned Student (FP32)"]  # corrupt, not missing
     written = json.loads(paths["json"].read_text())
     required = {
         "label", "stage", "path", "test_accuracy", "test_macro_f1", "parameters", "size_bytes", "size_mb", "latency_ms_median",
-        "latency_ms_p90", "throughput_examples_per_s", "peak_rss_mb", "model_rss_mb", "inference_peak_mb", "num_threads", "accuracy_vs_teacher",
-        "size_ratio_to_teacher", "latency_ratio_to_teacher", "pareto_size", "pareto_latency",
+        "latency_ms_p25", "latency_ms_p75", "latency_ms_p90", "throughput_examples_per_s", "peak_rss_mb", "model_rss_mb",
+        "inference_peak_mb", "num_threads", "accuracy_vs_teacher", "size_ratio_to_teacher", "latency_ratio_to_teacher",
+        "speedup_vs_teacher", "speedup_vs_teacher_p25", "speedup_vs_teacher_p75", "pareto_size", "pareto_latency",
     }
     for row in written["models"]:
         assert required <= set(row)
         for key in required - {"label", "stage", "path", "pareto_size", "pareto_latency"}:
             assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), key
     assert written["models"][0]["accuracy_vs_teacher"] == 1.0
-    assert {"machine", "settings", "skipped", "data"} <= set(written)
+    assert written["models"][0]["speedup_vs_teacher"] == 1.0  # the teacher against itself, round by round
+    for row in written["models"]:
+        assert row["latency_rounds"] == 2 and row["latency_ms_p25"] <= row["latency_ms_median"] <= row["latency_ms_p75"]
+    reference = written["models"][1]
+    assert reference["runtime"] == "onnxruntime" and reference["path"].endswith("teacher_int8.onnx")
+    assert reference["parameters"] == written["models"][0]["parameters"]
+    assert {"machine", "settings", "skipped", "data", "latency_method"} <= set(written)
+    assert {"cpu_model", "instruction_sets", "int8_acceleration"} <= set(written["machine"])
+    assert "onnxruntime" in written["machine"]["versions"]
     assert paths["png"].stat().st_size > 10_000
     markdown = paths["md"].read_text()
     assert "Student (FP32)" in markdown and "Skipped:" in markdown and "Pruned Student (FP32)" in markdown
