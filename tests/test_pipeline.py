@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def only_checkpoint(results_dir, stage):
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
-    """Stages 1, 2, 8, 9, 10, 11 and 7 once, in order, on a tiny 4-layer BERT and a 3-label CSV."""
+    """Stages 1, 2, 8, 9, 10, 11, 12 and 7 once, in order, on a tiny 4-layer BERT and a 3-label CSV."""
     from conftest import make_tokenizer, tiny_bert_config, tiny_model, write_reviews_csv
 
     root = tmp_path_factory.mktemp("pipeline")
@@ -49,6 +50,7 @@ def pipeline_run(tmp_path_factory):
     run_stage("9_quantize_pruned_model.py", results, *common)
     run_stage("10_qat_kd_4bit.py", results, "--num_epochs", 1, *common)
     run_stage("11_export_int8.py", results, *common)
+    run_stage("12_export_onnx.py", results, *common)
     report = run_stage("7_evaluate_and_generate_report.py", results, "--latency_repeats", 2, "--latency_batch_size", 4, "--latency_seq_length", 16, *common)
     return results, report
 
@@ -91,8 +93,13 @@ def test_pruned_and_quantized_checkpoints(pipeline_run):
 def test_report_covers_every_stage(pipeline_run):
     results, completed = pipeline_run
     report = json.loads((results / "final_report.json").read_text())
-    assert [row["stage"] for row in report["models"]] == ["teacher", "student", "pruned", "ptq_4bit", "qkd_4bit", "int8"]
+    assert [row["stage"] for row in report["models"]] == [
+        "teacher", "onnx_reference", "student", "pruned", "ptq_4bit", "qkd_4bit", "int8", "onnx", "onnx", "onnx", "onnx_4bit"]
     assert report["skipped"] == []
+    onnx_rows = {row["label"]: row for row in report["models"] if row["runtime"] == "onnxruntime"}
+    pruned_row = next(row for row in report["models"] if row["stage"] == "pruned")
+    assert onnx_rows["Pruned, ONNX Runtime FP32"]["test_accuracy"] == pruned_row["test_accuracy"]
+    assert all(row["speedup_vs_teacher"] > 0 for row in report["models"])
     assert (results / "final_report.png").stat().st_size > 10_000
     assert "Pruned + QKD-4bit (QAT)" in (results / "final_report.md").read_text()
     assert "Teacher (FP32)" in completed.stdout
@@ -112,3 +119,77 @@ def test_two_process_teacher_run_writes_same_kind_of_checkpoint(tmp_path, pretra
     assert record["architecture"]["num_layers"] == 4
     assert record["metrics"]["validation"]["accuracy"] >= 0.0
     assert len(record["history"]) == 1
+
+
+def test_onnx_stage_folders(pipeline_run):
+    results, _ = pipeline_run
+    pruned, _ = only_checkpoint(results, "pruned")
+    folder, record = only_checkpoint(results, "onnx")
+    assert record["parent"] == str(pruned) and record["max_abs_difference_vs_torch"] <= 1e-4
+    assert set(record["calibrations"]) == {"minmax", "percentile", "entropy"}
+    assert record["deployment_model"] in ("model_int8_static.onnx", "model_int8_dynamic.onnx")
+    for name in ("model.onnx", "model_int8_dynamic.onnx", "model_int8_static.onnx", "tokenizer.json", "config.json"):
+        assert (folder / name).is_file(), name
+    assert json.loads((folder / "config.json").read_text())["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+    qkd, _ = only_checkpoint(results, "qkd_4bit")
+    folder_4bit, record_4bit = only_checkpoint(results, "onnx_4bit")
+    assert record_4bit["parent"] == str(qkd) and record_4bit["quantization"]["method"] == "ort_matmul_bnb4"
+    assert record_4bit["metrics"]["validation"]["accuracy"] == pytest.approx(record_4bit["metrics"]["validation_torch_4bit"]["accuracy"], abs=1e-3)
+    assert (pruned / "modeling_pruned.py").is_file(), "pruned checkpoints ship their stock-transformers loader"
+
+
+def predict(*args, stdin=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, str(PROJECT_ROOT / "predict.py"), *map(str, args)], cwd=PROJECT_ROOT, env=env,
+                          input=stdin, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("stage", ["onnx", "onnx_4bit", "pruned", "qkd_4bit", "int8"])
+def test_predict_with_every_kind_of_folder(pipeline_run, stage):
+    results, _ = pipeline_run
+    folder, _ = only_checkpoint(results, stage)
+    completed = predict("--model", folder, "--format", "jsonl", "great superb film", "dull boring plot")
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    rows = [json.loads(line) for line in completed.stdout.strip().splitlines()]
+    assert [row["text"] for row in rows] == ["great superb film", "dull boring plot"]
+    for row in rows:
+        assert row["label"] in ("negative", "neutral", "positive")
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert row["probability"] == max(row["probabilities"].values())
+
+
+def test_predict_reads_stdin_and_files(pipeline_run, tmp_path):
+    results, _ = pipeline_run
+    folder, _ = only_checkpoint(results, "onnx")
+    from_stdin = predict("--model", folder, stdin="great film\n\nboring plot\n")
+    assert from_stdin.returncode == 0, from_stdin.stderr[-2000:]
+    table = from_stdin.stdout.strip().splitlines()
+    assert table[0].split("\t")[:2] == ["label", "probability"] and len(table) == 3  # the empty line is skipped
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"review": text}) + "\n" for text in ["great film", "dull plot", "fun story"]))
+    from_file = predict("--model", folder, "--input_file", data, "--text_column", "review", "--format", "jsonl")
+    assert from_file.returncode == 0 and len(from_file.stdout.strip().splitlines()) == 3
+
+
+def test_predict_refuses_bad_input_with_exit_code_2(pipeline_run, tmp_path):
+    results, _ = pipeline_run
+    folder, _ = only_checkpoint(results, "onnx")
+    csv_file = tmp_path / "texts.csv"
+    csv_file.write_text("review,stars\ngreat film,5\n")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text\ncaf\xe9 cr\xe8me film\n".encode("latin-1"))
+    cases = [
+        (("--model", tmp_path, "great"), "has no compression.json"),
+        (("--model", tmp_path / "missing", "great"), "no such folder"),
+        (("--model", folder, "--input_file", csv_file, "--text_column", "body"), "'body' is not a column"),
+        (("--model", folder, "--input_file", tmp_path / "none.csv"), "no such file"),
+        (("--model", folder, "--input_file", latin), "not valid utf-8.*--encoding latin-1"),
+        (("--model", folder, "--onnx_file", "other.onnx", "great"), "has no other.onnx"),
+        (("--model", folder, "   "), "No text to classify"),
+    ]
+    for args, message in cases:
+        completed = predict(*args)
+        assert completed.returncode == 2, (args, completed.stderr[-1500:])
+        assert re.search(message, completed.stderr), (message, completed.stderr[-1500:])
+    decoded = predict("--model", folder, "--input_file", latin, "--encoding", "latin-1", "--format", "jsonl")
+    assert decoded.returncode == 0 and "café crème film" in decoded.stdout

@@ -1,0 +1,189 @@
+"""Classify texts with any checkpoint of the pipeline or any ONNX folder of stage 12 (``predict.py``).
+
+``open_classifier`` decides from the folder's ``compression.json`` how to run it: an ONNX folder runs its
+deployment model (or the ``.onnx`` file asked for) in ONNX Runtime; any other checkpoint is rebuilt by the
+project's loader (pruned, 4-bit, int8). Texts come from arguments, standard input (one per line) or a
+CSV/JSON/JSONL file column. Every bad input raises ``PredictionError`` with what was wrong and how to fix it;
+the command turns it into a message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+from .checkpoints import ONNX_STAGES, RECORD_FILE
+
+logger = logging.getLogger(__name__)
+
+FILE_FORMATS = (".csv", ".tsv", ".json", ".jsonl", ".txt")
+
+
+class PredictionError(Exception):
+    """A user error of the predict command: bad path, file, column or empty input."""
+
+
+@dataclass
+class Classifier:
+    folder: Path
+    description: str
+    tokenizer: object
+    id2label: dict[int, str]
+    max_length: int
+    onnx: object = None
+    torch_model: object = None
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        if self.onnx is not None:
+            encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
+            return self.onnx.logits(dict(encoded))
+        import torch
+
+        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        accepted = inspect.signature(self.torch_model.forward).parameters
+        with torch.no_grad():
+            output = self.torch_model(**{k: v for k, v in encoded.items() if k in accepted})
+        return output.logits.float().numpy()
+
+
+def open_classifier(path: str | Path, onnx_file: Optional[str] = None, num_threads: Optional[int] = None) -> Classifier:
+    from transformers import AutoTokenizer
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise PredictionError(f"--model {path}: no such folder. Pass a checkpoint folder such as results/pruned/<run_id> "
+                              f"or an ONNX folder such as results/onnx/<run_id>.")
+    record_path = folder / RECORD_FILE
+    if not record_path.is_file():
+        raise PredictionError(f"--model {path} has no {RECORD_FILE}, so it is not a finished checkpoint or ONNX folder of "
+                              f"this pipeline (an interrupted run, or another tool's folder).")
+    try:
+        record = json.loads(record_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PredictionError(f"{record_path} is not valid JSON ({error}); the folder is damaged. Re-run its stage.") from error
+    stage = record.get("stage", "?")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise PredictionError(f"Could not read the tokenizer or config.json in {folder}: {error}") from error
+    id2label = {int(key): value for key, value in (config.get("id2label") or {}).items()}
+    max_length = int((record.get("config") or {}).get("max_length") or min(512, tokenizer.model_max_length))
+    if stage in ONNX_STAGES or onnx_file is not None:
+        from .onnx_runtime import OnnxClassifier
+
+        chosen = onnx_file or record.get("deployment_model") or "model.onnx"
+        if not (folder / chosen).is_file():
+            available = sorted(p.name for p in folder.glob("*.onnx"))
+            raise PredictionError(f"{folder} has no {chosen}; its ONNX files are {available}. Pass one with --onnx_file.")
+        onnx = OnnxClassifier(folder / chosen, num_threads)
+        return Classifier(folder, f"{stage} ONNX model {chosen} (ONNX Runtime)", tokenizer, id2label, max_length, onnx=onnx)
+    from .models import load_model
+
+    try:
+        model = load_model(folder)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise PredictionError(f"Could not load the {stage} checkpoint {folder}: {error}") from error
+    return Classifier(folder, f"{stage} checkpoint (torch)", tokenizer, id2label, max_length, torch_model=model)
+
+
+def read_texts(texts: Iterable[str], input_file: Optional[str], text_column: Optional[str], stdin=None,
+               encoding: str = "utf-8") -> list[str]:
+    """Texts from the arguments, else from ``input_file`` (its ``text_column``), else from ``stdin`` lines."""
+    texts = list(texts)
+    if texts and input_file:
+        raise PredictionError("Give texts as arguments or --input_file, not both.")
+    if input_file:
+        texts = _texts_from_file(Path(input_file), text_column, encoding)
+        source = input_file
+    elif not texts and stdin is not None:
+        texts = [line.rstrip("\n") for line in stdin]
+        source = "standard input"
+    else:
+        source = "the arguments"
+    kept = [text for text in texts if text and text.strip()]
+    if not kept:
+        raise PredictionError(f"No text to classify in {source}: pass texts as arguments, pipe them one per line, or "
+                              f"use --input_file with --text_column.")
+    if len(kept) < len(texts):
+        logger.warning("Skipped %d empty text(s) of %s", len(texts) - len(kept), source)
+    return kept
+
+
+def _texts_from_file(path: Path, column: Optional[str], encoding: str) -> list[str]:
+    if not path.is_file():
+        raise PredictionError(f"--input_file {path}: no such file.")
+    suffix = path.suffix.lower()
+    if suffix not in FILE_FORMATS:
+        raise PredictionError(f"--input_file {path} has suffix {suffix!r}; supported: {', '.join(FILE_FORMATS)}.")
+    try:
+        content = path.read_text(encoding=encoding)
+    except UnicodeDecodeError as error:
+        raise PredictionError(f"--input_file {path} is not valid {encoding} ({error}). Pass its encoding, e.g. "
+                              f"--encoding latin-1 or --encoding cp1252.") from error
+    except OSError as error:
+        raise PredictionError(f"--input_file {path} cannot be read: {error}") from error
+    if suffix == ".txt":
+        return content.splitlines()
+    if suffix in (".csv", ".tsv"):
+        rows = list(csv.DictReader(content.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
+        columns = list(rows[0].keys()) if rows else next(csv.reader(content.splitlines()[:1]), [])
+    else:
+        try:
+            if suffix == ".jsonl":
+                rows = [json.loads(line) for line in content.splitlines() if line.strip()]
+            else:
+                loaded = json.loads(content)
+                rows = loaded if isinstance(loaded, list) else [loaded]
+        except json.JSONDecodeError as error:
+            raise PredictionError(f"--input_file {path} is not valid JSON: {error}") from error
+        if not all(isinstance(row, dict) for row in rows):
+            raise PredictionError(f"--input_file {path} must hold JSON objects (one per line for .jsonl).")
+        columns = sorted({key for row in rows for key in row})
+    column = column or ("text" if "text" in columns else None)
+    if column is None or column not in columns:
+        raise PredictionError(f"--text_column {column!r} is not a column of {path}; its columns are {columns}. "
+                              f"Pass --text_column with one of them.")
+    return [str(row.get(column) or "") for row in rows]
+
+
+def classify(classifier: Classifier, texts: list[str], batch_size: int = 32, progress: bool = False) -> list[dict]:
+    """One result per text: the predicted label, its probability and every label's probability."""
+    from tqdm.auto import tqdm
+
+    results = []
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc="Classifying", unit="batch", disable=not progress):
+        batch = texts[start : start + batch_size]
+        logits = classifier.logits(batch)
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
+        for text, row in zip(batch, probabilities):
+            best = int(row.argmax())
+            results.append({
+                "text": text,
+                "label": classifier.id2label.get(best, str(best)),
+                "probability": float(row[best]),
+                "probabilities": {classifier.id2label.get(i, str(i)): float(p) for i, p in enumerate(row)},
+            })
+    return results
+
+
+def format_results(results: list[dict], output_format: str) -> str:
+    if output_format == "jsonl":
+        return "\n".join(json.dumps(result, ensure_ascii=False) for result in results)
+    labels = list(results[0]["probabilities"]) if results else []
+    header = ["label", "probability", *(f"p({name})" for name in labels), "text"]
+    lines = ["\t".join(header)]
+    for result in results:
+        text = result["text"] if len(result["text"]) <= 80 else result["text"][:77] + "..."
+        lines.append("\t".join([result["label"], f"{result['probability']:.4f}",
+                                *(f"{result['probabilities'][name]:.4f}" for name in labels), text]))
+    return "\n".join(lines)
