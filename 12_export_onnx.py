@@ -172,14 +172,11 @@ def export_int8_bundle(data_config, config, data, scratch: Path) -> Path:
 
 def optimized_if_faster(plain: Path, scratch: Path, model, loader, fp32_logits, config) -> tuple[Path, dict]:
     """ONNX Runtime's transformer optimizer, kept only when it is exact and measurably faster."""
-    config_ = model.config
-    heads = getattr(config_, "num_attention_heads", None) or getattr(config_, "n_heads", 0)
-    hidden = getattr(config_, "hidden_size", None) or getattr(config_, "dim", 0)
     optimized = scratch / "optimized.onnx"
-    fusions = optimize_graph(plain, optimized, heads, hidden)
+    fusions = optimize_graph(plain, optimized)
     _, logits = evaluate_file(optimized, loader)
     difference = float(np.abs(logits - fp32_logits).max())
-    speed = compare_speed({"plain": plain, "optimized": optimized}, config_.vocab_size, config.num_threads)
+    speed = compare_speed({"plain": plain, "optimized": optimized}, model.config.vocab_size, config.num_threads)
     speedup = speed["optimized"]["speedup_vs_reference_median"]
     keep = difference <= config.max_abs_difference and speedup > 1.0
     print(f"Graph optimization: fusions {fusions}, max difference {difference:.2e}, fp32 speed-up {speedup:.2f}x "

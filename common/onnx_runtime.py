@@ -43,13 +43,14 @@ def session_options(num_threads: Optional[int] = None, spinning: bool = True):
 class OnnxClassifier:
     """Logits from an ONNX classifier for batches of ``input_ids``/``attention_mask``(/``token_type_ids``)."""
 
-    def __init__(self, path: str | Path, num_threads: Optional[int] = None, spinning: bool = True) -> None:
+    def __init__(self, path: str | Path, num_threads: Optional[int] = None, spinning: bool = True,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model {self.path} does not exist.")
-        self.session = ort.InferenceSession(str(self.path), session_options(num_threads, spinning), providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(self.path), session_options(num_threads, spinning), providers=list(providers))
         self.input_names = [item.name for item in self.session.get_inputs()]
 
     def feeds(self, batch: dict) -> dict:
@@ -107,6 +108,13 @@ def _constant_b_matmuls(path: Path) -> list[str]:
     return [node.name for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in initializers]
 
 
+def _extra_options() -> dict:
+    import onnx
+
+    # DefaultTensorType: shape inference cannot type the outputs of the optimizer's fused contrib ops
+    return {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT}
+
+
 def quantize_dynamic_int8(source: Path, target: Path) -> dict:
     """Dynamic int8: weights of every constant-weight MatMul per channel; activations quantized at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -115,7 +123,7 @@ def quantize_dynamic_int8(source: Path, target: Path) -> dict:
     with _quiet_quantizer():
         quantize_dynamic(
             str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-            op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, extra_options={"MatMulConstBOnly": True},
+            op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, extra_options=_extra_options(),
         )
     return {"method": "ort_dynamic_int8", "weights": "int8 per channel, symmetric", "quantized_matmuls": len(nodes)}
 
@@ -174,7 +182,7 @@ def quantize_static_int8(source: Path, target: Path, batches: list[dict], method
     calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                  "entropy": CalibrationMethod.Entropy}[method]
     nodes = _constant_b_matmuls(source)
-    extra = {"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": False}
+    extra = {**_extra_options(), "WeightSymmetric": True, "ActivationSymmetric": False}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
     with _quiet_quantizer():
@@ -188,10 +196,12 @@ def quantize_static_int8(source: Path, target: Path, batches: list[dict], method
             "calibration_shape": list(batches[0]["input_ids"].shape), "quantized_matmuls": len(nodes)}
 
 
-def optimize_graph(source: Path, target: Path, num_heads: int, hidden_size: int) -> dict:
-    """ONNX Runtime's BERT optimizer; returns which fusions it made."""
+def optimize_graph(source: Path, target: Path) -> dict:
+    """ONNX Runtime's BERT optimizer; returns which fusions it made. Head count and width are left for the
+    optimizer to read from each layer's own Reshape, since pruned layers differ (a wrong global count would fuse
+    attention wrongly; the caller checks the optimized logits against the plain graph's)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    optimized = optimize_model(str(source), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=1)
+    optimized = optimize_model(str(source), model_type="bert", num_heads=0, hidden_size=0, opt_level=1)
     optimized.save_model_to_file(str(target))
     return {name: int(count) for name, count in optimized.get_fused_operator_statistics().items() if count}

@@ -228,10 +228,56 @@ def measure_latency(evaluated: list[EvaluatedRow], config) -> None:
         item.row["num_threads"] = config.num_threads or torch.get_num_threads()
 
 
-def gpu_rows_note() -> str:
-    if torch.cuda.is_available():
-        return "GPU rows are not measured by this version; the CPU rows above ran on the CPU only."
-    return "No CUDA device: GPU rows (torch fp16, ONNX Runtime CUDA) skipped."
+def gpu_rows(evaluated: list[EvaluatedRow], data: TextClassificationData, max_length: int, config) -> tuple[list[dict], str]:
+    """Where CUDA is present: the full-precision torch rows in fp16 on the GPU and the fp32 ONNX row on ONNX
+    Runtime's CUDA provider, timed round-robin among themselves. Returns (rows, note)."""
+    if not torch.cuda.is_available():
+        return [], "No CUDA device: GPU rows (torch fp16, ONNX Runtime CUDA) skipped."
+    import onnxruntime as ort
+
+    from .evaluation import predict
+    from .models import load_model
+    from .onnx_runtime import OnnxClassifier, predict_onnx
+
+    device = torch.device("cuda")
+    cuda_ort = "CUDAExecutionProvider" in ort.get_available_providers()
+    rows, runners = [], {}
+    for item in evaluated:
+        tokenizer = load_checkpoint_tokenizer(item.folder)
+        loader = make_loader(tokenize_dataset(data.test, tokenizer, max_length), tokenizer, config.eval_batch_size, shuffle=False)
+        model = InferenceModel(item.folder, item.entry.onnx_file, config.num_threads)
+        batch = model.batch(config.latency_batch_size, config.latency_seq_length)
+        if item.entry.onnx_file is None and item.row["quantization"] == "none":
+            network = load_model(item.folder).half().to(device).eval()
+            logits, labels = predict(network, loader)
+            gpu_batch = {key: value.to(device) for key, value in batch.items()}
+
+            def run(network=network, gpu_batch=gpu_batch):
+                with torch.no_grad():
+                    network(**gpu_batch)
+                torch.cuda.synchronize()
+
+            label = f"{item.row['label'].replace(' (FP32)', '')} (FP16, torch GPU)"
+        elif cuda_ort and item.entry.onnx_file == "model.onnx" and item.row["stage"] == "onnx":
+            classifier = OnnxClassifier(item.folder / item.entry.onnx_file, providers=["CUDAExecutionProvider"])
+            logits, labels = predict_onnx(classifier, loader)
+            run = (lambda session=classifier.session, batch=batch: session.run(None, batch))
+            label = f"{item.row['label']} (ONNX Runtime CUDA)"
+        else:
+            continue
+        metrics = classification_metrics(logits.argmax(-1), labels)
+        rows.append({**item.row, "label": label, "runtime": "torch cuda fp16" if "torch" in label else "onnxruntime cuda",
+                     "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"], "device": "cuda"})
+        runners[label] = run
+    if not runners:
+        return [], "CUDA present, but no full-precision model to run on it."
+    reference = next(iter(runners))
+    timings = interleaved_latency(runners, config.latency_warmup, config.latency_repeats, config.latency_batch_size, reference)
+    for row in rows:
+        timing = timings[row["label"]]
+        row.update({key: value for key, value in timing.items() if not key.startswith("speedup_vs_reference")})
+        row.update(speedup_vs_gpu_reference=timing["speedup_vs_reference_median"])
+    return rows, f"GPU rows on {torch.cuda.get_device_name(0)}, timed round-robin among themselves against {reference}."
 
 
 def build_report(config, data: TextClassificationData, max_length: int, settings: dict) -> dict:
@@ -255,6 +301,10 @@ def build_report(config, data: TextClassificationData, max_length: int, settings
                 skipped.append({"label": entry.label, "stage": entry.stage, "path": entry.path, "reason": reason})
         if evaluated:
             measure_latency(evaluated, config)
+        try:
+            gpu, gpu_note = gpu_rows(evaluated, data, max_length, config)
+        except Exception as error:  # GPU rows are extra; a failure there must not lose the CPU report
+            gpu, gpu_note = [], f"GPU rows failed: {type(error).__name__}: {error}"
     rows = [item.row for item in evaluated]
     add_relative_fields(rows)
     return {
@@ -269,7 +319,8 @@ def build_report(config, data: TextClassificationData, max_length: int, settings
             f"cores of the next); median and interquartile range; speed-ups are teacher time / model time within the "
             f"same round"
         ),
-        "gpu": gpu_rows_note(),
+        "gpu": gpu_note,
+        "gpu_models": gpu,
         "data": {"source": data.source, "test_examples": len(data.test), "label_names": data.label_names},
     }
 
@@ -319,6 +370,11 @@ def markdown_table(report: dict) -> str:
         f"forward passes over its size before loading (weights plus activations); both measured in a fresh process "
         f"per model.\n\nVersions: {versions}.\n"
     )
+    if report.get("gpu_models"):
+        text += "\n| GPU model | Runtime | Test acc. | Latency (ms), median [IQR] | × faster than the first GPU row |\n|---|---|---|---|---|\n"
+        for row in report["gpu_models"]:
+            text += (f"| {row['label']} | {row['runtime']} | {100 * row['test_accuracy']:.2f}% | {row['latency_ms_median']:.1f} "
+                     f"[{row['latency_ms_p25']:.1f}–{row['latency_ms_p75']:.1f}] | {row['speedup_vs_gpu_reference']:.1f} |\n")
     if report["skipped"]:
         text += "\nSkipped:\n" + "".join(f"- {s['label']}: {s['reason']}\n" for s in report["skipped"])
     return text
