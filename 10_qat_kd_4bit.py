@@ -23,7 +23,7 @@ from common.checkpoints import read_record
 from common.data import build_loaders
 from common.distillation import DistillationLoss, kd_step, layer_map, num_layers
 from common.evaluation import evaluate_accuracy
-from common.models import load_checkpoint_tokenizer, load_model, load_stage_model, save_checkpoint
+from common.models import load_checkpoint_tokenizer, load_model, resolve_stage_checkpoint, save_checkpoint
 from common.quantization import (
     compress_embedding_state,
     prepare_fake_quantization,
@@ -33,10 +33,12 @@ from common.quantization import (
 from common.training import start_stage, train
 
 
-def load_teacher(config: QATKDConfig, label_names, pruned_folder):
+def resolve_teacher(config: QATKDConfig, label_names, pruned_folder, data_config):
     if config.teacher_model_path is None and config.teacher == "pruned":
-        return load_stage_model("pruned", str(pruned_folder), label_names)[:2]
-    return load_stage_model("teacher", config.teacher_model_path, label_names)[:2]
+        return pruned_folder
+    # an explicit teacher may be any full-precision model with the task's labels
+    allowed = ("teacher", "student", "pruned") if config.teacher_model_path else None
+    return resolve_stage_checkpoint("teacher", config.teacher_model_path, label_names, data_config, allowed)[0]
 
 
 def teacher_token_ids(student_tokenizer, teacher_folder, pruned_record):
@@ -57,8 +59,9 @@ def teacher_token_ids(student_tokenizer, teacher_folder, pruned_record):
 def main(data_config: DataConfig, config: QATKDConfig) -> None:
     run = start_stage(data_config, config)
     accelerator, data = run.accelerator, run.data
-    student, pruned_folder, pruned_record = load_stage_model("pruned", config.pruned_model_path, data.label_names)
-    teacher, teacher_folder = load_teacher(config, data.label_names, pruned_folder)
+    pruned_folder, pruned_record = resolve_stage_checkpoint("pruned", config.pruned_model_path, data.label_names, data_config)
+    teacher_folder = resolve_teacher(config, data.label_names, pruned_folder, data_config)
+    student, teacher = load_model(pruned_folder), load_model(teacher_folder)
     teacher.to(accelerator.device)
     tokenizer = load_checkpoint_tokenizer(pruned_folder)
     token_map = teacher_token_ids(tokenizer, teacher_folder, pruned_record)

@@ -14,18 +14,31 @@ Run as:
     python 11_export_int8.py --source pruned
 """
 
+import logging
+
 from common import DataConfig, parse_config, setup_logging
 from common.checkpoints import Stopwatch, find_checkpoint, read_record
 from common.config import Int8Config, config_to_dict, log_config
 from common.data import build_loaders, load_splits
 from common.evaluation import evaluate_accuracy
-from common.models import load_checkpoint_tokenizer, load_model, save_checkpoint
+from common.models import check_matches_data, load_checkpoint_tokenizer, load_model, save_checkpoint
 from common.quantization import compress_embedding_state, dequantize_4bit_model, int8_state_dict, quantize_model_int8
+
+
+SOURCE_STAGES = ("qkd_4bit", "pruned", "ptq_4bit", "student", "teacher")
+
+
+logger = logging.getLogger("11_export_int8")
 
 
 def choose_source(config: Int8Config):
     if config.source_model_path is not None:
-        return find_checkpoint(read_record(config.source_model_path)["stage"], config.source_model_path)
+        folder = find_checkpoint("pruned", config.source_model_path, allowed_stages=SOURCE_STAGES)
+        stage = read_record(folder)["stage"]
+        if stage not in ("qkd_4bit", "pruned"):
+            logger.warning("Converting a %s checkpoint (not the pruned student): the int8 model and its report row stand "
+                           "for that %s model, as its record says.", stage, stage)
+        return folder
     candidates = []
     for stage in (("qkd_4bit", "pruned") if config.source == "auto" else (config.source,)):
         try:
@@ -46,6 +59,7 @@ def main(data_config: DataConfig, config: Int8Config) -> None:
     data = load_splits(data_config)
     source = choose_source(config)
     source_record = read_record(source)
+    check_matches_data(source, source_record, data_config, data.label_names)
     model = dequantize_4bit_model(load_model(source))
     tokenizer = load_checkpoint_tokenizer(source)
     _, eval_loader = build_loaders(data, tokenizer, data_config, config.eval_batch_size, config.eval_batch_size, seed=0)
@@ -59,6 +73,7 @@ def main(data_config: DataConfig, config: Int8Config) -> None:
         "int8", model, tokenizer,
         {
             "parent": str(source),
+            "parent_stage": source_record.get("stage"),
             "config": config_to_dict(data_config, config),
             "label_names": source_record.get("label_names"),
             "seed": source_record.get("seed"),

@@ -47,7 +47,7 @@ from common.checkpoints import (
 from common.config import OnnxExportConfig, config_to_dict, log_config
 from common.data import build_loaders, load_splits
 from common.evaluation import InferenceModel, interleaved_latency, predict
-from common.models import architecture_record, count_parameters, load_checkpoint_tokenizer, load_model
+from common.models import architecture_record, check_matches_data, count_parameters, load_checkpoint_tokenizer, load_model
 from common.onnx_export import export_onnx, quantize_word_embeddings, save_onnx, use_bnb4_codes, write_runtime_files
 from common.onnx_runtime import (
     OnnxClassifier,
@@ -65,11 +65,8 @@ logger = logging.getLogger("12_export_onnx")
 STATIC_FILE, DYNAMIC_FILE, FP32_FILE = "model_int8_static.onnx", "model_int8_dynamic.onnx", "model.onnx"
 
 
-def full_precision_source(config: OnnxExportConfig, label_names):
-    if config.source_model_path is None:
-        folder = find_checkpoint("pruned")
-    else:
-        folder = find_checkpoint(read_record(config.source_model_path).get("stage", "pruned"), config.source_model_path)
+def full_precision_source(config: OnnxExportConfig):
+    folder = find_checkpoint("pruned", config.source_model_path, allowed_stages=("pruned", "student", "teacher"))
     record = read_record(folder)
     if record.get("quantization") or record.get("embedding_quantization"):
         raise ValueError(
@@ -77,16 +74,7 @@ def full_precision_source(config: OnnxExportConfig, label_names):
             f"starts from full precision. Pass a teacher, student or pruned checkpoint (the 4-bit model is exported "
             f"from --qkd_model_path)."
         )
-    check_labels(folder, record, label_names)
     return folder, record
-
-
-def check_labels(folder, record, label_names) -> None:
-    if record.get("label_names") is not None and list(record["label_names"]) != list(label_names):
-        raise ValueError(
-            f"{folder} was trained on labels {record['label_names']}, but the data now has {label_names}. Pass the same "
-            f"--dataset/--label_column settings as the run that made it."
-        )
 
 
 def evaluate_file(path: Path, loader) -> tuple[float, np.ndarray]:
@@ -105,7 +93,8 @@ def compare_speed(paths: dict[str, Path], vocab_size: int, num_threads, batch_si
 
 
 def export_int8_bundle(data_config, config, data, scratch: Path) -> Path:
-    source, source_record = full_precision_source(config, data.label_names)
+    source, source_record = full_precision_source(config)
+    check_matches_data(source, source_record, data_config, data.label_names)
     model = load_model(source)
     tokenizer = load_checkpoint_tokenizer(source)
     _, loader = build_loaders(data, tokenizer, data_config, config.eval_batch_size, config.eval_batch_size, seed=0)
@@ -187,7 +176,7 @@ def optimized_if_faster(plain: Path, scratch: Path, model, loader, fp32_logits, 
 
 
 def export_4bit_bundle(data_config, config, data, scratch: Path) -> Path:
-    source = find_checkpoint("qkd_4bit", config.qkd_model_path)
+    source = find_checkpoint("qkd_4bit", config.qkd_model_path, allowed_stages=("qkd_4bit", "ptq_4bit"))
     source_record = read_record(source)
     quantization = source_record.get("quantization") or {}
     if quantization.get("method") != "bitsandbytes_4bit":
@@ -195,7 +184,7 @@ def export_4bit_bundle(data_config, config, data, scratch: Path) -> Path:
             f"--qkd_model_path {source} is a {source_record.get('stage')} checkpoint without bitsandbytes 4-bit weights "
             f"(quantization method {quantization.get('method')!r}); pass a qkd_4bit or ptq_4bit checkpoint."
         )
-    check_labels(source, source_record, data.label_names)
+    check_matches_data(source, source_record, data_config, data.label_names)
     quantized = load_model(source)
     tokenizer = load_checkpoint_tokenizer(source)
     _, loader = build_loaders(data, tokenizer, data_config, config.eval_batch_size, config.eval_batch_size, seed=0)

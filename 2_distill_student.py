@@ -27,12 +27,12 @@ from common.models import (
 from common.training import start_stage, train
 
 
-def make_student(teacher, teacher_tokenizer, config: StudentConfig, label_names):
+def make_student(teacher, teacher_tokenizer, config: StudentConfig, label_names, data_config: DataConfig):
     if config.student_model_name_or_path is None:
         layers = config.student_num_layers or max(1, num_layers(teacher) // 2)
         student, copied = build_student_from_teacher(teacher, layers)
         return student, f"{layers} layers copied from teacher layers {copied}"
-    student = load_pretrained_classifier(config.student_model_name_or_path, label_names)
+    student = load_pretrained_classifier(config.student_model_name_or_path, label_names, data_config.max_length)
     if load_tokenizer(config.student_model_name_or_path).get_vocab() != teacher_tokenizer.get_vocab():
         raise ValueError(
             f"student_model_name_or_path={config.student_model_name_or_path!r} uses another vocabulary than the teacher; "
@@ -44,9 +44,9 @@ def make_student(teacher, teacher_tokenizer, config: StudentConfig, label_names)
 def main(data_config: DataConfig, config: StudentConfig) -> None:
     run = start_stage(data_config, config)
     accelerator, data = run.accelerator, run.data
-    teacher, teacher_folder, _ = load_stage_model("teacher", config.teacher_model_path, data.label_names)
+    teacher, teacher_folder, _ = load_stage_model("teacher", config.teacher_model_path, data.label_names, data_config=data_config)
     tokenizer = load_checkpoint_tokenizer(teacher_folder)
-    student, origin = make_student(teacher, tokenizer, config, data.label_names)
+    student, origin = make_student(teacher, tokenizer, config, data.label_names, data_config)
     teacher.to(accelerator.device)
     print(f"Student: {origin}; {count_parameters(student):,} parameters (teacher {count_parameters(teacher):,})")
 

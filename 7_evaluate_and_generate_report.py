@@ -30,7 +30,7 @@ def main(data_config: DataConfig, config: ReportConfig) -> None:
     log_config(data_config, config)
     data = load_splits(data_config)
     settings = {**dataclasses.asdict(config), "max_length": data_config.max_length, "profile": data_config.profile}
-    report = build_report(config, data, data_config.max_length, settings)
+    report = build_report(config, data, data_config, settings)
     paths = write_report(report, results_root(), config.report_name)
     print(markdown_table(report))
     print("Wrote " + ", ".join(str(p) for p in paths.values()))

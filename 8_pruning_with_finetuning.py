@@ -21,7 +21,7 @@ from common import DataConfig, PruningConfig, parse_config, setup_logging
 from common.data import build_loaders, make_loader, tokenize_dataset
 from common.distillation import DistillationLoss, kd_step, layer_map, num_layers
 from common.evaluation import evaluate_accuracy
-from common.models import count_parameters, load_checkpoint_tokenizer, load_stage_model, save_checkpoint
+from common.models import count_parameters, load_checkpoint_tokenizer, load_model, resolve_stage_checkpoint, save_checkpoint
 from common.pruning import StructuralPruner
 from common.training import start_stage, train
 from common.vocabulary import prune_vocabulary
@@ -41,8 +41,9 @@ class PruningHooks:
 def main(data_config: DataConfig, config: PruningConfig) -> None:
     run = start_stage(data_config, config)
     accelerator, data = run.accelerator, run.data
-    teacher, teacher_folder, _ = load_stage_model("teacher", config.teacher_model_path, data.label_names)
-    student, student_folder, _ = load_stage_model("student", config.student_model_path, data.label_names)
+    teacher_folder, _ = resolve_stage_checkpoint("teacher", config.teacher_model_path, data.label_names, data_config)
+    student_folder, _ = resolve_stage_checkpoint("student", config.student_model_path, data.label_names, data_config)
+    teacher, student = load_model(teacher_folder), load_model(student_folder)
     teacher.to(accelerator.device)
     tokenizer = load_checkpoint_tokenizer(student_folder)
     train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)

@@ -26,7 +26,7 @@ def main(data_config: DataConfig, config: PTQConfig) -> None:
     stopwatch = Stopwatch()
     log_config(data_config, config)
     data = load_splits(data_config)
-    model, pruned_folder, pruned_record = load_stage_model("pruned", config.pruned_model_path, data.label_names)
+    model, pruned_folder, pruned_record = load_stage_model("pruned", config.pruned_model_path, data.label_names, data_config=data_config)
     tokenizer = load_checkpoint_tokenizer(pruned_folder)
     _, eval_loader = build_loaders(data, tokenizer, data_config, config.eval_batch_size, config.eval_batch_size, seed=0)
 

@@ -70,8 +70,9 @@ def list_checkpoints(stage: str) -> list[Path]:
     return sorted(p for p in folder.iterdir() if is_complete(p))
 
 
-def find_checkpoint(stage: str, explicit_path: Optional[str | Path] = None) -> Path:
-    """The explicit path if given (it must be a complete checkpoint), else the newest complete one of ``stage``."""
+def find_checkpoint(stage: str, explicit_path: Optional[str | Path] = None, allowed_stages: Optional[tuple] = None) -> Path:
+    """The explicit path if given (a complete checkpoint of ``stage``, or of one of ``allowed_stages``), else the
+    newest complete one of ``stage``."""
     if explicit_path is not None:
         path = Path(explicit_path).expanduser().resolve()
         if not path.is_dir():
@@ -81,7 +82,14 @@ def find_checkpoint(stage: str, explicit_path: Optional[str | Path] = None) -> P
                 f"{path} has no {RECORD_FILE}, so it is not a complete checkpoint of this project "
                 f"(an interrupted run, or a folder written by another tool). Re-run {STAGE_SCRIPTS[stage]}."
             )
-        logger.info("Using %s checkpoint %s (given explicitly)", stage, path)
+        found = read_record(path).get("stage")
+        allowed = allowed_stages or (stage,)
+        if found not in allowed:
+            raise ValueError(
+                f"{path} is a {found!r} checkpoint, but a {' or '.join(map(repr, allowed))} checkpoint is needed here. "
+                f"Pass the folder of a {STAGE_SCRIPTS.get(allowed[0], 'matching')} run."
+            )
+        logger.info("Using %s checkpoint %s (given explicitly)", found, path)
         return path
     candidates = list_checkpoints(stage)
     if not candidates:
@@ -98,20 +106,63 @@ def read_record(path: str | Path) -> dict:
     record_path = Path(path) / RECORD_FILE
     if not record_path.is_file():
         raise FileNotFoundError(f"{record_path} does not exist; {path} is not a complete checkpoint.")
-    return json.loads(record_path.read_text())
+    try:
+        record = json.loads(record_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{record_path} is not valid JSON ({error}); the checkpoint is damaged. Re-run its stage.") from error
+    if not isinstance(record, dict):
+        raise ValueError(f"{record_path} does not hold a JSON object; the checkpoint is damaged. Re-run its stage.")
+    return record
 
 
 def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def _check_output_dir(path: Path, overwrite: bool) -> None:
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"Output folder {path} exists and is not empty. Pass --overwrite_output_dir to replace it, "
-                f"or choose another --output_dir."
-            )
+# Files a stage writes into a checkpoint folder; a folder holding anything else is not ours to replace.
+CHECKPOINT_FILES = {
+    RECORD_FILE, METRICS_FILE, "config.json", "model.safetensors", "modeling_pruned.py", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json",
+    "sentencepiece.bpe.model", "spm.model", "generation_config.json", "chat_template.jinja",
+}
+
+
+def _replaceable_checkpoint(path: Path) -> Optional[str]:
+    """None when ``path`` is exactly one checkpoint of this project (safe to replace), else why it is not."""
+    if path == results_root() or path in {results_root() / stage for stage in STAGE_SCRIPTS}:
+        return "it is the results folder or one of its stage folders, which hold other runs"
+    if not (path / RECORD_FILE).is_file():
+        return f"it has no {RECORD_FILE}, so it is not a checkpoint this project wrote"
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()
+                     if p.is_dir() or not (p.name in CHECKPOINT_FILES or p.suffix == ".onnx"))
+    if foreign:
+        return f"it holds {foreign[:5]}, which no stage writes (other runs' folders or your own files)"
+    return None
+
+
+def check_output_dir(output_dir: Optional[str], overwrite: bool) -> None:
+    """Refuse, before any work, an ``--output_dir`` whose contents a finished run would destroy.
+
+    Overwriting replaces exactly one earlier checkpoint folder; a folder holding other checkpoints, stage folders
+    or files the project did not write is never replaced, whatever ``overwrite`` says."""
+    if output_dir is None:
+        return
+    path = Path(output_dir).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"output_dir={output_dir!r} is a file, not a folder; choose a new folder name.")
+    if not path.exists() or not any(path.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"output_dir={output_dir!r} exists and is not empty. Pass --overwrite_output_dir to replace the checkpoint "
+            f"in it, or choose a new folder."
+        )
+    reason = _replaceable_checkpoint(path)
+    if reason is not None:
+        raise ValueError(
+            f"output_dir={output_dir!r} will not be replaced: {reason}. --overwrite_output_dir replaces one earlier "
+            f"checkpoint folder only; pass a new folder (e.g. {path / 'my-run'}) instead."
+        )
 
 
 @dataclass
@@ -129,7 +180,7 @@ def checkpoint_writer(stage: str, output_dir: Optional[str] = None, overwrite: b
     """
     if output_dir is not None:
         final = Path(output_dir).expanduser().resolve()
-        _check_output_dir(final, overwrite)
+        check_output_dir(output_dir, overwrite)
     else:
         final = stage_dir(stage) / new_run_id()
     final.parent.mkdir(parents=True, exist_ok=True)

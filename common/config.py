@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -79,6 +81,7 @@ class DataConfig:
         "Comma-separated label set, e.g. 'negative,neutral,positive'. Default: the dataset's class names, or the "
         "sorted distinct label values. A row whose label is not in this set is an error.",
     )
+    encoding: str = _field("utf-8", "Text encoding of a local CSV/JSON file, e.g. 'utf-8', 'latin-1', 'cp1252'.")
     max_length: int = _field(64, "Maximum tokens per example; longer texts are truncated. 64 covers every embedded snippet.")
     split_seed: int = _field(42, "Seed of the stratified train/validation/test split; identical in every script.")
     validation_fraction: float = _field(0.1, "Share of the data held out for validation when the dataset has no validation split.")
@@ -102,6 +105,12 @@ class DataConfig:
         _check_positive("max_eval_samples", self.max_eval_samples, allow_none=True)
         if not self.dataset:
             raise ValueError("dataset='' is empty; use 'embedded', a hub dataset name, or a path to a CSV/JSON file.")
+        import codecs
+
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError as error:
+            raise ValueError(f"encoding={self.encoding!r} is not a known text encoding; use e.g. 'utf-8', 'latin-1' or 'cp1252'.") from error
 
     @property
     def label_name_list(self) -> Optional[list[str]]:
@@ -441,25 +450,119 @@ class ReportConfig:
         for entry in self.extra_models:
             if "=" not in entry:
                 raise ValueError(f"extra_models entry {entry!r} must look like 'Label=path/to/checkpoint'.")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.report_name) or ".." in self.report_name:
+            raise ValueError(
+                f"report_name={self.report_name!r} must be a plain file name (letters, digits, '_', '-', '.'; no '/', no "
+                f"'..'), since the report is written inside the results folder; e.g. --report_name my_report."
+            )
 
 
-def _apply_profile(configs: list, profile: str) -> None:
-    """Fill the profile's values into fields still at their default, then validate again."""
+def _apply_profile(configs: list, profile: str, explicit: frozenset = frozenset()) -> None:
+    """Fill the profile's values into fields the user did not set (on the command line or in the JSON file)."""
     if profile == "default":
         return
     for config in configs:
         overrides: dict = {}
         for cls in type(config).__mro__:
             overrides = {**getattr(cls, "SMOKE_PROFILE", {}), **overrides}
-        defaults = {f.name: f for f in dataclasses.fields(config)}
+        names = {f.name for f in dataclasses.fields(config)}
         for name, value in overrides.items():
-            spec = defaults.get(name)
-            if spec is None:
-                continue
-            default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
-            if getattr(config, name) == default:
+            if name in names and name not in explicit:
                 setattr(config, name, value)
         config.__post_init__()
+
+
+def _json_type_error(value: Any, expected: Any) -> Optional[str]:
+    """Why ``value`` does not fit the field type ``expected``, or None. JSON gives real types, so a string where a
+    list is expected must be refused rather than iterated character by character."""
+    origin, arguments = typing.get_origin(expected), typing.get_args(expected)
+    if origin is typing.Union:
+        if value is None and type(None) in arguments:
+            return None
+        expected = next(argument for argument in arguments if argument is not type(None))
+        origin, arguments = typing.get_origin(expected), typing.get_args(expected)
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }
+    if origin is list:
+        item = arguments[0] if arguments else str
+        if isinstance(value, list) and all(ok.get(item, lambda v: True)(v) for v in value):
+            return None
+        return f"a JSON list of {item.__name__} values, e.g. [\"classifier\"]"
+    if expected in ok and not ok[expected](value):
+        return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[expected]
+    return None
+
+
+def _read_json_config(path: Path, config_types: tuple) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist; pass the path of a JSON file.")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"Config file {path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}.") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"Config file {path} is not UTF-8 text ({error}); save it as UTF-8 JSON.") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"Config file {path} must hold a JSON object of field names to values.")
+    types = {}
+    for config_type in config_types:
+        types.update(typing.get_type_hints(config_type))
+    known = {f.name for config_type in config_types for f in dataclasses.fields(config_type)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"Config file {path} has unknown keys {unknown}; allowed keys are: {', '.join(sorted(known))}.")
+    for key, value in values.items():
+        problem = _json_type_error(value, types[key])
+        if problem is not None:
+            raise ValueError(f"Config file {path}: {key}={value!r} has the wrong type; {key} must be {problem}.")
+    return values
+
+
+def _explicit_names(argv: list[str], known: set[str]) -> set[str]:
+    names = set()
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0]
+            names.add(name[3:] if name.startswith("no_") and name[3:] in known else name)
+    return names
+
+
+LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+def looks_local(value: str) -> bool:
+    """A path rather than a hub name: absolute, relative with ./ or ../, home-relative, or with more than one '/'."""
+    return value.startswith(LOCAL_PATH_PREFIXES) or value.count("/") > 1 or "\\" in value
+
+
+def _check_paths(configs: list) -> None:
+    """Resolve every path argument before any model is loaded: checkpoint folders must be finished checkpoints,
+    local model folders and data files must exist, and the output folder must be safe to write."""
+    from .checkpoints import RECORD_FILE, check_output_dir
+
+    for config in configs:
+        for spec in dataclasses.fields(config):
+            value = getattr(config, spec.name)
+            if value is None:
+                continue
+            if spec.name.endswith("_path") and not spec.name.endswith("_name_or_path"):
+                folder = Path(value).expanduser()
+                if not folder.is_dir():
+                    raise FileNotFoundError(f"{spec.name}={value!r}: no such folder. Pass the folder of a finished run, "
+                                            f"or leave {spec.name} out to use the newest one.")
+                if not (folder / RECORD_FILE).is_file():
+                    raise FileNotFoundError(f"{spec.name}={value!r} has no {RECORD_FILE}: it is not a finished checkpoint of "
+                                            f"this pipeline (an interrupted run, or another tool's folder).")
+            elif spec.name in ("model_name_or_path", "student_model_name_or_path", "dataset") and isinstance(value, str):
+                if value != "embedded" and looks_local(value) and not Path(value).expanduser().exists():
+                    raise FileNotFoundError(f"{spec.name}={value!r}: no such file or folder (it looks like a local path, "
+                                            f"not a hub name). Check the path.")
+        if hasattr(config, "output_dir"):
+            check_output_dir(config.output_dir, config.overwrite_output_dir)
 
 
 def parse_config(*config_types: type, args: Optional[list[str]] = None) -> tuple:
@@ -469,27 +572,22 @@ def parse_config(*config_types: type, args: Optional[list[str]] = None) -> tuple
     argv = list(sys.argv[1:] if args is None else args)
     parser = HfArgumentParser(config_types)
     parser.allow_abbrev = False  # '--num_epoch' must be an error, not silently '--num_epochs'
+    known = {f.name for config_type in config_types for f in dataclasses.fields(config_type)}
+    explicit: set[str] = set()
     if "--config" in argv:
         position = argv.index("--config")
         if position + 1 >= len(argv):
             raise ValueError("--config needs a path to a JSON file, e.g. --config configs/smoke.json.")
         config_path = Path(argv[position + 1])
         del argv[position : position + 2]
-        if not config_path.is_file():
-            raise FileNotFoundError(f"Config file {config_path} does not exist; pass the path of a JSON file.")
-        values = json.loads(config_path.read_text())
-        if not isinstance(values, dict):
-            raise ValueError(f"Config file {config_path} must hold a JSON object of field names to values.")
-        known = {f.name for config_type in config_types for f in dataclasses.fields(config_type)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"Config file {config_path} has unknown keys {unknown}; allowed keys are: {', '.join(sorted(known))}."
-            )
+        values = _read_json_config(config_path, config_types)
+        explicit |= set(values)
         parser.set_defaults(**values)
+    explicit |= _explicit_names(argv, known)
     configs = list(parser.parse_args_into_dataclasses(args=argv))
     profile = next((c.profile for c in configs if isinstance(c, DataConfig)), "default")
-    _apply_profile(configs, profile)
+    _apply_profile(configs, profile, frozenset(explicit))
+    _check_paths(configs)
     return tuple(configs)
 
 

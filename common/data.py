@@ -100,11 +100,15 @@ def _load_table(config: DataConfig) -> tuple[DatasetDict, str]:
             )
         suffixes = [s.lower() for s in path.suffixes]
         builder = "json" if any(s in (".json", ".jsonl") for s in suffixes) else "csv"
+        _check_readable_text(path, config.encoding)
         kwargs = {"delimiter": "\t"} if ".tsv" in suffixes else {}
         try:
-            table = datasets.load_dataset(builder, data_files=str(path), **kwargs)
-        except ValueError as error:  # datasets' message for an empty file does not name it
-            raise ValueError(f"{path} could not be read as {builder}: {error}. Is the file empty or malformed?") from error
+            table = datasets.load_dataset(builder, data_files=str(path), encoding=config.encoding, **kwargs)
+        except Exception as error:  # datasets wraps parser errors in its own types, none of which names the file
+            raise ValueError(
+                f"{path} could not be read as {builder} ({type(error).__name__}: {error}). Check that it is a "
+                f"{'CSV file with a header row' if builder == 'csv' else 'JSON or JSON-lines file of objects'}."
+            ) from error
         return table, str(path.resolve())
     try:
         table = datasets.load_dataset(config.dataset, config.dataset_config)
@@ -114,6 +118,28 @@ def _load_table(config: DataConfig) -> tuple[DatasetDict, str]:
             f"Without network access use dataset='embedded' or a local CSV/JSON file."
         ) from error
     return table, f"{config.dataset}/{config.dataset_config}" if config.dataset_config else config.dataset
+
+
+def _check_readable_text(path: Path, encoding: str) -> None:
+    """A clear error for an empty file or one that is not in ``encoding``, before datasets' parsers see it."""
+    import bz2
+    import gzip
+
+    opener = {".bz2": bz2.open, ".gz": gzip.open}.get(path.suffix.lower(), open)
+    try:
+        with opener(path, "rb") as handle:
+            content = handle.read()
+    except OSError as error:
+        raise ValueError(f"dataset file {path} cannot be read: {error}.") from error
+    if not content.strip():
+        raise ValueError(f"dataset file {path} is empty; it needs a header row and at least two labelled rows.")
+    try:
+        content.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"dataset file {path} is not valid {encoding} (byte {error.start}: {content[error.start:error.start + 1]!r}). "
+            f"Pass its encoding, e.g. --encoding latin-1 or --encoding cp1252."
+        ) from error
 
 
 def _labels_to_ids(values: list, names: list[str], source: str, column: str) -> list[int]:
@@ -141,11 +167,19 @@ def _table_to_lists(split: Dataset, config: DataConfig, source: str) -> tuple[li
             f"Pass --label_column with one of them."
         )
     texts, labels = [], []
+    no_text = no_label = 0
     for text, label in zip(split[text_column], split[config.label_column]):
-        if text is None or label is None:
+        if text is None or not str(text).strip():
+            no_text += 1
+            continue
+        if label is None or (isinstance(label, str) and not label.strip()):
+            no_label += 1
             continue
         texts.append(str(text))
         labels.append(label)
+    if no_text or no_label:
+        logger.warning("Dropped %d row(s) of %s: %d with an empty text (column %r), %d with an empty label (column %r)",
+                       no_text + no_label, source, no_text, text_column, no_label, config.label_column)
     return texts, labels
 
 
@@ -205,6 +239,8 @@ def load_splits(config: DataConfig) -> TextClassificationData:
         label_ids = {}
         for split_name, (texts_, labels_) in list(pools.items()):
             labelled = [(t, l) for t, l in zip(texts_, labels_) if not _is_unlabelled(l)]
+            if len(labelled) < len(texts_):
+                logger.info("Dropped %d unlabelled row(s) (label -1) of %s [%s]", len(texts_) - len(labelled), source, split_name)
             if feature is not None and hasattr(feature, "names"):
                 labelled = [(t, feature.names[l] if isinstance(l, int) and 0 <= l < len(feature.names) else l) for t, l in labelled]
             pools[split_name] = ([t for t, _ in labelled], [l for _, l in labelled])

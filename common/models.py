@@ -80,18 +80,30 @@ def load_tokenizer(source: str):
     return AutoTokenizer.from_pretrained(resolve_model_source(source), trust_remote_code=False)
 
 
-def load_pretrained_classifier(source: str, label_names: list[str]):
-    """A pretrained encoder with a fresh classification head for ``label_names``."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def load_pretrained_config(source: str, max_length: Optional[int] = None):
+    """The config of a pretrained encoder, checked (architecture, position limit) before any weights load."""
+    from transformers import AutoConfig
 
     path = resolve_model_source(source)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise OSError(
             f"Could not load model {source!r}: {error}. Without network access use 'embedded' or a local folder."
         ) from error
     check_supported(config)
+    limit = position_limit(config.to_dict())
+    if max_length is not None and limit is not None and max_length > limit:
+        raise ValueError(f"max_length={max_length} exceeds the {limit} position embeddings of {source!r}; pass --max_length {limit} or less.")
+    return config
+
+
+def load_pretrained_classifier(source: str, label_names: list[str], max_length: Optional[int] = None):
+    """A pretrained encoder with a fresh classification head for ``label_names``."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_source(source)
+    config = load_pretrained_config(source, max_length)
     model = AutoModelForSequenceClassification.from_pretrained(
         path,
         num_labels=len(label_names),
@@ -321,16 +333,78 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     return model.to(device) if quantization.is_movable(record) else model
 
 
-def load_stage_model(stage: str, explicit_path: Optional[str], label_names: list[str], device="cpu"):
-    """Newest (or given) checkpoint of ``stage``, checked against the data's labels: (model, folder, record)."""
-    folder = checkpoints.find_checkpoint(stage, explicit_path)
-    record = checkpoints.read_record(folder)
+# Data settings that decide which rows are in which split; a later stage must use the same ones, or it would
+# train or evaluate on rows its parent saw in another role (or on another task altogether).
+DATA_IDENTITY_FIELDS = ("dataset", "dataset_config", "text_column", "label_column", "split_seed", "validation_fraction", "test_fraction")
+
+
+def data_identity(values: dict) -> dict:
+    identity = {name: values.get(name) for name in DATA_IDENTITY_FIELDS if name in values}
+    dataset = identity.get("dataset")
+    if isinstance(dataset, str) and Path(dataset).expanduser().exists():
+        identity["dataset"] = str(Path(dataset).expanduser().resolve())
+    return identity
+
+
+def check_matches_data(folder: Path, record: dict, data_config, label_names: Optional[list[str]] = None) -> None:
+    """Raise before any training or evaluation when ``folder`` was made from other data or labels, or when
+    ``max_length`` exceeds the model's position embeddings."""
     trained_on = record.get("label_names")
-    if trained_on is not None and list(trained_on) != list(label_names):
+    if label_names is not None and trained_on is not None and list(trained_on) != list(label_names):
         raise ValueError(
-            f"The {stage} checkpoint {folder} was trained on labels {trained_on}, but the data now has {label_names}. "
-            f"Use the same --dataset/--label_column settings as the run that made it, or pass another checkpoint."
+            f"The {record.get('stage')} checkpoint {folder} was trained on labels {trained_on}, but the data now has "
+            f"{label_names}. Use the same --dataset/--label_column settings as the run that made it, or pass another checkpoint."
         )
+    if data_config is None:
+        return
+    if isinstance(record.get("config"), dict):
+        then, now = data_identity(record["config"]), data_identity(dataclass_values(data_config))
+        differing = {name: (then[name], now[name]) for name in then if name in now and then[name] != now[name]}
+        if differing:
+            details = "; ".join(f"{name}: {old!r} then, {new!r} now" for name, (old, new) in differing.items())
+            raise ValueError(
+                f"The {record.get('stage')} checkpoint {folder} was made with other data settings ({details}). Its "
+                f"train/validation/test split would differ; pass the same data flags as the run that made it."
+            )
+    check_max_length(folder, data_config.max_length)
+
+
+def dataclass_values(config) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(config)
+
+
+def position_limit(model_config: dict) -> Optional[int]:
+    return model_config.get("max_position_embeddings")
+
+
+def check_max_length(folder: str | Path, max_length: int) -> None:
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file():
+        return
+    limit = position_limit(json.loads(config_path.read_text()))
+    if limit is not None and max_length > limit:
+        raise ValueError(
+            f"max_length={max_length} exceeds the {limit} position embeddings of the model in {folder}; pass "
+            f"--max_length {limit} or less."
+        )
+
+
+def resolve_stage_checkpoint(stage: str, explicit_path: Optional[str], label_names: Optional[list[str]], data_config=None,
+                             allowed_stages: Optional[tuple] = None) -> tuple[Path, dict]:
+    """Newest (or given) checkpoint of ``stage``, checked against the data (labels, split settings, max_length)
+    without loading it: (folder, record). Scripts resolve every input this way before loading any model."""
+    folder = checkpoints.find_checkpoint(stage, explicit_path, allowed_stages)
+    record = checkpoints.read_record(folder)
+    check_matches_data(folder, record, data_config, label_names)
+    return folder, record
+
+
+def load_stage_model(stage: str, explicit_path: Optional[str], label_names: list[str], device="cpu", data_config=None,
+                     allowed_stages: Optional[tuple] = None):
+    """``resolve_stage_checkpoint``, then the model: (model, folder, record)."""
+    folder, record = resolve_stage_checkpoint(stage, explicit_path, label_names, data_config, allowed_stages)
     return load_model(folder, device), folder, record
 
 

@@ -27,7 +27,7 @@ import torch
 from . import checkpoints
 from .data import TextClassificationData, make_loader, tokenize_dataset
 from .evaluation import InferenceModel, classification_metrics, cpu_info, interleaved_latency, measure_in_subprocess
-from .models import count_parameters, load_checkpoint_tokenizer, weights_size_bytes
+from .models import check_matches_data, count_parameters, load_checkpoint_tokenizer, position_limit, weights_size_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -86,17 +86,15 @@ def _resolve(entry: ModelEntry) -> tuple[Path, dict]:
     return folder, checkpoints.read_record(folder)
 
 
-def evaluate_entry(entry: ModelEntry, data: TextClassificationData, max_length: int, config) -> EvaluatedRow:
+def evaluate_entry(entry: ModelEntry, data: TextClassificationData, data_config, config) -> EvaluatedRow:
     """Accuracy, size and memory of one model; raises on a missing or broken checkpoint."""
     folder, record = _resolve(entry)
-    trained_on = record.get("label_names")
-    if trained_on is not None and list(trained_on) != data.label_names:
-        raise ValueError(f"trained on labels {trained_on}, but the test data has {data.label_names}")
+    check_matches_data(folder, record, data_config, data.label_names)
     if entry.onnx_file is not None and not (folder / entry.onnx_file).is_file():
         raise FileNotFoundError(f"{folder} has no {entry.onnx_file}; re-run {checkpoints.STAGE_SCRIPTS.get(record.get('stage'), 'its stage')}")
     model = InferenceModel(folder, entry.onnx_file, config.num_threads)
     tokenizer = load_checkpoint_tokenizer(folder)
-    loader = make_loader(tokenize_dataset(data.test, tokenizer, max_length), tokenizer, config.eval_batch_size, shuffle=False)
+    loader = make_loader(tokenize_dataset(data.test, tokenizer, data_config.max_length), tokenizer, config.eval_batch_size, shuffle=False)
     logits, labels = model.logits(loader)
     metrics = classification_metrics(logits.argmax(-1), labels)
     if entry.onnx_file is None:
@@ -280,9 +278,28 @@ def gpu_rows(evaluated: list[EvaluatedRow], data: TextClassificationData, max_le
     return rows, f"GPU rows on {torch.cuda.get_device_name(0)}, timed round-robin among themselves against {reference}."
 
 
-def build_report(config, data: TextClassificationData, max_length: int, settings: dict) -> dict:
+def check_latency_length(entries: list[ModelEntry], config) -> None:
+    """Refuse a benchmark sequence longer than any found model's position embeddings before measuring anything."""
+    for entry in entries:
+        try:
+            folder, _ = _resolve(entry)
+        except (FileNotFoundError, ValueError):
+            continue  # reported as skipped later
+        config_path = folder / "config.json"
+        limit = position_limit(json.loads(config_path.read_text())) if config_path.is_file() else None
+        if limit is not None and config.latency_seq_length > limit:
+            raise ValueError(
+                f"latency_seq_length={config.latency_seq_length} exceeds the {limit} position embeddings of {entry.label} "
+                f"({folder}); pass --latency_seq_length {limit} or less."
+            )
+
+
+def build_report(config, data: TextClassificationData, data_config, settings: dict) -> dict:
+    """Evaluate every row; raises when no model at all could be evaluated (nothing useful to write)."""
+    max_length = data_config.max_length
     evaluated, skipped = [], []
     entries = model_entries(config)
+    check_latency_length(entries, config)
     with tempfile.TemporaryDirectory(prefix="report-reference-") as scratch:
         if config.ort_reference:
             try:
@@ -294,7 +311,7 @@ def build_report(config, data: TextClassificationData, max_length: int, settings
         for entry in entries:
             try:
                 logger.info("Evaluating %s", entry.label)
-                evaluated.append(evaluate_entry(entry, data, max_length, config))
+                evaluated.append(evaluate_entry(entry, data, data_config, config))
             except Exception as error:  # one bad checkpoint must not sink the whole report
                 reason = f"{type(error).__name__}: {error}"
                 logger.warning("Skipping %s: %s", entry.label, reason)
@@ -305,6 +322,10 @@ def build_report(config, data: TextClassificationData, max_length: int, settings
             gpu, gpu_note = gpu_rows(evaluated, data, max_length, config)
         except Exception as error:  # GPU rows are extra; a failure there must not lose the CPU report
             gpu, gpu_note = [], f"GPU rows failed: {type(error).__name__}: {error}"
+    if not evaluated:
+        reasons = "\n".join(f"- {item['label']}: {item['reason']}" for item in skipped)
+        raise RuntimeError(f"No model could be evaluated, so no report was written:\n{reasons}\nRun the stages first "
+                           f"(make pipeline), or pass checkpoint folders with --teacher_path etc.")
     rows = [item.row for item in evaluated]
     add_relative_fields(rows)
     return {

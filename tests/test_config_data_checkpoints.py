@@ -121,7 +121,7 @@ def make_run(results_dir, stage, name, complete=True):
     folder = results_dir / stage / name
     folder.mkdir(parents=True)
     if complete:
-        (folder / checkpoints.RECORD_FILE).write_text("{}")
+        (folder / checkpoints.RECORD_FILE).write_text(json.dumps({"stage": stage}))
     return folder
 
 
@@ -162,6 +162,13 @@ def test_writer_leaves_nothing_on_failure_and_never_overwrites(results_dir, tmp_
     with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
         with checkpoints.checkpoint_writer("teacher", output_dir=str(target)):
             pass
-    with checkpoints.checkpoint_writer("teacher", output_dir=str(target), overwrite=True) as pending:
-        checkpoints.write_json(pending.path / checkpoints.RECORD_FILE, {"stage": "teacher"})
-    assert not (target / "keep.txt").exists() and checkpoints.is_complete(target)
+    with pytest.raises(ValueError, match="not a checkpoint this project wrote"):  # a user's folder is never replaced
+        with checkpoints.checkpoint_writer("teacher", output_dir=str(target), overwrite=True):
+            pass
+    assert (target / "keep.txt").read_text() == "x"
+    earlier = tmp_path / "earlier-run"
+    with checkpoints.checkpoint_writer("teacher", output_dir=str(earlier)) as pending:
+        checkpoints.write_json(pending.path / checkpoints.RECORD_FILE, {"stage": "teacher", "run": 1})
+    with checkpoints.checkpoint_writer("teacher", output_dir=str(earlier), overwrite=True) as pending:
+        checkpoints.write_json(pending.path / checkpoints.RECORD_FILE, {"stage": "teacher", "run": 2})
+    assert checkpoints.read_record(earlier)["run"] == 2

@@ -5,7 +5,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from common.config import ReportConfig
+from common.config import DataConfig, ReportConfig
 from common.data import TextClassificationData
 from common.evaluation import classification_metrics
 from common.models import load_checkpoint_tokenizer, load_model, save_checkpoint
@@ -75,7 +75,7 @@ def report_results(results_dir, tokenizer):
 def test_report_with_missing_and_corrupt_checkpoints(report_results):
     config = ReportConfig(latency_repeats=2, latency_warmup=0, latency_batch_size=2, latency_seq_length=8)
     data = tiny_data(["great film", "dull plot"] * 10, ["great film", "dull plot", "fun story", "boring actor"])
-    report = build_report(config, data, max_length=16, settings={"latency_batch_size": 2, "latency_seq_length": 8, "latency_repeats": 2, "latency_warmup": 0})
+    report = build_report(config, data, DataConfig(max_length=16), settings={"latency_batch_size": 2, "latency_seq_length": 8, "latency_repeats": 2, "latency_warmup": 0})
     paths = write_report(report, report_results, "final_report")
     assert [row["label"] for row in report["models"]] == [
         "Teacher (FP32)", "Teacher, ONNX Runtime dynamic int8 (no project)", "Student (FP32)"]
