@@ -534,9 +534,14 @@ def _explicit_names(argv: list[str], known: set[str]) -> set[str]:
 LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
 
 
+LOCAL_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".bz2", ".gz")
+
+
 def looks_local(value: str) -> bool:
-    """A path rather than a hub name: absolute, relative with ./ or ../, home-relative, or with more than one '/'."""
-    return value.startswith(LOCAL_PATH_PREFIXES) or value.count("/") > 1 or "\\" in value
+    """A path rather than a hub name: absolute, relative with ./ or ../, home-relative, with more than one '/', or
+    ending like a data file."""
+    return (value.startswith(LOCAL_PATH_PREFIXES) or value.count("/") > 1 or "\\" in value
+            or value.lower().endswith(LOCAL_FILE_SUFFIXES))
 
 
 def _check_paths(configs: list) -> None:

@@ -133,6 +133,8 @@ def _check_readable_text(path: Path, encoding: str) -> None:
         raise ValueError(f"dataset file {path} cannot be read: {error}.") from error
     if not content.strip():
         raise ValueError(f"dataset file {path} is empty; it needs a header row and at least two labelled rows.")
+    if path.suffix.lower() in (".csv", ".tsv") and len([line for line in content.splitlines() if line.strip()]) < 2:
+        raise ValueError(f"dataset file {path} has a header row but no data rows.")
     try:
         content.decode(encoding)
     except UnicodeDecodeError as error:
