@@ -47,7 +47,8 @@ def choose_source(config: Int8Config):
             if config.source != "auto":
                 raise
             continue
-        candidates.append((read_record(folder)["metrics"]["validation"]["accuracy"], folder))
+        validation = (read_record(folder).get("metrics") or {}).get("validation") or {}
+        candidates.append((validation.get("accuracy", -1.0), folder))
     if not candidates:
         raise FileNotFoundError("No qkd_4bit or pruned checkpoint found; run 8_pruning_with_finetuning.py first.")
     return max(candidates)[1]
@@ -67,7 +68,7 @@ def main(data_config: DataConfig, config: Int8Config) -> None:
     state, embedding = compress_embedding_state(model, int8_state_dict(model), config.embedding_quantization)
 
     def reload_and_evaluate(folder):
-        return {"validation": evaluate_accuracy(load_model(folder), eval_loader), "source_validation": source_record["metrics"]["validation"]}
+        return {"validation": evaluate_accuracy(load_model(folder), eval_loader), "source_validation": (source_record.get("metrics") or {}).get("validation")}
 
     folder = save_checkpoint(
         "int8", model, tokenizer,
@@ -85,8 +86,9 @@ def main(data_config: DataConfig, config: Int8Config) -> None:
         output_dir=config.output_dir, overwrite=config.overwrite_output_dir,
     )
     metrics = read_record(folder)["metrics"]
+    source_accuracy = (metrics.get("source_validation") or {}).get("accuracy")
     print(f"Int8: validation accuracy {metrics['validation']['accuracy']:.4f} (source {source.name}: "
-          f"{metrics['source_validation']['accuracy']:.4f}) -> {folder}")
+          f"{'unknown' if source_accuracy is None else f'{source_accuracy:.4f}'}) -> {folder}")
 
 
 if __name__ == "__main__":

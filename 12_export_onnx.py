@@ -126,7 +126,6 @@ def export_int8_bundle(data_config, config, data, scratch: Path) -> Path:
         if config.optimize_graph:
             quantize_from, record["graph_optimization"] = optimized_if_faster(folder / FP32_FILE, scratch, model, loader, fp32_logits, config)
 
-        dynamic_accuracy = None
         quantize_dynamic_int8(quantize_from, folder / DYNAMIC_FILE)
         dynamic_accuracy, _ = evaluate_file(folder / DYNAMIC_FILE, loader)
         record["files"][DYNAMIC_FILE] = file_entry(folder / DYNAMIC_FILE, dynamic_accuracy, precision="int8 dynamic",

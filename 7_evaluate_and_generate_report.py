@@ -1,17 +1,22 @@
 """Stage 7 (runs last): evaluate every stage on the test split and write the final report.
 
 Reads:  the newest checkpoint of each stage in MODELS_TO_EVALUATE (teacher, student, pruned, ptq_4bit,
-        qkd_4bit, int8), or the paths given with --teacher_path ... --int8_path, plus --extra_models
-        'Label=path' rows. How a model is loaded comes from its compression.json, never from its name.
-Does:   test accuracy and macro-F1 (evaluate, with the metric modules in metrics/), parameters, weight-file
-        size, CPU latency and throughput (batch 32 x 64 tokens, median after warm-up, one fresh process per
-        model) and peak memory; ratios to the teacher; Pareto fronts of accuracy vs size and vs latency.
-        A missing or broken checkpoint is skipped and named in the report.
+        qkd_4bit, int8, and the ONNX folders onnx and onnx_4bit), or the paths given with --teacher_path ...
+        --onnx_4bit_path, plus --extra_models 'Label=path[:file.onnx]' rows. How a model is loaded comes from its
+        compression.json, never from its name. Also builds the reference row "Teacher, ONNX Runtime dynamic int8
+        (no project)": the teacher exported and quantized with ONNX Runtime's defaults in a temporary folder.
+Does:   test accuracy and macro-F1 (evaluate, with the metric modules in metrics/), parameters, file size,
+        memory (one fresh process per model) and CPU latency and throughput: every model timed round-robin in
+        one process (batch 32 x 64 tokens, 30 rounds after 3 warm-up rounds, fixed threads), median and IQR,
+        speed-ups against the teacher computed round by round; ratios to the teacher; Pareto fronts of accuracy
+        vs size and vs latency; the CPU model and its int8 instruction sets; GPU rows where CUDA is present.
+        A missing or broken checkpoint is skipped and named in the report; with no model at all it fails.
 Writes: results/final_report.json, results/final_report.png, results/final_report.md.
 
 Run as:
     python 7_evaluate_and_generate_report.py
     python 7_evaluate_and_generate_report.py --num_threads 2 --latency_repeats 50
+    python 7_evaluate_and_generate_report.py --extra_models "Teacher ONNX=results/onnx/<run_id>:model.onnx"
     python 7_evaluate_and_generate_report.py --extra_models "L2 uniform=results/pruned/20261122-101500-000000"
 """
 

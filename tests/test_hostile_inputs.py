@@ -399,3 +399,12 @@ def test_quantizing_a_teacher_as_the_pruned_model_is_refused(results_dir):
     completed = run_script("9_quantize_pruned_model.py", results_dir, "--pruned_model_path", teacher, "--profile", "smoke")
     assert completed.returncode != 0 and "is a 'teacher' checkpoint, but a 'pruned' checkpoint is needed" in completed.stderr
     assert not (results_dir / "ptq_4bit").exists() or not list((results_dir / "ptq_4bit").iterdir())
+
+
+def test_int8_export_with_other_data_than_its_source_is_refused(results_dir, reviews_csv):
+    checkpoint(results_dir, "pruned", labels=["rotten", "fresh"])
+    completed = run_script("11_export_int8.py", results_dir, "--source", "pruned", "--dataset", reviews_csv,
+                           "--text_column", "review", "--label_column", "sentiment", "--profile", "smoke")
+    assert completed.returncode != 0
+    assert "trained on labels ['rotten', 'fresh'], but the data now has ['negative', 'positive']" in completed.stderr
+    assert not (results_dir / "int8").exists() or not list((results_dir / "int8").iterdir())
