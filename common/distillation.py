@@ -112,5 +112,6 @@ def kd_step(teacher: torch.nn.Module, loss: DistillationLoss, teacher_token_ids:
 
 
 def num_layers(model: torch.nn.Module) -> int:
-    config = getattr(model, "module", model).config
-    return getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers")
+    from .architecture import num_layers as layers_of
+
+    return layers_of(model)

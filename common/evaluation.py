@@ -110,7 +110,8 @@ class InferenceModel:
                 vocab_size = int(json.loads((self.folder / "config.json").read_text())["vocab_size"])
             self.vocab_size = vocab_size
         else:
-            from .models import load_model, word_embeddings
+            from .architecture import word_embeddings
+            from .models import load_model
 
             self.onnx = None
             self.torch_model = load_model(self.folder)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,60 +17,32 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import checkpoints, embedded
+from . import checkpoints, embedded, quantization
+from .architecture import (  # noqa: F401  (re-exported: the names scripts and tests import from models)
+    ARCHITECTURES,
+    SUPPORTED_MODEL_TYPES,
+    LayerView,
+    apply_architecture,
+    architecture_record,
+    check_supported,
+    is_uniform,
+    layer_views,
+    model_type_of,
+    spec_for,
+    word_embeddings,
+)
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded"
 WEIGHTS_FILE = "model.safetensors"
 STOCK_LOADER = Path(__file__).resolve().parent / "remote_code" / "modeling_pruned.py"
-# config.json names of the per-layer shapes, and the class in STOCK_LOADER that rebuilds uneven layers
-CONFIG_SHAPE_KEYS = {
-    "bert": ("num_attention_heads", "intermediate_size", "PrunedBertForSequenceClassification"),
-    "distilbert": ("n_heads", "hidden_dim", "PrunedDistilBertForSequenceClassification"),
-}
-
-# Submodule names, relative to one encoder layer, of the parts pruning and quantization touch.
-LAYER_LAYOUTS = {
-    "bert": {
-        "layers": "bert.encoder.layer",
-        "attention": "attention.self",
-        "query": "attention.self.query",
-        "key": "attention.self.key",
-        "value": "attention.self.value",
-        "attn_output": "attention.output.dense",
-        "ffn_in": "intermediate.dense",
-        "ffn_out": "output.dense",
-        "embeddings": "bert.embeddings.word_embeddings",
-    },
-    "distilbert": {
-        "layers": "distilbert.transformer.layer",
-        "attention": "attention",
-        "query": "attention.q_lin",
-        "key": "attention.k_lin",
-        "value": "attention.v_lin",
-        "attn_output": "attention.out_lin",
-        "ffn_in": "ffn.lin1",
-        "ffn_out": "ffn.lin2",
-        "embeddings": "distilbert.embeddings.word_embeddings",
-    },
-}
-SUPPORTED_MODEL_TYPES = tuple(LAYER_LAYOUTS)
-
 
 def resolve_model_source(name_or_path: str) -> str:
     """'embedded' -> the all-MiniLM-L6-v2 folder inside its PyPI package; anything else unchanged."""
     if name_or_path != EMBEDDED_MODEL:
         return name_or_path
     return str(embedded.model_folder())
-
-
-def check_supported(config) -> None:
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"Model type {config.model_type!r} is not supported; supported architectures: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (e.g. bert-base-uncased, distilbert-base-uncased, all-MiniLM-L6-v2)."
-        )
 
 
 def load_tokenizer(source: str):
@@ -116,100 +87,6 @@ def load_pretrained_classifier(source: str, label_names: list[str], max_length: 
     return model
 
 
-# -- layer views -------------------------------------------------------------------------------------
-
-
-@dataclass
-class LayerView:
-    """The prunable parts of one encoder layer, whatever the architecture calls them."""
-
-    module: nn.Module
-    names: dict
-    model_type: str
-
-    def get(self, part: str) -> nn.Module:
-        return self.module.get_submodule(self.names[part])
-
-    def set(self, part: str, new_module: nn.Module) -> None:
-        parent_name, _, attribute = self.names[part].rpartition(".")
-        setattr(self.module.get_submodule(parent_name) if parent_name else self.module, attribute, new_module)
-
-    @property
-    def head_size(self) -> int:
-        return self.get("attention").attention_head_size
-
-    @property
-    def num_heads(self) -> int:
-        return self.get("query").out_features // self.head_size
-
-    @property
-    def ffn_width(self) -> int:
-        return self.get("ffn_in").out_features
-
-    def set_num_heads(self, count: int) -> None:
-        attention = self.get("attention")
-        if self.model_type == "bert":
-            attention.num_attention_heads = count
-            attention.all_head_size = count * attention.attention_head_size
-        else:
-            attention.n_heads = count
-
-
-def model_type_of(model: nn.Module) -> str:
-    model_type = getattr(model.config, "model_type", None)
-    check_supported(model.config)
-    return model_type
-
-
-def layer_views(model: nn.Module) -> list[LayerView]:
-    model_type = model_type_of(model)
-    layout = LAYER_LAYOUTS[model_type]
-    layers = model.get_submodule(layout["layers"])
-    return [LayerView(layer, layout, model_type) for layer in layers]
-
-
-def word_embeddings(model: nn.Module) -> nn.Embedding:
-    return model.get_submodule(LAYER_LAYOUTS[model_type_of(model)]["embeddings"])
-
-
-def architecture_record(model: nn.Module) -> dict:
-    views = layer_views(model)
-    return {
-        "model_type": model_type_of(model),
-        "num_layers": len(views),
-        "head_size": views[0].head_size if views else None,
-        "heads_per_layer": [view.num_heads for view in views],
-        "ffn_width_per_layer": [view.ffn_width for view in views],
-        "vocab_size": word_embeddings(model).num_embeddings,
-    }
-
-
-def _resized_linear(linear: nn.Linear, out_features: int, in_features: int) -> nn.Linear:
-    return nn.Linear(in_features, out_features, bias=linear.bias is not None, dtype=linear.weight.dtype, device=linear.weight.device)
-
-
-def apply_architecture(model: nn.Module, record: dict) -> None:
-    """Give an unpruned model built from a config the per-layer shapes of ``record`` (weights are not kept)."""
-    views = layer_views(model)
-    if record.get("model_type") != model_type_of(model) or record.get("num_layers") != len(views):
-        raise ValueError(
-            f"Architecture record ({record.get('model_type')}, {record.get('num_layers')} layers) does not match the "
-            f"model config ({model_type_of(model)}, {len(views)} layers); the checkpoint is inconsistent."
-        )
-    for view, heads, width in zip(views, record["heads_per_layer"], record["ffn_width_per_layer"]):
-        inner = heads * view.head_size
-        for part in ("query", "key", "value"):
-            old = view.get(part)
-            view.set(part, _resized_linear(old, inner, old.in_features))
-        old = view.get("attn_output")
-        view.set("attn_output", _resized_linear(old, old.out_features, inner))
-        old = view.get("ffn_in")
-        view.set("ffn_in", _resized_linear(old, width, old.in_features))
-        old = view.get("ffn_out")
-        view.set("ffn_out", _resized_linear(old, old.out_features, width))
-        view.set_num_heads(heads)
-
-
 def count_parameters(model: nn.Module) -> int:
     """Logical parameter count: a 4-bit weight counts as its number of elements, not its packed bytes."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
@@ -248,14 +125,12 @@ def build_student_from_teacher(teacher: nn.Module, num_layers: int) -> tuple[nn.
 
     from transformers import AutoModelForSequenceClassification
 
-    model_type = model_type_of(teacher)
-    layers_attribute = "num_hidden_layers" if model_type == "bert" else "n_layers"
-    teacher_layer_count = getattr(teacher.config, layers_attribute)
-    chosen = teacher_layers_for_student(teacher_layer_count, num_layers)
+    spec = spec_for(teacher)
+    chosen = teacher_layers_for_student(getattr(teacher.config, spec.config_layers), num_layers)
     config = copy.deepcopy(teacher.config)
-    setattr(config, layers_attribute, num_layers)
-    student = AutoModelForSequenceClassification.from_config(config)
-    layers_prefix = LAYER_LAYOUTS[model_type]["layers"] + "."
+    setattr(config, spec.config_layers, num_layers)
+    student = AutoModelForSequenceClassification.from_config(config, trust_remote_code=False)
+    layers_prefix = spec.layers + "."
     teacher_state = teacher.state_dict()
     student_state = {}
     for name in student.state_dict():
@@ -287,15 +162,15 @@ def ship_stock_loader(folder: Path, architecture: dict) -> bool:
     """Make a full-precision checkpoint with uneven layers loadable by stock transformers: copy the modeling
     file and point ``auto_map`` at it, with the per-layer shapes in ``config.json``. False when the layers are
     uniform (stock ``from_pretrained`` already rebuilds them)."""
-    heads_key, ffn_key, class_name = CONFIG_SHAPE_KEYS[architecture["model_type"]]
     config_path = Path(folder) / "config.json"
     config = json.loads(config_path.read_text())
-    heads, widths = architecture["heads_per_layer"], architecture["ffn_width_per_layer"]
-    if all(h == config[heads_key] for h in heads) and all(w == config[ffn_key] for w in widths):
+    if is_uniform(architecture, config):
         return False
     shutil.copyfile(STOCK_LOADER, Path(folder) / STOCK_LOADER.name)
+    class_name = ARCHITECTURES[architecture["model_type"]].stock_loader_class
     config["auto_map"] = {"AutoModelForSequenceClassification": f"{STOCK_LOADER.stem}.{class_name}"}
-    config["pruned_layers"] = {"heads_per_layer": heads, "ffn_width_per_layer": widths}
+    config["pruned_layers"] = {"heads_per_layer": architecture["heads_per_layer"],
+                               "ffn_width_per_layer": architecture["ffn_width_per_layer"]}
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return True
 
@@ -318,8 +193,6 @@ def build_skeleton(folder: Path, record: dict) -> nn.Module:
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a checkpoint of any stage from its ``compression.json`` and load its weights (eval mode)."""
-    from . import quantization
-
     folder = Path(folder)
     record = checkpoints.read_record(folder)
     weights_path = folder / WEIGHTS_FILE

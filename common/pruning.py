@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .models import LayerView, architecture_record, layer_views
+from .architecture import LayerView, architecture_record, layer_views
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import LAYER_LAYOUTS, model_type_of
+from .architecture import encoder_prefix, set_module, spec_for
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +44,12 @@ EMBEDDING_BITS = {"int8": 8, "int4": 4}
 
 def quantizable_linear_names(model: nn.Module, skip_modules: tuple | list = ()) -> list[str]:
     """Names of the encoder's ``nn.Linear`` modules, minus any whose name contains a ``skip_modules`` entry."""
-    prefix = LAYER_LAYOUTS[model_type_of(model)]["layers"] + "."
+    prefix = encoder_prefix(model)
     skipped = tuple(skip_modules) + ALWAYS_SKIPPED
     return [
         name for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and name.startswith(prefix) and not any(s in name for s in skipped)
     ]
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attribute = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attribute, module)
 
 
 # -- codebooks and fake quantization ------------------------------------------------------------------------
@@ -169,10 +164,10 @@ def prepare_fake_quantization(model: nn.Module, settings) -> list[str]:
     ``FakeQuantEmbedding`` when they will be stored quantized) in place; return the Linears' names."""
     names = quantizable_linear_names(model, settings.skip_modules)
     for name in names:
-        _set_module(model, name, FakeQuant4bitLinear(model.get_submodule(name), settings.quant_type, settings.blocksize, settings.double_quant))
+        set_module(model, name, FakeQuant4bitLinear(model.get_submodule(name), settings.quant_type, settings.blocksize, settings.double_quant))
     if settings.embedding_quantization != "none":
-        name = LAYER_LAYOUTS[model_type_of(model)]["embeddings"]
-        _set_module(model, name, FakeQuantEmbedding(model.get_submodule(name), EMBEDDING_BITS[settings.embedding_quantization]))
+        name = spec_for(model).embeddings
+        set_module(model, name, FakeQuantEmbedding(model.get_submodule(name), EMBEDDING_BITS[settings.embedding_quantization]))
     return names
 
 
@@ -185,12 +180,12 @@ def strip_fake_quantization(model: nn.Module) -> None:
                 plain.weight.copy_(module.weight)
                 if module.bias is not None:
                     plain.bias.copy_(module.bias)
-            _set_module(model, name, plain)
+            set_module(model, name, plain)
         elif isinstance(module, FakeQuantEmbedding):
             plain = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx, dtype=module.weight.dtype)
             with torch.no_grad():
                 plain.weight.copy_(module.weight)
-            _set_module(model, name, plain)
+            set_module(model, name, plain)
 
 
 # -- real 4-bit (bitsandbytes) ------------------------------------------------------------------------------
@@ -277,7 +272,7 @@ def quantize_model_4bit(model: nn.Module, settings) -> dict:
             quant_type=settings.quant_type, blocksize=settings.blocksize,
             compress_statistics=settings.double_quant, quant_storage=torch.uint8, module=module,
         ).to("cpu")
-        _set_module(model, name, module)
+        set_module(model, name, module)
     return record
 
 
@@ -297,7 +292,7 @@ def _load_4bit_modules(model: nn.Module, state: dict, record: dict) -> set[str]:
         if f"{name}.bias" in state:
             module.bias = nn.Parameter(state[f"{name}.bias"].float(), requires_grad=False)
             consumed.add(f"{name}.bias")
-        _set_module(model, name, module)
+        set_module(model, name, module)
         consumed.add(prefix)
     return consumed
 
@@ -314,7 +309,7 @@ def dequantize_4bit_model(model: nn.Module) -> nn.Module:
                 plain.weight.copy_(weight)
                 if module.bias is not None:
                     plain.bias.copy_(module.bias.float())
-            _set_module(model, name, plain)
+            set_module(model, name, plain)
     return model
 
 
@@ -346,7 +341,7 @@ def compress_embedding_state(model: nn.Module, state: dict, method: str) -> tupl
     """Replace the word-embedding weight in ``state`` by row-wise codes and scales; return (state, record)."""
     if method == "none":
         return state, None
-    name = LAYER_LAYOUTS[model_type_of(model)]["embeddings"]
+    name = spec_for(model).embeddings
     weight = state.pop(f"{name}.weight")
     codes, scale = quantize_rows(weight.float(), EMBEDDING_BITS[method])
     state[f"{name}.weight_codes"] = codes

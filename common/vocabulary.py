@@ -15,7 +15,7 @@ import logging
 import torch
 from torch import nn
 
-from .models import LAYER_LAYOUTS, model_type_of, word_embeddings
+from .architecture import set_module, spec_for, word_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def rebuild_tokenizer(tokenizer, kept_ids: list[int]):
 @torch.no_grad()
 def prune_vocabulary(model: nn.Module, tokenizer, data, max_length: int, extra: int = 0):
     """Slice the word embeddings to the training split's tokens; return (model, tokenizer, summary)."""
-    model_type_of(model)
+    spec = spec_for(model)  # refuses an unsupported architecture before any work
     keep = used_token_ids(tokenizer, list(data.train["text"]), max_length) | set(tokenizer.all_special_ids)
     if extra:
         others = [i for i in range(len(tokenizer)) if i not in keep]
@@ -76,9 +76,7 @@ def prune_vocabulary(model: nn.Module, tokenizer, data, max_length: int, extra: 
     new.weight.copy_(old.weight[torch.tensor(kept_ids)])
     if old.padding_idx is not None:
         new.padding_idx = new_tokenizer.pad_token_id
-    layout_name = LAYER_LAYOUTS[model_type_of(model)]["embeddings"]
-    parent_name, _, attribute = layout_name.rpartition(".")
-    setattr(model.get_submodule(parent_name), attribute, new)
+    set_module(model, spec.embeddings, new)
     model.config.vocab_size = len(kept_ids)
     model.config.pad_token_id = new_tokenizer.pad_token_id
     summary = {
