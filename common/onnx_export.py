@@ -2,10 +2,10 @@
 
 - ``export_onnx``: torch -> ONNX with the model's real per-layer shapes baked in (pruned layers included),
   dynamic batch and sequence axes, the tokenizer's inputs and one output, ``logits``.
-- ``use_bnb4_codes``: replaces each encoder MatMul by ONNX Runtime's ``MatMulBnb4`` contrib op fed with the
-  *trained* bitsandbytes NF4/FP4 codes of a 4-bit checkpoint (no re-quantization, so the codes are the ones
-  the QKD run produced; ``MatMulBnb4`` takes bitsandbytes' block layout: blocks over the flattened
-  ``[out, in]`` weight, high nibble first).
+- ``use_bnb4_codes``: replaces each encoder MatMul by the *trained* bitsandbytes NF4/FP4 codes of a 4-bit
+  checkpoint (no re-quantization, so the codes are the ones the QKD run produced), run either by ONNX Runtime's
+  ``MatMulBnb4`` contrib op (which takes bitsandbytes' block layout: blocks over the flattened ``[out, in]``
+  weight, high nibble first) or decoded once at session load into int8 for ``DynamicQuantizeMatMul``.
 - ``quantize_word_embeddings``: stores the word-embedding table row-wise in int8 or int4 and dequantizes only
   the gathered rows at run time (standard ONNX ops, so any runtime runs it).
 
@@ -98,16 +98,26 @@ def _matmul_weights(graph) -> dict[str, tuple]:
     return found
 
 
-def use_bnb4_codes(onnx_model, quantized_model: nn.Module, dequantized_weights: dict[str, torch.Tensor]) -> list[str]:
-    """Swap the MatMul of every bitsandbytes 4-bit Linear for ``MatMulBnb4`` holding its trained codes.
+FOUR_BIT_COMPUTE = ("bnb4", "int8")
 
-    ``dequantized_weights[name]`` is the float weight that was exported for module ``name`` (how the MatMul is
+
+def use_bnb4_codes(onnx_model, quantized_model: nn.Module, dequantized_weights: dict[str, torch.Tensor],
+                   compute: str = "bnb4") -> list[str]:
+    """Store the trained bitsandbytes NF4/FP4 codes of every 4-bit Linear in the graph, in place of its weight.
+
+    ``compute='bnb4'``: ONNX Runtime's ``MatMulBnb4`` runs the codes as they are (exactly the torch 4-bit model).
+    ``compute='int8'``: the file still holds only the 4-bit codes and block scales, but the graph decodes them
+    (codebook lookup, times the block absmax) and quantizes the result per output channel to int8 for
+    ``DynamicQuantizeMatMul``; every input of that decoding is a constant, so ONNX Runtime folds it once when the
+    session loads and then runs int8 matrix products: the size of 4 bits, the speed of int8.
+
+    ``dequantized_weights[name]`` is the float weight that was exported for module ``name`` (how its MatMul is
     found). Raises when a quantized module has no matching MatMul: a half-quantized graph is never returned.
     """
     import bitsandbytes as bnb
-    import onnx
-    from bitsandbytes.functional import dequantize_blockwise
 
+    if compute not in FOUR_BIT_COMPUTE:
+        raise ValueError(f"compute={compute!r} is not supported; allowed: {', '.join(FOUR_BIT_COMPUTE)}.")
     graph = onnx_model.graph
     by_weight = _matmul_weights(graph)
     replaced, missing = [], []
@@ -118,31 +128,91 @@ def use_bnb4_codes(onnx_model, quantized_model: nn.Module, dequantized_weights: 
         if match is None:
             missing.append(name)
             continue
-        node, initializer = match
-        state = module.weight.quant_state
-        absmax = state.absmax
-        if state.nested:
-            absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset
-        codes = module.weight.data.reshape(-1).view(torch.uint8).numpy()
-        out_features, in_features = state.shape
-        codes_name, absmax_name = f"{initializer.name}_bnb4", f"{initializer.name}_absmax"
-        graph.initializer.extend([
-            onnx.numpy_helper.from_array(codes.copy(), codes_name),
-            onnx.numpy_helper.from_array(absmax.float().numpy().copy(), absmax_name),
-        ])
+        node, _ = match
+        build = _bnb4_nodes if compute == "bnb4" else _nf4_as_int8_nodes
+        nodes, initializers = build(name, node, module.weight, dequantized_weights[name])
         position = list(graph.node).index(node)
-        graph.node.insert(position, onnx.helper.make_node(
-            "MatMulBnb4", [node.input[0], codes_name, absmax_name], list(node.output), name=f"{name}.MatMulBnb4",
-            domain="com.microsoft", K=in_features, N=out_features, block_size=state.blocksize,
-            quant_type=BNB4_TYPES[state.quant_type],
-        ))
         graph.node.remove(node)
+        for offset, new_node in enumerate(nodes):
+            graph.node.insert(position + offset, new_node)
+        graph.initializer.extend(initializers)
         replaced.append(name)
     if missing:
         raise RuntimeError(f"No MatMul in the exported graph holds the weight of {missing}; the 4-bit export is incomplete.")
     _add_opset(onnx_model, "com.microsoft", 1)
     _drop_unused_initializers(graph)
     return replaced
+
+
+def _codes_and_absmax(weight) -> tuple[np.ndarray, np.ndarray]:
+    """The packed codes (bitsandbytes layout: flattened [out, in], high nibble first) and float32 block absmax."""
+    from bitsandbytes.functional import dequantize_blockwise
+
+    state = weight.quant_state
+    absmax = state.absmax
+    if state.nested:
+        absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return weight.data.reshape(-1).view(torch.uint8).numpy().copy(), absmax.float().numpy().copy()
+
+
+def _bnb4_nodes(name: str, node, weight, _dequantized) -> tuple[list, list]:
+    import onnx
+
+    state = weight.quant_state
+    codes, absmax = _codes_and_absmax(weight)
+    out_features, in_features = state.shape
+    initializers = [onnx.numpy_helper.from_array(codes, f"{name}.codes"), onnx.numpy_helper.from_array(absmax, f"{name}.absmax")]
+    matmul = onnx.helper.make_node(
+        "MatMulBnb4", [node.input[0], f"{name}.codes", f"{name}.absmax"], list(node.output), name=f"{name}.MatMulBnb4",
+        domain="com.microsoft", K=in_features, N=out_features, block_size=state.blocksize,
+        quant_type=BNB4_TYPES[state.quant_type],
+    )
+    return [matmul], initializers
+
+
+def _nf4_as_int8_nodes(name: str, node, weight, dequantized: torch.Tensor) -> tuple[list, list]:
+    from onnx import TensorProto, helper
+    from onnx.numpy_helper import from_array
+
+    state = weight.quant_state
+    codes, absmax = _codes_and_absmax(weight)
+    out_features, in_features = state.shape
+    count, blocksize, blocks = out_features * in_features, state.blocksize, absmax.size
+    # per-output-channel int8 scales of the decoded 4-bit weight, computed here from the same values
+    scale = np.maximum(np.abs(dequantized.numpy()).max(axis=1) / 127.0, 1e-12).astype(np.float32)
+    p = f"{name}."
+    initializers = [
+        from_array(codes, p + "codes"), from_array(absmax.reshape(-1, 1), p + "absmax"),
+        from_array(state.code.float().cpu().numpy(), p + "codebook"), from_array(np.array(4, np.uint8), p + "four"),
+        from_array(np.array([-1], np.int64), p + "flat"), from_array(np.array([0], np.int64), p + "start"),
+        from_array(np.array([count], np.int64), p + "count"), from_array(np.array([0, blocks * blocksize - count], np.int64), p + "pad"),
+        from_array(np.array([blocks, blocksize], np.int64), p + "blocks"),
+        from_array(np.array([out_features, in_features], np.int64), p + "shape"),
+        from_array(scale, p + "scale"), from_array(np.zeros(out_features, np.int8), p + "zero_point"),
+    ]
+    nodes = [
+        helper.make_node("BitShift", [p + "codes", p + "four"], [p + "high"], direction="RIGHT"),
+        helper.make_node("BitShift", [p + "high", p + "four"], [p + "high_shifted"], direction="LEFT"),
+        helper.make_node("Sub", [p + "codes", p + "high_shifted"], [p + "low"]),
+        helper.make_node("Unsqueeze", [p + "high", p + "flat"], [p + "high2"]),
+        helper.make_node("Unsqueeze", [p + "low", p + "flat"], [p + "low2"]),
+        helper.make_node("Concat", [p + "high2", p + "low2"], [p + "pairs"], axis=-1),
+        helper.make_node("Reshape", [p + "pairs", p + "flat"], [p + "indices8"]),
+        helper.make_node("Cast", [p + "indices8"], [p + "indices"], to=TensorProto.INT32),
+        helper.make_node("Gather", [p + "codebook", p + "indices"], [p + "values"], axis=0),
+        helper.make_node("Slice", [p + "values", p + "start", p + "count"], [p + "values_n"]),
+        helper.make_node("Pad", [p + "values_n", p + "pad"], [p + "values_padded"]),
+        helper.make_node("Reshape", [p + "values_padded", p + "blocks"], [p + "block_values"]),
+        helper.make_node("Mul", [p + "block_values", p + "absmax"], [p + "scaled"]),
+        helper.make_node("Reshape", [p + "scaled", p + "flat"], [p + "scaled_flat"]),
+        helper.make_node("Slice", [p + "scaled_flat", p + "start", p + "count"], [p + "weight_flat"]),
+        helper.make_node("Reshape", [p + "weight_flat", p + "shape"], [p + "weight"]),
+        helper.make_node("Transpose", [p + "weight"], [p + "weight_t"], perm=[1, 0]),
+        helper.make_node("QuantizeLinear", [p + "weight_t", p + "scale", p + "zero_point"], [p + "weight_int8"], axis=1),
+        helper.make_node("DynamicQuantizeMatMul", [node.input[0], p + "weight_int8", p + "scale", p + "zero_point"],
+                         list(node.output), name=f"{name}.DynamicQuantizeMatMul", domain="com.microsoft"),
+    ]
+    return nodes, initializers
 
 
 def quantize_word_embeddings(onnx_model, weight: torch.Tensor, bits: int) -> dict:

@@ -54,6 +54,7 @@ MODELS_TO_EVALUATE = (
     ("Pruned, ONNX Runtime int8 dynamic", "onnx", "model_int8_dynamic.onnx"),
     ("Pruned, ONNX Runtime int8 static", "onnx", "model_int8_static.onnx"),
     ("QKD-4bit, ONNX Runtime NF4 (MatMulBnb4)", "onnx_4bit", "model.onnx"),
+    ("QKD-4bit, ONNX Runtime NF4 codes, int8 compute", "onnx_4bit", "model_nf4_int8.onnx"),
 )
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common.config import PruningConfig, PTQConfig
-from common.onnx_export import export_onnx, quantize_word_embeddings, save_onnx, use_bnb4_codes, write_runtime_files
+from common.onnx_export import _fingerprint, export_onnx, quantize_word_embeddings, save_onnx, use_bnb4_codes, write_runtime_files
 from common.onnx_runtime import (
     CALIBRATION_METHODS,
     OnnxClassifier,
@@ -125,6 +125,19 @@ def test_bnb4_export_runs_the_trained_codes(tokenizer, tmp_path):
     first = quantized.get_submodule(replaced[0])
     stored = codes[next(n for n in nodes if n.name.startswith(replaced[0] + ".")).input[1]]
     np.testing.assert_array_equal(stored, first.weight.data.reshape(-1).view(torch.uint8).numpy())
+    int8_compute = onnx.load(str(tmp_path / "plain.onnx"))
+    use_bnb4_codes(int8_compute, quantized, weights, compute="int8")
+    save_onnx(int8_compute, tmp_path / "nf4_int8.onnx")
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in int8_compute.graph.initializer}
+    np.testing.assert_array_equal(stored[f"{replaced[0]}.codes"], first.weight.data.reshape(-1).view(torch.uint8).numpy())
+    float_weights = {_fingerprint(w.numpy()) for w in weights.values()} | {_fingerprint(w.numpy().T) for w in weights.values()}
+    assert not any(_fingerprint(onnx.numpy_helper.to_array(t)) in float_weights for t in int8_compute.graph.initializer
+                   if t.data_type == onnx.TensorProto.FLOAT), "only the 4-bit codes of the encoder weights are stored"
+    expected, batch = torch_logits(quantized, tokenizer, TEXTS, names)
+    int8_logits = OnnxClassifier(tmp_path / "nf4_int8.onnx").logits(batch)
+    assert np.abs(int8_logits - expected).max() < 0.05 * np.abs(expected).max()
+    with pytest.raises(ValueError, match="compute='int4' is not supported"):
+        use_bnb4_codes(onnx.load(str(tmp_path / "plain.onnx")), quantized, weights, compute="int4")
     embeddings = plain.get_input_embeddings().weight
     for bits in (8, 4):
         variant = copy.deepcopy(exported)

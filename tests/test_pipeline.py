@@ -94,7 +94,8 @@ def test_report_covers_every_stage(pipeline_run):
     results, completed = pipeline_run
     report = json.loads((results / "final_report.json").read_text())
     assert [row["stage"] for row in report["models"]] == [
-        "teacher", "onnx_reference", "student", "pruned", "ptq_4bit", "qkd_4bit", "int8", "onnx", "onnx", "onnx", "onnx_4bit"]
+        "teacher", "onnx_reference", "student", "pruned", "ptq_4bit", "qkd_4bit", "int8", "onnx", "onnx", "onnx", "onnx_4bit",
+        "onnx_4bit"]
     assert report["skipped"] == []
     onnx_rows = {row["label"]: row for row in report["models"] if row["runtime"] == "onnxruntime"}
     pruned_row = next(row for row in report["models"] if row["stage"] == "pruned")
@@ -133,8 +134,12 @@ def test_onnx_stage_folders(pipeline_run):
     assert json.loads((folder / "config.json").read_text())["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
     qkd, _ = only_checkpoint(results, "qkd_4bit")
     folder_4bit, record_4bit = only_checkpoint(results, "onnx_4bit")
-    assert record_4bit["parent"] == str(qkd) and record_4bit["quantization"]["method"] == "ort_matmul_bnb4"
-    assert record_4bit["metrics"]["validation"]["accuracy"] == pytest.approx(record_4bit["metrics"]["validation_torch_4bit"]["accuracy"], abs=1e-3)
+    assert record_4bit["parent"] == str(qkd) and record_4bit["quantization"]["codes"] == "the checkpoint's own"
+    exact = record_4bit["files"]["model.onnx"]
+    assert exact["validation_accuracy"] == pytest.approx(record_4bit["metrics"]["validation_torch_4bit"]["accuracy"], abs=1e-3)
+    assert exact["max_abs_difference_vs_torch_4bit"] < 1e-4
+    assert record_4bit["deployment_model"] in ("model.onnx", "model_nf4_int8.onnx")
+    assert (folder_4bit / "model_nf4_int8.onnx").stat().st_size < 1.3 * (folder_4bit / "model.onnx").stat().st_size
     assert (pruned / "modeling_pruned.py").is_file(), "pruned checkpoints ship their stock-transformers loader"
 
 
