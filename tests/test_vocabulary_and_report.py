@@ -83,7 +83,7 @@ def test_report_with_missing_and_corrupt_checkpoints(report_results):
     assert set(skipped) == {
         "Pruned Student (FP32)", "Pruned + Quantized Student (PTQ)", "Pruned + QKD-4bit (QAT)", "Int8 CPU deployment (torch)",
         "Pruned, ONNX Runtime FP32", "Pruned, ONNX Runtime int8 dynamic", "Pruned, ONNX Runtime int8 static",
-        "QKD-4bit, ONNX Runtime NF4 (MatMulBnb4)",
+        "QKD-4bit, ONNX Runtime NF4 (MatMulBnb4)", "QKD-4bit, ONNX Runtime NF4 codes, int8 compute",
     }
     assert "FileNotFoundError" in skipped["Pruned + QKD-4bit (QAT)"]
     assert "FileNotFoundError" not in skipped["Pruned Student (FP32)"]  # corrupt, not missing
