@@ -9,14 +9,15 @@ Does:   1. exports the model to ONNX with its per-layer head counts and FFN widt
         2. optionally fuses the graph with ONNX Runtime's transformer optimizer, kept only if the interleaved
            benchmark shows it faster;
         3. quantizes it with onnxruntime.quantization: dynamic int8, and static int8 QDQ (per-channel weights)
-           calibrated on validation batches of one fixed shape with each of MinMax, Percentile and Entropy; the
-           calibrator with the best validation accuracy is kept, all results are recorded;
+           calibrated on validation batches of one fixed shape with each of MinMax, Percentile and Entropy, each
+           once with every weight MatMul in int8 and once with the FFN output projections (fed by the GELU output)
+           left in float; the candidate with the best validation accuracy is kept, all results are recorded;
         4. exports the QKD-4bit model with its trained NF4/FP4 codes and the word embeddings stored row-wise in int4
            (--embedding_quantization), twice: model.onnx runs the codes exactly in ONNX Runtime's MatMulBnb4 op
            (checked against the torch 4-bit model: validation accuracy within 0.1 point); model_nf4_int8.onnx
            decodes them once, when the session loads, into per-channel int8 weights for int8 matrix products
            (4-bit file size, int8 speed); the latter is the folder's deployment model unless it validates more
-           than 0.1 point below the exact one.
+           than --deployment_tolerance points (0.5) below the exact one.
 Writes: results/onnx/<run_id>/       model.onnx, model_int8_dynamic.onnx, model_int8_static.onnx, config.json
                                      (id2label), tokenizer.json and the other tokenizer files, compression.json
         results/onnx_4bit/<run_id>/  model.onnx (MatMulBnb4), model_nf4_int8.onnx, config.json, tokenizer, compression.json
@@ -52,11 +53,19 @@ from common.config import OnnxExportConfig, config_to_dict, log_config
 from common.data import build_loaders, load_splits
 from common.evaluation import InferenceModel, interleaved_latency, predict
 from common.models import architecture_record, check_matches_data, count_parameters, load_checkpoint_tokenizer, load_model
-from common.onnx_export import export_onnx, quantize_word_embeddings, save_onnx, use_bnb4_codes, write_runtime_files
+from common.onnx_export import (
+    export_onnx,
+    ffn_output_matmuls,
+    quantize_word_embeddings,
+    save_onnx,
+    use_bnb4_codes,
+    write_runtime_files,
+)
 from common.onnx_runtime import (
     OnnxClassifier,
     accuracy_of,
     calibration_batches,
+    matmul_names,
     optimize_graph,
     predict_onnx,
     preprocess_for_static,
@@ -141,14 +150,22 @@ def export_int8_bundle(data_config, config, data, scratch: Path) -> Path:
         preprocess_for_static(quantize_from, prepared)
         batches = calibration_batches(tokenizer, list(data.validation["text"]), names, data_config.max_length,
                                       config.calibration_batch_size, config.calibration_samples)
+        ffn_outputs = ffn_output_matmuls(model)
+        missing = sorted(set(ffn_outputs) - set(matmul_names(prepared)))
+        if missing:
+            raise RuntimeError(f"The exported graph has no MatMul nodes {missing}; cannot choose which to keep in float.")
         calibrations = {}
         for method in config.calibration_methods:
-            target = scratch / f"static_{method}.onnx"
-            details = quantize_static_int8(prepared, target, batches, method, config.percentile)
-            accuracy, _ = evaluate_file(target, loader)
-            calibrations[method] = {**details, "validation_accuracy": accuracy}
-            print(f"ONNX Runtime static int8 ({method} calibration): validation accuracy {accuracy:.4f}")
-        best = max(config.calibration_methods, key=lambda m: (calibrations[m]["validation_accuracy"], -config.calibration_methods.index(m)))
+            for variant, keep_float in (("", ()), ("+ffn_out_float", ffn_outputs)):
+                name = method + variant
+                target = scratch / f"static_{name}.onnx"
+                details = quantize_static_int8(prepared, target, batches, method, config.percentile, keep_float, scratch)
+                accuracy, _ = evaluate_file(target, loader)
+                calibrations[name] = {**details, "validation_accuracy": accuracy}
+                print(f"ONNX Runtime static int8 ({method} calibration, {'FFN output projections in float' if keep_float else 'every weight MatMul in int8'}): "
+                      f"validation accuracy {accuracy:.4f}")
+        order = list(calibrations)  # on a tie the earlier (more quantized) candidate wins
+        best = max(order, key=lambda name: (calibrations[name]["validation_accuracy"], -order.index(name)))
         shutil.copyfile(scratch / f"static_{best}.onnx", folder / STATIC_FILE)
         record["files"][STATIC_FILE] = file_entry(folder / STATIC_FILE, calibrations[best]["validation_accuracy"],
                                                   precision="int8 static QDQ", calibration=best, quantized_from=quantize_from.name)
@@ -234,8 +251,8 @@ def export_4bit_bundle(data_config, config, data, scratch: Path) -> Path:
             record["files"][file_name] = file_entry(folder / file_name, accuracy, precision=precision,
                                                     max_abs_difference_vs_torch_4bit=difference)
         exact, fast = (record["files"][name]["validation_accuracy"] for name in (FP32_FILE, NF4_INT8_FILE))
-        # ship the int8-compute file unless it validates more than 0.1 point below the exact one
-        record["deployment_model"] = NF4_INT8_FILE if fast >= exact - 0.001 else FP32_FILE
+        # ship the faster int8-compute file unless it validates more than deployment_tolerance points below the exact one
+        record["deployment_model"] = NF4_INT8_FILE if 100 * (exact - fast) <= config.deployment_tolerance else FP32_FILE
         record["metrics"] = {"validation": {"accuracy": record["files"][record["deployment_model"]]["validation_accuracy"]},
                              "validation_torch_4bit": {"accuracy": torch_accuracy}}
         write_json(folder / "compression.json", record)

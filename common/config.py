@@ -390,6 +390,10 @@ class OnnxExportConfig(OutputFields):
     embedding_quantization: str = _field(
         "int4", "'none', 'int8' or 'int4': row-wise storage of the word embeddings in the 4-bit ONNX model."
     )
+    deployment_tolerance: float = _field(
+        0.5, "Largest validation-accuracy drop, in points, accepted for the 4-bit folder's faster file (NF4 codes, int8 "
+        "compute) against the exact MatMulBnb4 file when choosing its deployment model."
+    )
     eval_batch_size: int = _field(64, "Evaluation batch size.")
     num_threads: Optional[int] = _field(None, "Threads of the graph-optimization benchmark. Default: torch's default.")
 
@@ -404,6 +408,7 @@ class OnnxExportConfig(OutputFields):
         _check_positive("calibration_batch_size", self.calibration_batch_size)
         _check_range("percentile", self.percentile, 90.0, 100.0, high_open=True)
         _check_positive("max_abs_difference", self.max_abs_difference)
+        _check_range("deployment_tolerance", self.deployment_tolerance, 0.0, 100.0)
         _check_choice("embedding_quantization", self.embedding_quantization, EMBEDDING_QUANT_CHOICES)
         _check_positive("eval_batch_size", self.eval_batch_size)
         _check_positive("num_threads", self.num_threads, allow_none=True)

@@ -186,14 +186,20 @@ def interleaved_latency(runners: dict[str, Callable[[], object]], warmup: int, r
             "latency_ms_p90": 1000 * float(np.percentile(values, 90)),
             "throughput_examples_per_s": batch_size / float(median),
             "latency_rounds": rounds,
+            "latency_ms_per_round": [1000 * value for value in values],
         }
         if reference is not None:
-            ratios = np.asarray(times[reference]) / np.asarray(values)
-            low, mid, high = np.percentile(ratios, [25, 50, 75])
-            result.update(speedup_vs_reference_median=float(mid), speedup_vs_reference_p25=float(low),
-                          speedup_vs_reference_p75=float(high))
+            speedup = round_speedup(times[reference], values)
+            result.update(speedup_vs_reference_median=speedup["median"], speedup_vs_reference_p25=speedup["p25"],
+                          speedup_vs_reference_p75=speedup["p75"])
         results[label] = result
     return results
+
+
+def round_speedup(reference_ms: list[float], model_ms: list[float]) -> dict:
+    """Median and interquartile range of reference time / model time, round by round."""
+    low, mid, high = np.percentile(np.asarray(reference_ms) / np.asarray(model_ms), [25, 50, 75])
+    return {"median": float(mid), "p25": float(low), "p75": float(high)}
 
 
 def cpu_info() -> dict:

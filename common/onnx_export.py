@@ -72,6 +72,16 @@ def export_onnx(model: nn.Module, tokenizer, path: Path, max_length: int = 64) -
     return names
 
 
+def ffn_output_matmuls(model: nn.Module) -> list[str]:
+    """Names the exporter gives the FFN output projections' MatMuls: the ones whose input is the GELU output,
+    whose long-tailed range suffers most from per-tensor uint8 activation quantization."""
+    from .architecture import num_layers, spec_for
+
+    spec = spec_for(model)
+    layers, part = spec.layers.replace(".", "/"), spec.ffn_out.replace(".", "/")
+    return [f"/model/{layers}.{index}/{part}/MatMul" for index in range(num_layers(model))]
+
+
 # -- finding weights in the graph ---------------------------------------------------------------------------
 
 
@@ -139,9 +149,33 @@ def use_bnb4_codes(onnx_model, quantized_model: nn.Module, dequantized_weights: 
         replaced.append(name)
     if missing:
         raise RuntimeError(f"No MatMul in the exported graph holds the weight of {missing}; the 4-bit export is incomplete.")
+    if compute == "int8":
+        _fold_bias_adds(graph)
     _add_opset(onnx_model, "com.microsoft", 1)
     _drop_unused_initializers(graph)
     return replaced
+
+
+def _fold_bias_adds(graph) -> None:
+    """Move each ``Add(DynamicQuantizeMatMul(x), bias)`` into the op's own bias input: one pass over the output
+    instead of two (the separate Adds took about a tenth of the int8 model's time)."""
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for node in [n for n in graph.node if n.op_type == "DynamicQuantizeMatMul" and len(n.input) == 4]:
+        users = consumers.get(node.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Add":
+            continue
+        add = users[0]
+        bias = next((name for name in add.input if name != node.output[0] and name in initializers
+                     and len(initializers[name].dims) == 1), None)
+        if bias is None:
+            continue
+        node.input.append(bias)
+        node.output[0] = add.output[0]
+        graph.node.remove(add)
 
 
 def _codes_and_absmax(weight) -> tuple[np.ndarray, np.ndarray]:
@@ -321,5 +355,5 @@ def write_runtime_files(folder: Path, tokenizer, model_config, max_length: int) 
     backend.save(str(path))
 
 
-__all__ = ["export_onnx", "input_names", "quantize_word_embeddings", "save_onnx", "use_bnb4_codes", "write_runtime_files"]
+__all__ = ["export_onnx", "ffn_output_matmuls", "input_names", "quantize_word_embeddings", "save_onnx", "use_bnb4_codes", "write_runtime_files"]
 

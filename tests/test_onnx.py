@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from common.config import PruningConfig, PTQConfig
-from common.onnx_export import _fingerprint, export_onnx, quantize_word_embeddings, save_onnx, use_bnb4_codes, write_runtime_files
+from common.onnx_export import _fingerprint, export_onnx, ffn_output_matmuls, quantize_word_embeddings, save_onnx, use_bnb4_codes, write_runtime_files
 from common.onnx_runtime import (
     CALIBRATION_METHODS,
     OnnxClassifier,
     calibration_batches,
+    matmul_names,
     preprocess_for_static,
     quantize_dynamic_int8,
     quantize_static_int8,
@@ -59,6 +60,7 @@ def test_export_round_trip_of_uneven_pruned_layers(make_config, tokenizer, tmp_p
     names = export_onnx(model, tokenizer, tmp_path / "model.onnx")
     assert names == (["input_ids", "attention_mask", "token_type_ids"] if model.config.model_type == "bert"
                      else ["input_ids", "attention_mask"])
+    assert set(ffn_output_matmuls(model)) <= set(matmul_names(tmp_path / "model.onnx"))
     session = OnnxClassifier(tmp_path / "model.onnx")
     for texts in (TEXTS[:1], TEXTS, TEXTS[2:5]):  # batch and sequence lengths other than the export sample's
         expected, batch = torch_logits(model, tokenizer, texts, names)
@@ -84,9 +86,10 @@ def test_dynamic_and_static_int8_with_every_calibrator(tokenizer, tmp_path):
     assert {tuple(b["input_ids"].shape) for b in batches} == {(8, 16)}, "calibration batches share one fixed shape"
     preprocess_for_static(tmp_path / "model.onnx", tmp_path / "pre.onnx")
     constant_matmuls = sum(op == "MatMul" for op in graph_ops(tmp_path / "model.onnx")) - 2 * 2  # 2 attention MatMuls a layer
+    scales = {}
     for method in CALIBRATION_METHODS:
         target = tmp_path / f"static_{method}.onnx"
-        details = quantize_static_int8(tmp_path / "pre.onnx", target, batches, method)
+        details = quantize_static_int8(tmp_path / "pre.onnx", target, batches, method, scratch=tmp_path)
         assert details["calibration"] == method and details["quantized_matmuls"] == constant_matmuls
         graph = onnx.load(str(target)).graph
         producers = {output: node.op_type for node in graph.node for output in node.output}
@@ -97,6 +100,10 @@ def test_dynamic_and_static_int8_with_every_calibrator(tokenizer, tmp_path):
         assert len(float_only) == 2 * 2  # ... and the attention-score MatMuls of two activations stay in float
         logits = OnnxClassifier(target).logits(batch)
         assert np.abs(logits - expected).max() < 0.1 * scale, method
+        scales[method] = sorted(float(onnx.numpy_helper.to_array(t).max()) for t in graph.initializer if t.name.endswith("_scale"))
+    assert scales["entropy"] != scales["minmax"] and scales["percentile"] != scales["minmax"], "each calibrator sets its own ranges"
+    kept = quantize_static_int8(tmp_path / "pre.onnx", tmp_path / "partial.onnx", batches, "minmax", keep_float=ffn_output_matmuls(model))
+    assert kept["quantized_matmuls"] == constant_matmuls - 2 and kept["kept_float"] == sorted(ffn_output_matmuls(model))
 
 
 def test_unknown_calibrator_is_refused(tmp_path):

@@ -92,7 +92,8 @@ def test_report_with_missing_and_corrupt_checkpoints(report_results):
         "label", "stage", "path", "test_accuracy", "test_macro_f1", "parameters", "size_bytes", "size_mb", "latency_ms_median",
         "latency_ms_p25", "latency_ms_p75", "latency_ms_p90", "throughput_examples_per_s", "peak_rss_mb", "model_rss_mb",
         "inference_peak_mb", "num_threads", "accuracy_vs_teacher", "size_ratio_to_teacher", "latency_ratio_to_teacher",
-        "speedup_vs_teacher", "speedup_vs_teacher_p25", "speedup_vs_teacher_p75", "pareto_size", "pareto_latency",
+        "speedup_vs_teacher", "speedup_vs_teacher_p25", "speedup_vs_teacher_p75", "speedup_vs_ort_reference", "pareto_size",
+        "pareto_latency",
     }
     for row in written["models"]:
         assert required <= set(row)
