@@ -127,7 +127,9 @@ def test_onnx_stage_folders(pipeline_run):
     pruned, _ = only_checkpoint(results, "pruned")
     folder, record = only_checkpoint(results, "onnx")
     assert record["parent"] == str(pruned) and record["max_abs_difference_vs_torch"] <= 1e-4
-    assert set(record["calibrations"]) == {"minmax", "percentile", "entropy"}
+    assert set(record["calibrations"]) == {f"{method}{variant}" for method in ("minmax", "percentile", "entropy")
+                                           for variant in ("", "+ffn_out_float")}
+    assert record["files"]["model_int8_static.onnx"]["calibration"] in record["calibrations"]
     assert record["deployment_model"] in ("model_int8_static.onnx", "model_int8_dynamic.onnx")
     for name in ("model.onnx", "model_int8_dynamic.onnx", "model_int8_static.onnx", "tokenizer.json", "config.json"):
         assert (folder / name).is_file(), name
