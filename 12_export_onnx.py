@@ -117,7 +117,7 @@ def export_int8_bundle(data_config, config, data, scratch: Path) -> Path:
         "stage": "onnx", "parent": str(source), "parent_stage": source_record.get("stage"),
         "config": config_to_dict(data_config, config), "label_names": data.label_names,
         "architecture": architecture_record(model), "parameters": count_parameters(model),
-        "versions": {**package_versions(), **onnx_versions()}, "files": {},
+        "versions": package_versions(), "files": {},
     }
     with checkpoint_writer("onnx", config.output_dir, config.overwrite_output_dir) as pending:
         folder = pending.path
@@ -225,7 +225,7 @@ def export_4bit_bundle(data_config, config, data, scratch: Path) -> Path:
         "architecture": architecture_record(plain), "parameters": count_parameters(quantized),
         "quantization": {"method": "bitsandbytes_codes_in_onnx", "quant_type": quantization["quant_type"],
                          "blocksize": quantization["blocksize"], "codes": "the checkpoint's own"},
-        "versions": {**package_versions(), **onnx_versions()}, "files": {},
+        "versions": package_versions(), "files": {},
     }
     with checkpoint_writer("onnx_4bit", None, False) as pending:
         folder = pending.path
@@ -260,12 +260,6 @@ def export_4bit_bundle(data_config, config, data, scratch: Path) -> Path:
                                              for name, entry in record["files"].items()})
     print(f"ONNX 4-bit folder -> {pending.final} (deployment model {record['deployment_model']})")
     return pending.final
-
-
-def onnx_versions() -> dict:
-    import onnxruntime
-
-    return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 def main(data_config: DataConfig, config: OnnxExportConfig) -> None:

@@ -91,6 +91,17 @@ def num_layers(model: nn.Module) -> int:
     return getattr(config, spec_for(model).config_layers)
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def forward_input_names(model: nn.Module) -> list[str]:
+    """The tokenizer outputs ``model.forward`` accepts, in a fixed order (DistilBERT takes no token types)."""
+    import inspect
+
+    accepted = inspect.signature(model.forward).parameters
+    return [name for name in MODEL_INPUTS if name in accepted]
+
+
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, attribute = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attribute, module)

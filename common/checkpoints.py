@@ -231,7 +231,8 @@ def package_versions() -> dict:
     import platform
 
     versions = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "datasets", "accelerate", "bitsandbytes", "evaluate", "safetensors"):
+    for name in ("torch", "transformers", "datasets", "accelerate", "bitsandbytes", "evaluate", "safetensors", "onnx",
+                 "onnxruntime", "tokenizers"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

@@ -121,10 +121,9 @@ class InferenceModel:
     def input_names(self) -> list[str]:
         if self.onnx is not None:
             return self.onnx.input_names
-        import inspect
+        from .architecture import forward_input_names
 
-        accepted = inspect.signature(self.torch_model.forward).parameters
-        return [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in accepted]
+        return forward_input_names(self.torch_model)
 
     def batch(self, batch_size: int, seq_length: int) -> dict:
         """A synthetic batch of this model's vocabulary, shaped for its inputs (numpy for ONNX Runtime)."""

@@ -16,26 +16,26 @@ Linear's weight appears exactly (transposed) as its MatMul's constant input.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
+
+from .architecture import MODEL_INPUTS, forward_input_names
 
 logger = logging.getLogger(__name__)
 
 OPSET = 17
 OUTPUT_NAME = "logits"
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 BNB4_TYPES = {"fp4": 0, "nf4": 1}  # ONNX Runtime's MatMulBnb4 quant_type attribute
 
 
 def input_names(model: nn.Module, tokenizer) -> list[str]:
     """The tokenizer outputs the model's forward accepts, in a fixed order (DistilBERT has no token types)."""
-    accepted = set(inspect.signature(model.forward).parameters)
     produced = set(getattr(tokenizer, "model_input_names", MODEL_INPUTS)) | {"input_ids", "attention_mask"}
-    return [name for name in MODEL_INPUTS if name in accepted and name in produced]
+    return [name for name in forward_input_names(model) if name in produced]
 
 
 class _LogitsOnly(nn.Module):

@@ -10,7 +10,6 @@ the command turns it into a message and exit code 2.
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from .architecture import forward_input_names
 from .checkpoints import ONNX_STAGES, RECORD_FILE
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class Classifier:
         import torch
 
         encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        accepted = inspect.signature(self.torch_model.forward).parameters
+        accepted = forward_input_names(self.torch_model)
         with torch.no_grad():
             output = self.torch_model(**{k: v for k, v in encoded.items() if k in accepted})
         return output.logits.float().numpy()

@@ -84,6 +84,7 @@ class EvaluatedRow:
     row: dict
     entry: ModelEntry
     folder: Path
+    model: InferenceModel  # kept for the latency harness, which runs every row in this process anyway
 
 
 def _resolve(entry: ModelEntry) -> tuple[Path, dict]:
@@ -109,7 +110,6 @@ def evaluate_entry(entry: ModelEntry, data: TextClassificationData, data_config,
         parameters, size = count_parameters(model.torch_model), weights_size_bytes(folder)
     else:
         parameters, size = record.get("parameters"), (folder / entry.onnx_file).stat().st_size
-    del model
     memory = measure_in_subprocess(
         folder, config.latency_batch_size, config.latency_seq_length, warmup=1, repeats=config.memory_repeats,
         num_threads=config.num_threads, onnx_file=entry.onnx_file,
@@ -134,7 +134,7 @@ def evaluate_entry(entry: ModelEntry, data: TextClassificationData, data_config,
         "peak_rss_mb": memory["peak_rss_mb"],
         "peak_covers_loading": memory["peak_covers_loading"],
     }
-    return EvaluatedRow(row, entry, folder)
+    return EvaluatedRow(row, entry, folder, model)
 
 
 def build_reference_onnx(teacher_folder: Path, target: Path, max_length: int) -> ModelEntry:
@@ -192,15 +192,7 @@ def add_relative_fields(rows: list[dict]) -> None:
 
 
 def machine_info(config) -> dict:
-    import importlib.metadata
-
     threads = config.num_threads or torch.get_num_threads()
-    versions = checkpoints.package_versions()
-    for name in ("onnx", "onnxruntime", "tokenizers"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -209,7 +201,7 @@ def machine_info(config) -> dict:
         "torch_threads": threads,
         "onnxruntime_threads": threads,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "versions": versions,
+        "versions": checkpoints.package_versions(),
     }
 
 
@@ -217,10 +209,8 @@ def measure_latency(evaluated: list[EvaluatedRow], config) -> None:
     """Time every row in one interleaved harness; write latency, IQR and per-round speed-ups into the rows."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    runners = {}
-    for item in evaluated:
-        model = InferenceModel(item.folder, item.entry.onnx_file, config.num_threads)
-        runners[item.row["label"]] = model.runner(model.batch(config.latency_batch_size, config.latency_seq_length))
+    runners = {item.row["label"]: item.model.runner(item.model.batch(config.latency_batch_size, config.latency_seq_length))
+               for item in evaluated}
     reference = REFERENCE_LABEL if REFERENCE_LABEL in runners else None
     logger.info("Timing %d models round-robin: %d warm-up and %d timed rounds, %d threads",
                 len(runners), config.latency_warmup, config.latency_repeats, config.num_threads or torch.get_num_threads())
@@ -254,11 +244,14 @@ def gpu_rows(evaluated: list[EvaluatedRow], data: TextClassificationData, max_le
     cuda_ort = "CUDAExecutionProvider" in ort.get_available_providers()
     rows, runners = [], {}
     for item in evaluated:
+        on_torch_gpu = item.entry.onnx_file is None and item.row["quantization"] == "none"
+        on_ort_gpu = cuda_ort and item.entry.onnx_file == "model.onnx" and item.row["stage"] == "onnx"
+        if not (on_torch_gpu or on_ort_gpu):
+            continue
         tokenizer = load_checkpoint_tokenizer(item.folder)
         loader = make_loader(tokenize_dataset(data.test, tokenizer, max_length), tokenizer, config.eval_batch_size, shuffle=False)
-        model = InferenceModel(item.folder, item.entry.onnx_file, config.num_threads)
-        batch = model.batch(config.latency_batch_size, config.latency_seq_length)
-        if item.entry.onnx_file is None and item.row["quantization"] == "none":
+        batch = item.model.batch(config.latency_batch_size, config.latency_seq_length)
+        if on_torch_gpu:
             network = load_model(item.folder).half().to(device).eval()
             logits, labels = predict(network, loader)
             gpu_batch = {key: value.to(device) for key, value in batch.items()}
@@ -269,13 +262,11 @@ def gpu_rows(evaluated: list[EvaluatedRow], data: TextClassificationData, max_le
                 torch.cuda.synchronize()
 
             label = f"{item.row['label'].replace(' (FP32)', '')} (FP16, torch GPU)"
-        elif cuda_ort and item.entry.onnx_file == "model.onnx" and item.row["stage"] == "onnx":
+        else:
             classifier = OnnxClassifier(item.folder / item.entry.onnx_file, providers=["CUDAExecutionProvider"])
             logits, labels = predict_onnx(classifier, loader)
             run = (lambda session=classifier.session, batch=batch: session.run(None, batch))
             label = f"{item.row['label']} (ONNX Runtime CUDA)"
-        else:
-            continue
         metrics = classification_metrics(logits.argmax(-1), labels)
         rows.append({**item.row, "label": label, "runtime": "torch cuda fp16" if "torch" in label else "onnxruntime cuda",
                      "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"], "device": "cuda"})
