@@ -7,6 +7,7 @@ its config, so every checkpoint carries an architecture record (kept heads and F
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -231,7 +232,7 @@ def check_matches_data(folder: Path, record: dict, data_config, label_names: Opt
     if data_config is None:
         return
     if isinstance(record.get("config"), dict):
-        then, now = data_identity(record["config"]), data_identity(dataclass_values(data_config))
+        then, now = data_identity(record["config"]), data_identity(dataclasses.asdict(data_config))
         differing = {name: (then[name], now[name]) for name in then if name in now and then[name] != now[name]}
         if differing:
             details = "; ".join(f"{name}: {old!r} then, {new!r} now" for name, (old, new) in differing.items())
@@ -240,12 +241,6 @@ def check_matches_data(folder: Path, record: dict, data_config, label_names: Opt
                 f"train/validation/test split would differ; pass the same data flags as the run that made it."
             )
     check_max_length(folder, data_config.max_length)
-
-
-def dataclass_values(config) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(config)
 
 
 def position_limit(model_config: dict) -> Optional[int]:

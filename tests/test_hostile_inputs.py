@@ -142,6 +142,11 @@ def test_report_name_cannot_leave_the_results_folder(name):
         ReportConfig(report_name=name)
 
 
+def test_report_memory_repeats_must_be_positive():
+    with pytest.raises(ValueError, match="memory_repeats=0 must be a positive number"):
+        ReportConfig(memory_repeats=0)
+
+
 def test_extra_models_entry_needs_a_label():
     with pytest.raises(ValueError, match="extra_models entry 'results/x' must look like 'Label=path"):
         ReportConfig(extra_models=["results/x"])
@@ -363,6 +368,7 @@ def test_report_latency_length_beyond_the_position_limit_fails_before_measuring(
     ({"percentile": 50.0}, r"percentile=50.0 is out of range"),
     ({"embedding_quantization": "int2"}, r"embedding_quantization='int2' is not supported"),
     ({"calibration_samples": 0}, "calibration_samples=0 must be a positive number"),
+    ({"deployment_tolerance": -1.0}, r"deployment_tolerance=-1.0 is out of range"),
 ])
 def test_onnx_export_config(values, message):
     with pytest.raises(ValueError, match=message):

@@ -193,6 +193,7 @@ def test_predict_refuses_bad_input_with_exit_code_2(pipeline_run, tmp_path):
         (("--model", folder, "--input_file", latin), "not valid utf-8.*--encoding latin-1"),
         (("--model", folder, "--onnx_file", "other.onnx", "great"), "has no other.onnx"),
         (("--model", folder, "   "), "No text to classify"),
+        (("--model", folder, "--batch_size", "0", "great"), "--batch_size 0 must be a positive integer"),
     ]
     for args, message in cases:
         completed = predict(*args)
