@@ -13,7 +13,9 @@ config the recorded per-layer shapes before its weights are loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
+import torch
 from torch import nn
 
 
@@ -37,6 +39,15 @@ class ArchitectureSpec:
     config_ffn: str
     config_hidden: str
     stock_loader_class: str  # class in remote_code/modeling_pruned.py that rebuilds uneven layers
+    # Further per-head projections of a layer (output rows grouped by head), pruned with the heads where the
+    # layer has them: DeBERTa's relative-position key/query projections (absent with share_att_key).
+    head_projections: tuple = ()
+    # An encoder-wide table with one column per head, shared by every layer (MPNet's relative attention bias):
+    # each pruned layer selects its own kept heads' columns (``select_bias_heads``).
+    shared_head_bias: Optional[str] = None
+    # Position ids start after the padding id (RoBERTa-style), so fewer tokens fit than there are positions.
+    positions_after_padding: bool = False
+    tokenizer_note: str = ""
 
     def set_num_heads(self, attention: nn.Module, count: int) -> None:
         setattr(attention, self.heads_attribute, count)
@@ -44,23 +55,49 @@ class ArchitectureSpec:
             attention.all_head_size = count * attention.attention_head_size
 
 
+def _bert_like(model_type: str, prefix: str, loader: str, **extra) -> ArchitectureSpec:
+    """BERT's layer layout (RoBERTa, XLM-R and ELECTRA keep it under their own prefix)."""
+    return ArchitectureSpec(
+        model_type=model_type, layers=f"{prefix}.encoder.layer", embeddings=f"{prefix}.embeddings.word_embeddings",
+        attention="attention.self", query="attention.self.query", key="attention.self.key",
+        value="attention.self.value", attn_output="attention.output.dense", ffn_in="intermediate.dense",
+        ffn_out="output.dense", heads_attribute="num_attention_heads", config_layers="num_hidden_layers",
+        config_heads="num_attention_heads", config_ffn="intermediate_size", config_hidden="hidden_size",
+        stock_loader_class=loader, **extra,
+    )
+
+
 ARCHITECTURES = {
     spec.model_type: spec
     for spec in (
-        ArchitectureSpec(
-            model_type="bert", layers="bert.encoder.layer", embeddings="bert.embeddings.word_embeddings",
-            attention="attention.self", query="attention.self.query", key="attention.self.key",
-            value="attention.self.value", attn_output="attention.output.dense", ffn_in="intermediate.dense",
-            ffn_out="output.dense", heads_attribute="num_attention_heads", config_layers="num_hidden_layers",
-            config_heads="num_attention_heads", config_ffn="intermediate_size", config_hidden="hidden_size",
-            stock_loader_class="PrunedBertForSequenceClassification",
-        ),
+        _bert_like("bert", "bert", "PrunedBertForSequenceClassification"),
         ArchitectureSpec(
             model_type="distilbert", layers="distilbert.transformer.layer", embeddings="distilbert.embeddings.word_embeddings",
             attention="attention", query="attention.q_lin", key="attention.k_lin", value="attention.v_lin",
             attn_output="attention.out_lin", ffn_in="ffn.lin1", ffn_out="ffn.lin2", heads_attribute="n_heads",
             config_layers="n_layers", config_heads="n_heads", config_ffn="hidden_dim", config_hidden="dim",
             stock_loader_class="PrunedDistilBertForSequenceClassification",
+        ),
+        _bert_like("roberta", "roberta", "PrunedRobertaForSequenceClassification", positions_after_padding=True),
+        _bert_like("xlm-roberta", "roberta", "PrunedXLMRobertaForSequenceClassification", positions_after_padding=True),
+        _bert_like("electra", "electra", "PrunedElectraForSequenceClassification"),
+        ArchitectureSpec(
+            model_type="mpnet", layers="mpnet.encoder.layer", embeddings="mpnet.embeddings.word_embeddings",
+            attention="attention.attn", query="attention.attn.q", key="attention.attn.k", value="attention.attn.v",
+            attn_output="attention.attn.o", ffn_in="intermediate.dense", ffn_out="output.dense",
+            heads_attribute="num_attention_heads", config_layers="num_hidden_layers", config_heads="num_attention_heads",
+            config_ffn="intermediate_size", config_hidden="hidden_size",
+            stock_loader_class="PrunedMPNetForSequenceClassification",
+            shared_head_bias="mpnet.encoder.relative_attention_bias", positions_after_padding=True,
+        ),
+        ArchitectureSpec(
+            model_type="deberta-v2", layers="deberta.encoder.layer", embeddings="deberta.embeddings.word_embeddings",
+            attention="attention.self", query="attention.self.query_proj", key="attention.self.key_proj",
+            value="attention.self.value_proj", attn_output="attention.output.dense", ffn_in="intermediate.dense",
+            ffn_out="output.dense", heads_attribute="num_attention_heads", config_layers="num_hidden_layers",
+            config_heads="num_attention_heads", config_ffn="intermediate_size", config_hidden="hidden_size",
+            stock_loader_class="PrunedDebertaV2ForSequenceClassification",
+            head_projections=("attention.self.pos_key_proj", "attention.self.pos_query_proj"),
         ),
     )
 }
@@ -73,7 +110,9 @@ def check_supported(config) -> ArchitectureSpec:
     if model_type not in ARCHITECTURES:
         raise ValueError(
             f"Model type {model_type!r} is not supported; supported architectures: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (e.g. bert-base-uncased, distilbert-base-uncased, all-MiniLM-L6-v2)."
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (e.g. bert-base-uncased, distilbert-base-uncased, all-MiniLM-L6-v2, "
+            f"roberta-base, xlm-roberta-base, google/electra-small-discriminator, all-mpnet-base-v2, "
+            f"microsoft/deberta-v3-small)."
         )
     return ARCHITECTURES[model_type]
 
@@ -139,6 +178,48 @@ class LayerView:
     def set_num_heads(self, count: int) -> None:
         self.spec.set_num_heads(self.get("attention"), count)
 
+    def head_projections(self) -> list[str]:
+        """The spec's further per-head projections this layer actually has (module paths in the layer)."""
+        present = []
+        for path in self.spec.head_projections:
+            try:
+                if isinstance(self.module.get_submodule(path), nn.Linear):
+                    present.append(path)
+            except AttributeError:
+                continue
+        return present
+
+    @property
+    def bias_heads(self) -> Optional[list[int]]:
+        """Columns of the shared head-bias table this layer uses (None: all, in order)."""
+        return getattr(self.get("attention"), "bias_heads", None)
+
+
+class _BiasHeadSelector:
+    """Forward pre-hook: hand a pruned attention only its kept heads' slice of the shared position bias."""
+
+    def __init__(self, heads: list[int]) -> None:
+        self.heads = list(heads)
+
+    def __call__(self, module, args, kwargs):
+        index = None
+        if len(args) > 2 and args[2] is not None:
+            index = torch.tensor(self.heads, device=args[2].device)
+            args = (*args[:2], args[2].index_select(1, index), *args[3:])
+        elif kwargs.get("position_bias") is not None:
+            bias = kwargs["position_bias"]
+            kwargs = {**kwargs, "position_bias": bias.index_select(1, torch.tensor(self.heads, device=bias.device))}
+        return args, kwargs
+
+
+def select_bias_heads(attention: nn.Module, heads: list[int]) -> None:
+    """Make ``attention`` (an MPNet self-attention) read columns ``heads`` of the shared relative-position bias."""
+    attention.bias_heads = list(heads)
+    handle = getattr(attention, "_bias_head_hook", None)
+    if handle is not None:
+        handle.remove()
+    attention._bias_head_hook = attention.register_forward_pre_hook(_BiasHeadSelector(heads), with_kwargs=True)
+
 
 def layer_views(model: nn.Module) -> list[LayerView]:
     spec = spec_for(model)
@@ -155,7 +236,7 @@ def encoder_prefix(model: nn.Module) -> str:
 
 def architecture_record(model: nn.Module) -> dict:
     views = layer_views(model)
-    return {
+    record = {
         "model_type": model_type_of(model),
         "num_layers": len(views),
         "head_size": views[0].head_size if views else None,
@@ -163,6 +244,11 @@ def architecture_record(model: nn.Module) -> dict:
         "ffn_width_per_layer": [view.ffn_width for view in views],
         "vocab_size": word_embeddings(model).num_embeddings,
     }
+    if spec_for(model).shared_head_bias:
+        record["bias_heads_per_layer"] = [
+            view.bias_heads if view.bias_heads is not None else list(range(view.num_heads)) for view in views
+        ]
+    return record
 
 
 def is_uniform(record: dict, config: dict) -> bool:
@@ -184,11 +270,24 @@ def apply_architecture(model: nn.Module, record: dict) -> None:
             f"Architecture record ({record.get('model_type')}, {record.get('num_layers')} layers) does not match the "
             f"model config ({model_type_of(model)}, {len(views)} layers); the checkpoint is inconsistent."
         )
-    for view, heads, width in zip(views, record["heads_per_layer"], record["ffn_width_per_layer"]):
+    bias_heads = record.get("bias_heads_per_layer")
+    if view_needs_bias_heads(model) and bias_heads is None and any(h != views[0].num_heads for h in record["heads_per_layer"]):
+        raise ValueError(
+            f"The architecture record of this {record['model_type']} model has pruned heads but no bias_heads_per_layer "
+            f"(which relative-bias columns each layer keeps); the checkpoint is damaged or was written by an older version."
+        )
+    for layer, (view, heads, width) in enumerate(zip(views, record["heads_per_layer"], record["ffn_width_per_layer"])):
         inner = heads * view.head_size
         for part in ("query", "key", "value"):
             old = view.get(part)
             view.set(part, _resized_linear(old, inner, old.in_features))
+        for path in view.head_projections():
+            old = view.module.get_submodule(path)
+            set_module(view.module, path, _resized_linear(old, inner, old.in_features))
+        if bias_heads is not None and list(bias_heads[layer]) != list(range(view.num_heads)):
+            if len(bias_heads[layer]) != heads:
+                raise ValueError(f"bias_heads_per_layer[{layer}] lists {len(bias_heads[layer])} heads but the layer keeps {heads}.")
+            select_bias_heads(view.get("attention"), bias_heads[layer])
         old = view.get("attn_output")
         view.set("attn_output", _resized_linear(old, old.out_features, inner))
         old = view.get("ffn_in")
@@ -196,3 +295,16 @@ def apply_architecture(model: nn.Module, record: dict) -> None:
         old = view.get("ffn_out")
         view.set("ffn_out", _resized_linear(old, old.out_features, width))
         view.set_num_heads(heads)
+
+
+def view_needs_bias_heads(model: nn.Module) -> bool:
+    return spec_for(model).shared_head_bias is not None
+
+
+def position_limit(model_config: dict) -> Optional[int]:
+    """Most tokens one example may have: the position embeddings, less RoBERTa-style models' padding offset."""
+    limit = model_config.get("max_position_embeddings")
+    spec = ARCHITECTURES.get(model_config.get("model_type"))
+    if limit is not None and spec is not None and spec.positions_after_padding:
+        limit -= (model_config.get("pad_token_id") or 0) + 1
+    return limit

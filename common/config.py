@@ -247,7 +247,8 @@ class PruningConfig(TrainingConfig, DistillationWeights):
     prune_vocabulary: bool = _field(
         True,
         "Drop word-embedding rows of tokens that never occur in the training split (special tokens always kept) and "
-        "save a matching tokenizer; unseen tokens become [UNK].",
+        "save a matching tokenizer; unseen tokens become [UNK]. WordPiece and Unigram/SentencePiece tokenizers; skipped, "
+        "with a log line, for byte-level BPE (RoBERTa).",
     )
     vocabulary_extra_tokens: int = _field(0, "With prune_vocabulary: also keep this many other tokens, lowest ids first.")
 

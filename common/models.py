@@ -29,6 +29,7 @@ from .architecture import (  # noqa: F401  (re-exported: the names scripts and t
     is_uniform,
     layer_views,
     model_type_of,
+    position_limit,
     spec_for,
     word_embeddings,
 )
@@ -170,8 +171,8 @@ def ship_stock_loader(folder: Path, architecture: dict) -> bool:
     shutil.copyfile(STOCK_LOADER, Path(folder) / STOCK_LOADER.name)
     class_name = ARCHITECTURES[architecture["model_type"]].stock_loader_class
     config["auto_map"] = {"AutoModelForSequenceClassification": f"{STOCK_LOADER.stem}.{class_name}"}
-    config["pruned_layers"] = {"heads_per_layer": architecture["heads_per_layer"],
-                               "ffn_width_per_layer": architecture["ffn_width_per_layer"]}
+    config["pruned_layers"] = {key: architecture[key] for key in ("heads_per_layer", "ffn_width_per_layer", "bias_heads_per_layer")
+                               if key in architecture}
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return True
 
@@ -241,10 +242,6 @@ def check_matches_data(folder: Path, record: dict, data_config, label_names: Opt
                 f"train/validation/test split would differ; pass the same data flags as the run that made it."
             )
     check_max_length(folder, data_config.max_length)
-
-
-def position_limit(model_config: dict) -> Optional[int]:
-    return model_config.get("max_position_embeddings")
 
 
 def check_max_length(folder: str | Path, max_length: int) -> None:

@@ -69,7 +69,11 @@ def export_onnx(model: nn.Module, tokenizer, path: Path, max_length: int = 64) -
     finally:
         if previous is not None:
             model.config._attn_implementation = previous
-    return names
+    # the exporter drops inputs the graph never reads (DeBERTa-v3 has no token-type embeddings)
+    import onnx
+
+    graph_inputs = {item.name for item in onnx.load(str(path), load_external_data=False).graph.input}
+    return [name for name in names if name in graph_inputs]
 
 
 def ffn_output_matmuls(model: nn.Module) -> list[str]:

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .architecture import LayerView, architecture_record, layer_views
+from .architecture import LayerView, architecture_record, layer_views, select_bias_heads, set_module
 
 logger = logging.getLogger(__name__)
 
@@ -389,8 +389,13 @@ class StructuralPruner:
             head_indices = torch.nonzero(heads).flatten()
             kept_heads.append(head_indices.tolist())
             rows = torch.nonzero(heads.repeat_interleave(self.head_size)).flatten()
+            if view.spec.shared_head_bias is not None:
+                columns = view.bias_heads if view.bias_heads is not None else list(range(view.num_heads))
+                select_bias_heads(view.get("attention"), [columns[h] for h in head_indices.tolist()])
             for part in ("query", "key", "value"):
                 view.set(part, _select(view.get(part), rows, dim=0))
+            for path in view.head_projections():
+                set_module(view.module, path, _select(view.module.get_submodule(path), rows, dim=0))
             view.set("attn_output", _select(view.get("attn_output"), rows, dim=1))
             view.set_num_heads(len(head_indices))
             neurons = torch.nonzero(self.layer_mask("ffn", layer)).flatten()

@@ -2,15 +2,18 @@
 
 On the embedded default the word embeddings are 30522 x 384 = 11.7M parameters, about half the teacher.
 A classifier fine-tuned on one corpus only ever updates the rows of tokens that occur in it; the rest can
-go. We keep the special tokens, every token of the training split and optionally ``extra`` more (lowest ids
-first), rebuild a WordPiece tokenizer over the kept tokens in their original order, and slice the embedding
-matrix to match. WordPiece's greedy longest match over a subset vocabulary splits a word into the same pieces
-whenever those pieces are kept, so text made of kept tokens gives exactly the same ids (remapped) and logits.
+go. We keep the special and added tokens, every token of the training split and optionally ``extra`` more
+(lowest ids first), rewrite the tokenizer's model (WordPiece or Unigram) over the kept tokens in their original
+order, and slice the embedding matrix to match. Both models segment a text made of kept tokens exactly as before
+(see ``PRUNABLE_TOKENIZER_MODELS``), so it gets the same ids (remapped) and the same logits. Byte-level BPE
+tokenizers (RoBERTa) cannot be pruned this way; stage 8 skips them and says why.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import Optional
 
 import torch
 from torch import nn
@@ -43,29 +46,81 @@ def token_coverage(tokenizer, texts: list[str], max_length: int) -> float:
     return 1.0 - unknown / max(1, total)
 
 
+# Tokenizer models whose segmentation of a text only uses pieces that appear in its output, so a vocabulary
+# restricted to the pieces the corpus produced segments the corpus exactly as before:
+# - WordPiece: greedy longest match; every piece it matched is in the output.
+# - Unigram (SentencePiece, XLM-R and DeBERTa-v3): Viterbi over the kept pieces; the best segmentation is still
+#   available and nothing better was added, so it is chosen again.
+# Byte-level BPE (RoBERTa) is not among them: a word is built by a chain of merges whose intermediate pieces never
+# appear in the output, so dropping "unused" pieces breaks the chains and changes the segmentation.
+PRUNABLE_TOKENIZER_MODELS = ("WordPiece", "Unigram")
+
+
+def tokenizer_model_type(tokenizer) -> str:
+    return json.loads(tokenizer.backend_tokenizer.to_str())["model"]["type"]
+
+
+def unsupported_reason(tokenizer) -> Optional[str]:
+    """Why this tokenizer's vocabulary cannot be pruned exactly (None when it can)."""
+    kind = tokenizer_model_type(tokenizer)
+    if kind in PRUNABLE_TOKENIZER_MODELS:
+        return None
+    if kind == "BPE":
+        return (f"{type(tokenizer).__name__} is a BPE tokenizer: its merges build words from intermediate pieces "
+                f"that never appear in the output, so keeping only the corpus's tokens would change how kept texts "
+                f"are tokenized")
+    return f"{type(tokenizer).__name__} uses a {kind} model; vocabulary pruning supports {', '.join(PRUNABLE_TOKENIZER_MODELS)}"
+
+
+def _remap_post_processor(processor: Optional[dict], new_id: dict[int, int]) -> None:
+    if not processor:
+        return
+    for child in processor.get("processors", []) or []:
+        _remap_post_processor(child, new_id)
+    for key in ("sep", "cls"):  # BertProcessing / RobertaProcessing: [token, id]
+        if key in processor:
+            processor[key] = [processor[key][0], new_id[processor[key][1]]]
+    for special in (processor.get("special_tokens") or {}).values():  # TemplateProcessing
+        special["ids"] = [new_id[i] for i in special["ids"]]
+
+
 def rebuild_tokenizer(tokenizer, kept_ids: list[int]):
-    """A tokenizer of the same class and settings whose vocabulary is ``kept_ids`` renumbered 0..n-1."""
-    if tokenizer.backend_tokenizer.model.__class__.__name__ != "WordPiece":
-        raise ValueError(
-            f"Vocabulary pruning supports WordPiece tokenizers (BERT, DistilBERT); {type(tokenizer).__name__} uses "
-            f"{tokenizer.backend_tokenizer.model.__class__.__name__}. Set prune_vocabulary=false."
-        )
-    id_to_token = {index: token for token, index in tokenizer.get_vocab().items()}
-    vocab = {id_to_token[old]: new for new, old in enumerate(kept_ids)}
-    settings = {key: tokenizer.init_kwargs[key] for key in ("do_lower_case", "tokenize_chinese_chars", "strip_accents") if key in tokenizer.init_kwargs}
-    return type(tokenizer)(
-        vocab=vocab,
-        unk_token=tokenizer.unk_token, sep_token=tokenizer.sep_token, pad_token=tokenizer.pad_token,
-        cls_token=tokenizer.cls_token, mask_token=tokenizer.mask_token,
-        model_max_length=tokenizer.model_max_length, **settings,
-    )
+    """The same tokenizer (class, normalizer, pre-tokenizer, templates, settings) with only ``kept_ids``,
+    renumbered 0..n-1 in their original order."""
+    import copy
+
+    from tokenizers import Tokenizer
+
+    reason = unsupported_reason(tokenizer)
+    if reason is not None:
+        raise ValueError(f"Vocabulary pruning is not possible: {reason}. Set prune_vocabulary=false.")
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    new_id = {old: new for new, old in enumerate(kept_ids)}
+    model = state["model"]
+    if model["type"] == "WordPiece":
+        model["vocab"] = {token: new_id[old] for token, old in model["vocab"].items() if old in new_id}
+    else:
+        model["vocab"] = [model["vocab"][old] for old in kept_ids]
+        if model.get("unk_id") is not None:
+            model["unk_id"] = new_id[model["unk_id"]]
+    for added in state.get("added_tokens") or []:
+        added["id"] = new_id[added["id"]]
+    _remap_post_processor(state.get("post_processor"), new_id)
+    pruned = copy.deepcopy(tokenizer)
+    pruned._tokenizer = Tokenizer.from_str(json.dumps(state))
+    return pruned
 
 
 @torch.no_grad()
 def prune_vocabulary(model: nn.Module, tokenizer, data, max_length: int, extra: int = 0):
     """Slice the word embeddings to the training split's tokens; return (model, tokenizer, summary)."""
     spec = spec_for(model)  # refuses an unsupported architecture before any work
+    reason = unsupported_reason(tokenizer)
+    if reason is not None:
+        logger.warning("Vocabulary pruning skipped: %s. The model keeps all %d word embeddings.", reason, len(tokenizer))
+        return model, tokenizer, {"skipped": reason, "original_vocab_size": len(tokenizer)}
     keep = used_token_ids(tokenizer, list(data.train["text"]), max_length) | set(tokenizer.all_special_ids)
+    keep |= {added["id"] for added in json.loads(tokenizer.backend_tokenizer.to_str()).get("added_tokens") or []}
     if extra:
         others = [i for i in range(len(tokenizer)) if i not in keep]
         keep |= set(others[:extra])
@@ -77,6 +132,9 @@ def prune_vocabulary(model: nn.Module, tokenizer, data, max_length: int, extra: 
     if old.padding_idx is not None:
         new.padding_idx = new_tokenizer.pad_token_id
     set_module(model, spec.embeddings, new)
+    embeddings = model.get_submodule(spec.embeddings.rpartition(".")[0])
+    if getattr(embeddings, "padding_idx", None) is not None:  # RoBERTa-style position ids count from the pad id
+        embeddings.padding_idx = new_tokenizer.pad_token_id
     model.config.vocab_size = len(kept_ids)
     model.config.pad_token_id = new_tokenizer.pad_token_id
     summary = {

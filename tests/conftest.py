@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import sys
@@ -33,6 +34,53 @@ def make_tokenizer(folder: Path):
     return BertTokenizerFast.from_pretrained(str(folder), do_lower_case=True)
 
 
+SENTENCES = [" ".join(words) for words in zip(POSITIVE + NEGATIVE, NEUTRAL + NEUTRAL[:3], reversed(POSITIVE + NEGATIVE))]
+
+
+def make_architecture_tokenizer(model_type: str, folder: Path):
+    """A small tokenizer of the kind each architecture's real checkpoints ship: WordPiece (BERT, DistilBERT,
+    ELECTRA, MPNet), byte-level BPE (RoBERTa) or Unigram/SentencePiece (XLM-R, DeBERTa-v3), saved in ``folder``."""
+    import transformers
+    from tokenizers import ByteLevelBPETokenizer, SentencePieceUnigramTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = [word for word in VOCABULARY if word not in SPECIAL]
+    corpus = SENTENCES * 20 + words * 20
+    if model_type in ("bert", "distilbert"):
+        return make_tokenizer(folder)
+    if model_type in ("electra", "mpnet"):
+        specials = SPECIAL if model_type == "electra" else ["<s>", "<pad>", "</s>", "[UNK]", "<mask>"]
+        vocab = {token: i for i, token in enumerate(specials + words)}
+        cls = transformers.ElectraTokenizer if model_type == "electra" else transformers.MPNetTokenizer
+        tokenizer = cls(vocab=vocab)
+    elif model_type == "roberta":
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(corpus, vocab_size=300, min_frequency=1,
+                                special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+        state = json.loads(bpe.to_str())["model"]
+        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
+        tokenizer = transformers.RobertaTokenizer(vocab=state["vocab"], merges=merges)
+    else:
+        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] if model_type == "xlm-roberta" else ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+        unigram = SentencePieceUnigramTokenizer()
+        unigram.train_from_iterator(corpus, vocab_size=120, special_tokens=specials, unk_token=specials[3], show_progress=False)
+        pieces = [tuple(piece) for piece in json.loads(unigram.to_str())["model"]["vocab"]]
+        if model_type == "xlm-roberta":
+            tokenizer = transformers.XLMRobertaTokenizer(vocab=pieces)
+        else:
+            tokenizer = transformers.DebertaV2Tokenizer(vocab=pieces, unk_id=3)
+    tokenizer.save_pretrained(folder)
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def make_pretrained_folder(model_type: str, folder: Path, layers: int = 4, num_labels: int = 2) -> Path:
+    """A tiny 'pretrained' model of ``model_type`` with its kind of tokenizer, saved like a hub model."""
+    tokenizer = make_architecture_tokenizer(model_type, folder)
+    model = tiny_model(tiny_config(model_type, num_labels=num_labels, layers=layers, vocab_size=len(tokenizer)))
+    model.save_pretrained(folder)
+    return folder
+
+
 def tiny_bert_config(num_labels: int = 2, layers: int = 2, heads: int = 4, hidden: int = 32, ffn: int = 64):
     from transformers import BertConfig
 
@@ -50,6 +98,33 @@ def tiny_distilbert_config(num_labels: int = 2, layers: int = 2, heads: int = 4,
         vocab_size=len(VOCABULARY), dim=dim, n_layers=layers, n_heads=heads, hidden_dim=ffn,
         max_position_embeddings=64, num_labels=num_labels, dropout=0.0, attention_dropout=0.0,
     )
+
+
+NEW_ARCHITECTURES = ("roberta", "xlm-roberta", "electra", "mpnet", "deberta-v2")
+
+
+def tiny_config(model_type: str, num_labels: int = 2, layers: int = 2, heads: int = 4, hidden: int = 32, ffn: int = 64,
+                vocab_size: int = len(VOCABULARY), share_att_key: bool = False):
+    """A tiny config of any supported architecture, shaped like its real checkpoints (RoBERTa's position
+    offset, ELECTRA's narrower embeddings, DeBERTa-v3's relative attention)."""
+    from transformers import AutoConfig
+
+    if model_type == "bert":
+        return tiny_bert_config(num_labels, layers, heads, hidden, ffn)
+    if model_type == "distilbert":
+        return tiny_distilbert_config(num_labels, layers, heads, hidden, ffn)
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  intermediate_size=ffn, num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    extra = {
+        "roberta": dict(max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1),
+        "xlm-roberta": dict(max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1),
+        "electra": dict(max_position_embeddings=64, embedding_size=hidden // 2),
+        "mpnet": dict(max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2, relative_attention_num_buckets=32),
+        "deberta-v2": dict(max_position_embeddings=64, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                           position_biased_input=False, share_att_key=share_att_key, max_relative_positions=-1,
+                           position_buckets=16, norm_rel_ebd="layer_norm", type_vocab_size=0, pad_token_id=0),
+    }[model_type]
+    return AutoConfig.for_model(model_type, **common, **extra)
 
 
 def tiny_model(config):
