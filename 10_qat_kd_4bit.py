@@ -10,10 +10,12 @@ Does:   trains full-precision master weights through NF4 fake quantization (bits
         4-bit weights, reloads the checkpoint and checks that its validation accuracy matches the
         fake-quantized one within --max_accuracy_gap points (a mismatch is an error; nothing is saved).
 Writes: results/qkd_4bit/<run_id>/ with the 4-bit weights and compression.json.
+        While training, per-epoch state in results/qkd_4bit/.inprogress-<run_id>/ for --resume.
 
 Run as:
     python 10_qat_kd_4bit.py
     python 10_qat_kd_4bit.py --pruned_model_path results/pruned/<run_id> --num_epochs 2 --learning_rate 1e-5 --batch_size 16
+    python 10_qat_kd_4bit.py --resume                  # continue an interrupted run after its last epoch
 """
 
 import torch
@@ -30,7 +32,7 @@ from common.quantization import (
     quantize_model_4bit,
     strip_fake_quantization,
 )
-from common.training import start_stage, train
+from common.training import choose_resume_dir, finish_resume_dir, start_stage, train
 
 
 def resolve_teacher(config: QATKDConfig, label_names, pruned_folder, data_config):
@@ -61,6 +63,8 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
     accelerator, data = run.accelerator, run.data
     pruned_folder, pruned_record = resolve_stage_checkpoint("pruned", config.pruned_model_path, data.label_names, data_config)
     teacher_folder = resolve_teacher(config, data.label_names, pruned_folder, data_config)
+    resume_dir = choose_resume_dir("qkd_4bit", data_config, config, accelerator, data.label_names,
+                                   {"pruned": pruned_folder, "teacher": teacher_folder})
     student, teacher = load_model(pruned_folder), load_model(teacher_folder)
     teacher.to(accelerator.device)
     tokenizer = load_checkpoint_tokenizer(pruned_folder)
@@ -77,9 +81,13 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
         config.beta_ce, config.beta_logits, config.beta_hidden, config.temperature,
         mapping=layer_map(num_layers(student), num_layers(teacher)),
     )
-    result = train(student, train_loader, eval_loader, config, kd_step(teacher, loss, token_map), accelerator, description="qkd")
+    result = train(student, train_loader, eval_loader, config, kd_step(teacher, loss, token_map), accelerator,
+                   resume_dir=resume_dir, description="qkd")
 
     accelerator.wait_for_everyone()
+    if result.stopped_early:
+        accelerator.end_training()
+        return
     if not accelerator.is_main_process:
         accelerator.end_training()
         return
@@ -121,6 +129,7 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
     metrics = read_record(folder)["metrics"]
     print(f"QKD-4bit: validation accuracy {metrics['validation']['accuracy']:.4f} (fake-quantized "
           f"{result.best_metrics['accuracy']:.4f}, epoch {result.best_epoch}) -> {folder}")
+    finish_resume_dir(resume_dir, accelerator)
     accelerator.end_training()
 
 

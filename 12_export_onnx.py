@@ -50,7 +50,7 @@ from common.checkpoints import (
     write_json,
 )
 from common.config import OnnxExportConfig, config_to_dict, log_config
-from common.data import build_loaders, load_splits
+from common.data import build_loaders, load_splits, text_inputs
 from common.evaluation import InferenceModel, interleaved_latency, predict
 from common.models import architecture_record, check_matches_data, count_parameters, load_checkpoint_tokenizer, load_model
 from common.onnx_export import (
@@ -148,7 +148,7 @@ def export_int8_bundle(data_config, config, data, scratch: Path) -> Path:
 
         prepared = scratch / "preprocessed.onnx"
         preprocess_for_static(quantize_from, prepared)
-        batches = calibration_batches(tokenizer, list(data.validation["text"]), names, data_config.max_length,
+        batches = calibration_batches(tokenizer, *text_inputs(data.validation), names, data_config.max_length,
                                       config.calibration_batch_size, config.calibration_samples)
         ffn_outputs = ffn_output_matmuls(model)
         missing = sorted(set(ffn_outputs) - set(matmul_names(prepared)))

@@ -15,74 +15,31 @@ Run as:
     torchrun --nproc_per_node 2 1_train_teacher.py --profile smoke
 """
 
-import dataclasses
-import json
-import shutil
-
 import torch.nn.functional as F
-from accelerate.utils import broadcast_object_list
 
 from common import DataConfig, TeacherConfig, parse_config, setup_logging
-from common.checkpoints import RESUME_PREFIX, find_resume_dir, new_run_id, stage_dir
-from common.data import build_loaders
+from common.data import build_loaders, model_inputs
 from common.models import (
-    data_identity,
     load_pretrained_classifier,
     load_pretrained_config,
     load_tokenizer,
     resolve_model_source,
     save_checkpoint,
 )
-from common.training import start_stage, train
+from common.training import choose_resume_dir, finish_resume_dir, start_stage, train
 
 
 def cross_entropy_loss(model, batch):
     labels = batch["labels"]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**model_inputs(batch)).logits
     return F.cross_entropy(logits, labels), {}
-
-
-RUN_FILE = "run.json"  # what the interrupted run trained on; a resume must match it
-
-
-def run_description(data_config: DataConfig, config: TeacherConfig, label_names) -> dict:
-    return {"data": data_identity(dataclasses.asdict(data_config)), "label_names": list(label_names),
-            "model_name_or_path": config.model_name_or_path, "max_length": data_config.max_length}
-
-
-def choose_resume_dir(data_config: DataConfig, config: TeacherConfig, accelerator, label_names):
-    """The interrupted run to continue (checked against this run's data, labels and model before anything is
-    loaded), or a new per-epoch state folder."""
-    description = run_description(data_config, config, label_names)
-    if config.resume:
-        folder = find_resume_dir("teacher")
-        if folder is None:
-            raise FileNotFoundError(
-                f"--resume was given but {stage_dir('teacher')} holds no interrupted run ({RESUME_PREFIX}* folder with "
-                f"trainer_state.json). Start a new run without --resume."
-            )
-        saved = json.loads((folder / RUN_FILE).read_text()) if (folder / RUN_FILE).is_file() else None
-        if saved is not None and saved != description:
-            differing = {key: (saved.get(key), value) for key, value in description.items() if saved.get(key) != value}
-            raise ValueError(
-                f"--resume: the interrupted run in {folder} trained with other settings than this one: "
-                + "; ".join(f"{key}: {old!r} then, {new!r} now" for key, (old, new) in differing.items())
-                + ". Resume with the same data and model flags, or start a new run without --resume."
-            )
-        return folder
-    name = [f"{RESUME_PREFIX}{new_run_id()}"]
-    broadcast_object_list(name)  # every process must write to the same folder
-    folder = stage_dir("teacher") / name[0]
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / RUN_FILE).write_text(json.dumps(description, indent=2))
-    return folder
 
 
 def main(data_config: DataConfig, config: TeacherConfig) -> None:
     run = start_stage(data_config, config)
     accelerator, data = run.accelerator, run.data
-    resume_dir = choose_resume_dir(data_config, config, accelerator, data.label_names)
+    resume_dir = choose_resume_dir("teacher", data_config, config, accelerator, data.label_names,
+                                   {"model": resolve_model_source(config.model_name_or_path)})
     load_pretrained_config(config.model_name_or_path, data_config.max_length)  # architecture and max_length, before weights
     tokenizer = load_tokenizer(config.model_name_or_path)
     model = load_pretrained_classifier(config.model_name_or_path, data.label_names, data_config.max_length)
@@ -94,6 +51,9 @@ def main(data_config: DataConfig, config: TeacherConfig) -> None:
     )
 
     accelerator.wait_for_everyone()
+    if result.stopped_early:
+        accelerator.end_training()
+        return
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
         model.load_state_dict(result.best_state)
@@ -106,8 +66,8 @@ def main(data_config: DataConfig, config: TeacherConfig) -> None:
             ),
             output_dir=config.output_dir, overwrite=config.overwrite_output_dir,
         )
-        shutil.rmtree(resume_dir, ignore_errors=True)
         print(f"Teacher: validation accuracy {result.best_metrics['accuracy']:.4f} (epoch {result.best_epoch}) -> {folder}")
+    finish_resume_dir(resume_dir, accelerator)
     accelerator.end_training()
 
 

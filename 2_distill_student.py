@@ -4,11 +4,13 @@ Reads:  the newest results/teacher/ checkpoint (or --teacher_model_path) and the
         The student is built the DistilBERT way (teacher width, every other layer copied, embeddings and head
         copied; --student_num_layers, default half) or loaded with --student_model_name_or_path.
 Writes: results/student/<run_id>/ with the best epoch by validation accuracy, compression.json, metrics.json.
+        While training, per-epoch state in results/student/.inprogress-<run_id>/ for --resume.
 Loss:   alpha_ce*CE + alpha_kd*KL(teacher/T || student/T)*T^2 + alpha_hidden*MSE(hidden states, layer map).
 
 Run as:
     python 2_distill_student.py
     python 2_distill_student.py --student_num_layers 2 --alpha_hidden 0 --profile smoke
+    python 2_distill_student.py --resume                # continue an interrupted run after its last epoch
     torchrun --nproc_per_node 2 2_distill_student.py --profile smoke
 """
 
@@ -20,11 +22,12 @@ from common.models import (
     count_parameters,
     load_checkpoint_tokenizer,
     load_pretrained_classifier,
-    load_stage_model,
+    load_model,
     load_tokenizer,
+    resolve_stage_checkpoint,
     save_checkpoint,
 )
-from common.training import start_stage, train
+from common.training import choose_resume_dir, finish_resume_dir, start_stage, train
 
 
 def make_student(teacher, teacher_tokenizer, config: StudentConfig, label_names, data_config: DataConfig):
@@ -44,7 +47,10 @@ def make_student(teacher, teacher_tokenizer, config: StudentConfig, label_names,
 def main(data_config: DataConfig, config: StudentConfig) -> None:
     run = start_stage(data_config, config)
     accelerator, data = run.accelerator, run.data
-    teacher, teacher_folder, _ = load_stage_model("teacher", config.teacher_model_path, data.label_names, data_config=data_config)
+    teacher_folder, _ = resolve_stage_checkpoint("teacher", config.teacher_model_path, data.label_names, data_config)
+    inputs = {"teacher": teacher_folder, "student": config.student_model_name_or_path or "layers of the teacher"}
+    resume_dir = choose_resume_dir("student", data_config, config, accelerator, data.label_names, inputs)
+    teacher = load_model(teacher_folder)
     tokenizer = load_checkpoint_tokenizer(teacher_folder)
     student, origin = make_student(teacher, tokenizer, config, data.label_names, data_config)
     teacher.to(accelerator.device)
@@ -55,9 +61,13 @@ def main(data_config: DataConfig, config: StudentConfig) -> None:
         mapping=layer_map(num_layers(student), num_layers(teacher)),
     )
     train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)
-    result = train(student, train_loader, eval_loader, config, kd_step(teacher, loss), accelerator, description="student")
+    result = train(student, train_loader, eval_loader, config, kd_step(teacher, loss), accelerator,
+                   resume_dir=resume_dir, description="student")
 
     accelerator.wait_for_everyone()
+    if result.stopped_early:
+        accelerator.end_training()
+        return
     if accelerator.is_main_process:
         student = accelerator.unwrap_model(student)
         student.load_state_dict(result.best_state)
@@ -71,6 +81,7 @@ def main(data_config: DataConfig, config: StudentConfig) -> None:
             output_dir=config.output_dir, overwrite=config.overwrite_output_dir,
         )
         print(f"Student: validation accuracy {result.best_metrics['accuracy']:.4f} (epoch {result.best_epoch}) -> {folder}")
+    finish_resume_dir(resume_dir, accelerator)
     accelerator.end_training()
 
 

@@ -8,14 +8,15 @@ Does:   fine-tunes with alpha_ce*CE + alpha_kd*KL*T^2 (+ alpha_hidden*MSE) while
         structures physically. Optionally prunes the vocabulary to the tokens of the training split.
 Writes: results/pruned/<run_id>/ with the smaller model, its architecture record (heads and FFN width per
         layer) and a pruning summary (sparsity, parameters and validation accuracy before and after).
+        While training, per-epoch state (weights, optimizer, RNG, the pruner's masks, importance window and
+        history) in results/pruned/.inprogress-<run_id>/ for --resume.
 
 Run as:
     python 8_pruning_with_finetuning.py
     python 8_pruning_with_finetuning.py --importance_mode l2 --enable_multi_granularity false   # the original
     python 8_pruning_with_finetuning.py --head_final_sparsity 0.5 --ffn_final_sparsity 0.6 --prune_vocabulary
+    python 8_pruning_with_finetuning.py --resume            # continue an interrupted run after its last epoch
 """
-
-import math
 
 from common import DataConfig, PruningConfig, parse_config, setup_logging
 from common.data import build_loaders, make_loader, tokenize_dataset
@@ -23,7 +24,7 @@ from common.distillation import DistillationLoss, kd_step, layer_map, num_layers
 from common.evaluation import evaluate_accuracy
 from common.models import count_parameters, load_checkpoint_tokenizer, load_model, resolve_stage_checkpoint, save_checkpoint
 from common.pruning import StructuralPruner
-from common.training import start_stage, train
+from common.training import choose_resume_dir, finish_resume_dir, optimizer_steps_per_epoch, start_stage, train
 from common.vocabulary import prune_vocabulary
 
 
@@ -37,12 +38,20 @@ class PruningHooks:
     def after_optimizer_step(self, step: int) -> None:
         self.pruner.step(step)
 
+    def resume_state(self):
+        return self.pruner.resume_state()
+
+    def load_resume_state(self, tensors, info) -> None:
+        self.pruner.load_resume_state(tensors, info)
+
 
 def main(data_config: DataConfig, config: PruningConfig) -> None:
     run = start_stage(data_config, config)
     accelerator, data = run.accelerator, run.data
     teacher_folder, _ = resolve_stage_checkpoint("teacher", config.teacher_model_path, data.label_names, data_config)
     student_folder, _ = resolve_stage_checkpoint("student", config.student_model_path, data.label_names, data_config)
+    resume_dir = choose_resume_dir("pruned", data_config, config, accelerator, data.label_names,
+                                   {"student": student_folder, "teacher": teacher_folder})
     teacher, student = load_model(teacher_folder), load_model(student_folder)
     teacher.to(accelerator.device)
     tokenizer = load_checkpoint_tokenizer(student_folder)
@@ -51,7 +60,7 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
     pruner = StructuralPruner(student, config)  # raises now if the targets cannot be met
     parameters_before = count_parameters(student)
     accuracy_before = evaluate_accuracy(student, eval_loader)["accuracy"]
-    total_steps = math.ceil(len(train_loader) / accelerator.num_processes) * config.num_epochs
+    total_steps = optimizer_steps_per_epoch(len(train_loader), accelerator.num_processes, config.gradient_accumulation_steps) * config.num_epochs
     pruner.set_schedule(total_steps)
     print(f"Pruning {len(pruner.head_groups)} head groups and {len(pruner.ffn_groups)} FFN groups; "
           f"student validation accuracy before: {accuracy_before:.4f}")
@@ -62,10 +71,13 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
     )
     result = train(
         student, train_loader, eval_loader, config, kd_step(teacher, loss), accelerator,
-        hooks=PruningHooks(pruner), keep="last", description="prune",
+        hooks=PruningHooks(pruner), keep="last", resume_dir=resume_dir, description="prune",
     )
 
     accelerator.wait_for_everyone()
+    if result.stopped_early:
+        accelerator.end_training()
+        return
     if not accelerator.is_main_process:
         accelerator.end_training()
         return
@@ -109,6 +121,7 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
         f"parameters {parameters_before:,} -> {parameters_after:,}; validation accuracy {accuracy_before:.4f} -> "
         f"{pruned_metrics['accuracy']:.4f} (masked {masked_metrics['accuracy']:.4f}) -> {folder}"
     )
+    finish_resume_dir(resume_dir, accelerator)
     accelerator.end_training()
 
 

@@ -11,13 +11,15 @@ Run as:
     python predict.py --model results/onnx/<run_id> "a gripping, funny film" "dull and far too long"
     cat reviews.txt | python predict.py --model results/pruned/<run_id> --format jsonl
     python predict.py --model results/qkd_4bit/<run_id> --input_file reviews.csv --text_column review
+    python predict.py --model results/onnx/<run_id> --input_file pairs.csv --text_column premise --text_pair_column hypothesis
+    python predict.py --model results/pruned/<run_id> --pair_separator '|||' "A man sleeps. ||| Nobody is asleep."
 """
 
 import argparse
 import sys
 
 from common import setup_logging
-from common.prediction import PredictionError, classify, format_results, open_classifier, read_texts
+from common.prediction import PredictionError, check_input_kind, classify, format_results, open_classifier, read_texts
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
@@ -27,6 +29,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--onnx_file", default=None, help="Which .onnx file of an ONNX folder (default: its deployment model).")
     parser.add_argument("--input_file", default=None, help="A .csv, .tsv, .json, .jsonl or .txt file of texts.")
     parser.add_argument("--text_column", default=None, help="Column of --input_file holding the text (default: 'text').")
+    parser.add_argument("--text_pair_column", default=None, help="Sentence-pair models: the column of --input_file with the second text.")
+    parser.add_argument("--pair_separator", default=None,
+                        help="Sentence-pair models: the string splitting each argument or input line into its two texts, e.g. '|||'.")
     parser.add_argument("--encoding", default="utf-8", help="Encoding of --input_file, e.g. latin-1 or cp1252.")
     parser.add_argument("--format", choices=("table", "jsonl"), default="table", help="Output format.")
     parser.add_argument("--batch_size", type=int, default=32, help="Texts per forward pass.")
@@ -42,8 +47,10 @@ def main(argv=None) -> int:
     try:
         reads_stdin = not arguments.texts and not arguments.input_file and not sys.stdin.isatty()
         stdin = sys.stdin if reads_stdin else None
-        texts = read_texts(arguments.texts, arguments.input_file, arguments.text_column, stdin, arguments.encoding)
+        texts = read_texts(arguments.texts, arguments.input_file, arguments.text_column, stdin, arguments.encoding,
+                           arguments.text_pair_column, arguments.pair_separator)
         classifier = open_classifier(arguments.model, arguments.onnx_file, arguments.num_threads)
+        check_input_kind(classifier, texts)
         print(f"Classifying {len(texts)} text(s) with the {classifier.description} in {classifier.folder}", file=sys.stderr)
         results = classify(classifier, texts, arguments.batch_size, progress=arguments.input_file is not None)
     except PredictionError as error:

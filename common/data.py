@@ -1,8 +1,9 @@
 """Datasets, the deterministic stratified split, tokenization and data loaders.
 
 Every script calls ``load_splits(data_config)`` and gets the same train/validation/test rows for the same
-config: the split depends only on the data and ``split_seed``. Text is always in column ``text`` and the label
-an integer in ``label``; ``label_names[i]`` is the name of label ``i`` and travels with the model (``id2label``).
+config: the split depends only on the data and ``split_seed``. Text is always in column ``text`` (and, for a
+sentence-pair task, its second text in ``text_pair``) and the label an integer in ``label``; ``label_names[i]`` is
+the name of label ``i`` and travels with the model (``id2label``). ``encode`` tokenizes singles and pairs alike.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ EMBEDDED_DATASET = "embedded"
 EMBEDDED_LABELS = ("rotten", "fresh")  # label 0, label 1
 LOCAL_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".bz2": "csv", ".gz": "csv"}
 TEXT_COLUMN_FALLBACKS = ("text", "sentence", "review", "content")
+PAIR_COLUMN = "text_pair"
 
 
 @dataclass
@@ -47,9 +49,13 @@ class TextClassificationData:
     def label2id(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.label_names)}
 
+    @property
+    def is_pair(self) -> bool:
+        return PAIR_COLUMN in self.train.column_names
+
     def summary(self) -> str:
         counts = ", ".join(f"{name}={len(split)}" for name, split in self.splits().items())
-        return f"{self.source}: {counts}; labels {self.label_names}"
+        return f"{self.source}: {counts}; labels {self.label_names}{'; sentence pairs' if self.is_pair else ''}"
 
     def splits(self) -> dict[str, Dataset]:
         return {"train": self.train, "validation": self.validation, "test": self.test}
@@ -161,27 +167,32 @@ def _labels_to_ids(values: list, names: list[str], source: str, column: str) -> 
     return ids
 
 
-def _table_to_lists(split: Dataset, config: DataConfig, source: str) -> tuple[list[str], list]:
+def _table_to_lists(split: Dataset, config: DataConfig, source: str) -> tuple[list, list]:
+    """Texts (a string, or a (text, pair) tuple for a sentence-pair task) and raw labels of one split."""
     text_column = _resolve_text_column(split.column_names, config.text_column, source)
-    if config.label_column not in split.column_names:
-        raise ValueError(
-            f"label_column={config.label_column!r} is not a column of {source}; its columns are {split.column_names}. "
-            f"Pass --label_column with one of them."
-        )
+    pair_column = config.text_pair_column
+    for field, column in (("label_column", config.label_column), ("text_pair_column", pair_column)):
+        if column is not None and column not in split.column_names:
+            raise ValueError(
+                f"{field}={column!r} is not a column of {source}; its columns are {split.column_names}. "
+                f"Pass --{field} with one of them."
+            )
     texts, labels = [], []
     no_text = no_label = 0
-    for text, label in zip(split[text_column], split[config.label_column]):
-        if text is None or not str(text).strip():
+    pairs = split[pair_column] if pair_column is not None else [None] * len(split)
+    for text, pair, label in zip(split[text_column], pairs, split[config.label_column]):
+        if text is None or not str(text).strip() or (pair_column is not None and (pair is None or not str(pair).strip())):
             no_text += 1
             continue
         if label is None or (isinstance(label, str) and not label.strip()):
             no_label += 1
             continue
-        texts.append(str(text))
+        texts.append((str(text), str(pair)) if pair_column is not None else str(text))
         labels.append(label)
     if no_text or no_label:
+        text_columns = text_column if pair_column is None else f"{text_column}/{pair_column}"
         logger.warning("Dropped %d row(s) of %s: %d with an empty text (column %r), %d with an empty label (column %r)",
-                       no_text + no_label, source, no_text, text_column, no_label, config.label_column)
+                       no_text + no_label, source, no_text, text_columns, no_label, config.label_column)
     return texts, labels
 
 
@@ -205,11 +216,15 @@ def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: in
     return [np.sort(np.asarray(part, dtype=np.int64)) for part in parts]
 
 
-def _shuffled(texts: list[str], labels: list[int], indices: np.ndarray, seed: int, limit: Optional[int]) -> Dataset:
+def _shuffled(texts: list, labels: list[int], indices: np.ndarray, seed: int, limit: Optional[int]) -> Dataset:
     order = np.random.default_rng(seed).permutation(indices)
     if limit is not None:
         order = order[:limit]
-    return Dataset.from_dict({"text": [texts[i] for i in order], "label": [int(labels[i]) for i in order]})
+    rows = [texts[i] for i in order]
+    columns = {"text": [row[0] if isinstance(row, tuple) else row for row in rows]}
+    if rows and isinstance(rows[0], tuple):
+        columns[PAIR_COLUMN] = [row[1] for row in rows]
+    return Dataset.from_dict({**columns, "label": [int(labels[i]) for i in order]})
 
 
 def load_splits(config: DataConfig) -> TextClassificationData:
@@ -251,7 +266,8 @@ def load_splits(config: DataConfig) -> TextClassificationData:
     if total == 0:
         raise ValueError(f"{source} has no labelled rows after loading; check the file and --text_column/--label_column.")
 
-    named = {"validation": "validation", "valid": "validation", "dev": "validation", "test": "test", "train": "train"}
+    named = {"validation": "validation", "valid": "validation", "dev": "validation", "test": "test", "train": "train",
+             "validation_matched": "validation", "test_matched": "test"}  # MNLI's matched splits
     given = {named[k]: k for k in pools if k in named and len(pools[k][0]) > 0}
     if "train" not in given:
         # One pool (a single file or the embedded data): carve every split from it.
@@ -284,13 +300,34 @@ def _is_unlabelled(value) -> bool:
     return value is None or (isinstance(value, (int, np.integer)) and value < 0)
 
 
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The tokenizer outputs of a batch, without labels: segment ids travel too (a sentence pair's second text is
+    segment 1 for BERT-style models; tokenizers of models without segment embeddings do not produce them)."""
+    return {key: batch[key] for key in MODEL_INPUT_KEYS if key in batch}
+
+
+def text_inputs(dataset: Dataset) -> tuple[list[str], Optional[list[str]]]:
+    """The texts of a split and, for a sentence-pair task, their second texts (else None)."""
+    pairs = list(dataset[PAIR_COLUMN]) if PAIR_COLUMN in dataset.column_names else None
+    return list(dataset["text"]), pairs
+
+
+def encode(tokenizer, texts: list[str], pairs: Optional[list[str]] = None, **kwargs):
+    """``tokenizer`` on single texts or on (text, pair) pairs, which it joins with its own separator template."""
+    return tokenizer(texts, pairs, **kwargs) if pairs is not None else tokenizer(texts, **kwargs)
+
+
 def tokenize_dataset(dataset: Dataset, tokenizer, max_length: int) -> Dataset:
-    def encode(batch):
-        encoded = tokenizer(batch["text"], truncation=True, max_length=max_length)
+    def encode_batch(batch):
+        pairs = batch[PAIR_COLUMN] if PAIR_COLUMN in batch else None
+        encoded = encode(tokenizer, batch["text"], pairs, truncation=True, max_length=max_length)
         encoded["labels"] = batch["label"]
         return encoded
 
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
+    return dataset.map(encode_batch, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
 
 
 def make_loader(dataset: Dataset, tokenizer, batch_size: int, shuffle: bool, seed: int = 0) -> torch.utils.data.DataLoader:

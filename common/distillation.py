@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .data import model_inputs
+
 
 def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) on temperature-softened distributions, times T^2, averaged over the batch."""
@@ -98,7 +100,7 @@ def kd_step(teacher: torch.nn.Module, loss: DistillationLoss, teacher_token_ids:
     teacher.eval()
 
     def compute_loss(model, batch):
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        inputs = model_inputs(batch)
         teacher_inputs = inputs
         if teacher_token_ids is not None:
             mapping = teacher_token_ids.to(batch["input_ids"].device)

@@ -24,13 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import model_inputs
+
 logger = logging.getLogger(__name__)
 
 METRICS_DIR = Path(__file__).resolve().parent.parent / "metrics"
-
-
-def _model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 @torch.no_grad()
@@ -42,7 +40,7 @@ def predict(model: torch.nn.Module, loader, accelerator=None) -> tuple[np.ndarra
     device = accelerator.device if accelerator is not None else _device_of(model)
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(**_model_inputs(batch)).logits.float()
+        logits = model(**model_inputs(batch)).logits.float()
         labels = batch["labels"]
         if accelerator is not None:
             logits, labels = accelerator.gather_for_metrics((logits, labels))

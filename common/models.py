@@ -210,7 +210,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> nn.Mod
 
 # Data settings that decide which rows are in which split; a later stage must use the same ones, or it would
 # train or evaluate on rows its parent saw in another role (or on another task altogether).
-DATA_IDENTITY_FIELDS = ("dataset", "dataset_config", "text_column", "label_column", "split_seed", "validation_fraction", "test_fraction")
+DATA_IDENTITY_FIELDS = ("dataset", "dataset_config", "text_column", "text_pair_column", "label_column", "split_seed",
+                        "validation_fraction", "test_fraction")
 
 
 def data_identity(values: dict) -> dict:

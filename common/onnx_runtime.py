@@ -151,13 +151,17 @@ class FixedShapeReader:
         self.position = 0
 
 
-def calibration_batches(tokenizer, texts: list[str], input_names: Iterable[str], max_length: int, batch_size: int, limit: int) -> list[dict]:
-    """Tokenized calibration feeds, every one padded to ``max_length`` so all share one shape."""
+def calibration_batches(tokenizer, texts: list[str], pairs: Optional[list[str]], input_names: Iterable[str], max_length: int,
+                        batch_size: int, limit: int) -> list[dict]:
+    """Tokenized calibration feeds (single texts or pairs), every one padded to ``max_length`` so all share one shape."""
+    from .data import encode
+
     texts = texts[:limit]
     batches = []
     for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(texts[start : start + batch_size], padding="max_length", truncation=True,
-                            max_length=max_length, return_tensors="np")
+        chunk_pairs = pairs[start : start + batch_size] if pairs is not None else None
+        encoded = encode(tokenizer, texts[start : start + batch_size], chunk_pairs, padding="max_length", truncation=True,
+                         max_length=max_length, return_tensors="np")
         batch = {}
         for name in input_names:
             value = encoded.get(name)

@@ -3,7 +3,8 @@
 ``open_classifier`` decides from the folder's ``compression.json`` how to run it: an ONNX folder runs its
 deployment model (or the ``.onnx`` file asked for) in ONNX Runtime; any other checkpoint is rebuilt by the
 project's loader (pruned, 4-bit, int8). Texts come from arguments, standard input (one per line) or a
-CSV/JSON/JSONL file column. Every bad input raises ``PredictionError`` with what was wrong and how to fix it;
+CSV/JSON/JSONL file column; a sentence-pair model takes (text, pair) tuples: two file columns, or one argument or
+line split at ``pair_separator``. Every bad input raises ``PredictionError`` with what was wrong and how to fix it;
 the command turns it into a message and exit code 2.
 """
 
@@ -39,14 +40,23 @@ class Classifier:
     max_length: int
     onnx: object = None
     torch_model: object = None
+    pair_column: Optional[str] = None  # the training data's second text column, for a sentence-pair model
 
-    def logits(self, texts: list[str]) -> np.ndarray:
+    @property
+    def is_pair(self) -> bool:
+        return self.pair_column is not None
+
+    def logits(self, texts: list) -> np.ndarray:
+        from .data import encode
+
+        singles = [text[0] if isinstance(text, tuple) else text for text in texts]
+        pairs = [text[1] for text in texts] if texts and isinstance(texts[0], tuple) else None
+        options = dict(padding=True, truncation=True, max_length=self.max_length)
         if self.onnx is not None:
-            encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
-            return self.onnx.logits(dict(encoded))
+            return self.onnx.logits(dict(encode(self.tokenizer, singles, pairs, return_tensors="np", **options)))
         import torch
 
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        encoded = encode(self.tokenizer, singles, pairs, return_tensors="pt", **options)
         accepted = forward_input_names(self.torch_model)
         with torch.no_grad():
             output = self.torch_model(**{k: v for k, v in encoded.items() if k in accepted})
@@ -76,6 +86,7 @@ def open_classifier(path: str | Path, onnx_file: Optional[str] = None, num_threa
         raise PredictionError(f"Could not read the tokenizer or config.json in {folder}: {error}") from error
     id2label = {int(key): value for key, value in (config.get("id2label") or {}).items()}
     max_length = int((record.get("config") or {}).get("max_length") or min(512, tokenizer.model_max_length))
+    pair_column = (record.get("config") or {}).get("text_pair_column")
     if stage in ONNX_STAGES or onnx_file is not None:
         from .onnx_runtime import OnnxClassifier
 
@@ -84,31 +95,66 @@ def open_classifier(path: str | Path, onnx_file: Optional[str] = None, num_threa
             available = sorted(p.name for p in folder.glob("*.onnx"))
             raise PredictionError(f"{folder} has no {chosen}; its ONNX files are {available}. Pass one with --onnx_file.")
         onnx = OnnxClassifier(folder / chosen, num_threads)
-        return Classifier(folder, f"{stage} ONNX model {chosen} (ONNX Runtime)", tokenizer, id2label, max_length, onnx=onnx)
+        return Classifier(folder, f"{stage} ONNX model {chosen} (ONNX Runtime)", tokenizer, id2label, max_length, onnx=onnx,
+                          pair_column=pair_column)
     from .models import load_model
 
     try:
         model = load_model(folder)
     except (OSError, ValueError, RuntimeError) as error:
         raise PredictionError(f"Could not load the {stage} checkpoint {folder}: {error}") from error
-    return Classifier(folder, f"{stage} checkpoint (torch)", tokenizer, id2label, max_length, torch_model=model)
+    return Classifier(folder, f"{stage} checkpoint (torch)", tokenizer, id2label, max_length, torch_model=model,
+                      pair_column=pair_column)
+
+
+def check_input_kind(classifier: Classifier, texts: list) -> None:
+    """A sentence-pair model needs pairs and a single-text model single texts; say how to give the right kind."""
+    given_pairs = bool(texts) and isinstance(texts[0], tuple)
+    if classifier.is_pair and not given_pairs:
+        raise PredictionError(
+            f"{classifier.folder} classifies sentence pairs (trained with text_pair_column={classifier.pair_column!r}), "
+            f"but single texts were given. Pass --text_pair_column with --input_file, or --pair_separator (e.g. "
+            f"--pair_separator '|||') and texts written as 'first ||| second'."
+        )
+    if given_pairs and not classifier.is_pair:
+        raise PredictionError(f"{classifier.folder} classifies single texts, but pairs were given; drop "
+                              f"--text_pair_column / --pair_separator.")
 
 
 def read_texts(texts: Iterable[str], input_file: Optional[str], text_column: Optional[str], stdin=None,
-               encoding: str = "utf-8") -> list[str]:
-    """Texts from the arguments, else from ``input_file`` (its ``text_column``), else from ``stdin`` lines."""
+               encoding: str = "utf-8", text_pair_column: Optional[str] = None, pair_separator: Optional[str] = None) -> list:
+    """Texts from the arguments, else from ``input_file`` (its ``text_column``), else from ``stdin`` lines. With
+    ``text_pair_column`` (files) or ``pair_separator`` (arguments, lines) each item is a (text, pair) tuple."""
     texts = list(texts)
     if texts and input_file:
         raise PredictionError("Give texts as arguments or --input_file, not both.")
+    if text_pair_column and not input_file:
+        raise PredictionError("--text_pair_column names a column of --input_file; for arguments or standard input use "
+                              "--pair_separator.")
+    if pair_separator is not None and not pair_separator:
+        raise PredictionError("--pair_separator '' is empty; pass the string between the two texts, e.g. '|||'.")
     if input_file:
         texts = _texts_from_file(Path(input_file), text_column, encoding)
+        if text_pair_column:
+            texts = list(zip(texts, _texts_from_file(Path(input_file), text_pair_column, encoding, "--text_pair_column")))
         source = input_file
     elif not texts and stdin is not None:
         texts = [line.rstrip("\n") for line in stdin]
         source = "standard input"
     else:
         source = "the arguments"
-    kept = [text for text in texts if text and text.strip()]
+    if pair_separator is not None and not input_file:
+        split = []
+        for text in texts:
+            if text.strip() and pair_separator not in text:
+                raise PredictionError(f"{text!r} has no {pair_separator!r}; write each pair as 'first {pair_separator} second'.")
+            first, _, second = text.partition(pair_separator)
+            split.append((first.strip(), second.strip()))
+        texts = split
+    if texts and isinstance(texts[0], tuple):
+        kept = [pair for pair in texts if all(part and part.strip() for part in pair)]
+    else:
+        kept = [text for text in texts if text and text.strip()]
     if not kept:
         raise PredictionError(f"No text to classify in {source}: pass texts as arguments, pipe them one per line, or "
                               f"use --input_file with --text_column.")
@@ -117,7 +163,7 @@ def read_texts(texts: Iterable[str], input_file: Optional[str], text_column: Opt
     return kept
 
 
-def _texts_from_file(path: Path, column: Optional[str], encoding: str) -> list[str]:
+def _texts_from_file(path: Path, column: Optional[str], encoding: str, option: str = "--text_column") -> list[str]:
     if not path.is_file():
         raise PredictionError(f"--input_file {path}: no such file.")
     suffix = path.suffix.lower()
@@ -149,8 +195,8 @@ def _texts_from_file(path: Path, column: Optional[str], encoding: str) -> list[s
         columns = sorted({key for row in rows for key in row})
     column = column or ("text" if "text" in columns else None)
     if column is None or column not in columns:
-        raise PredictionError(f"--text_column {column!r} is not a column of {path}; its columns are {columns}. "
-                              f"Pass --text_column with one of them.")
+        raise PredictionError(f"{option} {column!r} is not a column of {path}; its columns are {columns}. "
+                              f"Pass {option} with one of them.")
     return [str(row.get(column) or "") for row in rows]
 
 
@@ -168,7 +214,7 @@ def classify(classifier: Classifier, texts: list[str], batch_size: int = 32, pro
         for text, row in zip(batch, probabilities):
             best = int(row.argmax())
             results.append({
-                "text": text,
+                **({"text": text[0], "text_pair": text[1]} if isinstance(text, tuple) else {"text": text}),
                 "label": classifier.id2label.get(best, str(best)),
                 "probability": float(row[best]),
                 "probabilities": {classifier.id2label.get(i, str(i)): float(p) for i, p in enumerate(row)},
@@ -183,7 +229,8 @@ def format_results(results: list[dict], output_format: str) -> str:
     header = ["label", "probability", *(f"p({name})" for name in labels), "text"]
     lines = ["\t".join(header)]
     for result in results:
-        text = result["text"] if len(result["text"]) <= 80 else result["text"][:77] + "..."
+        text = result["text"] + (f" ||| {result['text_pair']}" if "text_pair" in result else "")
+        text = text if len(text) <= 80 else text[:77] + "..."
         lines.append("\t".join([result["label"], f"{result['probability']:.4f}",
                                 *(f"{result['probabilities'][name]:.4f}" for name in labels), text]))
     return "\n".join(lines)

@@ -410,6 +410,29 @@ class StructuralPruner:
         self.gradient_window.clear()
         return record
 
+    # resume -----------------------------------------------------------------------------------------------
+
+    def resume_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Masks and the gradient-importance window as tensors, the history as JSON: all a resumed run needs to
+        prune exactly as an uninterrupted one (the schedule is rebuilt from the same step counts)."""
+        tensors = {"head_mask": self.head_mask.to(torch.uint8), "ffn_mask": self.ffn_mask.to(torch.uint8)}
+        for kind in KINDS:
+            if self.gradient_window:
+                tensors[f"window_{kind}"] = torch.stack([scores[kind] for scores in self.gradient_window])
+        return tensors, {"history": self.history, "window_length": len(self.gradient_window)}
+
+    def load_resume_state(self, tensors: dict[str, torch.Tensor], info: dict) -> None:
+        for kind in KINDS:
+            saved = tensors[f"{kind}_mask"].bool()
+            if saved.shape != self._mask(kind).shape:
+                raise ValueError(f"The resume state's {kind} mask has {saved.numel()} groups but the model has "
+                                 f"{self._mask(kind).numel()}; it belongs to another model.")
+            self._mask(kind).copy_(saved)
+        self.gradient_window.clear()
+        for index in range(info.get("window_length", 0)):
+            self.gradient_window.append({kind: tensors[f"window_{kind}"][index] for kind in KINDS})
+        self.history = list(info.get("history", []))
+
     def summary(self) -> dict:
         return {
             "kept_heads_per_layer": self.kept_per_layer("head"),

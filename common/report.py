@@ -346,7 +346,8 @@ def build_report(config, data: TextClassificationData, data_config, settings: di
         ),
         "gpu": gpu_note,
         "gpu_models": gpu,
-        "data": {"source": data.source, "test_examples": len(data.test), "label_names": data.label_names},
+        "data": {"source": data.source, "test_examples": len(data.test), "label_names": data.label_names,
+                 "text_pair_column": data_config.text_pair_column},
     }
 
 

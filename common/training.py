@@ -8,6 +8,7 @@ accumulates importance after ``backward`` and re-applies its masks after each op
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -31,6 +32,11 @@ NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight", "_layer_nor
 
 
 class TrainingHooks(Protocol):
+    """Called once per optimizer step (with gradient accumulation: after the last micro-batch's backward).
+
+    Hooks that hold state (stage 8's pruner) may also define ``resume_state() -> (tensors, info)`` and
+    ``load_resume_state(tensors, info)``; ``train`` then saves that state with every epoch's resume state."""
+
     def after_backward(self, step: int) -> None: ...
 
     def after_optimizer_step(self, step: int) -> None: ...
@@ -44,6 +50,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     steps: int = 0
     seconds_per_step: float = 0.0
+    stopped_early: bool = False  # stop_after_epochs ended the run before num_epochs; no checkpoint should be written
 
 
 @dataclass
@@ -88,8 +95,15 @@ def make_accelerator(config: TrainingConfig):
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=getattr(config, "gradient_accumulation_steps", 1),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+
+
+def optimizer_steps_per_epoch(num_batches: int, num_processes: int, accumulation_steps: int) -> int:
+    """Optimizer steps one epoch makes: each process sees its share of the batches, and every
+    ``accumulation_steps`` of them (and the epoch's last, possibly shorter, group) make one step."""
+    return math.ceil(math.ceil(num_batches / num_processes) / accumulation_steps)
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
@@ -133,11 +147,14 @@ def train(
     if keep not in ("best", "last"):
         raise ValueError(f"keep={keep!r} must be 'best' or 'last'.")
     optimizer = make_optimizer(model, config)
-    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
-    total_steps = steps_per_epoch * config.num_epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    accumulation = accelerator.gradient_accumulation_steps
+    total_steps = optimizer_steps_per_epoch(len(train_loader), accelerator.num_processes, accumulation) * config.num_epochs
+    # accelerate advances a prepared scheduler once per process at every optimizer step, so it is built in
+    # those units; the learning rate still follows warm-up and decay over the optimizer steps
+    scale = accelerator.num_processes
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps) * scale, total_steps * scale)
 
-    state = _load_resume_state(resume_dir, model, optimizer, scheduler)
+    state = _load_resume_state(resume_dir, model, optimizer, scheduler, hooks)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
@@ -150,7 +167,14 @@ def train(
     best_epoch = state.get("best_epoch", -1)
     global_step = state.get("global_step", 0)
     train_seconds = 0.0
-    for epoch in range(state.get("epochs_done", 0), config.num_epochs):
+    first_epoch = state.get("epochs_done", 0)
+    if "rng" in state:
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+    stop_after = getattr(config, "stop_after_epochs", None)
+    last_epoch = config.num_epochs if stop_after is None else min(config.num_epochs, first_epoch + stop_after)
+    for epoch in range(first_epoch, last_epoch):
         model.train()
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
@@ -162,17 +186,19 @@ def train(
         for batch_index, batch in enumerate(progress):
             with accelerator.accumulate(model):
                 loss, parts = compute_loss(model, batch)
-                accelerator.backward(loss)
-                if hooks is not None:
-                    hooks.after_backward(global_step)
-                if config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
+                accelerator.backward(loss)  # divided by the accumulation steps
+                if accelerator.sync_gradients:  # the accumulated gradient is complete: one optimizer step
+                    if hooks is not None:
+                        hooks.after_backward(global_step)
+                    if config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()  # the prepared optimizer and scheduler skip the steps between syncs
                 scheduler.step()
                 optimizer.zero_grad()
-            global_step += 1
-            if hooks is not None:
-                hooks.after_optimizer_step(global_step)
+            if accelerator.sync_gradients:
+                global_step += 1
+                if hooks is not None:
+                    hooks.after_optimizer_step(global_step)
             running += float(loss.detach())
             progress.set_postfix(loss=f"{running / (batch_index + 1):.4f}", **{k: f"{v:.3f}" for k, v in parts.items()})
         train_seconds += time.perf_counter() - epoch_start
@@ -191,15 +217,87 @@ def train(
                 resume_dir, accelerator, unwrapped, optimizer, scheduler, best_state,
                 {"epochs_done": epoch + 1, "global_step": global_step, "history": history,
                  "best_metrics": best_metrics, "best_epoch": best_epoch},
+                hooks,
             )
     steps_run = max(1, global_step - state.get("global_step", 0))
-    return TrainResult(best_state, best_epoch, best_metrics, history, global_step, train_seconds / steps_run)
+    stopped_early = last_epoch < config.num_epochs
+    if stopped_early:
+        logger.info("%s stopped after epoch %d of %d (stop_after_epochs=%d); continue with --resume",
+                    description, last_epoch, config.num_epochs, stop_after)
+    return TrainResult(best_state, best_epoch, best_metrics, history, global_step, train_seconds / steps_run, stopped_early)
 
 
 # -- resume state ---------------------------------------------------------------------------------------
 
+RUN_FILE = "run.json"  # what the interrupted run trained on; a resume must match it
+NOT_COMPARED_ON_RESUME = ("resume", "stop_after_epochs", "output_dir", "overwrite_output_dir")
 
-def _save_resume_state(folder: Path, accelerator, model, optimizer, scheduler, best_state: dict, trainer_state: dict) -> None:
+
+def run_description(data_config, config, label_names, inputs: dict) -> dict:
+    """What decides a training run's result: data split, labels, input checkpoints and every training setting."""
+    from .models import data_identity
+
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_COMPARED_ON_RESUME}
+    data = {**data_identity(dataclasses.asdict(data_config)), "max_length": data_config.max_length,
+            "max_train_samples": data_config.max_train_samples, "max_eval_samples": data_config.max_eval_samples}
+    description = {"data": data, "label_names": list(label_names), "inputs": {k: str(v) for k, v in inputs.items()},
+                   "settings": settings}
+    return json.loads(json.dumps(description))  # the form it has when read back
+
+
+def choose_resume_dir(stage: str, data_config, config, accelerator, label_names, inputs: dict) -> Path:
+    """The interrupted run of ``stage`` to continue (``config.resume``; checked against this run's data, labels,
+    inputs and settings before anything is loaded), or a new per-epoch state folder."""
+    from accelerate.utils import broadcast_object_list
+
+    from .checkpoints import RESUME_PREFIX, find_resume_dir, new_run_id, stage_dir
+
+    description = run_description(data_config, config, label_names, inputs)
+    if config.resume:
+        folder = find_resume_dir(stage)
+        if folder is None:
+            raise FileNotFoundError(
+                f"--resume was given but {stage_dir(stage)} holds no interrupted run ({RESUME_PREFIX}* folder with "
+                f"trainer_state.json). Start a new run without --resume."
+            )
+        saved = json.loads((folder / RUN_FILE).read_text()) if (folder / RUN_FILE).is_file() else None
+        if saved is not None and saved != description:
+            differing = _differences(saved, description)
+            raise ValueError(
+                f"--resume: the interrupted run in {folder} trained with other settings than this one: "
+                + "; ".join(f"{key}: {old!r} then, {new!r} now" for key, (old, new) in differing.items())
+                + ". Resume with the same data, inputs and settings, or start a new run without --resume."
+            )
+        return folder
+    name = [f"{RESUME_PREFIX}{new_run_id()}"]
+    broadcast_object_list(name)  # every process must write to the same folder
+    folder = stage_dir(stage) / name[0]
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / RUN_FILE).write_text(json.dumps(description, indent=2))
+    return folder
+
+
+def _differences(then: dict, now: dict, prefix: str = "") -> dict:
+    differing = {}
+    for key in sorted(set(then) | set(now)):
+        old, new = then.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differing.update(_differences(old, new, f"{prefix}{key}."))
+        elif old != new:
+            differing[f"{prefix}{key}"] = (old, new)
+    return differing
+
+
+def finish_resume_dir(folder: Optional[Path], accelerator) -> None:
+    """Remove a finished run's per-epoch state (the checkpoint now holds the result). No barrier: other
+    processes may have returned already."""
+    if folder is not None and accelerator.is_main_process:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _save_resume_state(folder: Path, accelerator, model, optimizer, scheduler, best_state: dict, trainer_state: dict,
+                       hooks=None) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         partial = folder / "partial"
@@ -208,14 +306,26 @@ def _save_resume_state(folder: Path, accelerator, model, optimizer, scheduler, b
         save_file({k: v.contiguous() for k, v in _cpu_state(model).items()}, str(partial / "model.safetensors"))
         save_file({k: v.contiguous() for k, v in best_state.items()}, str(partial / "best.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, partial / "optimizer.pt")
+        # the RNG draws dropout masks; restoring it makes a resumed run continue exactly where it stopped
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(partial / "rng.safetensors"))
+        if hooks is not None and hasattr(hooks, "resume_state"):
+            tensors, info = hooks.resume_state()
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial / "hooks.safetensors"))
+            trainer_state = {**trainer_state, "hooks": info}
         (partial / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        for item in partial.iterdir():  # replace the previous epoch's files only once all new ones exist
+        # replace the previous epoch's files only once all new ones exist; trainer_state.json goes last, so a
+        # crash in between leaves the previous epoch's complete state or this one's
+        items = sorted(partial.iterdir(), key=lambda item: item.name == "trainer_state.json")
+        for item in items:
             item.replace(folder / item.name)
         partial.rmdir()
     accelerator.wait_for_everyone()
 
 
-def _load_resume_state(folder: Optional[Path], model, optimizer, scheduler) -> dict:
+def _load_resume_state(folder: Optional[Path], model, optimizer, scheduler, hooks=None) -> dict:
     if folder is None or not (folder / "trainer_state.json").is_file():
         return {}
     state = json.loads((folder / "trainer_state.json").read_text())
@@ -225,5 +335,9 @@ def _load_resume_state(folder: Optional[Path], model, optimizer, scheduler) -> d
     optimizer.load_state_dict(optimizer_state["optimizer"])
     scheduler.load_state_dict(optimizer_state["scheduler"])
     state["best_state"] = load_file(str(folder / "best.safetensors"))
+    if (folder / "rng.safetensors").is_file():
+        state["rng"] = load_file(str(folder / "rng.safetensors"))  # restored right before the next epoch
+    if hooks is not None and hasattr(hooks, "load_resume_state") and "hooks" in state:
+        hooks.load_resume_state(load_file(str(folder / "hooks.safetensors")), state["hooks"])
     logger.info("Resuming from %s after epoch %d (step %d)", folder, state["epochs_done"], state["global_step"])
     return state

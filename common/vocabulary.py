@@ -19,30 +19,34 @@ import torch
 from torch import nn
 
 from .architecture import set_module, spec_for, word_embeddings
+from .data import encode, text_inputs
 
 logger = logging.getLogger(__name__)
 
 
-def used_token_ids(tokenizer, texts: list[str], max_length: int) -> set[int]:
-    ids: set[int] = set()
+def _encoded_rows(tokenizer, texts: list[str], pairs: Optional[list[str]], max_length: int):
     for start in range(0, len(texts), 1024):
-        encoded = tokenizer(texts[start : start + 1024], truncation=True, max_length=max_length)["input_ids"]
-        for row in encoded:
-            ids.update(row)
+        chunk_pairs = pairs[start : start + 1024] if pairs is not None else None
+        yield from encode(tokenizer, texts[start : start + 1024], chunk_pairs, truncation=True, max_length=max_length)["input_ids"]
+
+
+def used_token_ids(tokenizer, texts: list[str], pairs: Optional[list[str]], max_length: int) -> set[int]:
+    ids: set[int] = set()
+    for row in _encoded_rows(tokenizer, texts, pairs, max_length):
+        ids.update(row)
     return ids
 
 
-def token_coverage(tokenizer, texts: list[str], max_length: int) -> float:
-    """Share of the non-special tokens of ``texts`` that are not [UNK]."""
+def token_coverage(tokenizer, texts: list[str], pairs: Optional[list[str]], max_length: int) -> float:
+    """Share of the non-special tokens of ``texts`` (and their pairs) that are not [UNK]."""
     special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
     total = unknown = 0
-    for start in range(0, len(texts), 1024):
-        for row in tokenizer(texts[start : start + 1024], truncation=True, max_length=max_length)["input_ids"]:
-            for token in row:
-                if token in special:
-                    continue
-                total += 1
-                unknown += token == tokenizer.unk_token_id
+    for row in _encoded_rows(tokenizer, texts, pairs, max_length):
+        for token in row:
+            if token in special:
+                continue
+            total += 1
+            unknown += token == tokenizer.unk_token_id
     return 1.0 - unknown / max(1, total)
 
 
@@ -119,7 +123,7 @@ def prune_vocabulary(model: nn.Module, tokenizer, data, max_length: int, extra: 
     if reason is not None:
         logger.warning("Vocabulary pruning skipped: %s. The model keeps all %d word embeddings.", reason, len(tokenizer))
         return model, tokenizer, {"skipped": reason, "original_vocab_size": len(tokenizer)}
-    keep = used_token_ids(tokenizer, list(data.train["text"]), max_length) | set(tokenizer.all_special_ids)
+    keep = used_token_ids(tokenizer, *text_inputs(data.train), max_length) | set(tokenizer.all_special_ids)
     keep |= {added["id"] for added in json.loads(tokenizer.backend_tokenizer.to_str()).get("added_tokens") or []}
     if extra:
         others = [i for i in range(len(tokenizer)) if i not in keep]
@@ -143,7 +147,7 @@ def prune_vocabulary(model: nn.Module, tokenizer, data, max_length: int, extra: 
         "extra_tokens": extra,
         "kept_token_ids": kept_ids,  # new id -> original id, so a teacher can read the pruned ids
         "coverage": {
-            split: token_coverage(new_tokenizer, list(dataset["text"]), max_length)
+            split: token_coverage(new_tokenizer, *text_inputs(dataset), max_length)
             for split, dataset in (("validation", data.validation), ("test", data.test))
         },
     }

@@ -152,6 +152,21 @@ def write_reviews_csv(path: Path, rows: int = 300, labels: tuple = ("negative", 
     return path
 
 
+def write_pairs_csv(path: Path, rows: int = 300, seed: int = 0) -> Path:
+    """Sentence pairs labelled 'agree' when both texts carry the same sentiment, else 'disagree' (an NLI stand-in:
+    the label depends on both texts, so neither alone decides it)."""
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["premise", "hypothesis", "relation"])
+        for i in range(rows):
+            first, second = rng.choice((POSITIVE, NEGATIVE)), rng.choice((POSITIVE, NEGATIVE))
+            texts = [" ".join(rng.sample(words, 1) + rng.sample(NEUTRAL, 2)) for words in (first, second)]
+            writer.writerow([*texts, "agree" if first is second else "disagree"])
+    return path
+
+
 @pytest.fixture
 def tokenizer(tmp_path):
     return make_tokenizer(tmp_path / "tokenizer")

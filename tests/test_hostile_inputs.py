@@ -414,3 +414,71 @@ def test_int8_export_with_other_data_than_its_source_is_refused(results_dir, rev
     assert completed.returncode != 0
     assert "trained on labels ['rotten', 'fresh'], but the data now has ['negative', 'positive']" in completed.stderr
     assert not (results_dir / "int8").exists() or not list((results_dir / "int8").iterdir())
+
+
+# -- sentence pairs, accumulation, resume (issue 12 surfaces) ---------------------------------------------------
+
+
+def test_pair_column_that_is_missing_empty_or_the_text_column(tmp_path, caplog):
+    from conftest import write_pairs_csv
+
+    path = write_pairs_csv(tmp_path / "pairs.csv", rows=40)
+    with pytest.raises(ValueError, match="text_pair_column='hypotheses' is not a column of .*premise.*hypothesis"):
+        load_splits(DataConfig(dataset=str(path), text_column="premise", text_pair_column="hypotheses", label_column="relation"))
+    with pytest.raises(ValueError, match="text_pair_column='premise' is also the text_column"):
+        DataConfig(dataset=str(path), text_column="premise", text_pair_column="premise")
+    with pytest.raises(ValueError, match="embedded dataset has single texts only"):
+        DataConfig(text_pair_column="hypothesis")
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1].split(",")[0] + ",," + lines[1].split(",")[2]  # an empty second text
+    path.write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING):
+        data = load_splits(DataConfig(dataset=str(path), text_column="premise", text_pair_column="hypothesis", label_column="relation"))
+    assert "Dropped 1 row(s)" in caplog.text and "'premise/hypothesis'" in caplog.text
+    assert data.is_pair and sum(len(split) for split in data.splits().values()) == 39
+
+
+def test_glue_pair_tasks_pick_their_columns_and_matched_splits(monkeypatch):
+    import datasets
+
+    config = DataConfig(dataset="glue", dataset_config="mnli")
+    assert (config.text_column, config.text_pair_column) == ("premise", "hypothesis")
+    assert DataConfig(dataset="glue", dataset_config="sst2").text_pair_column is None
+    assert DataConfig(dataset="glue", dataset_config="qqp", text_column="question2", text_pair_column="question1").text_column == "question2"
+
+    def split(rows, labelled=True):
+        return datasets.Dataset.from_dict({
+            "premise": [f"premise {i}" for i in range(rows)], "hypothesis": [f"hypothesis {i}" for i in range(rows)],
+            "label": [i % 3 if labelled else -1 for i in range(rows)],
+        }, features=datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
+                                       "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])}))
+
+    fake = datasets.DatasetDict({"train": split(90), "validation_matched": split(12), "validation_mismatched": split(15),
+                                 "test_matched": split(9, labelled=False)})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: fake)
+    data = load_splits(config)
+    assert len(data.validation) == 12 and data.validation["text_pair"][0].startswith("hypothesis")
+    assert len(data.test) == 9  # the unlabelled GLUE test split is dropped and a test split carved from train
+    assert data.label_names == ["entailment", "neutral", "contradiction"]
+
+
+@pytest.mark.parametrize("field, value", [("gradient_accumulation_steps", 0), ("stop_after_epochs", -1)])
+def test_training_counts_must_be_positive(field, value):
+    with pytest.raises(ValueError, match=f"{field}={value} must be a positive"):
+        TeacherConfig(**{field: value})
+
+
+def test_predict_needs_pairs_for_a_pair_model_and_a_separator_in_each_text(tmp_path):
+    from common.prediction import Classifier, PredictionError, check_input_kind, read_texts
+
+    pair_model = Classifier(tmp_path, "test", None, {0: "a", 1: "b"}, 16, pair_column="hypothesis")
+    with pytest.raises(PredictionError, match="classifies sentence pairs .*hypothesis.*--pair_separator"):
+        check_input_kind(pair_model, ["just one text"])
+    single_model = Classifier(tmp_path, "test", None, {0: "a", 1: "b"}, 16)
+    with pytest.raises(PredictionError, match="classifies single texts, but pairs were given"):
+        check_input_kind(single_model, [("a", "b")])
+    with pytest.raises(PredictionError, match="'no separator here' has no '|||'"):
+        read_texts(["first ||| second", "no separator here"], None, None, pair_separator="|||")
+    assert read_texts(["first ||| second"], None, None, pair_separator="|||") == [("first", "second")]
+    with pytest.raises(PredictionError, match="--text_pair_column names a column of --input_file"):
+        read_texts(["a"], None, None, text_pair_column="hypothesis")

@@ -82,7 +82,7 @@ def test_dynamic_and_static_int8_with_every_calibrator(tokenizer, tmp_path):
     assert np.abs(OnnxClassifier(tmp_path / "dynamic.onnx").logits(batch) - expected).max() < 0.1 * scale
 
     calibration = [" ".join(words) for words in zip(POSITIVE, NEGATIVE, NEUTRAL)] * 8
-    batches = calibration_batches(tokenizer, calibration, names, max_length=16, batch_size=8, limit=64)
+    batches = calibration_batches(tokenizer, calibration, None, names, max_length=16, batch_size=8, limit=64)
     assert {tuple(b["input_ids"].shape) for b in batches} == {(8, 16)}, "calibration batches share one fixed shape"
     preprocess_for_static(tmp_path / "model.onnx", tmp_path / "pre.onnx")
     constant_matmuls = sum(op == "MatMul" for op in graph_ops(tmp_path / "model.onnx")) - 2 * 2  # 2 attention MatMuls a layer

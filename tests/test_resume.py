@@ -1,0 +1,94 @@
+"""Interrupted-then-resumed training stages end where uninterrupted ones do (stages 2, 8 and 10; stage 1 in
+test_training.py), and a resume with other settings is refused before anything loads."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common.checkpoints import RECORD_FILE, RESUME_PREFIX
+from conftest import make_pretrained_folder, write_reviews_csv
+from test_pipeline import only_checkpoint, run_stage
+from test_hostile_inputs import run_script
+
+COMMON = ["--text_column", "review", "--label_column", "sentiment", "--profile", "smoke", "--max_train_samples", "64",
+          "--max_eval_samples", "32"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    folder = make_pretrained_folder("bert", root / "model")
+    data = write_reviews_csv(root / "reviews.csv", rows=200)
+    results = root / "results"
+    run_stage("1_train_teacher.py", results, "--model_name_or_path", folder, "--batch_size", 16, "--dataset", data, *COMMON)
+    run_stage("2_distill_student.py", results, "--batch_size", 16, "--dataset", data, *COMMON)
+    return root, results, data
+
+
+def interrupted_and_straight(root, results, script, stage, arguments):
+    """Run ``script`` once straight and once stopped after epoch 1 and resumed; return both checkpoints."""
+    straight, resumed = root / f"{stage}-straight", root / f"{stage}-resumed"
+    run_stage(script, results, *arguments, "--output_dir", straight)
+    run_stage(script, results, *arguments, "--stop_after_epochs", 1, "--output_dir", resumed)
+    assert not resumed.exists(), "a stopped run must not write a checkpoint"
+    pending = [p for p in (results / stage).iterdir() if p.name.startswith(RESUME_PREFIX)]
+    assert len(pending) == 1 and json.loads((pending[0] / "trainer_state.json").read_text())["epochs_done"] == 1
+    run_stage(script, results, *arguments, "--resume", "--output_dir", resumed)
+    assert not pending[0].exists(), "the finished run's resume state is removed"
+    return [json.loads((folder / RECORD_FILE).read_text()) for folder in (straight, resumed)], (straight, resumed)
+
+
+def assert_same_weights(straight, resumed):
+    first, second = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], atol=1e-6, rtol=1e-5)
+
+
+def test_interrupted_then_resumed_pruning_equals_an_uninterrupted_run(trained):
+    root, results, data = trained
+    arguments = ["--dataset", data, *COMMON, "--num_epochs", 2, "--batch_size", 8, "--gradient_accumulation_steps", 2,
+                 "--pruning_frequency_steps", 2, "--pruning_window_steps", 2, "--pruning_end_fraction", 0.9]
+    (straight, resumed), folders = interrupted_and_straight(root, results, "8_pruning_with_finetuning.py", "pruned", arguments)
+    # 64 rows / 8 per batch / 2 accumulated = 4 optimizer steps per epoch; pruning goes on in epoch 2
+    assert [entry["step"] for entry in straight["pruning_history"]][-1] > 4
+    assert resumed["pruning_history"] == straight["pruning_history"]
+    assert resumed["pruning"]["kept_heads"] == straight["pruning"]["kept_heads"]
+    assert resumed["architecture"] == straight["architecture"]
+    for before, after in zip(straight["history"], resumed["history"]):
+        assert after["epoch"] == before["epoch"]
+        assert after["train_loss"] == pytest.approx(before["train_loss"], abs=1e-6)
+        assert after["validation_accuracy"] == before["validation_accuracy"]
+    assert_same_weights(*folders)
+
+
+def test_interrupted_then_resumed_distillation_and_qkd_equal_uninterrupted_runs(trained):
+    root, results, data = trained
+    arguments = ["--dataset", data, *COMMON, "--num_epochs", 2, "--batch_size", 16]
+    (straight, resumed), folders = interrupted_and_straight(root, results, "2_distill_student.py", "student", arguments)
+    assert [entry["train_loss"] for entry in resumed["history"]] == pytest.approx([e["train_loss"] for e in straight["history"]], abs=1e-6)
+    assert_same_weights(*folders)
+    pruned = root / "pruned-straight"
+    if not pruned.exists():
+        run_stage("8_pruning_with_finetuning.py", results, "--dataset", data, *COMMON, "--output_dir", pruned)
+    arguments = ["--dataset", data, *COMMON, "--num_epochs", 2, "--pruned_model_path", pruned, "--teacher", "pruned"]
+    (straight, resumed), folders = interrupted_and_straight(root, results, "10_qat_kd_4bit.py", "qkd_4bit", arguments)
+    assert [entry["train_loss"] for entry in resumed["history"]] == pytest.approx([e["train_loss"] for e in straight["history"]], abs=1e-6)
+    assert resumed["metrics"]["validation"] == straight["metrics"]["validation"]
+    assert_same_weights(*folders)
+
+
+def test_resuming_with_other_settings_is_refused_before_loading(trained):
+    root, results, data = trained
+    arguments = ["8_pruning_with_finetuning.py", results, "--dataset", data, *COMMON, "--num_epochs", 2]
+    run_stage(*arguments, "--stop_after_epochs", 1)
+    pending = [p for p in (results / "pruned").iterdir() if p.name.startswith(RESUME_PREFIX)]
+    completed = run_script(*arguments, "--resume", "--head_final_sparsity", 0.25)
+    assert completed.returncode != 0
+    assert "--resume: the interrupted run" in completed.stderr and "settings.head_final_sparsity: 0.5 then, 0.25 now" in completed.stderr
+    assert all(p.is_dir() for p in pending), "the interrupted run's state is kept"
+    assert not [p for p in (results / "student").iterdir() if p.name.startswith(RESUME_PREFIX)]
+    missing = run_script("2_distill_student.py", results, "--dataset", data, *COMMON, "--resume")
+    assert missing.returncode != 0 and "holds no interrupted run" in missing.stderr
