@@ -281,6 +281,11 @@ class PruningConfig(TrainingConfig, DistillationWeights):
     schedule_power: float = _field(3.0, "Exponent of the polynomial sparsity schedule (3 = cubic).")
     min_heads_per_layer: int = _field(1, "Heads kept in every layer at least.")
     min_ffn_neurons_per_layer: int = _field(1, "FFN neurons kept in every layer at least.")
+    ffn_round_to: int = _field(
+        1, "Keep every layer's FFN width a multiple of this (e.g. 8 or 16 for int8/GEMM kernels): after each pruning "
+        "step a layer's kept neurons are rounded down to a multiple (never below one multiple) by removing its lowest "
+        "scored ones. 1 = no alignment.",
+    )
     prune_vocabulary: bool = _field(
         True,
         "Drop word-embedding rows of tokens that never occur in the training split (special tokens always kept) and "
@@ -316,6 +321,7 @@ class PruningConfig(TrainingConfig, DistillationWeights):
         _check_positive("schedule_power", self.schedule_power)
         _check_positive("min_heads_per_layer", self.min_heads_per_layer)
         _check_positive("min_ffn_neurons_per_layer", self.min_ffn_neurons_per_layer)
+        _check_positive("ffn_round_to", self.ffn_round_to)
         _check_range("vocabulary_extra_tokens", self.vocabulary_extra_tokens, 0, float("inf"))
 
 
@@ -450,6 +456,34 @@ class OnnxExportConfig(OutputFields):
         _check_choice("embedding_quantization", self.embedding_quantization, EMBEDDING_QUANT_CHOICES)
         _check_positive("eval_batch_size", self.eval_batch_size)
         _check_positive("num_threads", self.num_threads, allow_none=True)
+
+
+@dataclass
+class SensitivityConfig:
+    """Fields of scripts/sensitivity.py (per-layer pruning sensitivity, no fine-tuning)."""
+
+    model_path: Optional[str] = _field(None, "Checkpoint to analyse (full precision). Default: the newest results/student/ run.")
+    sparsities: list[float] = _field([0.25, 0.5, 0.75, 0.9], "Shares of one layer's heads or FFN neurons pruned at a time.")
+    gradient_batches: int = _field(8, "Training batches whose cross-entropy gradients give the KGSP gradient score.")
+    lambda_mag: float = _field(0.5, "KGSP weight of the normalized L2 importance.")
+    lambda_grad: float = _field(0.5, "KGSP weight of the normalized gradient importance.")
+    parameter_budget: float = _field(0.55, "Share of the prunable encoder parameters (heads + FFN) the recommended targets remove.")
+    batch_size: int = _field(32, "Batch size of the gradient batches.")
+    eval_batch_size: int = _field(128, "Batch size of the validation passes.")
+    output_name: str = _field("sensitivity", "Writes results/<output_name>.json, .png and <output_name>_targets.json.")
+
+    SMOKE_PROFILE: ClassVar[dict] = {"gradient_batches": 2}
+
+    def __post_init__(self) -> None:
+        if not self.sparsities or any(not 0.0 < value < 1.0 for value in self.sparsities):
+            raise ValueError(f"sparsities={self.sparsities} must be shares between 0 and 1, e.g. 0.25 0.5 0.75 0.9.")
+        self.sparsities = sorted(self.sparsities)
+        _check_positive("gradient_batches", self.gradient_batches)
+        _check_positive("batch_size", self.batch_size)
+        _check_positive("eval_batch_size", self.eval_batch_size)
+        _check_range("parameter_budget", self.parameter_budget, 0.0, 1.0, low_open=True, high_open=True)
+        if Path(self.output_name).name != self.output_name or not self.output_name:
+            raise ValueError(f"output_name={self.output_name!r} must be a plain file name without folders.")
 
 
 @dataclass

@@ -168,7 +168,10 @@ class StructuralPruner:
         return [view.num_heads if kind == "head" else view.ffn_width for view in self.views]
 
     def _minimum(self, kind: str) -> int:
-        return self.config.min_heads_per_layer if kind == "head" else self.config.min_ffn_neurons_per_layer
+        if kind == "head":
+            return self.config.min_heads_per_layer
+        # an aligned layer keeps at least one multiple, so rounding down never has to go below it
+        return max(self.config.min_ffn_neurons_per_layer, getattr(self.config, "ffn_round_to", 1))
 
     def final_sparsity(self, kind: str) -> float:
         if not self.config.enable_multi_granularity:
@@ -181,6 +184,8 @@ class StructuralPruner:
             sizes, minimum, sparsity = self._layer_sizes(kind), self._minimum(kind), self.final_sparsity(kind)
             label = "heads" if kind == "head" else "FFN neurons"
             field = "min_heads_per_layer" if kind == "head" else "min_ffn_neurons_per_layer"
+            if kind == "ffn" and getattr(self.config, "ffn_round_to", 1) > self.config.min_ffn_neurons_per_layer:
+                field = "ffn_round_to"
             if min(sizes) < minimum:
                 raise ValueError(f"{field}={minimum} exceeds the {min(sizes)} {label} of the smallest layer; lower it.")
             if self.config.enable_multi_granularity:
@@ -285,7 +290,25 @@ class StructuralPruner:
             self._prune_multi_granularity(importance, head_sparsity, head_sparsity if ffn_sparsity is None else ffn_sparsity)
         else:
             self._prune_uniform(importance, head_sparsity)
+        self._align_ffn_widths(importance["ffn"])
         self.apply_masks()
+
+    def _align_ffn_widths(self, importance: torch.Tensor) -> None:
+        """Round each layer's kept FFN neurons down to a multiple of ``ffn_round_to`` (at least one multiple, or
+        the whole layer if it is smaller), removing the layer's lowest-scored ones: masks stay monotone."""
+        multiple = getattr(self.config, "ffn_round_to", 1)
+        if multiple <= 1:
+            return
+        for layer, size in enumerate(self._layer_sizes("ffn")):
+            kept = int(self.layer_mask("ffn", layer).sum())
+            if kept == size:
+                continue  # an untouched layer keeps its (already aligned) width
+            target = max(multiple, (kept // multiple) * multiple)
+            if kept > target:
+                start = self.layer_offsets["ffn"][layer]
+                alive = torch.arange(start, start + size)[self.layer_mask("ffn", layer)]
+                weakest = alive[torch.argsort(importance[alive], stable=True)][: kept - target]
+                self.ffn_mask[weakest] = False
 
     # schedule ---------------------------------------------------------------------------------------------
 

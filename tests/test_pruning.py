@@ -192,3 +192,52 @@ def test_schedule_step_prunes_on_frequency_and_finalize_reaches_target(tokenizer
     assert pruner.reached_final
     pruner.finalize()
     assert pruner.achieved_sparsity() == {"head_sparsity": 0.5, "ffn_sparsity": 0.5}
+
+
+@pytest.mark.parametrize("multi_granularity", [True, False])
+def test_ffn_round_to_keeps_widths_multiples_of_eight(multi_granularity):
+    model = tiny_model(tiny_bert_config(layers=3, ffn=100))
+    config = pruning_config(importance_mode="l2", ffn_round_to=8, enable_multi_granularity=multi_granularity,
+                            ffn_final_sparsity=0.55, final_sparsity=0.55)
+    pruner = StructuralPruner(model, config)
+    for sparsity in (0.2, 0.4, 0.55):  # every scheduled step keeps the widths aligned, and masks stay monotone
+        before = pruner.ffn_mask.clone()
+        pruner.compute_importance_and_prune(0.25 if multi_granularity else sparsity, sparsity)
+        assert not (pruner.ffn_mask & ~before).any()
+        assert all(width % 8 == 0 for width in pruner.kept_per_layer("ffn")), pruner.kept_per_layer("ffn")
+    assert pruner.achieved_sparsity()["ffn_sparsity"] >= 0.55
+    record = pruner.prune_physically()
+    assert all(width % 8 == 0 and width >= 8 for width in record["ffn_width_per_layer"])
+
+
+def test_ffn_round_to_larger_than_a_layer_is_refused():
+    with pytest.raises(ValueError, match="ffn_round_to=128 exceeds the 64 FFN neurons"):
+        StructuralPruner(tiny_model(tiny_bert_config()), pruning_config(ffn_round_to=128))
+
+
+def test_sensitivity_drop_table_has_one_row_per_layer_and_a_recommendation_within_budget(tokenizer):
+    from common.data import make_loader, tokenize_dataset
+    from common.evaluation import evaluate_accuracy
+    from common.sensitivity import measure_sensitivity, recommend_targets
+    from test_vocabulary_and_report import tiny_data
+
+    data = tiny_data(["great film", "dull plot", "fun story", "boring actor"] * 6, ["great plot", "dull film", "fun actor"])
+    train_loader = make_loader(tokenize_dataset(data.train, tokenizer, 16), tokenizer, 8, shuffle=True)
+    eval_loader = make_loader(tokenize_dataset(data.validation, tokenizer, 16), tokenizer, 8, shuffle=False)
+    model = tiny_model(tiny_bert_config(layers=3, heads=4, ffn=64))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    sparsities = [0.25, 0.5, 0.75]
+    table = measure_sensitivity(model, pruning_config(), train_loader, lambda m: evaluate_accuracy(m, eval_loader)["accuracy"],
+                                sparsities, gradient_batches=2)
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items()), "weights restored"
+    for kind in ("head", "ffn"):
+        drops = table["accuracy_drop_points"][kind]
+        assert len(drops) == 3 and all(len(row) == len(sparsities) for row in drops)
+        assert all(-100.0 <= value <= 100.0 for row in drops for value in row)
+    targets = recommend_targets(table, parameter_budget=0.5)
+    per_group = table["parameters_per_group"]
+    removed = (per_group["head"] * (12 - sum(targets["heads_per_layer"])) + per_group["ffn"] * (192 - sum(targets["ffn_width_per_layer"])))
+    assert removed >= 0.5 * (per_group["head"] * 12 + per_group["ffn"] * 192)
+    assert all(1 <= heads <= 4 for heads in targets["heads_per_layer"]) and all(1 <= w <= 64 for w in targets["ffn_width_per_layer"])
+    with pytest.raises(ValueError, match="parameter_budget=0.99 cannot be met"):
+        recommend_targets(table, parameter_budget=0.99)
