@@ -80,6 +80,7 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
     loss = DistillationLoss(
         config.beta_ce, config.beta_logits, config.beta_hidden, config.temperature,
         mapping=layer_map(num_layers(student), num_layers(teacher)),
+        weight_attention=config.beta_attention, relation_heads=config.attention_relation_heads,
     )
     result = train(student, train_loader, eval_loader, config, kd_step(teacher, loss, token_map), accelerator,
                    resume_dir=resume_dir, description="qkd")

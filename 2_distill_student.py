@@ -59,6 +59,7 @@ def main(data_config: DataConfig, config: StudentConfig) -> None:
     loss = DistillationLoss(
         config.alpha_ce, config.alpha_kd, config.alpha_hidden, config.temperature,
         mapping=layer_map(num_layers(student), num_layers(teacher)),
+        weight_attention=config.alpha_attention, relation_heads=config.attention_relation_heads,
     )
     train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)
     result = train(student, train_loader, eval_loader, config, kd_step(teacher, loss), accelerator,

@@ -68,6 +68,7 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
     loss = DistillationLoss(
         config.alpha_ce, config.alpha_kd, config.alpha_hidden, config.temperature,
         mapping=layer_map(num_layers(student), num_layers(teacher)),
+        weight_attention=config.alpha_attention, relation_heads=config.attention_relation_heads,
     )
     result = train(
         student, train_loader, eval_loader, config, kd_step(teacher, loss), accelerator,

@@ -205,12 +205,18 @@ class DistillationWeights:
     alpha_kd: float = _field(0.5, "Weight of KL(softmax(teacher/T) || softmax(student/T)) * T^2.")
     alpha_hidden: float = _field(0.0, "Weight of the MSE between mapped student and teacher hidden states.")
     temperature: float = _field(2.0, "Distillation temperature T (> 0).")
+    alpha_attention: float = _field(
+        0.0, "Weight of MiniLM-v2 attention-relation distillation: KL between teacher and student query-query, key-key "
+        "and value-value relations of their last layers. Independent of head counts, so it works for pruned students.",
+    )
+    attention_relation_heads: int = _field(12, "Relation heads of the attention-relation loss (reduced to a divisor of both widths).")
 
     def __post_init__(self) -> None:
-        for name in ("alpha_ce", "alpha_kd", "alpha_hidden"):
+        _check_positive("attention_relation_heads", self.attention_relation_heads)
+        for name in ("alpha_ce", "alpha_kd", "alpha_hidden", "alpha_attention"):
             _check_range(name, getattr(self, name), 0.0, float("inf"))
-        if self.alpha_ce + self.alpha_kd + self.alpha_hidden == 0:
-            raise ValueError("alpha_ce, alpha_kd and alpha_hidden are all 0; at least one loss weight must be positive.")
+        if self.alpha_ce + self.alpha_kd + self.alpha_hidden + self.alpha_attention == 0:
+            raise ValueError("alpha_ce, alpha_kd, alpha_hidden and alpha_attention are all 0; at least one loss weight must be positive.")
         _check_positive("temperature", self.temperature)
 
 
@@ -375,6 +381,8 @@ class QATKDConfig(TrainingConfig, QuantizationFields):
     beta_logits: float = _field(0.5, "Weight of KL(softmax(teacher/T) || softmax(student/T)) * T^2.")
     beta_hidden: float = _field(1.0, "Weight of the MSE between teacher and student hidden states through the layer map.")
     temperature: float = _field(2.0, "Distillation temperature T (> 0).")
+    beta_attention: float = _field(0.0, "Weight of MiniLM-v2 attention-relation distillation (see alpha_attention of stage 8).")
+    attention_relation_heads: int = _field(12, "Relation heads of the attention-relation loss (reduced to a divisor of both widths).")
     max_accuracy_gap: float = _field(
         0.5, "Largest allowed gap, in accuracy points, between fake-quantized and reloaded real 4-bit validation accuracy."
     )
@@ -383,10 +391,11 @@ class QATKDConfig(TrainingConfig, QuantizationFields):
         TrainingConfig.__post_init__(self)
         QuantizationFields.__post_init__(self)
         _check_choice("teacher", self.teacher, QAT_TEACHERS)
-        for name in ("beta_ce", "beta_logits", "beta_hidden"):
+        _check_positive("attention_relation_heads", self.attention_relation_heads)
+        for name in ("beta_ce", "beta_logits", "beta_hidden", "beta_attention"):
             _check_range(name, getattr(self, name), 0.0, float("inf"))
-        if self.beta_ce + self.beta_logits + self.beta_hidden == 0:
-            raise ValueError("beta_ce, beta_logits and beta_hidden are all 0; at least one loss weight must be positive.")
+        if self.beta_ce + self.beta_logits + self.beta_hidden + self.beta_attention == 0:
+            raise ValueError("beta_ce, beta_logits, beta_hidden and beta_attention are all 0; at least one loss weight must be positive.")
         _check_positive("temperature", self.temperature)
         _check_range("max_accuracy_gap", self.max_accuracy_gap, 0.0, 100.0)
 

@@ -10,6 +10,7 @@ The T^2 factor keeps the soft-target gradients on the same scale as the hard-lab
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,62 @@ def hidden_mse_loss(
     return torch.stack(losses).mean()
 
 
+def relation_log_probs(states: torch.Tensor, relation_heads: int, attention_mask: torch.Tensor) -> torch.Tensor:
+    """MiniLM-v2 self-attention relations of one projection's output (batch, length, width): split the width into
+    ``relation_heads`` equal parts, take scaled dot products between positions and log-softmax over the keys, with
+    padding keys excluded. Shape (batch, relation_heads, length, length), whatever the model's head count."""
+    batch, length, width = states.shape
+    size = width // relation_heads
+    parts = states.reshape(batch, length, relation_heads, size).transpose(1, 2).float()
+    scores = parts @ parts.transpose(-1, -2) / math.sqrt(size)
+    scores = scores.masked_fill(attention_mask[:, None, None, :] == 0, float("-inf"))
+    return F.log_softmax(scores, dim=-1)
+
+
+def attention_relation_loss(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor],
+                            attention_mask: torch.Tensor, relation_heads: int) -> torch.Tensor:
+    """KL(teacher relation || student relation), averaged over query-query, key-key and value-value relations, relation
+    heads and real query positions (MiniLM-v2). Independent of head counts and widths: the number of relation heads is
+    the largest divisor of ``relation_heads`` that divides every width, so a pruned student with 2 heads learns from a
+    12-head teacher."""
+    widths = [states.shape[-1] for states in (*student_states, *teacher_states)]
+    heads = math.gcd(relation_heads, *widths)
+    keys = attention_mask[:, None, None, :].bool()
+    queries = attention_mask.to(torch.float32)
+    losses = []
+    for student, teacher in zip(student_states, teacher_states):
+        student_log, teacher_log = relation_log_probs(student, heads, attention_mask), relation_log_probs(teacher, heads, attention_mask)
+        pointwise = torch.where(keys, teacher_log.exp() * (teacher_log - student_log), torch.zeros_like(student_log))
+        per_query = pointwise.sum(-1).mean(1)  # sum over keys, mean over relation heads: (batch, length)
+        losses.append((per_query * queries).sum() / queries.sum())
+    return torch.stack(losses).mean()
+
+
+class ProjectionCapture:
+    """Forward hooks keeping the query, key and value projection outputs of one encoder layer (the inputs of
+    ``attention_relation_loss``), found through the architecture spec, so every supported model works."""
+
+    def __init__(self, model: torch.nn.Module, layer: int = -1) -> None:
+        from .architecture import layer_views
+
+        view = layer_views(getattr(model, "module", model))[layer]
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = [view.get(part).register_forward_hook(self._keeper(part)) for part in ("query", "key", "value")]
+
+    def _keeper(self, part: str):
+        def keep(module, inputs, output):
+            self.outputs[part] = output
+
+        return keep
+
+    def states(self) -> list[torch.Tensor]:
+        return [self.outputs[part] for part in ("query", "key", "value")]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 @dataclass
 class DistillationLoss:
     """Callable combining the three losses; returns the total and its parts (as floats) for logging."""
@@ -67,12 +124,19 @@ class DistillationLoss:
     weight_hidden: float
     temperature: float
     mapping: list[tuple[int, int]] | None = None
+    weight_attention: float = 0.0  # MiniLM-v2 attention-relation KD on the last layers (query, key, value relations)
+    relation_heads: int = 12
 
     @property
     def needs_hidden_states(self) -> bool:
         return self.weight_hidden > 0
 
-    def __call__(self, student_output, teacher_output, labels: torch.Tensor, attention_mask: torch.Tensor):
+    @property
+    def needs_relations(self) -> bool:
+        return self.weight_attention > 0
+
+    def __call__(self, student_output, teacher_output, labels: torch.Tensor, attention_mask: torch.Tensor,
+                 student_relations: list | None = None, teacher_relations: list | None = None):
         parts = {}
         total = student_output.logits.new_zeros(())
         if self.weight_ce > 0:
@@ -88,6 +152,11 @@ class DistillationLoss:
                 student_output.hidden_states, teacher_output.hidden_states, attention_mask, self.mapping
             )
             total = total + self.weight_hidden * parts["hidden"]
+        if self.weight_attention > 0:
+            if student_relations is None or teacher_relations is None:
+                raise ValueError("weight_attention > 0 needs the query/key/value outputs of both models (ProjectionCapture).")
+            parts["attention"] = attention_relation_loss(student_relations, teacher_relations, attention_mask, self.relation_heads)
+            total = total + self.weight_attention * parts["attention"]
         return total, {name: float(value.detach()) for name, value in parts.items()}
 
 
@@ -98,8 +167,11 @@ def kd_step(teacher: torch.nn.Module, loss: DistillationLoss, teacher_token_ids:
     was pruned (its ids are renumbered); None when both share one vocabulary.
     """
     teacher.eval()
+    captures = {}
 
     def compute_loss(model, batch):
+        if loss.needs_relations and not captures:  # hooks on the last layer of each, registered once
+            captures["student"], captures["teacher"] = ProjectionCapture(model), ProjectionCapture(teacher)
         inputs = model_inputs(batch)
         teacher_inputs = inputs
         if teacher_token_ids is not None:
@@ -108,7 +180,8 @@ def kd_step(teacher: torch.nn.Module, loss: DistillationLoss, teacher_token_ids:
         with torch.no_grad():
             teacher_output = teacher(**teacher_inputs, output_hidden_states=loss.needs_hidden_states)
         student_output = model(**inputs, output_hidden_states=loss.needs_hidden_states)
-        return loss(student_output, teacher_output, batch["labels"], batch["attention_mask"])
+        relations = (captures["student"].states(), captures["teacher"].states()) if captures else (None, None)
+        return loss(student_output, teacher_output, batch["labels"], batch["attention_mask"], *relations)
 
     return compute_loss
 

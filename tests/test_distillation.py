@@ -80,3 +80,53 @@ def test_distilbert_student_and_bad_layer_count():
     assert copied == [0, 2, 4] and student.config.n_layers == 3
     with pytest.raises(ValueError, match="student_num_layers=7 must be between 1 and the teacher's 6"):
         build_student_from_teacher(teacher, 7)
+
+
+def relation_inputs(model, batch):
+    from common.distillation import ProjectionCapture
+
+    capture = ProjectionCapture(model)
+    output = model(**batch)
+    capture.remove()
+    return capture.states(), output
+
+
+def test_attention_relation_loss_is_zero_for_identical_models():
+    from common.distillation import attention_relation_loss
+
+    model = tiny_model(tiny_bert_config())
+    batch = {"input_ids": torch.randint(5, 30, (2, 7)), "attention_mask": torch.tensor([[1] * 7, [1] * 4 + [0] * 3])}
+    with torch.no_grad():
+        states, _ = relation_inputs(model, batch)
+    assert float(attention_relation_loss(states, [s.clone() for s in states], batch["attention_mask"], 4)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_attention_relation_loss_between_a_12_head_teacher_and_a_pruned_4_head_student():
+    from common.config import PruningConfig
+    from common.distillation import attention_relation_loss, kd_step
+    from common.pruning import StructuralPruner
+
+    teacher = tiny_model(tiny_bert_config(heads=12, hidden=48, ffn=64))
+    student = tiny_model(tiny_bert_config(heads=12, hidden=48, ffn=64))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in student.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    pruner = StructuralPruner(student, PruningConfig(importance_mode="l2", enable_multi_granularity=False, final_sparsity=2 / 3))
+    pruner.compute_importance_and_prune(2 / 3)
+    pruner.prune_physically()
+    assert layer_views(student)[-1].num_heads == 4
+    batch = {"input_ids": torch.randint(5, 30, (3, 9)), "attention_mask": torch.tensor([[1] * 9, [1] * 6 + [0] * 3, [1] * 9])}
+    with torch.no_grad():
+        teacher_states, _ = relation_inputs(teacher, batch)
+    student_states, _ = relation_inputs(student, batch)
+    assert student_states[0].shape[-1] == 16 and teacher_states[0].shape[-1] == 48  # 4 x 4 vs 12 x 4 dims
+    loss = attention_relation_loss(student_states, teacher_states, batch["attention_mask"], relation_heads=12)
+    assert torch.isfinite(loss) and float(loss) > 0
+    loss.backward()
+    assert layer_views(student)[-1].get("query").weight.grad.abs().sum() > 0
+    # the same loss through the training path (DistillationLoss via kd_step's hooks)
+    student.zero_grad()
+    step = kd_step(teacher, DistillationLoss(0.0, 0.0, 0.0, 2.0, weight_attention=1.0, relation_heads=12))
+    total, parts = step(student, {**batch, "labels": torch.tensor([0, 1, 0])})
+    assert parts["attention"] == pytest.approx(float(loss), rel=1e-5) and float(total) == pytest.approx(float(loss), rel=1e-5)
