@@ -23,7 +23,7 @@ import torch
 from common import DataConfig, QATKDConfig, parse_config, setup_logging
 from common.checkpoints import read_record
 from common.data import build_loaders
-from common.distillation import DistillationLoss, kd_step, layer_map, num_layers
+from common.distillation import DistillationLoss, hidden_projector_for, kd_step, layer_map, num_layers
 from common.evaluation import evaluate_accuracy
 from common.models import load_checkpoint_tokenizer, load_model, resolve_stage_checkpoint, save_checkpoint
 from common.quantization import (
@@ -81,9 +81,13 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
         config.beta_ce, config.beta_logits, config.beta_hidden, config.temperature,
         mapping=layer_map(num_layers(student), num_layers(teacher)),
         weight_attention=config.beta_attention, relation_heads=config.attention_relation_heads,
+        projector=hidden_projector_for(student, teacher, config.beta_hidden),
     )
+    if loss.projector is not None:
+        print(f"Hidden-state distillation through a learned {loss.projector.linear.in_features} -> "
+              f"{loss.projector.linear.out_features} projector (student and teacher widths differ)")
     result = train(student, train_loader, eval_loader, config, kd_step(teacher, loss, token_map), accelerator,
-                   resume_dir=resume_dir, description="qkd")
+                   resume_dir=resume_dir, description="qkd", extras=loss.extras)
 
     accelerator.wait_for_everyone()
     if result.stopped_early:

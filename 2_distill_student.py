@@ -16,7 +16,7 @@ Run as:
 
 from common import DataConfig, StudentConfig, parse_config, setup_logging
 from common.data import build_loaders
-from common.distillation import DistillationLoss, kd_step, layer_map, num_layers
+from common.distillation import DistillationLoss, hidden_projector_for, kd_step, layer_map, num_layers
 from common.models import (
     build_student_from_teacher,
     count_parameters,
@@ -60,10 +60,14 @@ def main(data_config: DataConfig, config: StudentConfig) -> None:
         config.alpha_ce, config.alpha_kd, config.alpha_hidden, config.temperature,
         mapping=layer_map(num_layers(student), num_layers(teacher)),
         weight_attention=config.alpha_attention, relation_heads=config.attention_relation_heads,
+        projector=hidden_projector_for(student, teacher, config.alpha_hidden),
     )
+    if loss.projector is not None:
+        print(f"Hidden-state distillation through a learned {loss.projector.linear.in_features} -> "
+              f"{loss.projector.linear.out_features} projector (student and teacher widths differ)")
     train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)
     result = train(student, train_loader, eval_loader, config, kd_step(teacher, loss), accelerator,
-                   resume_dir=resume_dir, description="student")
+                   resume_dir=resume_dir, description="student", extras=loss.extras)
 
     accelerator.wait_for_everyone()
     if result.stopped_early:

@@ -20,7 +20,7 @@ Run as:
 
 from common import DataConfig, PruningConfig, parse_config, setup_logging
 from common.data import build_loaders, make_loader, tokenize_dataset
-from common.distillation import DistillationLoss, kd_step, layer_map, num_layers
+from common.distillation import DistillationLoss, hidden_projector_for, kd_step, layer_map, num_layers
 from common.evaluation import evaluate_accuracy
 from common.models import count_parameters, load_checkpoint_tokenizer, load_model, resolve_stage_checkpoint, save_checkpoint
 from common.pruning import StructuralPruner
@@ -69,10 +69,14 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
         config.alpha_ce, config.alpha_kd, config.alpha_hidden, config.temperature,
         mapping=layer_map(num_layers(student), num_layers(teacher)),
         weight_attention=config.alpha_attention, relation_heads=config.attention_relation_heads,
+        projector=hidden_projector_for(student, teacher, config.alpha_hidden),
     )
+    if loss.projector is not None:
+        print(f"Hidden-state distillation through a learned {loss.projector.linear.in_features} -> "
+              f"{loss.projector.linear.out_features} projector (student and teacher widths differ)")
     result = train(
         student, train_loader, eval_loader, config, kd_step(teacher, loss), accelerator,
-        hooks=PruningHooks(pruner), keep="last", resume_dir=resume_dir, description="prune",
+        hooks=PruningHooks(pruner), keep="last", resume_dir=resume_dir, description="prune", extras=loss.extras,
     )
 
     accelerator.wait_for_everyone()

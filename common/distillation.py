@@ -38,22 +38,49 @@ def layer_map(num_student_layers: int, num_teacher_layers: int) -> list[tuple[in
     return [(k, round(k * num_teacher_layers / num_student_layers)) for k in range(1, num_student_layers + 1)]
 
 
+class HiddenProjector(torch.nn.Module):
+    """TinyBERT's learned map W_h from the student's hidden width to the teacher's, so hidden-state distillation
+    works between different widths (a 384-wide student of a 768-wide bert-base teacher). Trained with the student,
+    never saved with it."""
+
+    def __init__(self, student_width: int, teacher_width: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(student_width, teacher_width, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden)
+
+
+def hidden_projector_for(student: torch.nn.Module, teacher: torch.nn.Module, weight_hidden: float):
+    """A ``HiddenProjector`` when hidden-state distillation is on and the widths differ, else None."""
+    from .architecture import spec_for
+
+    widths = [getattr(model.config, spec_for(model).config_hidden) for model in (student, teacher)]
+    if weight_hidden <= 0 or widths[0] == widths[1]:
+        return None
+    return HiddenProjector(*widths)
+
+
 def hidden_mse_loss(
     student_hidden: tuple[torch.Tensor, ...],
     teacher_hidden: tuple[torch.Tensor, ...],
     attention_mask: torch.Tensor,
     mapping: list[tuple[int, int]],
+    projector: torch.nn.Module | None = None,
 ) -> torch.Tensor:
-    """Mean squared error over real (non-padding) tokens, averaged over the mapped layer pairs."""
+    """Mean squared error over real (non-padding) tokens, averaged over the mapped layer pairs; ``projector`` maps
+    student states to the teacher's width first."""
     mask = attention_mask.unsqueeze(-1).to(student_hidden[0].dtype)
-    denominator = mask.sum() * student_hidden[0].shape[-1]
+    denominator = mask.sum() * teacher_hidden[0].shape[-1]
     losses = []
     for s_index, t_index in mapping:
         student, teacher = student_hidden[s_index], teacher_hidden[t_index]
+        if projector is not None:
+            student = projector(student)
         if student.shape != teacher.shape:
             raise ValueError(
                 f"Hidden state shapes differ: student layer {s_index} {tuple(student.shape)} vs teacher layer "
-                f"{t_index} {tuple(teacher.shape)}; hidden-state distillation needs equal widths (set alpha_hidden=0)."
+                f"{t_index} {tuple(teacher.shape)}; pass a HiddenProjector (the stages do when widths differ) or set alpha_hidden=0."
             )
         losses.append((((student - teacher) ** 2) * mask).sum() / denominator)
     return torch.stack(losses).mean()
@@ -126,10 +153,16 @@ class DistillationLoss:
     mapping: list[tuple[int, int]] | None = None
     weight_attention: float = 0.0  # MiniLM-v2 attention-relation KD on the last layers (query, key, value relations)
     relation_heads: int = 12
+    projector: torch.nn.Module | None = None  # HiddenProjector when student and teacher widths differ
 
     @property
     def needs_hidden_states(self) -> bool:
         return self.weight_hidden > 0
+
+    @property
+    def extras(self) -> tuple:
+        """Modules the loss trains alongside the student (``training.train(..., extras=...)``)."""
+        return () if self.projector is None else (self.projector,)
 
     @property
     def needs_relations(self) -> bool:
@@ -149,7 +182,7 @@ class DistillationLoss:
             if self.mapping is None:
                 raise ValueError("weight_hidden > 0 needs a student→teacher layer mapping.")
             parts["hidden"] = hidden_mse_loss(
-                student_output.hidden_states, teacher_output.hidden_states, attention_mask, self.mapping
+                student_output.hidden_states, teacher_output.hidden_states, attention_mask, self.mapping, self.projector
             )
             total = total + self.weight_hidden * parts["hidden"]
         if self.weight_attention > 0:

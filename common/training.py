@@ -106,9 +106,10 @@ def optimizer_steps_per_epoch(num_batches: int, num_processes: int, accumulation
     return math.ceil(math.ceil(num_batches / num_processes) / accumulation_steps)
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, config: TrainingConfig, extras: tuple = ()) -> torch.optim.Optimizer:
     decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
+    named = [*model.named_parameters(), *(item for extra in extras for item in extra.named_parameters())]
+    for name, parameter in named:
         if not parameter.requires_grad:
             continue
         (no_decay if any(marker in name for marker in NO_DECAY_MARKERS) else decay).append(parameter)
@@ -133,12 +134,15 @@ def train(
     resume_dir: Optional[Path] = None,
     description: str = "train",
     evaluate_model: Optional[Callable[[torch.nn.Module], dict]] = None,
+    extras: tuple = (),
 ) -> TrainResult:
     """Train ``model`` and return the weights of the best (``keep='best'``) or last epoch on the CPU.
 
     ``compute_loss(model, batch)`` returns the loss and a dict of its parts. ``evaluate_model(model)`` returns
     validation metrics with an ``accuracy`` key (default: plain accuracy on ``eval_loader``). ``resume_dir``
     holds per-epoch state; when it already has some, training continues after its last finished epoch.
+    ``extras`` are further modules the loss trains with the model (a hidden-state projector): optimized, their
+    gradients averaged across processes, saved in the resume state, never in the returned weights.
     """
     import time
 
@@ -146,7 +150,9 @@ def train(
 
     if keep not in ("best", "last"):
         raise ValueError(f"keep={keep!r} must be 'best' or 'last'.")
-    optimizer = make_optimizer(model, config)
+    for extra in extras:
+        extra.to(accelerator.device)
+    optimizer = make_optimizer(model, config, extras)
     accumulation = accelerator.gradient_accumulation_steps
     total_steps = optimizer_steps_per_epoch(len(train_loader), accelerator.num_processes, accumulation) * config.num_epochs
     # accelerate advances a prepared scheduler once per process at every optimizer step, so it is built in
@@ -154,7 +160,7 @@ def train(
     scale = accelerator.num_processes
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps) * scale, total_steps * scale)
 
-    state = _load_resume_state(resume_dir, model, optimizer, scheduler, hooks)
+    state = _load_resume_state(resume_dir, model, optimizer, scheduler, hooks, extras)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
@@ -190,6 +196,7 @@ def train(
                 if accelerator.sync_gradients:  # the accumulated gradient is complete: one optimizer step
                     if hooks is not None:
                         hooks.after_backward(global_step)
+                    _average_extra_gradients(extras, accelerator)
                     if config.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()  # the prepared optimizer and scheduler skip the steps between syncs
@@ -217,7 +224,7 @@ def train(
                 resume_dir, accelerator, unwrapped, optimizer, scheduler, best_state,
                 {"epochs_done": epoch + 1, "global_step": global_step, "history": history,
                  "best_metrics": best_metrics, "best_epoch": best_epoch},
-                hooks,
+                hooks, extras,
             )
     steps_run = max(1, global_step - state.get("global_step", 0))
     stopped_early = last_epoch < config.num_epochs
@@ -225,6 +232,21 @@ def train(
         logger.info("%s stopped after epoch %d of %d (stop_after_epochs=%d); continue with --resume",
                     description, last_epoch, config.num_epochs, stop_after)
     return TrainResult(best_state, best_epoch, best_metrics, history, global_step, train_seconds / steps_run, stopped_early)
+
+
+def _average_extra_gradients(extras: tuple, accelerator) -> None:
+    """DDP averages the model's gradients; modules outside it need the same by hand."""
+    if accelerator.num_processes == 1:
+        return
+    for extra in extras:
+        for parameter in extra.parameters():
+            if parameter.grad is not None:
+                parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
+
+
+def _extras_state(extras: tuple) -> dict:
+    return {f"{index}.{name}": tensor.detach().to("cpu").contiguous()
+            for index, extra in enumerate(extras) for name, tensor in extra.state_dict().items()}
 
 
 # -- resume state ---------------------------------------------------------------------------------------
@@ -297,7 +319,7 @@ def finish_resume_dir(folder: Optional[Path], accelerator) -> None:
 
 
 def _save_resume_state(folder: Path, accelerator, model, optimizer, scheduler, best_state: dict, trainer_state: dict,
-                       hooks=None) -> None:
+                       hooks=None, extras: tuple = ()) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         partial = folder / "partial"
@@ -311,6 +333,8 @@ def _save_resume_state(folder: Path, accelerator, model, optimizer, scheduler, b
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, str(partial / "rng.safetensors"))
+        if extras:
+            save_file(_extras_state(extras), str(partial / "extras.safetensors"))
         if hooks is not None and hasattr(hooks, "resume_state"):
             tensors, info = hooks.resume_state()
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial / "hooks.safetensors"))
@@ -325,7 +349,7 @@ def _save_resume_state(folder: Path, accelerator, model, optimizer, scheduler, b
     accelerator.wait_for_everyone()
 
 
-def _load_resume_state(folder: Optional[Path], model, optimizer, scheduler, hooks=None) -> dict:
+def _load_resume_state(folder: Optional[Path], model, optimizer, scheduler, hooks=None, extras: tuple = ()) -> dict:
     if folder is None or not (folder / "trainer_state.json").is_file():
         return {}
     state = json.loads((folder / "trainer_state.json").read_text())
@@ -335,6 +359,10 @@ def _load_resume_state(folder: Optional[Path], model, optimizer, scheduler, hook
     optimizer.load_state_dict(optimizer_state["optimizer"])
     scheduler.load_state_dict(optimizer_state["scheduler"])
     state["best_state"] = load_file(str(folder / "best.safetensors"))
+    if extras:
+        saved = load_file(str(folder / "extras.safetensors"))
+        for index, extra in enumerate(extras):
+            extra.load_state_dict({name.split(".", 1)[1]: value for name, value in saved.items() if name.split(".", 1)[0] == str(index)})
     if (folder / "rng.safetensors").is_file():
         state["rng"] = load_file(str(folder / "rng.safetensors"))  # restored right before the next epoch
     if hooks is not None and hasattr(hooks, "load_resume_state") and "hooks" in state:

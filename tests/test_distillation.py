@@ -6,7 +6,7 @@ import torch
 
 from common.distillation import DistillationLoss, hidden_mse_loss, kd_kl_loss, layer_map
 from common.models import build_student_from_teacher, layer_views, teacher_layers_for_student
-from conftest import tiny_bert_config, tiny_distilbert_config, tiny_model
+from conftest import batch_for, tiny_bert_config, tiny_distilbert_config, tiny_model
 
 
 def hand_kl(student_logits, teacher_logits, temperature):
@@ -130,3 +130,31 @@ def test_attention_relation_loss_between_a_12_head_teacher_and_a_pruned_4_head_s
     step = kd_step(teacher, DistillationLoss(0.0, 0.0, 0.0, 2.0, weight_attention=1.0, relation_heads=12))
     total, parts = step(student, {**batch, "labels": torch.tensor([0, 1, 0])})
     assert parts["attention"] == pytest.approx(float(loss), rel=1e-5) and float(total) == pytest.approx(float(loss), rel=1e-5)
+
+
+def test_projector_hidden_loss_trains_between_different_widths(tokenizer):
+    from common.config import StudentConfig
+    from common.data import make_loader, tokenize_dataset
+    from common.distillation import hidden_projector_for, kd_step
+    from common.training import make_accelerator, train
+    from test_vocabulary_and_report import tiny_data
+
+    teacher = tiny_model(tiny_bert_config(hidden=48, heads=4))
+    student = tiny_model(tiny_bert_config(hidden=32, heads=4))
+    assert hidden_projector_for(student, teacher, weight_hidden=0.0) is None
+    assert hidden_projector_for(teacher, teacher, weight_hidden=1.0) is None
+    projector = hidden_projector_for(student, teacher, weight_hidden=1.0)
+    loss = DistillationLoss(0.0, 0.0, 1.0, 2.0, mapping=layer_map(2, 2), projector=projector)
+    with pytest.raises(ValueError, match="pass a HiddenProjector"):
+        DistillationLoss(0.0, 0.0, 1.0, 2.0, mapping=layer_map(2, 2))(
+            student(**batch_for(tokenizer), output_hidden_states=True), teacher(**batch_for(tokenizer), output_hidden_states=True),
+            torch.tensor([0, 1, 0]), batch_for(tokenizer)["attention_mask"])
+    data = tiny_data(["great film", "dull plot", "fun story", "boring actor"] * 4, ["great plot", "dull film"])
+    train_loader = make_loader(tokenize_dataset(data.train, tokenizer, 16), tokenizer, 8, shuffle=True)
+    eval_loader = make_loader(tokenize_dataset(data.validation, tokenizer, 16), tokenizer, 8, shuffle=False)
+    before = projector.linear.weight.detach().clone()
+    config = StudentConfig(num_epochs=1, learning_rate=1e-2)
+    result = train(student, train_loader, eval_loader, config, kd_step(teacher, loss), make_accelerator(config), extras=loss.extras)
+    assert result.history[0]["train_loss"] > 0
+    assert not torch.equal(projector.linear.weight, before), "the projector is trained"
+    assert not any(name.startswith("linear") for name in result.best_state), "the projector is not part of the student"
