@@ -18,6 +18,8 @@ Run as:
     python 10_qat_kd_4bit.py --resume                  # continue an interrupted run after its last epoch
 """
 
+import itertools
+
 import torch
 
 from common import DataConfig, QATKDConfig, parse_config, setup_logging
@@ -28,11 +30,14 @@ from common.evaluation import evaluate_accuracy
 from common.models import load_checkpoint_tokenizer, load_model, resolve_stage_checkpoint, save_checkpoint
 from common.quantization import (
     compress_embedding_state,
+    layer_quantization_errors,
     prepare_fake_quantization,
     quantize_model_4bit,
     strip_fake_quantization,
 )
 from common.training import choose_resume_dir, finish_resume_dir, start_stage, train
+
+ERROR_BATCHES = 4  # validation batches of the per-layer quantization error
 
 
 def resolve_teacher(config: QATKDConfig, label_names, pruned_folder, data_config):
@@ -99,7 +104,9 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
     student = accelerator.unwrap_model(student).to("cpu")
     student.load_state_dict(result.best_state)
     strip_fake_quantization(student)
+    layer_errors = layer_quantization_errors(student, config, list(itertools.islice(eval_loader, ERROR_BATCHES)))
     quantization = quantize_model_4bit(student, config)
+    quantization["layer_errors"] = layer_errors
     state, embedding = compress_embedding_state(student, dict(student.state_dict()), config.embedding_quantization)
 
     def reload_and_check(folder):

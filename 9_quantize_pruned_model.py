@@ -13,13 +13,17 @@ Run as:
     python 9_quantize_pruned_model.py --quant_type fp4 --blocksize 128 --double_quant false
 """
 
+import itertools
+
 from common import DataConfig, PTQConfig, parse_config, setup_logging
 from common.checkpoints import Stopwatch, read_record
 from common.config import config_to_dict, log_config
 from common.data import build_loaders, load_splits
 from common.evaluation import evaluate_accuracy
 from common.models import load_checkpoint_tokenizer, load_model, load_stage_model, save_checkpoint
-from common.quantization import compress_embedding_state, quantize_model_4bit
+from common.quantization import compress_embedding_state, layer_quantization_errors, quantize_model_4bit
+
+ERROR_BATCHES = 4  # validation batches of the per-layer quantization error
 
 
 def main(data_config: DataConfig, config: PTQConfig) -> None:
@@ -31,7 +35,9 @@ def main(data_config: DataConfig, config: PTQConfig) -> None:
     _, eval_loader = build_loaders(data, tokenizer, data_config, config.eval_batch_size, config.eval_batch_size, seed=0)
 
     full_precision = evaluate_accuracy(model, eval_loader)
+    layer_errors = layer_quantization_errors(model, config, list(itertools.islice(eval_loader, ERROR_BATCHES)))
     quantization = quantize_model_4bit(model, config)
+    quantization["layer_errors"] = layer_errors
     state, embedding = compress_embedding_state(model, dict(model.state_dict()), config.embedding_quantization)
     print(f"Quantized {len(quantization['modules'])} linear layers to {config.quant_type} (block {config.blocksize}, "
           f"double quant {config.double_quant}); kept in full precision: {quantization['kept_full_precision']}")

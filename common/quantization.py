@@ -95,6 +95,58 @@ def fake_quantize_4bit_values(weight: torch.Tensor, quant_type: str = "nf4", blo
     return values, indices.reshape(weight.shape)
 
 
+@torch.no_grad()
+def layer_quantization_errors(model: nn.Module, settings, batches, names: Optional[list[str]] = None) -> dict[str, dict]:
+    """How much 4-bit quantization changes each linear layer of a full-precision ``model``, before quantizing it:
+    ``weight_snr_db`` = 10 log10(|W|^2 / |W - Q(W)|^2), and ``output_relative_mse`` = mean |x (W - Q(W))^T|^2 /
+    mean |x W^T + b|^2 over the layer's real inputs ``x`` on ``batches`` (calibration batches of tokenizer outputs).
+    Q is bitsandbytes' quantize-dequantize with the checkpoint's settings. Low SNR / high MSE marks the layers to
+    keep at 8 bits first."""
+    from .data import model_inputs
+
+    names = names or quantizable_linear_names(model, settings.skip_modules)
+    modules = {name: model.get_submodule(name) for name in names}
+    quantized = {name: fake_quantize_4bit_values(module.weight, settings.quant_type, settings.blocksize, settings.double_quant)[0]
+                 for name, module in modules.items()}
+    sums = {name: [0.0, 0.0] for name in names}  # error energy, output energy
+
+    def recorder(name):
+        def record(module, inputs):
+            x = inputs[0].float()
+            output = nn.functional.linear(x, module.weight.float(), None if module.bias is None else module.bias.float())
+            error = nn.functional.linear(x, (module.weight - quantized[name]).float())
+            sums[name][0] += float((error ** 2).sum())
+            sums[name][1] += float((output ** 2).sum())
+        return record
+
+    handles = [module.register_forward_pre_hook(recorder(name)) for name, module in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        for batch in batches:
+            model(**{key: value.to(device) for key, value in model_inputs(batch).items()})
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    errors = {}
+    for name, module in modules.items():
+        difference = float(((module.weight - quantized[name]).float() ** 2).sum())
+        energy = float((module.weight.float() ** 2).sum())
+        errors[name] = {
+            "weight_snr_db": 10 * math.log10(energy / difference) if difference > 0 else None,  # None: exact
+            "output_relative_mse": sums[name][0] / sums[name][1] if sums[name][1] > 0 else None,
+        }
+    return errors
+
+
+def worst_layers(errors: dict[str, dict], count: int = 5) -> list[tuple[str, dict]]:
+    """The ``count`` layers with the highest relative output error (then lowest weight SNR)."""
+    return sorted(errors.items(), key=lambda item: (-(item[1]["output_relative_mse"] or 0.0),
+                                                    item[1]["weight_snr_db"] if item[1]["weight_snr_db"] is not None else math.inf))[:count]
+
+
 class _StraightThrough4bit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, quant_type, blocksize, double_quant):

@@ -129,12 +129,22 @@ def evaluate_entry(entry: ModelEntry, data: TextClassificationData, data_config,
         "size_mb": size / 1e6,
         "quantization": file_info.get("precision") or quantization.get("method", "none"),
         "architecture": record.get("architecture"),
+        "worst_quantized_layers": _worst_layers(quantization) if entry.onnx_file is None else None,
         "model_rss_mb": memory["model_rss_mb"],
         "inference_peak_mb": memory["inference_peak_mb"],
         "peak_rss_mb": memory["peak_rss_mb"],
         "peak_covers_loading": memory["peak_covers_loading"],
     }
     return EvaluatedRow(row, entry, folder, model)
+
+
+def _worst_layers(quantization: dict) -> Optional[list[dict]]:
+    errors = quantization.get("layer_errors")
+    if not errors:
+        return None
+    from .quantization import worst_layers
+
+    return [{"layer": name, **values} for name, values in worst_layers(errors)]
 
 
 def build_reference_onnx(teacher_folder: Path, target: Path, max_length: int) -> ModelEntry:
@@ -397,6 +407,17 @@ def markdown_table(report: dict) -> str:
         f"forward passes over its size before loading (weights plus activations); both measured in a fresh process "
         f"per model.\n\nVersions: {versions}.\n"
     )
+    quantized = [row for row in report["models"] if row.get("worst_quantized_layers")]
+    if quantized:
+        text += ("\n4-bit quantization error per layer, measured on the full-precision weights before quantizing "
+                 "(relative output MSE on validation batches; weight SNR), the five worst layers of each model:\n\n"
+                 "| Model | Layer | Output rel. MSE | Weight SNR (dB) |\n|---|---|---|---|\n")
+        for row in quantized:
+            for layer in row["worst_quantized_layers"]:
+                mse = layer["output_relative_mse"]
+                snr = layer["weight_snr_db"]
+                text += (f"| {row['label']} | {layer['layer']} | {'–' if mse is None else f'{mse:.2e}'} | "
+                         f"{'exact' if snr is None else f'{snr:.1f}'} |\n")
     if report.get("gpu_models"):
         text += "\n| GPU model | Runtime | Test acc. | Latency (ms), median [IQR] | × faster than the first GPU row |\n|---|---|---|---|---|\n"
         for row in report["gpu_models"]:

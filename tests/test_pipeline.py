@@ -84,6 +84,9 @@ def test_pruned_and_quantized_checkpoints(pipeline_run):
         assert record["quantization"]["method"] == "bitsandbytes_4bit"
         assert record["parent"] == str(pruned)
         assert (folder / "model.safetensors").stat().st_size < (pruned / "model.safetensors").stat().st_size
+        errors = record["quantization"]["layer_errors"]
+        assert set(errors) == set(record["quantization"]["modules"])
+        assert all(values["weight_snr_db"] > 0 for values in errors.values())
     _, qkd_record = only_checkpoint(results, "qkd_4bit")
     assert qkd_record["metrics"]["fake_vs_real_gap_points"] <= 0.5
     _, int8_record = only_checkpoint(results, "int8")
@@ -103,6 +106,7 @@ def test_report_covers_every_stage(pipeline_run):
     assert all(row["speedup_vs_teacher"] > 0 for row in report["models"])
     assert (results / "final_report.png").stat().st_size > 10_000
     assert "Pruned + QKD-4bit (QAT)" in (results / "final_report.md").read_text()
+    assert "4-bit quantization error per layer" in (results / "final_report.md").read_text()
     assert "Teacher (FP32)" in completed.stdout
 
 

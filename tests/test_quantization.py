@@ -178,3 +178,24 @@ def test_fake_quantized_embeddings_equal_stored_ones(method, bits):
     name = record["module"]
     stored = dequantize_rows(state[f"{name}.weight_codes"], state[f"{name}.weight_scale"], bits, record["shape"][1])
     assert torch.equal(seen, stored)
+
+
+def test_layer_quantization_errors_grow_with_the_block_size(tokenizer):
+    from common.config import PTQConfig
+    from common.quantization import layer_quantization_errors, quantizable_linear_names, worst_layers
+    from conftest import batch_for
+
+    model = tiny_model(tiny_bert_config())
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    fine = layer_quantization_errors(model, PTQConfig(blocksize=64), [batch_for(tokenizer)])
+    coarse = layer_quantization_errors(model, PTQConfig(blocksize=1024), [batch_for(tokenizer)])
+    assert set(fine) == set(coarse) == set(quantizable_linear_names(model))
+    for name, values in fine.items():
+        assert 10 < values["weight_snr_db"] < 30 and 0 < values["output_relative_mse"] < 0.1  # NF4: about 20 dB
+        # one absmax per 1024 weights instead of per 64: coarser steps, lower SNR, larger output error
+        assert coarse[name]["weight_snr_db"] < values["weight_snr_db"]
+    mean_error = {size: sum(v["output_relative_mse"] for v in errors.values()) / len(errors) for size, errors in ((64, fine), (1024, coarse))}
+    assert mean_error[1024] > mean_error[64]
+    ranked = [values["output_relative_mse"] for _, values in worst_layers(fine, len(fine))]
+    assert ranked == sorted(ranked, reverse=True) and len(worst_layers(fine)) == 5
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items()), "measuring changes nothing"
