@@ -149,7 +149,9 @@ def plot_heatmap(table: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 0.6 * len(table["layer_sizes"]["head"]) + 2.5))
+    figure, axes = plt.subplots(1, 2, figsize=(11, 0.6 * len(table["layer_sizes"]["head"]) + 2.5))
+    figure.suptitle(f"Validation accuracy drop (points) when one layer alone is pruned, no fine-tuning "
+                    f"(baseline {100 * table['baseline_accuracy']:.2f}%)")
     highest = max(1.0, max(max(row) for kind in KINDS for row in table["accuracy_drop_points"][kind]))
     for axis, kind, title in zip(axes, KINDS, ("attention heads", "FFN neurons")):
         values = table["accuracy_drop_points"][kind]
@@ -157,7 +159,7 @@ def plot_heatmap(table: dict, path) -> None:
         axis.set_xticks(range(len(table["sparsities"])), [f"{100 * s:.0f}%" for s in table["sparsities"]])
         axis.set_yticks(range(len(values)), [f"layer {i}" for i in range(len(values))])
         axis.set_xlabel("share pruned in this layer only")
-        axis.set_title(f"{title}: validation accuracy drop (points)")
+        axis.set_title(title)
         for row, line in enumerate(values):
             for column, value in enumerate(line):
                 axis.text(column, row, f"{value:.1f}", ha="center", va="center", fontsize=8)
