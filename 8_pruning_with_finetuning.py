@@ -16,6 +16,8 @@ Run as:
     python 8_pruning_with_finetuning.py --importance_mode l2 --enable_multi_granularity false   # the original
     python 8_pruning_with_finetuning.py --head_final_sparsity 0.5 --ffn_final_sparsity 0.6 --prune_vocabulary
     python 8_pruning_with_finetuning.py --resume            # continue an interrupted run after its last epoch
+    python 8_pruning_with_finetuning.py --layer_targets results/sensitivity_targets.json   # after make sensitivity
+    python 8_pruning_with_finetuning.py --ffn_round_to 16 --alpha_attention 1.0
 """
 
 from common import DataConfig, PruningConfig, parse_config, setup_logging

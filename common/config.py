@@ -256,6 +256,27 @@ class StudentConfig(TrainingConfig, DistillationWeights):
             )
 
 
+def read_layer_targets(path: str) -> dict[str, list[int]]:
+    """The per-layer kept counts of a ``layer_targets`` file, checked for shape and type (not yet against a model)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"layer_targets={path!r}: no such file. Pass a JSON file such as results/sensitivity_targets.json.")
+    try:
+        values = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"layer_targets={path!r} is not valid JSON: {error}.") from error
+    targets = {}
+    for key in ("heads_per_layer", "ffn_width_per_layer"):
+        counts = values.get(key) if isinstance(values, dict) else None
+        if not isinstance(counts, list) or not counts or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in counts):
+            raise ValueError(f"layer_targets={path!r} needs '{key}': a list of positive integers, one per layer; got {counts!r}.")
+        targets[key] = counts
+    if len(targets["heads_per_layer"]) != len(targets["ffn_width_per_layer"]):
+        raise ValueError(f"layer_targets={path!r} lists {len(targets['heads_per_layer'])} head counts but "
+                         f"{len(targets['ffn_width_per_layer'])} FFN widths; give one of each per layer.")
+    return targets
+
+
 @dataclass
 class PruningConfig(TrainingConfig, DistillationWeights):
     """Stage 8: KGSP/MSP structured pruning of the student with KD fine-tuning."""
@@ -276,6 +297,11 @@ class PruningConfig(TrainingConfig, DistillationWeights):
         "True (MSP): heads and FFN neurons ranked separately across all layers, each with its own target "
         "(head_final_sparsity, ffn_final_sparsity). False: every layer loses the same share (final_sparsity) of its "
         "heads and of its neurons (the original uniform pruning).",
+    )
+    layer_targets: Optional[str] = _field(
+        None, "JSON file with per-layer final kept counts, {'heads_per_layer': [...], 'ffn_width_per_layer': [...]} (e.g. "
+        "results/sensitivity_targets.json from scripts/sensitivity.py). Overrides the sparsity fields: each layer is "
+        "pruned towards its own target along the same schedule, its lowest-scored structures first.",
     )
     final_sparsity: float = _field(0.5, "Uniform mode: final share of heads and of FFN neurons removed in every layer.")
     head_final_sparsity: float = _field(0.5, "MSP: final share of all attention heads removed.")
@@ -328,6 +354,8 @@ class PruningConfig(TrainingConfig, DistillationWeights):
         _check_positive("min_heads_per_layer", self.min_heads_per_layer)
         _check_positive("min_ffn_neurons_per_layer", self.min_ffn_neurons_per_layer)
         _check_positive("ffn_round_to", self.ffn_round_to)
+        if self.layer_targets is not None:
+            read_layer_targets(self.layer_targets)
         _check_range("vocabulary_extra_tokens", self.vocabulary_extra_tokens, 0, float("inf"))
 
 

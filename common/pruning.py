@@ -146,6 +146,7 @@ class StructuralPruner:
         self.start_step = 0
         self.end_step = 0
         self.history: list[dict] = []
+        self.layer_targets = self._read_layer_targets()
         self.check_targets()
 
     # structure --------------------------------------------------------------------------------------------
@@ -173,7 +174,30 @@ class StructuralPruner:
         # an aligned layer keeps at least one multiple, so rounding down never has to go below it
         return max(self.config.min_ffn_neurons_per_layer, getattr(self.config, "ffn_round_to", 1))
 
+    def _read_layer_targets(self) -> Optional[dict[str, list[int]]]:
+        path = getattr(self.config, "layer_targets", None)
+        if path is None:
+            return None
+        from .config import read_layer_targets
+
+        targets = read_layer_targets(path)
+        counts = {"head": targets["heads_per_layer"], "ffn": targets["ffn_width_per_layer"]}
+        for kind, label in (("head", "heads_per_layer"), ("ffn", "ffn_width_per_layer")):
+            sizes = self._layer_sizes(kind)
+            if len(counts[kind]) != len(sizes):
+                raise ValueError(f"layer_targets={path!r} has {len(counts[kind])} entries in {label} but the model has "
+                                 f"{len(sizes)} layers; make the targets for this model (scripts/sensitivity.py).")
+            for layer, (kept, size) in enumerate(zip(counts[kind], sizes)):
+                if kept > size:
+                    raise ValueError(f"layer_targets={path!r}: {label}[{layer}]={kept} exceeds the layer's {size}.")
+        return counts
+
+    def _layer_target_removals(self, kind: str) -> list[int]:
+        return [size - kept for size, kept in zip(self._layer_sizes(kind), self.layer_targets[kind])]
+
     def final_sparsity(self, kind: str) -> float:
+        if self.layer_targets is not None:
+            return sum(self._layer_target_removals(kind)) / sum(self._layer_sizes(kind))
         if not self.config.enable_multi_granularity:
             return self.config.final_sparsity
         return self.config.head_final_sparsity if kind == "head" else self.config.ffn_final_sparsity
@@ -188,7 +212,11 @@ class StructuralPruner:
                 field = "ffn_round_to"
             if min(sizes) < minimum:
                 raise ValueError(f"{field}={minimum} exceeds the {min(sizes)} {label} of the smallest layer; lower it.")
-            if self.config.enable_multi_granularity:
+            if self.layer_targets is not None:
+                if min(self.layer_targets[kind]) < minimum:
+                    raise ValueError(f"layer_targets keeps {min(self.layer_targets[kind])} {label} in a layer, fewer than "
+                                     f"{field}={minimum}; lower {field} or raise the targets.")
+            elif self.config.enable_multi_granularity:
                 removable, wanted = sum(sizes) - minimum * len(sizes), math.floor(sparsity * sum(sizes))
                 if wanted > removable:
                     raise ValueError(
@@ -276,6 +304,16 @@ class StructuralPruner:
                 already = int((~mask[members]).sum())
                 self._prune_lowest(kind, importance[kind], members, math.floor(sparsity * size) - already)
 
+    def _prune_to_layer_targets(self, importance: dict[str, torch.Tensor], head_progress: float, ffn_progress: float) -> None:
+        """Each layer towards its own target: ``progress`` (0..1) of its planned removals, lowest-scored first."""
+        for kind, progress in (("head", head_progress), ("ffn", ffn_progress)):
+            mask = self._mask(kind)
+            for layer, (size, planned) in enumerate(zip(self._layer_sizes(kind), self._layer_target_removals(kind))):
+                start = self.layer_offsets[kind][layer]
+                members = torch.arange(start, start + size)
+                already = int((~mask[members]).sum())
+                self._prune_lowest(kind, importance[kind], members, math.floor(min(1.0, progress) * planned + 1e-9) - already)
+
     def _prune_multi_granularity(self, importance: dict[str, torch.Tensor], head_sparsity: float, ffn_sparsity: float) -> None:
         """Rank heads and neurons separately across all layers, each kind towards its own sparsity."""
         for kind, sparsity in (("head", head_sparsity), ("ffn", ffn_sparsity)):
@@ -286,7 +324,10 @@ class StructuralPruner:
     def compute_importance_and_prune(self, head_sparsity: float, ffn_sparsity: Optional[float] = None) -> None:
         """Score every group and raise the masks to the given sparsity (uniform mode uses ``head_sparsity``)."""
         importance = self._get_combined_importance()
-        if self.config.enable_multi_granularity:
+        if self.layer_targets is not None:  # the head sparsity is the share of each layer's own target reached
+            self._prune_to_layer_targets(importance, head_sparsity / max(self.final_sparsity("head"), 1e-12),
+                                         (head_sparsity if ffn_sparsity is None else ffn_sparsity) / max(self.final_sparsity("ffn"), 1e-12))
+        elif self.config.enable_multi_granularity:
             self._prune_multi_granularity(importance, head_sparsity, head_sparsity if ffn_sparsity is None else ffn_sparsity)
         else:
             self._prune_uniform(importance, head_sparsity)
@@ -344,6 +385,8 @@ class StructuralPruner:
 
     def _target_reached(self, kind: str) -> bool:
         sparsity, mask = self.final_sparsity(kind), self._mask(kind)
+        if self.layer_targets is not None:
+            return all(kept <= target for kept, target in zip(self.kept_per_layer(kind), self.layer_targets[kind]))
         if self.config.enable_multi_granularity:
             return int((~mask).sum()) >= math.floor(sparsity * len(mask))
         sizes = self._layer_sizes(kind)
@@ -463,6 +506,7 @@ class StructuralPruner:
             **self.achieved_sparsity(),
             "importance_mode": self.config.importance_mode,
             "multi_granularity": self.config.enable_multi_granularity,
+            "layer_targets": self.layer_targets,
         }
 
 

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -241,3 +242,34 @@ def test_sensitivity_drop_table_has_one_row_per_layer_and_a_recommendation_withi
     assert all(1 <= heads <= 4 for heads in targets["heads_per_layer"]) and all(1 <= w <= 64 for w in targets["ffn_width_per_layer"])
     with pytest.raises(ValueError, match="parameter_budget=0.99 cannot be met"):
         recommend_targets(table, parameter_budget=0.99)
+
+
+def test_layer_targets_prune_each_layer_to_its_own_count(tmp_path):
+    targets = tmp_path / "targets.json"
+    targets.write_text(json.dumps({"heads_per_layer": [4, 2, 1], "ffn_width_per_layer": [64, 20, 8]}))
+    model = tiny_model(tiny_bert_config(layers=3))
+    pruner = StructuralPruner(model, pruning_config(importance_mode="l2", layer_targets=str(targets)))
+    assert pruner.final_sparsity("head") == pytest.approx(5 / 12)
+    pruner.set_schedule(100)
+    halfway = pruner.sparsity_at(40)
+    pruner.compute_importance_and_prune(halfway["head"], halfway["ffn"])
+    partial = pruner.kept_per_layer("ffn")
+    assert partial[0] == 64 and 20 < partial[1] < 64 and 8 < partial[2] < 64  # part of the way, layer 0 untouched
+    pruner.finalize()
+    assert pruner.kept_per_layer("head") == [4, 2, 1] and pruner.kept_per_layer("ffn") == [64, 20, 8]
+    assert pruner.reached_final
+    record = pruner.prune_physically()
+    assert record["heads_per_layer"] == [4, 2, 1] and record["ffn_width_per_layer"] == [64, 20, 8]
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"heads_per_layer": [4, 2], "ffn_width_per_layer": [64, 20]}, "has 2 entries in heads_per_layer but the model has 3 layers"),
+    ({"heads_per_layer": [4, 2, 9], "ffn_width_per_layer": [64, 20, 8]}, r"heads_per_layer\[2\]=9 exceeds the layer's 4"),
+    ({"heads_per_layer": [4, 2, 1]}, "needs 'ffn_width_per_layer': a list of positive integers"),
+    ({"heads_per_layer": [4, 0, 1], "ffn_width_per_layer": [64, 20, 8]}, "needs 'heads_per_layer': a list of positive integers"),
+])
+def test_bad_layer_targets_are_named(tmp_path, content, message):
+    targets = tmp_path / "targets.json"
+    targets.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=message):
+        StructuralPruner(tiny_model(tiny_bert_config(layers=3)), pruning_config(layer_targets=str(targets)))
