@@ -80,6 +80,7 @@ ARCHITECTURES = {
         ),
         _bert_like("roberta", "roberta", "PrunedRobertaForSequenceClassification", positions_after_padding=True),
         _bert_like("xlm-roberta", "roberta", "PrunedXLMRobertaForSequenceClassification", positions_after_padding=True),
+        _bert_like("camembert", "roberta", "PrunedCamembertForSequenceClassification", positions_after_padding=True),
         _bert_like("electra", "electra", "PrunedElectraForSequenceClassification"),
         ArchitectureSpec(
             model_type="mpnet", layers="mpnet.encoder.layer", embeddings="mpnet.embeddings.word_embeddings",

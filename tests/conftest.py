@@ -118,6 +118,7 @@ def tiny_config(model_type: str, num_labels: int = 2, layers: int = 2, heads: in
     extra = {
         "roberta": dict(max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1),
         "xlm-roberta": dict(max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1),
+        "camembert": dict(max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1),
         "electra": dict(max_position_embeddings=64, embedding_size=hidden // 2),
         "mpnet": dict(max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2, relative_attention_num_buckets=32),
         "deberta-v2": dict(max_position_embeddings=64, relative_attention=True, pos_att_type=["p2c", "c2p"],

@@ -32,7 +32,7 @@ def logits(model, batch):
         return model(**batch).logits
 
 
-@pytest.mark.parametrize("model_type", [*ALL_ARCHITECTURES, "deberta-v2-shared-key"])
+@pytest.mark.parametrize("model_type", [*ALL_ARCHITECTURES, "camembert", "deberta-v2-shared-key"])
 def test_pruning_then_reload_gives_identical_logits(model_type, results_dir):
     from transformers import AutoModelForSequenceClassification
 
@@ -131,7 +131,7 @@ def test_unsupported_architecture_lists_every_supported_one():
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=20))
-    with pytest.raises(ValueError, match="'gpt2' is not supported.*roberta, xlm-roberta, electra, mpnet, deberta-v2"):
+    with pytest.raises(ValueError, match="'gpt2' is not supported.*roberta, xlm-roberta, camembert, electra, mpnet, deberta-v2"):
         StructuralPruner(model, PruningConfig())
 
 

@@ -1,5 +1,5 @@
-"""Stock-transformers loader for a structurally pruned classifier (BERT, DistilBERT, RoBERTa, XLM-R, ELECTRA,
-MPNet, DeBERTa-v2).
+"""Stock-transformers loader for a structurally pruned classifier (BERT, DistilBERT, RoBERTa, XLM-R, CamemBERT,
+ELECTRA, MPNet, DeBERTa-v2).
 
 Written into pruned checkpoints by the compression pipeline. Its layers have different numbers of attention
 heads and FFN widths, which these configs cannot express (transformers 5 dropped ``prune_heads``), so each class
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import (
     BertForSequenceClassification,
+    CamembertForSequenceClassification,
     DebertaV2ForSequenceClassification,
     DistilBertForSequenceClassification,
     ElectraForSequenceClassification,
@@ -126,6 +127,12 @@ class PrunedRobertaForSequenceClassification(RobertaForSequenceClassification):
 
 
 class PrunedXLMRobertaForSequenceClassification(XLMRobertaForSequenceClassification):
+    def __init__(self, config):
+        super().__init__(config)
+        _rebuild(self, config, "roberta")
+
+
+class PrunedCamembertForSequenceClassification(CamembertForSequenceClassification):
     def __init__(self, config):
         super().__init__(config)
         _rebuild(self, config, "roberta")
