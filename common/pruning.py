@@ -78,7 +78,21 @@ def _concat(per_layer: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     return {kind: torch.cat([scores[kind].cpu() for scores in per_layer]) for kind in KINDS}
 
 
-class MagnitudeImportance:
+def normalize(scores: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """Divide by the mean over the structures still alive, so criteria of different scales can be added."""
+    reference = scores[alive].mean() if alive.any() else scores.mean()
+    return scores / reference.clamp_min(1e-12)
+
+
+class Importance:
+    """Base of the importance criteria (Torch-Pruning's shape): ``criterion(views)`` returns one score per group,
+    ``{"head": [all heads], "ffn": [all neurons]}``, higher = more important."""
+
+    def __call__(self, views: list[LayerView]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class MagnitudeImportance(Importance):
     """L2 norm of each group's weights."""
 
     def __call__(self, views: list[LayerView]) -> dict[str, torch.Tensor]:
@@ -86,7 +100,7 @@ class MagnitudeImportance:
         return {kind: values.sqrt() for kind, values in squares.items()}
 
 
-class TaylorImportance:
+class TaylorImportance(Importance):
     """|grad · weight| summed over each group (first-order Taylor estimate of the loss change on removal)."""
 
     def __call__(self, views: list[LayerView]) -> dict[str, torch.Tensor]:
@@ -100,10 +114,19 @@ class TaylorImportance:
         return _concat([_group_scores(view, value_of) for view in views])
 
 
-def normalize(scores: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-    """Divide by the mean over the structures still alive, so criteria of different scales can be added."""
-    reference = scores[alive].mean() if alive.any() else scores.mean()
-    return scores / reference.clamp_min(1e-12)
+class WeightedImportance:
+    """KGSP's combination: the sum of ``weight * normalizer(scores, alive)`` over named criteria whose scores are
+    given (e.g. L2 now and a window mean of Taylor scores). ``normalizer`` is a parameter, so other scalings (per
+    layer, by rank) plug in without touching the pruner or the sensitivity analysis, which both use this."""
+
+    def __init__(self, weights: dict[str, float], normalizer=normalize) -> None:
+        self.weights, self.normalizer = weights, normalizer
+
+    def combine(self, scores: dict[str, dict[str, torch.Tensor]], alive: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            kind: sum(weight * self.normalizer(scores[name][kind], alive[kind]) for name, weight in self.weights.items())
+            for kind in KINDS
+        }
 
 
 def polynomial_sparsity(step: int, initial: float, final: float, start_step: int, end_step: int, power: float = 3.0) -> float:
@@ -116,14 +139,47 @@ def polynomial_sparsity(step: int, initial: float, final: float, start_step: int
     return final + (initial - final) * (1.0 - progress) ** power
 
 
+@dataclass
+class PolynomialSchedule:
+    """When to prune and how far: Zhu & Gupta's polynomial rise from ``start_fraction`` to ``end_fraction`` of the
+    run, every ``frequency`` optimizer steps. Passed into ``StructuralPruner`` (built from the config by default),
+    so another schedule plugs in without touching the pruner."""
+
+    start_fraction: float
+    end_fraction: float
+    frequency: int
+    power: float = 3.0
+    initial: float = 0.0
+    start_step: int = 0
+    end_step: int = 0
+
+    @classmethod
+    def from_config(cls, config) -> "PolynomialSchedule":
+        return cls(config.pruning_start_fraction, config.pruning_end_fraction, config.pruning_frequency_steps,
+                   config.schedule_power, config.initial_sparsity)
+
+    def fit(self, total_steps: int) -> None:
+        self.start_step = int(self.start_fraction * total_steps)
+        self.end_step = max(self.start_step, int(self.end_fraction * total_steps))
+        logger.info("Pruning schedule: sparsity rises from step %d to step %d of %d, every %d steps (power %.1f)",
+                    self.start_step, self.end_step, total_steps, self.frequency, self.power)
+
+    def sparsity(self, step: int, final: float) -> float:
+        return polynomial_sparsity(step, min(self.initial, final), final, self.start_step, self.end_step, self.power)
+
+    def is_due(self, step: int, reached_final: bool) -> bool:
+        return step >= self.start_step and ((step - self.start_step) % self.frequency == 0 or (step >= self.end_step and not reached_final))
+
+
 # -- the pruner ---------------------------------------------------------------------------------------------
 
 
 class StructuralPruner:
-    """Scores, masks and removes attention heads and FFN neurons of a BERT or DistilBERT classifier.
+    """Scores, masks and removes attention heads and FFN neurons of a classifier of any supported architecture.
 
-    ``config`` is a ``PruningConfig`` (or anything with its pruning fields). The classifier, pooler and
-    embeddings are never touched. Typical use, inside a training loop::
+    ``config`` is a ``PruningConfig`` (or anything with its pruning fields); ``schedule`` says when to prune
+    (default: ``PolynomialSchedule.from_config(config)``). The classifier, pooler and embeddings are never
+    touched. Typical use, inside a training loop::
 
         pruner = StructuralPruner(model, config)
         pruner.set_schedule(total_steps)
@@ -132,9 +188,10 @@ class StructuralPruner:
         pruner.finalize(); pruner.prune_physically()
     """
 
-    def __init__(self, model: nn.Module, config) -> None:
+    def __init__(self, model: nn.Module, config, schedule: Optional[PolynomialSchedule] = None) -> None:
         self.model = model
         self.config = config
+        self.schedule = schedule or PolynomialSchedule.from_config(config)
         self.views = layer_views(model)
         self.head_size = self.views[0].head_size
         self._build_structure_groups()
@@ -143,8 +200,6 @@ class StructuralPruner:
         self.gradient_window: deque = deque(maxlen=config.pruning_window_steps)
         self.l2_importance = MagnitudeImportance()
         self.grad_importance = TaylorImportance()
-        self.start_step = 0
-        self.end_step = 0
         self.history: list[dict] = []
         self.layer_targets = self._read_layer_targets()
         self.check_targets()
@@ -260,13 +315,9 @@ class StructuralPruner:
         gradient = self.windowed_grad_importance()
         if mode == "kd_grad":
             return gradient
-        magnitude = self._compute_l2_importance()
-        masks = {"head": self.head_mask, "ffn": self.ffn_mask}
-        return {
-            kind: self.config.lambda_mag * normalize(magnitude[kind], masks[kind])
-            + self.config.lambda_grad * normalize(gradient[kind], masks[kind])
-            for kind in KINDS
-        }
+        kgsp = WeightedImportance({"magnitude": self.config.lambda_mag, "gradient": self.config.lambda_grad})
+        return kgsp.combine({"magnitude": self._compute_l2_importance(), "gradient": gradient},
+                            {"head": self.head_mask, "ffn": self.ffn_mask})
 
     # selection ----------------------------------------------------------------------------------------------
 
@@ -354,27 +405,14 @@ class StructuralPruner:
     # schedule ---------------------------------------------------------------------------------------------
 
     def set_schedule(self, total_steps: int) -> None:
-        self.start_step = int(self.config.pruning_start_fraction * total_steps)
-        self.end_step = max(self.start_step, int(self.config.pruning_end_fraction * total_steps))
-        logger.info(
-            "Pruning schedule: sparsity rises from step %d to step %d of %d, every %d steps (power %.1f)",
-            self.start_step, self.end_step, total_steps, self.config.pruning_frequency_steps, self.config.schedule_power,
-        )
+        self.schedule.fit(total_steps)
 
     def sparsity_at(self, step: int) -> dict[str, float]:
-        return {
-            kind: polynomial_sparsity(
-                step, min(self.config.initial_sparsity, self.final_sparsity(kind)), self.final_sparsity(kind),
-                self.start_step, self.end_step, self.config.schedule_power,
-            )
-            for kind in KINDS
-        }
+        return {kind: self.schedule.sparsity(step, self.final_sparsity(kind)) for kind in KINDS}
 
     def step(self, step: int) -> bool:
         """Prune when ``step`` is a scheduled pruning step; always re-apply the masks. True if it pruned."""
-        due = step >= self.start_step and (
-            (step - self.start_step) % self.config.pruning_frequency_steps == 0 or (step >= self.end_step and not self.reached_final)
-        )
+        due = self.schedule.is_due(step, self.reached_final)
         if due and not self.reached_final and (self.config.importance_mode == "l2" or self.gradient_window):
             target = self.sparsity_at(step)
             self.compute_importance_and_prune(target["head"], target["ffn"])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import model_inputs
-from .pruning import KINDS, MagnitudeImportance, StructuralPruner, TaylorImportance, normalize
+from .pruning import KINDS, MagnitudeImportance, StructuralPruner, TaylorImportance, WeightedImportance
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +40,10 @@ def kgsp_scores(model: torch.nn.Module, pruner: StructuralPruner, loader, batche
     model.zero_grad()
     if not gradient_scores:
         raise ValueError("The training loader is empty; sensitivity needs at least one batch for gradient scores.")
-    magnitude = MagnitudeImportance()(pruner.views)
-    alive = {"head": pruner.head_mask, "ffn": pruner.ffn_mask}
-    return {
-        kind: lambda_mag * normalize(magnitude[kind], alive[kind])
-        + lambda_grad * normalize(torch.stack([s[kind] for s in gradient_scores]).mean(0), alive[kind])
-        for kind in KINDS
-    }
+    gradient = {kind: torch.stack([scores[kind] for scores in gradient_scores]).mean(0) for kind in KINDS}
+    kgsp = WeightedImportance({"magnitude": lambda_mag, "gradient": lambda_grad})
+    return kgsp.combine({"magnitude": MagnitudeImportance()(pruner.views), "gradient": gradient},
+                        {"head": pruner.head_mask, "ffn": pruner.ffn_mask})
 
 
 def parameters_per_group(pruner: StructuralPruner) -> dict[str, int]:

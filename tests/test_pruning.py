@@ -273,3 +273,15 @@ def test_bad_layer_targets_are_named(tmp_path, content, message):
     targets.write_text(json.dumps(content))
     with pytest.raises(ValueError, match=message):
         StructuralPruner(tiny_model(tiny_bert_config(layers=3)), pruning_config(layer_targets=str(targets)))
+
+
+def test_a_schedule_passed_in_decides_when_the_pruner_prunes():
+    from common.pruning import PolynomialSchedule
+
+    model = tiny_model(tiny_bert_config())
+    every_third = PolynomialSchedule(start_fraction=0.0, end_fraction=0.5, frequency=3, power=1.0)
+    pruner = StructuralPruner(model, pruning_config(importance_mode="l2"), schedule=every_third)
+    pruner.set_schedule(12)  # sparsity rises linearly over steps 0..6, pruning at 0, 3, 6
+    pruned_at = [step for step in range(12) if pruner.step(step)]
+    assert pruned_at == [0, 3, 6] and pruner.reached_final
+    assert pruner.sparsity_at(3)["head"] == pytest.approx(0.25)
