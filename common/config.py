@@ -291,6 +291,10 @@ class PruningConfig(TrainingConfig, DistillationWeights):
     )
     lambda_mag: float = _field(0.5, "KGSP weight of the normalized L2 importance.")
     lambda_grad: float = _field(0.5, "KGSP weight of the normalized gradient importance.")
+    importance_normalization: str = _field(
+        "global", "'global': scores divided by their mean over all live structures (the original KGSP); 'per_layer': "
+        "by the mean of their own layer, so MSP's global ranking compares structures within their layer's scale.",
+    )
     pruning_window_steps: int = _field(20, "Sliding window of training steps whose gradient importance is averaged.")
     enable_multi_granularity: bool = _field(
         True,
@@ -332,6 +336,7 @@ class PruningConfig(TrainingConfig, DistillationWeights):
         TrainingConfig.__post_init__(self)
         DistillationWeights.__post_init__(self)
         _check_choice("importance_mode", self.importance_mode, IMPORTANCE_MODES)
+        _check_choice("importance_normalization", self.importance_normalization, ("global", "per_layer"))
         for name in ("lambda_mag", "lambda_grad"):
             _check_range(name, getattr(self, name), 0.0, float("inf"))
         if self.importance_mode == "l2+kd_grad" and self.lambda_mag + self.lambda_grad == 0:

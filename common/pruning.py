@@ -78,10 +78,26 @@ def _concat(per_layer: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     return {kind: torch.cat([scores[kind].cpu() for scores in per_layer]) for kind in KINDS}
 
 
-def normalize(scores: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+def normalize(scores: torch.Tensor, alive: torch.Tensor, layers: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Divide by the mean over the structures still alive, so criteria of different scales can be added."""
     reference = scores[alive].mean() if alive.any() else scores.mean()
     return scores / reference.clamp_min(1e-12)
+
+
+def normalize_per_layer(scores: torch.Tensor, alive: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
+    """Divide each layer's scores by the mean of that layer's live structures: a global ranking then compares
+    structures by how they stand within their own layer. KGSP's gradient scores of the last layer of the default
+    student are about a third of the first layer's, which alone makes a global ranking empty the last layer."""
+    normalized = scores.clone()
+    for layer in layers.unique():
+        members = layers == layer
+        live = members & alive
+        reference = scores[live].mean() if live.any() else scores[members].mean()
+        normalized[members] = scores[members] / reference.clamp_min(1e-12)
+    return normalized
+
+
+NORMALIZERS = {"global": normalize, "per_layer": normalize_per_layer}
 
 
 class Importance:
@@ -122,9 +138,11 @@ class WeightedImportance:
     def __init__(self, weights: dict[str, float], normalizer=normalize) -> None:
         self.weights, self.normalizer = weights, normalizer
 
-    def combine(self, scores: dict[str, dict[str, torch.Tensor]], alive: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def combine(self, scores: dict[str, dict[str, torch.Tensor]], alive: dict[str, torch.Tensor],
+                layers: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
         return {
-            kind: sum(weight * self.normalizer(scores[name][kind], alive[kind]) for name, weight in self.weights.items())
+            kind: sum(weight * self.normalizer(scores[name][kind], alive[kind], None if layers is None else layers[kind])
+                      for name, weight in self.weights.items())
             for kind in KINDS
         }
 
@@ -310,14 +328,18 @@ class StructuralPruner:
 
     def _get_combined_importance(self) -> dict[str, torch.Tensor]:
         mode = self.config.importance_mode
-        if mode == "l2":
-            return self._compute_l2_importance()
-        gradient = self.windowed_grad_importance()
-        if mode == "kd_grad":
-            return gradient
-        kgsp = WeightedImportance({"magnitude": self.config.lambda_mag, "gradient": self.config.lambda_grad})
-        return kgsp.combine({"magnitude": self._compute_l2_importance(), "gradient": gradient},
-                            {"head": self.head_mask, "ffn": self.ffn_mask})
+        weights = {"l2": {"magnitude": 1.0}, "kd_grad": {"gradient": 1.0}}.get(
+            mode, {"magnitude": self.config.lambda_mag, "gradient": self.config.lambda_grad})
+        scores = {}
+        if "magnitude" in weights:
+            scores["magnitude"] = self._compute_l2_importance()
+        if "gradient" in weights:
+            scores["gradient"] = self.windowed_grad_importance()
+        normalization = getattr(self.config, "importance_normalization", "global")
+        if len(weights) == 1 and normalization == "global":
+            return next(iter(scores.values()))  # one criterion ranked as it is (a global scale changes no ranking)
+        return WeightedImportance(weights, NORMALIZERS[normalization]).combine(
+            scores, {"head": self.head_mask, "ffn": self.ffn_mask}, self.group_layer)
 
     # selection ----------------------------------------------------------------------------------------------
 

@@ -35,20 +35,25 @@ from common.data import load_splits, make_loader, tokenize_dataset  # noqa: E402
 from common.evaluation import classification_metrics, predict  # noqa: E402
 from common.models import load_checkpoint_tokenizer, load_model  # noqa: E402
 
+# name: (importance_mode, multi-granularity, importance_normalization)
 VARIANTS = {
-    "L2, uniform (original)": ("l2", False),
-    "KD-grad, uniform": ("kd_grad", False),
-    "KGSP (L2+KD-grad), uniform": ("l2+kd_grad", False),
-    "L2, MSP": ("l2", True),
-    "KD-grad, MSP": ("kd_grad", True),
-    "KGSP + MSP": ("l2+kd_grad", True),
+    "L2, uniform (original)": ("l2", False, "global"),
+    "KD-grad, uniform": ("kd_grad", False, "global"),
+    "KGSP (L2+KD-grad), uniform": ("l2+kd_grad", False, "global"),
+    "L2, MSP": ("l2", True, "global"),
+    "KD-grad, MSP": ("kd_grad", True, "global"),
+    "KGSP + MSP": ("l2+kd_grad", True, "global"),
+    "KGSP + MSP, per-layer normalized": ("l2+kd_grad", True, "per_layer"),
 }
+DEFAULT_VARIANTS = [name for name in VARIANTS if "per-layer" not in name]
 CLAIMS = [
     # name, variant A, variant B (A - B), expected range in accuracy points
     ("KGSP vs L2 (uniform)", "KGSP (L2+KD-grad), uniform", "L2, uniform (original)", (0.5, 1.5)),
     ("KGSP vs L2 (MSP)", "KGSP + MSP", "L2, MSP", (0.5, 1.5)),
     ("MSP vs uniform (KGSP)", "KGSP + MSP", "KGSP (L2+KD-grad), uniform", (0.3, 1.0)),
     ("MSP vs uniform (L2)", "L2, MSP", "L2, uniform (original)", (0.3, 1.0)),
+    ("MSP per-layer normalized vs uniform (KGSP)", "KGSP + MSP, per-layer normalized", "KGSP (L2+KD-grad), uniform", (0.3, 1.0)),
+    ("MSP per-layer vs global normalization (KGSP)", "KGSP + MSP, per-layer normalized", "KGSP + MSP", (0.0, 1.0)),
     ("QKD-4bit vs PTQ-4bit", "QKD-4bit (on KGSP + MSP)", "PTQ-4bit (on KGSP + MSP)", (1.0, 2.0)),
 ]
 
@@ -84,12 +89,17 @@ def main() -> None:
     parser.add_argument("--pruning_epochs", type=int, default=2)
     parser.add_argument("--qkd_epochs", type=int, default=1)
     parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
+                        help="Stage-8 variants to run (default: the six of the original claims).")
+    parser.add_argument("--skip_quantization", action="store_true", help="Skip the PTQ/QKD rows (stages 9 and 10).")
+    parser.add_argument("--output_name", default="ablation", help="Writes results/<output_name>.{json,md,png}.")
     parser.add_argument("--from_json", action="store_true", help="only redraw ablation.md/.png from ablation.json")
     args = parser.parse_args()
+    name = args.output_name
     if args.from_json:
-        result = json.loads((results_root() / "ablation.json").read_text())
-        (results_root() / "ablation.md").write_text(markdown(result))
-        plot(result, results_root() / "ablation.png")
+        result = json.loads((results_root() / f"{name}.json").read_text())
+        (results_root() / f"{name}.md").write_text(markdown(result))
+        plot(result, results_root() / f"{name}.png")
         print(markdown(result))
         return
     started = time.time()
@@ -97,17 +107,26 @@ def main() -> None:
     data = load_splits(data_config)
     budget = ["--max_train_samples", args.max_train_samples, "--prune_vocabulary", "false"]
     root = results_root() / "ablation"
-    accuracy: dict[str, list[float]] = {name: [] for name in [*VARIANTS, "PTQ-4bit (on KGSP + MSP)", "QKD-4bit (on KGSP + MSP)"]}
+    quantized = [] if args.skip_quantization else ["PTQ-4bit (on KGSP + MSP)", "QKD-4bit (on KGSP + MSP)"]
+    accuracy: dict[str, list[float]] = {variant: [] for variant in [*args.variants, *quantized]}
     for seed in args.seeds:
-        for name, (mode, multi) in VARIANTS.items():
-            folder = root / f"seed{seed}-{mode.replace('+', '_')}-{'msp' if multi else 'uniform'}"
+        for variant in args.variants:
+            mode, multi, normalization = VARIANTS[variant]
+            folder = root / (f"seed{seed}-{mode.replace('+', '_')}-{'msp' if multi else 'uniform'}"
+                             + ("" if normalization == "global" else f"-{normalization}"))
             run(
                 "8_pruning_with_finetuning.py", *budget, "--seed", seed, "--num_epochs", args.pruning_epochs,
                 "--importance_mode", mode, "--enable_multi_granularity", str(multi).lower(),
+                "--importance_normalization", normalization,
                 "--final_sparsity", args.sparsity, "--head_final_sparsity", args.sparsity, "--ffn_final_sparsity", args.sparsity,
                 "--output_dir", folder, "--overwrite_output_dir",
             )
-            accuracy[name].append(test_accuracy(folder, data, data_config.max_length))
+            accuracy[variant].append(test_accuracy(folder, data, data_config.max_length))
+        if not quantized:
+            print(json.dumps({variant: values[-1] for variant, values in accuracy.items()}, indent=1), flush=True)
+            continue
+        if "KGSP + MSP" not in args.variants:
+            raise ValueError("The PTQ/QKD rows quantize the 'KGSP + MSP' model; add it to --variants or pass --skip_quantization.")
         pruned = root / f"seed{seed}-l2_kd_grad-msp"
         ptq, qkd = root / f"seed{seed}-ptq", root / f"seed{seed}-qkd"
         run("9_quantize_pruned_model.py", "--pruned_model_path", pruned, "--output_dir", ptq, "--overwrite_output_dir")
@@ -121,6 +140,8 @@ def main() -> None:
 
     claims = []
     for claim, first, second, expected in CLAIMS:
+        if first not in accuracy or second not in accuracy:
+            continue
         differences = [100 * (a - b) for a, b in zip(accuracy[first], accuracy[second])]
         summary = summarize(differences)
         claims.append({
@@ -135,9 +156,9 @@ def main() -> None:
         "wall_time_s": time.time() - started,
     }
     out = results_root()
-    write_json(out / "ablation.json", result)
-    (out / "ablation.md").write_text(markdown(result))
-    plot(result, out / "ablation.png")
+    write_json(out / f"{name}.json", result)
+    (out / f"{name}.md").write_text(markdown(result))
+    plot(result, out / f"{name}.png")
     print(markdown(result))
 
 

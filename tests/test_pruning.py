@@ -285,3 +285,26 @@ def test_a_schedule_passed_in_decides_when_the_pruner_prunes():
     pruned_at = [step for step in range(12) if pruner.step(step)]
     assert pruned_at == [0, 3, 6] and pruner.reached_final
     assert pruner.sparsity_at(3)["head"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("normalization, emptied", [("global", True), ("per_layer", False)])
+def test_per_layer_normalization_keeps_a_small_scaled_layer_from_being_emptied(normalization, emptied):
+    model = tiny_model(tiny_bert_config(layers=3, heads=4, ffn=64))
+    with torch.no_grad():  # the last layer's weights are 10x smaller: a global ranking sees only its scale
+        for parameter in layer_views(model)[2].module.parameters():
+            parameter.mul_(0.1)
+    config = pruning_config(importance_mode="l2", importance_normalization=normalization, head_final_sparsity=0.25,
+                            ffn_final_sparsity=0.25)
+    pruner = StructuralPruner(model, config)
+    pruner.compute_importance_and_prune(0.25, 0.25)
+    heads, widths = pruner.kept_per_layer("head"), pruner.kept_per_layer("ffn")
+    assert sum(heads) == 9 and sum(widths) == 144
+    if emptied:
+        assert heads[2] == 1 and widths[2] <= 16
+    else:
+        assert heads[2] >= 2 and widths[2] >= 32
+
+
+def test_unknown_importance_normalization_is_named():
+    with pytest.raises(ValueError, match="importance_normalization='layerwise'"):
+        pruning_config(importance_normalization="layerwise")
