@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 STAGES := 1_train_teacher.py 2_distill_student.py 8_pruning_with_finetuning.py 9_quantize_pruned_model.py \
           10_qat_kd_4bit.py 11_export_int8.py 12_export_onnx.py 7_evaluate_and_generate_report.py
 
-.PHONY: help install pipeline smoke test ablation benchmark sensitivity benchmark-alignment clean-smoke
+.PHONY: help install pipeline smoke test ablation benchmark sensitivity benchmark-alignment sweep clean-smoke
 
 help:
 	@echo "make pipeline   install if needed, then run every stage on the embedded default (ARGS='--field value' passes overrides)"
@@ -23,6 +23,7 @@ help:
 	@echo "make smoke      every stage on the smoke profile, into $(SMOKE_DIR)/"
 	@echo "make ablation   KGSP / MSP / QKD ablation over 3 seeds -> results/ablation.{json,png,md}"
 	@echo "make benchmark  student vs pruned size and latency, l2 vs l2+kd_grad step time"
+	@echo "make sweep      stage 8 + int8 at 5 sparsities x 3 seeds -> results/sweep.{json,png,md}"
 	@echo "make sensitivity  per-layer accuracy drop of pruning heads / FFN neurons -> results/sensitivity.{json,png}"
 	@echo "make benchmark-alignment  latency of aligned vs unaligned FFN widths -> results/alignment_benchmark.json"
 
@@ -56,6 +57,9 @@ ablation: install
 
 benchmark: install
 	$(PY) scripts/benchmark_pruning.py $(ARGS)
+
+sweep: install
+	$(PY) scripts/sweep.py $(ARGS)
 
 sensitivity: install
 	$(PY) scripts/sensitivity.py $(ARGS)

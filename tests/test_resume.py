@@ -92,3 +92,27 @@ def test_resuming_with_other_settings_is_refused_before_loading(trained):
     assert not [p for p in (results / "student").iterdir() if p.name.startswith(RESUME_PREFIX)]
     missing = run_script("2_distill_student.py", results, "--dataset", data, *COMMON, "--resume")
     assert missing.returncode != 0 and "holds no interrupted run" in missing.stderr
+
+
+def test_sweep_runs_stage_8_and_int8_per_sparsity_and_writes_the_curve(trained):
+    root, results, data = trained
+    from test_pipeline import PROJECT_ROOT
+
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COMPRESSION_RESULTS_DIR": str(results), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(PROJECT_ROOT / "scripts" / "sweep.py"), "--sparsities", "0.25", "0.5", "--seeds", "1", "2",
+               "--max_train_samples", "48", "--pruning_epochs", "1", "--latency_rounds", "1", "--latency_batch_size", "2",
+               "--latency_seq_length", "8", "--dataset", str(data), "--text_column", "review", "--label_column", "sentiment",
+               "--max_eval_samples", "32"]
+    completed = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    sweep = json.loads((results / "sweep.json").read_text())
+    assert [point["sparsity"] for point in sweep["points"]] == [0.25, 0.5]
+    assert sweep["points"][1]["parameters"] < sweep["points"][0]["parameters"]
+    for point in sweep["points"]:
+        assert len(point["pruned_accuracy"]["values"]) == 2 and len(point["int8_accuracy"]["values"]) == 2
+        assert point["int8_latency_ms"] > 0
+    assert (results / "sweep.png").stat().st_size > 0 and "| 0.50 |" in (results / "sweep.md").read_text()
