@@ -3,7 +3,9 @@
 Reads:  the newest results/teacher/ and results/student/ checkpoints (run stages 1 and 2 first) and the data
         flags they were made with (default: the embedded data), which are passed on to every stage.
 Does:   for every seed and every sparsity s, runs stage 8 with s of the heads and s of the FFN neurons removed
-        (every other field at its default, vocabulary pruning included) and stage 11 (the int8 CPU model) on it, each
+        (every other field at its default, except vocabulary pruning: off unless --prune_vocabulary, because on a
+        reduced training set it drops the test tokens the subset never saw and confounds the curve) and stage 11
+        (the int8 CPU model) on it, each
         into results/sweep/<s>-seed<seed>/ so the main pipeline's checkpoints are untouched; evaluates both on the
         test split; times the teacher and every sparsity's int8 model (first seed) round-robin in one process.
 Writes: results/sweep.json, results/sweep.png (test accuracy vs parameters and vs int8 latency, mean ± std) and
@@ -65,6 +67,8 @@ def main() -> None:
     parser.add_argument("--latency_rounds", type=int, default=20)
     parser.add_argument("--latency_batch_size", type=int, default=32)
     parser.add_argument("--latency_seq_length", type=int, default=64)
+    parser.add_argument("--prune_vocabulary", action="store_true",
+                        help="Also prune the vocabulary in stage 8 (sensible with the full training set only).")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="Further stage-8 flags, e.g. --extra --ffn_round_to 16")
     args, data_flags = parser.parse_known_args()
     data_config = parse_config(DataConfig, args=data_flags)[0]
@@ -82,7 +86,8 @@ def main() -> None:
             pruned, int8 = root / f"{sparsity:.2f}-seed{seed}", root / f"{sparsity:.2f}-seed{seed}-int8"
             run("8_pruning_with_finetuning.py", *data_flags, "--max_train_samples", args.max_train_samples, "--seed", seed,
                 "--num_epochs", args.pruning_epochs, "--head_final_sparsity", sparsity, "--ffn_final_sparsity", sparsity,
-                "--final_sparsity", sparsity, "--output_dir", pruned, "--overwrite_output_dir", *args.extra)
+                "--final_sparsity", sparsity, "--prune_vocabulary", str(args.prune_vocabulary).lower(),
+                "--output_dir", pruned, "--overwrite_output_dir", *args.extra)
             run("11_export_int8.py", *data_flags, "--source_model_path", pruned, "--output_dir", int8, "--overwrite_output_dir")
             pruned_accuracy, pruned_model = evaluate(pruned, data, data_config.max_length)
             int8_accuracy, int8_model = evaluate(int8, data, data_config.max_length)
