@@ -134,9 +134,7 @@ def read_texts(texts: Iterable[str], input_file: Optional[str], text_column: Opt
     if pair_separator is not None and not pair_separator:
         raise PredictionError("--pair_separator '' is empty; pass the string between the two texts, e.g. '|||'.")
     if input_file:
-        texts = _texts_from_file(Path(input_file), text_column, encoding)
-        if text_pair_column:
-            texts = list(zip(texts, _texts_from_file(Path(input_file), text_pair_column, encoding, "--text_pair_column")))
+        texts = _texts_from_file(Path(input_file), text_column, text_pair_column, encoding)
         source = input_file
     elif not texts and stdin is not None:
         texts = [line.rstrip("\n") for line in stdin]
@@ -163,7 +161,8 @@ def read_texts(texts: Iterable[str], input_file: Optional[str], text_column: Opt
     return kept
 
 
-def _texts_from_file(path: Path, column: Optional[str], encoding: str, option: str = "--text_column") -> list[str]:
+def _texts_from_file(path: Path, column: Optional[str], pair_column: Optional[str], encoding: str) -> list:
+    """The ``column`` texts of a file, or (text, pair) tuples with ``pair_column``; the file is read once."""
     if not path.is_file():
         raise PredictionError(f"--input_file {path}: no such file.")
     suffix = path.suffix.lower()
@@ -177,6 +176,9 @@ def _texts_from_file(path: Path, column: Optional[str], encoding: str, option: s
     except OSError as error:
         raise PredictionError(f"--input_file {path} cannot be read: {error}") from error
     if suffix == ".txt":
+        if pair_column:
+            raise PredictionError(f"--input_file {path} is a .txt file (one text per line, no columns), so it has no "
+                                  f"--text_pair_column {pair_column!r}; use --pair_separator, or a CSV/JSON file.")
         return content.splitlines()
     if suffix in (".csv", ".tsv"):
         rows = list(csv.DictReader(content.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
@@ -193,7 +195,13 @@ def _texts_from_file(path: Path, column: Optional[str], encoding: str, option: s
         if not all(isinstance(row, dict) for row in rows):
             raise PredictionError(f"--input_file {path} must hold JSON objects (one per line for .jsonl).")
         columns = sorted({key for row in rows for key in row})
-    column = column or ("text" if "text" in columns else None)
+    texts = _column_texts(rows, columns, column or ("text" if "text" in columns else None), "--text_column", path)
+    if pair_column is None:
+        return texts
+    return list(zip(texts, _column_texts(rows, columns, pair_column, "--text_pair_column", path)))
+
+
+def _column_texts(rows: list[dict], columns: list[str], column: Optional[str], option: str, path: Path) -> list[str]:
     if column is None or column not in columns:
         raise PredictionError(f"{option} {column!r} is not a column of {path}; its columns are {columns}. "
                               f"Pass {option} with one of them.")

@@ -482,3 +482,13 @@ def test_predict_needs_pairs_for_a_pair_model_and_a_separator_in_each_text(tmp_p
     assert read_texts(["first ||| second"], None, None, pair_separator="|||") == [("first", "second")]
     with pytest.raises(PredictionError, match="--text_pair_column names a column of --input_file"):
         read_texts(["a"], None, None, text_pair_column="hypothesis")
+    pairs_csv = tmp_path / "pairs.csv"
+    pairs_csv.write_text("premise,hypothesis\na man sleeps,nobody sleeps\nit rains,the street is wet\n")
+    assert read_texts([], str(pairs_csv), "premise", text_pair_column="hypothesis") == [
+        ("a man sleeps", "nobody sleeps"), ("it rains", "the street is wet")]
+    with pytest.raises(PredictionError, match="--text_pair_column 'hypotheses' is not a column of .*premise"):
+        read_texts([], str(pairs_csv), "premise", text_pair_column="hypotheses")
+    lines = tmp_path / "lines.txt"
+    lines.write_text("a man sleeps\nit rains\n")
+    with pytest.raises(PredictionError, match="is a .txt file .* no --text_pair_column 'hypothesis'; use --pair_separator"):
+        read_texts([], str(lines), None, text_pair_column="hypothesis")
