@@ -47,7 +47,6 @@ class ArchitectureSpec:
     shared_head_bias: Optional[str] = None
     # Position ids start after the padding id (RoBERTa-style), so fewer tokens fit than there are positions.
     positions_after_padding: bool = False
-    tokenizer_note: str = ""
 
     def set_num_heads(self, attention: nn.Module, count: int) -> None:
         setattr(attention, self.heads_attribute, count)
@@ -203,10 +202,8 @@ class _BiasHeadSelector:
         self.heads = list(heads)
 
     def __call__(self, module, args, kwargs):
-        index = None
         if len(args) > 2 and args[2] is not None:
-            index = torch.tensor(self.heads, device=args[2].device)
-            args = (*args[:2], args[2].index_select(1, index), *args[3:])
+            args = (*args[:2], args[2].index_select(1, torch.tensor(self.heads, device=args[2].device)), *args[3:])
         elif kwargs.get("position_bias") is not None:
             bias = kwargs["position_bias"]
             kwargs = {**kwargs, "position_bias": bias.index_select(1, torch.tensor(self.heads, device=bias.device))}
@@ -272,7 +269,7 @@ def apply_architecture(model: nn.Module, record: dict) -> None:
             f"model config ({model_type_of(model)}, {len(views)} layers); the checkpoint is inconsistent."
         )
     bias_heads = record.get("bias_heads_per_layer")
-    if view_needs_bias_heads(model) and bias_heads is None and any(h != views[0].num_heads for h in record["heads_per_layer"]):
+    if spec_for(model).shared_head_bias and bias_heads is None and any(h != views[0].num_heads for h in record["heads_per_layer"]):
         raise ValueError(
             f"The architecture record of this {record['model_type']} model has pruned heads but no bias_heads_per_layer "
             f"(which relative-bias columns each layer keeps); the checkpoint is damaged or was written by an older version."
@@ -296,10 +293,6 @@ def apply_architecture(model: nn.Module, record: dict) -> None:
         old = view.get("ffn_out")
         view.set("ffn_out", _resized_linear(old, old.out_features, width))
         view.set_num_heads(heads)
-
-
-def view_needs_bias_heads(model: nn.Module) -> bool:
-    return spec_for(model).shared_head_bias is not None
 
 
 def position_limit(model_config: dict) -> Optional[int]:

@@ -18,6 +18,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from . import embedded
+from .architecture import MODEL_INPUTS
 from .config import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -300,13 +301,10 @@ def _is_unlabelled(value) -> bool:
     return value is None or (isinstance(value, (int, np.integer)) and value < 0)
 
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-
-
 def model_inputs(batch: dict) -> dict:
     """The tokenizer outputs of a batch, without labels: segment ids travel too (a sentence pair's second text is
     segment 1 for BERT-style models; tokenizers of models without segment embeddings do not produce them)."""
-    return {key: batch[key] for key in MODEL_INPUT_KEYS if key in batch}
+    return {key: batch[key] for key in MODEL_INPUTS if key in batch}
 
 
 def text_inputs(dataset: Dataset) -> tuple[list[str], Optional[list[str]]]:

@@ -367,25 +367,23 @@ class StructuralPruner:
             alive_per_layer[layer] -= 1
             pruned += 1
 
-    def _prune_uniform(self, importance: dict[str, torch.Tensor], sparsity: float) -> None:
-        """Each layer loses floor(sparsity * size) of its heads and of its neurons (masks stay monotone)."""
+    def _prune_layers_to(self, importance: dict[str, torch.Tensor], removals: dict[str, list[int]]) -> None:
+        """Each layer loses its lowest-scored structures until ``removals[kind][layer]`` are gone (masks stay monotone)."""
         for kind in KINDS:
             mask = self._mask(kind)
-            for layer, size in enumerate(self._layer_sizes(kind)):
-                start = self.layer_offsets[kind][layer]
-                members = torch.arange(start, start + size)
-                already = int((~mask[members]).sum())
-                self._prune_lowest(kind, importance[kind], members, math.floor(sparsity * size) - already)
+            for layer, wanted in enumerate(removals[kind]):
+                members = self.layer_members(kind, layer)
+                self._prune_lowest(kind, importance[kind], members, wanted - int((~mask[members]).sum()))
+
+    def _prune_uniform(self, importance: dict[str, torch.Tensor], sparsity: float) -> None:
+        """Each layer loses floor(sparsity * size) of its heads and of its neurons."""
+        self._prune_layers_to(importance, {kind: [math.floor(sparsity * size) for size in self._layer_sizes(kind)] for kind in KINDS})
 
     def _prune_to_layer_targets(self, importance: dict[str, torch.Tensor], head_progress: float, ffn_progress: float) -> None:
         """Each layer towards its own target: ``progress`` (0..1) of its planned removals, lowest-scored first."""
-        for kind, progress in (("head", head_progress), ("ffn", ffn_progress)):
-            mask = self._mask(kind)
-            for layer, (size, planned) in enumerate(zip(self._layer_sizes(kind), self._layer_target_removals(kind))):
-                start = self.layer_offsets[kind][layer]
-                members = torch.arange(start, start + size)
-                already = int((~mask[members]).sum())
-                self._prune_lowest(kind, importance[kind], members, math.floor(min(1.0, progress) * planned + 1e-9) - already)
+        progress = {"head": min(1.0, head_progress), "ffn": min(1.0, ffn_progress)}
+        self._prune_layers_to(importance, {kind: [math.floor(progress[kind] * planned + 1e-9) for planned in
+                                                  self._layer_target_removals(kind)] for kind in KINDS})
 
     def _prune_multi_granularity(self, importance: dict[str, torch.Tensor], head_sparsity: float, ffn_sparsity: float) -> None:
         """Rank heads and neurons separately across all layers, each kind towards its own sparsity."""
@@ -408,8 +406,8 @@ class StructuralPruner:
         self.apply_masks()
 
     def _align_ffn_widths(self, importance: torch.Tensor) -> None:
-        """Round each layer's kept FFN neurons down to a multiple of ``ffn_round_to`` (at least one multiple, or
-        the whole layer if it is smaller), removing the layer's lowest-scored ones: masks stay monotone."""
+        """Round each pruned layer's kept FFN neurons down to a multiple of ``ffn_round_to`` (never below one multiple:
+        ``_minimum`` keeps that many), removing the layer's lowest-scored ones: masks stay monotone."""
         multiple = getattr(self.config, "ffn_round_to", 1)
         if multiple <= 1:
             return
@@ -419,8 +417,7 @@ class StructuralPruner:
                 continue  # an untouched layer keeps its (already aligned) width
             target = max(multiple, (kept // multiple) * multiple)
             if kept > target:
-                start = self.layer_offsets["ffn"][layer]
-                alive = torch.arange(start, start + size)[self.layer_mask("ffn", layer)]
+                alive = self.layer_members("ffn", layer)[self.layer_mask("ffn", layer)]
                 weakest = alive[torch.argsort(importance[alive], stable=True)][: kept - target]
                 self.ffn_mask[weakest] = False
 
@@ -486,6 +483,11 @@ class StructuralPruner:
                 if ffn_in.bias is not None:
                     ffn_in.bias.mul_(neurons.to(ffn_in.bias.dtype))
                 ffn_out.weight.mul_(neurons.unsqueeze(0).to(ffn_out.weight.dtype))
+
+    def layer_members(self, kind: str, layer: int) -> torch.Tensor:
+        """Indices of one layer's groups of ``kind`` in the global masks and scores."""
+        start = self.layer_offsets[kind][layer]
+        return torch.arange(start, start + self._layer_sizes(kind)[layer])
 
     def layer_mask(self, kind: str, layer: int) -> torch.Tensor:
         start = self.layer_offsets[kind][layer]

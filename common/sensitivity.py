@@ -73,10 +73,8 @@ def measure_sensitivity(model: torch.nn.Module, pruning_config, train_loader, ev
     drops = {kind: [[0.0] * len(sparsities) for _ in pruner.views] for kind in KINDS}
     work = [(kind, layer, column) for kind in KINDS for layer in range(len(pruner.views)) for column in range(len(sparsities))]
     for kind, layer, column in tqdm(work, desc="Sensitivity", unit="eval"):
-        size = pruner._layer_sizes(kind)[layer]
-        start = pruner.layer_offsets[kind][layer]
-        members = torch.arange(start, start + size)
-        count = min(size - 1, math.floor(sparsities[column] * size))  # a layer keeps at least one
+        members = pruner.layer_members(kind, layer)
+        count = min(len(members) - 1, math.floor(sparsities[column] * len(members)))  # a layer keeps at least one
         weakest = members[torch.argsort(scores[kind][members], stable=True)][:count]
         mask = pruner._mask(kind)
         mask[:] = True

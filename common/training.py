@@ -272,7 +272,7 @@ def choose_resume_dir(stage: str, data_config, config, accelerator, label_names,
     inputs and settings before anything is loaded), or a new per-epoch state folder."""
     from accelerate.utils import broadcast_object_list
 
-    from .checkpoints import RESUME_PREFIX, find_resume_dir, new_run_id, stage_dir
+    from .checkpoints import RESUME_PREFIX, find_resume_dir, new_resume_dir, stage_dir
 
     description = run_description(data_config, config, label_names, inputs)
     if config.resume:
@@ -291,11 +291,10 @@ def choose_resume_dir(stage: str, data_config, config, accelerator, label_names,
                 + ". Resume with the same data, inputs and settings, or start a new run without --resume."
             )
         return folder
-    name = [f"{RESUME_PREFIX}{new_run_id()}"]
-    broadcast_object_list(name)  # every process must write to the same folder
-    folder = stage_dir(stage) / name[0]
+    created = [str(new_resume_dir(stage)) if accelerator.is_main_process else None]
+    broadcast_object_list(created)  # every process writes to the folder the main process made
+    folder = Path(created[0])
     if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
         (folder / RUN_FILE).write_text(json.dumps(description, indent=2))
     return folder
 

@@ -60,13 +60,9 @@ def token_coverage(tokenizer, texts: list[str], pairs: Optional[list[str]], max_
 PRUNABLE_TOKENIZER_MODELS = ("WordPiece", "Unigram")
 
 
-def tokenizer_model_type(tokenizer) -> str:
-    return json.loads(tokenizer.backend_tokenizer.to_str())["model"]["type"]
-
-
 def unsupported_reason(tokenizer) -> Optional[str]:
     """Why this tokenizer's vocabulary cannot be pruned exactly (None when it can)."""
-    kind = tokenizer_model_type(tokenizer)
+    kind = type(tokenizer.backend_tokenizer.model).__name__
     if kind in PRUNABLE_TOKENIZER_MODELS:
         return None
     if kind == "BPE":
@@ -124,7 +120,7 @@ def prune_vocabulary(model: nn.Module, tokenizer, data, max_length: int, extra: 
         logger.warning("Vocabulary pruning skipped: %s. The model keeps all %d word embeddings.", reason, len(tokenizer))
         return model, tokenizer, {"skipped": reason, "original_vocab_size": len(tokenizer)}
     keep = used_token_ids(tokenizer, *text_inputs(data.train), max_length) | set(tokenizer.all_special_ids)
-    keep |= {added["id"] for added in json.loads(tokenizer.backend_tokenizer.to_str()).get("added_tokens") or []}
+    keep |= set(tokenizer.added_tokens_decoder)
     if extra:
         others = [i for i in range(len(tokenizer)) if i not in keep]
         keep |= set(others[:extra])
