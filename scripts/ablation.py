@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,9 +29,8 @@ sys.path.insert(0, str(PROJECT_ROOT))
 from common import setup_logging  # noqa: E402
 from common.checkpoints import results_root, write_json  # noqa: E402
 from common.config import DataConfig  # noqa: E402
-from common.data import load_splits, make_loader, tokenize_dataset  # noqa: E402
-from common.evaluation import classification_metrics, predict  # noqa: E402
-from common.models import load_checkpoint_tokenizer, load_model  # noqa: E402
+from common.data import load_splits  # noqa: E402
+from common.experiments import mean_std, run_script, test_accuracy  # noqa: E402
 
 # name: (importance_mode, multi-granularity, importance_normalization)
 VARIANTS = {
@@ -56,30 +53,6 @@ CLAIMS = [
     ("MSP per-layer vs global normalization (KGSP)", "KGSP + MSP, per-layer normalized", "KGSP + MSP", (0.0, 1.0)),
     ("QKD-4bit vs PTQ-4bit", "QKD-4bit (on KGSP + MSP)", "PTQ-4bit (on KGSP + MSP)", (1.0, 2.0)),
 ]
-
-
-def run(script: str, *args) -> None:
-    command = [sys.executable, str(PROJECT_ROOT / script), *map(str, args)]
-    print("$ " + " ".join(command[1:]), flush=True)
-    completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
-    if completed.returncode != 0:
-        raise RuntimeError(f"{script} failed:\n{completed.stdout[-2000:]}\n{completed.stderr[-4000:]}")
-
-
-def test_accuracy(folder: Path, data, max_length: int) -> float:
-    model = load_model(folder)
-    tokenizer = load_checkpoint_tokenizer(folder)
-    loader = make_loader(tokenize_dataset(data.test, tokenizer, max_length), tokenizer, 64, shuffle=False)
-    logits, labels = predict(model, loader)
-    return classification_metrics(logits.argmax(-1), labels)["accuracy"]
-
-
-def summarize(values: list[float]) -> dict:
-    return {
-        "mean": statistics.mean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "values": values,
-    }
 
 
 def main() -> None:
@@ -114,14 +87,14 @@ def main() -> None:
             mode, multi, normalization = VARIANTS[variant]
             folder = root / (f"seed{seed}-{mode.replace('+', '_')}-{'msp' if multi else 'uniform'}"
                              + ("" if normalization == "global" else f"-{normalization}"))
-            run(
+            run_script(
                 "8_pruning_with_finetuning.py", *budget, "--seed", seed, "--num_epochs", args.pruning_epochs,
                 "--importance_mode", mode, "--enable_multi_granularity", str(multi).lower(),
                 "--importance_normalization", normalization,
                 "--final_sparsity", args.sparsity, "--head_final_sparsity", args.sparsity, "--ffn_final_sparsity", args.sparsity,
                 "--output_dir", folder, "--overwrite_output_dir",
             )
-            accuracy[variant].append(test_accuracy(folder, data, data_config.max_length))
+            accuracy[variant].append(test_accuracy(folder, data, data_config.max_length)[0])
         if not quantized:
             print(json.dumps({variant: values[-1] for variant, values in accuracy.items()}, indent=1), flush=True)
             continue
@@ -129,13 +102,13 @@ def main() -> None:
             raise ValueError("The PTQ/QKD rows quantize the 'KGSP + MSP' model; add it to --variants or pass --skip_quantization.")
         pruned = root / f"seed{seed}-l2_kd_grad-msp"
         ptq, qkd = root / f"seed{seed}-ptq", root / f"seed{seed}-qkd"
-        run("9_quantize_pruned_model.py", "--pruned_model_path", pruned, "--output_dir", ptq, "--overwrite_output_dir")
-        run(
+        run_script("9_quantize_pruned_model.py", "--pruned_model_path", pruned, "--output_dir", ptq, "--overwrite_output_dir")
+        run_script(
             "10_qat_kd_4bit.py", *budget[:2], "--seed", seed, "--pruned_model_path", pruned, "--num_epochs", args.qkd_epochs,
             "--output_dir", qkd, "--overwrite_output_dir",
         )
-        accuracy["PTQ-4bit (on KGSP + MSP)"].append(test_accuracy(ptq, data, data_config.max_length))
-        accuracy["QKD-4bit (on KGSP + MSP)"].append(test_accuracy(qkd, data, data_config.max_length))
+        accuracy["PTQ-4bit (on KGSP + MSP)"].append(test_accuracy(ptq, data, data_config.max_length)[0])
+        accuracy["QKD-4bit (on KGSP + MSP)"].append(test_accuracy(qkd, data, data_config.max_length)[0])
         print(json.dumps({name: values[-1] for name, values in accuracy.items()}, indent=1), flush=True)
 
     claims = []
@@ -143,13 +116,13 @@ def main() -> None:
         if first not in accuracy or second not in accuracy:
             continue
         differences = [100 * (a - b) for a, b in zip(accuracy[first], accuracy[second])]
-        summary = summarize(differences)
+        summary = mean_std(differences)
         claims.append({
             "claim": claim, "a": first, "b": second, "expected_points": list(expected), **summary,
             "within_expected": expected[0] <= summary["mean"] <= expected[1],
         })
     result = {
-        "variants": {name: summarize([100 * v for v in values]) for name, values in accuracy.items()},
+        "variants": {name: mean_std([100 * v for v in values]) for name, values in accuracy.items()},
         "claims": claims,
         "budget": {**vars(args), "sparsity_heads": args.sparsity, "sparsity_ffn": args.sparsity, "metric": "test accuracy (%)",
                    "test_examples": len(data.test), "vocabulary_pruning": False},

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,29 +31,10 @@ sys.path.insert(0, str(PROJECT_ROOT))
 from common import parse_config, setup_logging  # noqa: E402
 from common.checkpoints import find_checkpoint, results_root, write_json  # noqa: E402
 from common.config import DataConfig  # noqa: E402
-from common.data import load_splits, make_loader, tokenize_dataset  # noqa: E402
-from common.evaluation import InferenceModel, classification_metrics, interleaved_latency  # noqa: E402
-from common.models import count_parameters, load_checkpoint_tokenizer, weights_size_bytes  # noqa: E402
-
-
-def run(script: str, *args) -> None:
-    command = [sys.executable, str(PROJECT_ROOT / script), *map(str, args)]
-    print("$ " + " ".join(command[1:]), flush=True)
-    completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
-    if completed.returncode != 0:
-        raise RuntimeError(f"{script} failed:\n{completed.stdout[-2000:]}\n{completed.stderr[-4000:]}")
-
-
-def evaluate(folder: Path, data, max_length: int) -> tuple[float, InferenceModel]:
-    model = InferenceModel(folder)
-    tokenizer = load_checkpoint_tokenizer(folder)
-    loader = make_loader(tokenize_dataset(data.test, tokenizer, max_length), tokenizer, 64, shuffle=False)
-    logits, labels = model.logits(loader)
-    return classification_metrics(logits.argmax(-1), labels)["accuracy"], model
-
-
-def spread(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+from common.data import load_splits  # noqa: E402
+from common.evaluation import interleaved_latency  # noqa: E402
+from common.experiments import mean_std, run_script, test_accuracy  # noqa: E402
+from common.models import count_parameters, weights_size_bytes  # noqa: E402
 
 
 def main() -> None:
@@ -77,20 +56,20 @@ def main() -> None:
     started = time.time()
     data = load_splits(data_config)  # the test split does not depend on max_train_samples
     teacher_folder = find_checkpoint("teacher")
-    teacher_accuracy, teacher = evaluate(teacher_folder, data, data_config.max_length)
+    teacher_accuracy, teacher = test_accuracy(teacher_folder, data, data_config.max_length)
     root = results_root() / "sweep"
     points, runners = [], {}
     for sparsity in sorted(args.sparsities):
         row = {"sparsity": sparsity, "pruned_accuracy": [], "int8_accuracy": []}
         for seed in args.seeds:
             pruned, int8 = root / f"{sparsity:.2f}-seed{seed}", root / f"{sparsity:.2f}-seed{seed}-int8"
-            run("8_pruning_with_finetuning.py", *data_flags, "--max_train_samples", args.max_train_samples, "--seed", seed,
+            run_script("8_pruning_with_finetuning.py", *data_flags, "--max_train_samples", args.max_train_samples, "--seed", seed,
                 "--num_epochs", args.pruning_epochs, "--head_final_sparsity", sparsity, "--ffn_final_sparsity", sparsity,
                 "--final_sparsity", sparsity, "--prune_vocabulary", str(args.prune_vocabulary).lower(),
                 "--output_dir", pruned, "--overwrite_output_dir", *args.extra)
-            run("11_export_int8.py", *data_flags, "--source_model_path", pruned, "--output_dir", int8, "--overwrite_output_dir")
-            pruned_accuracy, pruned_model = evaluate(pruned, data, data_config.max_length)
-            int8_accuracy, int8_model = evaluate(int8, data, data_config.max_length)
+            run_script("11_export_int8.py", *data_flags, "--source_model_path", pruned, "--output_dir", int8, "--overwrite_output_dir")
+            pruned_accuracy, pruned_model = test_accuracy(pruned, data, data_config.max_length)
+            int8_accuracy, int8_model = test_accuracy(int8, data, data_config.max_length)
             row["pruned_accuracy"].append(100 * pruned_accuracy)
             row["int8_accuracy"].append(100 * int8_accuracy)
             if seed == args.seeds[0]:
@@ -98,7 +77,7 @@ def main() -> None:
                 row["pruned_size_mb"] = weights_size_bytes(pruned) / 1e6
                 row["int8_size_mb"] = weights_size_bytes(int8) / 1e6
                 runners[f"{sparsity:.2f}"] = int8_model.runner(int8_model.batch(args.latency_batch_size, args.latency_seq_length))
-        row["pruned_accuracy"], row["int8_accuracy"] = spread(row["pruned_accuracy"]), spread(row["int8_accuracy"])
+        row["pruned_accuracy"], row["int8_accuracy"] = mean_std(row["pruned_accuracy"]), mean_std(row["int8_accuracy"])
         points.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "values"}, default=str), flush=True)
     runners["teacher"] = teacher.runner(teacher.batch(args.latency_batch_size, args.latency_seq_length))

@@ -1,0 +1,40 @@
+"""Helpers of the experiment scripts that run stages as subprocesses and compare their checkpoints
+(``scripts/ablation.py``, ``scripts/sweep.py``)."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from .data import make_loader, tokenize_dataset
+from .evaluation import InferenceModel, classification_metrics
+from .models import load_checkpoint_tokenizer
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(script: str, *args) -> None:
+    """Run a numbered stage script to completion; raise with the end of its output if it fails."""
+    command = [sys.executable, str(PROJECT_ROOT / script), *map(str, args)]
+    print("$ " + " ".join(command[1:]), flush=True)
+    completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{script} failed:\n{completed.stdout[-2000:]}\n{completed.stderr[-4000:]}")
+
+
+def test_accuracy(folder: Path, data, max_length: int) -> tuple[float, InferenceModel]:
+    """Accuracy of a checkpoint on the test split, and the loaded model (for timing or counting)."""
+    model = InferenceModel(folder)
+    tokenizer = load_checkpoint_tokenizer(folder)
+    loader = make_loader(tokenize_dataset(data.test, tokenizer, max_length), tokenizer, 64, shuffle=False)
+    logits, labels = model.logits(loader)
+    return classification_metrics(logits.argmax(-1), labels)["accuracy"], model
+
+
+test_accuracy.__test__ = False  # a helper, not a pytest test
+
+
+def mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
