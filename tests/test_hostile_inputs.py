@@ -492,3 +492,38 @@ def test_predict_needs_pairs_for_a_pair_model_and_a_separator_in_each_text(tmp_p
     lines.write_text("a man sleeps\nit rains\n")
     with pytest.raises(PredictionError, match="is a .txt file .* no --text_pair_column 'hypothesis'; use --pair_separator"):
         read_texts([], str(lines), None, text_pair_column="hypothesis")
+
+
+@pytest.mark.parametrize("config_type, values, message", [
+    (PruningConfig, {"ffn_round_to": 0}, "ffn_round_to=0 must be a positive"),
+    (PruningConfig, {"alpha_attention": -1.0}, "alpha_attention=-1.0"),
+    (PruningConfig, {"attention_relation_heads": 0}, "attention_relation_heads=0 must be a positive"),
+    (PruningConfig, {"alpha_ce": 0.0, "alpha_kd": 0.0, "alpha_hidden": 0.0}, "alpha_attention are all 0"),
+    ("QATKDConfig", {"beta_attention": -0.5}, "beta_attention=-0.5"),
+    ("SensitivityConfig", {"sparsities": [0.5, 1.5]}, r"sparsities=\[0.5, 1.5\] must be shares between 0 and 1"),
+    ("SensitivityConfig", {"sparsities": []}, r"sparsities=\[\] must be shares"),
+    ("SensitivityConfig", {"parameter_budget": 1.0}, "parameter_budget=1.0"),
+    ("SensitivityConfig", {"output_name": "../escape"}, "output_name='../escape' must be a plain file name"),
+    ("SensitivityConfig", {"gradient_batches": 0}, "gradient_batches=0 must be a positive"),
+])
+def test_new_training_and_analysis_fields_refuse_bad_values(config_type, values, message):
+    import common.config as config_module
+
+    config_type = getattr(config_module, config_type) if isinstance(config_type, str) else config_type
+    with pytest.raises(ValueError, match=message):
+        config_type(**values)
+
+
+def test_predict_pair_separator_must_not_be_empty():
+    from common.prediction import PredictionError, read_texts
+
+    with pytest.raises(PredictionError, match="--pair_separator '' is empty"):
+        read_texts(["a ||| b"], None, None, pair_separator="")
+
+
+def test_sweep_refuses_sparsities_outside_zero_to_one(results_dir):
+    completed = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "sweep.py"), "--sparsities", "0.5", "1.2"],
+                               cwd=PROJECT_ROOT, env={**os.environ, "COMPRESSION_RESULTS_DIR": str(results_dir)},
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2 and "--sparsities [0.5, 1.2] must be shares between 0 and 1" in completed.stderr
+    assert not results_dir.exists() or not any(results_dir.iterdir()), "nothing written"
