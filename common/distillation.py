@@ -206,6 +206,8 @@ def kd_step(teacher: torch.nn.Module, loss: DistillationLoss, teacher_token_ids:
         if loss.needs_relations and not captures:  # hooks on the last layer of each, registered once
             captures["student"], captures["teacher"] = ProjectionCapture(model), ProjectionCapture(teacher)
         inputs = model_inputs(batch)
+        if next(teacher.parameters()).device != batch["input_ids"].device:  # accelerate placed only the student
+            teacher.to(batch["input_ids"].device)
         teacher_inputs = inputs
         if teacher_token_ids is not None:
             mapping = teacher_token_ids.to(batch["input_ids"].device)

@@ -127,8 +127,9 @@ def prune_vocabulary(model: nn.Module, tokenizer, data, max_length: int, extra: 
     kept_ids = sorted(keep)
     new_tokenizer = rebuild_tokenizer(tokenizer, kept_ids)
     old = word_embeddings(model)
-    new = nn.Embedding(len(kept_ids), old.embedding_dim, padding_idx=None, dtype=old.weight.dtype)
-    new.weight.copy_(old.weight[torch.tensor(kept_ids)])
+    # on the old table's device: stage 8 prunes the vocabulary of a model that was just trained on the GPU
+    new = nn.Embedding(len(kept_ids), old.embedding_dim, padding_idx=None, dtype=old.weight.dtype, device=old.weight.device)
+    new.weight.copy_(old.weight[torch.tensor(kept_ids, device=old.weight.device)])
     if old.padding_idx is not None:
         new.padding_idx = new_tokenizer.pad_token_id
     set_module(model, spec.embeddings, new)

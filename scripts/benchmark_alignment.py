@@ -5,13 +5,16 @@ Reads:  nothing; builds MiniLM-shaped (hidden 384) 3-layer classifiers with rand
         head counts and FFN widths of a stage-8 run (default: the embedded default run's [8, 8, 2] heads and
         [1334, 467, 43] neurons), and the same widths rounded to multiples of 8, 16 and 64 (nearest multiple, so the
         totals stay within a few neurons).
-Does:   times each in torch fp32 and in ONNX Runtime dynamic int8, round-robin in one process (the report's
-        interleaved harness), on one batch of --batch_size x --seq_length tokens.
-Writes: results/alignment_benchmark.json and prints a table (median ms [IQR], speed-up vs unaligned per round).
+Does:   times each in torch fp32 and in ONNX Runtime dynamic int8 (or, with --device cuda, in torch fp16 on the GPU,
+        synchronized after every call), round-robin in one process (the report's interleaved harness), on one batch
+        of --batch_size x --seq_length tokens.
+Writes: results/alignment_benchmark.json (results/alignment_benchmark_cuda.json with --device cuda) and prints a
+        table (median ms [IQR], speed-up vs unaligned per round).
 
 Run as:
     python scripts/benchmark_alignment.py
     python scripts/benchmark_alignment.py --ffn_widths 1536,1536,1536 --heads 12,12,12 --rounds 50
+    python scripts/benchmark_alignment.py --device cuda --batch_size 256 --seq_length 128
 """
 
 import argparse
@@ -46,6 +49,18 @@ def build(heads: list[int], widths: list[int], vocab_size: int):
     return model.eval()
 
 
+def cuda_runner(model, batch: dict):
+    """GPU kernels run asynchronously: synchronizing after each call makes the wall clock measure the forward."""
+    model = model.half().cuda()
+    on_gpu = {name: value.cuda() for name, value in batch.items()}
+
+    def run():
+        model(**on_gpu)
+        torch.cuda.synchronize()
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--heads", default="8,8,2", help="Kept heads per layer.")
@@ -57,7 +72,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--num_threads", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu: torch fp32 and ONNX Runtime int8; cuda: torch fp16 on the first GPU.")
     arguments = parser.parse_args()
+    if arguments.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here; use --device cpu.")
     torch.set_num_threads(arguments.num_threads)
     heads = [int(value) for value in arguments.heads.split(",")]
     unaligned = [int(value) for value in arguments.ffn_widths.split(",")]
@@ -80,10 +99,14 @@ def main() -> None:
             return {name: value[: len(texts), :16] for name, value in batch.items()}
 
     runners, parameters = {}, {}
+    runtimes = ("torch cuda fp16",) if arguments.device == "cuda" else ("torch fp32", "ORT int8")
     with tempfile.TemporaryDirectory() as scratch:
         for name, widths in variants.items():
             model = build(heads, widths, arguments.vocab_size)
             parameters[name] = sum(p.numel() for p in model.parameters())
+            if arguments.device == "cuda":
+                runners[f"{name}, torch cuda fp16"] = cuda_runner(model, batch)
+                continue
             runners[f"{name}, torch fp32"] = lambda model=model: model(**batch)
             fp32 = Path(scratch) / f"{name.replace(' ', '_')}.onnx"
             export_onnx(model, Tokenizer(), fp32, arguments.seq_length)
@@ -96,7 +119,7 @@ def main() -> None:
 
     results = {"settings": vars(arguments), "variants": {}}
     print(f"{'variant':<32} {'FFN widths':<20} {'parameters':>11} {'median ms [IQR]':>22} {'x vs unaligned [IQR]':>22}")
-    for runtime in ("torch fp32", "ORT int8"):
+    for runtime in runtimes:
         base = timings[f"unaligned, {runtime}"]["latency_ms_per_round"]
         for name, widths in variants.items():
             timing = timings[f"{name}, {runtime}"]
@@ -108,7 +131,7 @@ def main() -> None:
             print(f"{name + ', ' + runtime:<32} {str(widths):<20} {parameters[name]:>11,} "
                   f"{timing['latency_ms_median']:>9.2f} [{timing['latency_ms_p25']:.2f}-{timing['latency_ms_p75']:.2f}] "
                   f"{speedup[0]:>9.3f} [{speedup[1]:.3f}-{speedup[2]:.3f}]")
-    target = results_root() / "alignment_benchmark.json"
+    target = results_root() / ("alignment_benchmark_cuda.json" if arguments.device == "cuda" else "alignment_benchmark.json")
     target.parent.mkdir(parents=True, exist_ok=True)
     write_json(target, results)
     print(f"-> {target}")
