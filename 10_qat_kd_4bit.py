@@ -6,6 +6,8 @@ Reads:  the newest results/pruned/ checkpoint (or --pruned_model_path), the teac
 Does:   trains full-precision master weights through NF4 fake quantization (bitsandbytes' codebook and
         per-block absmax, straight-through gradients) with
             total = beta_ce*CE + beta_logits*KL(teacher/T || student/T)*T^2 + beta_hidden*MSE(hidden states),
+        --learnable_scales trains each block's scale too (LSQ) and --keep_8bit_size_budget_mb keeps the Linears
+        with the largest 4-bit error (measured before training) at 8 bits, trained through int8 fake quantization;
         evaluates the fake-quantized model every epoch and keeps the best, exports it to real bitsandbytes
         4-bit weights, reloads the checkpoint and checks that its validation accuracy matches the
         fake-quantized one within --max_accuracy_gap points (a mismatch is an error; nothing is saved).
@@ -15,6 +17,7 @@ Writes: results/qkd_4bit/<run_id>/ with the 4-bit weights and compression.json.
 Run as:
     python 10_qat_kd_4bit.py
     python 10_qat_kd_4bit.py --pruned_model_path results/pruned/<run_id> --num_epochs 2 --learning_rate 1e-5 --batch_size 16
+    python 10_qat_kd_4bit.py --learnable_scales true --keep_8bit_size_budget_mb 6.0
     python 10_qat_kd_4bit.py --resume                  # continue an interrupted run after its last epoch
 """
 
@@ -31,6 +34,7 @@ from common.models import load_checkpoint_tokenizer, load_model, resolve_stage_c
 from common.quantization import (
     compress_embedding_state,
     layer_quantization_errors,
+    plan_8bit_layers,
     prepare_fake_quantization,
     quantize_model_4bit,
     strip_fake_quantization,
@@ -77,9 +81,12 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
     train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)
 
     full_precision = evaluate_accuracy(student, eval_loader)
-    fake_quantized = prepare_fake_quantization(student, config)
+    error_batches = list(itertools.islice(eval_loader, ERROR_BATCHES))
+    eight_bit, mixed_precision = plan_8bit_layers(student, config, layer_quantization_errors(student, config, error_batches))
+    fake_quantized = prepare_fake_quantization(student, config, eight_bit)
     before_training = evaluate_accuracy(student, eval_loader)
-    print(f"Fake-quantizing {len(fake_quantized)} linear layers ({config.quant_type}); validation accuracy: full precision "
+    print(f"Fake-quantizing {len(fake_quantized)} linear layers ({config.quant_type}{', learned block scales (LSQ)' if config.learnable_scales else ''}"
+          f"{f'; {len(eight_bit)} at 8 bits' if eight_bit else ''}); validation accuracy: full precision "
           f"{full_precision['accuracy']:.4f}, 4-bit before training {before_training['accuracy']:.4f}")
 
     loss = DistillationLoss(
@@ -103,10 +110,11 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
         return
     student = accelerator.unwrap_model(student).to("cpu")
     student.load_state_dict(result.best_state)
-    strip_fake_quantization(student)
-    layer_errors = layer_quantization_errors(student, config, list(itertools.islice(eval_loader, ERROR_BATCHES)))
-    quantization = quantize_model_4bit(student, config)
+    learned_scales = strip_fake_quantization(student)
+    layer_errors = layer_quantization_errors(student, config, error_batches, scales=learned_scales)
+    quantization = quantize_model_4bit(student, config, eight_bit=eight_bit, learned_scales=learned_scales)
     quantization["layer_errors"] = layer_errors
+    quantization["mixed_precision"] = mixed_precision
     state, embedding = compress_embedding_state(student, dict(student.state_dict()), config.embedding_quantization)
 
     def reload_and_check(folder):

@@ -3,7 +3,9 @@
 Reads:  the newest results/pruned/ checkpoint (or --pruned_model_path) and the validation split.
 Does:   stores every encoder Linear in bitsandbytes NF4 (or FP4) with the given block size and double
         quantization; embeddings, LayerNorms, pooler and classifier stay full precision, except that the
-        word embeddings are stored row-wise in int4 (--embedding_quantization int4|int8|none). Then reloads
+        word embeddings are stored row-wise in int4 (--embedding_quantization int4|int8|none). With
+        --keep_8bit_size_budget_mb, the Linears with the largest 4-bit output error stay at 8 bits (int8 rows)
+        as far as the size budget allows (mixed precision). Then reloads
         the written checkpoint through the project's loader and evaluates it on validation.
 Writes: results/ptq_4bit/<run_id>/ with the 4-bit weights, compression.json (quantization record, validation
         accuracy of the reloaded model and its drop against the full-precision pruned model).
@@ -11,6 +13,7 @@ Writes: results/ptq_4bit/<run_id>/ with the 4-bit weights, compression.json (qua
 Run as:
     python 9_quantize_pruned_model.py
     python 9_quantize_pruned_model.py --quant_type fp4 --blocksize 128 --double_quant false
+    python 9_quantize_pruned_model.py --keep_8bit_size_budget_mb 6.0      # mixed 8/4-bit within 6 MB
 """
 
 import itertools
@@ -21,7 +24,7 @@ from common.config import config_to_dict, log_config
 from common.data import build_loaders, load_splits
 from common.evaluation import evaluate_accuracy
 from common.models import load_checkpoint_tokenizer, load_model, load_stage_model, save_checkpoint
-from common.quantization import compress_embedding_state, layer_quantization_errors, quantize_model_4bit
+from common.quantization import compress_embedding_state, layer_quantization_errors, plan_8bit_layers, quantize_model_4bit
 
 ERROR_BATCHES = 4  # validation batches of the per-layer quantization error
 
@@ -36,11 +39,14 @@ def main(data_config: DataConfig, config: PTQConfig) -> None:
 
     full_precision = evaluate_accuracy(model, eval_loader)
     layer_errors = layer_quantization_errors(model, config, list(itertools.islice(eval_loader, ERROR_BATCHES)))
-    quantization = quantize_model_4bit(model, config)
+    eight_bit, mixed_precision = plan_8bit_layers(model, config, layer_errors)
+    quantization = quantize_model_4bit(model, config, eight_bit=eight_bit)
     quantization["layer_errors"] = layer_errors
+    quantization["mixed_precision"] = mixed_precision
     state, embedding = compress_embedding_state(model, dict(model.state_dict()), config.embedding_quantization)
     print(f"Quantized {len(quantization['modules'])} linear layers to {config.quant_type} (block {config.blocksize}, "
-          f"double quant {config.double_quant}); kept in full precision: {quantization['kept_full_precision']}")
+          f"double quant {config.double_quant}); at 8 bits: {quantization['modules_8bit'] or 'none'}; kept in full precision: "
+          f"{quantization['kept_full_precision']}")
 
     def reload_and_evaluate(folder):
         reloaded = evaluate_accuracy(load_model(folder), eval_loader)

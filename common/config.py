@@ -380,8 +380,15 @@ class QuantizationFields:
         "'none', 'int8' or 'int4': row-wise quantized storage of the word embeddings in the checkpoint (QKD also "
         "trains through it).",
     )
+    keep_8bit_size_budget_mb: Optional[float] = _field(
+        None,
+        "Mixed precision: keep the encoder Linears whose 4-bit output error is largest (measured on validation batches) "
+        "at 8 bits, worst first, while the checkpoint's estimated weight size stays within this many MB. Default: none "
+        "(every Linear in 4 bits). A budget below the all-4-bit size is an error that names that size.",
+    )
 
     def __post_init__(self) -> None:
+        _check_positive("keep_8bit_size_budget_mb", self.keep_8bit_size_budget_mb, allow_none=True)
         _check_choice("quant_type", self.quant_type, QUANT_TYPES)
         _check_choice("blocksize", self.blocksize, (64, 128, 256, 512, 1024, 2048, 4096))
         _check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
@@ -416,6 +423,10 @@ class QATKDConfig(TrainingConfig, QuantizationFields):
     temperature: float = _field(2.0, "Distillation temperature T (> 0).")
     beta_attention: float = _field(0.0, "Weight of MiniLM-v2 attention-relation distillation (see alpha_attention of stage 8).")
     attention_relation_heads: int = _field(12, "Relation heads of the attention-relation loss (reduced to a divisor of both widths).")
+    learnable_scales: bool = _field(
+        False, "LSQ: train each 4-bit block's scale (initialised to its absmax) with the weights instead of taking the "
+        "absmax; the exported checkpoint stores the learned scales and the codes they give.",
+    )
     max_accuracy_gap: float = _field(
         0.5, "Largest allowed gap, in accuracy points, between fake-quantized and reloaded real 4-bit validation accuracy."
     )

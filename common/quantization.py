@@ -73,40 +73,54 @@ def _double_quantize_absmax(absmax: torch.Tensor) -> torch.Tensor:
     return (dequantize_blockwise(quantized, state) + offset).to(device)
 
 
-def fake_quantize_4bit_values(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = False):
-    """(quantize -> dequantize)(weight) exactly as bitsandbytes does on CPU; also returns the code indices."""
+def block_absmax(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """The absmax of every block of the flattened weight (the last block may be shorter), as bitsandbytes takes it."""
+    flat = weight.detach().reshape(-1).float()
+    full = flat.numel() - flat.numel() % blocksize
+    absmax = flat[:full].reshape(-1, blocksize).abs().max(dim=-1)[0]
+    if flat.numel() > full:
+        absmax = torch.cat([absmax, flat[full:].abs().max().unsqueeze(0)])
+    return absmax
+
+
+def fake_quantize_4bit_values(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = False,
+                              scales: Optional[torch.Tensor] = None):
+    """(quantize -> dequantize)(weight) exactly as bitsandbytes does on CPU; also returns the code indices and the
+    per-block scales it used (after double quantization). ``scales`` replaces each block's absmax (learned LSQ
+    scales): weights beyond a block's scale are clipped to the largest code."""
     code = codebook(quant_type).to(weight.device)
     midpoints = (code[:-1] + code[1:]) / 2
     flat = weight.detach().reshape(-1).float()
     n = flat.numel()
+    absmax = block_absmax(weight, blocksize) if scales is None else scales.detach().float()
     full = n - n % blocksize
-    blocks = flat[:full].reshape(-1, blocksize)
-    absmax = blocks.abs().max(dim=-1)[0]
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
-    if n > full:
-        tail_max = flat[full:].abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, tail_max.unsqueeze(0)])
-        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
+    safe = absmax.clamp(min=1e-38)
+    scaled = torch.clamp(flat[:full].reshape(-1, blocksize) * (1.0 / safe[: full // blocksize].view(-1, 1)), -1, 1).reshape(-1)
+    if n > full:  # bitsandbytes divides the short last block by its scale instead of multiplying by the reciprocal
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / safe[-1], -1, 1)])
     indices = torch.bucketize(scaled, midpoints)
     if double_quant:
         absmax = _double_quantize_absmax(absmax)
-    scales = torch.repeat_interleave(absmax, blocksize)[:n]
-    values = (code[indices] * scales).reshape(weight.shape).to(weight.dtype)
-    return values, indices.reshape(weight.shape)
+    per_weight = torch.repeat_interleave(absmax, blocksize)[:n]
+    values = (code[indices] * per_weight).reshape(weight.shape).to(weight.dtype)
+    return values, indices.reshape(weight.shape), absmax
 
 
 @torch.no_grad()
-def layer_quantization_errors(model: nn.Module, settings, batches, names: Optional[list[str]] = None) -> dict[str, dict]:
+def layer_quantization_errors(model: nn.Module, settings, batches, names: Optional[list[str]] = None,
+                              scales: Optional[dict[str, torch.Tensor]] = None) -> dict[str, dict]:
     """How much 4-bit quantization changes each linear layer of a full-precision ``model``, before quantizing it:
     ``weight_snr_db`` = 10 log10(|W|^2 / |W - Q(W)|^2), and ``output_relative_mse`` = mean |x (W - Q(W))^T|^2 /
     mean |x W^T + b|^2 over the layer's real inputs ``x`` on ``batches`` (calibration batches of tokenizer outputs).
     Q is bitsandbytes' quantize-dequantize with the checkpoint's settings. Low SNR / high MSE marks the layers to
-    keep at 8 bits first."""
+    keep at 8 bits first. ``scales[name]``: learned per-block scales of that layer instead of its absmax."""
     from .data import model_inputs
 
     names = names or quantizable_linear_names(model, settings.skip_modules)
     modules = {name: model.get_submodule(name) for name in names}
-    quantized = {name: fake_quantize_4bit_values(module.weight, settings.quant_type, settings.blocksize, settings.double_quant)[0]
+    scales = scales or {}
+    quantized = {name: fake_quantize_4bit_values(module.weight, settings.quant_type, settings.blocksize, settings.double_quant,
+                                                 scales.get(name))[0]
                  for name, module in modules.items()}
     sums = {name: [0.0, 0.0] for name in names}  # error energy, output energy
 
@@ -162,21 +176,71 @@ def fake_quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", blocksize:
     return _StraightThrough4bit.apply(weight, quant_type, blocksize, double_quant)
 
 
-class FakeQuant4bitLinear(nn.Linear):
-    """A Linear whose full-precision master weight is fake-quantized to 4 bits in every forward pass."""
+class _LearnedScale4bit(torch.autograd.Function):
+    """LSQ (Esser et al., 2020) on bitsandbytes' block format: value = code[nearest(w / s)] * s per block.
 
-    def __init__(self, linear: nn.Linear, quant_type: str, blocksize: int, double_quant: bool) -> None:
+    Gradients: to the weight, straight through where |w| <= s and zero where it is clipped; to the block scale s,
+    code - w/s inside and the clipped code (+-1) outside, summed over the block and multiplied by LSQ's
+    1/sqrt(block size x largest code level) so the scales move about as fast as the weights.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, scales, quant_type, blocksize, double_quant):
+        values, indices, _ = fake_quantize_4bit_values(weight, quant_type, blocksize, double_quant, scales)
+        ctx.save_for_backward(weight, scales, indices)
+        ctx.settings = (quant_type, blocksize)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight, scales, indices = ctx.saved_tensors
+        quant_type, blocksize = ctx.settings
+        n = weight.numel()
+        per_weight = torch.repeat_interleave(scales.detach().float(), blocksize)[:n].reshape(weight.shape)
+        ratio = weight.detach().float() / per_weight
+        inside = ratio.abs() <= 1
+        code = codebook(quant_type).to(weight.device)[indices]
+        grad_weight = (grad_output * inside).to(weight.dtype)
+        per_element = (grad_output.float() * torch.where(inside, code - ratio, code)).reshape(-1)
+        per_element = F.pad(per_element, (0, scales.numel() * blocksize - n)).reshape(-1, blocksize)
+        gradient_scale = 1.0 / math.sqrt(blocksize * 7)  # 7: the positive code levels of a 4-bit code
+        return grad_weight, (per_element.sum(dim=1) * gradient_scale).to(scales.dtype), None, None, None
+
+
+class _FakeQuantLinear(nn.Linear):
+    """A Linear holding a full-precision master weight (copied from ``linear``) that its forward quantizes."""
+
+    def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None,
                          device=linear.weight.device, dtype=linear.weight.dtype)
         with torch.no_grad():
             self.weight.copy_(linear.weight)
             if linear.bias is not None:
                 self.bias.copy_(linear.bias)
+
+
+class FakeQuant4bitLinear(_FakeQuantLinear):
+    """A Linear whose master weight is fake-quantized to 4 bits in every forward pass; with ``learnable_scale``
+    each block's scale is a parameter (``lsq_scale``, initialised to the block's absmax) trained by LSQ."""
+
+    def __init__(self, linear: nn.Linear, quant_type: str, blocksize: int, double_quant: bool, learnable_scale: bool = False) -> None:
+        super().__init__(linear)
         self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
+        self.lsq_scale = nn.Parameter(block_absmax(linear.weight, blocksize).clamp(min=1e-8)) if learnable_scale else None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight = fake_quantize_4bit(self.weight, self.quant_type, self.blocksize, self.double_quant)
+        if self.lsq_scale is None:
+            weight = fake_quantize_4bit(self.weight, self.quant_type, self.blocksize, self.double_quant)
+        else:
+            weight = _LearnedScale4bit.apply(self.weight, self.lsq_scale, self.quant_type, self.blocksize, self.double_quant)
         return F.linear(input, weight, self.bias)
+
+
+class FakeQuant8bitLinear(_FakeQuantLinear):
+    """A Linear seen through row-wise symmetric int8 storage (``Int8WeightLinear``) in every forward pass (STE)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, _StraightThroughRows.apply(self.weight, 8), self.bias)
 
 
 def fake_quantize_rows(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -211,22 +275,30 @@ class FakeQuantEmbedding(nn.Embedding):
         return F.embedding(input, _StraightThroughRows.apply(self.weight, self.bits), self.padding_idx)
 
 
-def prepare_fake_quantization(model: nn.Module, settings) -> list[str]:
-    """Swap the quantizable Linears for ``FakeQuant4bitLinear`` (and the word embeddings for
-    ``FakeQuantEmbedding`` when they will be stored quantized) in place; return the Linears' names."""
+def prepare_fake_quantization(model: nn.Module, settings, eight_bit: tuple | list = ()) -> list[str]:
+    """Swap the quantizable Linears for ``FakeQuant4bitLinear`` (``FakeQuant8bitLinear`` for those named in
+    ``eight_bit``; learned block scales when ``settings.learnable_scales``), and the word embeddings for
+    ``FakeQuantEmbedding`` when they will be stored quantized, in place; return the Linears' names."""
     names = quantizable_linear_names(model, settings.skip_modules)
+    learnable = getattr(settings, "learnable_scales", False)
     for name in names:
-        set_module(model, name, FakeQuant4bitLinear(model.get_submodule(name), settings.quant_type, settings.blocksize, settings.double_quant))
+        linear = model.get_submodule(name)
+        set_module(model, name, FakeQuant8bitLinear(linear) if name in eight_bit else
+                   FakeQuant4bitLinear(linear, settings.quant_type, settings.blocksize, settings.double_quant, learnable))
     if settings.embedding_quantization != "none":
         name = spec_for(model).embeddings
         set_module(model, name, FakeQuantEmbedding(model.get_submodule(name), EMBEDDING_BITS[settings.embedding_quantization]))
     return names
 
 
-def strip_fake_quantization(model: nn.Module) -> None:
-    """Turn fake-quantized modules back into plain Linears and Embeddings holding the master weights."""
+def strip_fake_quantization(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Turn fake-quantized modules back into plain Linears and Embeddings holding the master weights; return the
+    learned block scales by module name (empty without LSQ), which ``quantize_model_4bit`` must be given."""
+    learned = {}
     for name, module in list(model.named_modules()):
-        if isinstance(module, FakeQuant4bitLinear):
+        if isinstance(module, FakeQuant4bitLinear) and module.lsq_scale is not None:
+            learned[name] = module.lsq_scale.detach().float().cpu().clone()
+        if isinstance(module, _FakeQuantLinear):
             plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=module.weight.dtype)
             with torch.no_grad():
                 plain.weight.copy_(module.weight)
@@ -238,6 +310,7 @@ def strip_fake_quantization(model: nn.Module) -> None:
             with torch.no_grad():
                 plain.weight.copy_(module.weight)
             set_module(model, name, plain)
+    return learned
 
 
 # -- real 4-bit (bitsandbytes) ------------------------------------------------------------------------------
@@ -300,12 +373,20 @@ def _linear4bit(linear: nn.Linear, settings_record: dict):
     return module
 
 
-def quantize_model_4bit(model: nn.Module, settings) -> dict:
-    """Replace the quantizable Linears of a CPU model by bitsandbytes 4-bit ones; return the quantization record."""
+def quantize_model_4bit(model: nn.Module, settings, eight_bit: tuple | list = (),
+                        learned_scales: Optional[dict[str, torch.Tensor]] = None) -> dict:
+    """Replace the quantizable Linears of a CPU model by bitsandbytes 4-bit ones (``Int8WeightLinear`` for those
+    named in ``eight_bit``; a layer in ``learned_scales`` takes its codes and block scales from those scales instead
+    of its absmax, exactly as ``FakeQuant4bitLinear`` trained them); return the quantization record."""
     import bitsandbytes as bnb
 
-    quantized = quantizable_linear_names(model, settings.skip_modules)
+    quantizable = quantizable_linear_names(model, settings.skip_modules)
+    unknown = sorted(set(eight_bit) - set(quantizable))
+    if unknown:
+        raise ValueError(f"Layers {unknown} cannot be kept at 8 bits: they are not quantizable encoder Linears of this model.")
+    quantized = [name for name in quantizable if name not in eight_bit]
     all_linear = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    learned_scales = learned_scales or {}
     record = {
         "method": "bitsandbytes_4bit",
         "quant_type": settings.quant_type,
@@ -313,19 +394,129 @@ def quantize_model_4bit(model: nn.Module, settings) -> dict:
         "double_quant": settings.double_quant,
         "compute_dtype": settings.compute_dtype,
         "modules": quantized,
-        "kept_full_precision": sorted(all_linear - set(quantized)),
+        "modules_8bit": [name for name in quantizable if name in eight_bit],
+        "learned_scales": sorted(set(learned_scales) & set(quantized)),
+        "kept_full_precision": sorted(all_linear - set(quantizable)),
     }
     model.to("cpu")
+    for name in record["modules_8bit"]:
+        set_module(model, name, Int8WeightLinear.from_linear(model.get_submodule(name)))
     for name in record["modules"]:
         linear = model.get_submodule(name)
         module = _linear4bit(linear, record)
+        weight = linear.weight.detach().to(torch.float32).contiguous().clone()
         module.weight = bnb.nn.Params4bit(
-            linear.weight.detach().to(torch.float32).contiguous().clone(), requires_grad=False,
-            quant_type=settings.quant_type, blocksize=settings.blocksize,
+            weight, requires_grad=False, quant_type=settings.quant_type, blocksize=settings.blocksize,
             compress_statistics=settings.double_quant, quant_storage=torch.uint8, module=module,
         ).to("cpu")
+        if name in learned_scales:
+            _install_learned_codes(module.weight, weight, learned_scales[name], settings)
         set_module(model, name, module)
     return record
+
+
+def _install_learned_codes(parameter, weight: torch.Tensor, scales: torch.Tensor, settings) -> None:
+    """Overwrite a quantized Params4bit's codes and block absmax with those of ``scales`` (LSQ), in bitsandbytes'
+    layout: two codes per byte, first in the high nibble; with double quantization the scales stored as 8-bit
+    blockwise offsets from their mean, as ``quantize_4bit(compress_statistics=True)`` stores its absmax."""
+    from bitsandbytes.functional import quantize_blockwise
+
+    _, indices, _ = fake_quantize_4bit_values(weight, settings.quant_type, settings.blocksize, False, scales)
+    flat = indices.reshape(-1).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = F.pad(flat, (0, 1))
+    packed = (flat[0::2] << 4) | flat[1::2]
+    parameter.data = packed.reshape(parameter.data.shape)
+    state = parameter.quant_state
+    scales = scales.detach().float().cpu()
+    if settings.double_quant:
+        state.offset = scales.mean()
+        state.absmax, state.state2 = quantize_blockwise(scales - state.offset, blocksize=NESTED_BLOCKSIZE)
+    else:
+        state.absmax = scales
+
+
+class Int8WeightLinear(nn.Module):
+    """An encoder Linear that mixed precision keeps at 8 bits: row-wise symmetric int8 codes and one fp32 scale per
+    output row (as ``FakeQuant8bitLinear`` trains it), computed in the input's dtype with the dequantized weight."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_codes", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8WeightLinear":
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        codes, scale = quantize_rows(linear.weight.detach().float().cpu(), 8)
+        with torch.no_grad():
+            module.weight_codes.copy_(codes)
+            module.weight_scale.copy_(scale)
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias.detach().float().cpu())
+        return module
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight_codes.float() * self.weight_scale.unsqueeze(1)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(input.dtype)
+        return F.linear(input, self.dequantized_weight().to(input.dtype), bias)
+
+
+# -- mixed precision: which Linears stay at 8 bits ------------------------------------------------------------
+
+
+def estimated_checkpoint_bytes(model: nn.Module, settings, eight_bit: tuple | list = ()) -> float:
+    """Weight bytes of ``model`` (full precision) once stored by stage 9/10 with ``settings``: quantizable Linears
+    in 4 bits (``bits_per_weight``), those in ``eight_bit`` as int8 plus a scale per row, the word embeddings per
+    ``settings.embedding_quantization``, everything else at its own dtype."""
+    quantizable = set(quantizable_linear_names(model, settings.skip_modules))
+    embedding_key = f"{spec_for(model).embeddings}.weight"
+    embedding_bits = EMBEDDING_BITS.get(settings.embedding_quantization)
+    total = 0.0
+    for key, tensor in model.state_dict().items():
+        module = key.rpartition(".")[0]
+        if module in quantizable and key.endswith(".weight"):
+            rows, columns = tensor.shape
+            if module in eight_bit:
+                total += rows * columns + 4 * rows
+            else:  # codes and block scales, plus bitsandbytes' per-layer state: code map, nested code map, packed record
+                total += rows * columns * bits_per_weight(settings.blocksize, settings.double_quant) / 8 + 64 + 170
+                total += 1024 if settings.double_quant else 0
+        elif key == embedding_key and embedding_bits:
+            rows, columns = tensor.shape
+            total += rows * math.ceil(columns * embedding_bits / 8) + 4 * rows
+        else:
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def plan_8bit_layers(model: nn.Module, settings, errors: dict[str, dict]) -> tuple[list[str], Optional[dict]]:
+    """The Linears to keep at 8 bits under ``settings.keep_8bit_size_budget_mb``: worst 4-bit output error first
+    (``worst_layers``), each kept while the estimated checkpoint stays within the budget (a layer that does not fit
+    is passed over for smaller ones). Returns ([], None) when no budget is set."""
+    budget_mb = getattr(settings, "keep_8bit_size_budget_mb", None)
+    if budget_mb is None:
+        return [], None
+    all_4bit = estimated_checkpoint_bytes(model, settings)
+    if all_4bit > budget_mb * 1e6:
+        raise ValueError(
+            f"keep_8bit_size_budget_mb={budget_mb} is below the all-4-bit checkpoint of this model ({all_4bit / 1e6:.2f} MB "
+            f"estimated), so no layer can stay at 8 bits; raise it above {all_4bit / 1e6:.2f} or leave it unset."
+        )
+    chosen, size = [], all_4bit
+    for name, _ in worst_layers(errors, count=len(errors)):
+        candidate = estimated_checkpoint_bytes(model, settings, [*chosen, name])
+        if candidate <= budget_mb * 1e6:
+            chosen.append(name)
+            size = candidate
+    plan = {"budget_mb": budget_mb, "all_4bit_estimated_mb": all_4bit / 1e6, "estimated_mb": size / 1e6, "layers_8bit": chosen}
+    logger.info("Mixed precision: %d of %d Linears kept at 8 bits (worst 4-bit output error first); estimated %.2f MB "
+                "of a %.2f MB budget (all 4-bit: %.2f MB)", len(chosen), len(errors), size / 1e6, budget_mb, all_4bit / 1e6)
+    return chosen, plan
 
 
 def _load_4bit_modules(model: nn.Module, state: dict, record: dict) -> set[str]:
@@ -350,12 +541,13 @@ def _load_4bit_modules(model: nn.Module, state: dict, record: dict) -> set[str]:
 
 
 def dequantize_4bit_model(model: nn.Module) -> nn.Module:
-    """Replace bitsandbytes 4-bit Linears by plain Linears holding their dequantized weights (no-op otherwise)."""
+    """Replace bitsandbytes 4-bit Linears (and mixed precision's int8 ones) by plain Linears holding their
+    dequantized weights (no-op otherwise)."""
     import bitsandbytes as bnb
 
     for name, module in list(model.named_modules()):
-        if isinstance(module, bnb.nn.Linear4bit):
-            weight = dequantize_4bit_exact(module.weight)
+        if isinstance(module, (bnb.nn.Linear4bit, Int8WeightLinear)):
+            weight = module.dequantized_weight() if isinstance(module, Int8WeightLinear) else dequantize_4bit_exact(module.weight)
             plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
             with torch.no_grad():
                 plain.weight.copy_(weight)
@@ -473,6 +665,9 @@ def load_quantized_state(model: nn.Module, state: dict, record: dict) -> nn.Modu
     method = quantization.get("method")
     if method == "bitsandbytes_4bit":
         consumed = _load_4bit_modules(model, state, quantization)
+        for name in quantization.get("modules_8bit", []):  # plain buffers: copied below like any other tensor
+            linear = model.get_submodule(name)
+            set_module(model, name, Int8WeightLinear(linear.in_features, linear.out_features, linear.bias is not None))
     elif method == "torch_dynamic_int8":
         model, consumed = _load_int8(model, state, quantization)
     elif method is not None:
@@ -521,6 +716,10 @@ def bits_per_weight(blocksize: int, double_quant: bool) -> float:
 
 __all__ = [
     "FakeQuant4bitLinear",
+    "FakeQuant8bitLinear",
+    "Int8WeightLinear",
+    "estimated_checkpoint_bytes",
+    "plan_8bit_layers",
     "bits_per_weight",
     "compress_embedding_state",
     "fake_quantize_4bit",

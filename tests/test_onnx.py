@@ -203,3 +203,25 @@ def test_readme_stock_transformers_snippet_loads_a_pruned_checkpoint(tokenizer, 
     completed = run_without_project(code + "\nimport json\nprint(json.dumps(logits.tolist()))\n", cwd=tmp_path, block=("common",))
     expected, _ = torch_logits(model, tokenizer, ["a gripping, funny film", "dull and far too long"], ["input_ids", "attention_mask"])
     np.testing.assert_allclose(np.array(json.loads(completed.stdout.strip().splitlines()[-1])), expected, atol=1e-5, rtol=0)
+
+
+def test_bnb4_export_of_a_mixed_8_and_4_bit_model(tokenizer, tmp_path):
+    """Layers that mixed precision kept at 8 bits are exported as float MatMuls of their stored int8 values; the
+    4-bit ones still get their codes; ONNX Runtime then reproduces the torch 8/4-bit model."""
+    import bitsandbytes as bnb
+
+    from common.quantization import Int8WeightLinear, quantizable_linear_names
+
+    model = pruned_model(tiny_bert_config(layers=2, hidden=128, heads=4, ffn=256))
+    eight_bit = quantizable_linear_names(model)[:3]
+    quantize_model_4bit(model, PTQConfig(blocksize=64, double_quant=True), eight_bit=eight_bit)
+    assert all(isinstance(model.get_submodule(name), Int8WeightLinear) for name in eight_bit)
+    weights = {n: dequantize_4bit_exact(m.weight) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    plain = dequantize_4bit_model(copy.deepcopy(model))
+    assert not any(isinstance(m, (bnb.nn.Linear4bit, Int8WeightLinear)) for m in plain.modules())
+    names = export_onnx(plain, tokenizer, tmp_path / "plain.onnx")
+    graph = onnx.load(str(tmp_path / "plain.onnx"))
+    assert sorted(use_bnb4_codes(graph, model, weights)) == sorted(weights)
+    save_onnx(graph, tmp_path / "mixed.onnx")
+    expected, batch = torch_logits(model, tokenizer, TEXTS, names)
+    np.testing.assert_allclose(OnnxClassifier(tmp_path / "mixed.onnx").logits(batch), expected, atol=1e-4)

@@ -93,6 +93,38 @@ def test_pruned_and_quantized_checkpoints(pipeline_run):
     assert int8_record["quantization"]["method"] == "torch_dynamic_int8"
 
 
+def test_mixed_precision_and_learned_scales_through_stages_9_and_10(pipeline_run, tmp_path):
+    results, _ = pipeline_run
+    ptq_folder, ptq_record = only_checkpoint(results, "ptq_4bit")
+    budget = 1.3 * (ptq_folder / "model.safetensors").stat().st_size / 1e6
+    mixed = tmp_path / "ptq_mixed"
+    run_stage("9_quantize_pruned_model.py", results, "--keep_8bit_size_budget_mb", budget, "--output_dir", mixed, *data_args(results))
+    record = json.loads((mixed / RECORD_FILE).read_text())["quantization"]
+    assert record["modules_8bit"] and record["mixed_precision"]["estimated_mb"] <= budget
+    assert set(record["modules"]) | set(record["modules_8bit"]) == set(ptq_record["quantization"]["modules"])
+    qkd = tmp_path / "qkd_lsq"
+    run_stage("10_qat_kd_4bit.py", results, "--num_epochs", 1, "--learnable_scales", "true", "--keep_8bit_size_budget_mb", budget,
+              "--output_dir", qkd, *data_args(results))
+    qkd_record = json.loads((qkd / RECORD_FILE).read_text())
+    assert qkd_record["quantization"]["learned_scales"] == sorted(qkd_record["quantization"]["modules"])
+    assert qkd_record["quantization"]["modules_8bit"]
+    assert qkd_record["metrics"]["fake_vs_real_gap_points"] <= 0.5  # the stage refuses to save a larger gap
+    too_small = run_stage_failing("9_quantize_pruned_model.py", results, "--keep_8bit_size_budget_mb", 0.001, *data_args(results))
+    assert "below the all-4-bit checkpoint" in too_small
+
+
+def data_args(results):
+    return ["--dataset", str(results.parent / "reviews.csv"), *DATA_ARGS]
+
+
+def run_stage_failing(script, results_dir, *args):
+    env = {**os.environ, "COMPRESSION_RESULTS_DIR": str(results_dir), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    completed = subprocess.run([sys.executable, str(PROJECT_ROOT / script), *map(str, args)], cwd=PROJECT_ROOT, env=env,
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode != 0
+    return completed.stdout + completed.stderr
+
+
 def test_report_covers_every_stage(pipeline_run):
     results, completed = pipeline_run
     report = json.loads((results / "final_report.json").read_text())

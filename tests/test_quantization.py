@@ -36,7 +36,7 @@ def inputs_for(tokenizer):
 def test_fake_quantization_equals_bitsandbytes_elementwise(quant_type, double_quant, shape, blocksize):
     weight = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 0.04
     packed, state = bnb_functional.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type)
-    fake, _ = fake_quantize_4bit_values(weight, quant_type, blocksize, double_quant)
+    fake = fake_quantize_4bit_values(weight, quant_type, blocksize, double_quant)[0]
     assert torch.equal(fake, dequantize_4bit_exact(SimpleNamespace(data=packed, quant_state=state)))
     if shape[-1] % blocksize == 0 or shape[-1] % 2:
         # bitsandbytes' own CPU dequantize agrees only for these row lengths (see dequantize_4bit_exact)
@@ -71,7 +71,7 @@ def test_real_4bit_layer_computes_with_the_quantized_weights(in_features):
     # bitsandbytes 0.50's CPU kernel gets 96 and 160 wrong (even, not a multiple of the block size)
     model = torch.nn.Sequential(torch.nn.Linear(in_features, 24))
     model[0].weight.data.normal_(0, 0.05)
-    fake, _ = fake_quantize_4bit_values(model[0].weight, "nf4", 64, True)
+    fake = fake_quantize_4bit_values(model[0].weight, "nf4", 64, True)[0]
     expected_fn = lambda x: torch.nn.functional.linear(x, fake, model[0].bias)  # noqa: E731
     x = torch.randn(4, in_features)
     expected = expected_fn(x)
@@ -199,3 +199,118 @@ def test_layer_quantization_errors_grow_with_the_block_size(tokenizer):
     ranked = [values["output_relative_mse"] for _, values in worst_layers(fine, len(fine))]
     assert ranked == sorted(ranked, reverse=True) and len(worst_layers(fine)) == 5
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items()), "measuring changes nothing"
+
+
+# -- LSQ learned scales and mixed 8/4-bit precision -------------------------------------------------------------
+
+
+def test_learned_scale_at_the_absmax_is_plain_fake_quantization_and_gets_gradients():
+    from common.quantization import block_absmax
+
+    weight = (torch.randn(6, 100, generator=torch.Generator().manual_seed(2)) * 0.05).requires_grad_()
+    layer = FakeQuant4bitLinear(torch.nn.Linear(100, 6), "nf4", 64, True, learnable_scale=True)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.lsq_scale.copy_(block_absmax(weight, 64))
+    x = torch.randn(3, 100)
+    expected = torch.nn.functional.linear(x, fake_quantize_4bit_values(weight, "nf4", 64, True)[0], layer.bias)
+    assert torch.equal(layer(x), expected)
+    with torch.no_grad():
+        layer.lsq_scale.mul_(0.5)  # half the block range: the largest weights are now clipped
+    layer(x).pow(2).sum().backward()
+    assert layer.lsq_scale.grad is not None and layer.lsq_scale.grad.abs().sum() > 0
+    clipped = layer.weight.detach().abs() > torch.repeat_interleave(layer.lsq_scale.detach(), 64)[:600].reshape(6, 100)
+    assert clipped.any() and torch.all(layer.weight.grad[clipped] == 0) and layer.weight.grad[~clipped].abs().sum() > 0
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_learned_scales_are_exported_exactly(tokenizer, results_dir, double_quant):
+    from common.config import QATKDConfig
+
+    model = tiny_model(tiny_bert_config())
+    settings = QATKDConfig(learnable_scales=True, double_quant=double_quant, embedding_quantization="none")
+    names = prepare_fake_quantization(model, settings)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name in names:  # as if training had moved every scale by up to 30%
+            scale = model.get_submodule(name).lsq_scale
+            scale.mul_(0.7 + 0.6 * torch.rand(scale.shape, generator=generator))
+    inputs = inputs_for(tokenizer)
+    model.eval()
+    with torch.no_grad():
+        fake_logits = model(**inputs).logits
+    learned = strip_fake_quantization(model)
+    assert sorted(learned) == sorted(names)
+    model_master_weights = {key: value.clone() for key, value in model.state_dict().items()}
+    record = quantize_model_4bit(model, settings, learned_scales=learned)
+    assert record["learned_scales"] == sorted(names)
+    folder = save_checkpoint("qkd_4bit", model, tokenizer, {"quantization": record})
+    reloaded = load_model(folder)
+    with torch.no_grad():
+        reloaded_logits = reloaded(**inputs).logits
+    assert torch.allclose(reloaded_logits, fake_logits, atol=1e-5), (reloaded_logits - fake_logits).abs().max()
+    absmax_only = tiny_model(tiny_bert_config())
+    absmax_only.load_state_dict(model_master_weights)
+    quantize_model_4bit(absmax_only, settings)
+    layer = names[0]
+    assert not torch.equal(dequantize_4bit_exact(absmax_only.get_submodule(layer).weight),
+                           dequantize_4bit_exact(reloaded.get_submodule(layer).weight)), "the learned scales are what was stored"
+
+
+def test_mixed_precision_keeps_the_worst_layers_at_8_bits_after_reload(tokenizer, results_dir):
+    from common.quantization import (
+        FakeQuant8bitLinear,
+        Int8WeightLinear,
+        estimated_checkpoint_bytes,
+        fake_quantize_rows,
+        quantizable_linear_names,
+        layer_quantization_errors,
+        plan_8bit_layers,
+        worst_layers,
+    )
+
+    config = tiny_bert_config(hidden=64, ffn=256)
+    model = tiny_model(config)
+    batches = [batch_for(tokenizer)]
+    all_4bit_mb = estimated_checkpoint_bytes(model, PTQConfig()) / 1e6
+    all_8bit_mb = estimated_checkpoint_bytes(model, PTQConfig(), quantizable_linear_names(model)) / 1e6
+    assert all_8bit_mb > all_4bit_mb
+    with pytest.raises(ValueError, match=r"below the all-4-bit checkpoint .*raise it above"):
+        plan_8bit_layers(model, PTQConfig(keep_8bit_size_budget_mb=all_4bit_mb * 0.9), layer_quantization_errors(model, PTQConfig(), batches))
+    settings = PTQConfig(keep_8bit_size_budget_mb=(all_4bit_mb + all_8bit_mb) / 2)  # room for some layers, not all
+    errors = layer_quantization_errors(model, settings, batches)
+    eight_bit, plan = plan_8bit_layers(model, settings, errors)
+    assert eight_bit and len(eight_bit) < len(errors)
+    assert eight_bit[0] == worst_layers(errors, 1)[0][0]  # the largest 4-bit output error is kept first
+    assert plan["estimated_mb"] <= settings.keep_8bit_size_budget_mb
+    assert plan["estimated_mb"] == pytest.approx(estimated_checkpoint_bytes(model, settings, eight_bit) / 1e6)
+    assert plan_8bit_layers(model, PTQConfig(), errors) == ([], None)
+
+    fake = tiny_model(config)
+    fake.load_state_dict(model.state_dict())
+    prepare_fake_quantization(fake, settings, eight_bit)
+    assert all(isinstance(fake.get_submodule(name), FakeQuant8bitLinear) for name in eight_bit)
+    record = quantize_model_4bit(model, settings, eight_bit=eight_bit)
+    assert record["modules_8bit"] == [name for name in record["modules_8bit"] if name in eight_bit] and set(record["modules_8bit"]) == set(eight_bit)
+    assert not set(record["modules"]) & set(eight_bit)
+    state, embedding = compress_embedding_state(model, dict(model.state_dict()), settings.embedding_quantization)
+    folder = save_checkpoint("ptq_4bit", model, tokenizer, {"quantization": record, "embedding_quantization": embedding}, state_dict=state)
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as stored:
+        tensor_bytes = sum(stored.get_tensor(key).numel() * stored.get_tensor(key).element_size() for key in stored.keys())
+    assert tensor_bytes == pytest.approx(plan["estimated_mb"] * 1e6, rel=0.03)  # the estimate the budget is checked on
+    reloaded = load_model(folder)
+    import bitsandbytes as bnb
+
+    for name in record["modules"]:
+        assert isinstance(reloaded.get_submodule(name), bnb.nn.Linear4bit), name
+    for name in eight_bit:
+        layer = reloaded.get_submodule(name)
+        assert isinstance(layer, Int8WeightLinear) and layer.weight_codes.dtype == torch.int8, name
+        assert torch.equal(layer.dequantized_weight(), fake_quantize_rows(fake.get_submodule(name).weight.detach(), 8)), name
+    inputs = inputs_for(tokenizer)
+    fake.eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**inputs).logits, fake(**inputs).logits, atol=1e-5), "trained (fake) and stored 8/4-bit models agree"
+
