@@ -15,6 +15,7 @@ Run as:
     make sweep
     python scripts/sweep.py --sparsities 0.3 0.4 0.5 0.6 0.7 --seeds 1 2 3 --max_train_samples 1200
     python scripts/sweep.py --sparsities 0.4 0.6 --extra --ffn_round_to 16      # further stage-8 flags after --extra
+    python scripts/sweep.py --reuse                    # evaluate and time the checkpoints of the last sweep again
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from common import parse_config, setup_logging  # noqa: E402
-from common.checkpoints import find_checkpoint, results_root, write_json  # noqa: E402
+from common.checkpoints import RECORD_FILE, find_checkpoint, results_root, write_json  # noqa: E402
 from common.config import DataConfig  # noqa: E402
 from common.data import load_splits  # noqa: E402
 from common.evaluation import interleaved_latency  # noqa: E402
@@ -48,6 +49,9 @@ def main() -> None:
     parser.add_argument("--latency_seq_length", type=int, default=64)
     parser.add_argument("--prune_vocabulary", action="store_true",
                         help="Also prune the vocabulary in stage 8 (sensible with the full training set only).")
+    parser.add_argument("--reuse", action="store_true",
+                        help="Keep the checkpoints an earlier sweep left in results/sweep/ (same settings) and only evaluate and "
+                             "time them again, e.g. to re-time on a quiet machine.")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="Further stage-8 flags, e.g. --extra --ffn_round_to 16")
     args, data_flags = parser.parse_known_args()
     data_config = parse_config(DataConfig, args=data_flags)[0]
@@ -63,11 +67,15 @@ def main() -> None:
         row = {"sparsity": sparsity, "pruned_accuracy": [], "int8_accuracy": []}
         for seed in args.seeds:
             pruned, int8 = root / f"{sparsity:.2f}-seed{seed}", root / f"{sparsity:.2f}-seed{seed}-int8"
-            run_script("8_pruning_with_finetuning.py", *data_flags, "--max_train_samples", args.max_train_samples, "--seed", seed,
-                "--num_epochs", args.pruning_epochs, "--head_final_sparsity", sparsity, "--ffn_final_sparsity", sparsity,
-                "--final_sparsity", sparsity, "--prune_vocabulary", str(args.prune_vocabulary).lower(),
-                "--output_dir", pruned, "--overwrite_output_dir", *args.extra)
-            run_script("11_export_int8.py", *data_flags, "--source_model_path", pruned, "--output_dir", int8, "--overwrite_output_dir")
+            reused = args.reuse and (pruned / RECORD_FILE).is_file() and (int8 / RECORD_FILE).is_file()
+            if args.reuse and not reused:
+                print(f"--reuse: {pruned} or {int8} has no checkpoint; running stages 8 and 11 for it", flush=True)
+            if not reused:
+                run_script("8_pruning_with_finetuning.py", *data_flags, "--max_train_samples", args.max_train_samples, "--seed", seed,
+                    "--num_epochs", args.pruning_epochs, "--head_final_sparsity", sparsity, "--ffn_final_sparsity", sparsity,
+                    "--final_sparsity", sparsity, "--prune_vocabulary", str(args.prune_vocabulary).lower(),
+                    "--output_dir", pruned, "--overwrite_output_dir", *args.extra)
+                run_script("11_export_int8.py", *data_flags, "--source_model_path", pruned, "--output_dir", int8, "--overwrite_output_dir")
             pruned_accuracy, pruned_model = test_accuracy(pruned, data, data_config.max_length)
             int8_accuracy, int8_model = test_accuracy(int8, data, data_config.max_length)
             row["pruned_accuracy"].append(100 * pruned_accuracy)

@@ -116,3 +116,9 @@ def test_sweep_runs_stage_8_and_int8_per_sparsity_and_writes_the_curve(trained):
         assert len(point["pruned_accuracy"]["values"]) == 2 and len(point["int8_accuracy"]["values"]) == 2
         assert point["int8_latency_ms"] > 0
     assert (results / "sweep.png").stat().st_size > 0 and "| 0.50 |" in (results / "sweep.md").read_text()
+    assert "8_pruning_with_finetuning.py" in completed.stdout
+    again = subprocess.run(command + ["--reuse"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "8_pruning_with_finetuning.py" not in again.stdout, "--reuse evaluates the checkpoints it finds without retraining"
+    retimed = json.loads((results / "sweep.json").read_text())
+    assert [p["int8_accuracy"]["values"] for p in retimed["points"]] == [p["int8_accuracy"]["values"] for p in sweep["points"]]
