@@ -123,12 +123,16 @@ def use_bnb4_codes(onnx_model, quantized_model: nn.Module, dequantized_weights: 
     ``compute='int8'``: the file still holds only the 4-bit codes and block scales, but the graph decodes them
     (codebook lookup, times the block absmax) and quantizes the result per output channel to int8 for
     ``DynamicQuantizeMatMul``; every input of that decoding is a constant, so ONNX Runtime folds it once when the
-    session loads and then runs int8 matrix products: the size of 4 bits, the speed of int8.
+    session loads and then runs int8 matrix products: the size of 4 bits, the speed of int8. Layers that mixed
+    precision kept at 8 bits (``Int8WeightLinear``) feed their own int8 rows to the same op in this mode and stay
+    float MatMuls of their int8 values in the exact ``bnb4`` graph.
 
     ``dequantized_weights[name]`` is the float weight that was exported for module ``name`` (how its MatMul is
     found). Raises when a quantized module has no matching MatMul: a half-quantized graph is never returned.
     """
     import bitsandbytes as bnb
+
+    from .quantization import Int8WeightLinear
 
     if compute not in FOUR_BIT_COMPUTE:
         raise ValueError(f"compute={compute!r} is not supported; allowed: {', '.join(FOUR_BIT_COMPUTE)}.")
@@ -136,15 +140,19 @@ def use_bnb4_codes(onnx_model, quantized_model: nn.Module, dequantized_weights: 
     by_weight = _matmul_weights(graph)
     replaced, missing = [], []
     for name, module in quantized_model.named_modules():
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
+        eight_bit = isinstance(module, Int8WeightLinear)
+        if not isinstance(module, bnb.nn.Linear4bit) and not (eight_bit and compute == "int8"):
+            continue  # mixed precision's 8-bit layers stay float MatMuls of their int8 values in the exact graph
         match = by_weight.get(_fingerprint(dequantized_weights[name].numpy()))
         if match is None:
             missing.append(name)
             continue
         node, _ = match
-        build = _bnb4_nodes if compute == "bnb4" else _nf4_as_int8_nodes
-        nodes, initializers = build(name, node, module.weight, dequantized_weights[name])
+        if eight_bit:
+            nodes, initializers = _int8_rows_nodes(name, node, module)
+        else:
+            build = _bnb4_nodes if compute == "bnb4" else _nf4_as_int8_nodes
+            nodes, initializers = build(name, node, module.weight, dequantized_weights[name])
         position = list(graph.node).index(node)
         graph.node.remove(node)
         for offset, new_node in enumerate(nodes):
@@ -251,6 +259,23 @@ def _nf4_as_int8_nodes(name: str, node, weight, dequantized: torch.Tensor) -> tu
                          list(node.output), name=f"{name}.DynamicQuantizeMatMul", domain="com.microsoft"),
     ]
     return nodes, initializers
+
+
+def _int8_rows_nodes(name: str, node, module) -> tuple[list, list]:
+    """A layer that mixed precision kept at 8 bits: its own int8 row codes and scales feed DynamicQuantizeMatMul
+    directly (per-output-channel symmetric int8 is that op's weight format, so nothing is re-quantized)."""
+    from onnx import helper
+    from onnx.numpy_helper import from_array
+
+    p = f"{name}."
+    initializers = [
+        from_array(module.weight_codes.numpy().T.copy(), p + "weight_int8"),
+        from_array(module.weight_scale.float().numpy().copy(), p + "scale"),
+        from_array(np.zeros(module.out_features, np.int8), p + "zero_point"),
+    ]
+    matmul = helper.make_node("DynamicQuantizeMatMul", [node.input[0], p + "weight_int8", p + "scale", p + "zero_point"],
+                              list(node.output), name=f"{name}.DynamicQuantizeMatMul", domain="com.microsoft")
+    return [matmul], initializers
 
 
 def quantize_word_embeddings(onnx_model, weight: torch.Tensor, bits: int) -> dict:

@@ -216,12 +216,21 @@ def test_bnb4_export_of_a_mixed_8_and_4_bit_model(tokenizer, tmp_path):
     eight_bit = quantizable_linear_names(model)[:3]
     quantize_model_4bit(model, PTQConfig(blocksize=64, double_quant=True), eight_bit=eight_bit)
     assert all(isinstance(model.get_submodule(name), Int8WeightLinear) for name in eight_bit)
-    weights = {n: dequantize_4bit_exact(m.weight) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    weights = {n: m.dequantized_weight() if isinstance(m, Int8WeightLinear) else dequantize_4bit_exact(m.weight)
+               for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, Int8WeightLinear))}
     plain = dequantize_4bit_model(copy.deepcopy(model))
     assert not any(isinstance(m, (bnb.nn.Linear4bit, Int8WeightLinear)) for m in plain.modules())
     names = export_onnx(plain, tokenizer, tmp_path / "plain.onnx")
     graph = onnx.load(str(tmp_path / "plain.onnx"))
-    assert sorted(use_bnb4_codes(graph, model, weights)) == sorted(weights)
+    assert sorted(use_bnb4_codes(graph, model, weights)) == sorted(set(weights) - set(eight_bit))
     save_onnx(graph, tmp_path / "mixed.onnx")
     expected, batch = torch_logits(model, tokenizer, TEXTS, names)
     np.testing.assert_allclose(OnnxClassifier(tmp_path / "mixed.onnx").logits(batch), expected, atol=1e-4)
+    int8_compute = onnx.load(str(tmp_path / "plain.onnx"))
+    assert sorted(use_bnb4_codes(int8_compute, model, weights, compute="int8")) == sorted(weights)
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in int8_compute.graph.initializer}
+    np.testing.assert_array_equal(stored[f"{eight_bit[0]}.weight_int8"], model.get_submodule(eight_bit[0]).weight_codes.numpy().T)
+    assert not any(n.op_type == "MatMul" and n.input[1] in stored for n in int8_compute.graph.node), "every encoder weight is int8 or 4-bit"
+    save_onnx(int8_compute, tmp_path / "mixed_int8.onnx")
+    int8_logits = OnnxClassifier(tmp_path / "mixed_int8.onnx").logits(batch)
+    assert np.abs(int8_logits - expected).max() < 0.05 * np.abs(expected).max()
