@@ -8,7 +8,7 @@ Does:   for every seed and every sparsity s, runs stage 8 with s of the heads an
         (the int8 CPU model) on it, each
         into results/sweep/<s>-seed<seed>/ so the main pipeline's checkpoints are untouched; evaluates both on the
         test split; times the teacher and every sparsity's int8 model (first seed) round-robin in one process.
-Writes: results/sweep.json, results/sweep.png (test accuracy vs parameters and vs int8 latency, mean ± std) and
+Writes: results/sweep.json, results/sweep.png (test accuracy vs encoder parameters and vs int8 latency, mean ± std) and
         results/sweep.md. Budget (stated in the outputs): --max_train_samples training rows, --pruning_epochs epochs.
 
 Run as:
@@ -30,6 +30,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from common import parse_config, setup_logging  # noqa: E402
+from common.architecture import encoder_prefix  # noqa: E402
 from common.checkpoints import RECORD_FILE, find_checkpoint, results_root, write_json  # noqa: E402
 from common.config import DataConfig  # noqa: E402
 from common.data import load_splits  # noqa: E402
@@ -82,6 +83,7 @@ def main() -> None:
             row["int8_accuracy"].append(100 * int8_accuracy)
             if seed == args.seeds[0]:
                 row["parameters"] = count_parameters(pruned_model.torch_model)
+                row["encoder_parameters"] = encoder_parameters(pruned_model.torch_model)
                 row["pruned_size_mb"] = weights_size_bytes(pruned) / 1e6
                 row["int8_size_mb"] = weights_size_bytes(int8) / 1e6
                 runners[f"{sparsity:.2f}"] = int8_model.runner(int8_model.batch(args.latency_batch_size, args.latency_seq_length))
@@ -100,6 +102,7 @@ def main() -> None:
         row["int8_speedup_vs_teacher"] = timing.get("speedup_vs_reference_median")
     result = {
         "teacher": {"test_accuracy": 100 * teacher_accuracy, "parameters": count_parameters(teacher.torch_model),
+                    "encoder_parameters": encoder_parameters(teacher.torch_model),
                     "size_mb": weights_size_bytes(teacher_folder) / 1e6, "latency_ms": timings["teacher"]["latency_ms_median"]},
         "points": points,
         "budget": {**{k: v for k, v in vars(args).items() if k != "extra"}, "stage8_extra": args.extra,
@@ -113,16 +116,22 @@ def main() -> None:
     print(markdown(result))
 
 
+def encoder_parameters(model) -> int:
+    """Parameters of the encoder layers alone: what pruning removes (the embeddings are most of a small model)."""
+    prefix = encoder_prefix(model)
+    return sum(p.numel() for name, p in model.named_parameters() if name.startswith(prefix))
+
+
 def markdown(result: dict) -> str:
     teacher = result["teacher"]
-    lines = ["| Sparsity (heads = FFN) | Parameters | Pruned FP32 test acc. (%) | int8 test acc. (%) | int8 MB | int8 latency ms | × faster than teacher |",
-             "|---|---|---|---|---|---|---|",
-             f"| teacher | {teacher['parameters']:,} | {teacher['test_accuracy']:.2f} | – | {teacher['size_mb']:.1f} | "
+    lines = ["| Sparsity (heads = FFN) | Parameters | Encoder parameters | Pruned FP32 test acc. (%) | int8 test acc. (%) | int8 MB | int8 latency ms | × faster than teacher |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| teacher | {teacher['parameters']:,} | {teacher['encoder_parameters']:,} | {teacher['test_accuracy']:.2f} | – | {teacher['size_mb']:.1f} | "
              f"{teacher['latency_ms']:.1f} | 1.0 |"]
     for row in result["points"]:
         speedup = row.get("int8_speedup_vs_teacher")
         lines.append(
-            f"| {row['sparsity']:.2f} | {row['parameters']:,} | {row['pruned_accuracy']['mean']:.2f} ± {row['pruned_accuracy']['std']:.2f} | "
+            f"| {row['sparsity']:.2f} | {row['parameters']:,} | {row['encoder_parameters']:,} | {row['pruned_accuracy']['mean']:.2f} ± {row['pruned_accuracy']['std']:.2f} | "
             f"{row['int8_accuracy']['mean']:.2f} ± {row['int8_accuracy']['std']:.2f} | {row['int8_size_mb']:.1f} | "
             f"{row['int8_latency_ms']:.1f} | {'–' if speedup is None else f'{speedup:.1f}'} |"
         )
@@ -144,17 +153,19 @@ def plot(result: dict, path: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     for key, label, marker in (("pruned_accuracy", "pruned FP32", "o"), ("int8_accuracy", "int8", "s")):
         means, stds = [p[key]["mean"] for p in points], [p[key]["std"] for p in points]
-        left.errorbar([p["parameters"] / 1e6 for p in points], means, yerr=stds, marker=marker, capsize=3, label=label)
+        left.errorbar([p["encoder_parameters"] / 1e6 for p in points], means, yerr=stds, marker=marker, capsize=3, label=label)
         if key == "int8_accuracy":
-            right.errorbar([p["int8_latency_ms"] for p in points], means, yerr=stds, marker=marker, capsize=3, label=label)
-    for axis, x_label in ((left, "parameters (M)"), (right, "int8 latency (ms), batch of the budget")):
+            by_latency = sorted(zip([p["int8_latency_ms"] for p in points], means, stds))
+            right.errorbar([x for x, _, _ in by_latency], [m for _, m, _ in by_latency], yerr=[s for _, _, s in by_latency],
+                           marker=marker, capsize=3, label=label)
+    for axis, x_label in ((left, "encoder parameters (M; embeddings excluded)"), (right, "int8 latency (ms), batch of the budget")):
         axis.axhline(result["teacher"]["test_accuracy"], color="grey", linestyle="--", label="teacher")
         axis.axhline(0.99 * result["teacher"]["test_accuracy"], color="grey", linestyle=":", label="99% of teacher")
         axis.set_xlabel(x_label)
         axis.set_ylabel("test accuracy (%), mean ± std over seeds")
         axis.legend()
     for p in points:
-        left.annotate(f"{p['sparsity']:.2f}", (p["parameters"] / 1e6, p["pruned_accuracy"]["mean"]), fontsize=8)
+        left.annotate(f"{p['sparsity']:.2f}", (p["encoder_parameters"] / 1e6, p["pruned_accuracy"]["mean"]), fontsize=8)
     figure.savefig(path, dpi=130)
     plt.close(figure)
 

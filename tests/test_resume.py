@@ -112,6 +112,7 @@ def test_sweep_runs_stage_8_and_int8_per_sparsity_and_writes_the_curve(trained):
     sweep = json.loads((results / "sweep.json").read_text())
     assert [point["sparsity"] for point in sweep["points"]] == [0.25, 0.5]
     assert sweep["points"][1]["parameters"] < sweep["points"][0]["parameters"]
+    assert sweep["points"][1]["encoder_parameters"] < sweep["points"][0]["encoder_parameters"] < sweep["teacher"]["encoder_parameters"]
     for point in sweep["points"]:
         assert len(point["pruned_accuracy"]["values"]) == 2 and len(point["int8_accuracy"]["values"]) == 2
         assert point["int8_latency_ms"] > 0
