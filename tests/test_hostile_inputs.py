@@ -498,7 +498,7 @@ def test_predict_needs_pairs_for_a_pair_model_and_a_separator_in_each_text(tmp_p
     (PruningConfig, {"ffn_round_to": 0}, "ffn_round_to=0 must be a positive"),
     (PruningConfig, {"alpha_attention": -1.0}, "alpha_attention=-1.0"),
     (PruningConfig, {"attention_relation_heads": 0}, "attention_relation_heads=0 must be a positive"),
-    (PruningConfig, {"alpha_ce": 0.0, "alpha_kd": 0.0, "alpha_hidden": 0.0}, "alpha_attention are all 0"),
+    (PruningConfig, {"alpha_ce": 0.0, "alpha_kd": 0.0, "alpha_hidden": 0.0, "alpha_attention": 0.0}, "alpha_attention are all 0"),
     ("QATKDConfig", {"beta_attention": -0.5}, "beta_attention=-0.5"),
     ("PTQConfig", {"keep_8bit_size_budget_mb": -1.0}, "keep_8bit_size_budget_mb=-1.0 must be a positive"),
     ("QATKDConfig", {"keep_8bit_size_budget_mb": 0.0}, "keep_8bit_size_budget_mb=0.0 must be a positive"),
