@@ -28,7 +28,8 @@ from .evaluation import evaluate_accuracy
 
 logger = logging.getLogger(__name__)
 
-NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight", "_layer_norm.weight")
+# LSQ's learned 4-bit block scales are step sizes, not weights: decay would shrink them towards clipping everything
+NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight", "_layer_norm.weight", "lsq_scale")
 
 
 class TrainingHooks(Protocol):

@@ -230,6 +230,10 @@ def test_learned_scales_are_exported_exactly(tokenizer, results_dir, double_quan
     model = tiny_model(tiny_bert_config())
     settings = QATKDConfig(learnable_scales=True, double_quant=double_quant, embedding_quantization="none")
     names = prepare_fake_quantization(model, settings)
+    from common.training import make_optimizer
+
+    no_decay = {id(p) for group in make_optimizer(model, settings).param_groups if group["weight_decay"] == 0 for p in group["params"]}
+    assert all(id(model.get_submodule(name).lsq_scale) in no_decay for name in names), "learned scales are not weight-decayed"
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name in names:  # as if training had moved every scale by up to 30%
