@@ -82,7 +82,9 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
 
     full_precision = evaluate_accuracy(student, eval_loader)
     error_batches = list(itertools.islice(eval_loader, ERROR_BATCHES))
-    eight_bit, mixed_precision = plan_8bit_layers(student, config, layer_quantization_errors(student, config, error_batches))
+    eight_bit, mixed_precision = [], None
+    if config.keep_8bit_size_budget_mb is not None:  # which layers stay 8-bit is decided before training through them
+        eight_bit, mixed_precision = plan_8bit_layers(student, config, layer_quantization_errors(student, config, error_batches))
     fake_quantized = prepare_fake_quantization(student, config, eight_bit)
     before_training = evaluate_accuracy(student, eval_loader)
     print(f"Fake-quantizing {len(fake_quantized)} linear layers ({config.quant_type}{', learned block scales (LSQ)' if config.learnable_scales else ''}"
