@@ -276,13 +276,14 @@ def apply_architecture(model: nn.Module, record: dict) -> None:
         )
     for layer, (view, heads, width) in enumerate(zip(views, record["heads_per_layer"], record["ffn_width_per_layer"])):
         inner = heads * view.head_size
+        original_heads = view.num_heads  # read before the resize below changes it
         for part in ("query", "key", "value"):
             old = view.get(part)
             view.set(part, _resized_linear(old, inner, old.in_features))
         for path in view.head_projections():
             old = view.module.get_submodule(path)
             set_module(view.module, path, _resized_linear(old, inner, old.in_features))
-        if bias_heads is not None and list(bias_heads[layer]) != list(range(view.num_heads)):
+        if bias_heads is not None and list(bias_heads[layer]) != list(range(original_heads)):
             if len(bias_heads[layer]) != heads:
                 raise ValueError(f"bias_heads_per_layer[{layer}] lists {len(bias_heads[layer])} heads but the layer keeps {heads}.")
             select_bias_heads(view.get("attention"), bias_heads[layer])

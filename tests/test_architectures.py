@@ -184,3 +184,16 @@ def test_pipeline_runs_on_each_architecture(model_type, tmp_path):
         lines = [json.loads(line) for line in predicted.stdout.splitlines()]
         assert [line["text_pair"] for line in lines] == ["superb story the", "great actor"]
         assert all(line["label"] in ("agree", "disagree") for line in lines)
+
+
+def test_reloaded_mpnet_layer_keeping_its_first_heads_still_selects_its_bias_columns():
+    """A layer that keeps heads 0..k-1 of n must still select k of the n bias columns on reload (the check once
+    compared against the already-resized head count and skipped the selection)."""
+    from common.architecture import apply_architecture
+
+    config = tiny_config("mpnet")
+    model = tiny_model(config)
+    apply_architecture(model, {"model_type": "mpnet", "num_layers": 2, "heads_per_layer": [1, 3], "ffn_width_per_layer": [32, 32],
+                               "bias_heads_per_layer": [[3], [0, 1, 2]]})
+    assert [view.bias_heads for view in layer_views(model)] == [[3], [0, 1, 2]]
+    logits(model, random_batch(config))  # 3 heads against 3 bias columns: runs
