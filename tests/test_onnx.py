@@ -39,7 +39,7 @@ def pruned_model(config, head_sparsity=0.5, ffn_sparsity=0.4):
             if ".0." in name and parameter.dim() == 2:
                 parameter.mul_(3.0)
     pruner = StructuralPruner(model, PruningConfig(importance_mode="l2", head_final_sparsity=head_sparsity,
-                                                   ffn_final_sparsity=ffn_sparsity))
+                                                   ffn_final_sparsity=ffn_sparsity, importance_normalization="global"))
     pruner.compute_importance_and_prune(head_sparsity, ffn_sparsity)
     record = pruner.prune_physically()
     assert len(set(record["heads_per_layer"])) > 1 or len(set(record["ffn_width_per_layer"])) > 1, record
