@@ -72,7 +72,7 @@ from common.onnx_runtime import (
     quantize_dynamic_int8,
     quantize_static_int8,
 )
-from common.quantization import EMBEDDING_BITS, Int8WeightLinear, dequantize_4bit_exact, dequantize_4bit_model
+from common.quantization import EMBEDDING_BITS, dequantize_4bit_model, dequantized_linear_weights
 
 logger = logging.getLogger("12_export_onnx")
 STATIC_FILE, DYNAMIC_FILE, FP32_FILE = "model_int8_static.onnx", "model_int8_dynamic.onnx", "model.onnx"
@@ -210,10 +210,7 @@ def export_4bit_bundle(data_config, config, data, scratch: Path) -> Path:
     tokenizer = load_checkpoint_tokenizer(source)
     _, loader = build_loaders(data, tokenizer, data_config, config.eval_batch_size, config.eval_batch_size, seed=0)
     torch_logits, labels = predict(quantized, loader)
-    import bitsandbytes as bnb
-
-    exported = {name: module.dequantized_weight() if isinstance(module, Int8WeightLinear) else dequantize_4bit_exact(module.weight)
-                for name, module in quantized.named_modules() if isinstance(module, (bnb.nn.Linear4bit, Int8WeightLinear))}
+    exported = dequantized_linear_weights(quantized)
     plain = dequantize_4bit_model(copy.deepcopy(quantized))
     names = export_onnx(plain, tokenizer, scratch / "dequantized.onnx", data_config.max_length)
     exact_embeddings = config.embedding_quantization in (

@@ -85,9 +85,9 @@ def block_absmax(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
 
 def fake_quantize_4bit_values(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = False,
                               scales: Optional[torch.Tensor] = None):
-    """(quantize -> dequantize)(weight) exactly as bitsandbytes does on CPU; also returns the code indices and the
-    per-block scales it used (after double quantization). ``scales`` replaces each block's absmax (learned LSQ
-    scales): weights beyond a block's scale are clipped to the largest code."""
+    """(quantize -> dequantize)(weight) exactly as bitsandbytes does on CPU; also returns the code indices.
+    ``scales`` replaces each block's absmax (learned LSQ scales): weights beyond a block's scale are clipped to the
+    largest code."""
     code = codebook(quant_type).to(weight.device)
     midpoints = (code[:-1] + code[1:]) / 2
     flat = weight.detach().reshape(-1).float()
@@ -103,7 +103,7 @@ def fake_quantize_4bit_values(weight: torch.Tensor, quant_type: str = "nf4", blo
         absmax = _double_quantize_absmax(absmax)
     per_weight = torch.repeat_interleave(absmax, blocksize)[:n]
     values = (code[indices] * per_weight).reshape(weight.shape).to(weight.dtype)
-    return values, indices.reshape(weight.shape), absmax
+    return values, indices.reshape(weight.shape)
 
 
 @torch.no_grad()
@@ -186,7 +186,7 @@ class _LearnedScale4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, scales, quant_type, blocksize, double_quant):
-        values, indices, _ = fake_quantize_4bit_values(weight, quant_type, blocksize, double_quant, scales)
+        values, indices = fake_quantize_4bit_values(weight, quant_type, blocksize, double_quant, scales)
         ctx.save_for_backward(weight, scales, indices)
         ctx.settings = (quant_type, blocksize)
         return values
@@ -421,7 +421,7 @@ def _install_learned_codes(parameter, weight: torch.Tensor, scales: torch.Tensor
     blockwise offsets from their mean, as ``quantize_4bit(compress_statistics=True)`` stores its absmax."""
     from bitsandbytes.functional import quantize_blockwise
 
-    _, indices, _ = fake_quantize_4bit_values(weight, settings.quant_type, settings.blocksize, False, scales)
+    _, indices = fake_quantize_4bit_values(weight, settings.quant_type, settings.blocksize, False, scales)
     flat = indices.reshape(-1).to(torch.uint8)
     if flat.numel() % 2:
         flat = F.pad(flat, (0, 1))
@@ -498,7 +498,7 @@ def plan_8bit_layers(model: nn.Module, settings, errors: dict[str, dict]) -> tup
     """The Linears to keep at 8 bits under ``settings.keep_8bit_size_budget_mb``: worst 4-bit output error first
     (``worst_layers``), each kept while the estimated checkpoint stays within the budget (a layer that does not fit
     is passed over for smaller ones). Returns ([], None) when no budget is set."""
-    budget_mb = getattr(settings, "keep_8bit_size_budget_mb", None)
+    budget_mb = settings.keep_8bit_size_budget_mb
     if budget_mb is None:
         return [], None
     all_4bit = estimated_checkpoint_bytes(model, settings)
@@ -540,20 +540,25 @@ def _load_4bit_modules(model: nn.Module, state: dict, record: dict) -> set[str]:
     return consumed
 
 
+def dequantized_linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The float32 weight of every bitsandbytes 4-bit Linear and mixed precision's int8 ones, by module name."""
+    import bitsandbytes as bnb
+
+    return {name: module.dequantized_weight() if isinstance(module, Int8WeightLinear) else dequantize_4bit_exact(module.weight)
+            for name, module in model.named_modules() if isinstance(module, (bnb.nn.Linear4bit, Int8WeightLinear))}
+
+
 def dequantize_4bit_model(model: nn.Module) -> nn.Module:
     """Replace bitsandbytes 4-bit Linears (and mixed precision's int8 ones) by plain Linears holding their
     dequantized weights (no-op otherwise)."""
-    import bitsandbytes as bnb
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, (bnb.nn.Linear4bit, Int8WeightLinear)):
-            weight = module.dequantized_weight() if isinstance(module, Int8WeightLinear) else dequantize_4bit_exact(module.weight)
-            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            with torch.no_grad():
-                plain.weight.copy_(weight)
-                if module.bias is not None:
-                    plain.bias.copy_(module.bias.float())
-            set_module(model, name, plain)
+    for name, weight in dequantized_linear_weights(model).items():
+        module = model.get_submodule(name)
+        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+            if module.bias is not None:
+                plain.bias.copy_(module.bias.float())
+        set_module(model, name, plain)
     return model
 
 
@@ -722,6 +727,7 @@ __all__ = [
     "plan_8bit_layers",
     "bits_per_weight",
     "compress_embedding_state",
+    "dequantized_linear_weights",
     "fake_quantize_4bit",
     "fake_quantize_4bit_values",
     "int8_state_dict",

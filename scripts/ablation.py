@@ -125,7 +125,8 @@ def main() -> None:
     started = time.time()
     data_config = DataConfig()
     data = load_splits(data_config)
-    budget = ["--max_train_samples", args.max_train_samples, "--prune_vocabulary", "false"]
+    train_rows = ["--max_train_samples", args.max_train_samples]
+    budget = [*train_rows, "--prune_vocabulary", "false"]
     root = results_root() / "ablation"
     quantized = [] if args.skip_quantization else args.quantization_variants
     if quantized and "KGSP + MSP" not in args.variants:
@@ -134,7 +135,7 @@ def main() -> None:
     for seed in args.seeds:
         for variant in args.student_variants:
             folder = root / f"seed{seed}-{slug(variant)}"
-            run_script("2_distill_student.py", *budget[:2], "--seed", seed, "--num_epochs", args.student_epochs,
+            run_script("2_distill_student.py", *train_rows, "--seed", seed, "--num_epochs", args.student_epochs,
                        *flags(STUDENT_VARIANTS[variant]), "--output_dir", folder, "--overwrite_output_dir")
             accuracy[variant].append(test_accuracy(folder, data, data_config.max_length)[0])
         for variant in args.variants:
@@ -150,7 +151,7 @@ def main() -> None:
         for variant in quantized:
             script, settings = QUANTIZATION_VARIANTS[variant]
             folder = root / f"seed{seed}-{slug(variant)}"
-            training = [*budget[:2], "--seed", seed, "--num_epochs", args.qkd_epochs] if script.startswith("10_") else []
+            training = [*train_rows, "--seed", seed, "--num_epochs", args.qkd_epochs] if script.startswith("10_") else []
             run_script(script, *training, "--pruned_model_path", pruned, *flags(settings), "--output_dir", folder, "--overwrite_output_dir")
             accuracy[variant].append(test_accuracy(folder, data, data_config.max_length)[0])
         print(json.dumps({name: values[-1] for name, values in accuracy.items()}, indent=1), flush=True)

@@ -210,14 +210,15 @@ def test_bnb4_export_of_a_mixed_8_and_4_bit_model(tokenizer, tmp_path):
     4-bit ones still get their codes; ONNX Runtime then reproduces the torch 8/4-bit model."""
     import bitsandbytes as bnb
 
-    from common.quantization import Int8WeightLinear, quantizable_linear_names
+    from common.quantization import Int8WeightLinear, dequantized_linear_weights, quantizable_linear_names
 
     model = pruned_model(tiny_bert_config(layers=2, hidden=128, heads=4, ffn=256))
-    eight_bit = quantizable_linear_names(model)[:3]
+    quantizable = quantizable_linear_names(model)
+    eight_bit = quantizable[:3]
     quantize_model_4bit(model, PTQConfig(blocksize=64, double_quant=True), eight_bit=eight_bit)
     assert all(isinstance(model.get_submodule(name), Int8WeightLinear) for name in eight_bit)
-    weights = {n: m.dequantized_weight() if isinstance(m, Int8WeightLinear) else dequantize_4bit_exact(m.weight)
-               for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, Int8WeightLinear))}
+    weights = dequantized_linear_weights(model)
+    assert set(weights) == set(quantizable)
     plain = dequantize_4bit_model(copy.deepcopy(model))
     assert not any(isinstance(m, (bnb.nn.Linear4bit, Int8WeightLinear)) for m in plain.modules())
     names = export_onnx(plain, tokenizer, tmp_path / "plain.onnx")

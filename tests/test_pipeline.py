@@ -16,11 +16,15 @@ DATA_ARGS = ["--text_column", "review", "--label_column", "sentiment", "--profil
 
 
 def run_stage(script, results_dir, *args, launcher=None, timeout=600):
-    env = {**os.environ, "COMPRESSION_RESULTS_DIR": str(results_dir), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = (launcher or [sys.executable]) + [str(PROJECT_ROOT / script), *map(str, args)]
-    completed = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    completed = run_stage_unchecked(script, results_dir, *args, launcher=launcher, timeout=timeout)
     assert completed.returncode == 0, f"{script} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}"
     return completed
+
+
+def run_stage_unchecked(script, results_dir, *args, launcher=None, timeout=600):
+    env = {**os.environ, "COMPRESSION_RESULTS_DIR": str(results_dir), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = (launcher or [sys.executable]) + [str(PROJECT_ROOT / script), *map(str, args)]
+    return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def only_checkpoint(results_dir, stage):
@@ -109,20 +113,12 @@ def test_mixed_precision_and_learned_scales_through_stages_9_and_10(pipeline_run
     assert qkd_record["quantization"]["learned_scales"] == sorted(qkd_record["quantization"]["modules"])
     assert qkd_record["quantization"]["modules_8bit"]
     assert qkd_record["metrics"]["fake_vs_real_gap_points"] <= 0.5  # the stage refuses to save a larger gap
-    too_small = run_stage_failing("9_quantize_pruned_model.py", results, "--keep_8bit_size_budget_mb", 0.001, *data_args(results))
-    assert "below the all-4-bit checkpoint" in too_small
+    too_small = run_stage_unchecked("9_quantize_pruned_model.py", results, "--keep_8bit_size_budget_mb", 0.001, *data_args(results))
+    assert too_small.returncode != 0 and "below the all-4-bit checkpoint" in too_small.stdout + too_small.stderr
 
 
 def data_args(results):
     return ["--dataset", str(results.parent / "reviews.csv"), *DATA_ARGS]
-
-
-def run_stage_failing(script, results_dir, *args):
-    env = {**os.environ, "COMPRESSION_RESULTS_DIR": str(results_dir), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    completed = subprocess.run([sys.executable, str(PROJECT_ROOT / script), *map(str, args)], cwd=PROJECT_ROOT, env=env,
-                               capture_output=True, text=True, timeout=600)
-    assert completed.returncode != 0
-    return completed.stdout + completed.stderr
 
 
 def test_report_covers_every_stage(pipeline_run):
