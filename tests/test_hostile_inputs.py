@@ -529,3 +529,19 @@ def test_sweep_refuses_sparsities_outside_zero_to_one(results_dir):
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 2 and "--sparsities [0.5, 1.2] must be shares between 0 and 1" in completed.stderr
     assert not results_dir.exists() or not any(results_dir.iterdir()), "nothing written"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_alignment_benchmark_on_cuda_without_a_gpu_is_refused(results_dir):
+    completed = run_script("scripts/benchmark_alignment.py", results_dir, "--device", "cuda")
+    assert completed.returncode == 2
+    assert "--device cuda: torch sees no CUDA device here; use --device cpu" in completed.stderr
+    assert not (results_dir / "alignment_benchmark_cuda.json").exists()
+
+
+def test_ablation_quantization_rows_without_their_pruned_model_are_refused_before_any_run(results_dir):
+    completed = run_script("scripts/ablation.py", results_dir, "--variants", "L2, MSP",
+                           "--quantization_variants", "QKD-4bit (on KGSP + MSP)")
+    assert completed.returncode == 2
+    assert "quantize the 'KGSP + MSP' model; add it to --variants or pass --skip_quantization" in completed.stderr
+    assert not (results_dir / "ablation").exists(), "no stage ran"
