@@ -5,7 +5,8 @@ Reads:  the newest results/pruned/ checkpoint (or --pruned_model_path), the teac
         same data split as stage 1.
 Does:   trains full-precision master weights through NF4 fake quantization (bitsandbytes' codebook and
         per-block absmax, straight-through gradients) with
-            total = beta_ce*CE + beta_logits*KL(teacher/T || student/T)*T^2 + beta_hidden*MSE(hidden states),
+            total = alpha_ce*CE + alpha_kd*KL(teacher/T || student/T)*T^2 + alpha_hidden*MSE(hidden states)
+                    (+ alpha_attention * attention-relation KD; the --beta_* flags of earlier versions still work),
         --learnable_scales trains each block's scale too (LSQ) and --keep_8bit_size_budget_mb keeps the Linears
         with the largest 4-bit error (measured before training) at 8 bits, trained through int8 fake quantization;
         evaluates the fake-quantized model every epoch and keeps the best, exports it to real bitsandbytes
@@ -25,12 +26,12 @@ import itertools
 
 import torch
 
-from common import DataConfig, QATKDConfig, parse_config, setup_logging
-from common.checkpoints import read_record
+from common import DataConfig, QATKDConfig, parse_config, setup_logging, stages
 from common.data import build_loaders
-from common.distillation import DistillationLoss, hidden_projector_for, kd_step, layer_map, num_layers
+from common.distillation import distillation_for
 from common.evaluation import evaluate_accuracy
-from common.models import load_checkpoint_tokenizer, load_model, resolve_stage_checkpoint, save_checkpoint
+from common.lifecycle import start_stage
+from common.models import load_checkpoint_tokenizer, load_model, resolve_stage_checkpoint
 from common.quantization import (
     compress_embedding_state,
     layer_quantization_errors,
@@ -39,7 +40,7 @@ from common.quantization import (
     quantize_model_4bit,
     strip_fake_quantization,
 )
-from common.training import choose_resume_dir, finish_resume_dir, start_stage, train
+from common.training import train
 
 ERROR_BATCHES = 4  # validation batches of the per-layer quantization error
 
@@ -48,7 +49,7 @@ def resolve_teacher(config: QATKDConfig, label_names, pruned_folder, data_config
     if config.teacher_model_path is None and config.teacher == "pruned":
         return pruned_folder
     # an explicit teacher may be any full-precision model with the task's labels
-    allowed = ("teacher", "student", "pruned") if config.teacher_model_path else None
+    allowed = stages.with_weights("full") if config.teacher_model_path else None
     return resolve_stage_checkpoint("teacher", config.teacher_model_path, label_names, data_config, allowed)[0]
 
 
@@ -68,14 +69,13 @@ def teacher_token_ids(student_tokenizer, teacher_folder, pruned_record):
 
 
 def main(data_config: DataConfig, config: QATKDConfig) -> None:
-    run = start_stage(data_config, config)
-    accelerator, data = run.accelerator, run.data
+    run = start_stage("qkd_4bit", data_config, config, training=True)
+    data = run.data
     pruned_folder, pruned_record = resolve_stage_checkpoint("pruned", config.pruned_model_path, data.label_names, data_config)
     teacher_folder = resolve_teacher(config, data.label_names, pruned_folder, data_config)
-    resume_dir = choose_resume_dir("qkd_4bit", data_config, config, accelerator, data.label_names,
-                                   {"pruned": pruned_folder, "teacher": teacher_folder})
+    run.resume({"pruned": pruned_folder, "teacher": teacher_folder})
     student, teacher = load_model(pruned_folder), load_model(teacher_folder)
-    teacher.to(accelerator.device)
+    teacher.to(run.accelerator.device)
     tokenizer = load_checkpoint_tokenizer(pruned_folder)
     token_map = teacher_token_ids(tokenizer, teacher_folder, pruned_record)
     train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)
@@ -91,27 +91,14 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
           f"{f'; {len(eight_bit)} at 8 bits' if eight_bit else ''}); validation accuracy: full precision "
           f"{full_precision['accuracy']:.4f}, 4-bit before training {before_training['accuracy']:.4f}")
 
-    loss = DistillationLoss(
-        config.beta_ce, config.beta_logits, config.beta_hidden, config.temperature,
-        mapping=layer_map(num_layers(student), num_layers(teacher)),
-        weight_attention=config.beta_attention, relation_heads=config.attention_relation_heads,
-        projector=hidden_projector_for(student, teacher, config.beta_hidden),
-    )
-    if loss.projector is not None:
-        print(f"Hidden-state distillation through a learned {loss.projector.linear.in_features} -> "
-              f"{loss.projector.linear.out_features} projector (student and teacher widths differ)")
-    result = train(student, train_loader, eval_loader, config, kd_step(teacher, loss, token_map), accelerator,
-                   resume_dir=resume_dir, description="qkd", extras=loss.extras)
+    loss, compute_loss = distillation_for(config, student, teacher, token_map)
+    result = train(student, train_loader, eval_loader, config, compute_loss, run.accelerator,
+                   resume_dir=run.resume_dir, description="qkd", extras=loss.extras)
 
-    accelerator.wait_for_everyone()
-    if result.stopped_early:
-        accelerator.end_training()
+    student = run.trained_model(student, result)
+    if student is None:  # stopped early (resume later) or not the main process
         return
-    if not accelerator.is_main_process:
-        accelerator.end_training()
-        return
-    student = accelerator.unwrap_model(student).to("cpu")
-    student.load_state_dict(result.best_state)
+    student = student.to("cpu")
     learned_scales = strip_fake_quantization(student)
     layer_errors = layer_quantization_errors(student, config, error_batches, scales=learned_scales)
     quantization = quantize_model_4bit(student, config, eight_bit=eight_bit, learned_scales=learned_scales)
@@ -138,21 +125,14 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
             "best_epoch": result.best_epoch,
         }
 
-    folder = save_checkpoint(
-        "qkd_4bit", student, tokenizer,
-        run.record(
-            data_config, config, result,
-            parent=str(pruned_folder), teacher=str(teacher_folder),
-            quantization=quantization, embedding_quantization=embedding,
-        ),
+    run.finish(
+        student, tokenizer,
+        parent=str(pruned_folder), teacher=str(teacher_folder),
+        quantization=quantization, embedding_quantization=embedding,
         state_dict=state, verify=reload_and_check,
-        output_dir=config.output_dir, overwrite=config.overwrite_output_dir,
+        summary=lambda folder, record: f"QKD-4bit: validation accuracy {record['metrics']['validation']['accuracy']:.4f} "
+                                       f"(fake-quantized {result.best_metrics['accuracy']:.4f}, epoch {result.best_epoch}) -> {folder}",
     )
-    metrics = read_record(folder)["metrics"]
-    print(f"QKD-4bit: validation accuracy {metrics['validation']['accuracy']:.4f} (fake-quantized "
-          f"{result.best_metrics['accuracy']:.4f}, epoch {result.best_epoch}) -> {folder}")
-    finish_resume_dir(resume_dir, accelerator)
-    accelerator.end_training()
 
 
 if __name__ == "__main__":

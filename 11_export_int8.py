@@ -16,16 +16,17 @@ Run as:
 
 import logging
 
-from common import DataConfig, parse_config, setup_logging
-from common.checkpoints import Stopwatch, find_checkpoint, read_record
-from common.config import Int8Config, config_to_dict, log_config
-from common.data import build_loaders, load_splits
+from common import DataConfig, parse_config, setup_logging, stages
+from common.checkpoints import find_checkpoint, read_record
+from common.config import Int8Config
+from common.data import build_loaders
 from common.evaluation import evaluate_accuracy
-from common.models import check_matches_data, load_checkpoint_tokenizer, load_model, save_checkpoint
+from common.lifecycle import start_stage
+from common.models import check_matches_data, load_checkpoint_tokenizer, load_model
 from common.quantization import compress_embedding_state, dequantize_4bit_model, int8_state_dict, quantize_model_int8
 
 
-SOURCE_STAGES = ("qkd_4bit", "pruned", "ptq_4bit", "student", "teacher")
+SOURCE_STAGES = tuple(dict.fromkeys((*stages.get("int8").reads, *stages.with_weights("full", "4bit"))))
 
 
 logger = logging.getLogger("11_export_int8")
@@ -40,7 +41,7 @@ def choose_source(config: Int8Config):
                            "for that %s model, as its record says.", stage, stage)
         return folder
     candidates = []
-    for stage in (("qkd_4bit", "pruned") if config.source == "auto" else (config.source,)):
+    for stage in (stages.get("int8").reads if config.source == "auto" else (config.source,)):
         try:
             folder = find_checkpoint(stage)
         except FileNotFoundError:
@@ -55,9 +56,8 @@ def choose_source(config: Int8Config):
 
 
 def main(data_config: DataConfig, config: Int8Config) -> None:
-    stopwatch = Stopwatch()
-    log_config(data_config, config)
-    data = load_splits(data_config)
+    run = start_stage("int8", data_config, config)
+    data = run.data
     source = choose_source(config)
     source_record = read_record(source)
     check_matches_data(source, source_record, data_config, data.label_names)
@@ -70,25 +70,16 @@ def main(data_config: DataConfig, config: Int8Config) -> None:
     def reload_and_evaluate(folder):
         return {"validation": evaluate_accuracy(load_model(folder), eval_loader), "source_validation": (source_record.get("metrics") or {}).get("validation")}
 
-    folder = save_checkpoint(
-        "int8", model, tokenizer,
-        {
-            "parent": str(source),
-            "parent_stage": source_record.get("stage"),
-            "config": config_to_dict(data_config, config),
-            "label_names": source_record.get("label_names"),
-            "seed": source_record.get("seed"),
-            "quantization": quantization,
-            "embedding_quantization": embedding,
-            "wall_time_s": stopwatch.seconds,
-        },
+    source_accuracy = ((source_record.get("metrics") or {}).get("validation") or {}).get("accuracy")
+    run.finish(
+        model, tokenizer,
+        parent=str(source), parent_stage=source_record.get("stage"),
+        label_names=source_record.get("label_names"), seed=source_record.get("seed"),
+        quantization=quantization, embedding_quantization=embedding,
         state_dict=state, verify=reload_and_evaluate,
-        output_dir=config.output_dir, overwrite=config.overwrite_output_dir,
+        summary=lambda folder, record: f"Int8: validation accuracy {record['metrics']['validation']['accuracy']:.4f} "
+                                       f"(source {source.name}: {'unknown' if source_accuracy is None else f'{source_accuracy:.4f}'}) -> {folder}",
     )
-    metrics = read_record(folder)["metrics"]
-    source_accuracy = (metrics.get("source_validation") or {}).get("accuracy")
-    print(f"Int8: validation accuracy {metrics['validation']['accuracy']:.4f} (source {source.name}: "
-          f"{'unknown' if source_accuracy is None else f'{source_accuracy:.4f}'}) -> {folder}")
 
 
 if __name__ == "__main__":

@@ -34,24 +34,17 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import onnx
 
-from common import DataConfig, parse_config, setup_logging
-from common.checkpoints import (
-    Stopwatch,
-    checkpoint_writer,
-    find_checkpoint,
-    list_checkpoints,
-    package_versions,
-    read_record,
-    stage_dir,
-    write_json,
-)
-from common.config import OnnxExportConfig, config_to_dict, log_config
-from common.data import build_loaders, load_splits, text_inputs
+from common import DataConfig, parse_config, setup_logging, stages
+from common.checkpoints import find_checkpoint, list_checkpoints, read_record, stage_dir
+from common.config import OnnxExportConfig
+from common.data import build_loaders, text_inputs
 from common.evaluation import InferenceModel, interleaved_latency, predict
+from common.lifecycle import start_stage
 from common.models import architecture_record, check_matches_data, count_parameters, load_checkpoint_tokenizer, load_model
 from common.onnx_export import (
     export_onnx,
@@ -80,7 +73,7 @@ NF4_INT8_FILE = "model_nf4_int8.onnx"  # 4-bit codes on disk, decoded to int8 wh
 
 
 def full_precision_source(config: OnnxExportConfig):
-    folder = find_checkpoint("pruned", config.source_model_path, allowed_stages=("pruned", "student", "teacher"))
+    folder = find_checkpoint("pruned", config.source_model_path, allowed_stages=stages.with_weights("full"))
     record = read_record(folder)
     if record.get("quantization") or record.get("embedding_quantization"):
         raise ValueError(
@@ -106,21 +99,15 @@ def compare_speed(paths: dict[str, Path], vocab_size: int, num_threads, batch_si
     return interleaved_latency(runners, warmup=3, rounds=rounds, batch_size=batch_size, reference=next(iter(paths)))
 
 
-def export_int8_bundle(data_config, config, data, scratch: Path) -> Path:
-    source, source_record = full_precision_source(config)
-    check_matches_data(source, source_record, data_config, data.label_names)
+def export_int8_bundle(run, source: Path, source_record: dict, scratch: Path) -> Path:
+    data_config, config, data = run.data_config, run.config, run.data
     model = load_model(source)
     tokenizer = load_checkpoint_tokenizer(source)
     _, loader = build_loaders(data, tokenizer, data_config, config.eval_batch_size, config.eval_batch_size, seed=0)
     torch_logits, labels = predict(model, loader)
-    record = {
-        "stage": "onnx", "parent": str(source), "parent_stage": source_record.get("stage"),
-        "config": config_to_dict(data_config, config), "label_names": data.label_names,
-        "architecture": architecture_record(model), "parameters": count_parameters(model),
-        "versions": package_versions(), "files": {},
-    }
-    with checkpoint_writer("onnx", config.output_dir, config.overwrite_output_dir) as pending:
-        folder = pending.path
+
+    def write_files(folder: Path) -> dict:
+        files = {}
         names = export_onnx(model, tokenizer, folder / FP32_FILE, data_config.max_length)
         write_runtime_files(folder, tokenizer, model.config, data_config.max_length)
         fp32_accuracy, fp32_logits = evaluate_file(folder / FP32_FILE, loader)
@@ -132,18 +119,18 @@ def export_int8_bundle(data_config, config, data, scratch: Path) -> Path:
                 f"ONNX Runtime's logits differ from torch's by up to {difference:.2e}, above max_abs_difference="
                 f"{config.max_abs_difference}; the export is wrong, nothing was saved."
             )
-        record.update(inputs=names, max_abs_difference_vs_torch=difference,
-                      torch_validation_accuracy=accuracy_of(torch_logits, labels))
-        record["files"][FP32_FILE] = file_entry(folder / FP32_FILE, fp32_accuracy, precision="fp32")
+        found = {"inputs": names, "max_abs_difference_vs_torch": difference,
+                 "torch_validation_accuracy": accuracy_of(torch_logits, labels), "files": files}
+        files[FP32_FILE] = file_entry(folder / FP32_FILE, fp32_accuracy, precision="fp32")
 
         quantize_from = folder / FP32_FILE
         if config.optimize_graph:
-            quantize_from, record["graph_optimization"] = optimized_if_faster(folder / FP32_FILE, scratch, model, loader, fp32_logits, config)
+            quantize_from, found["graph_optimization"] = optimized_if_faster(folder / FP32_FILE, scratch, model, loader, fp32_logits, config)
 
         quantize_dynamic_int8(quantize_from, folder / DYNAMIC_FILE)
         dynamic_accuracy, _ = evaluate_file(folder / DYNAMIC_FILE, loader)
-        record["files"][DYNAMIC_FILE] = file_entry(folder / DYNAMIC_FILE, dynamic_accuracy, precision="int8 dynamic",
-                                                   quantized_from=quantize_from.name)
+        files[DYNAMIC_FILE] = file_entry(folder / DYNAMIC_FILE, dynamic_accuracy, precision="int8 dynamic",
+                                         quantized_from=quantize_from.name)
         print(f"ONNX Runtime dynamic int8: validation accuracy {dynamic_accuracy:.4f}")
 
         prepared = scratch / "preprocessed.onnx"
@@ -167,17 +154,22 @@ def export_int8_bundle(data_config, config, data, scratch: Path) -> Path:
         order = list(calibrations)  # on a tie the earlier (more quantized) candidate wins
         best = max(order, key=lambda name: (calibrations[name]["validation_accuracy"], -order.index(name)))
         shutil.copyfile(scratch / f"static_{best}.onnx", folder / STATIC_FILE)
-        record["files"][STATIC_FILE] = file_entry(folder / STATIC_FILE, calibrations[best]["validation_accuracy"],
-                                                  precision="int8 static QDQ", calibration=best, quantized_from=quantize_from.name)
-        record["calibrations"] = calibrations
+        files[STATIC_FILE] = file_entry(folder / STATIC_FILE, calibrations[best]["validation_accuracy"],
+                                        precision="int8 static QDQ", calibration=best, quantized_from=quantize_from.name)
+        found["calibrations"] = calibrations
         # the deployment model: the int8 model that validates better (static on a tie: no run-time quantization cost)
-        record["deployment_model"] = STATIC_FILE if calibrations[best]["validation_accuracy"] >= dynamic_accuracy else DYNAMIC_FILE
-        record["metrics"] = {"validation": {"accuracy": record["files"][record["deployment_model"]]["validation_accuracy"]},
-                             "validation_fp32": {"accuracy": fp32_accuracy}}
-        write_json(folder / "compression.json", record)
-        write_json(folder / "metrics.json", {f"{name}.validation_accuracy": entry["validation_accuracy"] for name, entry in record["files"].items()})
-    print(f"ONNX folder -> {pending.final} (deployment model {record['deployment_model']}, calibration kept: {best})")
-    return pending.final
+        found["deployment_model"] = STATIC_FILE if calibrations[best]["validation_accuracy"] >= dynamic_accuracy else DYNAMIC_FILE
+        found["metrics"] = {"validation": {"accuracy": files[found["deployment_model"]]["validation_accuracy"]},
+                            "validation_fp32": {"accuracy": fp32_accuracy}}
+        return found
+
+    return run.finish(
+        write_files=write_files, end=False,
+        parent=str(source), parent_stage=source_record.get("stage"),
+        architecture=architecture_record(model), parameters=count_parameters(model),
+        summary=lambda folder, record: f"ONNX folder -> {folder} (deployment model {record['deployment_model']}, "
+                                       f"calibration kept: {record['files'][STATIC_FILE]['calibration']})",
+    )
 
 
 def optimized_if_faster(plain: Path, scratch: Path, model, loader, fp32_logits, config) -> tuple[Path, dict]:
@@ -196,8 +188,16 @@ def optimized_if_faster(plain: Path, scratch: Path, model, loader, fp32_logits, 
                                             "fp32_speedup_median": speedup, "benchmark": speed}
 
 
-def export_4bit_bundle(data_config, config, data, scratch: Path) -> Path:
-    source = find_checkpoint("qkd_4bit", config.qkd_model_path, allowed_stages=("qkd_4bit", "ptq_4bit"))
+def four_bit_source(config: OnnxExportConfig, data_config, label_names) -> Optional[tuple[Path, dict]]:
+    """The 4-bit checkpoint whose codes go into the 4-bit ONNX folder, checked before any export; None when no 4-bit
+    folder is to be written."""
+    if not config.export_4bit:
+        return None
+    if config.qkd_model_path is None and not list_checkpoints("qkd_4bit"):
+        logger.warning("No qkd_4bit checkpoint in %s, so no 4-bit ONNX model is written; run 10_qat_kd_4bit.py first "
+                       "or pass --export_4bit false.", stage_dir("qkd_4bit"))
+        return None
+    source = find_checkpoint("qkd_4bit", config.qkd_model_path, allowed_stages=stages.with_weights("4bit"))
     source_record = read_record(source)
     quantization = source_record.get("quantization") or {}
     if quantization.get("method") != "bitsandbytes_4bit":
@@ -205,7 +205,13 @@ def export_4bit_bundle(data_config, config, data, scratch: Path) -> Path:
             f"--qkd_model_path {source} is a {source_record.get('stage')} checkpoint without bitsandbytes 4-bit weights "
             f"(quantization method {quantization.get('method')!r}); pass a qkd_4bit or ptq_4bit checkpoint."
         )
-    check_matches_data(source, source_record, data_config, data.label_names)
+    check_matches_data(source, source_record, data_config, label_names)
+    return source, source_record
+
+
+def export_4bit_bundle(run, source: Path, source_record: dict, scratch: Path) -> Path:
+    data_config, config, data = run.data_config, run.config, run.data
+    quantization = source_record["quantization"]
     quantized = load_model(source)
     tokenizer = load_checkpoint_tokenizer(source)
     _, loader = build_loaders(data, tokenizer, data_config, config.eval_batch_size, config.eval_batch_size, seed=0)
@@ -216,23 +222,19 @@ def export_4bit_bundle(data_config, config, data, scratch: Path) -> Path:
     exact_embeddings = config.embedding_quantization in (
         "none", (source_record.get("embedding_quantization") or {}).get("method", "none"))
     torch_accuracy = accuracy_of(torch_logits, labels)
-    record = {
-        "stage": "onnx_4bit", "parent": str(source), "parent_stage": source_record.get("stage"),
-        "config": config_to_dict(data_config, config), "label_names": data.label_names, "inputs": names,
-        "architecture": architecture_record(plain), "parameters": count_parameters(quantized),
-        "quantization": {"method": "bitsandbytes_codes_in_onnx", "quant_type": quantization["quant_type"],
-                         "blocksize": quantization["blocksize"], "codes": "the checkpoint's own"},
-        "versions": package_versions(), "files": {},
-    }
-    with checkpoint_writer("onnx_4bit", None, False) as pending:
-        folder = pending.path
+    onnx_quantization = {"method": "bitsandbytes_codes_in_onnx", "quant_type": quantization["quant_type"],
+                         "blocksize": quantization["blocksize"], "codes": "the checkpoint's own"}
+
+    def write_files(folder: Path) -> dict:
+        files = {}
+        found = {"quantization": onnx_quantization, "files": files}
         write_runtime_files(folder, tokenizer, plain.config, data_config.max_length)
         for file_name, compute, precision in ((FP32_FILE, "bnb4", "NF4/FP4 codes, MatMulBnb4 (exact)"),
                                               (NF4_INT8_FILE, "int8", "NF4/FP4 codes, int8 compute after load")):
             graph = onnx.load(str(scratch / "dequantized.onnx"))
-            record["quantization"]["modules"] = use_bnb4_codes(graph, quantized, exported, compute)
+            onnx_quantization["modules"] = use_bnb4_codes(graph, quantized, exported, compute)
             if config.embedding_quantization != "none":
-                record["embedding_quantization"] = quantize_word_embeddings(
+                found["embedding_quantization"] = quantize_word_embeddings(
                     graph, plain.get_input_embeddings().weight, EMBEDDING_BITS[config.embedding_quantization])
             save_onnx(graph, folder / file_name)
             accuracy, logits = evaluate_file(folder / file_name, loader)
@@ -245,32 +247,34 @@ def export_4bit_bundle(data_config, config, data, scratch: Path) -> Path:
                     f"The 4-bit ONNX model validates at {accuracy:.4f} but the torch 4-bit model at {torch_accuracy:.4f} "
                     f"({gap:.2f} points apart, more than 0.1); the codes were not carried over faithfully. Nothing was saved."
                 )
-            record["files"][file_name] = file_entry(folder / file_name, accuracy, precision=precision,
-                                                    max_abs_difference_vs_torch_4bit=difference)
-        exact, fast = (record["files"][name]["validation_accuracy"] for name in (FP32_FILE, NF4_INT8_FILE))
+            files[file_name] = file_entry(folder / file_name, accuracy, precision=precision,
+                                          max_abs_difference_vs_torch_4bit=difference)
+        exact, fast = (files[name]["validation_accuracy"] for name in (FP32_FILE, NF4_INT8_FILE))
         # ship the faster int8-compute file unless it validates more than deployment_tolerance points below the exact one
-        record["deployment_model"] = NF4_INT8_FILE if 100 * (exact - fast) <= config.deployment_tolerance else FP32_FILE
-        record["metrics"] = {"validation": {"accuracy": record["files"][record["deployment_model"]]["validation_accuracy"]},
-                             "validation_torch_4bit": {"accuracy": torch_accuracy}}
-        write_json(folder / "compression.json", record)
-        write_json(folder / "metrics.json", {f"{name}.validation_accuracy": entry["validation_accuracy"]
-                                             for name, entry in record["files"].items()})
-    print(f"ONNX 4-bit folder -> {pending.final} (deployment model {record['deployment_model']})")
-    return pending.final
+        found["deployment_model"] = NF4_INT8_FILE if 100 * (exact - fast) <= config.deployment_tolerance else FP32_FILE
+        found["metrics"] = {"validation": {"accuracy": files[found["deployment_model"]]["validation_accuracy"]},
+                            "validation_torch_4bit": {"accuracy": torch_accuracy}}
+        return found
+
+    return run.finish(
+        write_files=write_files, stage="onnx_4bit", use_output_dir=False, end=False,
+        parent=str(source), parent_stage=source_record.get("stage"), inputs=names,
+        architecture=architecture_record(plain), parameters=count_parameters(quantized),
+        summary=lambda folder, record: f"ONNX 4-bit folder -> {folder} (deployment model {record['deployment_model']})",
+    )
 
 
 def main(data_config: DataConfig, config: OnnxExportConfig) -> None:
-    stopwatch = Stopwatch()
-    log_config(data_config, config)
-    data = load_splits(data_config)
+    run = start_stage("onnx", data_config, config)
+    source, source_record = full_precision_source(config)
+    check_matches_data(source, source_record, data_config, run.data.label_names)
+    four_bit = four_bit_source(config, data_config, run.data.label_names)  # refused now, before the int8 export runs
     with tempfile.TemporaryDirectory(prefix="onnx-export-") as scratch:
-        export_int8_bundle(data_config, config, data, Path(scratch))
-        if config.export_4bit and config.qkd_model_path is None and not list_checkpoints("qkd_4bit"):
-            logger.warning("No qkd_4bit checkpoint in %s, so no 4-bit ONNX model is written; run 10_qat_kd_4bit.py first "
-                           "or pass --export_4bit false.", stage_dir("qkd_4bit"))
-        elif config.export_4bit:
-            export_4bit_bundle(data_config, config, data, Path(scratch))
-    print(f"Stage 12 finished in {stopwatch.seconds:.0f} s")
+        export_int8_bundle(run, source, source_record, Path(scratch))
+        if four_bit is not None:
+            export_4bit_bundle(run, *four_bit, Path(scratch))
+    run.end()
+    print(f"Stage 12 finished in {run.stopwatch.seconds:.0f} s")
 
 
 if __name__ == "__main__":

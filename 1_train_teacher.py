@@ -19,14 +19,14 @@ import torch.nn.functional as F
 
 from common import DataConfig, TeacherConfig, parse_config, setup_logging
 from common.data import build_loaders, model_inputs
+from common.lifecycle import start_stage
 from common.models import (
     load_pretrained_classifier,
     load_pretrained_config,
     load_tokenizer,
     resolve_model_source,
-    save_checkpoint,
 )
-from common.training import choose_resume_dir, finish_resume_dir, start_stage, train
+from common.training import train
 
 
 def cross_entropy_loss(model, batch):
@@ -36,39 +36,27 @@ def cross_entropy_loss(model, batch):
 
 
 def main(data_config: DataConfig, config: TeacherConfig) -> None:
-    run = start_stage(data_config, config)
-    accelerator, data = run.accelerator, run.data
-    resume_dir = choose_resume_dir("teacher", data_config, config, accelerator, data.label_names,
-                                   {"model": resolve_model_source(config.model_name_or_path)})
+    run = start_stage("teacher", data_config, config, training=True)
+    data = run.data
+    run.resume({"model": resolve_model_source(config.model_name_or_path)})
     load_pretrained_config(config.model_name_or_path, data_config.max_length)  # architecture and max_length, before weights
     tokenizer = load_tokenizer(config.model_name_or_path)
     model = load_pretrained_classifier(config.model_name_or_path, data.label_names, data_config.max_length)
     train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)
 
-    result = train(
-        model, train_loader, eval_loader, config, cross_entropy_loss, accelerator,
-        resume_dir=resume_dir, description="teacher",
-    )
+    result = train(model, train_loader, eval_loader, config, cross_entropy_loss, run.accelerator,
+                   resume_dir=run.resume_dir, description="teacher")
 
-    accelerator.wait_for_everyone()
-    if result.stopped_early:
-        accelerator.end_training()
+    model = run.trained_model(model, result)
+    if model is None:  # stopped early (resume later) or not the main process
         return
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(model)
-        model.load_state_dict(result.best_state)
-        folder = save_checkpoint(
-            "teacher", model, tokenizer,
-            run.record(
-                data_config, config, result,
-                parent=resolve_model_source(config.model_name_or_path),
-                metrics={"validation": result.best_metrics, "best_epoch": result.best_epoch},
-            ),
-            output_dir=config.output_dir, overwrite=config.overwrite_output_dir,
-        )
-        print(f"Teacher: validation accuracy {result.best_metrics['accuracy']:.4f} (epoch {result.best_epoch}) -> {folder}")
-    finish_resume_dir(resume_dir, accelerator)
-    accelerator.end_training()
+    run.finish(
+        model, tokenizer,
+        parent=resolve_model_source(config.model_name_or_path),
+        metrics={"validation": result.best_metrics, "best_epoch": result.best_epoch},
+        summary=lambda folder, record: f"Teacher: validation accuracy {result.best_metrics['accuracy']:.4f} "
+                                       f"(epoch {result.best_epoch}) -> {folder}",
+    )
 
 
 if __name__ == "__main__":

@@ -16,18 +16,18 @@ Run as:
 
 from common import DataConfig, StudentConfig, parse_config, setup_logging
 from common.data import build_loaders
-from common.distillation import DistillationLoss, hidden_projector_for, kd_step, layer_map, num_layers
+from common.distillation import distillation_for, num_layers
+from common.lifecycle import start_stage
 from common.models import (
     build_student_from_teacher,
     count_parameters,
     load_checkpoint_tokenizer,
-    load_pretrained_classifier,
     load_model,
+    load_pretrained_classifier,
     load_tokenizer,
     resolve_stage_checkpoint,
-    save_checkpoint,
 )
-from common.training import choose_resume_dir, finish_resume_dir, start_stage, train
+from common.training import train
 
 
 def make_student(teacher, teacher_tokenizer, config: StudentConfig, label_names, data_config: DataConfig):
@@ -45,49 +45,31 @@ def make_student(teacher, teacher_tokenizer, config: StudentConfig, label_names,
 
 
 def main(data_config: DataConfig, config: StudentConfig) -> None:
-    run = start_stage(data_config, config)
-    accelerator, data = run.accelerator, run.data
+    run = start_stage("student", data_config, config, training=True)
+    data = run.data
     teacher_folder, _ = resolve_stage_checkpoint("teacher", config.teacher_model_path, data.label_names, data_config)
-    inputs = {"teacher": teacher_folder, "student": config.student_model_name_or_path or "layers of the teacher"}
-    resume_dir = choose_resume_dir("student", data_config, config, accelerator, data.label_names, inputs)
+    run.resume({"teacher": teacher_folder, "student": config.student_model_name_or_path or "layers of the teacher"})
     teacher = load_model(teacher_folder)
     tokenizer = load_checkpoint_tokenizer(teacher_folder)
     student, origin = make_student(teacher, tokenizer, config, data.label_names, data_config)
-    teacher.to(accelerator.device)
+    teacher.to(run.accelerator.device)
     print(f"Student: {origin}; {count_parameters(student):,} parameters (teacher {count_parameters(teacher):,})")
 
-    loss = DistillationLoss(
-        config.alpha_ce, config.alpha_kd, config.alpha_hidden, config.temperature,
-        mapping=layer_map(num_layers(student), num_layers(teacher)),
-        weight_attention=config.alpha_attention, relation_heads=config.attention_relation_heads,
-        projector=hidden_projector_for(student, teacher, config.alpha_hidden),
-    )
-    if loss.projector is not None:
-        print(f"Hidden-state distillation through a learned {loss.projector.linear.in_features} -> "
-              f"{loss.projector.linear.out_features} projector (student and teacher widths differ)")
+    loss, compute_loss = distillation_for(config, student, teacher)
     train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)
-    result = train(student, train_loader, eval_loader, config, kd_step(teacher, loss), accelerator,
-                   resume_dir=resume_dir, description="student", extras=loss.extras)
+    result = train(student, train_loader, eval_loader, config, compute_loss, run.accelerator,
+                   resume_dir=run.resume_dir, description="student", extras=loss.extras)
 
-    accelerator.wait_for_everyone()
-    if result.stopped_early:
-        accelerator.end_training()
+    student = run.trained_model(student, result)
+    if student is None:  # stopped early (resume later) or not the main process
         return
-    if accelerator.is_main_process:
-        student = accelerator.unwrap_model(student)
-        student.load_state_dict(result.best_state)
-        folder = save_checkpoint(
-            "student", student, tokenizer,
-            run.record(
-                data_config, config, result,
-                parent=str(teacher_folder), origin=origin,
-                metrics={"validation": result.best_metrics, "best_epoch": result.best_epoch},
-            ),
-            output_dir=config.output_dir, overwrite=config.overwrite_output_dir,
-        )
-        print(f"Student: validation accuracy {result.best_metrics['accuracy']:.4f} (epoch {result.best_epoch}) -> {folder}")
-    finish_resume_dir(resume_dir, accelerator)
-    accelerator.end_training()
+    run.finish(
+        student, tokenizer,
+        parent=str(teacher_folder), origin=origin,
+        metrics={"validation": result.best_metrics, "best_epoch": result.best_epoch},
+        summary=lambda folder, record: f"Student: validation accuracy {result.best_metrics['accuracy']:.4f} "
+                                       f"(epoch {result.best_epoch}) -> {folder}",
+    )
 
 
 if __name__ == "__main__":

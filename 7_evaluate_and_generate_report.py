@@ -1,8 +1,9 @@
 """Stage 7 (runs last): evaluate every stage on the test split and write the final report.
 
-Reads:  the newest checkpoint of each stage in MODELS_TO_EVALUATE (teacher, student, pruned, ptq_4bit,
-        qkd_4bit, int8, and the ONNX folders onnx and onnx_4bit), or the paths given with --teacher_path ...
-        --onnx_4bit_path, plus --extra_models 'Label=path[:file.onnx]' rows. How a model is loaded comes from its
+Reads:  the newest checkpoint of every stage in the stage table (common/stages.py: teacher, student, pruned,
+        ptq_4bit, qkd_4bit, int8, and the ONNX folders onnx and onnx_4bit; each contributes the report rows the
+        table lists), or the folders given with --checkpoint STAGE=PATH (repeatable), plus --extra_models
+        'Label=path[:file.onnx]' rows. How a model is loaded comes from its
         compression.json, never from its name. Also builds the reference row "Teacher, ONNX Runtime dynamic int8
         (no project)": the teacher exported and quantized with ONNX Runtime's defaults in a temporary folder.
 Does:   test accuracy and macro-F1 (evaluate, with the metric modules in metrics/), parameters, file size,
@@ -16,6 +17,7 @@ Writes: results/final_report.json, results/final_report.png, results/final_repor
 Run as:
     python 7_evaluate_and_generate_report.py
     python 7_evaluate_and_generate_report.py --num_threads 2 --latency_repeats 50
+    python 7_evaluate_and_generate_report.py --checkpoint pruned=results/pruned/<run_id> --checkpoint teacher=results/teacher/<run_id>
     python 7_evaluate_and_generate_report.py --extra_models "Teacher ONNX=results/onnx/<run_id>:model.onnx"
     python 7_evaluate_and_generate_report.py --extra_models "L2 uniform=results/pruned/20261122-101500-000000"
 """
@@ -26,9 +28,7 @@ from common import DataConfig, ReportConfig, parse_config, setup_logging
 from common.checkpoints import results_root
 from common.config import log_config
 from common.data import load_splits
-from common.report import MODELS_TO_EVALUATE, build_report, markdown_table, write_report
-
-__all__ = ["MODELS_TO_EVALUATE"]
+from common.report import build_report, markdown_table, write_report
 
 
 def main(data_config: DataConfig, config: ReportConfig) -> None:

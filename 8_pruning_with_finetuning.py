@@ -22,11 +22,12 @@ Run as:
 
 from common import DataConfig, PruningConfig, parse_config, setup_logging
 from common.data import build_loaders, make_loader, tokenize_dataset
-from common.distillation import DistillationLoss, hidden_projector_for, kd_step, layer_map, num_layers
+from common.distillation import distillation_for
 from common.evaluation import evaluate_accuracy
-from common.models import count_parameters, load_checkpoint_tokenizer, load_model, resolve_stage_checkpoint, save_checkpoint
+from common.lifecycle import start_stage
+from common.models import count_parameters, load_checkpoint_tokenizer, load_model, resolve_stage_checkpoint
 from common.pruning import StructuralPruner
-from common.training import choose_resume_dir, finish_resume_dir, optimizer_steps_per_epoch, start_stage, train
+from common.training import optimizer_steps_per_epoch, train
 from common.vocabulary import prune_vocabulary
 
 
@@ -48,12 +49,11 @@ class PruningHooks:
 
 
 def main(data_config: DataConfig, config: PruningConfig) -> None:
-    run = start_stage(data_config, config)
+    run = start_stage("pruned", data_config, config, training=True)
     accelerator, data = run.accelerator, run.data
     teacher_folder, _ = resolve_stage_checkpoint("teacher", config.teacher_model_path, data.label_names, data_config)
     student_folder, _ = resolve_stage_checkpoint("student", config.student_model_path, data.label_names, data_config)
-    resume_dir = choose_resume_dir("pruned", data_config, config, accelerator, data.label_names,
-                                   {"student": student_folder, "teacher": teacher_folder})
+    run.resume({"student": student_folder, "teacher": teacher_folder})
     teacher, student = load_model(teacher_folder), load_model(student_folder)
     teacher.to(accelerator.device)
     tokenizer = load_checkpoint_tokenizer(student_folder)
@@ -67,29 +67,15 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
     print(f"Pruning {len(pruner.head_groups)} head groups and {len(pruner.ffn_groups)} FFN groups; "
           f"student validation accuracy before: {accuracy_before:.4f}")
 
-    loss = DistillationLoss(
-        config.alpha_ce, config.alpha_kd, config.alpha_hidden, config.temperature,
-        mapping=layer_map(num_layers(student), num_layers(teacher)),
-        weight_attention=config.alpha_attention, relation_heads=config.attention_relation_heads,
-        projector=hidden_projector_for(student, teacher, config.alpha_hidden),
-    )
-    if loss.projector is not None:
-        print(f"Hidden-state distillation through a learned {loss.projector.linear.in_features} -> "
-              f"{loss.projector.linear.out_features} projector (student and teacher widths differ)")
+    loss, compute_loss = distillation_for(config, student, teacher)
     result = train(
-        student, train_loader, eval_loader, config, kd_step(teacher, loss), accelerator,
-        hooks=PruningHooks(pruner), keep="last", resume_dir=resume_dir, description="prune", extras=loss.extras,
+        student, train_loader, eval_loader, config, compute_loss, accelerator,
+        hooks=PruningHooks(pruner), keep="last", resume_dir=run.resume_dir, description="prune", extras=loss.extras,
     )
 
-    accelerator.wait_for_everyone()
-    if result.stopped_early:
-        accelerator.end_training()
+    student = run.trained_model(student, result)
+    if student is None:  # stopped early (resume later) or not the main process
         return
-    if not accelerator.is_main_process:
-        accelerator.end_training()
-        return
-    student = accelerator.unwrap_model(student)
-    student.load_state_dict(result.best_state)
     pruner.finalize()
     pruner.apply_masks()
     masked_metrics = evaluate_accuracy(student, eval_loader)
@@ -112,24 +98,17 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
         kept_heads=architecture["kept_heads"],
         vocabulary=vocabulary,
     )
-    folder = save_checkpoint(
-        "pruned", student, tokenizer,
-        run.record(
-            data_config, config, result,
-            parent=str(student_folder), teacher=str(teacher_folder),
-            pruning=summary, pruning_history=pruner.history,
-            metrics={"validation": pruned_metrics, "validation_before": {"accuracy": accuracy_before}},
-        ),
-        output_dir=config.output_dir, overwrite=config.overwrite_output_dir,
+    run.finish(
+        student, tokenizer,
+        parent=str(student_folder), teacher=str(teacher_folder),
+        pruning=summary, pruning_history=pruner.history,
+        metrics={"validation": pruned_metrics, "validation_before": {"accuracy": accuracy_before}},
+        summary=lambda folder, record: (
+            f"Pruned: heads per layer {summary['kept_heads_per_layer']}, FFN width per layer {summary['ffn_width_per_layer']}, "
+            f"head sparsity {summary['head_sparsity']:.3f}, FFN sparsity {summary['ffn_sparsity']:.3f}; "
+            f"parameters {parameters_before:,} -> {parameters_after:,}; validation accuracy {accuracy_before:.4f} -> "
+            f"{pruned_metrics['accuracy']:.4f} (masked {masked_metrics['accuracy']:.4f}) -> {folder}"),
     )
-    print(
-        f"Pruned: heads per layer {summary['kept_heads_per_layer']}, FFN width per layer {summary['ffn_width_per_layer']}, "
-        f"head sparsity {summary['head_sparsity']:.3f}, FFN sparsity {summary['ffn_sparsity']:.3f}; "
-        f"parameters {parameters_before:,} -> {parameters_after:,}; validation accuracy {accuracy_before:.4f} -> "
-        f"{pruned_metrics['accuracy']:.4f} (masked {masked_metrics['accuracy']:.4f}) -> {folder}"
-    )
-    finish_resume_dir(resume_dir, accelerator)
-    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -19,20 +19,18 @@ Run as:
 import itertools
 
 from common import DataConfig, PTQConfig, parse_config, setup_logging
-from common.checkpoints import Stopwatch, read_record
-from common.config import config_to_dict, log_config
-from common.data import build_loaders, load_splits
+from common.data import build_loaders
 from common.evaluation import evaluate_accuracy
-from common.models import load_checkpoint_tokenizer, load_model, load_stage_model, save_checkpoint
+from common.lifecycle import start_stage
+from common.models import load_checkpoint_tokenizer, load_model, load_stage_model
 from common.quantization import compress_embedding_state, layer_quantization_errors, plan_8bit_layers, quantize_model_4bit
 
 ERROR_BATCHES = 4  # validation batches of the per-layer quantization error
 
 
 def main(data_config: DataConfig, config: PTQConfig) -> None:
-    stopwatch = Stopwatch()
-    log_config(data_config, config)
-    data = load_splits(data_config)
+    run = start_stage("ptq_4bit", data_config, config)
+    data = run.data
     model, pruned_folder, pruned_record = load_stage_model("pruned", config.pruned_model_path, data.label_names, data_config=data_config)
     tokenizer = load_checkpoint_tokenizer(pruned_folder)
     _, eval_loader = build_loaders(data, tokenizer, data_config, config.eval_batch_size, config.eval_batch_size, seed=0)
@@ -56,23 +54,15 @@ def main(data_config: DataConfig, config: PTQConfig) -> None:
             "accuracy_drop_points": 100 * (full_precision["accuracy"] - reloaded["accuracy"]),
         }
 
-    folder = save_checkpoint(
-        "ptq_4bit", model, tokenizer,
-        {
-            "parent": str(pruned_folder),
-            "config": config_to_dict(data_config, config),
-            "label_names": data.label_names,
-            "seed": pruned_record.get("seed"),
-            "quantization": quantization,
-            "embedding_quantization": embedding,
-            "wall_time_s": stopwatch.seconds,
-        },
+    run.finish(
+        model, tokenizer,
+        parent=str(pruned_folder), seed=pruned_record.get("seed"),
+        quantization=quantization, embedding_quantization=embedding,
         state_dict=state, verify=reload_and_evaluate,
-        output_dir=config.output_dir, overwrite=config.overwrite_output_dir,
+        summary=lambda folder, record: f"PTQ-4bit: validation accuracy {record['metrics']['validation']['accuracy']:.4f} "
+                                       f"(full precision {full_precision['accuracy']:.4f}, drop "
+                                       f"{record['metrics']['accuracy_drop_points']:.2f} points) -> {folder}",
     )
-    metrics = read_record(folder)["metrics"]
-    print(f"PTQ-4bit: validation accuracy {metrics['validation']['accuracy']:.4f} (full precision "
-          f"{full_precision['accuracy']:.4f}, drop {metrics['accuracy_drop_points']:.2f} points) -> {folder}")
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ export HF_HUB_OFFLINE
 export HF_DATASETS_OFFLINE := $(HF_HUB_OFFLINE)
 export TOKENIZERS_PARALLELISM := false
 
-STAGES := 1_train_teacher.py 2_distill_student.py 8_pruning_with_finetuning.py 9_quantize_pruned_model.py \
-          10_qat_kd_4bit.py 11_export_int8.py 12_export_onnx.py 7_evaluate_and_generate_report.py
+# The run order comes from the one stage table (common/stages.py; plain Python, no dependencies).
+STAGES := $(shell $(PYTHON) common/stages.py)
 
-.PHONY: help install pipeline smoke test ablation benchmark sensitivity benchmark-alignment sweep clean-smoke
+.PHONY: help install pipeline smoke test ablation benchmark sensitivity benchmark-alignment sweep stages clean-smoke
 
 help:
 	@echo "make pipeline   install if needed, then run every stage on the embedded default (ARGS='--field value' passes overrides)"
@@ -26,6 +26,8 @@ help:
 	@echo "make sweep      stage 8 + int8 at 5 sparsities x 3 seeds -> results/sweep.{json,png,md}"
 	@echo "make sensitivity  per-layer accuracy drop of pruning heads / FFN neurons -> results/sensitivity.{json,png}"
 	@echo "make benchmark-alignment  latency of aligned vs unaligned FFN widths -> results/alignment_benchmark.json"
+	@echo "make stages     the stage table: each stage's script, inputs and what it writes"
+	@echo "run order: $(STAGES)"
 
 $(STAMP): requirements.txt requirements-embedded.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +68,9 @@ sensitivity: install
 
 benchmark-alignment: install
 	$(PY) scripts/benchmark_alignment.py $(ARGS)
+
+stages:
+	@$(PYTHON) common/stages.py --table
 
 clean-smoke:
 	rm -rf $(SMOKE_DIR)

@@ -3,7 +3,7 @@
 import logging
 import os
 
-from .checkpoints import STAGES, find_checkpoint, read_record, results_root
+from .checkpoints import find_checkpoint, read_record, results_root
 from .config import (
     DataConfig,
     PruningConfig,
@@ -16,9 +16,11 @@ from .config import (
 )
 from .data import load_splits
 from .models import load_model, save_checkpoint
+from .stages import STAGE_NAMES, STAGE_TABLE
 
 __all__ = [
-    "STAGES",
+    "STAGE_NAMES",
+    "STAGE_TABLE",
     "DataConfig",
     "PTQConfig",
     "PruningConfig",

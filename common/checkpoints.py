@@ -17,7 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
+
+from . import stages
 
 logger = logging.getLogger(__name__)
 
@@ -27,19 +29,6 @@ METRICS_FILE = "metrics.json"
 TEMP_PREFIX = ".tmp-"
 RESUME_PREFIX = ".inprogress-"
 
-# stage -> the script that writes it; the order is the pipeline's run order.
-STAGE_SCRIPTS = {
-    "teacher": "1_train_teacher.py",
-    "student": "2_distill_student.py",
-    "pruned": "8_pruning_with_finetuning.py",
-    "ptq_4bit": "9_quantize_pruned_model.py",
-    "qkd_4bit": "10_qat_kd_4bit.py",
-    "int8": "11_export_int8.py",
-    "onnx": "12_export_onnx.py",
-    "onnx_4bit": "12_export_onnx.py",
-}
-ONNX_STAGES = ("onnx", "onnx_4bit")  # folders of .onnx files, run by ONNX Runtime rather than loaded into torch
-STAGES = tuple(STAGE_SCRIPTS)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,9 +38,7 @@ def results_root() -> Path:
 
 
 def stage_dir(stage: str) -> Path:
-    if stage not in STAGE_SCRIPTS:
-        raise ValueError(f"stage={stage!r} is unknown; known stages: {', '.join(STAGES)}.")
-    return results_root() / stage
+    return results_root() / stages.get(stage).name
 
 
 def new_run_id() -> str:
@@ -80,21 +67,21 @@ def find_checkpoint(stage: str, explicit_path: Optional[str | Path] = None, allo
         if not (path / RECORD_FILE).is_file():
             raise FileNotFoundError(
                 f"{path} has no {RECORD_FILE}, so it is not a complete checkpoint of this project "
-                f"(an interrupted run, or a folder written by another tool). Re-run {STAGE_SCRIPTS[stage]}."
+                f"(an interrupted run, or a folder written by another tool). Re-run {stages.script_for(stage)}."
             )
         found = read_record(path).get("stage")
         allowed = allowed_stages or (stage,)
         if found not in allowed:
             raise ValueError(
                 f"{path} is a {found!r} checkpoint, but a {' or '.join(map(repr, allowed))} checkpoint is needed here. "
-                f"Pass the folder of a {STAGE_SCRIPTS.get(allowed[0], 'matching')} run."
+                f"Pass the folder of a {stages.script_for(stage if stage in allowed else allowed[0])} run."
             )
         logger.info("Using %s checkpoint %s (given explicitly)", found, path)
         return path
     candidates = list_checkpoints(stage)
     if not candidates:
         raise FileNotFoundError(
-            f"No complete {stage} checkpoint in {stage_dir(stage)}. Run `python {STAGE_SCRIPTS[stage]}` first, "
+            f"No complete {stage} checkpoint in {stage_dir(stage)}. Run `python {stages.script_for(stage)}` first, "
             f"or pass the checkpoint folder explicitly."
         )
     chosen = candidates[-1]
@@ -129,7 +116,7 @@ CHECKPOINT_FILES = {
 
 def _replaceable_checkpoint(path: Path) -> Optional[str]:
     """None when ``path`` is exactly one checkpoint of this project (safe to replace), else why it is not."""
-    if path == results_root() or path in {results_root() / stage for stage in STAGE_SCRIPTS}:
+    if path == results_root() or path in {results_root() / name for name in stages.STAGE_NAMES}:
         return "it is the results folder or one of its stage folders, which hold other runs"
     if not (path / RECORD_FILE).is_file():
         return f"it has no {RECORD_FILE}, so it is not a checkpoint this project wrote"
@@ -199,6 +186,52 @@ def checkpoint_writer(stage: str, output_dir: Optional[str] = None, overwrite: b
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     logger.info("Saved %s checkpoint to %s", stage, final)
+
+
+def flat_metrics(record: dict) -> dict:
+    """The ``metrics.json`` of a record: its metrics flattened to dotted keys, plus each recorded file's validation
+    accuracy (the files of an ONNX folder)."""
+    flat = _flatten(record.get("metrics") or {})
+    for name, entry in (record.get("files") or {}).items():
+        if isinstance(entry, dict) and "validation_accuracy" in entry:
+            flat[f"{name}.validation_accuracy"] = entry["validation_accuracy"]
+    return flat
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def write_checkpoint(
+    stage: str,
+    record: dict,
+    write_files: Callable[[Path], Optional[dict]],
+    *,
+    output_dir: Optional[str] = None,
+    overwrite: bool = False,
+    verify: Optional[Callable[[Path], dict]] = None,
+) -> Path:
+    """Write one stage folder atomically: ``write_files(folder)`` writes the weights (or ONNX files) and returns
+    record fields it learnt; then ``compression.json`` and ``metrics.json``. ``verify(folder)`` runs on the written
+    folder before it is moved into place (e.g. reload and evaluate); it may raise to reject it, and the metrics it
+    returns are added to ``record["metrics"]``. Returns the final folder."""
+    record = {"stage": stage, **record}
+    record.setdefault("versions", package_versions())
+    with checkpoint_writer(stage, output_dir, overwrite) as pending:
+        record.update(write_files(pending.path) or {})
+        write_json(pending.path / RECORD_FILE, record)
+        if verify is not None:
+            record["metrics"] = {**record.get("metrics", {}), **verify(pending.path)}
+            write_json(pending.path / RECORD_FILE, record)
+        write_json(pending.path / METRICS_FILE, flat_metrics(record))
+    return pending.final
 
 
 # -- resume state of interrupted training runs ---------------------------------------------------------

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
+from . import stages
+
 logger = logging.getLogger(__name__)
 
 PROFILES = ("default", "smoke")
@@ -29,9 +31,9 @@ MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 IMPORTANCE_MODES = ("l2", "kd_grad", "l2+kd_grad")
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-QAT_TEACHERS = ("teacher", "pruned")
+QAT_TEACHERS = ("teacher", "pruned")  # the stage-1 teacher, or the full-precision pruned model itself
 EMBEDDING_QUANT_CHOICES = ("none", "int8", "int4")
-INT8_SOURCES = ("auto", "qkd_4bit", "pruned")
+INT8_SOURCES = ("auto", *stages.get("int8").reads)
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
@@ -414,7 +416,7 @@ class PTQConfig(QuantizationFields, OutputFields):
 
 
 @dataclass
-class QATKDConfig(TrainingConfig, QuantizationFields):
+class QATKDConfig(TrainingConfig, QuantizationFields, DistillationWeights):
     """Stage 10: QKD-4bit, quantization-aware training of the pruned student with distillation."""
 
     pruned_model_path: Optional[str] = _field(None, "Pruned checkpoint to train. Default: the newest results/pruned/ run.")
@@ -423,12 +425,7 @@ class QATKDConfig(TrainingConfig, QuantizationFields):
     num_epochs: int = _field(2, "Number of passes over the training split.")
     learning_rate: float = _field(1e-5, "Peak AdamW learning rate.")
     batch_size: int = _field(16, "Training batch size per process.")
-    beta_ce: float = _field(0.5, "Weight of the cross-entropy loss on the true labels.")
-    beta_logits: float = _field(0.5, "Weight of KL(softmax(teacher/T) || softmax(student/T)) * T^2.")
-    beta_hidden: float = _field(1.0, "Weight of the MSE between teacher and student hidden states through the layer map.")
-    temperature: float = _field(2.0, "Distillation temperature T (> 0).")
-    beta_attention: float = _field(0.0, "Weight of MiniLM-v2 attention-relation distillation (see alpha_attention of stage 8).")
-    attention_relation_heads: int = _field(12, "Relation heads of the attention-relation loss (reduced to a divisor of both widths).")
+    alpha_hidden: float = _field(1.0, "Weight of the MSE between teacher and student hidden states through the layer map.")
     learnable_scales: bool = _field(
         False, "LSQ: train each 4-bit block's scale (initialised to its absmax) with the weights instead of taking the "
         "absmax; the exported checkpoint stores the learned scales and the codes they give.",
@@ -437,16 +434,15 @@ class QATKDConfig(TrainingConfig, QuantizationFields):
         0.5, "Largest allowed gap, in accuracy points, between fake-quantized and reloaded real 4-bit validation accuracy."
     )
 
+    # the distillation weights were once stage 10's own beta_* fields; those flags and JSON keys still work
+    RENAMED_FIELDS: ClassVar[dict] = {"beta_ce": "alpha_ce", "beta_logits": "alpha_kd", "beta_hidden": "alpha_hidden",
+                                      "beta_attention": "alpha_attention"}
+
     def __post_init__(self) -> None:
         TrainingConfig.__post_init__(self)
         QuantizationFields.__post_init__(self)
+        DistillationWeights.__post_init__(self)
         _check_choice("teacher", self.teacher, QAT_TEACHERS)
-        _check_positive("attention_relation_heads", self.attention_relation_heads)
-        for name in ("beta_ce", "beta_logits", "beta_hidden", "beta_attention"):
-            _check_range(name, getattr(self, name), 0.0, float("inf"))
-        if self.beta_ce + self.beta_logits + self.beta_hidden + self.beta_attention == 0:
-            raise ValueError("beta_ce, beta_logits, beta_hidden and beta_attention are all 0; at least one loss weight must be positive.")
-        _check_positive("temperature", self.temperature)
         _check_range("max_accuracy_gap", self.max_accuracy_gap, 0.0, 100.0)
 
 
@@ -549,14 +545,11 @@ class SensitivityConfig:
 class ReportConfig:
     """Stage 7: evaluate every stage on the test split and write the report."""
 
-    teacher_path: Optional[str] = _field(None, "Teacher checkpoint. Default: the newest results/teacher/ run.")
-    student_path: Optional[str] = _field(None, "Student checkpoint. Default: the newest results/student/ run.")
-    pruned_path: Optional[str] = _field(None, "Pruned checkpoint. Default: the newest results/pruned/ run.")
-    ptq_path: Optional[str] = _field(None, "PTQ 4-bit checkpoint. Default: the newest results/ptq_4bit/ run.")
-    qkd_path: Optional[str] = _field(None, "QKD 4-bit checkpoint. Default: the newest results/qkd_4bit/ run.")
-    int8_path: Optional[str] = _field(None, "int8 CPU deployment checkpoint. Default: the newest results/int8/ run.")
-    onnx_path: Optional[str] = _field(None, "ONNX folder of stage 12. Default: the newest results/onnx/ run.")
-    onnx_4bit_path: Optional[str] = _field(None, "4-bit ONNX folder of stage 12. Default: the newest results/onnx_4bit/ run.")
+    checkpoint: list[str] = _field(
+        [], "Evaluate this folder instead of a stage's newest run: 'STAGE=PATH', repeatable (e.g. --checkpoint "
+        "teacher=results/teacher/<run_id> --checkpoint pruned=results/pruned/<run_id>). STAGE is one of "
+        f"{', '.join(stages.STAGE_NAMES)}; PATH must be a finished checkpoint of that stage."
+    )
     ort_reference: bool = _field(
         True, "Add the row 'Teacher, ONNX Runtime dynamic int8 (no project)': the teacher exported to ONNX and quantized "
         "with ONNX Runtime's defaults, what a user gets without this pipeline."
@@ -583,6 +576,7 @@ class ReportConfig:
             _check_positive(name, getattr(self, name))
         _check_range("latency_warmup", self.latency_warmup, 0, float("inf"))
         _check_positive("num_threads", self.num_threads, allow_none=True)
+        self.checkpoint_paths  # validates the entries
         for entry in self.extra_models:
             if "=" not in entry:
                 raise ValueError(f"extra_models entry {entry!r} must look like 'Label=path/to/checkpoint'.")
@@ -591,6 +585,27 @@ class ReportConfig:
                 f"report_name={self.report_name!r} must be a plain file name (letters, digits, '_', '-', '.'; no '/', no "
                 f"'..'), since the report is written inside the results folder; e.g. --report_name my_report."
             )
+
+
+    @property
+    def checkpoint_paths(self) -> dict[str, str]:
+        """The ``--checkpoint STAGE=PATH`` entries as {stage: path}."""
+        paths: dict[str, str] = {}
+        for entry in self.checkpoint:
+            name, separator, path = entry.partition("=")
+            name, path = name.strip(), path.strip()
+            if not separator or not path:
+                raise ValueError(f"checkpoint entry {entry!r} must look like 'STAGE=PATH', e.g. 'pruned=results/pruned/<run_id>'.")
+            if name not in stages.STAGE_NAMES:
+                raise ValueError(f"checkpoint entry {entry!r} names the unknown stage {name!r}; stages: "
+                                 f"{', '.join(stages.STAGE_NAMES)}.")
+            if name in paths:
+                raise ValueError(f"checkpoint entry {entry!r}: stage {name!r} is given twice; pass one folder per stage.")
+            paths[name] = path
+        return paths
+
+    def explicit_checkpoints(self) -> dict[str, str]:
+        return {f"checkpoint {name}": path for name, path in self.checkpoint_paths.items()}
 
 
 def _apply_profile(configs: list, profile: str, explicit: frozenset = frozenset()) -> None:
@@ -644,6 +659,10 @@ def _read_json_config(path: Path, config_types: tuple) -> dict:
         raise ValueError(f"Config file {path} is not UTF-8 text ({error}); save it as UTF-8 JSON.") from error
     if not isinstance(values, dict):
         raise ValueError(f"Config file {path} must hold a JSON object of field names to values.")
+    renamed = _renamed_fields(config_types)
+    for old in [key for key in values if key in renamed]:
+        logger.warning("Config file %s: '%s' is now '%s'; read as such.", path, old, renamed[old])
+        values[renamed[old]] = values.pop(old)
     types = {}
     for config_type in config_types:
         types.update(typing.get_type_hints(config_type))
@@ -656,6 +675,26 @@ def _read_json_config(path: Path, config_types: tuple) -> dict:
         if problem is not None:
             raise ValueError(f"Config file {path}: {key}={value!r} has the wrong type; {key} must be {problem}.")
     return values
+
+
+def _renamed_fields(config_types: tuple) -> dict[str, str]:
+    """Old field name -> current name, for fields that were renamed (their old flags keep working)."""
+    renamed: dict[str, str] = {}
+    for config_type in config_types:
+        renamed.update(getattr(config_type, "RENAMED_FIELDS", {}))
+    return renamed
+
+
+def _rename_flags(argv: list[str], config_types: tuple) -> list[str]:
+    renamed = _renamed_fields(config_types)
+    result = []
+    for token in argv:
+        name, separator, value = token[2:].partition("=") if token.startswith("--") else ("", "", "")
+        if name in renamed:
+            logger.warning("--%s is now --%s; read as such.", name, renamed[name])
+            token = f"--{renamed[name]}{separator}{value}"
+        result.append(token)
+    return result
 
 
 def _explicit_names(argv: list[str], known: set[str]) -> set[str]:
@@ -686,31 +725,64 @@ def _check_paths(configs: list) -> None:
     from .checkpoints import RECORD_FILE, check_output_dir
 
     for config in configs:
+        explicit = dict(config.explicit_checkpoints()) if hasattr(config, "explicit_checkpoints") else {}
         for spec in dataclasses.fields(config):
             value = getattr(config, spec.name)
             if value is None:
                 continue
             if spec.name.endswith("_path") and not spec.name.endswith("_name_or_path"):
-                folder = Path(value).expanduser()
-                if not folder.is_dir():
-                    raise FileNotFoundError(f"{spec.name}={value!r}: no such folder. Pass the folder of a finished run, "
-                                            f"or leave {spec.name} out to use the newest one.")
-                if not (folder / RECORD_FILE).is_file():
-                    raise FileNotFoundError(f"{spec.name}={value!r} has no {RECORD_FILE}: it is not a finished checkpoint of "
-                                            f"this pipeline (an interrupted run, or another tool's folder).")
+                explicit[spec.name] = value
             elif spec.name in ("model_name_or_path", "student_model_name_or_path", "dataset") and isinstance(value, str):
                 if value != "embedded" and looks_local(value) and not Path(value).expanduser().exists():
                     raise FileNotFoundError(f"{spec.name}={value!r}: no such file or folder (it looks like a local path, "
                                             f"not a hub name). Check the path.")
+        for name, value in explicit.items():
+            folder = Path(value).expanduser()
+            if not folder.is_dir():
+                raise FileNotFoundError(f"{name}={value!r}: no such folder. Pass the folder of a finished run, "
+                                        f"or leave {name} out to use the newest one.")
+            if not (folder / RECORD_FILE).is_file():
+                raise FileNotFoundError(f"{name}={value!r} has no {RECORD_FILE}: it is not a finished checkpoint of "
+                                        f"this pipeline (an interrupted run, or another tool's folder).")
         if hasattr(config, "output_dir"):
             check_output_dir(config.output_dir, config.overwrite_output_dir)
+
+
+def _merge_repeated_list_flags(argv: list[str], config_types: tuple) -> list[str]:
+    """``--checkpoint a=1 --checkpoint b=2`` as ``--checkpoint a=1 b=2``: argparse keeps only the last occurrence of
+    a list flag, so each list field's occurrences are gathered into its first one."""
+    list_fields = set()
+    for config_type in config_types:
+        for name, hint in typing.get_type_hints(config_type).items():
+            if typing.get_origin(hint) is list:
+                list_fields.add(name)
+    gathered: dict[str, list[str]] = {}
+    merged: list[str] = []
+    current: Optional[list[str]] = None
+    for token in argv:
+        name = token[2:] if token.startswith("--") else None
+        if name is not None and "=" not in name and name in list_fields:
+            if name in gathered:
+                current = gathered[name]
+                continue
+            current = gathered[name] = []
+            merged.append(token)
+            merged.append(current)  # a placeholder, filled in below
+            continue
+        if name is not None:
+            current = None
+        if current is not None:
+            current.append(token)
+        else:
+            merged.append(token)
+    return [item for token in merged for item in (token if isinstance(token, list) else [token])]
 
 
 def parse_config(*config_types: type, args: Optional[list[str]] = None) -> tuple:
     """Parse ``--field value`` flags and an optional ``--config file.json`` into the given dataclasses."""
     from transformers import HfArgumentParser
 
-    argv = list(sys.argv[1:] if args is None else args)
+    argv = _rename_flags(list(sys.argv[1:] if args is None else args), config_types)
     parser = HfArgumentParser(config_types)
     parser.allow_abbrev = False  # '--num_epoch' must be an error, not silently '--num_epochs'
     known = {f.name for config_type in config_types for f in dataclasses.fields(config_type)}
@@ -725,6 +797,7 @@ def parse_config(*config_types: type, args: Optional[list[str]] = None) -> tuple
         explicit |= set(values)
         parser.set_defaults(**values)
     explicit |= _explicit_names(argv, known)
+    argv = _merge_repeated_list_flags(argv, config_types)
     configs = list(parser.parse_args_into_dataclasses(args=argv))
     profile = next((c.profile for c in configs if isinstance(c, DataConfig)), "default")
     _apply_profile(configs, profile, frozenset(explicit))

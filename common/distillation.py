@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -219,6 +220,23 @@ def kd_step(teacher: torch.nn.Module, loss: DistillationLoss, teacher_token_ids:
         return loss(student_output, teacher_output, batch["labels"], batch["attention_mask"], *relations)
 
     return compute_loss
+
+
+def distillation_for(weights, student: torch.nn.Module, teacher: torch.nn.Module,
+                     teacher_token_ids: torch.Tensor | None = None) -> tuple[DistillationLoss, Callable]:
+    """The one distillation setup of stages 2, 8 and 10: the loss built from a ``DistillationWeights`` config (layer map
+    from the two depths; a learned hidden-state projector when the widths differ, announced) and its
+    ``compute_loss`` for ``training.train``."""
+    loss = DistillationLoss(
+        weights.alpha_ce, weights.alpha_kd, weights.alpha_hidden, weights.temperature,
+        mapping=layer_map(num_layers(student), num_layers(teacher)),
+        weight_attention=weights.alpha_attention, relation_heads=weights.attention_relation_heads,
+        projector=hidden_projector_for(student, teacher, weights.alpha_hidden),
+    )
+    if loss.projector is not None:
+        print(f"Hidden-state distillation through a learned {loss.projector.linear.in_features} -> "
+              f"{loss.projector.linear.out_features} projector (student and teacher widths differ)")
+    return loss, kd_step(teacher, loss, teacher_token_ids)
 
 
 def num_layers(model: torch.nn.Module) -> int:

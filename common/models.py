@@ -293,30 +293,16 @@ def save_checkpoint(
 ) -> Path:
     """Write model, tokenizer, ``compression.json`` and flat ``metrics.json`` atomically; return the folder.
 
-    ``record`` is completed with the stage, the architecture record and package versions. ``verify(folder)``
-    runs on the written files before they are moved into place (e.g. reload and evaluate); it may raise to
-    reject the checkpoint, and the metrics it returns are added to ``record["metrics"]``.
+    ``record`` is completed with the stage, the architecture record, package versions and, for full-precision
+    models, the stock-transformers loader it ships. ``verify(folder)`` runs on the written files before they are
+    moved into place (``checkpoints.write_checkpoint``).
     """
-    record = {"stage": stage, "architecture": architecture_record(getattr(model, "module", model)), **record}
-    record.setdefault("versions", checkpoints.package_versions())
-    with checkpoints.checkpoint_writer(stage, output_dir, overwrite) as pending:
-        save_model(model, tokenizer, pending.path, state_dict=state_dict)
-        if not record.get("quantization") and not record.get("embedding_quantization"):
-            record["stock_transformers_loader"] = ship_stock_loader(pending.path, record["architecture"])
-        checkpoints.write_json(pending.path / checkpoints.RECORD_FILE, record)
-        if verify is not None:
-            record["metrics"] = {**record.get("metrics", {}), **verify(pending.path)}
-            checkpoints.write_json(pending.path / checkpoints.RECORD_FILE, record)
-        checkpoints.write_json(pending.path / checkpoints.METRICS_FILE, _flatten(record.get("metrics", {})))
-    return pending.final
+    record = {"architecture": architecture_record(getattr(model, "module", model)), **record}
 
+    def write_files(folder: Path) -> dict:
+        save_model(model, tokenizer, folder, state_dict=state_dict)
+        if record.get("quantization") or record.get("embedding_quantization"):
+            return {}
+        return {"stock_transformers_loader": ship_stock_loader(folder, record["architecture"])}
 
-def _flatten(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
+    return checkpoints.write_checkpoint(stage, record, write_files, output_dir=output_dir, overwrite=overwrite, verify=verify)

@@ -19,8 +19,9 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from . import stages
 from .architecture import forward_input_names
-from .checkpoints import ONNX_STAGES, RECORD_FILE
+from .checkpoints import RECORD_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def open_classifier(path: str | Path, onnx_file: Optional[str] = None, num_threa
     id2label = {int(key): value for key, value in (config.get("id2label") or {}).items()}
     max_length = int((record.get("config") or {}).get("max_length") or min(512, tokenizer.model_max_length))
     pair_column = (record.get("config") or {}).get("text_pair_column")
-    if stage in ONNX_STAGES or onnx_file is not None:
+    if stage in stages.onnx_stages() or onnx_file is not None:
         from .onnx_runtime import OnnxClassifier
 
         chosen = onnx_file or record.get("deployment_model") or "model.onnx"

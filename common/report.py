@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from . import checkpoints
+from . import checkpoints, stages
 from .data import TextClassificationData, make_loader, tokenize_dataset
 from .evaluation import (
     InferenceModel,
@@ -47,31 +47,16 @@ class ModelEntry:
     onnx_file: Optional[str] = None  # None: a torch checkpoint; else the file of an ONNX folder to run
 
 
-REFERENCE_LABEL = "Teacher (FP32)"
+REFERENCE_LABEL = stages.get("teacher").rows[0].label
 ORT_REFERENCE_LABEL = "Teacher, ONNX Runtime dynamic int8 (no project)"
-# (display name, stage, ONNX file or None); users add rows with --extra_models 'Label=path[:file.onnx]'.
-MODELS_TO_EVALUATE = (
-    ("Teacher (FP32)", "teacher", None),
-    ("Student (FP32)", "student", None),
-    ("Pruned Student (FP32)", "pruned", None),
-    ("Pruned + Quantized Student (PTQ)", "ptq_4bit", None),
-    ("Pruned + QKD-4bit (QAT)", "qkd_4bit", None),
-    ("Int8 CPU deployment (torch)", "int8", None),
-    ("Pruned, ONNX Runtime FP32", "onnx", "model.onnx"),
-    ("Pruned, ONNX Runtime int8 dynamic", "onnx", "model_int8_dynamic.onnx"),
-    ("Pruned, ONNX Runtime int8 static", "onnx", "model_int8_static.onnx"),
-    ("QKD-4bit, ONNX Runtime NF4 (MatMulBnb4)", "onnx_4bit", "model.onnx"),
-    ("QKD-4bit, ONNX Runtime NF4 codes, int8 compute", "onnx_4bit", "model_nf4_int8.onnx"),
-)
 
 
 def model_entries(config) -> list[ModelEntry]:
-    explicit = {
-        "teacher": config.teacher_path, "student": config.student_path, "pruned": config.pruned_path,
-        "ptq_4bit": config.ptq_path, "qkd_4bit": config.qkd_path, "int8": config.int8_path,
-        "onnx": config.onnx_path, "onnx_4bit": config.onnx_4bit_path,
-    }
-    entries = [ModelEntry(label, stage, explicit[stage], onnx_file) for label, stage, onnx_file in MODELS_TO_EVALUATE]
+    """One entry per report row of the stage table (a stage's folder from ``--checkpoint STAGE=PATH`` or its newest
+    run), then the user's ``--extra_models 'Label=path[:file.onnx]'`` rows."""
+    explicit = config.checkpoint_paths
+    entries = [ModelEntry(row.label, stage.name, explicit.get(stage.name), row.file)
+               for stage in stages.STAGE_TABLE for row in stage.rows]
     for item in config.extra_models:
         label, _, target = item.partition("=")
         path, _, onnx_file = target.strip().partition(":")
@@ -100,7 +85,7 @@ def evaluate_entry(entry: ModelEntry, data: TextClassificationData, data_config,
     folder, record = _resolve(entry)
     check_matches_data(folder, record, data_config, data.label_names)
     if entry.onnx_file is not None and not (folder / entry.onnx_file).is_file():
-        raise FileNotFoundError(f"{folder} has no {entry.onnx_file}; re-run {checkpoints.STAGE_SCRIPTS.get(record.get('stage'), 'its stage')}")
+        raise FileNotFoundError(f"{folder} has no {entry.onnx_file}; re-run {stages.script_for(record['stage']) if record.get('stage') in stages.STAGE_NAMES else 'its stage'}")
     model = InferenceModel(folder, entry.onnx_file, config.num_threads)
     tokenizer = load_checkpoint_tokenizer(folder)
     loader = make_loader(tokenize_dataset(data.test, tokenizer, data_config.max_length), tokenizer, config.eval_batch_size, shuffle=False)
@@ -317,10 +302,10 @@ def build_report(config, data: TextClassificationData, data_config, settings: di
     with tempfile.TemporaryDirectory(prefix="report-reference-") as scratch:
         if config.ort_reference:
             try:
-                teacher_folder = checkpoints.find_checkpoint("teacher", config.teacher_path)
+                teacher_folder = checkpoints.find_checkpoint("teacher", config.checkpoint_paths.get("teacher"))
                 entries.insert(1, build_reference_onnx(teacher_folder, Path(scratch), max_length))
             except Exception as error:  # the reference row is optional; say why it is missing
-                skipped.append({"label": ORT_REFERENCE_LABEL, "stage": "teacher", "path": config.teacher_path,
+                skipped.append({"label": ORT_REFERENCE_LABEL, "stage": "teacher", "path": config.checkpoint_paths.get("teacher"),
                                 "reason": f"{type(error).__name__}: {error}"})
         for entry in entries:
             try:
@@ -339,7 +324,7 @@ def build_report(config, data: TextClassificationData, data_config, settings: di
     if not evaluated:
         reasons = "\n".join(f"- {item['label']}: {item['reason']}" for item in skipped)
         raise RuntimeError(f"No model could be evaluated, so no report was written:\n{reasons}\nRun the stages first "
-                           f"(make pipeline), or pass checkpoint folders with --teacher_path etc.")
+                           f"(make pipeline), or pass checkpoint folders with --checkpoint STAGE=PATH.")
     rows = [item.row for item in evaluated]
     add_relative_fields(rows)
     return {

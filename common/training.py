@@ -15,15 +15,13 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .checkpoints import Stopwatch
-from .config import TrainingConfig, config_to_dict, log_config
-from .data import TextClassificationData, load_splits
+from .config import TrainingConfig
 from .evaluation import evaluate_accuracy
 
 logger = logging.getLogger(__name__)
@@ -52,40 +50,6 @@ class TrainResult:
     steps: int = 0
     seconds_per_step: float = 0.0
     stopped_early: bool = False  # stop_after_epochs ended the run before num_epochs; no checkpoint should be written
-
-
-@dataclass
-class StageRun:
-    """What every training stage sets up first: the accelerator, the data split and a wall clock."""
-
-    accelerator: Any
-    data: TextClassificationData
-    stopwatch: Stopwatch
-
-    def record(self, data_config, config: TrainingConfig, result: "TrainResult", **fields) -> dict:
-        """The ``compression.json`` fields every training stage writes, plus the stage's own ``fields``."""
-        return {
-            "config": config_to_dict(data_config, config),
-            "label_names": self.data.label_names,
-            "seed": config.seed,
-            "history": result.history,
-            "seconds_per_step": result.seconds_per_step,
-            "wall_time_s": self.stopwatch.seconds,
-            "num_processes": self.accelerator.num_processes,
-            **fields,
-        }
-
-
-def start_stage(data_config, config: TrainingConfig) -> StageRun:
-    """Accelerator, logged config, seed and the data split, in the order every training script needs them."""
-    from accelerate.utils import set_seed
-
-    stopwatch = Stopwatch()
-    accelerator = make_accelerator(config)
-    if accelerator.is_main_process:
-        log_config(data_config, config)
-    set_seed(config.seed)
-    return StageRun(accelerator, load_splits(data_config), stopwatch)
 
 
 def make_accelerator(config: TrainingConfig):
@@ -309,13 +273,6 @@ def _differences(then: dict, now: dict, prefix: str = "") -> dict:
         elif old != new:
             differing[f"{prefix}{key}"] = (old, new)
     return differing
-
-
-def finish_resume_dir(folder: Optional[Path], accelerator) -> None:
-    """Remove a finished run's per-epoch state (the checkpoint now holds the result). No barrier: other
-    processes may have returned already."""
-    if folder is not None and accelerator.is_main_process:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _save_resume_state(folder: Path, accelerator, model, optimizer, scheduler, best_state: dict, trainer_state: dict,

@@ -18,7 +18,6 @@ Run as:
 """
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path

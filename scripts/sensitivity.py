@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import DataConfig, parse_config, setup_logging  # noqa: E402
+from common import DataConfig, parse_config, setup_logging, stages  # noqa: E402
 from common.checkpoints import results_root, write_json  # noqa: E402
 from common.config import PruningConfig, SensitivityConfig  # noqa: E402
 from common.data import build_loaders, load_splits  # noqa: E402
@@ -32,7 +32,7 @@ from common.sensitivity import measure_sensitivity, plot_heatmap, recommend_targ
 def main(data_config: DataConfig, config: SensitivityConfig) -> None:
     data = load_splits(data_config)
     folder, _ = resolve_stage_checkpoint("student", config.model_path, data.label_names, data_config,
-                                         allowed_stages=("teacher", "student", "pruned") if config.model_path else None)
+                                         allowed_stages=stages.with_weights("full") if config.model_path else None)
     model = load_model(folder)
     tokenizer = load_checkpoint_tokenizer(folder)
     train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, seed=0)

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +18,8 @@ sys.path.insert(0, str(PROJECT_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from common import stages  # noqa: E402  (after the path is set)
 
 POSITIVE = ["great", "superb", "moving", "brilliant", "fun", "charming", "clever", "warm"]
 NEGATIVE = ["dull", "boring", "awful", "messy", "flat", "tedious", "weak", "bland"]
@@ -198,3 +201,48 @@ def results_dir(tmp_path, monkeypatch) -> Path:
 
 def batch_for(tokenizer, texts=("great film and fun story", "dull boring plot", "the actor was charming")):
     return tokenizer(list(texts), padding=True, return_tensors="pt")
+
+
+def tiny_data(train_texts, test_texts=("great film",)):
+    """A TextClassificationData of the given texts, labels alternating negative/positive."""
+    from datasets import Dataset
+
+    from common.data import TextClassificationData
+
+    def split(texts):
+        return Dataset.from_dict({"text": list(texts), "label": [i % 2 for i in range(len(texts))]})
+
+    return TextClassificationData(split(train_texts), split(test_texts), split(test_texts), ["negative", "positive"], "test")
+
+
+# -- running the scripts as a user does ------------------------------------------------------------------------
+
+def run_stage_unchecked(script, results_dir, *args, launcher=None, timeout=600):
+    env = {**os.environ, "COMPRESSION_RESULTS_DIR": str(results_dir), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = (launcher or [sys.executable]) + [str(PROJECT_ROOT / script), *map(str, args)]
+    return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_stage(script, results_dir, *args, launcher=None, timeout=600):
+    completed = run_stage_unchecked(script, results_dir, *args, launcher=launcher, timeout=timeout)
+    assert completed.returncode == 0, f"{script} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}"
+    return completed
+
+
+def run_pipeline(results_dir, common_args, script_args: dict) -> dict:
+    """Every script in the stage table's run order, each with ``common_args`` plus its own ``script_args[script]``;
+    returns the completed processes by script."""
+    unknown = set(script_args) - set(stages.run_order())
+    assert not unknown, f"not scripts of the run order: {unknown}"
+    return {script: run_stage(script, results_dir, *script_args.get(script, ()), *common_args)
+            for script in stages.run_order()}
+
+
+def only_checkpoint(results_dir, stage):
+    from common.checkpoints import RECORD_FILE
+
+    folders = [p for p in (results_dir / stage).iterdir() if not p.name.startswith(".")]
+    assert len(folders) == 1, folders
+    record = json.loads((folders[0] / RECORD_FILE).read_text())
+    assert record["stage"] == stage
+    return folders[0], record

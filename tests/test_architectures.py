@@ -142,8 +142,7 @@ PAIR_ARCHITECTURES = ("electra", "deberta-v2")  # segment ids (ELECTRA) and none
 
 @pytest.mark.parametrize("model_type", NEW_ARCHITECTURES)
 def test_pipeline_runs_on_each_architecture(model_type, tmp_path):
-    from conftest import make_pretrained_folder, write_pairs_csv, write_reviews_csv
-    from test_pipeline import only_checkpoint, run_stage
+    from conftest import make_pretrained_folder, only_checkpoint, run_pipeline, run_stage, write_pairs_csv, write_reviews_csv
 
     pairs = model_type in PAIR_ARCHITECTURES
     folder = make_pretrained_folder(model_type, tmp_path / "model")
@@ -155,15 +154,14 @@ def test_pipeline_runs_on_each_architecture(model_type, tmp_path):
         columns = ["--text_column", "review", "--label_column", "sentiment"]
     results = tmp_path / "results"
     common = ["--dataset", data, *columns, "--profile", "smoke", "--max_train_samples", "64", "--max_eval_samples", "32"]
-    run_stage("1_train_teacher.py", results, "--model_name_or_path", folder, "--batch_size", 16, *common)
-    run_stage("2_distill_student.py", results, "--batch_size", 16, *common)
-    run_stage("8_pruning_with_finetuning.py", results, "--batch_size", 16, *common)
-    run_stage("9_quantize_pruned_model.py", results, *common)
-    run_stage("10_qat_kd_4bit.py", results, *common)
-    run_stage("11_export_int8.py", results, *common)
-    run_stage("12_export_onnx.py", results, "--calibration_methods", "minmax", *common)
-    run_stage("7_evaluate_and_generate_report.py", results, "--latency_repeats", 1, "--latency_batch_size", 2,
-              "--latency_seq_length", 16, "--ort_reference", "false", *common)
+    run_pipeline(results, common, {
+        "1_train_teacher.py": ["--model_name_or_path", folder, "--batch_size", 16],
+        "2_distill_student.py": ["--batch_size", 16],
+        "8_pruning_with_finetuning.py": ["--batch_size", 16],
+        "12_export_onnx.py": ["--calibration_methods", "minmax"],
+        "7_evaluate_and_generate_report.py": ["--latency_repeats", 1, "--latency_batch_size", 2, "--latency_seq_length", 16,
+                                              "--ort_reference", "false"],
+    })
 
     _, teacher_record = only_checkpoint(results, "teacher")
     assert teacher_record["architecture"]["model_type"] == model_type

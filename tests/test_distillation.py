@@ -6,7 +6,7 @@ import torch
 
 from common.distillation import DistillationLoss, hidden_mse_loss, kd_kl_loss, layer_map
 from common.models import build_student_from_teacher, layer_views, teacher_layers_for_student
-from conftest import batch_for, tiny_bert_config, tiny_distilbert_config, tiny_model
+from conftest import batch_for, tiny_bert_config, tiny_data, tiny_distilbert_config, tiny_model
 
 
 def hand_kl(student_logits, teacher_logits, temperature):
@@ -137,7 +137,6 @@ def test_projector_hidden_loss_trains_between_different_widths(tokenizer):
     from common.data import make_loader, tokenize_dataset
     from common.distillation import hidden_projector_for, kd_step
     from common.training import make_accelerator, train
-    from test_vocabulary_and_report import tiny_data
 
     teacher = tiny_model(tiny_bert_config(hidden=48, heads=4))
     student = tiny_model(tiny_bert_config(hidden=32, heads=4))

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from common import checkpoints
+from common import checkpoints, stages
 from common.config import (
     DataConfig,
     OnnxExportConfig,
@@ -22,7 +22,7 @@ from common.config import (
 )
 from common.data import load_splits
 from common.models import check_matches_data, load_model, load_pretrained_classifier, save_checkpoint
-from conftest import PROJECT_ROOT, make_tokenizer, tiny_bert_config, tiny_model, write_reviews_csv
+from conftest import PROJECT_ROOT, make_tokenizer, run_stage_unchecked, tiny_bert_config, tiny_data, tiny_model, write_reviews_csv
 
 LABELS = ["negative", "positive"]
 
@@ -244,9 +244,9 @@ def test_checkpoint_of_the_wrong_stage_is_refused(results_dir):
     teacher = checkpoint(results_dir, "teacher")
     with pytest.raises(ValueError, match=r"is a 'teacher' checkpoint, but a 'pruned' checkpoint is needed"):
         checkpoints.find_checkpoint("pruned", teacher)
-    with pytest.raises(ValueError, match="'qkd_4bit' or 'ptq_4bit'"):
-        checkpoints.find_checkpoint("qkd_4bit", teacher, allowed_stages=("qkd_4bit", "ptq_4bit"))
-    assert checkpoints.find_checkpoint("pruned", teacher, allowed_stages=("pruned", "student", "teacher")) == teacher
+    with pytest.raises(ValueError, match="'ptq_4bit' or 'qkd_4bit'"):
+        checkpoints.find_checkpoint("qkd_4bit", teacher, allowed_stages=stages.with_weights("4bit"))
+    assert checkpoints.find_checkpoint("pruned", teacher, allowed_stages=stages.with_weights("full")) == teacher
 
 
 # -- inputs against what the checkpoint says --------------------------------------------------------------------
@@ -341,7 +341,6 @@ def test_one_class_data_and_missing_column(tmp_path):
 
 def test_report_with_no_checkpoint_fails(results_dir):
     from common.report import build_report
-    from test_vocabulary_and_report import tiny_data
 
     config = ReportConfig(latency_repeats=1, latency_warmup=0, ort_reference=False)
     with pytest.raises(RuntimeError, match=r"(?s)No model could be evaluated.*Teacher \(FP32\): FileNotFoundError"):
@@ -351,7 +350,6 @@ def test_report_with_no_checkpoint_fails(results_dir):
 
 def test_report_latency_length_beyond_the_position_limit_fails_before_measuring(results_dir):
     from common.report import build_report
-    from test_vocabulary_and_report import tiny_data
 
     checkpoint(results_dir, max_positions=64)
     config = ReportConfig(latency_seq_length=128, latency_repeats=1, latency_warmup=0)
@@ -378,12 +376,6 @@ def test_onnx_export_config(values, message):
 # -- scripts end to end: refused before any model loads ---------------------------------------------------------
 
 
-def run_script(script, results_dir, *args):
-    env = {**os.environ, "COMPRESSION_RESULTS_DIR": str(results_dir), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(PROJECT_ROOT / script), *map(str, args)], cwd=PROJECT_ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 def test_resuming_a_teacher_run_with_other_data_is_refused(results_dir, tmp_path, pretrained_folder, reviews_csv):
     interrupted = results_dir / "teacher" / f"{checkpoints.RESUME_PREFIX}20260101-000000-000000"
     interrupted.mkdir(parents=True)
@@ -392,7 +384,7 @@ def test_resuming_a_teacher_run_with_other_data_is_refused(results_dir, tmp_path
         "data": {"dataset": "embedded", "dataset_config": None, "text_column": None, "label_column": "label", "split_seed": 42,
                  "validation_fraction": 0.1, "test_fraction": 0.1},
         "label_names": ["rotten", "fresh"], "model_name_or_path": str(pretrained_folder), "max_length": 64}))
-    completed = run_script("1_train_teacher.py", results_dir, "--resume", "--model_name_or_path", pretrained_folder,
+    completed = run_stage_unchecked("1_train_teacher.py", results_dir, "--resume", "--model_name_or_path", pretrained_folder,
                            "--dataset", reviews_csv, "--text_column", "review", "--label_column", "sentiment", "--profile", "smoke")
     assert completed.returncode != 0
     assert "ValueError: --resume: the interrupted run" in completed.stderr and "label_names" in completed.stderr
@@ -402,14 +394,14 @@ def test_resuming_a_teacher_run_with_other_data_is_refused(results_dir, tmp_path
 
 def test_quantizing_a_teacher_as_the_pruned_model_is_refused(results_dir):
     teacher = checkpoint(results_dir)
-    completed = run_script("9_quantize_pruned_model.py", results_dir, "--pruned_model_path", teacher, "--profile", "smoke")
+    completed = run_stage_unchecked("9_quantize_pruned_model.py", results_dir, "--pruned_model_path", teacher, "--profile", "smoke")
     assert completed.returncode != 0 and "is a 'teacher' checkpoint, but a 'pruned' checkpoint is needed" in completed.stderr
     assert not (results_dir / "ptq_4bit").exists() or not list((results_dir / "ptq_4bit").iterdir())
 
 
 def test_int8_export_with_other_data_than_its_source_is_refused(results_dir, reviews_csv):
     checkpoint(results_dir, "pruned", labels=["rotten", "fresh"])
-    completed = run_script("11_export_int8.py", results_dir, "--source", "pruned", "--dataset", reviews_csv,
+    completed = run_stage_unchecked("11_export_int8.py", results_dir, "--source", "pruned", "--dataset", reviews_csv,
                            "--text_column", "review", "--label_column", "sentiment", "--profile", "smoke")
     assert completed.returncode != 0
     assert "trained on labels ['rotten', 'fresh'], but the data now has ['negative', 'positive']" in completed.stderr
@@ -499,7 +491,7 @@ def test_predict_needs_pairs_for_a_pair_model_and_a_separator_in_each_text(tmp_p
     (PruningConfig, {"alpha_attention": -1.0}, "alpha_attention=-1.0"),
     (PruningConfig, {"attention_relation_heads": 0}, "attention_relation_heads=0 must be a positive"),
     (PruningConfig, {"alpha_ce": 0.0, "alpha_kd": 0.0, "alpha_hidden": 0.0, "alpha_attention": 0.0}, "alpha_attention are all 0"),
-    ("QATKDConfig", {"beta_attention": -0.5}, "beta_attention=-0.5"),
+    ("QATKDConfig", {"alpha_attention": -0.5}, "alpha_attention=-0.5"),
     ("PTQConfig", {"keep_8bit_size_budget_mb": -1.0}, "keep_8bit_size_budget_mb=-1.0 must be a positive"),
     ("QATKDConfig", {"keep_8bit_size_budget_mb": 0.0}, "keep_8bit_size_budget_mb=0.0 must be a positive"),
     ("SensitivityConfig", {"sparsities": [0.5, 1.5]}, r"sparsities=\[0.5, 1.5\] must be shares between 0 and 1"),
@@ -533,14 +525,14 @@ def test_sweep_refuses_sparsities_outside_zero_to_one(results_dir):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_alignment_benchmark_on_cuda_without_a_gpu_is_refused(results_dir):
-    completed = run_script("scripts/benchmark_alignment.py", results_dir, "--device", "cuda")
+    completed = run_stage_unchecked("scripts/benchmark_alignment.py", results_dir, "--device", "cuda")
     assert completed.returncode == 2
     assert "--device cuda: torch sees no CUDA device here; use --device cpu" in completed.stderr
     assert not (results_dir / "alignment_benchmark_cuda.json").exists()
 
 
 def test_ablation_quantization_rows_without_their_pruned_model_are_refused_before_any_run(results_dir):
-    completed = run_script("scripts/ablation.py", results_dir, "--variants", "L2, MSP",
+    completed = run_stage_unchecked("scripts/ablation.py", results_dir, "--variants", "L2, MSP",
                            "--quantization_variants", "QKD-4bit (on KGSP + MSP)")
     assert completed.returncode == 2
     assert "quantize the 'KGSP + MSP' model; add it to --variants or pass --skip_quantization" in completed.stderr

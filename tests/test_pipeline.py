@@ -9,30 +9,11 @@ import sys
 
 import pytest
 
+from common import stages
 from common.checkpoints import RECORD_FILE
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, only_checkpoint, run_pipeline, run_stage, run_stage_unchecked
 
 DATA_ARGS = ["--text_column", "review", "--label_column", "sentiment", "--profile", "smoke", "--max_train_samples", "96", "--max_eval_samples", "48"]
-
-
-def run_stage(script, results_dir, *args, launcher=None, timeout=600):
-    completed = run_stage_unchecked(script, results_dir, *args, launcher=launcher, timeout=timeout)
-    assert completed.returncode == 0, f"{script} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}"
-    return completed
-
-
-def run_stage_unchecked(script, results_dir, *args, launcher=None, timeout=600):
-    env = {**os.environ, "COMPRESSION_RESULTS_DIR": str(results_dir), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = (launcher or [sys.executable]) + [str(PROJECT_ROOT / script), *map(str, args)]
-    return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def only_checkpoint(results_dir, stage):
-    folders = [p for p in (results_dir / stage).iterdir() if not p.name.startswith(".")]
-    assert len(folders) == 1, folders
-    record = json.loads((folders[0] / RECORD_FILE).read_text())
-    assert record["stage"] == stage
-    return folders[0], record
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +29,14 @@ def pipeline_run(tmp_path_factory):
     data = write_reviews_csv(root / "reviews.csv", rows=300, labels=("negative", "neutral", "positive"))
     results = root / "results"
     common = ["--dataset", data, *DATA_ARGS]
-    run_stage("1_train_teacher.py", results, "--model_name_or_path", model_folder, "--batch_size", 16, *common)
-    run_stage("2_distill_student.py", results, "--batch_size", 16, *common)
-    run_stage("8_pruning_with_finetuning.py", results, "--batch_size", 16, "--head_final_sparsity", 0.5, "--ffn_final_sparsity", 0.5, *common)
-    run_stage("9_quantize_pruned_model.py", results, *common)
-    run_stage("10_qat_kd_4bit.py", results, "--num_epochs", 1, *common)
-    run_stage("11_export_int8.py", results, *common)
-    run_stage("12_export_onnx.py", results, *common)
-    report = run_stage("7_evaluate_and_generate_report.py", results, "--latency_repeats", 2, "--latency_batch_size", 4, "--latency_seq_length", 16, *common)
-    return results, report
+    completed = run_pipeline(results, common, {
+        "1_train_teacher.py": ["--model_name_or_path", model_folder, "--batch_size", 16],
+        "2_distill_student.py": ["--batch_size", 16],
+        "8_pruning_with_finetuning.py": ["--batch_size", 16, "--head_final_sparsity", 0.5, "--ffn_final_sparsity", 0.5],
+        "10_qat_kd_4bit.py": ["--num_epochs", 1],
+        stages.REPORT_SCRIPT: ["--latency_repeats", 2, "--latency_batch_size", 4, "--latency_seq_length", 16],
+    })
+    return results, completed[stages.REPORT_SCRIPT]
 
 
 def test_teacher_and_student_checkpoints(pipeline_run):
@@ -124,9 +104,11 @@ def data_args(results):
 def test_report_covers_every_stage(pipeline_run):
     results, completed = pipeline_run
     report = json.loads((results / "final_report.json").read_text())
-    assert [row["stage"] for row in report["models"]] == [
-        "teacher", "onnx_reference", "student", "pruned", "ptq_4bit", "qkd_4bit", "int8", "onnx", "onnx", "onnx", "onnx_4bit",
-        "onnx_4bit"]
+    expected = [stage.name for stage in stages.STAGE_TABLE for _ in stage.rows]
+    expected.insert(1, "onnx_reference")  # the teacher in ONNX Runtime int8, right after the teacher
+    assert [row["stage"] for row in report["models"]] == expected
+    assert [row["label"] for row in report["models"] if row["stage"] != "onnx_reference"] == [
+        row.label for stage in stages.STAGE_TABLE for row in stage.rows]
     assert report["skipped"] == []
     onnx_rows = {row["label"]: row for row in report["models"] if row["runtime"] == "onnxruntime"}
     pruned_row = next(row for row in report["models"] if row["stage"] == "pruned")
@@ -183,7 +165,11 @@ def predict(*args, stdin=None):
                           input=stdin, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("stage", ["onnx", "onnx_4bit", "pruned", "qkd_4bit", "int8"])
+# every ONNX folder, and the last torch stage of each kind of weights (full precision, 4-bit, int8)
+PREDICT_STAGES = [*stages.onnx_stages(), *(stages.with_weights(kind)[-1] for kind in ("full", "4bit", "int8"))]
+
+
+@pytest.mark.parametrize("stage", PREDICT_STAGES)
 def test_predict_with_every_kind_of_folder(pipeline_run, stage):
     results, _ = pipeline_run
     folder, _ = only_checkpoint(results, stage)

@@ -8,7 +8,7 @@ from transformers import BertConfig
 from common.config import PruningConfig
 from common.models import layer_views, load_model, save_checkpoint
 from common.pruning import StructuralPruner, polynomial_sparsity
-from conftest import batch_for, tiny_bert_config, tiny_distilbert_config, tiny_model
+from conftest import batch_for, tiny_bert_config, tiny_data, tiny_distilbert_config, tiny_model
 
 
 def pruning_config(**overrides):
@@ -221,7 +221,6 @@ def test_sensitivity_drop_table_has_one_row_per_layer_and_a_recommendation_withi
     from common.data import make_loader, tokenize_dataset
     from common.evaluation import evaluate_accuracy
     from common.sensitivity import measure_sensitivity, recommend_targets
-    from test_vocabulary_and_report import tiny_data
 
     data = tiny_data(["great film", "dull plot", "fun story", "boring actor"] * 6, ["great plot", "dull film", "fun actor"])
     train_loader = make_loader(tokenize_dataset(data.train, tokenizer, 16), tokenizer, 8, shuffle=True)

@@ -8,9 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from common.checkpoints import RECORD_FILE, RESUME_PREFIX
-from conftest import make_pretrained_folder, write_reviews_csv
-from test_pipeline import only_checkpoint, run_stage
-from test_hostile_inputs import run_script
+from conftest import PROJECT_ROOT, make_pretrained_folder, run_stage, run_stage_unchecked, write_reviews_csv
 
 COMMON = ["--text_column", "review", "--label_column", "sentiment", "--profile", "smoke", "--max_train_samples", "64",
           "--max_eval_samples", "32"]
@@ -85,18 +83,17 @@ def test_resuming_with_other_settings_is_refused_before_loading(trained):
     arguments = ["8_pruning_with_finetuning.py", results, "--dataset", data, *COMMON, "--num_epochs", 2]
     run_stage(*arguments, "--stop_after_epochs", 1)
     pending = [p for p in (results / "pruned").iterdir() if p.name.startswith(RESUME_PREFIX)]
-    completed = run_script(*arguments, "--resume", "--head_final_sparsity", 0.25)
+    completed = run_stage_unchecked(*arguments, "--resume", "--head_final_sparsity", 0.25)
     assert completed.returncode != 0
     assert "--resume: the interrupted run" in completed.stderr and "settings.head_final_sparsity: 0.5 then, 0.25 now" in completed.stderr
     assert all(p.is_dir() for p in pending), "the interrupted run's state is kept"
     assert not [p for p in (results / "student").iterdir() if p.name.startswith(RESUME_PREFIX)]
-    missing = run_script("2_distill_student.py", results, "--dataset", data, *COMMON, "--resume")
+    missing = run_stage_unchecked("2_distill_student.py", results, "--dataset", data, *COMMON, "--resume")
     assert missing.returncode != 0 and "holds no interrupted run" in missing.stderr
 
 
 def test_sweep_runs_stage_8_and_int8_per_sparsity_and_writes_the_curve(trained):
     root, results, data = trained
-    from test_pipeline import PROJECT_ROOT
 
     import os
     import subprocess

@@ -3,8 +3,7 @@ import torch
 from common.config import TeacherConfig
 from common.data import make_loader, tokenize_dataset
 from common.training import make_accelerator, train
-from conftest import tiny_bert_config, tiny_model
-from test_vocabulary_and_report import tiny_data
+from conftest import tiny_bert_config, tiny_data, tiny_model
 
 
 def cross_entropy(model, batch):

@@ -3,22 +3,14 @@ import math
 
 import pytest
 import torch
-from datasets import Dataset
 
+from common import stages
 from common.config import DataConfig, ReportConfig
-from common.data import TextClassificationData
 from common.evaluation import classification_metrics
 from common.models import load_checkpoint_tokenizer, load_model, save_checkpoint
 from common.report import build_report, pareto_front, write_report
 from common.vocabulary import prune_vocabulary
-from conftest import tiny_bert_config, tiny_model
-
-
-def tiny_data(train_texts, test_texts=("great film",)):
-    def split(texts):
-        return Dataset.from_dict({"text": list(texts), "label": [i % 2 for i in range(len(texts))]})
-
-    return TextClassificationData(split(train_texts), split(test_texts), split(test_texts), ["negative", "positive"], "test")
+from conftest import tiny_bert_config, tiny_data, tiny_model
 
 
 def test_vocabulary_pruning_round_trip(tokenizer, results_dir):
@@ -63,7 +55,7 @@ def test_pareto_front_on_hand_made_points():
 @pytest.fixture
 def report_results(results_dir, tokenizer):
     """A teacher and a student checkpoint, a corrupted pruned one, and no quantized stages at all."""
-    for stage in ("teacher", "student", "pruned"):
+    for stage in stages.with_weights("full"):
         model = tiny_model(tiny_bert_config(layers=2 if stage == "teacher" else 1))
         save_checkpoint(stage, model, tokenizer, {"label_names": ["negative", "positive"]})
     pruned = next((results_dir / "pruned").iterdir())
