@@ -9,7 +9,6 @@ from common.models import count_parameters, load_model, save_checkpoint, word_em
 from common.pruning import StructuralPruner
 from common.quantization import (
     FakeQuant4bitLinear,
-    _linear4bit,
     dequantize_4bit_exact,
     compress_embedding_state,
     dequantize_rows,
@@ -22,6 +21,7 @@ from common.quantization import (
     quantize_rows,
     strip_fake_quantization,
 )
+from common.quantization.bnb4 import _linear4bit
 from conftest import batch_for, tiny_bert_config, tiny_model
 
 
@@ -318,3 +318,51 @@ def test_mixed_precision_keeps_the_worst_layers_at_8_bits_after_reload(tokenizer
     with torch.no_grad():
         assert torch.allclose(reloaded(**inputs).logits, fake(**inputs).logits, atol=1e-5), "trained (fake) and stored 8/4-bit models agree"
 
+
+
+def test_a_new_format_loads_through_the_format_table(results_dir, tokenizer):
+    """A format registered from outside the loader (here fp16 storage of the encoder Linears, a test double) is
+    loaded by load_model through the record's method, with no change to the loader."""
+    from torch import nn
+
+    from common.architecture import set_module
+    from common.quantization import FORMATS, QuantizedFormat, quantizable_linear_names, register_format
+
+    class HalfLinear(nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.register_buffer("weight_half", torch.zeros(linear.out_features, linear.in_features, dtype=torch.float16))
+            self.bias = linear.bias
+
+        def forward(self, input):
+            return nn.functional.linear(input, self.weight_half.float(), self.bias)
+
+    def load_half(model, state, record):
+        consumed = set()
+        for name in record["modules"]:
+            module = HalfLinear(model.get_submodule(name))
+            with torch.no_grad():
+                module.weight_half.copy_(state[f"{name}.weight_half"])
+                module.bias.copy_(state[f"{name}.bias"])
+            set_module(model, name, module)
+            consumed.update({f"{name}.weight_half", f"{name}.bias"})
+        return model, consumed
+
+    model = tiny_model(tiny_bert_config())
+    names = quantizable_linear_names(model)
+    state = {key: value for key, value in model.state_dict().items() if not any(key == f"{n}.weight" for n in names)}
+    state.update({f"{name}.weight_half": model.get_submodule(name).weight.detach().half() for name in names})
+    register_format(QuantizedFormat("test_fp16", load_half, lambda: (HalfLinear,)))
+    try:
+        folder = save_checkpoint("ptq_4bit", model, tokenizer, {"quantization": {"method": "test_fp16", "modules": names}},
+                                 state_dict=state)
+        reloaded = load_model(folder)
+        assert all(isinstance(reloaded.get_submodule(name), HalfLinear) for name in names)
+        with torch.no_grad():
+            expected, got = model(**inputs_for(tokenizer)).logits, reloaded(**inputs_for(tokenizer)).logits
+        torch.testing.assert_close(got, expected, atol=1e-2, rtol=0)
+        assert not torch.equal(got, expected)  # the fp16 weights really were used
+    finally:
+        FORMATS.pop("test_fp16")
+    with pytest.raises(ValueError, match="Unknown quantization method 'test_fp16'.*known: bitsandbytes_4bit, torch_dynamic_int8"):
+        load_model(folder)
