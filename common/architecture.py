@@ -260,6 +260,43 @@ def _resized_linear(linear: nn.Linear, out_features: int, in_features: int) -> n
     return nn.Linear(in_features, out_features, bias=linear.bias is not None, dtype=linear.weight.dtype, device=linear.weight.device)
 
 
+def select_linear(linear: nn.Linear, indices: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear keeping output rows (dim=0) or input columns (dim=1) ``indices`` of ``linear``."""
+    indices = indices.to(linear.weight.device)
+    weight = linear.weight.index_select(dim, indices).clone()
+    out_features, in_features = weight.shape
+    smaller = nn.Linear(in_features, out_features, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        smaller.weight.copy_(weight)
+        if linear.bias is not None:
+            smaller.bias.copy_(linear.bias if dim == 1 else linear.bias.index_select(0, indices))
+    return smaller
+
+
+def shrink_layer(view: LayerView, head_rows: torch.Tensor, neurons: torch.Tensor, keep_weights: bool = True) -> None:
+    """Give one encoder layer the attention rows ``head_rows`` (query/key/value and further per-head projections;
+    the matching input columns of the attention output) and the FFN neurons ``neurons``: the one layer-shrinking
+    step of pruning (``keep_weights``: the kept weights are copied) and of rebuilding a pruned checkpoint's skeleton
+    (``keep_weights=False``: fresh layers of the right shapes, filled by the weights loaded next). Which relative-bias
+    heads a layer reads (MPNet) is set by the caller."""
+
+    def fit(linear: nn.Linear, indices: torch.Tensor, dim: int) -> nn.Linear:
+        if keep_weights:
+            return select_linear(linear, indices, dim)
+        if dim == 0:
+            return _resized_linear(linear, len(indices), linear.in_features)
+        return _resized_linear(linear, linear.out_features, len(indices))
+
+    for part in ("query", "key", "value"):
+        view.set(part, fit(view.get(part), head_rows, 0))
+    for path in view.head_projections():
+        set_module(view.module, path, fit(view.module.get_submodule(path), head_rows, 0))
+    view.set("attn_output", fit(view.get("attn_output"), head_rows, 1))
+    view.set_num_heads(len(head_rows) // view.head_size)
+    view.set("ffn_in", fit(view.get("ffn_in"), neurons, 0))
+    view.set("ffn_out", fit(view.get("ffn_out"), neurons, 1))
+
+
 def apply_architecture(model: nn.Module, record: dict) -> None:
     """Give an unpruned model built from a config the per-layer shapes of ``record`` (weights are not kept)."""
     views = layer_views(model)
@@ -275,25 +312,11 @@ def apply_architecture(model: nn.Module, record: dict) -> None:
             f"(which relative-bias columns each layer keeps); the checkpoint is damaged or was written by an older version."
         )
     for layer, (view, heads, width) in enumerate(zip(views, record["heads_per_layer"], record["ffn_width_per_layer"])):
-        inner = heads * view.head_size
-        original_heads = view.num_heads  # read before the resize below changes it
-        for part in ("query", "key", "value"):
-            old = view.get(part)
-            view.set(part, _resized_linear(old, inner, old.in_features))
-        for path in view.head_projections():
-            old = view.module.get_submodule(path)
-            set_module(view.module, path, _resized_linear(old, inner, old.in_features))
-        if bias_heads is not None and list(bias_heads[layer]) != list(range(original_heads)):
+        if bias_heads is not None and list(bias_heads[layer]) != list(range(view.num_heads)):
             if len(bias_heads[layer]) != heads:
                 raise ValueError(f"bias_heads_per_layer[{layer}] lists {len(bias_heads[layer])} heads but the layer keeps {heads}.")
             select_bias_heads(view.get("attention"), bias_heads[layer])
-        old = view.get("attn_output")
-        view.set("attn_output", _resized_linear(old, old.out_features, inner))
-        old = view.get("ffn_in")
-        view.set("ffn_in", _resized_linear(old, width, old.in_features))
-        old = view.get("ffn_out")
-        view.set("ffn_out", _resized_linear(old, old.out_features, width))
-        view.set_num_heads(heads)
+        shrink_layer(view, torch.arange(heads * view.head_size), torch.arange(width), keep_weights=False)
 
 
 def position_limit(model_config: dict) -> Optional[int]:

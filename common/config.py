@@ -280,7 +280,25 @@ def read_layer_targets(path: str) -> dict[str, list[int]]:
 
 
 @dataclass
-class PruningConfig(TrainingConfig, DistillationWeights):
+class ImportanceFields:
+    """How KGSP combines its scores; stage 8 and the sensitivity analysis rank with the same fields."""
+
+    lambda_mag: float = _field(0.5, "KGSP weight of the normalized L2 importance.")
+    lambda_grad: float = _field(0.5, "KGSP weight of the normalized gradient importance.")
+    importance_normalization: str = _field(
+        "per_layer", "'per_layer' (default): scores divided by the mean of their own layer, so MSP's global ranking "
+        "compares structures within their layer's scale; 'global': by their mean over all live structures (the "
+        "original KGSP, which lets MSP empty the last layer by scale). See ALGORITHM_ENHANCEMENTS.md.",
+    )
+
+    def __post_init__(self) -> None:
+        _check_choice("importance_normalization", self.importance_normalization, ("global", "per_layer"))
+        for name in ("lambda_mag", "lambda_grad"):
+            _check_range(name, getattr(self, name), 0.0, float("inf"))
+
+
+@dataclass
+class PruningConfig(TrainingConfig, DistillationWeights, ImportanceFields):
     """Stage 8: KGSP/MSP structured pruning of the student with KD fine-tuning."""
 
     student_model_path: Optional[str] = _field(None, "Student checkpoint to prune. Default: the newest results/student/ run.")
@@ -290,13 +308,6 @@ class PruningConfig(TrainingConfig, DistillationWeights):
         "l2+kd_grad",
         "'l2' (weight L2 norm, the original), 'kd_grad' (|grad*weight| of the KD loss) or 'l2+kd_grad' (KGSP: "
         "lambda_mag*normalize(L2) + lambda_grad*normalize(|grad*weight|)).",
-    )
-    lambda_mag: float = _field(0.5, "KGSP weight of the normalized L2 importance.")
-    lambda_grad: float = _field(0.5, "KGSP weight of the normalized gradient importance.")
-    importance_normalization: str = _field(
-        "per_layer", "'per_layer' (default): scores divided by the mean of their own layer, so MSP's global ranking "
-        "compares structures within their layer's scale; 'global': by their mean over all live structures (the "
-        "original KGSP, which lets MSP empty the last layer by scale). See ALGORITHM_ENHANCEMENTS.md.",
     )
     alpha_attention: float = _field(
         1.0, "Weight of MiniLM-v2 attention-relation distillation (query-query, key-key, value-value relations of the "
@@ -343,10 +354,8 @@ class PruningConfig(TrainingConfig, DistillationWeights):
     def __post_init__(self) -> None:
         TrainingConfig.__post_init__(self)
         DistillationWeights.__post_init__(self)
+        ImportanceFields.__post_init__(self)
         _check_choice("importance_mode", self.importance_mode, IMPORTANCE_MODES)
-        _check_choice("importance_normalization", self.importance_normalization, ("global", "per_layer"))
-        for name in ("lambda_mag", "lambda_grad"):
-            _check_range(name, getattr(self, name), 0.0, float("inf"))
         if self.importance_mode == "l2+kd_grad" and self.lambda_mag + self.lambda_grad == 0:
             raise ValueError("lambda_mag and lambda_grad are both 0; importance_mode='l2+kd_grad' needs one positive.")
         _check_positive("pruning_window_steps", self.pruning_window_steps)
@@ -514,14 +523,12 @@ class OnnxExportConfig(OutputFields):
 
 
 @dataclass
-class SensitivityConfig:
+class SensitivityConfig(ImportanceFields):
     """Fields of scripts/sensitivity.py (per-layer pruning sensitivity, no fine-tuning)."""
 
     model_path: Optional[str] = _field(None, "Checkpoint to analyse (full precision). Default: the newest results/student/ run.")
     sparsities: list[float] = _field([0.25, 0.5, 0.75, 0.9], "Shares of one layer's heads or FFN neurons pruned at a time.")
     gradient_batches: int = _field(8, "Training batches whose cross-entropy gradients give the KGSP gradient score.")
-    lambda_mag: float = _field(0.5, "KGSP weight of the normalized L2 importance.")
-    lambda_grad: float = _field(0.5, "KGSP weight of the normalized gradient importance.")
     parameter_budget: float = _field(0.55, "Share of the prunable encoder parameters (heads + FFN) the recommended targets remove.")
     batch_size: int = _field(32, "Batch size of the gradient batches.")
     eval_batch_size: int = _field(128, "Batch size of the validation passes.")
@@ -530,6 +537,7 @@ class SensitivityConfig:
     SMOKE_PROFILE: ClassVar[dict] = {"gradient_batches": 2}
 
     def __post_init__(self) -> None:
+        ImportanceFields.__post_init__(self)
         if not self.sparsities or any(not 0.0 < value < 1.0 for value in self.sparsities):
             raise ValueError(f"sparsities={self.sparsities} must be shares between 0 and 1, e.g. 0.25 0.5 0.75 0.9.")
         self.sparsities = sorted(self.sparsities)

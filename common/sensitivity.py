@@ -18,15 +18,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import model_inputs
-from .pruning import KINDS, MagnitudeImportance, StructuralPruner, TaylorImportance, WeightedImportance
+from .pruning import KINDS, MagnitudeImportance, StructuralPruner, TaylorImportance
 
 logger = logging.getLogger(__name__)
 
 
-def kgsp_scores(model: torch.nn.Module, pruner: StructuralPruner, loader, batches: int, lambda_mag: float = 0.5,
-                lambda_grad: float = 0.5) -> dict[str, torch.Tensor]:
-    """Per-group KGSP importance: lambda_mag * normalized L2 + lambda_grad * normalized |grad x weight| (CE loss
-    on ``batches`` training batches, averaged)."""
+def kgsp_scores(model: torch.nn.Module, pruner: StructuralPruner, loader, batches: int) -> dict[str, torch.Tensor]:
+    """Per-group importance ranked as stage 8 ranks: the pruner's ``KGSPScorer`` (its config's KGSP weights and
+    normalization) over the L2 magnitude and |grad x weight| of the cross-entropy loss, averaged over ``batches``
+    training batches."""
     model.train(False)  # gradients of the deployed (dropout-free) function
     gradient_scores = []
     taylor = TaylorImportance()
@@ -41,9 +41,8 @@ def kgsp_scores(model: torch.nn.Module, pruner: StructuralPruner, loader, batche
     if not gradient_scores:
         raise ValueError("The training loader is empty; sensitivity needs at least one batch for gradient scores.")
     gradient = {kind: torch.stack([scores[kind] for scores in gradient_scores]).mean(0) for kind in KINDS}
-    kgsp = WeightedImportance({"magnitude": lambda_mag, "gradient": lambda_grad})
-    return kgsp.combine({"magnitude": MagnitudeImportance()(pruner.views), "gradient": gradient},
-                        {"head": pruner.head_mask, "ffn": pruner.ffn_mask})
+    scores = {"magnitude": MagnitudeImportance()(pruner.views), "gradient": gradient}
+    return pruner.scorer({name: scores[name] for name in pruner.scorer.weights}, pruner.masks.masks, pruner.masks.group_layer)
 
 
 def parameters_per_group(pruner: StructuralPruner) -> dict[str, int]:
@@ -67,7 +66,7 @@ def measure_sensitivity(model: torch.nn.Module, pruning_config, train_loader, ev
                         gradient_batches: int = 8) -> dict:
     """Validation accuracy drop (points) for each layer x kind x sparsity, one layer pruned at a time."""
     pruner = StructuralPruner(model, pruning_config)
-    scores = kgsp_scores(model, pruner, train_loader, gradient_batches, pruning_config.lambda_mag, pruning_config.lambda_grad)
+    scores = kgsp_scores(model, pruner, train_loader, gradient_batches)
     original = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     baseline = evaluate(model)
     drops = {kind: [[0.0] * len(sparsities) for _ in pruner.views] for kind in KINDS}
@@ -76,7 +75,7 @@ def measure_sensitivity(model: torch.nn.Module, pruning_config, train_loader, ev
         members = pruner.layer_members(kind, layer)
         count = min(len(members) - 1, math.floor(sparsities[column] * len(members)))  # a layer keeps at least one
         weakest = members[torch.argsort(scores[kind][members], stable=True)][:count]
-        mask = pruner._mask(kind)
+        mask = pruner.mask(kind)
         mask[:] = True
         mask[weakest] = False
         drops[kind][layer][column] = 100.0 * (baseline - _masked_accuracy(model, pruner, original, evaluate))
@@ -85,10 +84,9 @@ def measure_sensitivity(model: torch.nn.Module, pruning_config, train_loader, ev
         "baseline_accuracy": baseline,
         "sparsities": list(sparsities),
         "accuracy_drop_points": drops,
-        "layer_sizes": {kind: pruner._layer_sizes(kind) for kind in KINDS},
+        "layer_sizes": {kind: pruner.layer_sizes(kind) for kind in KINDS},
         "parameters_per_group": parameters_per_group(pruner),
-        "score": f"KGSP: {pruning_config.lambda_mag} x normalized L2 + {pruning_config.lambda_grad} x normalized "
-                 f"|grad x weight| (cross-entropy, {gradient_batches} training batches)",
+        "score": f"KGSP: {pruner.scorer.describe()}; gradients of the cross-entropy on {gradient_batches} training batches",
     }
 
 

@@ -36,7 +36,8 @@ def main(data_config: DataConfig, config: SensitivityConfig) -> None:
     model = load_model(folder)
     tokenizer = load_checkpoint_tokenizer(folder)
     train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, seed=0)
-    scoring = PruningConfig(lambda_mag=config.lambda_mag, lambda_grad=config.lambda_grad, importance_mode="l2+kd_grad")
+    scoring = PruningConfig(lambda_mag=config.lambda_mag, lambda_grad=config.lambda_grad,
+                            importance_normalization=config.importance_normalization, importance_mode="l2+kd_grad")
     table = measure_sensitivity(model, scoring, train_loader, lambda m: evaluate_accuracy(m, eval_loader)["accuracy"],
                                 config.sparsities, config.gradient_batches)
     targets = recommend_targets(table, config.parameter_budget)

@@ -47,7 +47,9 @@ def test_teacher_and_student_checkpoints(pipeline_run):
     assert teacher_record["architecture"]["num_layers"] == 4
     assert student_record["architecture"]["num_layers"] == 2  # half the teacher by default
     assert student_record["parent"] == str(teacher)
-    assert 0.0 <= student_record["metrics"]["validation"]["accuracy"] <= 1.0
+    accuracy = student_record["metrics"]["validation"]["accuracy"]
+    assert accuracy == max(epoch["validation_accuracy"] for epoch in student_record["history"])  # the best epoch is kept
+    assert round(accuracy * 48) == pytest.approx(accuracy * 48)  # a share of the 48 validation rows
     assert student_record["config"]["profile"] == "smoke"
     for folder in (teacher, student):
         assert {"config.json", "model.safetensors", "compression.json", "metrics.json"} <= {p.name for p in folder.iterdir()}
@@ -132,7 +134,8 @@ def test_two_process_teacher_run_writes_same_kind_of_checkpoint(tmp_path, pretra
     folder, record = only_checkpoint(results, "teacher")
     assert record["num_processes"] == 2
     assert record["architecture"]["num_layers"] == 4
-    assert record["metrics"]["validation"]["accuracy"] >= 0.0
+    accuracy = record["metrics"]["validation"]["accuracy"]
+    assert accuracy == record["history"][0]["validation_accuracy"] and round(accuracy * 48) == pytest.approx(accuracy * 48)
     assert len(record["history"]) == 1
 
 

@@ -61,7 +61,7 @@ def test_each_importance_mode_ranks_planted_weak_head_last(mode, tokenizer):
         model.zero_grad()
         backward_once(model, tokenizer)
         pruner.accumulate_importance_scores()
-    heads = pruner._get_combined_importance()["head"]
+    heads = pruner.importance()["head"]
     weakest = pruner.head_groups[int(torch.argmin(heads))]
     assert (weakest.layer, weakest.index) == (0, 1)
 
@@ -76,7 +76,7 @@ def test_sliding_window_averages_exactly_last_n_steps():
         pruner.accumulate_importance_scores()
     for parameter in model.parameters():
         parameter.grad = torch.ones_like(parameter)
-    unit = pruner._compute_grad_importance()
+    unit = pruner.grad_importance(pruner.views)
     expected = sum(scales[-3:]) / 3
     windowed = pruner.windowed_grad_importance()
     for kind in ("head", "ffn"):
@@ -217,28 +217,42 @@ def test_ffn_round_to_larger_than_a_layer_is_refused():
         StructuralPruner(tiny_model(tiny_bert_config()), pruning_config(ffn_round_to=128))
 
 
-def test_sensitivity_drop_table_has_one_row_per_layer_and_a_recommendation_within_budget(tokenizer):
+def test_sensitivity_finds_a_planted_weak_layer_and_recommends_pruning_it_most(tokenizer):
+    """Layer 1's FFN output is scaled down 1000x, so its neurons barely matter: pruning them must cost (almost)
+    nothing while the other layers' neurons cost something, and the recommendation must cut layer 1 the deepest."""
     from common.data import make_loader, tokenize_dataset
-    from common.evaluation import evaluate_accuracy
     from common.sensitivity import measure_sensitivity, recommend_targets
 
     data = tiny_data(["great film", "dull plot", "fun story", "boring actor"] * 6, ["great plot", "dull film", "fun actor"])
     train_loader = make_loader(tokenize_dataset(data.train, tokenizer, 16), tokenizer, 8, shuffle=True)
-    eval_loader = make_loader(tokenize_dataset(data.validation, tokenizer, 16), tokenizer, 8, shuffle=False)
     model = tiny_model(tiny_bert_config(layers=3, heads=4, ffn=64))
+    with torch.no_grad():
+        for view in layer_views(model):  # a trained model's FFNs matter; the tiny random ones barely do
+            view.get("ffn_out").weight.mul_(30.0)
+        layer_views(model)[1].get("ffn_out").weight.mul_(1e-3)
+    batch = {key: value for key, value in batch_for(tokenizer).items() if key != "token_type_ids"}
+    with torch.no_grad():
+        reference = model(**batch).logits.clone()
+
+    def fidelity(m):  # a smooth stand-in for accuracy: 1 - mean |logit change| against the unpruned model
+        with torch.no_grad():
+            return 1.0 - float((m(**batch).logits - reference).abs().mean())
+
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     sparsities = [0.25, 0.5, 0.75]
-    table = measure_sensitivity(model, pruning_config(), train_loader, lambda m: evaluate_accuracy(m, eval_loader)["accuracy"],
-                                sparsities, gradient_batches=2)
+    table = measure_sensitivity(model, pruning_config(), train_loader, fidelity, sparsities, gradient_batches=2)
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items()), "weights restored"
-    for kind in ("head", "ffn"):
-        drops = table["accuracy_drop_points"][kind]
-        assert len(drops) == 3 and all(len(row) == len(sparsities) for row in drops)
-        assert all(-100.0 <= value <= 100.0 for row in drops for value in row)
-    targets = recommend_targets(table, parameter_budget=0.5)
+    ffn_drops = table["accuracy_drop_points"]["ffn"]
+    assert len(ffn_drops) == 3 and all(len(row) == len(sparsities) for row in ffn_drops)
+    for column in range(len(sparsities)):
+        weak, others = ffn_drops[1][column], [ffn_drops[0][column], ffn_drops[2][column]]
+        assert abs(weak) < 0.01 * min(others), (column, ffn_drops)
+    assert "per_layer normalization" in table["score"]  # ranked as stage 8 ranks by default
+    targets = recommend_targets(table, parameter_budget=0.3)
+    assert targets["ffn_width_per_layer"][1] == min(targets["ffn_width_per_layer"]) < 64
     per_group = table["parameters_per_group"]
     removed = (per_group["head"] * (12 - sum(targets["heads_per_layer"])) + per_group["ffn"] * (192 - sum(targets["ffn_width_per_layer"])))
-    assert removed >= 0.5 * (per_group["head"] * 12 + per_group["ffn"] * 192)
+    assert removed >= 0.3 * (per_group["head"] * 12 + per_group["ffn"] * 192)
     assert all(1 <= heads <= 4 for heads in targets["heads_per_layer"]) and all(1 <= w <= 64 for w in targets["ffn_width_per_layer"])
     with pytest.raises(ValueError, match="parameter_budget=0.99 cannot be met"):
         recommend_targets(table, parameter_budget=0.99)
