@@ -13,7 +13,7 @@ Writes: results/pruned/<run_id>/ with the smaller model, its architecture record
 
 Run as:
     python 8_pruning_with_finetuning.py
-    python 8_pruning_with_finetuning.py --importance_mode l2 --enable_multi_granularity false   # the original
+    python 8_pruning_with_finetuning.py --preset original    # the original: L2, uniform, global normalization, no attention KD
     python 8_pruning_with_finetuning.py --head_final_sparsity 0.5 --ffn_final_sparsity 0.6 --prune_vocabulary
     python 8_pruning_with_finetuning.py --resume            # continue an interrupted run after its last epoch
     python 8_pruning_with_finetuning.py --layer_targets results/sensitivity_targets.json   # after make sensitivity

@@ -15,11 +15,12 @@ export TOKENIZERS_PARALLELISM := false
 # The run order comes from the one stage table (common/stages.py; plain Python, no dependencies).
 STAGES := $(shell $(PYTHON) common/stages.py)
 
-.PHONY: help install pipeline smoke test ablation benchmark sensitivity benchmark-alignment sweep stages clean-smoke
+.PHONY: help install pipeline smoke test test-fast ablation benchmark sensitivity benchmark-alignment sweep stages clean-smoke
 
 help:
 	@echo "make pipeline   install if needed, then run every stage on the embedded default (ARGS='--field value' passes overrides)"
-	@echo "make test       install if needed, then run the test suite"
+	@echo "make test       install if needed, then run the test suite (about 12 minutes on 2 cores)"
+	@echo "make test-fast  the suite without the end-to-end subprocess runs (marked slow): every module, a few minutes"
 	@echo "make smoke      every stage on the smoke profile, into $(SMOKE_DIR)/"
 	@echo "make ablation   KGSP / MSP / QKD ablation over 3 seeds -> results/ablation.{json,png,md}"
 	@echo "make benchmark  student vs pruned size and latency, l2 vs l2+kd_grad step time"
@@ -53,6 +54,9 @@ smoke: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 ablation: install
 	$(PY) scripts/ablation.py $(ARGS)

@@ -279,6 +279,15 @@ def read_layer_targets(path: str) -> dict[str, list[int]]:
     return targets
 
 
+# Named stage-8 settings. A preset sets these fields unless the user sets them too (command line or JSON file).
+PRUNING_PRESETS = {
+    "none": {},
+    # the method as first built: L2 importance, uniform per-layer pruning, global normalization, no attention KD
+    "original": {"importance_mode": "l2", "enable_multi_granularity": False, "importance_normalization": "global",
+                 "alpha_attention": 0.0},
+}
+
+
 @dataclass
 class ImportanceFields:
     """How KGSP combines its scores; stage 8 and the sensitivity analysis rank with the same fields."""
@@ -313,6 +322,11 @@ class PruningConfig(TrainingConfig, DistillationWeights, ImportanceFields):
         1.0, "Weight of MiniLM-v2 attention-relation distillation (query-query, key-key, value-value relations of the "
         "last layers; independent of head counts). On by default in stage 8 (+0.21 +- 0.30 points over 3 seeds, never "
         "negative; ALGORITHM_ENHANCEMENTS.md); 0 turns it off.",
+    )
+    preset: str = _field(
+        "none", "'none' or 'original': a named set of the fields above that you do not set yourself. 'original' is the "
+        "method as first built: --importance_mode l2 --enable_multi_granularity false --importance_normalization "
+        "global --alpha_attention 0 (the uniform share is --final_sparsity, 0.5).",
     )
     pruning_window_steps: int = _field(20, "Sliding window of training steps whose gradient importance is averaged.")
     enable_multi_granularity: bool = _field(
@@ -349,12 +363,19 @@ class PruningConfig(TrainingConfig, DistillationWeights, ImportanceFields):
     )
     vocabulary_extra_tokens: int = _field(0, "With prune_vocabulary: also keep this many other tokens, lowest ids first.")
 
+    @classmethod
+    def from_preset(cls, preset: str, **fields) -> "PruningConfig":
+        """The preset's fields, then ``fields`` (which win), e.g. ``PruningConfig.from_preset("original", seed=7)``."""
+        _check_choice("preset", preset, tuple(PRUNING_PRESETS))
+        return cls(**{**PRUNING_PRESETS[preset], **fields, "preset": preset})
+
     SMOKE_PROFILE: ClassVar[dict] = {"num_epochs": 1, "pruning_window_steps": 2, "pruning_frequency_steps": 2}
 
     def __post_init__(self) -> None:
         TrainingConfig.__post_init__(self)
         DistillationWeights.__post_init__(self)
         ImportanceFields.__post_init__(self)
+        _check_choice("preset", self.preset, tuple(PRUNING_PRESETS))
         _check_choice("importance_mode", self.importance_mode, IMPORTANCE_MODES)
         if self.importance_mode == "l2+kd_grad" and self.lambda_mag + self.lambda_grad == 0:
             raise ValueError("lambda_mag and lambda_grad are both 0; importance_mode='l2+kd_grad' needs one positive.")
@@ -574,6 +595,10 @@ class ReportConfig:
         30, "Timed rounds of the interleaved benchmark; each round runs every model once. Median and IQR are reported."
     )
     memory_repeats: int = _field(3, "Forward passes while the peak memory of each model is measured in its own process.")
+    measure_memory: bool = _field(
+        True, "Measure each model's resident and peak memory in a fresh process (a few seconds per row, most of a small "
+        "report's time); false leaves those columns empty."
+    )
     num_threads: Optional[int] = _field(None, "CPU threads of torch and ONNX Runtime in the benchmark. Default: torch's default.")
     report_name: str = _field("final_report", "Base name of the report files written in the results folder.")
 
@@ -614,6 +639,18 @@ class ReportConfig:
 
     def explicit_checkpoints(self) -> dict[str, str]:
         return {f"checkpoint {name}": path for name, path in self.checkpoint_paths.items()}
+
+
+def _apply_presets(configs: list, explicit: frozenset) -> None:
+    """Fill a chosen preset's values into the fields the user did not set."""
+    for config in configs:
+        preset = PRUNING_PRESETS.get(getattr(config, "preset", "none"), {})
+        values = {name: value for name, value in preset.items() if name not in explicit}
+        if values:
+            for name, value in values.items():
+                setattr(config, name, value)
+            config.__post_init__()
+            logger.info("Preset %r: %s", config.preset, ", ".join(f"{name}={value!r}" for name, value in values.items()))
 
 
 def _apply_profile(configs: list, profile: str, explicit: frozenset = frozenset()) -> None:
@@ -808,6 +845,7 @@ def parse_config(*config_types: type, args: Optional[list[str]] = None) -> tuple
     argv = _merge_repeated_list_flags(argv, config_types)
     configs = list(parser.parse_args_into_dataclasses(args=argv))
     profile = next((c.profile for c in configs if isinstance(c, DataConfig)), "default")
+    _apply_presets(configs, frozenset(explicit))
     _apply_profile(configs, profile, frozenset(explicit))
     _check_paths(configs)
     return tuple(configs)

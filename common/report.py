@@ -95,10 +95,12 @@ def evaluate_entry(entry: ModelEntry, data: TextClassificationData, data_config,
         parameters, size = count_parameters(model.torch_model), weights_size_bytes(folder)
     else:
         parameters, size = record.get("parameters"), (folder / entry.onnx_file).stat().st_size
-    memory = measure_in_subprocess(
-        folder, config.latency_batch_size, config.latency_seq_length, warmup=1, repeats=config.memory_repeats,
-        num_threads=config.num_threads, onnx_file=entry.onnx_file,
-    )
+    memory = dict.fromkeys(("model_rss_mb", "inference_peak_mb", "peak_rss_mb", "peak_covers_loading"))
+    if config.measure_memory:
+        memory = measure_in_subprocess(
+            folder, config.latency_batch_size, config.latency_seq_length, warmup=1, repeats=config.memory_repeats,
+            num_threads=config.num_threads, onnx_file=entry.onnx_file,
+        )
     quantization = record.get("quantization") or {}
     file_info = (record.get("files") or {}).get(entry.onnx_file, {}) if entry.onnx_file else {}
     row = {
@@ -357,6 +359,10 @@ def _number(value, digits: int = 2) -> str:
     return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
 
 
+def _whole(value) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
 def markdown_table(report: dict) -> str:
     header = (
         "| Model | Runtime | Test acc. | Macro-F1 | vs teacher | Params | Size (MB) | × smaller | Latency (ms), median [IQR] | "
@@ -375,7 +381,7 @@ def markdown_table(report: dict) -> str:
             f"{parameters} | {row['size_mb']:.2f} | {_number(row['compression_vs_teacher'], 1)} | "
             f"{row['latency_ms_median']:.1f} [{row['latency_ms_p25']:.1f}–{row['latency_ms_p75']:.1f}] | {speedup} | "
             f"{_number(row.get('speedup_vs_ort_reference'), 2)} | "
-            f"{row['throughput_examples_per_s']:.0f} | {row['model_rss_mb']:.0f} | {row['inference_peak_mb']:.0f} | "
+            f"{row['throughput_examples_per_s']:.0f} | {_whole(row['model_rss_mb'])} | {_whole(row['inference_peak_mb'])} | "
             f"{'✓' if row['pareto_size'] else ''} / {'✓' if row['pareto_latency'] else ''} |"
         )
     text = header + "\n".join(lines) + "\n"

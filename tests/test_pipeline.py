@@ -13,6 +13,8 @@ from common import stages
 from common.checkpoints import RECORD_FILE
 from conftest import PROJECT_ROOT, only_checkpoint, run_pipeline, run_stage, run_stage_unchecked
 
+pytestmark = pytest.mark.slow  # every test here shares one end-to-end run of all stages
+
 DATA_ARGS = ["--text_column", "review", "--label_column", "sentiment", "--profile", "smoke", "--max_train_samples", "96", "--max_eval_samples", "48"]
 
 
@@ -116,6 +118,7 @@ def test_report_covers_every_stage(pipeline_run):
     pruned_row = next(row for row in report["models"] if row["stage"] == "pruned")
     assert onnx_rows["Pruned, ONNX Runtime FP32"]["test_accuracy"] == pruned_row["test_accuracy"]
     assert all(row["speedup_vs_teacher"] > 0 for row in report["models"])
+    assert all(row["model_rss_mb"] is not None and row["peak_rss_mb"] > 0 for row in report["models"])  # memory measured
     assert (results / "final_report.png").stat().st_size > 10_000
     assert "Pruned + QKD-4bit (QAT)" in (results / "final_report.md").read_text()
     assert "4-bit quantization error per layer" in (results / "final_report.md").read_text()

@@ -322,3 +322,71 @@ def test_per_layer_normalization_keeps_a_small_scaled_layer_from_being_emptied(n
 def test_unknown_importance_normalization_is_named():
     with pytest.raises(ValueError, match="importance_normalization='layerwise'"):
         pruning_config(importance_normalization="layerwise")
+
+
+# -- presets -----------------------------------------------------------------------------------------------------
+
+ORIGINAL_FLAGS = ["--importance_mode", "l2", "--enable_multi_granularity", "false", "--importance_normalization", "global",
+                  "--alpha_attention", "0"]
+
+
+def test_original_preset_equals_the_explicit_flags_and_yields_to_flags_the_user_sets(tmp_path):
+    import dataclasses
+
+    from common.config import DataConfig, parse_config
+
+    _, preset = parse_config(DataConfig, PruningConfig, args=["--preset", "original"])
+    _, explicit = parse_config(DataConfig, PruningConfig, args=ORIGINAL_FLAGS)
+    assert {**dataclasses.asdict(preset), "preset": "none"} == dataclasses.asdict(explicit)
+    assert dataclasses.asdict(PruningConfig.from_preset("original")) == dataclasses.asdict(preset)
+    _, mixed = parse_config(DataConfig, PruningConfig, args=["--preset", "original", "--alpha_attention", "0.5"])
+    assert mixed.alpha_attention == 0.5 and mixed.importance_mode == "l2"
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"preset": "original", "importance_mode": "kd_grad"}))
+    _, from_file = parse_config(DataConfig, PruningConfig, args=["--config", str(path)])
+    assert from_file.importance_mode == "kd_grad" and not from_file.enable_multi_granularity
+    with pytest.raises(ValueError, match="preset='orignal' is not supported; allowed values: 'none', 'original'"):
+        PruningConfig(preset="orignal")
+
+
+def test_original_preset_trains_identically_to_the_explicit_flags(tokenizer):
+    """Stage 8's loop (distillation, pruner hooks) on a tiny model: the preset and the flags give the same masks,
+    the same history and the same weights."""
+    from common.config import DataConfig, parse_config
+    from common.data import make_loader, tokenize_dataset
+    from common.distillation import distillation_for
+    from common.training import make_accelerator, optimizer_steps_per_epoch, train
+
+    data = tiny_data(["great film", "dull plot", "fun story", "boring actor"] * 8, ["great plot", "dull film"])
+    settings = ["--num_epochs", "2", "--learning_rate", "1e-3", "--pruning_window_steps", "2", "--pruning_frequency_steps", "2",
+                "--pruning_start_fraction", "0", "--batch_size", "8"]
+
+    class Hooks:
+        def __init__(self, pruner):
+            self.pruner = pruner
+
+        def after_backward(self, step):
+            self.pruner.accumulate_importance_scores()
+
+        def after_optimizer_step(self, step):
+            self.pruner.step(step)
+
+    def run(args):
+        _, config = parse_config(DataConfig, PruningConfig, args=args + settings)
+        torch.manual_seed(0)
+        teacher, student = tiny_model(tiny_bert_config(layers=2)), tiny_model(tiny_bert_config(layers=2))
+        train_loader = make_loader(tokenize_dataset(data.train, tokenizer, 16), tokenizer, 8, shuffle=True, seed=0)
+        eval_loader = make_loader(tokenize_dataset(data.validation, tokenizer, 16), tokenizer, 8, shuffle=False)
+        pruner = StructuralPruner(student, config)
+        pruner.set_schedule(optimizer_steps_per_epoch(len(train_loader), 1, 1) * config.num_epochs)
+        loss, compute_loss = distillation_for(config, student, teacher)
+        result = train(student, train_loader, eval_loader, config, compute_loss, make_accelerator(config),
+                       hooks=Hooks(pruner), keep="last", extras=loss.extras)
+        return pruner, result
+
+    (pruner_a, result_a), (pruner_b, result_b) = run(["--preset", "original"]), run(ORIGINAL_FLAGS)
+    assert pruner_a.history == pruner_b.history and pruner_a.history, "it pruned, the same way"
+    assert torch.equal(pruner_a.head_mask, pruner_b.head_mask) and torch.equal(pruner_a.ffn_mask, pruner_b.ffn_mask)
+    assert pruner_a.kept_per_layer("head") == [2, 2]  # uniform: every layer loses the same share
+    assert result_a.history == result_b.history
+    assert all(torch.equal(result_a.best_state[name], result_b.best_state[name]) for name in result_a.best_state)

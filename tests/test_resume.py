@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 from common.checkpoints import RECORD_FILE, RESUME_PREFIX
 from conftest import PROJECT_ROOT, make_pretrained_folder, run_stage, run_stage_unchecked, write_reviews_csv
 
+pytestmark = pytest.mark.slow  # stages run as subprocesses, interrupted and resumed
+
 COMMON = ["--text_column", "review", "--label_column", "sentiment", "--profile", "smoke", "--max_train_samples", "64",
           "--max_eval_samples", "32"]
 
