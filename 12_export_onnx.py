@@ -43,7 +43,7 @@ from common import DataConfig, parse_config, setup_logging, stages
 from common.checkpoints import find_checkpoint, list_checkpoints, read_record, stage_dir
 from common.config import OnnxExportConfig
 from common.data import build_loaders, text_inputs
-from common.evaluation import InferenceModel, interleaved_latency, predict
+from common.evaluation import accuracy, interleaved_latency, predict
 from common.lifecycle import start_stage
 from common.models import architecture_record, check_matches_data, count_parameters, load_checkpoint_tokenizer, load_model
 from common.onnx_export import (
@@ -55,16 +55,14 @@ from common.onnx_export import (
     write_runtime_files,
 )
 from common.onnx_runtime import (
-    OnnxClassifier,
-    accuracy_of,
     calibration_batches,
     matmul_names,
     optimize_graph,
-    predict_onnx,
     preprocess_for_static,
     quantize_dynamic_int8,
     quantize_static_int8,
 )
+from common.runtime import ModelRuntime
 from common.quantization import EMBEDDING_BITS, dequantize_4bit_model, dequantized_linear_weights
 
 logger = logging.getLogger("12_export_onnx")
@@ -85,16 +83,17 @@ def full_precision_source(config: OnnxExportConfig):
 
 
 def evaluate_file(path: Path, loader) -> tuple[float, np.ndarray]:
-    logits, labels = predict_onnx(OnnxClassifier(path), loader)
-    return accuracy_of(logits, labels), logits
+    logits, labels = ModelRuntime(path.parent, path.name).logits(loader)
+    return accuracy(logits, labels), logits
 
 
-def file_entry(path: Path, accuracy: float, **fields) -> dict:
-    return {"size_bytes": path.stat().st_size, "validation_accuracy": accuracy, **fields}
+def file_entry(path: Path, validation_accuracy: float, **fields) -> dict:
+    return {"size_bytes": path.stat().st_size, "validation_accuracy": validation_accuracy, **fields}
 
 
 def compare_speed(paths: dict[str, Path], vocab_size: int, num_threads, batch_size=32, seq_length=64, rounds=20) -> dict:
-    models = {label: InferenceModel(path.parent, path.name, num_threads, vocab_size) for label, path in paths.items()}
+    models = {label: ModelRuntime(path.parent, path.name, num_threads=num_threads, spinning=False, vocab_size=vocab_size)
+              for label, path in paths.items()}
     runners = {label: model.runner(model.batch(batch_size, seq_length)) for label, model in models.items()}
     return interleaved_latency(runners, warmup=3, rounds=rounds, batch_size=batch_size, reference=next(iter(paths)))
 
@@ -112,7 +111,7 @@ def export_int8_bundle(run, source: Path, source_record: dict, scratch: Path) ->
         write_runtime_files(folder, tokenizer, model.config, data_config.max_length)
         fp32_accuracy, fp32_logits = evaluate_file(folder / FP32_FILE, loader)
         difference = float(np.abs(fp32_logits - torch_logits).max())
-        print(f"ONNX fp32: validation accuracy {fp32_accuracy:.4f} (torch {accuracy_of(torch_logits, labels):.4f}); "
+        print(f"ONNX fp32: validation accuracy {fp32_accuracy:.4f} (torch {accuracy(torch_logits, labels):.4f}); "
               f"max |ORT - torch| logit difference {difference:.2e}")
         if difference > config.max_abs_difference:
             raise RuntimeError(
@@ -120,7 +119,7 @@ def export_int8_bundle(run, source: Path, source_record: dict, scratch: Path) ->
                 f"{config.max_abs_difference}; the export is wrong, nothing was saved."
             )
         found = {"inputs": names, "max_abs_difference_vs_torch": difference,
-                 "torch_validation_accuracy": accuracy_of(torch_logits, labels), "files": files}
+                 "torch_validation_accuracy": accuracy(torch_logits, labels), "files": files}
         files[FP32_FILE] = file_entry(folder / FP32_FILE, fp32_accuracy, precision="fp32")
 
         quantize_from = folder / FP32_FILE
@@ -147,10 +146,10 @@ def export_int8_bundle(run, source: Path, source_record: dict, scratch: Path) ->
                 name = method + variant
                 target = scratch / f"static_{name}.onnx"
                 details = quantize_static_int8(prepared, target, batches, method, config.percentile, keep_float, scratch)
-                accuracy, _ = evaluate_file(target, loader)
-                calibrations[name] = {**details, "validation_accuracy": accuracy}
+                static_accuracy, _ = evaluate_file(target, loader)
+                calibrations[name] = {**details, "validation_accuracy": static_accuracy}
                 print(f"ONNX Runtime static int8 ({method} calibration, {'FFN output projections in float' if keep_float else 'every weight MatMul in int8'}): "
-                      f"validation accuracy {accuracy:.4f}")
+                      f"validation accuracy {static_accuracy:.4f}")
         order = list(calibrations)  # on a tie the earlier (more quantized) candidate wins
         best = max(order, key=lambda name: (calibrations[name]["validation_accuracy"], -order.index(name)))
         shutil.copyfile(scratch / f"static_{best}.onnx", folder / STATIC_FILE)
@@ -221,7 +220,7 @@ def export_4bit_bundle(run, source: Path, source_record: dict, scratch: Path) ->
     names = export_onnx(plain, tokenizer, scratch / "dequantized.onnx", data_config.max_length)
     exact_embeddings = config.embedding_quantization in (
         "none", (source_record.get("embedding_quantization") or {}).get("method", "none"))
-    torch_accuracy = accuracy_of(torch_logits, labels)
+    torch_accuracy = accuracy(torch_logits, labels)
     onnx_quantization = {"method": "bitsandbytes_codes_in_onnx", "quant_type": quantization["quant_type"],
                          "blocksize": quantization["blocksize"], "codes": "the checkpoint's own"}
 
@@ -237,17 +236,17 @@ def export_4bit_bundle(run, source: Path, source_record: dict, scratch: Path) ->
                 found["embedding_quantization"] = quantize_word_embeddings(
                     graph, plain.get_input_embeddings().weight, EMBEDDING_BITS[config.embedding_quantization])
             save_onnx(graph, folder / file_name)
-            accuracy, logits = evaluate_file(folder / file_name, loader)
+            file_accuracy, logits = evaluate_file(folder / file_name, loader)
             difference = float(np.abs(logits - torch_logits).max())
             print(f"ONNX 4-bit {file_name} ({precision}; embeddings {config.embedding_quantization}): validation accuracy "
-                  f"{accuracy:.4f} vs torch 4-bit {torch_accuracy:.4f}; max logit difference {difference:.2e}")
-            gap = 100 * abs(accuracy - torch_accuracy)
+                  f"{file_accuracy:.4f} vs torch 4-bit {torch_accuracy:.4f}; max logit difference {difference:.2e}")
+            gap = 100 * abs(file_accuracy - torch_accuracy)
             if compute == "bnb4" and exact_embeddings and gap > 0.1:
                 raise RuntimeError(
-                    f"The 4-bit ONNX model validates at {accuracy:.4f} but the torch 4-bit model at {torch_accuracy:.4f} "
+                    f"The 4-bit ONNX model validates at {file_accuracy:.4f} but the torch 4-bit model at {torch_accuracy:.4f} "
                     f"({gap:.2f} points apart, more than 0.1); the codes were not carried over faithfully. Nothing was saved."
                 )
-            files[file_name] = file_entry(folder / file_name, accuracy, precision=precision,
+            files[file_name] = file_entry(folder / file_name, file_accuracy, precision=precision,
                                           max_abs_difference_vs_torch_4bit=difference)
         exact, fast = (files[name]["validation_accuracy"] for name in (FP32_FILE, NF4_INT8_FILE))
         # ship the faster int8-compute file unless it validates more than deployment_tolerance points below the exact one

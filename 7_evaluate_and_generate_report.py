@@ -28,7 +28,8 @@ from common import DataConfig, ReportConfig, parse_config, setup_logging
 from common.checkpoints import results_root
 from common.config import log_config
 from common.data import load_splits
-from common.report import build_report, markdown_table, write_report
+from common.report import build_report
+from common.report_render import markdown_table, write_report
 
 
 def main(data_config: DataConfig, config: ReportConfig) -> None:

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 from .data import make_loader, tokenize_dataset
-from .evaluation import InferenceModel, classification_metrics
+from .evaluation import accuracy
 from .models import load_checkpoint_tokenizer
+from .runtime import ModelRuntime
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,13 +25,12 @@ def run_script(script: str, *args) -> None:
         raise RuntimeError(f"{script} failed:\n{completed.stdout[-2000:]}\n{completed.stderr[-4000:]}")
 
 
-def test_accuracy(folder: Path, data, max_length: int) -> tuple[float, InferenceModel]:
+def test_accuracy(folder: Path, data, max_length: int) -> tuple[float, ModelRuntime]:
     """Accuracy of a checkpoint on the test split, and the loaded model (for timing or counting)."""
-    model = InferenceModel(folder)
+    model = ModelRuntime(folder, spinning=False)
     tokenizer = load_checkpoint_tokenizer(folder)
     loader = make_loader(tokenize_dataset(data.test, tokenizer, max_length), tokenizer, 64, shuffle=False)
-    logits, labels = model.logits(loader)
-    return classification_metrics(logits.argmax(-1), labels)["accuracy"], model
+    return accuracy(*model.logits(loader)), model
 
 
 test_accuracy.__test__ = False  # a helper, not a pytest test

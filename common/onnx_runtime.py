@@ -81,10 +81,6 @@ def predict_onnx(classifier: OnnxClassifier, loader) -> tuple[np.ndarray, np.nda
     return np.concatenate(all_logits), np.concatenate(all_labels)
 
 
-def accuracy_of(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((logits.argmax(-1) == labels).mean())
-
-
 # -- quantization --------------------------------------------------------------------------------------------
 
 

@@ -20,7 +20,6 @@ from typing import Iterable, Optional
 import numpy as np
 
 from . import stages
-from .architecture import forward_input_names
 from .checkpoints import RECORD_FILE
 
 logger = logging.getLogger(__name__)
@@ -39,8 +38,7 @@ class Classifier:
     tokenizer: object
     id2label: dict[int, str]
     max_length: int
-    onnx: object = None
-    torch_model: object = None
+    runtime: object  # a runtime.ModelRuntime: the torch checkpoint or the ONNX file
     pair_column: Optional[str] = None  # the training data's second text column, for a sentence-pair model
 
     @property
@@ -53,15 +51,7 @@ class Classifier:
         singles = [text[0] if isinstance(text, tuple) else text for text in texts]
         pairs = [text[1] for text in texts] if texts and isinstance(texts[0], tuple) else None
         options = dict(padding=True, truncation=True, max_length=self.max_length)
-        if self.onnx is not None:
-            return self.onnx.logits(dict(encode(self.tokenizer, singles, pairs, return_tensors="np", **options)))
-        import torch
-
-        encoded = encode(self.tokenizer, singles, pairs, return_tensors="pt", **options)
-        accepted = forward_input_names(self.torch_model)
-        with torch.no_grad():
-            output = self.torch_model(**{k: v for k, v in encoded.items() if k in accepted})
-        return output.logits.float().numpy()
+        return self.runtime.logits_for(dict(encode(self.tokenizer, singles, pairs, return_tensors="np", **options)))
 
 
 def open_classifier(path: str | Path, onnx_file: Optional[str] = None, num_threads: Optional[int] = None) -> Classifier:
@@ -88,24 +78,20 @@ def open_classifier(path: str | Path, onnx_file: Optional[str] = None, num_threa
     id2label = {int(key): value for key, value in (config.get("id2label") or {}).items()}
     max_length = int((record.get("config") or {}).get("max_length") or min(512, tokenizer.model_max_length))
     pair_column = (record.get("config") or {}).get("text_pair_column")
-    if stage in stages.onnx_stages() or onnx_file is not None:
-        from .onnx_runtime import OnnxClassifier
+    from .runtime import ModelRuntime
 
+    if stage in stages.onnx_stages() or onnx_file is not None:
         chosen = onnx_file or record.get("deployment_model") or "model.onnx"
         if not (folder / chosen).is_file():
             available = sorted(p.name for p in folder.glob("*.onnx"))
             raise PredictionError(f"{folder} has no {chosen}; its ONNX files are {available}. Pass one with --onnx_file.")
-        onnx = OnnxClassifier(folder / chosen, num_threads)
-        return Classifier(folder, f"{stage} ONNX model {chosen} (ONNX Runtime)", tokenizer, id2label, max_length, onnx=onnx,
-                          pair_column=pair_column)
-    from .models import load_model
-
+        return Classifier(folder, f"{stage} ONNX model {chosen} (ONNX Runtime)", tokenizer, id2label, max_length,
+                          ModelRuntime(folder, chosen, num_threads=num_threads), pair_column)
     try:
-        model = load_model(folder)
+        runtime = ModelRuntime(folder)
     except (OSError, ValueError, RuntimeError) as error:
         raise PredictionError(f"Could not load the {stage} checkpoint {folder}: {error}") from error
-    return Classifier(folder, f"{stage} checkpoint (torch)", tokenizer, id2label, max_length, torch_model=model,
-                      pair_column=pair_column)
+    return Classifier(folder, f"{stage} checkpoint (torch)", tokenizer, id2label, max_length, runtime, pair_column)
 
 
 def check_input_kind(classifier: Classifier, texts: list) -> None:

@@ -1,4 +1,4 @@
-"""The final report: evaluate each stage's model on the test split and write JSON, PNG and Markdown.
+"""The final report's rows: evaluate each stage's model on the test split (rendered by ``report_render``).
 
 Each row is a torch checkpoint (loaded from its own ``compression.json``: 4-bit, int8, pruned or not) or one
 ``.onnx`` file of an ONNX folder (run by ONNX Runtime), tokenized with its own tokenizer (a vocabulary-pruned
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
 import tempfile
@@ -26,15 +25,9 @@ import torch
 
 from . import checkpoints, stages
 from .data import TextClassificationData, make_loader, tokenize_dataset
-from .evaluation import (
-    InferenceModel,
-    classification_metrics,
-    cpu_info,
-    interleaved_latency,
-    measure_in_subprocess,
-    round_speedup,
-)
-from .models import check_matches_data, count_parameters, load_checkpoint_tokenizer, position_limit, weights_size_bytes
+from .evaluation import classification_metrics, cpu_info, interleaved_latency, round_speedup
+from .models import check_matches_data, count_parameters, load_checkpoint_tokenizer, position_limit
+from .runtime import ModelRuntime, measure_in_subprocess
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +62,7 @@ class EvaluatedRow:
     row: dict
     entry: ModelEntry
     folder: Path
-    model: InferenceModel  # kept for the latency harness, which runs every row in this process anyway
+    model: ModelRuntime  # kept for the latency harness, which runs every row in this process anyway
 
 
 def _resolve(entry: ModelEntry) -> tuple[Path, dict]:
@@ -86,15 +79,13 @@ def evaluate_entry(entry: ModelEntry, data: TextClassificationData, data_config,
     check_matches_data(folder, record, data_config, data.label_names)
     if entry.onnx_file is not None and not (folder / entry.onnx_file).is_file():
         raise FileNotFoundError(f"{folder} has no {entry.onnx_file}; re-run {stages.script_for(record['stage']) if record.get('stage') in stages.STAGE_NAMES else 'its stage'}")
-    model = InferenceModel(folder, entry.onnx_file, config.num_threads)
+    model = ModelRuntime(folder, entry.onnx_file, num_threads=config.num_threads, spinning=False)
     tokenizer = load_checkpoint_tokenizer(folder)
     loader = make_loader(tokenize_dataset(data.test, tokenizer, data_config.max_length), tokenizer, config.eval_batch_size, shuffle=False)
     logits, labels = model.logits(loader)
     metrics = classification_metrics(logits.argmax(-1), labels)
-    if entry.onnx_file is None:
-        parameters, size = count_parameters(model.torch_model), weights_size_bytes(folder)
-    else:
-        parameters, size = record.get("parameters"), (folder / entry.onnx_file).stat().st_size
+    parameters = count_parameters(model.torch_model) if entry.onnx_file is None else record.get("parameters")
+    size = model.size_bytes
     memory = dict.fromkeys(("model_rss_mb", "inference_peak_mb", "peak_rss_mb", "peak_covers_loading"))
     if config.measure_memory:
         memory = measure_in_subprocess(
@@ -107,7 +98,7 @@ def evaluate_entry(entry: ModelEntry, data: TextClassificationData, data_config,
         "label": entry.label,
         "stage": record.get("stage", entry.stage),
         "path": str(folder if entry.onnx_file is None else folder / entry.onnx_file),
-        "runtime": "torch" if entry.onnx_file is None else "onnxruntime",
+        "runtime": model.runtime,
         "test_accuracy": metrics["accuracy"],
         "test_macro_f1": metrics["macro_f1"],
         "test_examples": int(len(labels)),
@@ -233,11 +224,6 @@ def gpu_rows(evaluated: list[EvaluatedRow], data: TextClassificationData, max_le
         return [], "No CUDA device: GPU rows (torch fp16, ONNX Runtime CUDA) skipped."
     import onnxruntime as ort
 
-    from .evaluation import predict
-    from .models import load_model
-    from .onnx_runtime import OnnxClassifier, predict_onnx
-
-    device = torch.device("cuda")
     cuda_ort = "CUDAExecutionProvider" in ort.get_available_providers()
     rows, runners = [], {}
     for item in evaluated:
@@ -245,29 +231,18 @@ def gpu_rows(evaluated: list[EvaluatedRow], data: TextClassificationData, max_le
         on_ort_gpu = cuda_ort and item.entry.onnx_file == "model.onnx" and item.row["stage"] == "onnx"
         if not (on_torch_gpu or on_ort_gpu):
             continue
+        model = ModelRuntime(item.folder, item.entry.onnx_file, device="cuda", half=on_torch_gpu)
         tokenizer = load_checkpoint_tokenizer(item.folder)
         loader = make_loader(tokenize_dataset(data.test, tokenizer, max_length), tokenizer, config.eval_batch_size, shuffle=False)
-        batch = item.model.batch(config.latency_batch_size, config.latency_seq_length)
+        logits, labels = model.logits(loader)
         if on_torch_gpu:
-            network = load_model(item.folder).half().to(device).eval()
-            logits, labels = predict(network, loader)
-            gpu_batch = {key: value.to(device) for key, value in batch.items()}
-
-            def run(network=network, gpu_batch=gpu_batch):
-                with torch.no_grad():
-                    network(**gpu_batch)
-                torch.cuda.synchronize()
-
-            label = f"{item.row['label'].replace(' (FP32)', '')} (FP16, torch GPU)"
+            label, runtime = f"{item.row['label'].replace(' (FP32)', '')} (FP16, torch GPU)", "torch cuda fp16"
         else:
-            classifier = OnnxClassifier(item.folder / item.entry.onnx_file, providers=["CUDAExecutionProvider"])
-            logits, labels = predict_onnx(classifier, loader)
-            run = (lambda session=classifier.session, batch=batch: session.run(None, batch))
-            label = f"{item.row['label']} (ONNX Runtime CUDA)"
+            label, runtime = f"{item.row['label']} (ONNX Runtime CUDA)", "onnxruntime cuda"
         metrics = classification_metrics(logits.argmax(-1), labels)
-        rows.append({**item.row, "label": label, "runtime": "torch cuda fp16" if "torch" in label else "onnxruntime cuda",
+        rows.append({**item.row, "label": label, "runtime": runtime,
                      "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"], "device": "cuda"})
-        runners[label] = run
+        runners[label] = model.runner(model.batch(config.latency_batch_size, config.latency_seq_length))
     if not runners:
         return [], "CUDA present, but no full-precision model to run on it."
     reference = next(iter(runners))
@@ -346,135 +321,3 @@ def build_report(config, data: TextClassificationData, data_config, settings: di
         "data": {"source": data.source, "test_examples": len(data.test), "label_names": data.label_names,
                  "text_pair_column": data_config.text_pair_column},
     }
-
-
-# -- writing ---------------------------------------------------------------------------------------------
-
-
-def _number(value, digits: int = 2) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "–"
-    return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
-
-
-def _whole(value) -> str:
-    return "–" if value is None else f"{value:.0f}"
-
-
-def markdown_table(report: dict) -> str:
-    header = (
-        "| Model | Runtime | Test acc. | Macro-F1 | vs teacher | Params | Size (MB) | × smaller | Latency (ms), median [IQR] | "
-        "× faster [IQR] | × faster than teacher ORT int8 | Throughput (ex/s) | Resident (MB) | Peak (MB) | Pareto size / latency |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-    )
-    lines = []
-    for row in report["models"]:
-        speedup = _number(row.get("speedup_vs_teacher"), 1)
-        if row.get("speedup_vs_teacher_p25") is not None:
-            speedup += f" [{row['speedup_vs_teacher_p25']:.1f}–{row['speedup_vs_teacher_p75']:.1f}]"
-        parameters = f"{row['parameters']:,}" if isinstance(row.get("parameters"), int) else "–"
-        lines.append(
-            f"| {row['label']} | {row.get('runtime', 'torch')} | {100 * row['test_accuracy']:.2f}% | {100 * row['test_macro_f1']:.2f}% | "
-            f"{_number(None if row['accuracy_vs_teacher'] is None else 100 * row['accuracy_vs_teacher'])}% | "
-            f"{parameters} | {row['size_mb']:.2f} | {_number(row['compression_vs_teacher'], 1)} | "
-            f"{row['latency_ms_median']:.1f} [{row['latency_ms_p25']:.1f}–{row['latency_ms_p75']:.1f}] | {speedup} | "
-            f"{_number(row.get('speedup_vs_ort_reference'), 2)} | "
-            f"{row['throughput_examples_per_s']:.0f} | {_whole(row['model_rss_mb'])} | {_whole(row['inference_peak_mb'])} | "
-            f"{'✓' if row['pareto_size'] else ''} / {'✓' if row['pareto_latency'] else ''} |"
-        )
-    text = header + "\n".join(lines) + "\n"
-    machine = report["machine"]
-    flags = ", ".join(name for name, present in machine.get("instruction_sets", {}).items() if present) or "unknown"
-    versions = ", ".join(f"{name} {version}" for name, version in machine["versions"].items() if version)
-    text += (
-        f"\nTest split: {report['data']['test_examples']} examples of {report['data']['source']}.\n\n"
-        f"Latency: {report['latency_method']}. Threads: {machine['torch_threads']} (torch and ONNX Runtime). "
-        f"CPU: {machine.get('cpu_model', machine['processor'])}, {machine['cpu_count']} logical cores; int8 acceleration: "
-        f"{machine.get('int8_acceleration', 'unknown')} (instruction sets present: {flags}). int8 speed-ups differ by 2–3× "
-        f"between CPUs with and without VNNI/AMX. {report.get('gpu', '')}\n\n"
-        f"Resident: memory the loaded model adds to its process; Peak: the process's peak resident memory during "
-        f"forward passes over its size before loading (weights plus activations); both measured in a fresh process "
-        f"per model.\n\nVersions: {versions}.\n"
-    )
-    quantized = [row for row in report["models"] if row.get("worst_quantized_layers")]
-    if quantized:
-        text += ("\n4-bit quantization error per layer, measured on the full-precision weights before quantizing "
-                 "(relative output MSE on validation batches; weight SNR), the five worst layers of each model:\n\n"
-                 "| Model | Layer | Output rel. MSE | Weight SNR (dB) |\n|---|---|---|---|\n")
-        for row in quantized:
-            for layer in row["worst_quantized_layers"]:
-                mse = layer["output_relative_mse"]
-                snr = layer["weight_snr_db"]
-                text += (f"| {row['label']} | {layer['layer']} | {'–' if mse is None else f'{mse:.2e}'} | "
-                         f"{'exact' if snr is None else f'{snr:.1f}'} |\n")
-    if report.get("gpu_models"):
-        text += "\n| GPU model | Runtime | Test acc. | Latency (ms), median [IQR] | × faster than the first GPU row |\n|---|---|---|---|---|\n"
-        for row in report["gpu_models"]:
-            text += (f"| {row['label']} | {row['runtime']} | {100 * row['test_accuracy']:.2f}% | {row['latency_ms_median']:.1f} "
-                     f"[{row['latency_ms_p25']:.1f}–{row['latency_ms_p75']:.1f}] | {row['speedup_vs_gpu_reference']:.1f} |\n")
-    if report["skipped"]:
-        text += "\nSkipped:\n" + "".join(f"- {s['label']}: {s['reason']}\n" for s in report["skipped"])
-    return text
-
-
-def plot_report(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    rows = report["models"]
-    figure, axes = plt.subplots(1, 2, figsize=(13, 5.2), constrained_layout=True)
-    if not rows:
-        for axis in axes:
-            axis.text(0.5, 0.5, "no model could be evaluated", ha="center", va="center", transform=axis.transAxes)
-        figure.savefig(path, dpi=130, format="png")
-        plt.close(figure)
-        return
-    colormap = plt.get_cmap("tab10" if len(rows) <= 10 else "viridis")
-    colors = [colormap(i if len(rows) <= 10 else i / max(1, len(rows) - 1)) for i in range(len(rows))]
-    markers = "osD^vPX*hp<>"
-    # Later models are drawn smaller and on top, so models at the same point stay visible as nested markers.
-    sizes = [max(50, 260 - 35 * i) for i in range(len(rows))]
-    panels = (("size_mb", "pareto_size", "Weight files on disk (MB, log scale)"), ("latency_ms_median", "pareto_latency", "CPU latency per batch (ms, log scale)"))
-    for axis, (key, front_key, xlabel) in zip(axes, panels):
-        for index, (row, color, size) in enumerate(zip(rows, colors, sizes)):
-            x, y = row[key], 100 * row["test_accuracy"]
-            axis.scatter(x, y, s=size, color=color, marker=markers[index % len(markers)], label=row["label"], zorder=3 + index, alpha=0.95)
-            if row[front_key]:
-                axis.scatter(x, y, s=size + 220, facecolors="none", edgecolors="black", linewidths=1.3, zorder=2)
-        front = sorted((row[key], 100 * row["test_accuracy"]) for row in rows if row[front_key])
-        if len(front) > 1:
-            axis.step([x for x, _ in front], [y for _, y in front], where="post", color="grey", linestyle="--", linewidth=1, zorder=1)
-        axis.set_xscale("log")
-        # plain numbers on the log axis; minor labels would run into each other
-        axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
-        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        axis.set_xlabel(xlabel)
-        axis.set_ylabel("Test accuracy (%)")
-        axis.margins(x=0.15, y=0.15)
-        axis.grid(True, which="both", alpha=0.3)
-    axes[0].set_title("Accuracy vs size")
-    axes[1].set_title("Accuracy vs latency")
-    handles, labels = axes[0].get_legend_handles_labels()
-    ring = plt.Line2D([], [], marker="o", linestyle="none", markerfacecolor="none", markeredgecolor="black", markersize=13)
-    front_line = plt.Line2D([], [], color="grey", linestyle="--")
-    figure.legend(handles + [ring, front_line], labels + ["Pareto-optimal (ring)", "Pareto front"],
-                  loc="outside right center", fontsize=9, frameon=False)
-    figure.savefig(path, dpi=130, format="png")
-    plt.close(figure)
-
-
-def write_report(report: dict, folder: Path, name: str) -> dict[str, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {suffix: folder / f"{name}.{suffix}" for suffix in ("json", "png", "md")}
-    temporary = {suffix: path.with_name(f".{path.name}.tmp") for suffix, path in paths.items()}
-    checkpoints.write_json(temporary["json"], report)
-    plot_report(report, temporary["png"])
-    temporary["md"].write_text(markdown_table(report))
-    for suffix in paths:
-        temporary[suffix].replace(paths[suffix])
-    return paths

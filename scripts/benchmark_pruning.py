@@ -31,7 +31,7 @@ from common.checkpoints import find_checkpoint, results_root, write_json  # noqa
 from common.config import DataConfig, PruningConfig  # noqa: E402
 from common.data import build_loaders, load_splits  # noqa: E402
 from common.distillation import DistillationLoss, kd_step, layer_map, num_layers  # noqa: E402
-from common.evaluation import measure_in_subprocess  # noqa: E402
+from common.runtime import measure_in_subprocess  # noqa: E402
 from common.models import count_parameters, load_checkpoint_tokenizer, load_model, weights_size_bytes  # noqa: E402
 from common.pruning import StructuralPruner  # noqa: E402
 from common.training import make_optimizer  # noqa: E402

@@ -463,10 +463,10 @@ def test_training_counts_must_be_positive(field, value):
 def test_predict_needs_pairs_for_a_pair_model_and_a_separator_in_each_text(tmp_path):
     from common.prediction import Classifier, PredictionError, check_input_kind, read_texts
 
-    pair_model = Classifier(tmp_path, "test", None, {0: "a", 1: "b"}, 16, pair_column="hypothesis")
+    pair_model = Classifier(tmp_path, "test", None, {0: "a", 1: "b"}, 16, runtime=None, pair_column="hypothesis")
     with pytest.raises(PredictionError, match="classifies sentence pairs .*hypothesis.*--pair_separator"):
         check_input_kind(pair_model, ["just one text"])
-    single_model = Classifier(tmp_path, "test", None, {0: "a", 1: "b"}, 16)
+    single_model = Classifier(tmp_path, "test", None, {0: "a", 1: "b"}, 16, runtime=None)
     with pytest.raises(PredictionError, match="classifies single texts, but pairs were given"):
         check_input_kind(single_model, [("a", "b")])
     with pytest.raises(PredictionError, match="'no separator here' has no '|||'"):

@@ -235,3 +235,31 @@ def test_bnb4_export_of_a_mixed_8_and_4_bit_model(tokenizer, tmp_path):
     save_onnx(int8_compute, tmp_path / "mixed_int8.onnx")
     int8_logits = OnnxClassifier(tmp_path / "mixed_int8.onnx").logits(batch)
     assert np.abs(int8_logits - expected).max() < 0.05 * np.abs(expected).max()
+
+
+def test_model_runtime_runs_a_checkpoint_and_its_onnx_file_behind_one_interface(tokenizer, results_dir):
+    """The report, predict.py, the sweep and stage 12 see a torch checkpoint and an ONNX file the same way."""
+    from common.data import make_loader, tokenize_dataset
+    from common.models import save_checkpoint
+    from common.runtime import ModelRuntime
+    from conftest import tiny_data
+
+    model = pruned_model(tiny_bert_config(layers=3, hidden=64, heads=4, ffn=128))
+    folder = save_checkpoint("pruned", model, tokenizer, {"label_names": ["negative", "positive"]})
+    export_onnx(model, tokenizer, folder / "model.onnx")
+    in_torch, in_onnx = ModelRuntime(folder), ModelRuntime(folder, "model.onnx")
+    assert (in_torch.runtime, in_onnx.runtime) == ("torch", "onnxruntime")
+    assert in_torch.input_names == in_onnx.input_names == ["input_ids", "attention_mask", "token_type_ids"]
+    assert in_onnx.size_bytes == (folder / "model.onnx").stat().st_size
+    assert in_torch.size_bytes == (folder / "model.safetensors").stat().st_size
+    encoded = dict(tokenizer(TEXTS, padding=True, return_tensors="np"))
+    np.testing.assert_allclose(in_onnx.logits_for(encoded), in_torch.logits_for(encoded), atol=1e-5, rtol=0)
+    data = tiny_data(TEXTS, TEXTS)
+    loader = make_loader(tokenize_dataset(data.test, tokenizer, 32), tokenizer, 4, shuffle=False)
+    (torch_logits_all, torch_labels), (onnx_logits_all, onnx_labels) = in_torch.logits(loader), in_onnx.logits(loader)
+    np.testing.assert_array_equal(torch_labels, onnx_labels)
+    np.testing.assert_allclose(onnx_logits_all, torch_logits_all, atol=1e-5, rtol=0)
+    for runtime in (in_torch, in_onnx):
+        batch = runtime.batch(2, 8)
+        assert set(batch) == {"input_ids", "attention_mask", "token_type_ids"} and tuple(batch["input_ids"].shape) == (2, 8)
+        runtime.runner(batch)()

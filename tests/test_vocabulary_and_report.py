@@ -8,7 +8,8 @@ from common import stages
 from common.config import DataConfig, ReportConfig
 from common.evaluation import classification_metrics
 from common.models import load_checkpoint_tokenizer, load_model, save_checkpoint
-from common.report import build_report, pareto_front, write_report
+from common.report import build_report, pareto_front
+from common.report_render import write_report
 from common.vocabulary import prune_vocabulary
 from conftest import tiny_bert_config, tiny_data, tiny_model
 

@@ -1,0 +1,138 @@
+"""Rendering of the final report: JSON, the markdown table and the accuracy-vs-size/latency plot with its Pareto
+fronts, written next to each other atomically. The rows come from ``report.build_report``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from . import checkpoints
+
+
+def _number(value, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "–"
+    return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
+
+
+def _whole(value) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
+def markdown_table(report: dict) -> str:
+    header = (
+        "| Model | Runtime | Test acc. | Macro-F1 | vs teacher | Params | Size (MB) | × smaller | Latency (ms), median [IQR] | "
+        "× faster [IQR] | × faster than teacher ORT int8 | Throughput (ex/s) | Resident (MB) | Peak (MB) | Pareto size / latency |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for row in report["models"]:
+        speedup = _number(row.get("speedup_vs_teacher"), 1)
+        if row.get("speedup_vs_teacher_p25") is not None:
+            speedup += f" [{row['speedup_vs_teacher_p25']:.1f}–{row['speedup_vs_teacher_p75']:.1f}]"
+        parameters = f"{row['parameters']:,}" if isinstance(row.get("parameters"), int) else "–"
+        lines.append(
+            f"| {row['label']} | {row.get('runtime', 'torch')} | {100 * row['test_accuracy']:.2f}% | {100 * row['test_macro_f1']:.2f}% | "
+            f"{_number(None if row['accuracy_vs_teacher'] is None else 100 * row['accuracy_vs_teacher'])}% | "
+            f"{parameters} | {row['size_mb']:.2f} | {_number(row['compression_vs_teacher'], 1)} | "
+            f"{row['latency_ms_median']:.1f} [{row['latency_ms_p25']:.1f}–{row['latency_ms_p75']:.1f}] | {speedup} | "
+            f"{_number(row.get('speedup_vs_ort_reference'), 2)} | "
+            f"{row['throughput_examples_per_s']:.0f} | {_whole(row['model_rss_mb'])} | {_whole(row['inference_peak_mb'])} | "
+            f"{'✓' if row['pareto_size'] else ''} / {'✓' if row['pareto_latency'] else ''} |"
+        )
+    text = header + "\n".join(lines) + "\n"
+    machine = report["machine"]
+    flags = ", ".join(name for name, present in machine.get("instruction_sets", {}).items() if present) or "unknown"
+    versions = ", ".join(f"{name} {version}" for name, version in machine["versions"].items() if version)
+    text += (
+        f"\nTest split: {report['data']['test_examples']} examples of {report['data']['source']}.\n\n"
+        f"Latency: {report['latency_method']}. Threads: {machine['torch_threads']} (torch and ONNX Runtime). "
+        f"CPU: {machine.get('cpu_model', machine['processor'])}, {machine['cpu_count']} logical cores; int8 acceleration: "
+        f"{machine.get('int8_acceleration', 'unknown')} (instruction sets present: {flags}). int8 speed-ups differ by 2–3× "
+        f"between CPUs with and without VNNI/AMX. {report.get('gpu', '')}\n\n"
+        f"Resident: memory the loaded model adds to its process; Peak: the process's peak resident memory during "
+        f"forward passes over its size before loading (weights plus activations); both measured in a fresh process "
+        f"per model.\n\nVersions: {versions}.\n"
+    )
+    quantized = [row for row in report["models"] if row.get("worst_quantized_layers")]
+    if quantized:
+        text += ("\n4-bit quantization error per layer, measured on the full-precision weights before quantizing "
+                 "(relative output MSE on validation batches; weight SNR), the five worst layers of each model:\n\n"
+                 "| Model | Layer | Output rel. MSE | Weight SNR (dB) |\n|---|---|---|---|\n")
+        for row in quantized:
+            for layer in row["worst_quantized_layers"]:
+                mse = layer["output_relative_mse"]
+                snr = layer["weight_snr_db"]
+                text += (f"| {row['label']} | {layer['layer']} | {'–' if mse is None else f'{mse:.2e}'} | "
+                         f"{'exact' if snr is None else f'{snr:.1f}'} |\n")
+    if report.get("gpu_models"):
+        text += "\n| GPU model | Runtime | Test acc. | Latency (ms), median [IQR] | × faster than the first GPU row |\n|---|---|---|---|---|\n"
+        for row in report["gpu_models"]:
+            text += (f"| {row['label']} | {row['runtime']} | {100 * row['test_accuracy']:.2f}% | {row['latency_ms_median']:.1f} "
+                     f"[{row['latency_ms_p25']:.1f}–{row['latency_ms_p75']:.1f}] | {row['speedup_vs_gpu_reference']:.1f} |\n")
+    if report["skipped"]:
+        text += "\nSkipped:\n" + "".join(f"- {s['label']}: {s['reason']}\n" for s in report["skipped"])
+    return text
+
+
+def plot_report(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    rows = report["models"]
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5.2), constrained_layout=True)
+    if not rows:
+        for axis in axes:
+            axis.text(0.5, 0.5, "no model could be evaluated", ha="center", va="center", transform=axis.transAxes)
+        figure.savefig(path, dpi=130, format="png")
+        plt.close(figure)
+        return
+    colormap = plt.get_cmap("tab10" if len(rows) <= 10 else "viridis")
+    colors = [colormap(i if len(rows) <= 10 else i / max(1, len(rows) - 1)) for i in range(len(rows))]
+    markers = "osD^vPX*hp<>"
+    # Later models are drawn smaller and on top, so models at the same point stay visible as nested markers.
+    sizes = [max(50, 260 - 35 * i) for i in range(len(rows))]
+    panels = (("size_mb", "pareto_size", "Weight files on disk (MB, log scale)"), ("latency_ms_median", "pareto_latency", "CPU latency per batch (ms, log scale)"))
+    for axis, (key, front_key, xlabel) in zip(axes, panels):
+        for index, (row, color, size) in enumerate(zip(rows, colors, sizes)):
+            x, y = row[key], 100 * row["test_accuracy"]
+            axis.scatter(x, y, s=size, color=color, marker=markers[index % len(markers)], label=row["label"], zorder=3 + index, alpha=0.95)
+            if row[front_key]:
+                axis.scatter(x, y, s=size + 220, facecolors="none", edgecolors="black", linewidths=1.3, zorder=2)
+        front = sorted((row[key], 100 * row["test_accuracy"]) for row in rows if row[front_key])
+        if len(front) > 1:
+            axis.step([x for x, _ in front], [y for _, y in front], where="post", color="grey", linestyle="--", linewidth=1, zorder=1)
+        axis.set_xscale("log")
+        # plain numbers on the log axis; minor labels would run into each other
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel("Test accuracy (%)")
+        axis.margins(x=0.15, y=0.15)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].set_title("Accuracy vs size")
+    axes[1].set_title("Accuracy vs latency")
+    handles, labels = axes[0].get_legend_handles_labels()
+    ring = plt.Line2D([], [], marker="o", linestyle="none", markerfacecolor="none", markeredgecolor="black", markersize=13)
+    front_line = plt.Line2D([], [], color="grey", linestyle="--")
+    figure.legend(handles + [ring, front_line], labels + ["Pareto-optimal (ring)", "Pareto front"],
+                  loc="outside right center", fontsize=9, frameon=False)
+    figure.savefig(path, dpi=130, format="png")
+    plt.close(figure)
+
+
+def write_report(report: dict, folder: Path, name: str) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {suffix: folder / f"{name}.{suffix}" for suffix in ("json", "png", "md")}
+    temporary = {suffix: path.with_name(f".{path.name}.tmp") for suffix, path in paths.items()}
+    checkpoints.write_json(temporary["json"], report)
+    plot_report(report, temporary["png"])
+    temporary["md"].write_text(markdown_table(report))
+    for suffix in paths:
+        temporary[suffix].replace(paths[suffix])
+    return paths

@@ -1,0 +1,207 @@
+"""One runtime object for every way a model runs here, and the memory it costs.
+
+``ModelRuntime`` runs a checkpoint in torch (rebuilt by the project's loader: pruned, 4-bit, int8) or one ``.onnx``
+file of an ONNX folder in ONNX Runtime, on the CPU or a GPU, behind one interface: logits for a batch of tokenizer
+outputs or a whole loader, its input names, its size on disk, a synthetic batch and a runner for the latency harness.
+The report, ``predict.py``, the sweep and stage 12 all run models through it. ``measure_in_subprocess`` loads one in
+a fresh process to measure its memory, so that one model's allocations never count against another.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import multiprocessing
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .evaluation import predict
+
+
+def synthetic_batch(vocab_size: int, batch_size: int, seq_length: int, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    # ids above 999 avoid BERT's special and unused tokens
+    low = min(1000, vocab_size - 1)
+    input_ids = torch.randint(low, vocab_size, (batch_size, seq_length), generator=generator)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+class ModelRuntime:
+    """One model to evaluate, time or serve: a checkpoint folder in torch, or ``onnx_file`` of an ONNX folder.
+
+    ``device='cuda'`` runs it on a GPU (``half`` casts a torch model to fp16; an ONNX file gets ONNX Runtime's CUDA
+    provider). ``spinning=False`` keeps ONNX Runtime's idle threads from busy-waiting, for round-robin timing."""
+
+    def __init__(self, folder: str | Path, onnx_file: Optional[str] = None, *, num_threads: Optional[int] = None,
+                 device: str = "cpu", half: bool = False, spinning: bool = True, vocab_size: Optional[int] = None) -> None:
+        self.folder, self.onnx_file, self.device = Path(folder), onnx_file, torch.device(device)
+        self.onnx, self.torch_model = None, None
+        if onnx_file is not None:
+            from .onnx_runtime import OnnxClassifier
+
+            providers = ("CUDAExecutionProvider",) if self.device.type == "cuda" else ("CPUExecutionProvider",)
+            self.onnx = OnnxClassifier(self.folder / onnx_file, num_threads, spinning=spinning, providers=providers)
+            if vocab_size is None:
+                vocab_size = int(json.loads((self.folder / "config.json").read_text())["vocab_size"])
+            self.vocab_size = vocab_size
+        else:
+            from .architecture import word_embeddings
+            from .models import load_model
+
+            model = load_model(self.folder)
+            self.torch_model = (model.half() if half else model).to(self.device).eval()
+            self.vocab_size = word_embeddings(self.torch_model).num_embeddings
+
+    @property
+    def runtime(self) -> str:
+        return "onnxruntime" if self.onnx is not None else "torch"
+
+    @property
+    def input_names(self) -> list[str]:
+        if self.onnx is not None:
+            return self.onnx.input_names
+        from .architecture import forward_input_names
+
+        return forward_input_names(self.torch_model)
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes on disk: the checkpoint's weight files, or the one ONNX file."""
+        if self.onnx is not None:
+            return (self.folder / self.onnx_file).stat().st_size
+        from .models import weights_size_bytes
+
+        return weights_size_bytes(self.folder)
+
+    def logits_for(self, batch: dict) -> np.ndarray:
+        """Logits of one batch of tokenizer outputs (torch tensors or numpy arrays); inputs the model does not take
+        (e.g. ``token_type_ids`` of a DistilBERT tokenizer) are left out."""
+        if self.onnx is not None:
+            return self.onnx.logits(batch)
+        accepted = set(self.input_names)
+        inputs = {key: torch.as_tensor(value).to(self.device) for key, value in batch.items() if key in accepted}
+        with torch.no_grad():
+            return self.torch_model(**inputs).logits.float().cpu().numpy()
+
+    def logits(self, loader) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and labels of every example of a data loader."""
+        if self.onnx is not None:
+            from .onnx_runtime import predict_onnx
+
+            return predict_onnx(self.onnx, loader)
+        return predict(self.torch_model, loader)
+
+    def batch(self, batch_size: int, seq_length: int) -> dict:
+        """A synthetic batch of this model's vocabulary, shaped for its inputs and placed where it runs."""
+        batch = synthetic_batch(self.vocab_size, batch_size, seq_length)
+        if "token_type_ids" in self.input_names:
+            batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+        if self.onnx is not None:
+            return self.onnx.feeds(batch)
+        return {key: value.to(self.device) for key, value in batch.items()}
+
+    def runner(self, batch: dict) -> Callable[[], object]:
+        """A no-argument call of one forward pass on ``batch``, for the latency harness."""
+        if self.onnx is not None:
+            session = self.onnx.session
+            return lambda: session.run(None, batch)
+        model, on_gpu = self.torch_model, self.device.type == "cuda"
+
+        def run():
+            with torch.no_grad():
+                output = model(**batch)
+            if on_gpu:
+                torch.cuda.synchronize()
+            return output
+
+        return run
+
+
+# -- memory, in a fresh process per model -------------------------------------------------------------------
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> bool:
+    """Start a new peak-RSS measurement (Linux: writing 5 to clear_refs resets VmHWM); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _measure_child(folder: str, settings: dict, queue) -> None:
+    try:
+        import logging as child_logging
+
+        child_logging.disable(child_logging.INFO)
+        if settings.get("num_threads"):
+            torch.set_num_threads(settings["num_threads"])
+        before = _current_rss_bytes()
+        model = ModelRuntime(folder, settings.get("onnx_file"), num_threads=settings.get("num_threads"), spinning=False)
+        gc.collect()
+        loaded = _current_rss_bytes()
+        run = model.runner(model.batch(settings["batch_size"], settings["seq_length"]))
+        # Loading builds and converts layers, so its transient peak is not what serving the model costs.
+        peak_was_reset = _reset_peak_rss()
+        for _ in range(settings["warmup"]):
+            run()
+        timings = []
+        for _ in range(settings["repeats"]):
+            start = time.perf_counter()
+            run()
+            timings.append(time.perf_counter() - start)
+        median = statistics.median(timings)
+        result = {
+            "latency_ms_median": 1000 * median,
+            "latency_ms_p90": 1000 * float(np.percentile(timings, 90)),
+            "throughput_examples_per_s": settings["batch_size"] / median,
+        }
+        peak = _peak_rss_bytes()
+        result.update(
+            peak_rss_mb=peak / 2**20,
+            model_rss_mb=(loaded - before) / 2**20,
+            inference_peak_mb=(peak - before) / 2**20,
+            peak_covers_loading=not peak_was_reset,
+            num_threads=torch.get_num_threads(),
+        )
+        queue.put(("ok", result))
+    except BaseException as error:  # the parent reports it; a child must never hang the report
+        queue.put(("error", f"{type(error).__name__}: {error}"))
+
+
+def measure_in_subprocess(folder: str | Path, batch_size: int, seq_length: int, warmup: int, repeats: int,
+                          num_threads: Optional[int], onnx_file: Optional[str] = None) -> dict:
+    """Load a checkpoint (or one ``.onnx`` file of an ONNX folder) in a fresh process; return its memory use and a
+    sequential latency (the report times models with ``interleaved_latency`` instead)."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    settings = {"batch_size": batch_size, "seq_length": seq_length, "warmup": warmup, "repeats": repeats,
+                "num_threads": num_threads, "onnx_file": onnx_file}
+    process = context.Process(target=_measure_child, args=(str(folder), settings, queue))
+    process.start()
+    status, payload = queue.get()
+    process.join()
+    if status != "ok":
+        raise RuntimeError(f"benchmark of {folder} failed: {payload}")
+    return payload
