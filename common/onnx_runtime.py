@@ -172,7 +172,7 @@ def calibration_batches(tokenizer, texts: list[str], pairs: Optional[list[str]],
 
 def preprocess_for_static(source: Path, target: Path) -> None:
     """ONNX Runtime's recommended pre-processing (graph optimization, shape inference) before QDQ quantization.
-    Symbolic shape inference fails on these graphs, so it is skipped (see DEVELOPERS.md)."""
+    Symbolic shape inference fails on these graphs, so it is skipped."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with _quiet_quantizer():

@@ -48,16 +48,20 @@ class ModelRuntime:
 
             providers = ("CUDAExecutionProvider",) if self.device.type == "cuda" else ("CPUExecutionProvider",)
             self.onnx = OnnxClassifier(self.folder / onnx_file, num_threads, spinning=spinning, providers=providers)
-            if vocab_size is None:
-                vocab_size = int(json.loads((self.folder / "config.json").read_text())["vocab_size"])
-            self.vocab_size = vocab_size
+            self._vocab_size = vocab_size  # read from the folder's config.json when a synthetic batch needs it
         else:
             from .architecture import word_embeddings
             from .models import load_model
 
             model = load_model(self.folder)
             self.torch_model = (model.half() if half else model).to(self.device).eval()
-            self.vocab_size = word_embeddings(self.torch_model).num_embeddings
+            self._vocab_size = word_embeddings(self.torch_model).num_embeddings
+
+    @property
+    def vocab_size(self) -> int:
+        if self._vocab_size is None:
+            self._vocab_size = int(json.loads((self.folder / "config.json").read_text())["vocab_size"])
+        return self._vocab_size
 
     @property
     def runtime(self) -> str:

@@ -105,3 +105,51 @@ def test_bad_checkpoint_entries(entry, message):
 def test_a_stage_given_twice_is_refused():
     with pytest.raises(ValueError, match="stage 'teacher' is given twice"):
         ReportConfig(checkpoint=["teacher=a", "teacher=b"])
+
+
+def test_a_new_export_format_is_one_table_row_and_one_script(results_dir, tmp_path, monkeypatch):
+    """A test-double export stage: one row in the stage table and a 'script' (here a function) that writes its folder
+    through the run lifecycle. The checkpoint finder, --checkpoint, the report and the runtime take it from there."""
+    from common.config import ReportConfig
+    from common.lifecycle import start_stage
+    from common.onnx_export import export_onnx, write_runtime_files
+    from common.report import build_report
+    from conftest import write_reviews_csv
+
+    new_stage = stages.Stage("onnx_double", "13_export_double.py", ("pruned",), "onnxruntime", "onnx",
+                             (stages.ReportRow("Pruned, ONNX double", "double.onnx"),), "a test double of an export format")
+    table = (*stages.STAGE_TABLE, new_stage)
+    monkeypatch.setattr(stages, "STAGE_TABLE", table)
+    monkeypatch.setattr(stages, "_BY_NAME", {stage.name: stage for stage in table})
+    monkeypatch.setattr(stages, "STAGE_NAMES", tuple(stage.name for stage in table))
+
+    data_config = DataConfig(dataset=str(write_reviews_csv(tmp_path / "reviews.csv", rows=60)), text_column="review",
+                             label_column="sentiment")
+    tokenizer = make_tokenizer(tmp_path / "tokenizer")
+    model = tiny_model(tiny_bert_config())
+
+    def export_double(config):  # the new script's body: start, work, finish
+        run = start_stage("onnx_double", data_config, config)
+        model.config.id2label = dict(enumerate(run.data.label_names))
+
+        def write_files(folder):
+            export_onnx(model, tokenizer, folder / "double.onnx", data_config.max_length)
+            write_runtime_files(folder, tokenizer, model.config, data_config.max_length)
+            return {"deployment_model": "double.onnx"}
+
+        return run.finish(write_files=write_files, summary=lambda folder, record: f"double -> {folder}")
+
+    from common.config import OnnxExportConfig
+
+    folder = export_double(OnnxExportConfig())
+    assert checkpoints.find_checkpoint("onnx_double") == folder
+    assert "onnx_double" in stages.onnx_stages()
+    report_config = ReportConfig(checkpoint=[f"onnx_double={folder}"], ort_reference=False, measure_memory=False,
+                                 latency_repeats=1, latency_warmup=0, latency_batch_size=2, latency_seq_length=8)
+    from common.data import load_splits
+
+    report = build_report(report_config, load_splits(data_config), data_config, {})
+    rows = {row["label"]: row for row in report["models"]}
+    assert rows["Pruned, ONNX double"]["runtime"] == "onnxruntime" and rows["Pruned, ONNX double"]["stage"] == "onnx_double"
+    # the other stages have no checkpoint here: each of their rows is skipped with its reason
+    assert {item["label"] for item in report["skipped"]} == {row.label for stage in stages.STAGE_TABLE[:-1] for row in stage.rows}
