@@ -172,3 +172,16 @@ def test_writer_leaves_nothing_on_failure_and_never_overwrites(results_dir, tmp_
     with checkpoints.checkpoint_writer("teacher", output_dir=str(earlier), overwrite=True) as pending:
         checkpoints.write_json(pending.path / checkpoints.RECORD_FILE, {"stage": "teacher", "run": 2})
     assert checkpoints.read_record(earlier)["run"] == 2
+
+
+def test_stage_10_reads_its_earlier_beta_flags_and_json_keys_as_the_shared_distillation_weights(tmp_path, caplog):
+    """QATKDConfig now uses DistillationWeights (alpha_*); its old beta_* flags and JSON keys keep working."""
+    _, config = parse_config(DataConfig, QATKDConfig, args=["--beta_ce", "0.25", "--beta_logits=0.75", "--beta_attention", "1"])
+    assert (config.alpha_ce, config.alpha_kd, config.alpha_attention, config.alpha_hidden) == (0.25, 0.75, 1.0, 1.0)
+    assert "--beta_ce is now --alpha_ce" in caplog.text
+    path = tmp_path / "qkd.json"
+    path.write_text(json.dumps({"beta_hidden": 0.5}))
+    _, from_file = parse_config(DataConfig, QATKDConfig, args=["--config", str(path)])
+    assert from_file.alpha_hidden == 0.5
+    with pytest.raises(ValueError, match="alpha_attention are all 0"):
+        parse_config(DataConfig, QATKDConfig, args=["--beta_ce", "0", "--beta_logits", "0", "--beta_hidden", "0"])

@@ -153,3 +153,10 @@ def test_a_new_export_format_is_one_table_row_and_one_script(results_dir, tmp_pa
     assert rows["Pruned, ONNX double"]["runtime"] == "onnxruntime" and rows["Pruned, ONNX double"]["stage"] == "onnx_double"
     # the other stages have no checkpoint here: each of their rows is skipped with its reason
     assert {item["label"] for item in report["skipped"]} == {row.label for stage in stages.STAGE_TABLE[:-1] for row in stage.rows}
+
+
+def test_no_module_of_common_over_450_lines():
+    """One job a module; config.py's dataclasses are one job (the fields of every stage) and are exempt."""
+    sizes = {path.relative_to(PROJECT_ROOT).as_posix(): len(path.read_text().splitlines())
+             for path in (PROJECT_ROOT / "common").rglob("*.py") if path.name != "config.py"}
+    assert {name: lines for name, lines in sizes.items() if lines > 450} == {}
