@@ -8,6 +8,7 @@ complete, so a crashed run never leaves a folder that a later stage would pick u
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -226,12 +227,77 @@ def write_checkpoint(
     record.setdefault("versions", package_versions())
     with checkpoint_writer(stage, output_dir, overwrite) as pending:
         record.update(write_files(pending.path) or {})
+        record[MANIFEST_KEY] = file_manifest(pending.path)
         write_json(pending.path / RECORD_FILE, record)
         if verify is not None:
             record["metrics"] = {**record.get("metrics", {}), **verify(pending.path)}
             write_json(pending.path / RECORD_FILE, record)
         write_json(pending.path / METRICS_FILE, flat_metrics(record))
     return pending.final
+
+
+# -- integrity: what a stage wrote, checked by whoever loads it ---------------------------------------------
+
+MANIFEST_KEY = "manifest"  # in compression.json: {file name: {"bytes": size, "sha256": hex digest}}
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> SHA-256: each file is hashed once per process
+_UNVERIFIABLE: set[str] = set()
+
+
+class IntegrityError(ValueError):
+    """A file of a stage folder is missing, truncated or altered against the folder's manifest."""
+
+
+def _sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+def file_manifest(folder: Path) -> dict:
+    """Size and SHA-256 of every file a stage wrote into ``folder`` (its record and metrics summary aside)."""
+    return {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            for path in sorted(folder.iterdir()) if path.is_file() and path.name not in (RECORD_FILE, METRICS_FILE)}
+
+
+def verify_files(folder: str | Path, names=None, record: Optional[dict] = None) -> None:
+    """Check the files ``names`` of a stage folder (default: all the manifest lists) against its manifest before
+    they are used: sizes first, then SHA-256 (cached per process). A folder written before manifests existed is
+    used with one log line saying it cannot be verified."""
+    folder = Path(folder)
+    record = read_record(folder) if record is None else record
+    manifest = record.get(MANIFEST_KEY)
+    if manifest is None:
+        if str(folder) not in _UNVERIFIABLE:
+            _UNVERIFIABLE.add(str(folder))
+            logger.warning("%s has no integrity manifest (written by an earlier version): its files cannot be verified.", folder)
+        return
+    stage = record.get("stage")
+    rerun = f"re-run {stages.script_for(stage)}" if stage in stages.STAGE_NAMES else "re-run its stage"
+    for name in (manifest if names is None else names):
+        entry = manifest.get(name)
+        path = folder / name
+        if entry is None:
+            if path.exists():
+                raise IntegrityError(f"{path} is not among the files its stage wrote (compression.json '{MANIFEST_KEY}'), "
+                                     f"so it cannot be trusted; remove it, or {rerun}.")
+            raise IntegrityError(f"{folder} has no {name} and its stage did not write one; pass a folder that has it.")
+        if not path.is_file():
+            raise IntegrityError(f"{path} is missing: its stage wrote {entry['bytes']:,} bytes there. Copy the folder "
+                                 f"again in full, or {rerun}.")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise IntegrityError(f"{path} has {size:,} bytes but its stage wrote {entry['bytes']:,}: it is truncated or "
+                                 f"altered. Copy the folder again, or {rerun}.")
+        digest = _sha256(path)
+        if digest != entry["sha256"]:
+            raise IntegrityError(f"{path} is not the file its stage wrote (SHA-256 {digest[:16]}... instead of "
+                                 f"{entry['sha256'][:16]}...): it was altered. Copy the folder again, or {rerun}.")
 
 
 # -- resume state of interrupted training runs ---------------------------------------------------------

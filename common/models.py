@@ -197,6 +197,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     """Rebuild a checkpoint of any stage from its ``compression.json`` and load its weights (eval mode)."""
     folder = Path(folder)
     record = checkpoints.read_record(folder)
+    checkpoints.verify_files(folder, [WEIGHTS_FILE, "config.json"], record)
     weights_path = folder / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} is missing; the checkpoint in {folder} is incomplete. Re-run its stage.")
@@ -274,9 +275,22 @@ def load_stage_model(stage: str, explicit_path: Optional[str], label_names: list
     return load_model(folder, device), folder, record
 
 
+def tokenizer_files(record: dict) -> list[str]:
+    """The tokenizer files among those a stage wrote (its manifest): everything but weights, ONNX graphs, code and
+    the model config."""
+    model_files = {"config.json", "generation_config.json"}
+    return [name for name in record.get(checkpoints.MANIFEST_KEY) or {}
+            if name not in model_files and not name.endswith((".safetensors", ".onnx", ".onnx.data", ".py"))]
+
+
 def load_checkpoint_tokenizer(folder: str | Path):
+    """The tokenizer a stage saved, its files verified against the folder's manifest first (a deleted tokenizer.json
+    must not silently become a tokenizer rebuilt from the other files)."""
     from transformers import AutoTokenizer
 
+    if (Path(folder) / checkpoints.RECORD_FILE).is_file():
+        record = checkpoints.read_record(folder)
+        checkpoints.verify_files(folder, tokenizer_files(record), record)
     return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
 
 

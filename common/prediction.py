@@ -70,6 +70,13 @@ def open_classifier(path: str | Path, onnx_file: Optional[str] = None, num_threa
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PredictionError(f"{record_path} is not valid JSON ({error}); the folder is damaged. Re-run its stage.") from error
     stage = record.get("stage", "?")
+    from .checkpoints import IntegrityError, MANIFEST_KEY, verify_files
+    from .models import tokenizer_files
+
+    try:  # the folder is used exactly as its stage wrote it: no tokenizer rebuilt from whatever files remain
+        verify_files(folder, [*tokenizer_files(record), "config.json"], record)
+    except IntegrityError as error:
+        raise PredictionError(str(error)) from error
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
         config = json.loads((folder / "config.json").read_text())
@@ -85,13 +92,41 @@ def open_classifier(path: str | Path, onnx_file: Optional[str] = None, num_threa
         if not (folder / chosen).is_file():
             available = sorted(p.name for p in folder.glob("*.onnx"))
             raise PredictionError(f"{folder} has no {chosen}; its ONNX files are {available}. Pass one with --onnx_file.")
+        # a file the stage wrote is verified; one the user names instead is checked against the folder's inputs/labels
+        written = chosen in (record.get(MANIFEST_KEY) or {chosen: None})
+        try:
+            runtime = ModelRuntime(folder, chosen, num_threads=num_threads, verify=written)
+        except IntegrityError as error:
+            raise PredictionError(str(error)) from error
+        except Exception as error:  # onnxruntime raises its own types for a file it cannot read
+            raise PredictionError(f"ONNX Runtime cannot load {folder / chosen}: {type(error).__name__}: {error}. The file "
+                                  f"is damaged or not an ONNX model; pass another with --onnx_file.") from error
+        if not written:
+            _check_fits(runtime, folder / chosen, len(id2label))
         return Classifier(folder, f"{stage} ONNX model {chosen} (ONNX Runtime)", tokenizer, id2label, max_length,
-                          ModelRuntime(folder, chosen, num_threads=num_threads), pair_column)
+                          runtime, pair_column)
     try:
         runtime = ModelRuntime(folder)
     except (OSError, ValueError, RuntimeError) as error:
         raise PredictionError(f"Could not load the {stage} checkpoint {folder}: {error}") from error
     return Classifier(folder, f"{stage} checkpoint (torch)", tokenizer, id2label, max_length, runtime, pair_column)
+
+
+TOKENIZER_OUTPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _check_fits(runtime, path: Path, num_labels: int) -> None:
+    """An ONNX file the folder's stage did not write must take what the folder's tokenizer gives and return one
+    logit per label of its config."""
+    inputs = runtime.input_names
+    outputs = {output.name: output.shape for output in runtime.onnx.session.get_outputs()}
+    if "input_ids" not in inputs or not set(inputs) <= set(TOKENIZER_OUTPUTS):
+        raise PredictionError(f"{path} takes the inputs {inputs}, but this folder's tokenizer gives "
+                              f"{list(TOKENIZER_OUTPUTS)}; pass an ONNX file exported for this model (e.g. its model.onnx).")
+    width = outputs.get("logits", [None])[-1] if outputs.get("logits") else None
+    if "logits" not in outputs or (isinstance(width, int) and width != num_labels):
+        raise PredictionError(f"{path} returns {outputs}, but this folder's config has {num_labels} labels and expects an "
+                              f"output 'logits' of that width; pass an ONNX file exported for this model.")
 
 
 def check_input_kind(classifier: Classifier, texts: list) -> None:

@@ -40,12 +40,18 @@ class ModelRuntime:
     provider). ``spinning=False`` keeps ONNX Runtime's idle threads from busy-waiting, for round-robin timing."""
 
     def __init__(self, folder: str | Path, onnx_file: Optional[str] = None, *, num_threads: Optional[int] = None,
-                 device: str = "cpu", half: bool = False, spinning: bool = True, vocab_size: Optional[int] = None) -> None:
+                 device: str = "cpu", half: bool = False, spinning: bool = True, vocab_size: Optional[int] = None,
+                 verify: bool = True) -> None:
+        """``verify``: check the files against the folder's manifest first (stage 12 turns it off for the files it
+        is still writing)."""
         self.folder, self.onnx_file, self.device = Path(folder), onnx_file, torch.device(device)
         self.onnx, self.torch_model = None, None
         if onnx_file is not None:
+            from .checkpoints import verify_files
             from .onnx_runtime import OnnxClassifier
 
+            if verify:
+                verify_files(self.folder, [onnx_file, "config.json"])
             providers = ("CUDAExecutionProvider",) if self.device.type == "cuda" else ("CPUExecutionProvider",)
             self.onnx = OnnxClassifier(self.folder / onnx_file, num_threads, spinning=spinning, providers=providers)
             self._vocab_size = vocab_size  # read from the folder's config.json when a synthetic batch needs it

@@ -225,3 +225,13 @@ def test_predict_refuses_bad_input_with_exit_code_2(pipeline_run, tmp_path):
         assert re.search(message, completed.stderr), (message, completed.stderr[-1500:])
     decoded = predict("--model", folder, "--input_file", latin, "--encoding", "latin-1", "--format", "jsonl")
     assert decoded.returncode == 0 and "café crème film" in decoded.stdout
+
+
+def test_every_stage_folder_carries_a_manifest_that_verifies(pipeline_run):
+    from common.checkpoints import verify_files
+
+    results, _ = pipeline_run
+    for stage in stages.STAGE_NAMES:
+        folder, record = only_checkpoint(results, stage)
+        assert set(record["manifest"]) == {p.name for p in folder.iterdir()} - {RECORD_FILE, "metrics.json"}, stage
+        verify_files(folder)
