@@ -390,3 +390,26 @@ def test_original_preset_trains_identically_to_the_explicit_flags(tokenizer):
     assert pruner_a.kept_per_layer("head") == [2, 2]  # uniform: every layer loses the same share
     assert result_a.history == result_b.history
     assert all(torch.equal(result_a.best_state[name], result_b.best_state[name]) for name in result_a.best_state)
+
+
+def test_a_new_importance_criterion_is_one_class_and_one_table_entry(monkeypatch):
+    """A criterion added to the table (a test double that declares head 3 of layer 1 and the last neuron of layer 0
+    the least important) is scored, normalized and ranked by the pruner with no change to it."""
+    from common.pruning import CRITERIA, Importance, KGSPScorer
+
+    class Planted(Importance):
+        def __call__(self, views):
+            heads = torch.ones(sum(view.num_heads for view in views))
+            heads[views[0].num_heads + 3] = 0.0
+            neurons = torch.ones(sum(view.ffn_width for view in views))
+            neurons[views[0].ffn_width - 1] = 0.0
+            return {"head": heads, "ffn": neurons}
+
+    monkeypatch.setitem(CRITERIA, "planted", Planted)
+    model = tiny_model(tiny_bert_config())
+    pruner = StructuralPruner(model, pruning_config(head_final_sparsity=0.125, ffn_final_sparsity=1 / 128),
+                              scorer=KGSPScorer({"planted": 1.0}, "per_layer"))
+    assert not pruner.scorer.needs_gradients
+    pruner.compute_importance_and_prune(0.125, 1 / 128)
+    assert pruner.layer_mask("head", 1).tolist() == [True, True, True, False]
+    assert pruner.kept_per_layer("ffn") == [63, 64] and not bool(pruner.layer_mask("ffn", 0)[-1])

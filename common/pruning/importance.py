@@ -70,7 +70,11 @@ NORMALIZERS = {"global": normalize, "per_layer": normalize_per_layer}
 
 class Importance:
     """Base of the importance criteria (Torch-Pruning's shape): ``criterion(views)`` returns one score per group,
-    ``{"head": [all heads], "ffn": [all neurons]}``, higher = more important."""
+    ``{"head": [all heads], "ffn": [all neurons]}``, higher = more important. A ``windowed`` criterion needs the
+    gradients: the pruner scores it after every backward and averages it over its sliding window; the others are
+    scored from the weights when the pruner prunes."""
+
+    windowed = False
 
     def __call__(self, views: list[LayerView]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -86,6 +90,8 @@ class MagnitudeImportance(Importance):
 
 class TaylorImportance(Importance):
     """|grad · weight| summed over each group (first-order Taylor estimate of the loss change on removal)."""
+
+    windowed = True
 
     def __call__(self, views: list[LayerView]) -> dict[str, torch.Tensor]:
         def value_of(parameter):
@@ -130,6 +136,8 @@ class KGSPScorer:
         unknown = set(weights) - set(CRITERIA)
         if unknown:
             raise ValueError(f"Unknown importance criteria {sorted(unknown)}; known: {', '.join(CRITERIA)}.")
+        if sum(CRITERIA[name].windowed for name in weights) > 1:
+            raise ValueError(f"At most one gradient (windowed) criterion can be combined; got {sorted(weights)}.")
         if normalization not in NORMALIZERS:
             raise ValueError(f"importance_normalization={normalization!r} is not supported; allowed: {', '.join(NORMALIZERS)}.")
         self.weights, self.normalization = dict(weights), normalization
@@ -142,7 +150,7 @@ class KGSPScorer:
 
     @property
     def needs_gradients(self) -> bool:
-        return "gradient" in self.weights
+        return any(CRITERIA[name].windowed for name in self.weights)
 
     def __call__(self, scores: dict[str, dict[str, torch.Tensor]], alive: dict[str, torch.Tensor],
                  layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

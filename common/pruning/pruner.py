@@ -20,7 +20,7 @@ from ..architecture import (
     select_bias_heads,
     shrink_layer,
 )
-from .importance import KINDS, KGSPScorer, MagnitudeImportance, TaylorImportance
+from .importance import CRITERIA, KINDS, KGSPScorer, TaylorImportance
 from .masks import StructureMasks, apply_masks
 from .schedule import PolynomialSchedule
 from .selection import (
@@ -62,8 +62,8 @@ class StructuralPruner:
         self.masks = StructureMasks.of(self.views)
         self.targets = PruningTargets(config, self.masks.layer_sizes)
         self.gradient_window: deque = deque(maxlen=config.pruning_window_steps)
-        self.l2_importance = MagnitudeImportance()
-        self.grad_importance = TaylorImportance()
+        self.criteria = {name: CRITERIA[name]() for name in self.scorer.weights}
+        self.grad_importance = next((c for c in self.criteria.values() if c.windowed), TaylorImportance())
         self.history: list[dict] = []
         self.targets.check()
 
@@ -117,7 +117,7 @@ class StructuralPruner:
 
     def accumulate_importance_scores(self) -> None:
         """Record this step's gradient importance; call right after ``backward()``."""
-        if self.importance_mode != "l2":
+        if self.scorer.needs_gradients:
             self.gradient_window.append(self.grad_importance(self.views))
 
     def windowed_grad_importance(self) -> dict[str, torch.Tensor]:
@@ -130,11 +130,8 @@ class StructuralPruner:
 
     def importance(self) -> dict[str, torch.Tensor]:
         """Every group's combined score now: L2 of the current weights, the window mean of the gradient scores."""
-        scores = {}
-        if "magnitude" in self.scorer.weights:
-            scores["magnitude"] = self.l2_importance(self.views)
-        if "gradient" in self.scorer.weights:
-            scores["gradient"] = self.windowed_grad_importance()
+        scores = {name: self.windowed_grad_importance() if criterion.windowed else criterion(self.views)
+                  for name, criterion in self.criteria.items()}
         return self.scorer(scores, self.masks.masks, self.masks.group_layer)
 
     # selection ----------------------------------------------------------------------------------------------
@@ -166,7 +163,7 @@ class StructuralPruner:
     def step(self, step: int) -> bool:
         """Prune when ``step`` is a scheduled pruning step; always re-apply the masks. True if it pruned."""
         due = self.schedule.is_due(step, self.reached_final)
-        if due and not self.reached_final and (self.importance_mode == "l2" or self.gradient_window):
+        if due and not self.reached_final and (not self.scorer.needs_gradients or self.gradient_window):
             target = self.sparsity_at(step)
             self.compute_importance_and_prune(target["head"], target["ffn"])
             self.history.append({"step": step, **self.achieved_sparsity()})
