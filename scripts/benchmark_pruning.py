@@ -30,7 +30,7 @@ from common import setup_logging  # noqa: E402
 from common.checkpoints import find_checkpoint, results_root, write_json  # noqa: E402
 from common.config import DataConfig, PruningConfig  # noqa: E402
 from common.data import build_loaders, load_splits  # noqa: E402
-from common.distillation import DistillationLoss, kd_step, layer_map, num_layers  # noqa: E402
+from common.distillation import distillation_for  # noqa: E402
 from common.runtime import measure_in_subprocess  # noqa: E402
 from common.models import count_parameters, load_checkpoint_tokenizer, load_model, weights_size_bytes  # noqa: E402
 from common.pruning import StructuralPruner  # noqa: E402
@@ -44,9 +44,7 @@ def step_times(mode: str, steps: int, student_folder: Path, teacher, loader) -> 
     pruner = StructuralPruner(student, config)
     pruner.set_schedule(steps)
     optimizer = make_optimizer(student, config)
-    loss = DistillationLoss(config.alpha_ce, config.alpha_kd, config.alpha_hidden, config.temperature,
-                            mapping=layer_map(num_layers(student), num_layers(teacher)))
-    compute_loss = kd_step(teacher, loss)
+    _, compute_loss = distillation_for(config, student, teacher)  # stage 8's own loss
     timings = []
     batches = iter(loader)
     for step in range(1, steps + 1):
