@@ -26,12 +26,16 @@ import itertools
 
 import torch
 
-from common import DataConfig, QATKDConfig, parse_config, setup_logging, stages
+from common import DataConfig, QATKDConfig, stages
 from common.data import build_loaders
 from common.distillation import distillation_for
 from common.evaluation import evaluate_accuracy
-from common.lifecycle import start_stage
-from common.models import load_checkpoint_tokenizer, load_model, resolve_stage_checkpoint
+from common.lifecycle import run_script, start_stage
+from common.models import (
+    load_checkpoint_tokenizer,
+    load_model,
+    resolve_stage_checkpoint,
+)
 from common.quantization import (
     compress_embedding_state,
     layer_quantization_errors,
@@ -136,5 +140,4 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(*parse_config(DataConfig, QATKDConfig))
+    run_script(main, DataConfig, QATKDConfig)

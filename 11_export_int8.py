@@ -16,15 +16,19 @@ Run as:
 
 import logging
 
-from common import DataConfig, parse_config, setup_logging, stages
+from common import DataConfig, stages
 from common.checkpoints import find_checkpoint, read_record
 from common.config import Int8Config
 from common.data import build_loaders
 from common.evaluation import evaluate_accuracy
-from common.lifecycle import start_stage
+from common.lifecycle import run_script, start_stage
 from common.models import check_matches_data, load_checkpoint_tokenizer, load_model
-from common.quantization import compress_embedding_state, dequantize_4bit_model, int8_state_dict, quantize_model_int8
-
+from common.quantization import (
+    compress_embedding_state,
+    dequantize_4bit_model,
+    int8_state_dict,
+    quantize_model_int8,
+)
 
 SOURCE_STAGES = tuple(dict.fromkeys((*stages.get("int8").reads, *stages.with_weights("full", "4bit"))))
 
@@ -83,5 +87,4 @@ def main(data_config: DataConfig, config: Int8Config) -> None:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(*parse_config(DataConfig, Int8Config))
+    run_script(main, DataConfig, Int8Config)

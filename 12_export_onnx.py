@@ -39,13 +39,19 @@ from typing import Optional
 import numpy as np
 import onnx
 
-from common import DataConfig, parse_config, setup_logging, stages
+from common import DataConfig, stages
 from common.checkpoints import find_checkpoint, list_checkpoints, read_record, stage_dir
 from common.config import OnnxExportConfig
 from common.data import build_loaders, text_inputs
 from common.evaluation import accuracy, interleaved_latency, predict
-from common.lifecycle import start_stage
-from common.models import architecture_record, check_matches_data, count_parameters, load_checkpoint_tokenizer, load_model
+from common.lifecycle import run_script, start_stage
+from common.models import (
+    architecture_record,
+    check_matches_data,
+    count_parameters,
+    load_checkpoint_tokenizer,
+    load_model,
+)
 from common.onnx_export import (
     export_onnx,
     ffn_output_matmuls,
@@ -62,8 +68,12 @@ from common.onnx_runtime import (
     quantize_dynamic_int8,
     quantize_static_int8,
 )
+from common.quantization import (
+    EMBEDDING_BITS,
+    dequantize_4bit_model,
+    dequantized_linear_weights,
+)
 from common.runtime import ModelRuntime
-from common.quantization import EMBEDDING_BITS, dequantize_4bit_model, dequantized_linear_weights
 
 logger = logging.getLogger("12_export_onnx")
 STATIC_FILE, DYNAMIC_FILE, FP32_FILE = "model_int8_static.onnx", "model_int8_dynamic.onnx", "model.onnx"
@@ -278,5 +288,4 @@ def main(data_config: DataConfig, config: OnnxExportConfig) -> None:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(*parse_config(DataConfig, OnnxExportConfig))
+    run_script(main, DataConfig, OnnxExportConfig)

@@ -17,9 +17,9 @@ Run as:
 
 import torch.nn.functional as F
 
-from common import DataConfig, TeacherConfig, parse_config, setup_logging
+from common import DataConfig, TeacherConfig
 from common.data import build_loaders, model_inputs
-from common.lifecycle import start_stage
+from common.lifecycle import run_script, start_stage
 from common.models import (
     load_pretrained_classifier,
     load_pretrained_config,
@@ -60,5 +60,4 @@ def main(data_config: DataConfig, config: TeacherConfig) -> None:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(*parse_config(DataConfig, TeacherConfig))
+    run_script(main, DataConfig, TeacherConfig)

@@ -14,10 +14,10 @@ Run as:
     torchrun --nproc_per_node 2 2_distill_student.py --profile smoke
 """
 
-from common import DataConfig, StudentConfig, parse_config, setup_logging
+from common import DataConfig, StudentConfig
 from common.data import build_loaders
 from common.distillation import distillation_for, num_layers
-from common.lifecycle import start_stage
+from common.lifecycle import run_script, start_stage
 from common.models import (
     build_student_from_teacher,
     count_parameters,
@@ -73,5 +73,4 @@ def main(data_config: DataConfig, config: StudentConfig) -> None:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(*parse_config(DataConfig, StudentConfig))
+    run_script(main, DataConfig, StudentConfig)

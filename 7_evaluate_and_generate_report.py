@@ -24,10 +24,11 @@ Run as:
 
 import dataclasses
 
-from common import DataConfig, ReportConfig, parse_config, setup_logging
+from common import DataConfig, ReportConfig
 from common.checkpoints import results_root
 from common.config import log_config
 from common.data import load_splits
+from common.lifecycle import run_script
 from common.report import build_report
 from common.report_render import markdown_table, write_report
 
@@ -43,5 +44,4 @@ def main(data_config: DataConfig, config: ReportConfig) -> None:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(*parse_config(DataConfig, ReportConfig))
+    run_script(main, DataConfig, ReportConfig)

@@ -20,12 +20,17 @@ Run as:
     python 8_pruning_with_finetuning.py --ffn_round_to 16 --alpha_attention 1.0
 """
 
-from common import DataConfig, PruningConfig, parse_config, setup_logging
+from common import DataConfig, PruningConfig
 from common.data import build_loaders, make_loader, tokenize_dataset
 from common.distillation import distillation_for
 from common.evaluation import evaluate_accuracy
-from common.lifecycle import start_stage
-from common.models import count_parameters, load_checkpoint_tokenizer, load_model, resolve_stage_checkpoint
+from common.lifecycle import run_script, start_stage
+from common.models import (
+    count_parameters,
+    load_checkpoint_tokenizer,
+    load_model,
+    resolve_stage_checkpoint,
+)
 from common.pruning import StructuralPruner
 from common.training import optimizer_steps_per_epoch, train
 from common.vocabulary import prune_vocabulary
@@ -112,5 +117,4 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(*parse_config(DataConfig, PruningConfig))
+    run_script(main, DataConfig, PruningConfig)

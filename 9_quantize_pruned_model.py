@@ -18,12 +18,17 @@ Run as:
 
 import itertools
 
-from common import DataConfig, PTQConfig, parse_config, setup_logging
+from common import DataConfig, PTQConfig
 from common.data import build_loaders
 from common.evaluation import evaluate_accuracy
-from common.lifecycle import start_stage
+from common.lifecycle import run_script, start_stage
 from common.models import load_checkpoint_tokenizer, load_model, load_stage_model
-from common.quantization import compress_embedding_state, layer_quantization_errors, plan_8bit_layers, quantize_model_4bit
+from common.quantization import (
+    compress_embedding_state,
+    layer_quantization_errors,
+    plan_8bit_layers,
+    quantize_model_4bit,
+)
 
 ERROR_BATCHES = 4  # validation batches of the per-layer quantization error
 
@@ -66,5 +71,4 @@ def main(data_config: DataConfig, config: PTQConfig) -> None:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(*parse_config(DataConfig, PTQConfig))
+    run_script(main, DataConfig, PTQConfig)

@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import checkpoints
-from .config import config_to_dict, log_config
+from .config import config_to_dict, log_config, parse_config
 from .data import TextClassificationData, load_splits
 
 logger = logging.getLogger(__name__)
+
+# failures the project raises itself on bad input (ValueError includes checkpoints.IntegrityError)
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+_NEW_RESUME_DIRS: list[Path] = []  # per-epoch state folders this process created (not ones it resumed)
 
 
 @dataclass
@@ -47,6 +52,8 @@ class StageRun:
 
         self.resume_dir = choose_resume_dir(self.stage, self.data_config, self.config, self.accelerator,
                                             self.data.label_names, inputs)
+        if not self.config.resume:
+            _NEW_RESUME_DIRS.append(self.resume_dir)
         return self.resume_dir
 
     def trained_model(self, model, result):
@@ -136,3 +143,46 @@ def start_stage(stage: str, data_config, config, *, training: bool = False) -> S
 
         set_seed(config.seed)
     return StageRun(stage, data_config, config, load_splits(data_config), stopwatch, accelerator)
+
+
+def _remove_unfilled_resume_dirs() -> None:
+    """A run refused before its first epoch leaves no state folder behind (one with an epoch's state is kept for
+    --resume)."""
+    for folder in _NEW_RESUME_DIRS:
+        if folder.is_dir() and not (folder / "trainer_state.json").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                folder.parent.rmdir()  # the stage folder too, when this left it empty
+            except OSError:
+                pass
+
+
+def _raised_by_project(error: BaseException) -> bool:
+    """True when the innermost frame of the error is the project's own code (a refusal of bad input), not a library's."""
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    if traceback is None:
+        return False
+    filename = Path(traceback.tb_frame.f_code.co_filename).resolve()
+    return checkpoints.PROJECT_ROOT in filename.parents and "site-packages" not in filename.parts
+
+
+def run_script(main: Callable, *config_types: type) -> None:
+    """The ``__main__`` of every stage script: logging, ``parse_config(*config_types)``, ``main(*configs)``.
+
+    An expected failure (the project's own refusal of a bad value, path, checkpoint or combination) prints one
+    paragraph, ``<script>: error: <what, the value, the fix>``, and exits with code 2, without a traceback; a failure
+    inside a library or any other error keeps its traceback (exit code 1). Either way a per-epoch state folder this run
+    created and never filled is removed, so a refused run leaves nothing behind."""
+    from . import setup_logging
+
+    setup_logging()
+    try:
+        main(*parse_config(*config_types))
+    except BaseException as error:
+        _remove_unfilled_resume_dirs()
+        if isinstance(error, EXPECTED_ERRORS) and _raised_by_project(error):
+            print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+            sys.exit(2)
+        raise

@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import DataConfig, parse_config, setup_logging, stages  # noqa: E402
+from common import DataConfig, stages  # noqa: E402
+from common.lifecycle import run_script  # noqa: E402
 from common.checkpoints import results_root, write_json  # noqa: E402
 from common.config import PruningConfig, SensitivityConfig  # noqa: E402
 from common.data import build_loaders, load_splits  # noqa: E402
@@ -59,5 +60,4 @@ def main(data_config: DataConfig, config: SensitivityConfig) -> None:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(*parse_config(DataConfig, SensitivityConfig))
+    run_script(main, DataConfig, SensitivityConfig)

@@ -386,8 +386,8 @@ def test_resuming_a_teacher_run_with_other_data_is_refused(results_dir, tmp_path
         "label_names": ["rotten", "fresh"], "model_name_or_path": str(pretrained_folder), "max_length": 64}))
     completed = run_stage_unchecked("1_train_teacher.py", results_dir, "--resume", "--model_name_or_path", pretrained_folder,
                            "--dataset", reviews_csv, "--text_column", "review", "--label_column", "sentiment", "--profile", "smoke")
-    assert completed.returncode != 0
-    assert "ValueError: --resume: the interrupted run" in completed.stderr and "label_names" in completed.stderr
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert "1_train_teacher.py: error: --resume: the interrupted run" in completed.stderr and "label_names" in completed.stderr
     assert "Loaded pretrained" not in completed.stderr, "refused before the model was loaded"
     assert (interrupted / "trainer_state.json").is_file()
 
@@ -537,3 +537,40 @@ def test_ablation_quantization_rows_without_their_pruned_model_are_refused_befor
     assert completed.returncode == 2
     assert "quantize the 'KGSP + MSP' model; add it to --variants or pass --skip_quantization" in completed.stderr
     assert not (results_dir / "ablation").exists(), "no stage ran"
+
+
+# -- refusals: one paragraph, exit code 2, nothing written -------------------------------------------------------
+
+def _snapshot(folder):
+    return sorted((str(path.relative_to(folder)), path.stat().st_size if path.is_file() else -1) for path in folder.rglob("*"))
+
+
+def test_a_pruning_target_refused_after_the_resume_folder_was_made_leaves_nothing_behind(results_dir, tmp_path):
+    """Stage 8 checks its targets against the model, after it created its per-epoch state folder: the refusal must
+    still be one paragraph with exit code 2 and leave the results folder exactly as it was."""
+    tokenizer = make_tokenizer(tmp_path / "tokenizer")
+    for stage, layers in (("teacher", 2), ("student", 1)):
+        save_checkpoint(stage, tiny_model(tiny_bert_config(layers=layers)), tokenizer, {"label_names": ["negative", "positive"]})
+    data = write_reviews_csv(tmp_path / "reviews.csv", rows=60)
+    before = _snapshot(results_dir)
+    completed = run_stage_unchecked("8_pruning_with_finetuning.py", results_dir, "--dataset", data, "--text_column", "review",
+                                    "--label_column", "sentiment", "--min_heads_per_layer", "9", "--profile", "smoke")
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert "8_pruning_with_finetuning.py: error: min_heads_per_layer=9 exceeds the 4 heads" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert _snapshot(results_dir) == before
+
+
+def test_only_the_projects_own_refusals_are_shortened():
+    import json as json_module
+
+    from common.lifecycle import _raised_by_project
+
+    try:
+        PruningConfig(ffn_round_to=0)
+    except ValueError as error:
+        assert _raised_by_project(error)
+    try:
+        json_module.loads("{")
+    except ValueError as error:  # raised inside the standard library: a bug here, so the traceback stays
+        assert not _raised_by_project(error)

@@ -98,7 +98,12 @@ def test_mixed_precision_and_learned_scales_through_stages_9_and_10(pipeline_run
     assert qkd_record["quantization"]["modules_8bit"]
     assert qkd_record["metrics"]["fake_vs_real_gap_points"] <= 0.5  # the stage refuses to save a larger gap
     too_small = run_stage_unchecked("9_quantize_pruned_model.py", results, "--keep_8bit_size_budget_mb", 0.001, *data_args(results))
-    assert too_small.returncode != 0 and "below the all-4-bit checkpoint" in too_small.stdout + too_small.stderr
+    assert too_small.returncode == 2 and "below the all-4-bit checkpoint" in too_small.stderr
+    # stage 10 finds this after making its per-epoch state folder: the refusal still leaves nothing behind
+    refused = run_stage_unchecked("10_qat_kd_4bit.py", results, "--keep_8bit_size_budget_mb", 0.001, *data_args(results))
+    assert refused.returncode == 2 and "below the all-4-bit checkpoint" in refused.stderr, refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr
+    assert not [p.name for p in (results / "qkd_4bit").iterdir() if p.name.startswith(".")], "an .inprogress-* folder was left"
 
 
 def data_args(results):
