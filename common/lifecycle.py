@@ -169,7 +169,13 @@ def _raised_by_project(error: BaseException) -> bool:
 
 
 def run_script(main: Callable, *config_types: type) -> None:
-    """The ``__main__`` of every stage script: logging, ``parse_config(*config_types)``, ``main(*configs)``.
+    """The ``__main__`` of every stage script: logging, ``parse_config(*config_types)``, ``main(*configs)``, with the
+    error convention of ``run_tool``."""
+    run_tool(lambda: main(*parse_config(*config_types)))
+
+
+def run_tool(call: Callable[[], None]) -> None:
+    """Run a command-line tool's ``call`` after setting up logging.
 
     An expected failure (the project's own refusal of a bad value, path, checkpoint or combination) prints one
     paragraph, ``<script>: error: <what, the value, the fix>``, and exits with code 2, without a traceback; a failure
@@ -179,7 +185,7 @@ def run_script(main: Callable, *config_types: type) -> None:
 
     setup_logging()
     try:
-        main(*parse_config(*config_types))
+        call()
     except BaseException as error:
         _remove_unfilled_resume_dirs()
         if isinstance(error, EXPECTED_ERRORS) and _raised_by_project(error):

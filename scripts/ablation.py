@@ -33,11 +33,11 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from common import setup_logging  # noqa: E402
 from common.checkpoints import results_root, write_json  # noqa: E402
 from common.config import DataConfig  # noqa: E402
 from common.data import load_splits  # noqa: E402
 from common.experiments import mean_std, run_script, test_accuracy  # noqa: E402
+from common.lifecycle import run_tool  # noqa: E402
 
 # Every stage-8 row starts from the settings of the original claims (global normalization, no attention-relation
 # KD), so a row measures one change and rows stay comparable with earlier ablations when the defaults move.
@@ -238,5 +238,4 @@ def plot(result: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main()
+    run_tool(main)

@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import setup_logging  # noqa: E402
 from common.architecture import apply_architecture  # noqa: E402
 from common.checkpoints import results_root, write_json  # noqa: E402
 from common.evaluation import interleaved_latency  # noqa: E402
+from common.lifecycle import run_tool  # noqa: E402
 
 
 def rounded(widths: list[int], multiple: int) -> list[int]:
@@ -137,5 +137,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main()
+    run_tool(main)

@@ -26,14 +26,19 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 import torch  # noqa: E402
 
-from common import setup_logging  # noqa: E402
 from common.checkpoints import find_checkpoint, results_root, write_json  # noqa: E402
 from common.config import DataConfig, PruningConfig  # noqa: E402
 from common.data import build_loaders, load_splits  # noqa: E402
 from common.distillation import distillation_for  # noqa: E402
-from common.runtime import measure_in_subprocess  # noqa: E402
-from common.models import count_parameters, load_checkpoint_tokenizer, load_model, weights_size_bytes  # noqa: E402
+from common.lifecycle import run_tool  # noqa: E402
+from common.models import (  # noqa: E402
+    count_parameters,
+    load_checkpoint_tokenizer,
+    load_model,
+    weights_size_bytes,
+)
 from common.pruning import StructuralPruner  # noqa: E402
+from common.runtime import measure_in_subprocess  # noqa: E402
 from common.training import make_optimizer  # noqa: E402
 
 
@@ -104,5 +109,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main()
+    run_tool(main)

@@ -29,13 +29,14 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from common import parse_config, setup_logging  # noqa: E402
+from common import parse_config  # noqa: E402
 from common.architecture import encoder_prefix  # noqa: E402
 from common.checkpoints import RECORD_FILE, find_checkpoint, results_root, write_json  # noqa: E402
 from common.config import DataConfig  # noqa: E402
 from common.data import load_splits  # noqa: E402
 from common.evaluation import interleaved_latency  # noqa: E402
 from common.experiments import mean_std, run_script, test_accuracy  # noqa: E402
+from common.lifecycle import run_tool  # noqa: E402
 from common.models import count_parameters, weights_size_bytes  # noqa: E402
 
 
@@ -171,5 +172,4 @@ def plot(result: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main()
+    run_tool(main)

@@ -574,3 +574,10 @@ def test_only_the_projects_own_refusals_are_shortened():
         json_module.loads("{")
     except ValueError as error:  # raised inside the standard library: a bug here, so the traceback stays
         assert not _raised_by_project(error)
+
+
+def test_a_tool_without_the_checkpoints_it_needs_says_so_in_one_paragraph(results_dir):
+    completed = run_stage_unchecked("scripts/benchmark_pruning.py", results_dir, "--steps", 2)
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert "benchmark_pruning.py: error: No complete student checkpoint" in completed.stderr
+    assert "Run `python 2_distill_student.py` first" in completed.stderr and "Traceback" not in completed.stderr
