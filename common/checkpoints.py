@@ -277,8 +277,7 @@ def verify_files(folder: str | Path, names=None, record: Optional[dict] = None) 
             _UNVERIFIABLE.add(str(folder))
             logger.warning("%s has no integrity manifest (written by an earlier version): its files cannot be verified.", folder)
         return
-    stage = record.get("stage")
-    rerun = f"re-run {stages.script_for(stage)}" if stage in stages.STAGE_NAMES else "re-run its stage"
+    rerun = stages.rerun_hint(record.get("stage"))
     for name in (manifest if names is None else names):
         entry = manifest.get(name)
         path = folder / name

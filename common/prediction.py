@@ -123,8 +123,8 @@ def _check_fits(runtime, path: Path, num_labels: int) -> None:
     if "input_ids" not in inputs or not set(inputs) <= set(TOKENIZER_OUTPUTS):
         raise PredictionError(f"{path} takes the inputs {inputs}, but this folder's tokenizer gives "
                               f"{list(TOKENIZER_OUTPUTS)}; pass an ONNX file exported for this model (e.g. its model.onnx).")
-    width = outputs.get("logits", [None])[-1] if outputs.get("logits") else None
-    if "logits" not in outputs or (isinstance(width, int) and width != num_labels):
+    shape = outputs.get("logits")
+    if not shape or (isinstance(shape[-1], int) and shape[-1] != num_labels):
         raise PredictionError(f"{path} returns {outputs}, but this folder's config has {num_labels} labels and expects an "
                               f"output 'logits' of that width; pass an ONNX file exported for this model.")
 

@@ -78,7 +78,7 @@ def evaluate_entry(entry: ModelEntry, data: TextClassificationData, data_config,
     folder, record = _resolve(entry)
     check_matches_data(folder, record, data_config, data.label_names)
     if entry.onnx_file is not None and not (folder / entry.onnx_file).is_file():
-        raise FileNotFoundError(f"{folder} has no {entry.onnx_file}; re-run {stages.script_for(record['stage']) if record.get('stage') in stages.STAGE_NAMES else 'its stage'}")
+        raise FileNotFoundError(f"{folder} has no {entry.onnx_file}; {stages.rerun_hint(record.get('stage'))}")
     model = ModelRuntime(folder, entry.onnx_file, num_threads=config.num_threads, spinning=False)
     tokenizer = load_checkpoint_tokenizer(folder)
     loader = make_loader(tokenize_dataset(data.test, tokenizer, data_config.max_length), tokenizer, config.eval_batch_size, shuffle=False)

@@ -77,6 +77,11 @@ def script_for(name: str) -> str:
     return get(name).script
 
 
+def rerun_hint(name: object) -> str:
+    """How to make a stage folder again: 're-run <its script>', or 're-run its stage' for an unknown stage name."""
+    return f"re-run {_BY_NAME[name].script}" if name in _BY_NAME else "re-run its stage"
+
+
 def with_weights(*kinds: str) -> tuple[str, ...]:
     """Names of the stages whose weights are of the given kinds, in run order (e.g. ``with_weights("full")``)."""
     unknown = set(kinds) - set(WEIGHT_KINDS)
