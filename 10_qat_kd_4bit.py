@@ -34,9 +34,11 @@ from common.lifecycle import run_script, start_stage
 from common.models import (
     load_checkpoint_tokenizer,
     load_model,
+    model_skeleton,
     resolve_stage_checkpoint,
 )
 from common.quantization import (
+    check_8bit_budget,
     compress_embedding_state,
     layer_quantization_errors,
     plan_8bit_layers,
@@ -77,11 +79,14 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
     data = run.data
     pruned_folder, pruned_record = resolve_stage_checkpoint("pruned", config.pruned_model_path, data.label_names, data_config)
     teacher_folder = resolve_teacher(config, data.label_names, pruned_folder, data_config)
+    # refused before any model loads: a teacher with an unrelated vocabulary, a budget below the all-4-bit size
+    tokenizer = load_checkpoint_tokenizer(pruned_folder)
+    token_map = teacher_token_ids(tokenizer, teacher_folder, pruned_record)
+    if config.keep_8bit_size_budget_mb is not None:
+        check_8bit_budget(model_skeleton(pruned_folder), config)
     run.resume({"pruned": pruned_folder, "teacher": teacher_folder})
     student, teacher = load_model(pruned_folder), load_model(teacher_folder)
     teacher.to(run.accelerator.device)
-    tokenizer = load_checkpoint_tokenizer(pruned_folder)
-    token_map = teacher_token_ids(tokenizer, teacher_folder, pruned_record)
     train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)
 
     full_precision = evaluate_accuracy(student, eval_loader)

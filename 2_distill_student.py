@@ -24,23 +24,31 @@ from common.models import (
     load_checkpoint_tokenizer,
     load_model,
     load_pretrained_classifier,
+    load_pretrained_config,
     load_tokenizer,
     resolve_stage_checkpoint,
 )
 from common.training import train
 
 
-def make_student(teacher, teacher_tokenizer, config: StudentConfig, label_names, data_config: DataConfig):
+def check_student_vocabulary(config: StudentConfig, teacher_tokenizer, data_config: DataConfig) -> None:
+    """A pretrained student must read the teacher's token ids: checked from the tokenizers and config, before any weights load."""
     if config.student_model_name_or_path is None:
-        layers = config.student_num_layers or max(1, num_layers(teacher) // 2)
-        student, copied = build_student_from_teacher(teacher, layers)
-        return student, f"{layers} layers copied from teacher layers {copied}"
-    student = load_pretrained_classifier(config.student_model_name_or_path, label_names, data_config.max_length)
+        return
+    load_pretrained_config(config.student_model_name_or_path, data_config.max_length)
     if load_tokenizer(config.student_model_name_or_path).get_vocab() != teacher_tokenizer.get_vocab():
         raise ValueError(
             f"student_model_name_or_path={config.student_model_name_or_path!r} uses another vocabulary than the teacher; "
             f"distillation feeds both the same token ids, so pick a student with the teacher's tokenizer."
         )
+
+
+def make_student(teacher, config: StudentConfig, label_names, data_config: DataConfig):
+    if config.student_model_name_or_path is None:
+        layers = config.student_num_layers or max(1, num_layers(teacher) // 2)
+        student, copied = build_student_from_teacher(teacher, layers)
+        return student, f"{layers} layers copied from teacher layers {copied}"
+    student = load_pretrained_classifier(config.student_model_name_or_path, label_names, data_config.max_length)
     return student, f"pretrained {config.student_model_name_or_path}"
 
 
@@ -48,10 +56,11 @@ def main(data_config: DataConfig, config: StudentConfig) -> None:
     run = start_stage("student", data_config, config, training=True)
     data = run.data
     teacher_folder, _ = resolve_stage_checkpoint("teacher", config.teacher_model_path, data.label_names, data_config)
+    tokenizer = load_checkpoint_tokenizer(teacher_folder)
+    check_student_vocabulary(config, tokenizer, data_config)
     run.resume({"teacher": teacher_folder, "student": config.student_model_name_or_path or "layers of the teacher"})
     teacher = load_model(teacher_folder)
-    tokenizer = load_checkpoint_tokenizer(teacher_folder)
-    student, origin = make_student(teacher, tokenizer, config, data.label_names, data_config)
+    student, origin = make_student(teacher, config, data.label_names, data_config)
     teacher.to(run.accelerator.device)
     print(f"Student: {origin}; {count_parameters(student):,} parameters (teacher {count_parameters(teacher):,})")
 

@@ -29,6 +29,7 @@ from common.models import (
     count_parameters,
     load_checkpoint_tokenizer,
     load_model,
+    model_skeleton,
     resolve_stage_checkpoint,
 )
 from common.pruning import StructuralPruner
@@ -58,13 +59,14 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
     accelerator, data = run.accelerator, run.data
     teacher_folder, _ = resolve_stage_checkpoint("teacher", config.teacher_model_path, data.label_names, data_config)
     student_folder, _ = resolve_stage_checkpoint("student", config.student_model_path, data.label_names, data_config)
+    StructuralPruner(model_skeleton(student_folder), config)  # targets the student cannot meet: refused before any work
     run.resume({"student": student_folder, "teacher": teacher_folder})
     teacher, student = load_model(teacher_folder), load_model(student_folder)
     teacher.to(accelerator.device)
     tokenizer = load_checkpoint_tokenizer(student_folder)
     train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)
 
-    pruner = StructuralPruner(student, config)  # raises now if the targets cannot be met
+    pruner = StructuralPruner(student, config)
     parameters_before = count_parameters(student)
     accuracy_before = evaluate_accuracy(student, eval_loader)["accuracy"]
     total_steps = optimizer_steps_per_epoch(len(train_loader), accelerator.num_processes, config.gradient_accumulation_steps) * config.num_epochs

@@ -639,7 +639,11 @@ class ReportConfig:
         return paths
 
     def explicit_checkpoints(self) -> dict[str, str]:
-        return {f"checkpoint {name}": path for name, path in self.checkpoint_paths.items()}
+        folders = {f"checkpoint {name}": path for name, path in self.checkpoint_paths.items()}
+        for entry in self.extra_models:
+            label, _, target = entry.partition("=")
+            folders[f"extra_models {label.strip()!r}"] = target.strip().partition(":")[0].strip()
+        return folders
 
 
 def _apply_presets(configs: list, explicit: frozenset) -> None:

@@ -193,6 +193,15 @@ def build_skeleton(folder: Path, record: dict) -> nn.Module:
     return model
 
 
+def model_skeleton(folder: str | Path) -> nn.Module:
+    """A checkpoint's model with its real shapes and random weights, no weights read: what stages check their
+    targets and budgets against before any work starts."""
+    folder = Path(folder)
+    record = checkpoints.read_record(folder)
+    checkpoints.verify_files(folder, ["config.json"], record)
+    return build_skeleton(folder, record)
+
+
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a checkpoint of any stage from its ``compression.json`` and load its weights (eval mode)."""
     folder = Path(folder)

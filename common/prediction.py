@@ -70,7 +70,7 @@ def open_classifier(path: str | Path, onnx_file: Optional[str] = None, num_threa
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PredictionError(f"{record_path} is not valid JSON ({error}); the folder is damaged. Re-run its stage.") from error
     stage = record.get("stage", "?")
-    from .checkpoints import IntegrityError, MANIFEST_KEY, verify_files
+    from .checkpoints import IntegrityError, verify_files
     from .models import tokenizer_files
 
     try:  # the folder is used exactly as its stage wrote it: no tokenizer rebuilt from whatever files remain
@@ -85,24 +85,14 @@ def open_classifier(path: str | Path, onnx_file: Optional[str] = None, num_threa
     id2label = {int(key): value for key, value in (config.get("id2label") or {}).items()}
     max_length = int((record.get("config") or {}).get("max_length") or min(512, tokenizer.model_max_length))
     pair_column = (record.get("config") or {}).get("text_pair_column")
-    from .runtime import ModelRuntime
+    from .runtime import ModelRuntime, open_onnx_file
 
     if stage in stages.onnx_stages() or onnx_file is not None:
         chosen = onnx_file or record.get("deployment_model") or "model.onnx"
-        if not (folder / chosen).is_file():
-            available = sorted(p.name for p in folder.glob("*.onnx"))
-            raise PredictionError(f"{folder} has no {chosen}; its ONNX files are {available}. Pass one with --onnx_file.")
-        # a file the stage wrote is verified; one the user names instead is checked against the folder's inputs/labels
-        written = chosen in (record.get(MANIFEST_KEY) or {chosen: None})
-        try:
-            runtime = ModelRuntime(folder, chosen, num_threads=num_threads, verify=written)
-        except IntegrityError as error:
-            raise PredictionError(str(error)) from error
-        except Exception as error:  # onnxruntime raises its own types for a file it cannot read
-            raise PredictionError(f"ONNX Runtime cannot load {folder / chosen}: {type(error).__name__}: {error}. The file "
-                                  f"is damaged or not an ONNX model; pass another with --onnx_file.") from error
-        if not written:
-            _check_fits(runtime, folder / chosen, len(id2label))
+        try:  # a file the stage wrote is verified; one the user names is checked against the folder's inputs/labels
+            runtime = open_onnx_file(folder, chosen, num_threads=num_threads)
+        except (FileNotFoundError, ValueError) as error:
+            raise PredictionError(f"{error} (--onnx_file chooses the file)") from error
         return Classifier(folder, f"{stage} ONNX model {chosen} (ONNX Runtime)", tokenizer, id2label, max_length,
                           runtime, pair_column)
     try:
@@ -110,23 +100,6 @@ def open_classifier(path: str | Path, onnx_file: Optional[str] = None, num_threa
     except (OSError, ValueError, RuntimeError) as error:
         raise PredictionError(f"Could not load the {stage} checkpoint {folder}: {error}") from error
     return Classifier(folder, f"{stage} checkpoint (torch)", tokenizer, id2label, max_length, runtime, pair_column)
-
-
-TOKENIZER_OUTPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def _check_fits(runtime, path: Path, num_labels: int) -> None:
-    """An ONNX file the folder's stage did not write must take what the folder's tokenizer gives and return one
-    logit per label of its config."""
-    inputs = runtime.input_names
-    outputs = {output.name: output.shape for output in runtime.onnx.session.get_outputs()}
-    if "input_ids" not in inputs or not set(inputs) <= set(TOKENIZER_OUTPUTS):
-        raise PredictionError(f"{path} takes the inputs {inputs}, but this folder's tokenizer gives "
-                              f"{list(TOKENIZER_OUTPUTS)}; pass an ONNX file exported for this model (e.g. its model.onnx).")
-    shape = outputs.get("logits")
-    if not shape or (isinstance(shape[-1], int) and shape[-1] != num_labels):
-        raise PredictionError(f"{path} returns {outputs}, but this folder's config has {num_labels} labels and expects an "
-                              f"output 'logits' of that width; pass an ONNX file exported for this model.")
 
 
 def check_input_kind(classifier: Classifier, texts: list) -> None:

@@ -27,7 +27,7 @@ from . import checkpoints, stages
 from .data import TextClassificationData, make_loader, tokenize_dataset
 from .evaluation import classification_metrics, cpu_info, interleaved_latency, round_speedup
 from .models import check_matches_data, count_parameters, load_checkpoint_tokenizer, position_limit
-from .runtime import ModelRuntime, measure_in_subprocess
+from .runtime import ModelRuntime, measure_in_subprocess, open_onnx_file
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,10 @@ def evaluate_entry(entry: ModelEntry, data: TextClassificationData, data_config,
     check_matches_data(folder, record, data_config, data.label_names)
     if entry.onnx_file is not None and not (folder / entry.onnx_file).is_file():
         raise FileNotFoundError(f"{folder} has no {entry.onnx_file}; {stages.rerun_hint(record.get('stage'))}")
-    model = ModelRuntime(folder, entry.onnx_file, num_threads=config.num_threads, spinning=False)
+    if entry.onnx_file is not None:
+        model = open_onnx_file(folder, entry.onnx_file, num_threads=config.num_threads, spinning=False)
+    else:
+        model = ModelRuntime(folder, num_threads=config.num_threads, spinning=False)
     tokenizer = load_checkpoint_tokenizer(folder)
     loader = make_loader(tokenize_dataset(data.test, tokenizer, data_config.max_length), tokenizer, config.eval_batch_size, shuffle=False)
     logits, labels = model.logits(loader)
@@ -254,8 +257,19 @@ def gpu_rows(evaluated: list[EvaluatedRow], data: TextClassificationData, max_le
     return rows, f"GPU rows on {torch.cuda.get_device_name(0)}, timed round-robin among themselves against {reference}."
 
 
-def check_latency_length(entries: list[ModelEntry], config) -> None:
-    """Refuse a benchmark sequence longer than any found model's position embeddings before measuring anything."""
+def check_entries(entries: list[ModelEntry], config, data_config, label_names: list[str]) -> None:
+    """Before anything is measured: every folder the user named (``--checkpoint``, ``--extra_models``) is a checkpoint
+    of this data whose files are intact (a user-named ONNX file must fit the folder), and the benchmark sequence fits
+    every model's position embeddings. A newest-run folder that fails is skipped and named in the report instead."""
+    for entry in entries:
+        if entry.path is None:
+            continue
+        folder, record = _resolve(entry)
+        check_matches_data(folder, record, data_config, label_names)
+        if entry.onnx_file is not None:
+            open_onnx_file(folder, entry.onnx_file, spinning=False)
+        else:
+            checkpoints.verify_files(folder, record=record)
     for entry in entries:
         try:
             folder, _ = _resolve(entry)
@@ -275,7 +289,7 @@ def build_report(config, data: TextClassificationData, data_config, settings: di
     max_length = data_config.max_length
     evaluated, skipped = [], []
     entries = model_entries(config)
-    check_latency_length(entries, config)
+    check_entries(entries, config, data_config, data.label_names)
     with tempfile.TemporaryDirectory(prefix="report-reference-") as scratch:
         if config.ort_reference:
             try:

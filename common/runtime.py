@@ -134,6 +134,50 @@ class ModelRuntime:
         return run
 
 
+TOKENIZER_OUTPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def open_onnx_file(folder: str | Path, onnx_file: str, *, num_threads: Optional[int] = None, spinning: bool = True,
+                   device: str = "cpu") -> ModelRuntime:
+    """``onnx_file`` of a project folder, checked before it is used. A file the folder's stage wrote is verified
+    against the manifest; a file the user put there and names instead is loaded and must take what the folder's
+    tokenizer gives and return one logit per label of its config. Raises ``FileNotFoundError``/``ValueError``
+    (``IntegrityError`` for a damaged file) naming the file and the fix."""
+    from .checkpoints import MANIFEST_KEY, read_record
+
+    folder = Path(folder)
+    path = folder / onnx_file
+    if not path.is_file():
+        available = sorted(p.name for p in folder.glob("*.onnx"))
+        raise FileNotFoundError(f"{folder} has no {onnx_file}; its ONNX files are {available}. Name one of them.")
+    manifest = read_record(folder).get(MANIFEST_KEY)
+    written = manifest is None or onnx_file in manifest  # a folder without a manifest is used as before, with a warning
+    try:
+        runtime = ModelRuntime(folder, onnx_file, num_threads=num_threads, spinning=spinning, device=device, verify=written)
+    except ValueError:
+        raise
+    except Exception as error:  # onnxruntime raises its own types for a file it cannot read
+        raise ValueError(f"ONNX Runtime cannot load {path}: {type(error).__name__}: {error}. The file is damaged or "
+                         f"not an ONNX model; name another file of the folder.") from error
+    if not written:
+        _check_fits(runtime, path)
+    return runtime
+
+
+def _check_fits(runtime: ModelRuntime, path: Path) -> None:
+    """A user-named ONNX file must take the folder tokenizer's outputs and return one logit per label of its config."""
+    inputs = runtime.input_names
+    if "input_ids" not in inputs or not set(inputs) <= set(TOKENIZER_OUTPUTS):
+        raise ValueError(f"{path} takes the inputs {inputs}, but this folder's tokenizer gives {list(TOKENIZER_OUTPUTS)}; "
+                         f"name an ONNX file exported for this model (e.g. its model.onnx).")
+    num_labels = len(json.loads((runtime.folder / "config.json").read_text()).get("id2label") or {})
+    outputs = {output.name: output.shape for output in runtime.onnx.session.get_outputs()}
+    shape = outputs.get("logits")
+    if not shape or (isinstance(shape[-1], int) and shape[-1] != num_labels):
+        raise ValueError(f"{path} returns {outputs}, but this folder's config has {num_labels} labels and expects an "
+                         f"output 'logits' of that width; name an ONNX file exported for this model.")
+
+
 # -- memory, in a fresh process per model -------------------------------------------------------------------
 
 

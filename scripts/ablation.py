@@ -33,7 +33,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from common.checkpoints import results_root, write_json  # noqa: E402
+from common.checkpoints import find_checkpoint, results_root, write_json  # noqa: E402
 from common.config import DataConfig  # noqa: E402
 from common.data import load_splits  # noqa: E402
 from common.experiments import mean_std, run_script, test_accuracy  # noqa: E402
@@ -117,7 +117,11 @@ def main() -> None:
     args = parser.parse_args()
     name = args.output_name
     if args.from_json:
-        result = json.loads((results_root() / f"{name}.json").read_text())
+        source = results_root() / f"{name}.json"
+        if not source.is_file():
+            raise FileNotFoundError(f"--from_json redraws {source}, which does not exist; run the ablation first, or pass "
+                                    f"the --output_name of an earlier one.")
+        result = json.loads(source.read_text())
         (results_root() / f"{name}.md").write_text(markdown(result))
         plot(result, results_root() / f"{name}.png")
         print(markdown(result))
@@ -131,6 +135,9 @@ def main() -> None:
     quantized = [] if args.skip_quantization else args.quantization_variants
     if quantized and "KGSP + MSP" not in args.variants:
         parser.error("The PTQ/QKD rows quantize the 'KGSP + MSP' model; add it to --variants or pass --skip_quantization.")
+    find_checkpoint("teacher")  # every row distills from it; refused now rather than after the first rows ran
+    if args.variants:
+        find_checkpoint("student")
     accuracy: dict[str, list[float]] = {variant: [] for variant in [*args.student_variants, *args.variants, *quantized]}
     for seed in args.seeds:
         for variant in args.student_variants:

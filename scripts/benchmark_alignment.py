@@ -60,6 +60,13 @@ def cuda_runner(model, batch: dict):
     return run
 
 
+def positive_integers(parser, option: str, text: str) -> list[int]:
+    values = [value.strip() for value in text.split(",")]
+    if not all(value.isdigit() and int(value) > 0 for value in values):
+        parser.error(f"--{option} {text!r} must be positive integers separated by commas, e.g. --{option} 8,8,2.")
+    return [int(value) for value in values]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--heads", default="8,8,2", help="Kept heads per layer.")
@@ -76,11 +83,13 @@ def main() -> None:
     arguments = parser.parse_args()
     if arguments.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here; use --device cpu.")
+    heads, unaligned, multiples = (positive_integers(parser, option, getattr(arguments, option))
+                                   for option in ("heads", "ffn_widths", "multiples"))
+    if len(heads) != len(unaligned):
+        parser.error(f"--heads {arguments.heads} and --ffn_widths {arguments.ffn_widths} must name the same number of layers.")
     torch.set_num_threads(arguments.num_threads)
-    heads = [int(value) for value in arguments.heads.split(",")]
-    unaligned = [int(value) for value in arguments.ffn_widths.split(",")]
     variants = {"unaligned": unaligned}
-    for multiple in (int(value) for value in arguments.multiples.split(",")):
+    for multiple in multiples:
         variants[f"round_to {multiple}"] = rounded(unaligned, multiple)
 
     from common.onnx_export import export_onnx

@@ -72,9 +72,10 @@ def main() -> None:
     parser.add_argument("--num_threads", type=int, default=None)
     args = parser.parse_args()
 
+    folders = {stage: find_checkpoint(stage) for stage in ("student", "pruned", "teacher")}  # all found before any work
     rows = {}
     for stage in ("student", "pruned"):
-        folder = find_checkpoint(stage)
+        folder = folders[stage]
         model = load_model(folder)
         rows[stage] = {
             "path": str(folder),
@@ -83,8 +84,8 @@ def main() -> None:
             **measure_in_subprocess(folder, 32, 64, 3, args.repeats, args.num_threads),
         }
         del model
-    student_folder = find_checkpoint("student")
-    teacher = load_model(find_checkpoint("teacher"))
+    student_folder = folders["student"]
+    teacher = load_model(folders["teacher"])
     data = load_splits(DataConfig())
     tokenizer = load_checkpoint_tokenizer(student_folder)
     loader, _ = build_loaders(data, tokenizer, DataConfig(), 32, 64, seed=0)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 from common import parse_config  # noqa: E402
 from common.architecture import encoder_prefix  # noqa: E402
 from common.checkpoints import RECORD_FILE, find_checkpoint, results_root, write_json  # noqa: E402
-from common.config import DataConfig  # noqa: E402
+from common.config import DataConfig, PruningConfig  # noqa: E402
 from common.data import load_splits  # noqa: E402
 from common.evaluation import interleaved_latency  # noqa: E402
 from common.experiments import mean_std, run_script, test_accuracy  # noqa: E402
@@ -59,9 +59,11 @@ def main() -> None:
     data_config = parse_config(DataConfig, args=data_flags)[0]
     if any(not 0.0 < s < 1.0 for s in args.sparsities):
         parser.error(f"--sparsities {args.sparsities} must be shares between 0 and 1.")
+    parse_config(DataConfig, PruningConfig, args=[*data_flags, *args.extra])  # a bad --extra flag is refused before any run
+    teacher_folder = find_checkpoint("teacher")
+    find_checkpoint("student")  # stage 8 prunes it
     started = time.time()
     data = load_splits(data_config)  # the test split does not depend on max_train_samples
-    teacher_folder = find_checkpoint("teacher")
     teacher_accuracy, teacher = test_accuracy(teacher_folder, data, data_config.max_length)
     root = results_root() / "sweep"
     points, runners = [], {}

@@ -215,6 +215,35 @@ def tiny_data(train_texts, test_texts=("great film",)):
     return TextClassificationData(split(train_texts), split(test_texts), split(test_texts), ["negative", "positive"], "test")
 
 
+def write_onnx_checkpoint(tokenizer, model=None, max_length: int = 32) -> Path:
+    """An ONNX folder written as stage 12 writes one (through the lifecycle's writer, with its manifest)."""
+    from common import checkpoints
+    from common.onnx_export import export_onnx, write_runtime_files
+
+    model = model or tiny_model(tiny_bert_config())
+    model.config.id2label = {0: "negative", 1: "positive"}
+
+    def write_files(folder):
+        export_onnx(model, tokenizer, folder / "model.onnx", max_length)
+        write_runtime_files(folder, tokenizer, model.config, max_length)
+        return {"deployment_model": "model.onnx"}
+
+    return checkpoints.write_checkpoint("onnx", {"label_names": ["negative", "positive"], "config": {"max_length": max_length}},
+                                        write_files)
+
+
+def unrelated_onnx(path: Path) -> Path:
+    """A valid ONNX model that is no classifier of any folder here: it takes 'x' and returns 'y'."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "unrelated",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
 # -- running the scripts as a user does ------------------------------------------------------------------------
 
 def run_stage_unchecked(script, results_dir, *args, launcher=None, timeout=600):

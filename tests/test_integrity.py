@@ -8,14 +8,12 @@ import subprocess
 import sys
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from common import checkpoints
 from common.checkpoints import IntegrityError, verify_files
 from common.models import load_checkpoint_tokenizer, load_model, save_checkpoint
-from conftest import PROJECT_ROOT, make_tokenizer, tiny_bert_config, tiny_model
+from conftest import PROJECT_ROOT, make_tokenizer, tiny_bert_config, tiny_model, unrelated_onnx, write_onnx_checkpoint
 
 
 @pytest.fixture
@@ -26,20 +24,7 @@ def torch_folder(results_dir, tmp_path):
 
 @pytest.fixture
 def onnx_folder(results_dir, tmp_path):
-    """An ONNX folder written as stage 12 writes one: through the lifecycle's writer, with its manifest."""
-    from common.onnx_export import export_onnx, write_runtime_files
-
-    tokenizer = make_tokenizer(tmp_path / "tokenizer")
-    model = tiny_model(tiny_bert_config())
-    model.config.id2label = {0: "negative", 1: "positive"}
-
-    def write_files(folder):
-        export_onnx(model, tokenizer, folder / "model.onnx", 32)
-        write_runtime_files(folder, tokenizer, model.config, 32)
-        return {"deployment_model": "model.onnx"}
-
-    return checkpoints.write_checkpoint("onnx", {"label_names": ["negative", "positive"], "config": {"max_length": 32}},
-                                        write_files)
+    return write_onnx_checkpoint(make_tokenizer(tmp_path / "tokenizer"))
 
 
 def test_the_manifest_lists_every_written_file_and_an_untouched_folder_verifies(torch_folder, onnx_folder):
@@ -94,14 +79,6 @@ def predict(*args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, str(PROJECT_ROOT / "predict.py"), *map(str, args)], cwd=PROJECT_ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
-
-
-def unrelated_onnx(path):
-    """A valid ONNX model that is no classifier of this folder: it takes 'x' and returns 'y'."""
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "unrelated",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
 def test_predict_refuses_damaged_onnx_folders_with_exit_code_2(onnx_folder):

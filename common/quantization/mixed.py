@@ -39,6 +39,19 @@ def estimated_checkpoint_bytes(model: nn.Module, settings, eight_bit: tuple | li
     return total
 
 
+def check_8bit_budget(model: nn.Module, settings) -> float:
+    """Refuse a ``keep_8bit_size_budget_mb`` below the all-4-bit checkpoint of ``model`` (which only needs the
+    model's shapes, so stages call it on a weightless skeleton before any work); returns that all-4-bit size in bytes."""
+    budget_mb = settings.keep_8bit_size_budget_mb
+    all_4bit = estimated_checkpoint_bytes(model, settings)
+    if budget_mb is not None and all_4bit > budget_mb * 1e6:
+        raise ValueError(
+            f"keep_8bit_size_budget_mb={budget_mb} is below the all-4-bit checkpoint of this model ({all_4bit / 1e6:.2f} MB "
+            f"estimated), so no layer can stay at 8 bits; raise it above {all_4bit / 1e6:.2f} or leave it unset."
+        )
+    return all_4bit
+
+
 def plan_8bit_layers(model: nn.Module, settings, errors: dict[str, dict]) -> tuple[list[str], Optional[dict]]:
     """The Linears to keep at 8 bits under ``settings.keep_8bit_size_budget_mb``: worst 4-bit output error first
     (``worst_layers``), each kept while the estimated checkpoint stays within the budget (a layer that does not fit
@@ -46,12 +59,7 @@ def plan_8bit_layers(model: nn.Module, settings, errors: dict[str, dict]) -> tup
     budget_mb = settings.keep_8bit_size_budget_mb
     if budget_mb is None:
         return [], None
-    all_4bit = estimated_checkpoint_bytes(model, settings)
-    if all_4bit > budget_mb * 1e6:
-        raise ValueError(
-            f"keep_8bit_size_budget_mb={budget_mb} is below the all-4-bit checkpoint of this model ({all_4bit / 1e6:.2f} MB "
-            f"estimated), so no layer can stay at 8 bits; raise it above {all_4bit / 1e6:.2f} or leave it unset."
-        )
+    all_4bit = check_8bit_budget(model, settings)
     chosen, size = [], all_4bit
     for name, _ in worst_layers(errors, count=len(errors)):
         candidate = estimated_checkpoint_bytes(model, settings, [*chosen, name])
