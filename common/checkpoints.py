@@ -231,13 +231,18 @@ def write_checkpoint(
         write_json(pending.path / RECORD_FILE, record)
         if verify is not None:
             record["metrics"] = {**record.get("metrics", {}), **verify(pending.path)}
-            write_json(pending.path / RECORD_FILE, record)
+        from .model_card import measure_latency, write_model_card
+
+        record["card_latency"] = measure_latency(pending.path, record)
+        write_json(pending.path / RECORD_FILE, record)
         write_json(pending.path / METRICS_FILE, flat_metrics(record))
+        write_model_card(pending.path, record, pending.final)
     return pending.final
 
 
 # -- integrity: what a stage wrote, checked by whoever loads it ---------------------------------------------
 
+CARD_FILE = "README.md"  # the model card, written from compression.json after it (model_card.py)
 MANIFEST_KEY = "manifest"  # in compression.json: {file name: {"bytes": size, "sha256": hex digest}}
 _DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> SHA-256: each file is hashed once per process
 _UNVERIFIABLE: set[str] = set()
@@ -262,7 +267,7 @@ def _sha256(path: Path) -> str:
 def file_manifest(folder: Path) -> dict:
     """Size and SHA-256 of every file a stage wrote into ``folder`` (its record and metrics summary aside)."""
     return {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-            for path in sorted(folder.iterdir()) if path.is_file() and path.name not in (RECORD_FILE, METRICS_FILE)}
+            for path in sorted(folder.iterdir()) if path.is_file() and path.name not in (RECORD_FILE, METRICS_FILE, CARD_FILE)}
 
 
 def verify_files(folder: str | Path, names=None, record: Optional[dict] = None) -> None:

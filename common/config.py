@@ -601,14 +601,27 @@ class ReportConfig:
         "report's time); false leaves those columns empty."
     )
     num_threads: Optional[int] = _field(None, "CPU threads of torch and ONNX Runtime in the benchmark. Default: torch's default.")
+    real_text_examples: int = _field(
+        200, "Test texts (a fixed random sample) timed at batch 1, each tokenized to its own length (p50/p95), and in "
+        "dynamically padded batches of latency_batch_size (examples/s); 0 skips this benchmark."
+    )
+    deployed_model: Optional[str] = _field(
+        None, "The report row you ship (its label), shown beside the teacher in the confusion-matrix plot. Default: the "
+        "fastest row at batch 1 that keeps deploy_min_retention of the teacher's accuracy."
+    )
+    deploy_min_retention: float = _field(0.99, "Share of the teacher's test accuracy the automatically chosen deployed row must keep (0-1].")
     report_name: str = _field("final_report", "Base name of the report files written in the results folder.")
 
-    SMOKE_PROFILE: ClassVar[dict] = {"latency_repeats": 3, "latency_warmup": 1, "memory_repeats": 1}
+    SMOKE_PROFILE: ClassVar[dict] = {"latency_repeats": 3, "latency_warmup": 1, "memory_repeats": 1, "real_text_examples": 16}
 
     def __post_init__(self) -> None:
         for name in ("eval_batch_size", "latency_batch_size", "latency_seq_length", "latency_repeats", "memory_repeats"):
             _check_positive(name, getattr(self, name))
         _check_range("latency_warmup", self.latency_warmup, 0, float("inf"))
+        _check_range("real_text_examples", self.real_text_examples, 0, float("inf"))
+        if not 0.0 < self.deploy_min_retention <= 1.0:
+            raise ValueError(f"deploy_min_retention={self.deploy_min_retention} must be a share in (0, 1], e.g. 0.99 to keep "
+                             f"99% of the teacher's accuracy.")
         _check_positive("num_threads", self.num_threads, allow_none=True)
         self.checkpoint_paths  # validates the entries
         for entry in self.extra_models:

@@ -320,7 +320,8 @@ def save_checkpoint(
     models, the stock-transformers loader it ships. ``verify(folder)`` runs on the written files before they are
     moved into place (``checkpoints.write_checkpoint``).
     """
-    record = {"architecture": architecture_record(getattr(model, "module", model)), **record}
+    model_itself = getattr(model, "module", model)
+    record = {"architecture": architecture_record(model_itself), "parameters": count_parameters(model_itself), **record}
 
     def write_files(folder: Path) -> dict:
         save_model(model, tokenizer, folder, state_dict=state_dict)

@@ -21,12 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from . import checkpoints, stages
 from .data import TextClassificationData, make_loader, tokenize_dataset
-from .evaluation import classification_metrics, cpu_info, interleaved_latency, round_speedup
+from .evaluation import classification_metrics, cpu_info
+from .metrics import agreement, bootstrap_intervals, confusion_matrix, model_cost, per_class_metrics
 from .models import check_matches_data, count_parameters, load_checkpoint_tokenizer, position_limit
+from .report_timing import gpu_rows, measure_latency, measure_real_text_latency
 from .runtime import ModelRuntime, measure_in_subprocess, open_onnx_file
 
 logger = logging.getLogger(__name__)
@@ -63,6 +66,9 @@ class EvaluatedRow:
     entry: ModelEntry
     folder: Path
     model: ModelRuntime  # kept for the latency harness, which runs every row in this process anyway
+    tokenizer: object = None
+    predictions: Optional[np.ndarray] = None  # test-split class ids, for the agreement with the teacher
+    labels: Optional[np.ndarray] = None
 
 
 def _resolve(entry: ModelEntry) -> tuple[Path, dict]:
@@ -86,8 +92,15 @@ def evaluate_entry(entry: ModelEntry, data: TextClassificationData, data_config,
     tokenizer = load_checkpoint_tokenizer(folder)
     loader = make_loader(tokenize_dataset(data.test, tokenizer, data_config.max_length), tokenizer, config.eval_batch_size, shuffle=False)
     logits, labels = model.logits(loader)
-    metrics = classification_metrics(logits.argmax(-1), labels)
+    predictions = logits.argmax(-1)
+    metrics = classification_metrics(predictions, labels)
     parameters = count_parameters(model.torch_model) if entry.onnx_file is None else record.get("parameters")
+    matrix = confusion_matrix(predictions, labels, len(data.label_names))
+    try:
+        cost = model_cost(folder, record, model.weight_files, config.latency_seq_length, parameters)
+    except Exception as error:  # a model whose shapes cannot be rebuilt still gets its measured row
+        logger.warning("No FLOPs/bytes for %s: %s: %s", entry.label, type(error).__name__, error)
+        cost = {"parameters": parameters}
     size = model.size_bytes
     memory = dict.fromkeys(("model_rss_mb", "inference_peak_mb", "peak_rss_mb", "peak_covers_loading"))
     if config.measure_memory:
@@ -105,7 +118,14 @@ def evaluate_entry(entry: ModelEntry, data: TextClassificationData, data_config,
         "test_accuracy": metrics["accuracy"],
         "test_macro_f1": metrics["macro_f1"],
         "test_examples": int(len(labels)),
-        "parameters": parameters,
+        "parameters": cost.get("parameters", parameters),
+        "flops_per_example": cost.get("flops_per_example"),
+        "macs_per_example": cost.get("macs_per_example"),
+        "weight_bytes_read_per_example": cost.get("weight_bytes_read_per_example"),
+        "cost_seq_length": cost.get("cost_seq_length"),
+        "confusion_matrix": matrix.tolist(),
+        "per_class": per_class_metrics(matrix, data.label_names),
+        **bootstrap_intervals(predictions, labels),
         "size_bytes": size,
         "size_mb": size / 1e6,
         "quantization": file_info.get("precision") or quantization.get("method", "none"),
@@ -116,7 +136,7 @@ def evaluate_entry(entry: ModelEntry, data: TextClassificationData, data_config,
         "peak_rss_mb": memory["peak_rss_mb"],
         "peak_covers_loading": memory["peak_covers_loading"],
     }
-    return EvaluatedRow(row, entry, folder, model)
+    return EvaluatedRow(row, entry, folder, model, tokenizer, predictions, labels)
 
 
 def _worst_layers(quantization: dict) -> Optional[list[dict]]:
@@ -163,6 +183,45 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     return flags
 
 
+def add_agreement(evaluated: list[EvaluatedRow]) -> None:
+    """Every row against the teacher on the same test inputs: how many it labels differently (fixed / broken), and
+    the bootstrap interval of its retention (accuracy / teacher accuracy)."""
+    reference = next((item for item in evaluated if item.row["label"] == REFERENCE_LABEL), None)
+    for item in evaluated:
+        if reference is None or item.predictions is None:
+            item.row.update(agreement_with_teacher=None, retention_ci95=None)
+            continue
+        item.row["agreement_with_teacher"] = agreement(item.predictions, reference.predictions, item.labels)
+        item.row["retention_ci95"] = bootstrap_intervals(item.predictions, item.labels, reference.predictions)["retention_ci95"]
+
+
+def choose_deployed(rows: list[dict], config) -> dict:
+    """The row a user would ship: ``--deployed_model`` if given, else the fastest row at batch 1 on real texts (the
+    synthetic batch where that was not measured) that keeps at least ``deploy_min_retention`` of the teacher's
+    accuracy, else the most accurate compressed row."""
+    candidates = [row for row in rows if row["label"] not in (REFERENCE_LABEL, ORT_REFERENCE_LABEL)]
+    note = ""
+    if config.deployed_model:
+        if any(row["label"] == config.deployed_model for row in rows):
+            return {"label": config.deployed_model, "rule": "--deployed_model"}
+        note = f"--deployed_model {config.deployed_model!r} was skipped (see Skipped); "
+    if not candidates:
+        return {"label": None, "rule": "no compressed row"}
+
+    def latency(row):
+        return row.get("latency_b1_ms_p50") or row["latency_ms_median"]
+
+    keeping = [row for row in candidates
+               if row.get("accuracy_vs_teacher") is not None and row["accuracy_vs_teacher"] >= config.deploy_min_retention]
+    if keeping:
+        chosen = min(keeping, key=latency)
+        rule = f"fastest row (batch-1 p50 on real texts) keeping >= {100 * config.deploy_min_retention:.1f}% of the teacher's accuracy"
+    else:
+        chosen = max(candidates, key=lambda row: row["test_accuracy"])
+        rule = f"no row keeps {100 * config.deploy_min_retention:.1f}% of the teacher's accuracy: the most accurate compressed row"
+    return {"label": chosen["label"], "rule": note + rule}
+
+
 def add_relative_fields(rows: list[dict]) -> None:
     reference = next((row for row in rows if row["label"] == REFERENCE_LABEL), None)
     for row in rows:
@@ -175,6 +234,8 @@ def add_relative_fields(rows: list[dict]) -> None:
         row["size_ratio_to_teacher"] = row["size_bytes"] / reference["size_bytes"]
         row["latency_ratio_to_teacher"] = row["latency_ms_median"] / reference["latency_ms_median"]
         row["compression_vs_teacher"] = reference["size_bytes"] / row["size_bytes"]
+        if row.get("latency_b1_ms_p50") and reference.get("latency_b1_ms_p50"):
+            row["speedup_b1_vs_teacher"] = reference["latency_b1_ms_p50"] / row["latency_b1_ms_p50"]
     size_front = pareto_front([(row["size_bytes"], row["test_accuracy"]) for row in rows])
     latency_front = pareto_front([(row["latency_ms_median"], row["test_accuracy"]) for row in rows])
     for row, on_size, on_latency in zip(rows, size_front, latency_front):
@@ -194,67 +255,6 @@ def machine_info(config) -> dict:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "versions": checkpoints.package_versions(),
     }
-
-
-def measure_latency(evaluated: list[EvaluatedRow], config) -> None:
-    """Time every row in one interleaved harness; write latency, IQR and per-round speed-ups into the rows."""
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    runners = {item.row["label"]: item.model.runner(item.model.batch(config.latency_batch_size, config.latency_seq_length))
-               for item in evaluated}
-    reference = REFERENCE_LABEL if REFERENCE_LABEL in runners else None
-    logger.info("Timing %d models round-robin: %d warm-up and %d timed rounds, %d threads",
-                len(runners), config.latency_warmup, config.latency_repeats, config.num_threads or torch.get_num_threads())
-    timings = interleaved_latency(runners, config.latency_warmup, config.latency_repeats, config.latency_batch_size, reference)
-    ort_reference = timings.get(ORT_REFERENCE_LABEL)
-    for item in evaluated:
-        timing = timings[item.row["label"]]
-        item.row.update({key: value for key, value in timing.items() if not key.startswith("speedup_vs_reference")})
-        item.row["speedup_vs_teacher"] = timing.get("speedup_vs_reference_median")
-        item.row["speedup_vs_teacher_p25"] = timing.get("speedup_vs_reference_p25")
-        item.row["speedup_vs_teacher_p75"] = timing.get("speedup_vs_reference_p75")
-        if ort_reference is not None:  # against what a user gets without this project, from the same rounds
-            speedup = round_speedup(ort_reference["latency_ms_per_round"], timing["latency_ms_per_round"])
-            item.row.update(speedup_vs_ort_reference=speedup["median"], speedup_vs_ort_reference_p25=speedup["p25"],
-                            speedup_vs_ort_reference_p75=speedup["p75"])
-        item.row["num_threads"] = config.num_threads or torch.get_num_threads()
-
-
-def gpu_rows(evaluated: list[EvaluatedRow], data: TextClassificationData, max_length: int, config) -> tuple[list[dict], str]:
-    """Where CUDA is present: the full-precision torch rows in fp16 on the GPU and the fp32 ONNX row on ONNX
-    Runtime's CUDA provider, timed round-robin among themselves. Returns (rows, note)."""
-    if not torch.cuda.is_available():
-        return [], "No CUDA device: GPU rows (torch fp16, ONNX Runtime CUDA) skipped."
-    import onnxruntime as ort
-
-    cuda_ort = "CUDAExecutionProvider" in ort.get_available_providers()
-    rows, runners = [], {}
-    for item in evaluated:
-        on_torch_gpu = item.entry.onnx_file is None and item.row["quantization"] == "none"
-        on_ort_gpu = cuda_ort and item.entry.onnx_file == "model.onnx" and item.row["stage"] == "onnx"
-        if not (on_torch_gpu or on_ort_gpu):
-            continue
-        model = ModelRuntime(item.folder, item.entry.onnx_file, device="cuda", half=on_torch_gpu)
-        tokenizer = load_checkpoint_tokenizer(item.folder)
-        loader = make_loader(tokenize_dataset(data.test, tokenizer, max_length), tokenizer, config.eval_batch_size, shuffle=False)
-        logits, labels = model.logits(loader)
-        if on_torch_gpu:
-            label, runtime = f"{item.row['label'].replace(' (FP32)', '')} (FP16, torch GPU)", "torch cuda fp16"
-        else:
-            label, runtime = f"{item.row['label']} (ONNX Runtime CUDA)", "onnxruntime cuda"
-        metrics = classification_metrics(logits.argmax(-1), labels)
-        rows.append({**item.row, "label": label, "runtime": runtime,
-                     "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"], "device": "cuda"})
-        runners[label] = model.runner(model.batch(config.latency_batch_size, config.latency_seq_length))
-    if not runners:
-        return [], "CUDA present, but no full-precision model to run on it."
-    reference = next(iter(runners))
-    timings = interleaved_latency(runners, config.latency_warmup, config.latency_repeats, config.latency_batch_size, reference)
-    for row in rows:
-        timing = timings[row["label"]]
-        row.update({key: value for key, value in timing.items() if not key.startswith("speedup_vs_reference")})
-        row.update(speedup_vs_gpu_reference=timing["speedup_vs_reference_median"])
-    return rows, f"GPU rows on {torch.cuda.get_device_name(0)}, timed round-robin among themselves against {reference}."
 
 
 def check_entries(entries: list[ModelEntry], config, data_config, label_names: list[str]) -> None:
@@ -290,6 +290,10 @@ def build_report(config, data: TextClassificationData, data_config, settings: di
     evaluated, skipped = [], []
     entries = model_entries(config)
     check_entries(entries, config, data_config, data.label_names)
+    labels = [entry.label for entry in entries] + [ORT_REFERENCE_LABEL]
+    if config.deployed_model and config.deployed_model not in labels:
+        raise ValueError(f"deployed_model={config.deployed_model!r} is none of the report's rows {labels}; pass one of "
+                         f"them (an --extra_models label counts).")
     with tempfile.TemporaryDirectory(prefix="report-reference-") as scratch:
         if config.ort_reference:
             try:
@@ -307,7 +311,8 @@ def build_report(config, data: TextClassificationData, data_config, settings: di
                 logger.warning("Skipping %s: %s", entry.label, reason)
                 skipped.append({"label": entry.label, "stage": entry.stage, "path": entry.path, "reason": reason})
         if evaluated:
-            measure_latency(evaluated, config)
+            measure_latency(evaluated, config, REFERENCE_LABEL, ORT_REFERENCE_LABEL)
+            measure_real_text_latency(evaluated, data, max_length, config)
         try:
             gpu, gpu_note = gpu_rows(evaluated, data, max_length, config)
         except Exception as error:  # GPU rows are extra; a failure there must not lose the CPU report
@@ -317,7 +322,9 @@ def build_report(config, data: TextClassificationData, data_config, settings: di
         raise RuntimeError(f"No model could be evaluated, so no report was written:\n{reasons}\nRun the stages first "
                            f"(make pipeline), or pass checkpoint folders with --checkpoint STAGE=PATH.")
     rows = [item.row for item in evaluated]
+    add_agreement(evaluated)
     add_relative_fields(rows)
+    deployment = choose_deployed(rows, config)
     return {
         "models": rows,
         "skipped": skipped,
@@ -330,6 +337,12 @@ def build_report(config, data: TextClassificationData, data_config, settings: di
             f"cores of the next); median and interquartile range; speed-ups are teacher time / model time within the "
             f"same round"
         ),
+        "real_text_latency_method": (
+            f"{min(config.real_text_examples, len(data.test))} test texts (a fixed random sample), each tokenized to its own "
+            f"length: batch 1, every model once per text in a rotating order, p50/p95 over the texts; and the same texts "
+            f"in batches of {config.latency_batch_size} padded to their longest text (dynamic padding), examples per second"
+        ) if config.real_text_examples else None,
+        "deployment": deployment,
         "gpu": gpu_note,
         "gpu_models": gpu,
         "data": {"source": data.source, "test_examples": len(data.test), "label_names": data.label_names,

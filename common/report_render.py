@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from . import checkpoints
+from . import checkpoints, stages
+
+REFERENCE_LABEL = stages.get("teacher").rows[0].label
 
 
 def _number(value, digits: int = 2) -> str:
@@ -56,6 +58,7 @@ def markdown_table(report: dict) -> str:
         f"forward passes over its size before loading (weights plus activations); both measured in a fresh process "
         f"per model.\n\nVersions: {versions}.\n"
     )
+    text += quality_and_cost_table(report)
     quantized = [row for row in report["models"] if row.get("worst_quantized_layers")]
     if quantized:
         text += ("\n4-bit quantization error per layer, measured on the full-precision weights before quantizing "
@@ -75,6 +78,81 @@ def markdown_table(report: dict) -> str:
     if report["skipped"]:
         text += "\nSkipped:\n" + "".join(f"- {s['label']}: {s['reason']}\n" for s in report["skipped"])
     return text
+
+
+def _interval(values, scale: float = 100.0) -> str:
+    return "–" if not values else f"{scale * values[0]:.1f}–{scale * values[1]:.1f}"
+
+
+def _engineering(value, unit: str) -> str:
+    if value is None:
+        return "–"
+    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= factor:
+            return f"{value / factor:.2f} {prefix}{unit}"
+    return f"{value:.0f} {unit}"
+
+
+def quality_and_cost_table(report: dict) -> str:
+    """What the accuracy column hides: intervals, disagreement with the teacher, per-class F1, compute per example
+    and the latency of real texts at batch 1."""
+    rows = report["models"]
+    labels = report["data"]["label_names"]
+    sequence = next((row.get("cost_seq_length") for row in rows if row.get("cost_seq_length")), None)
+    text = (f"\nQuality and cost. Intervals: 95% bootstrap over the test inputs (teacher and model resampled together "
+            f"for the retention). Differs: test inputs labelled unlike the teacher (fixed: the teacher was wrong; broken: "
+            f"the teacher was right). FLOPs and weight bytes read: per example of {sequence} tokens at batch 1, from the "
+            f"model's real layer shapes. Batch 1: {report.get('real_text_latency_method') or 'not measured'}.\n\n"
+            "| Model | Acc. 95% CI | Retention 95% CI | Differs (fixed / broken) | F1 per class (" + " / ".join(labels) + ") | "
+            "FLOPs/ex | Weights read/ex | Batch-1 p50 / p95 (ms) | Batch-1 ex/s | Dynamic-batch ex/s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
+    for row in rows:
+        agreement = row.get("agreement_with_teacher")
+        differs = "–" if agreement is None else f"{agreement['differs']} ({agreement['fixed']} / {agreement['broken']})"
+        per_class = " / ".join(f"{100 * row['per_class'][name]['f1']:.1f}" for name in labels) if row.get("per_class") else "–"
+        batch_one = ("–" if row.get("latency_b1_ms_p50") is None
+                     else f"{row['latency_b1_ms_p50']:.1f} / {row['latency_b1_ms_p95']:.1f}")
+        text += (f"| {row['label']} | {_interval(row.get('accuracy_ci95'))}% | {_interval(row.get('retention_ci95'))}% | "
+                 f"{differs} | {per_class} | {_engineering(row.get('flops_per_example'), 'FLOP')} | "
+                 f"{_engineering(row.get('weight_bytes_read_per_example'), 'B')} | {batch_one} | "
+                 f"{_number(row.get('throughput_b1_examples_per_s'), 0)} | {_number(row.get('throughput_dynamic_examples_per_s'), 0)} |\n")
+    deployment = report.get("deployment") or {}
+    if deployment.get("label"):
+        text += f"\nDeployed model (shown beside the teacher in the confusion-matrix plot): **{deployment['label']}** ({deployment['rule']}).\n"
+    return text
+
+
+def plot_confusion(report: dict, path: Path) -> None:
+    """The teacher's and the deployed model's confusion matrices side by side (counts, and the share of each gold class)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    by_label = {row["label"]: row for row in report["models"]}
+    deployed = (report.get("deployment") or {}).get("label")
+    shown = [row for row in (by_label.get(REFERENCE_LABEL), by_label.get(deployed)) if row is not None]
+    names = report["data"]["label_names"]
+    figure, axes = plt.subplots(1, max(1, len(shown)), figsize=(5.2 * max(1, len(shown)), 4.6), constrained_layout=True,
+                                squeeze=False)
+    for axis, row in zip(axes[0], shown):
+        matrix = np.asarray(row["confusion_matrix"], dtype=float)
+        shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+        axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+        for gold in range(len(names)):
+            for predicted in range(len(names)):
+                axis.text(predicted, gold, f"{int(matrix[gold, predicted])}\n{100 * shares[gold, predicted]:.1f}%",
+                          ha="center", va="center", color="white" if shares[gold, predicted] > 0.6 else "black", fontsize=9)
+        axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        axis.set_yticks(range(len(names)), names)
+        axis.set_xlabel("Predicted")
+        axis.set_ylabel("Gold")
+        axis.set_title(f"{row['label']}\naccuracy {100 * row['test_accuracy']:.2f}%", fontsize=10)
+    if not shown:
+        axes[0][0].text(0.5, 0.5, "no teacher or deployed row", ha="center", va="center")
+    figure.savefig(path, dpi=130, format="png")
+    plt.close(figure)
 
 
 def plot_report(report: dict, path: Path) -> None:
@@ -129,9 +207,11 @@ def plot_report(report: dict, path: Path) -> None:
 def write_report(report: dict, folder: Path, name: str) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {suffix: folder / f"{name}.{suffix}" for suffix in ("json", "png", "md")}
+    paths["confusion"] = folder / f"{name}_confusion.png"
     temporary = {suffix: path.with_name(f".{path.name}.tmp") for suffix, path in paths.items()}
     checkpoints.write_json(temporary["json"], report)
     plot_report(report, temporary["png"])
+    plot_confusion(report, temporary["confusion"])
     temporary["md"].write_text(markdown_table(report))
     for suffix in paths:
         temporary[suffix].replace(paths[suffix])

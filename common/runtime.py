@@ -117,6 +117,21 @@ class ModelRuntime:
             return self.onnx.feeds(batch)
         return {key: value.to(self.device) for key, value in batch.items()}
 
+    def inputs(self, encoded: dict) -> dict:
+        """Tokenizer outputs (numpy arrays, tensors or lists) as this model's inputs, placed where it runs."""
+        if self.onnx is not None:
+            return self.onnx.feeds(encoded)
+        accepted = set(self.input_names)
+        return {key: torch.as_tensor(value).to(self.device) for key, value in encoded.items() if key in accepted}
+
+    @property
+    def weight_files(self) -> list[Path]:
+        """The files holding the weights: the checkpoint's safetensors, or the ONNX file (and its external data)."""
+        if self.onnx is not None:
+            path = self.folder / self.onnx_file
+            return [path, *[p for p in [path.with_name(path.name + ".data")] if p.is_file()]]
+        return sorted(self.folder.glob("*.safetensors"))
+
     def runner(self, batch: dict) -> Callable[[], object]:
         """A no-argument call of one forward pass on ``batch``, for the latency harness."""
         if self.onnx is not None:

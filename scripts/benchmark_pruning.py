@@ -72,10 +72,11 @@ def main() -> None:
     parser.add_argument("--num_threads", type=int, default=None)
     args = parser.parse_args()
 
-    folders = {stage: find_checkpoint(stage) for stage in ("student", "pruned", "teacher")}  # all found before any work
+    # every input is found before any work, so a missing one is refused before anything is measured
+    folders = {stage: find_checkpoint(stage) for stage in ("student", "pruned")}
+    teacher_folder = find_checkpoint("teacher")
     rows = {}
-    for stage in ("student", "pruned"):
-        folder = folders[stage]
+    for stage, folder in folders.items():
         model = load_model(folder)
         rows[stage] = {
             "path": str(folder),
@@ -85,7 +86,7 @@ def main() -> None:
         }
         del model
     student_folder = folders["student"]
-    teacher = load_model(folders["teacher"])
+    teacher = load_model(teacher_folder)
     data = load_splits(DataConfig())
     tokenizer = load_checkpoint_tokenizer(student_folder)
     loader, _ = build_loaders(data, tokenizer, DataConfig(), 32, 64, seed=0)

@@ -244,6 +244,29 @@ def unrelated_onnx(path: Path) -> Path:
     return path
 
 
+def assert_card_matches_record(folder: Path) -> dict:
+    """The folder's README.md is a model card whose numbers are its compression.json's; returns the card's header."""
+    from common.checkpoints import read_record
+    from common.model_card import card_numbers, read_header
+
+    record = read_record(folder)
+    header = read_header(folder / "README.md")
+    numbers = card_numbers(record)
+    assert header["compression"] == {"stage": record["stage"], "parent": record.get("parent"), **numbers}, folder
+    metrics = header["model-index"][0]["results"][0]["metrics"]
+    accuracy = ((record.get("metrics") or {}).get("validation") or {}).get("accuracy")
+    assert metrics == ([] if accuracy is None else [{"type": "accuracy", "value": accuracy, "name": "validation accuracy"}])
+    body = (folder / "README.md").read_text()
+    if accuracy is not None:
+        assert f"validation accuracy: {100 * accuracy:.2f}%" in body
+    if numbers["size_bytes"] is not None:
+        assert f"({numbers['size_bytes']:,} bytes)" in body
+    if numbers["latency_ms_batch1"] is not None:
+        assert f"latency: {numbers['latency_ms_batch1']:.2f} ms median" in body
+    assert header["pipeline_tag"] == "text-classification" and "## How to run it" in body
+    return header
+
+
 # -- running the scripts as a user does ------------------------------------------------------------------------
 
 def run_stage_unchecked(script, results_dir, *args, launcher=None, timeout=600):

@@ -13,7 +13,7 @@ import pytest
 from common import checkpoints
 from common.checkpoints import IntegrityError, verify_files
 from common.models import load_checkpoint_tokenizer, load_model, save_checkpoint
-from conftest import PROJECT_ROOT, make_tokenizer, tiny_bert_config, tiny_model, unrelated_onnx, write_onnx_checkpoint
+from conftest import PROJECT_ROOT, assert_card_matches_record, make_tokenizer, tiny_bert_config, tiny_model, unrelated_onnx, write_onnx_checkpoint
 
 
 @pytest.fixture
@@ -30,10 +30,11 @@ def onnx_folder(results_dir, tmp_path):
 def test_the_manifest_lists_every_written_file_and_an_untouched_folder_verifies(torch_folder, onnx_folder):
     for folder in (torch_folder, onnx_folder):
         manifest = checkpoints.read_record(folder)["manifest"]
-        written = {p.name for p in folder.iterdir()} - {"compression.json", "metrics.json"}
+        written = {p.name for p in folder.iterdir()} - {"compression.json", "metrics.json", "README.md"}
         assert set(manifest) == written and all(len(entry["sha256"]) == 64 for entry in manifest.values())
         assert all(entry["bytes"] == (folder / name).stat().st_size for name, entry in manifest.items())
         verify_files(folder)
+        assert_card_matches_record(folder)
     load_model(torch_folder)
     load_checkpoint_tokenizer(torch_folder)
 

@@ -11,7 +11,7 @@ import pytest
 
 from common import stages
 from common.checkpoints import RECORD_FILE
-from conftest import PROJECT_ROOT, only_checkpoint, run_pipeline, run_stage, run_stage_unchecked
+from conftest import PROJECT_ROOT, assert_card_matches_record, only_checkpoint, run_pipeline, run_stage, run_stage_unchecked
 
 pytestmark = pytest.mark.slow  # every test here shares one end-to-end run of all stages
 
@@ -128,6 +128,17 @@ def test_report_covers_every_stage(pipeline_run):
     assert "Pruned + QKD-4bit (QAT)" in (results / "final_report.md").read_text()
     assert "4-bit quantization error per layer" in (results / "final_report.md").read_text()
     assert "Teacher (FP32)" in completed.stdout
+    # per-class and agreement metrics, cost and real-text latency for every row
+    teacher = report["models"][0]
+    for row in report["models"]:
+        assert len(row["confusion_matrix"]) == 3 and set(row["per_class"]) == {"negative", "neutral", "positive"}, row["label"]
+        assert row["agreement_with_teacher"]["examples"] == row["test_examples"] and row["retention_ci95"], row["label"]
+        assert row["flops_per_example"] > 0 and row["weight_bytes_read_per_example"] > 0, row["label"]
+        assert 0 < row["latency_b1_ms_p50"] <= row["latency_b1_ms_p95"], row["label"]
+    assert pruned_row["flops_per_example"] < teacher["flops_per_example"]
+    assert report["deployment"]["label"] in {row["label"] for row in report["models"]}
+    assert "Quality and cost" in (results / "final_report.md").read_text()
+    assert (results / "final_report_confusion.png").stat().st_size > 5_000
 
 
 def test_two_process_teacher_run_writes_same_kind_of_checkpoint(tmp_path, pretrained_folder, reviews_csv):
@@ -232,11 +243,43 @@ def test_predict_refuses_bad_input_with_exit_code_2(pipeline_run, tmp_path):
     assert decoded.returncode == 0 and "café crème film" in decoded.stdout
 
 
+ONLY_DEPLOYMENT_IMPORTS = """
+import builtins, sys
+import numpy, onnxruntime, tokenizers  # what the card's snippet may use, with whatever they import themselves
+allowed = set(sys.modules) | set(sys.stdlib_module_names)
+real_import = builtins.__import__
+def guarded(name, *args, **kwargs):
+    if name.partition(".")[0] not in allowed:
+        raise ImportError(f"the snippet imported {name}, which a deployment without this project does not have")
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = guarded
+sys.path = [p for p in sys.path if p != ""]  # not the project either
+exec(compile(open(sys.argv[1]).read(), "card_snippet.py", "exec"))
+"""
+
+
+@pytest.mark.parametrize("stage", stages.onnx_stages())
+def test_the_onnx_folders_card_snippet_runs_with_onnxruntime_tokenizers_and_numpy_only(pipeline_run, tmp_path, stage):
+    results, _ = pipeline_run
+    folder, _ = only_checkpoint(results, stage)
+    card = (folder / "README.md").read_text()
+    snippet = card.split("## How to run it", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "import torch" not in snippet and "common" not in snippet
+    (tmp_path / "snippet.py").write_text(snippet)
+    completed = subprocess.run([sys.executable, "-c", ONLY_DEPLOYMENT_IMPORTS, str(tmp_path / "snippet.py")], cwd=folder,
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    printed = [line.split()[0] for line in completed.stdout.strip().splitlines()]
+    assert len(printed) == 2 and set(printed) <= {"negative", "neutral", "positive"}, completed.stdout
+
+
 def test_every_stage_folder_carries_a_manifest_that_verifies(pipeline_run):
     from common.checkpoints import verify_files
 
     results, _ = pipeline_run
     for stage in stages.STAGE_NAMES:
         folder, record = only_checkpoint(results, stage)
-        assert set(record["manifest"]) == {p.name for p in folder.iterdir()} - {RECORD_FILE, "metrics.json"}, stage
+        assert set(record["manifest"]) == {p.name for p in folder.iterdir()} - {RECORD_FILE, "metrics.json", "README.md"}, stage
         verify_files(folder)
+        header = assert_card_matches_record(folder)  # a model card whose numbers are the record's
+        assert record["card_latency"]["median_ms"] > 0 and header["compression"]["validation_accuracy"] is not None, stage

@@ -105,3 +105,24 @@ def test_report_with_missing_and_corrupt_checkpoints(report_results):
     assert paths["png"].stat().st_size > 10_000
     markdown = paths["md"].read_text()
     assert "Student (FP32)" in markdown and "Skipped:" in markdown and "Pruned Student (FP32)" in markdown
+    # what the accuracy hides: per class, against the teacher, with intervals; cost; real-text latency
+    teacher, student = written["models"][0], written["models"][2]
+    for row in written["models"]:
+        matrix = row["confusion_matrix"]
+        assert sum(map(sum, matrix)) == row["test_examples"] == 4
+        assert sum(matrix[i][i] for i in range(2)) / 4 == pytest.approx(row["test_accuracy"])
+        assert set(row["per_class"]) == {"negative", "positive"}
+        low, high = row["accuracy_ci95"]
+        assert low <= row["test_accuracy"] <= high
+        assert row["flops_per_example"] > 0 and row["macs_per_example"] * 2 == row["flops_per_example"]
+        assert 0 < row["weight_bytes_read_per_example"] <= row["size_bytes"]
+        assert row["real_text_examples"] == 4 and 0 < row["latency_b1_ms_p50"] <= row["latency_b1_ms_p95"]
+        assert row["throughput_b1_examples_per_s"] > 0 and row["throughput_dynamic_examples_per_s"] > 0
+    assert teacher["agreement_with_teacher"] == {"differs": 0, "differs_rate": 0.0, "fixed": 0, "broken": 0, "examples": 4}
+    assert teacher["retention_ci95"] == [1.0, 1.0]
+    assert student["flops_per_example"] < teacher["flops_per_example"]  # one layer instead of two
+    agreement = student["agreement_with_teacher"]
+    assert agreement["fixed"] + agreement["broken"] <= agreement["differs"] <= 4
+    assert written["deployment"]["label"] in {row["label"] for row in written["models"]}
+    assert "Quality and cost" in markdown and "Differs (fixed / broken)" in markdown
+    assert paths["confusion"].stat().st_size > 5_000

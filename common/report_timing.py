@@ -1,0 +1,129 @@
+"""The report's timings: every row round-robin in one process on the synthetic batch (``measure_latency``), on real
+test texts at batch 1 and in dynamically padded batches (``measure_real_text_latency``), and the GPU rows where CUDA
+is present (``gpu_rows``). Each takes the report's evaluated rows (``report.EvaluatedRow``) and writes into them."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from .data import TextClassificationData, encode, make_loader, text_inputs, tokenize_dataset
+from .evaluation import classification_metrics, interleaved_latency, round_speedup
+from .models import load_checkpoint_tokenizer
+from .runtime import ModelRuntime
+
+logger = logging.getLogger(__name__)
+
+
+def measure_latency(evaluated: list, config, reference_label: str, ort_reference_label: str) -> None:
+    """Time every row in one interleaved harness; write latency, IQR and per-round speed-ups into the rows."""
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    runners = {item.row["label"]: item.model.runner(item.model.batch(config.latency_batch_size, config.latency_seq_length))
+               for item in evaluated}
+    reference = reference_label if reference_label in runners else None
+    logger.info("Timing %d models round-robin: %d warm-up and %d timed rounds, %d threads",
+                len(runners), config.latency_warmup, config.latency_repeats, config.num_threads or torch.get_num_threads())
+    timings = interleaved_latency(runners, config.latency_warmup, config.latency_repeats, config.latency_batch_size, reference)
+    ort_reference = timings.get(ort_reference_label)
+    for item in evaluated:
+        timing = timings[item.row["label"]]
+        item.row.update({key: value for key, value in timing.items() if not key.startswith("speedup_vs_reference")})
+        item.row["speedup_vs_teacher"] = timing.get("speedup_vs_reference_median")
+        item.row["speedup_vs_teacher_p25"] = timing.get("speedup_vs_reference_p25")
+        item.row["speedup_vs_teacher_p75"] = timing.get("speedup_vs_reference_p75")
+        if ort_reference is not None:  # against what a user gets without this project, from the same rounds
+            speedup = round_speedup(ort_reference["latency_ms_per_round"], timing["latency_ms_per_round"])
+            item.row.update(speedup_vs_ort_reference=speedup["median"], speedup_vs_ort_reference_p25=speedup["p25"],
+                            speedup_vs_ort_reference_p75=speedup["p75"])
+        item.row["num_threads"] = config.num_threads or torch.get_num_threads()
+
+
+def measure_real_text_latency(evaluated: list, data: TextClassificationData, max_length: int, config) -> None:
+    """Latency people feel: real test texts at batch 1, each padded to nothing but itself, p50/p95 over the texts,
+    every model once per text in a rotating order; and throughput on the same texts in batches with dynamic padding."""
+    if not config.real_text_examples:
+        return
+    texts, pairs = text_inputs(data.test)
+    count = min(config.real_text_examples, len(texts))
+    picked = sorted(np.random.default_rng(0).choice(len(texts), size=count, replace=False).tolist())
+
+    def encoded(tokenizer, indices, padding):
+        return dict(encode(tokenizer, [texts[i] for i in indices], [pairs[i] for i in indices] if pairs else None,
+                           truncation=True, max_length=max_length, padding=padding, return_tensors="np"))
+
+    single, batched = {}, {}
+    for item in evaluated:
+        label, model = item.row["label"], item.model
+        single[label] = [model.runner(model.inputs(encoded(item.tokenizer, [i], False))) for i in picked]
+        chunks = [picked[start:start + config.latency_batch_size] for start in range(0, count, config.latency_batch_size)]
+        batched[label] = [model.runner(model.inputs(encoded(item.tokenizer, chunk, True))) for chunk in chunks]
+    labels = list(single)
+    logger.info("Timing %d models on %d real test texts at batch 1 and in dynamically padded batches", len(labels), count)
+    for label in labels:  # warm-up: each model's first texts and first batch
+        for run in single[label][:3] + batched[label][:1]:
+            run()
+    per_text = {label: [] for label in labels}
+    for index in range(count):
+        shift = index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            start = time.perf_counter()
+            single[label][index]()
+            per_text[label].append(time.perf_counter() - start)
+    batch_seconds = dict.fromkeys(labels, 0.0)
+    for index in range(len(next(iter(batched.values())))):
+        shift = index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            start = time.perf_counter()
+            batched[label][index]()
+            batch_seconds[label] += time.perf_counter() - start
+    for item in evaluated:
+        label = item.row["label"]
+        values = np.asarray(per_text[label])
+        item.row.update(
+            latency_b1_ms_p50=1000 * float(np.percentile(values, 50)),
+            latency_b1_ms_p95=1000 * float(np.percentile(values, 95)),
+            throughput_b1_examples_per_s=count / float(values.sum()),
+            throughput_dynamic_examples_per_s=count / batch_seconds[label],
+            real_text_examples=count,
+        )
+
+
+def gpu_rows(evaluated: list, data: TextClassificationData, max_length: int, config) -> tuple[list[dict], str]:
+    """Where CUDA is present: the full-precision torch rows in fp16 on the GPU and the fp32 ONNX row on ONNX
+    Runtime's CUDA provider, timed round-robin among themselves. Returns (rows, note)."""
+    if not torch.cuda.is_available():
+        return [], "No CUDA device: GPU rows (torch fp16, ONNX Runtime CUDA) skipped."
+    import onnxruntime as ort
+
+    cuda_ort = "CUDAExecutionProvider" in ort.get_available_providers()
+    rows, runners = [], {}
+    for item in evaluated:
+        on_torch_gpu = item.entry.onnx_file is None and item.row["quantization"] == "none"
+        on_ort_gpu = cuda_ort and item.entry.onnx_file == "model.onnx" and item.row["stage"] == "onnx"
+        if not (on_torch_gpu or on_ort_gpu):
+            continue
+        model = ModelRuntime(item.folder, item.entry.onnx_file, device="cuda", half=on_torch_gpu)
+        tokenizer = load_checkpoint_tokenizer(item.folder)
+        loader = make_loader(tokenize_dataset(data.test, tokenizer, max_length), tokenizer, config.eval_batch_size, shuffle=False)
+        logits, labels = model.logits(loader)
+        if on_torch_gpu:
+            label, runtime = f"{item.row['label'].replace(' (FP32)', '')} (FP16, torch GPU)", "torch cuda fp16"
+        else:
+            label, runtime = f"{item.row['label']} (ONNX Runtime CUDA)", "onnxruntime cuda"
+        metrics = classification_metrics(logits.argmax(-1), labels)
+        rows.append({**item.row, "label": label, "runtime": runtime,
+                     "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"], "device": "cuda"})
+        runners[label] = model.runner(model.batch(config.latency_batch_size, config.latency_seq_length))
+    if not runners:
+        return [], "CUDA present, but no full-precision model to run on it."
+    reference = next(iter(runners))
+    timings = interleaved_latency(runners, config.latency_warmup, config.latency_repeats, config.latency_batch_size, reference)
+    for row in rows:
+        timing = timings[row["label"]]
+        row.update({key: value for key, value in timing.items() if not key.startswith("speedup_vs_reference")})
+        row.update(speedup_vs_gpu_reference=timing["speedup_vs_reference_median"])
+    return rows, f"GPU rows on {torch.cuda.get_device_name(0)}, timed round-robin among themselves against {reference}."
