@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 # The run order comes from the one stage table (common/stages.py; plain Python, no dependencies).
 STAGES := $(shell $(PYTHON) common/stages.py)
 
-.PHONY: help install pipeline smoke test test-fast ablation benchmark sensitivity benchmark-alignment sweep stages clean-smoke
+.PHONY: help install pipeline smoke test test-fast ablation benchmark sensitivity benchmark-alignment sweep stages clean-smoke gpu-check
 
 help:
 	@echo "make pipeline   install if needed, then run every stage on the embedded default (ARGS='--field value' passes overrides)"
@@ -27,6 +27,7 @@ help:
 	@echo "make sweep      stage 8 + int8 at 5 sparsities x 3 seeds -> results/sweep.{json,png,md}"
 	@echo "make sensitivity  per-layer accuracy drop of pruning heads / FFN neurons -> results/sensitivity.{json,png}"
 	@echo "make benchmark-alignment  latency of aligned vs unaligned FFN widths -> results/alignment_benchmark.json"
+	@echo "make gpu-check  on a machine with a GPU: every stage (smoke profile) on CUDA, the report's GPU rows and tests/test_gpu.py, within 8 minutes; without one it says so and runs nothing"
 	@echo "make stages     the stage table: each stage's script, inputs and what it writes"
 	@echo "run order: $(STAGES)"
 
@@ -72,6 +73,9 @@ sensitivity: install
 
 benchmark-alignment: install
 	$(PY) scripts/benchmark_alignment.py $(ARGS)
+
+gpu-check: install
+	$(PY) scripts/gpu_check.py $(ARGS)
 
 stages:
 	@$(PYTHON) common/stages.py --table

@@ -206,6 +206,10 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     """Rebuild a checkpoint of any stage from its ``compression.json`` and load its weights (eval mode)."""
     folder = Path(folder)
     record = checkpoints.read_record(folder)
+    if not quantization.is_movable(record, device):
+        method = (record.get("quantization") or {}).get("method")
+        raise ValueError(f"The {record.get('stage')} checkpoint {folder} holds {method} weights, which run on the CPU only; "
+                         f"load it with device='cpu', or run its ONNX export on the GPU.")
     checkpoints.verify_files(folder, [WEIGHTS_FILE, "config.json"], record)
     weights_path = folder / WEIGHTS_FILE
     if not weights_path.is_file():
@@ -215,7 +219,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     model = quantization.load_quantized_state(model, state, record)
     model.eval()
     logger.info("Loaded %s model from %s (%s parameters)", record.get("stage", "?"), folder, f"{count_parameters(model):,}")
-    return model.to(device) if quantization.is_movable(record) else model
+    return model if torch.device(device).type == "cpu" else model.to(device)
 
 
 # Data settings that decide which rows are in which split; a later stage must use the same ones, or it would

@@ -92,38 +92,59 @@ def measure_real_text_latency(evaluated: list, data: TextClassificationData, max
         )
 
 
+def gpu_variants(item, cuda_ort: bool) -> list[tuple[str, bool, str]]:
+    """How a report row runs on a GPU: (runtime, half precision, label suffix) for each way, none where it cannot."""
+    from .checkpoints import read_record
+    from .quantization import is_movable
+
+    if item.entry.onnx_file is not None:
+        return [("onnxruntime cuda", False, " (ONNX Runtime CUDA)")] if cuda_ort else []
+    record = read_record(item.folder)
+    if not is_movable(record, "cuda"):
+        return []  # e.g. torch dynamic int8: CPU kernels only
+    if record.get("quantization"):
+        return [("torch cuda", False, " (torch GPU)")]  # bitsandbytes 4-bit: its CUDA kernels
+    return [("torch cuda fp32", False, " (FP32, torch GPU)"), ("torch cuda fp16", True, " (FP16, torch GPU)")]
+
+
 def gpu_rows(evaluated: list, data: TextClassificationData, max_length: int, config) -> tuple[list[dict], str]:
-    """Where CUDA is present: the full-precision torch rows in fp16 on the GPU and the fp32 ONNX row on ONNX
-    Runtime's CUDA provider, timed round-robin among themselves. Returns (rows, note)."""
+    """Where CUDA is present, every row that can run on a GPU: full-precision torch models in fp32 and fp16, the
+    bitsandbytes 4-bit checkpoints, and every ONNX file on ONNX Runtime's CUDA provider; test accuracy on the GPU and
+    latency timed round-robin among themselves. A row that fails on the GPU is named in the note. Returns (rows, note)."""
     if not torch.cuda.is_available():
-        return [], "No CUDA device: GPU rows (torch fp16, ONNX Runtime CUDA) skipped."
+        return [], "No CUDA device: GPU rows (torch fp32/fp16, bitsandbytes 4-bit, ONNX Runtime CUDA) skipped."
     import onnxruntime as ort
 
     cuda_ort = "CUDAExecutionProvider" in ort.get_available_providers()
-    rows, runners = [], {}
+    rows, runners, failed = [], {}, []
     for item in evaluated:
-        on_torch_gpu = item.entry.onnx_file is None and item.row["quantization"] == "none"
-        on_ort_gpu = cuda_ort and item.entry.onnx_file == "model.onnx" and item.row["stage"] == "onnx"
-        if not (on_torch_gpu or on_ort_gpu):
-            continue
-        model = ModelRuntime(item.folder, item.entry.onnx_file, device="cuda", half=on_torch_gpu)
-        tokenizer = load_checkpoint_tokenizer(item.folder)
-        loader = make_loader(tokenize_dataset(data.test, tokenizer, max_length), tokenizer, config.eval_batch_size, shuffle=False)
-        logits, labels = model.logits(loader)
-        if on_torch_gpu:
-            label, runtime = f"{item.row['label'].replace(' (FP32)', '')} (FP16, torch GPU)", "torch cuda fp16"
-        else:
-            label, runtime = f"{item.row['label']} (ONNX Runtime CUDA)", "onnxruntime cuda"
-        metrics = classification_metrics(logits.argmax(-1), labels)
-        rows.append({**item.row, "label": label, "runtime": runtime,
-                     "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"], "device": "cuda"})
-        runners[label] = model.runner(model.batch(config.latency_batch_size, config.latency_seq_length))
+        for runtime, half, suffix in gpu_variants(item, cuda_ort):
+            label = item.row["label"].replace(" (FP32)", "") + suffix
+            try:
+                model = ModelRuntime(item.folder, item.entry.onnx_file, device="cuda", half=half)
+                if model.onnx is not None and "CUDAExecutionProvider" not in model.onnx.session.get_providers():
+                    raise RuntimeError("ONNX Runtime put the whole graph on the CPU provider")
+                tokenizer = load_checkpoint_tokenizer(item.folder)
+                loader = make_loader(tokenize_dataset(data.test, tokenizer, max_length), tokenizer, config.eval_batch_size,
+                                     shuffle=False)
+                logits, labels = model.logits(loader)
+                runner = model.runner(model.batch(config.latency_batch_size, config.latency_seq_length))
+                runner()
+            except Exception as error:  # one row that cannot run on this GPU must not lose the others
+                failed.append(f"{label}: {type(error).__name__}: {error}")
+                continue
+            metrics = classification_metrics(logits.argmax(-1), labels)
+            rows.append({**item.row, "label": label, "runtime": runtime, "device": "cuda",
+                         "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"]})
+            runners[label] = runner
+    failures = f" Could not run on the GPU: {'; '.join(failed)}." if failed else ""
     if not runners:
-        return [], "CUDA present, but no full-precision model to run on it."
+        return [], f"CUDA present, but no row ran on it.{failures}"
     reference = next(iter(runners))
     timings = interleaved_latency(runners, config.latency_warmup, config.latency_repeats, config.latency_batch_size, reference)
     for row in rows:
         timing = timings[row["label"]]
         row.update({key: value for key, value in timing.items() if not key.startswith("speedup_vs_reference")})
         row.update(speedup_vs_gpu_reference=timing["speedup_vs_reference_median"])
-    return rows, f"GPU rows on {torch.cuda.get_device_name(0)}, timed round-robin among themselves against {reference}."
+    return rows, (f"GPU rows on {torch.cuda.get_device_name(0)}, timed round-robin among themselves against "
+                  f"{reference}.{failures}")

@@ -59,8 +59,8 @@ class ModelRuntime:
             from .architecture import word_embeddings
             from .models import load_model
 
-            model = load_model(self.folder)
-            self.torch_model = (model.half() if half else model).to(self.device).eval()
+            model = load_model(self.folder, self.device)  # refuses a format whose kernels do not run there
+            self.torch_model = (model.half() if half else model).eval()
             self._vocab_size = word_embeddings(self.torch_model).num_embeddings
 
     @property

@@ -531,6 +531,14 @@ def test_alignment_benchmark_on_cuda_without_a_gpu_is_refused(results_dir):
     assert not (results_dir / "alignment_benchmark_cuda.json").exists()
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the behaviour on a machine without a GPU")
+def test_gpu_check_without_a_gpu_says_so_and_runs_nothing(results_dir):
+    completed = run_stage_unchecked("scripts/gpu_check.py", results_dir)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "gpu-check: no GPU here" in completed.stdout and "Nothing was run" in completed.stdout
+    assert not results_dir.exists(), "nothing written"
+
+
 def test_ablation_quantization_rows_without_their_pruned_model_are_refused_before_any_run(results_dir):
     completed = run_stage_unchecked("scripts/ablation.py", results_dir, "--variants", "L2, MSP",
                            "--quantization_variants", "QKD-4bit (on KGSP + MSP)")

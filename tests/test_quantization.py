@@ -151,6 +151,18 @@ def test_int8_model_save_reload_gives_identical_logits(tokenizer, results_dir):
     assert count_parameters(reloaded) == count_parameters(model)  # packed int8 weights still count
 
 
+def test_a_cpu_only_format_is_refused_on_a_gpu_before_loading(tokenizer, results_dir, caplog):
+    from common.quantization import is_movable
+
+    quantized, record = quantize_model_int8(tiny_model(tiny_bert_config()))
+    folder = save_checkpoint("int8", quantized, tokenizer, {"quantization": record}, state_dict=int8_state_dict(quantized))
+    with pytest.raises(ValueError, match="holds torch_dynamic_int8 weights, which run on the CPU only"):
+        load_model(folder, "cuda")  # refused from the record, before any weight or CUDA call (runs on a CPU machine)
+    assert not is_movable({"quantization": record}, "cuda") and is_movable({"quantization": record}, "cpu")
+    assert is_movable({"quantization": {"method": "bitsandbytes_4bit"}}, "cuda")  # bitsandbytes has CUDA kernels
+    assert is_movable({"embedding_quantization": {"method": "int4"}}, "cuda")  # decoded to a float table when loaded
+
+
 def test_corrupt_4bit_checkpoint_is_reported(tokenizer, results_dir):
     model = tiny_model(tiny_bert_config())
     record = quantize_model_4bit(model, PTQConfig())

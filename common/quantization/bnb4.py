@@ -200,4 +200,4 @@ def _linear4bit_types() -> tuple[type, ...]:
     return (bnb.nn.Linear4bit,)
 
 
-register_format(QuantizedFormat("bitsandbytes_4bit", _load_4bit_checkpoint, _linear4bit_types))
+register_format(QuantizedFormat("bitsandbytes_4bit", _load_4bit_checkpoint, _linear4bit_types, devices=("cpu", "cuda")))

@@ -21,6 +21,7 @@ class QuantizedFormat:
     method: str  # the record's quantization["method"]
     load: Callable[[nn.Module, dict, dict], tuple[nn.Module, set[str]]]  # (skeleton, state, record) -> (model, keys used)
     module_types: Callable[[], tuple[type, ...]]  # modules holding its weights (installed directly, not by load_state_dict)
+    devices: tuple[str, ...] = ("cpu",)  # device types its kernels run on
 
 
 FORMATS: dict[str, QuantizedFormat] = {}
@@ -30,9 +31,13 @@ def register_format(quantized_format: QuantizedFormat) -> None:
     FORMATS[quantized_format.method] = quantized_format
 
 
-def is_movable(record: dict) -> bool:
-    """Only full-precision models move to a GPU; the quantized ones here are CPU models."""
-    return not record.get("quantization") and not record.get("embedding_quantization")
+def is_movable(record: dict, device: str | torch.device = "cuda") -> bool:
+    """Whether a checkpoint's model runs on ``device``: full precision anywhere (row-wise embeddings are decoded to a
+    full-precision table when loaded); a quantized format where its kernels exist (``QuantizedFormat.devices``)."""
+    method = (record.get("quantization") or {}).get("method")
+    if method is None or method not in FORMATS:  # an unknown method is the loader's error to report
+        return True
+    return torch.device(device).type in FORMATS[method].devices
 
 
 def load_quantized_state(model: nn.Module, state: dict, record: dict) -> nn.Module:
