@@ -16,8 +16,10 @@ Does:   1. exports the model to ONNX with its per-layer head counts and FFN widt
            (--embedding_quantization), twice: model.onnx runs the codes exactly in ONNX Runtime's MatMulBnb4 op
            (checked against the torch 4-bit model: validation accuracy within 0.1 point); model_nf4_int8.onnx
            decodes them once, when the session loads, into per-channel int8 weights for int8 matrix products
-           (4-bit file size, int8 speed); the latter is the folder's deployment model unless it validates more
-           than --deployment_tolerance points (0.5) below the exact one.
+           (4-bit file size, int8 speed).
+        5. chooses each folder's deployment model by accuracy and speed: the fastest file in an interleaved benchmark
+           (batch 32 x 64) among those within --deployment_tolerance validation points (0.5) of the folder's most
+           accurate file; the latencies and the reason are recorded.
 Writes: results/onnx/<run_id>/       model.onnx, model_int8_dynamic.onnx, model_int8_static.onnx, config.json
                                      (id2label), tokenizer.json and the other tokenizer files, compression.json
         results/onnx_4bit/<run_id>/  model.onnx (MatMulBnb4), model_nf4_int8.onnx, config.json, tokenizer, compression.json
@@ -34,16 +36,22 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import onnx
 
-from common import DataConfig, stages
-from common.checkpoints import find_checkpoint, list_checkpoints, read_record, stage_dir
+from common import DataConfig
 from common.config import OnnxExportConfig
 from common.data import build_loaders, text_inputs
-from common.evaluation import accuracy, interleaved_latency, predict
+from common.evaluation import accuracy, predict
+from common.exports import (
+    choose_by_speed,
+    compare_speed,
+    evaluate_file,
+    file_entry,
+    four_bit_source,
+    full_precision_source,
+)
 from common.lifecycle import run_script, start_stage
 from common.models import (
     architecture_record,
@@ -73,40 +81,10 @@ from common.quantization import (
     dequantize_4bit_model,
     dequantized_linear_weights,
 )
-from common.runtime import ModelRuntime
 
 logger = logging.getLogger("12_export_onnx")
 STATIC_FILE, DYNAMIC_FILE, FP32_FILE = "model_int8_static.onnx", "model_int8_dynamic.onnx", "model.onnx"
 NF4_INT8_FILE = "model_nf4_int8.onnx"  # 4-bit codes on disk, decoded to int8 when ONNX Runtime loads the graph
-
-
-def full_precision_source(config: OnnxExportConfig):
-    folder = find_checkpoint("pruned", config.source_model_path, allowed_stages=stages.with_weights("full"))
-    record = read_record(folder)
-    if record.get("quantization") or record.get("embedding_quantization"):
-        raise ValueError(
-            f"--source_model_path {folder} is a {record.get('stage')} checkpoint with quantized weights; the int8 export "
-            f"starts from full precision. Pass a teacher, student or pruned checkpoint (the 4-bit model is exported "
-            f"from --qkd_model_path)."
-        )
-    return folder, record
-
-
-def evaluate_file(path: Path, loader) -> tuple[float, np.ndarray]:
-    logits, labels = ModelRuntime(path.parent, path.name, verify=False).logits(loader)  # the folder is being written
-    return accuracy(logits, labels), logits
-
-
-def file_entry(path: Path, validation_accuracy: float, **fields) -> dict:
-    return {"size_bytes": path.stat().st_size, "validation_accuracy": validation_accuracy, **fields}
-
-
-def compare_speed(paths: dict[str, Path], vocab_size: int, num_threads, batch_size=32, seq_length=64, rounds=20) -> dict:
-    models = {label: ModelRuntime(path.parent, path.name, num_threads=num_threads, spinning=False, vocab_size=vocab_size,
-                                  verify=False)
-              for label, path in paths.items()}
-    runners = {label: model.runner(model.batch(batch_size, seq_length)) for label, model in models.items()}
-    return interleaved_latency(runners, warmup=3, rounds=rounds, batch_size=batch_size, reference=next(iter(paths)))
 
 
 def export_int8_bundle(run, source: Path, source_record: dict, scratch: Path) -> Path:
@@ -167,8 +145,7 @@ def export_int8_bundle(run, source: Path, source_record: dict, scratch: Path) ->
         files[STATIC_FILE] = file_entry(folder / STATIC_FILE, calibrations[best]["validation_accuracy"],
                                         precision="int8 static QDQ", calibration=best, quantized_from=quantize_from.name)
         found["calibrations"] = calibrations
-        # the deployment model: the int8 model that validates better (static on a tie: no run-time quantization cost)
-        found["deployment_model"] = STATIC_FILE if calibrations[best]["validation_accuracy"] >= dynamic_accuracy else DYNAMIC_FILE
+        found.update(choose_by_speed(folder, files, model.config.vocab_size, config))
         found["metrics"] = {"validation": {"accuracy": files[found["deployment_model"]]["validation_accuracy"]},
                             "validation_fp32": {"accuracy": fp32_accuracy}}
         return found
@@ -196,27 +173,6 @@ def optimized_if_faster(plain: Path, scratch: Path, model, loader, fp32_logits, 
           f"-> {'int8 models are quantized from the optimized graph' if keep else 'not used'}")
     return (optimized if keep else plain), {"fusions": fusions, "max_abs_difference": difference, "used": keep,
                                             "fp32_speedup_median": speedup, "benchmark": speed}
-
-
-def four_bit_source(config: OnnxExportConfig, data_config, label_names) -> Optional[tuple[Path, dict]]:
-    """The 4-bit checkpoint whose codes go into the 4-bit ONNX folder, checked before any export; None when no 4-bit
-    folder is to be written."""
-    if not config.export_4bit:
-        return None
-    if config.qkd_model_path is None and not list_checkpoints("qkd_4bit"):
-        logger.warning("No qkd_4bit checkpoint in %s, so no 4-bit ONNX model is written; run 10_qat_kd_4bit.py first "
-                       "or pass --export_4bit false.", stage_dir("qkd_4bit"))
-        return None
-    source = find_checkpoint("qkd_4bit", config.qkd_model_path, allowed_stages=stages.with_weights("4bit"))
-    source_record = read_record(source)
-    quantization = source_record.get("quantization") or {}
-    if quantization.get("method") != "bitsandbytes_4bit":
-        raise ValueError(
-            f"--qkd_model_path {source} is a {source_record.get('stage')} checkpoint without bitsandbytes 4-bit weights "
-            f"(quantization method {quantization.get('method')!r}); pass a qkd_4bit or ptq_4bit checkpoint."
-        )
-    check_matches_data(source, source_record, data_config, label_names)
-    return source, source_record
 
 
 def export_4bit_bundle(run, source: Path, source_record: dict, scratch: Path) -> Path:
@@ -259,9 +215,7 @@ def export_4bit_bundle(run, source: Path, source_record: dict, scratch: Path) ->
                 )
             files[file_name] = file_entry(folder / file_name, file_accuracy, precision=precision,
                                           max_abs_difference_vs_torch_4bit=difference)
-        exact, fast = (files[name]["validation_accuracy"] for name in (FP32_FILE, NF4_INT8_FILE))
-        # ship the faster int8-compute file unless it validates more than deployment_tolerance points below the exact one
-        found["deployment_model"] = NF4_INT8_FILE if 100 * (exact - fast) <= config.deployment_tolerance else FP32_FILE
+        found.update(choose_by_speed(folder, files, plain.config.vocab_size, config))
         found["metrics"] = {"validation": {"accuracy": files[found["deployment_model"]]["validation_accuracy"]},
                             "validation_torch_4bit": {"accuracy": torch_accuracy}}
         return found

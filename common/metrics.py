@@ -102,7 +102,14 @@ def embedding_table_bytes(tensors: dict[str, tuple[tuple, int]], vocab_size: int
 
 
 def stored_tensors(path: Path) -> dict[str, tuple[tuple, int]]:
-    """``{name: (shape, bytes)}`` of the weights in a safetensors file (header only) or an ONNX file's initializers."""
+    """``{name: (shape, bytes)}`` of the weights in a safetensors file (header only), an ONNX file's initializers or an
+    OpenVINO IR's constants (read from its .xml; its .bin adds nothing more)."""
+    if path.suffix == ".xml":
+        from .openvino_runtime import stored_constants
+
+        return stored_constants(path)
+    if path.suffix == ".bin":
+        return {}
     if path.suffix == ".onnx":
         import onnx
         from onnx import numpy_helper

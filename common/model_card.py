@@ -34,7 +34,7 @@ def measure_latency(folder: Path, record: dict) -> Optional[dict]:
     from .evaluation import cpu_info
     from .runtime import ModelRuntime
 
-    onnx_file = record.get("deployment_model") if record.get("stage") in stages.onnx_stages() else None
+    onnx_file = record.get("deployment_model") if record.get("stage") in stages.export_stages() else None
     seq_length = int((record.get("config") or {}).get("max_length") or 64)
     try:
         model = ModelRuntime(folder, onnx_file, spinning=False)
@@ -83,9 +83,11 @@ def base_model(record: dict) -> Optional[str]:
 def weight_bytes(record: dict) -> Optional[int]:
     """Bytes of the weights a user ships: the safetensors files, or an ONNX folder's deployment file."""
     manifest = record.get("manifest") or {}
-    if record.get("stage") in stages.onnx_stages():
-        entry = manifest.get(record.get("deployment_model") or "")
-        return entry["bytes"] if entry else None
+    if record.get("stage") in stages.export_stages():
+        deployed = record.get("deployment_model") or ""
+        names = [deployed, deployed[: -len(".xml")] + ".bin"] if deployed.endswith(".xml") else [deployed]
+        entries = [manifest.get(name) for name in names]
+        return sum(entry["bytes"] for entry in entries) if all(entries) else None
     sizes = [entry["bytes"] for name, entry in manifest.items() if name.endswith(".safetensors")]
     return sum(sizes) if sizes else None
 
@@ -139,18 +141,47 @@ def _limits(record: dict) -> list[str]:
               f"Inputs are truncated to {config.get('max_length', '?')} tokens."]
     if ((record.get("pruning") or {}).get("vocabulary") or {}).get("kept_vocab_size"):
         limits.append("The vocabulary is pruned to the training corpus: words it never saw become the unknown token.")
+    if stage in stages.STAGE_NAMES and stages.get(stage).runtime == "openvino":
+        precisions = sorted({entry.get("inference_precision") for entry in (record.get("files") or {}).values()
+                             if isinstance(entry, dict) and entry.get("inference_precision")})
+        limits.append(f"OpenVINO's CPU plugin computed in {', '.join(precisions) or 'its default precision'} here; on a CPU "
+                      f"without AVX-512 BF16/AMX it computes in f32, so logits differ slightly between machines.")
     method = (record.get("quantization") or {}).get("method")
     if method == "bitsandbytes_4bit":
         limits.append("The 4-bit weights load only through this project's loader (`common.load_model`), or as ONNX "
                       "(stage 12); bitsandbytes' CPU kernel computes in bf16.")
-    elif method and "int8" in method and stage not in stages.onnx_stages():
+    elif method and "int8" in method and stage not in stages.export_stages():
         limits.append("torch dynamic int8: CPU only, loaded through this project's loader (`common.load_model`).")
     return limits
 
 
 def _snippet(record: dict) -> str:
     stage = record.get("stage")
-    if stage in stages.onnx_stages():
+    if stage in stages.export_stages() and (record.get("deployment_model") or "").endswith(".xml"):
+        model_file = record["deployment_model"]
+        return f'''Needs only `openvino`, `tokenizers` and `numpy`; run it inside this folder (or set `folder`):
+
+```python
+import json
+import numpy as np
+import openvino as ov
+from tokenizers import Tokenizer
+
+folder = "."
+model = ov.Core().compile_model(f"{{folder}}/{model_file}", "CPU")
+tokenizer = Tokenizer.from_file(f"{{folder}}/tokenizer.json")  # pads and truncates as in training
+id2label = json.load(open(f"{{folder}}/config.json"))["id2label"]
+
+encodings = tokenizer.encode_batch(["a gripping, funny film", "dull and far too long"])
+columns = {{"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}}
+feeds = {{port.get_any_name(): np.array([getattr(e, columns[port.get_any_name()]) for e in encodings], dtype=np.int64)
+         for port in model.inputs}}
+logits = model(feeds)[model.output("logits")]
+for row in logits:
+    print(id2label[str(row.argmax())], float(np.exp(row - row.max()).max() / np.exp(row - row.max()).sum()))
+```
+'''
+    if stage in stages.export_stages():
         model_file = record.get("deployment_model") or "model.onnx"
         return f'''Needs only `onnxruntime`, `tokenizers` and `numpy`; run it inside this folder (or set `folder`):
 
@@ -214,13 +245,13 @@ def render(record: dict, folder: Path) -> str:  # ``folder``: where the folder l
     stage = record.get("stage", "?")
     numbers = card_numbers(record)
     config = record.get("config") or {}
-    is_onnx = stage in stages.onnx_stages()
+    runtime = stages.get(stage).runtime if stage in stages.STAGE_NAMES else "torch"
     metrics = []
     if numbers["validation_accuracy"] is not None:
         metrics.append({"type": "accuracy", "value": numbers["validation_accuracy"], "name": "validation accuracy"})
     header = {
         "base_model": base_model(record),
-        "library_name": "onnxruntime" if is_onnx else "transformers",
+        "library_name": {"onnxruntime": "onnxruntime", "openvino": "openvino"}.get(runtime, "transformers"),
         "pipeline_tag": "text-classification",
         "tags": ["text-classification", "model-compression", stage],
         "model-index": [{

@@ -293,7 +293,7 @@ def tokenizer_files(record: dict) -> list[str]:
     the model config."""
     model_files = {"config.json", "generation_config.json"}
     return [name for name in record.get(checkpoints.MANIFEST_KEY) or {}
-            if name not in model_files and not name.endswith((".safetensors", ".onnx", ".onnx.data", ".py"))]
+            if name not in model_files and not name.endswith((".safetensors", ".onnx", ".onnx.data", ".xml", ".bin", ".py"))]
 
 
 def load_checkpoint_tokenizer(folder: str | Path):

@@ -67,6 +67,13 @@ class OnnxClassifier:
     def logits(self, batch: dict) -> np.ndarray:
         return self.session.run(["logits"], self.feeds(batch))[0]
 
+    def run(self, feeds: dict):
+        """All outputs for ready feeds (``feeds(batch)``), for the latency harness."""
+        return self.session.run(None, feeds)
+
+    def output_shapes(self) -> dict[str, list]:
+        return {output.name: output.shape for output in self.session.get_outputs()}
+
     def __call__(self, **batch):
         """torch-like call for benchmark code that times ``model(**batch)``."""
         return self.logits(batch)
@@ -237,3 +244,19 @@ def optimize_graph(source: Path, target: Path) -> dict:
     optimized = optimize_model(str(source), model_type="bert", num_heads=0, hidden_size=0, opt_level=1)
     optimized.save_model_to_file(str(target))
     return {name: int(count) for name, count in optimized.get_fused_operator_statistics().items() if count}
+
+
+def choose_deployment(candidates: dict[str, dict], tolerance_points: float) -> tuple[str, str]:
+    """The file a folder ships: among ``candidates`` ({file: {"validation_accuracy", "latency_ms_median"}}) whose
+    validation accuracy is at most ``tolerance_points`` below the best one's (within the noise of the validation
+    split), the fastest; on equal latency the earlier candidate. Returns (file, the reason in words)."""
+    best = max(entry["validation_accuracy"] for entry in candidates.values())
+    eligible = [name for name, entry in candidates.items()
+                if 100 * (best - entry["validation_accuracy"]) <= tolerance_points + 1e-9]
+    chosen = min(eligible, key=lambda name: (candidates[name]["latency_ms_median"], list(candidates).index(name)))
+    others = ", ".join(f"{name} {100 * entry['validation_accuracy']:.2f}% / {entry['latency_ms_median']:.1f} ms"
+                       for name, entry in candidates.items() if name != chosen)
+    reason = (f"fastest of the files within {tolerance_points} validation points of the most accurate "
+              f"({100 * best:.2f}%): {chosen} {100 * candidates[chosen]['validation_accuracy']:.2f}% / "
+              f"{candidates[chosen]['latency_ms_median']:.1f} ms (others: {others or 'none'})")
+    return chosen, reason

@@ -87,7 +87,7 @@ def open_classifier(path: str | Path, onnx_file: Optional[str] = None, num_threa
     pair_column = (record.get("config") or {}).get("text_pair_column")
     from .runtime import ModelRuntime, open_onnx_file
 
-    if stage in stages.onnx_stages() or onnx_file is not None:
+    if stage in stages.export_stages() or onnx_file is not None:
         chosen = onnx_file or record.get("deployment_model") or "model.onnx"
         try:  # a file the stage wrote is verified; one the user names is checked against the folder's inputs/labels
             runtime = open_onnx_file(folder, chosen, num_threads=num_threads)
@@ -203,25 +203,35 @@ def _column_texts(rows: list[dict], columns: list[str], column: Optional[str], o
     return [str(row.get(column) or "") for row in rows]
 
 
+def length_buckets(texts: list, batch_size: int) -> list[list[int]]:
+    """Batches of text indices, texts of similar length together, so that padding each batch to its longest text
+    (dynamic padding) pads little: short texts do not pay for long ones."""
+    def length(text):
+        return sum(map(len, text)) if isinstance(text, tuple) else len(text)
+
+    order = sorted(range(len(texts)), key=lambda index: length(texts[index]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def classify(classifier: Classifier, texts: list[str], batch_size: int = 32, progress: bool = False) -> list[dict]:
-    """One result per text: the predicted label, its probability and every label's probability."""
+    """One result per text, in the input order: the predicted label, its probability and every label's probability.
+    Texts are batched by length and each batch is padded only to its longest text."""
     from tqdm.auto import tqdm
 
-    results = []
-    starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="Classifying", unit="batch", disable=not progress):
-        batch = texts[start : start + batch_size]
+    results: list[Optional[dict]] = [None] * len(texts)
+    for indices in tqdm(length_buckets(texts, batch_size), desc="Classifying", unit="batch", disable=not progress):
+        batch = [texts[index] for index in indices]
         logits = classifier.logits(batch)
         shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
         probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
-        for text, row in zip(batch, probabilities):
+        for index, text, row in zip(indices, batch, probabilities):
             best = int(row.argmax())
-            results.append({
+            results[index] = {
                 **({"text": text[0], "text_pair": text[1]} if isinstance(text, tuple) else {"text": text}),
                 "label": classifier.id2label.get(best, str(best)),
                 "probability": float(row[best]),
                 "probabilities": {classifier.id2label.get(i, str(i)): float(p) for i, p in enumerate(row)},
-            })
+            }
     return results
 
 

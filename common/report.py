@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import checkpoints, stages
-from .data import TextClassificationData, make_loader, tokenize_dataset
+from .data import TextClassificationData, make_loader, text_inputs, tokenize_dataset
 from .evaluation import classification_metrics, cpu_info
 from .metrics import agreement, bootstrap_intervals, confusion_matrix, model_cost, per_class_metrics
 from .models import check_matches_data, count_parameters, load_checkpoint_tokenizer, position_limit
@@ -45,6 +45,8 @@ class ModelEntry:
 
 REFERENCE_LABEL = stages.get("teacher").rows[0].label
 ORT_REFERENCE_LABEL = "Teacher, ONNX Runtime dynamic int8 (no project)"
+OPENVINO_REFERENCE_LABEL = "Teacher, OpenVINO + NNCF int8 (no project)"
+PEER_LABELS = (ORT_REFERENCE_LABEL, OPENVINO_REFERENCE_LABEL)  # what a user could pick instead of this project
 
 
 def model_entries(config) -> list[ModelEntry]:
@@ -170,6 +172,25 @@ def build_reference_onnx(teacher_folder: Path, target: Path, max_length: int) ->
     return ModelEntry(ORT_REFERENCE_LABEL, None, str(target), "teacher_int8.onnx")
 
 
+def build_reference_openvino(target: Path, data: TextClassificationData, max_length: int, samples: int = 300) -> ModelEntry:
+    """The strongest peer measured here: the teacher's ONNX export (``build_reference_onnx`` wrote it into
+    ``target``) in OpenVINO with NNCF's default post-training int8, calibrated on ``samples`` validation rows."""
+    from .onnx_runtime import calibration_batches
+    from .openvino_runtime import convert_onnx, quantize_int8
+
+    tokenizer = load_checkpoint_tokenizer(target)
+    convert_onnx(target / "teacher.onnx", target / "teacher_openvino.xml")
+    from .openvino_runtime import OpenVinoClassifier
+
+    names = OpenVinoClassifier(target / "teacher_openvino.xml").input_names
+    batches = calibration_batches(tokenizer, *text_inputs(data.validation), names, max_length, 1, samples)
+    quantize_int8(target / "teacher_openvino.xml", target / "teacher_openvino_int8.xml", batches, len(batches))
+    record = checkpoints.read_record(target)
+    record["files"]["teacher_openvino_int8.xml"] = {"precision": f"int8 (NNCF defaults, {len(batches)} validation rows)"}
+    checkpoints.write_json(target / checkpoints.RECORD_FILE, record)
+    return ModelEntry(OPENVINO_REFERENCE_LABEL, None, str(target), "teacher_openvino_int8.xml")
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     """For (cost, accuracy) points: True where no other point is at most as costly and at least as accurate,
     and strictly better in one of the two."""
@@ -199,7 +220,7 @@ def choose_deployed(rows: list[dict], config) -> dict:
     """The row a user would ship: ``--deployed_model`` if given, else the fastest row at batch 1 on real texts (the
     synthetic batch where that was not measured) that keeps at least ``deploy_min_retention`` of the teacher's
     accuracy, else the most accurate compressed row."""
-    candidates = [row for row in rows if row["label"] not in (REFERENCE_LABEL, ORT_REFERENCE_LABEL)]
+    candidates = [row for row in rows if row["label"] not in (REFERENCE_LABEL, *PEER_LABELS)]
     note = ""
     if config.deployed_model:
         if any(row["label"] == config.deployed_model for row in rows):
@@ -290,7 +311,7 @@ def build_report(config, data: TextClassificationData, data_config, settings: di
     evaluated, skipped = [], []
     entries = model_entries(config)
     check_entries(entries, config, data_config, data.label_names)
-    labels = [entry.label for entry in entries] + [ORT_REFERENCE_LABEL]
+    labels = [entry.label for entry in entries] + list(PEER_LABELS)
     if config.deployed_model and config.deployed_model not in labels:
         raise ValueError(f"deployed_model={config.deployed_model!r} is none of the report's rows {labels}; pass one of "
                          f"them (an --extra_models label counts).")
@@ -302,6 +323,12 @@ def build_report(config, data: TextClassificationData, data_config, settings: di
             except Exception as error:  # the reference row is optional; say why it is missing
                 skipped.append({"label": ORT_REFERENCE_LABEL, "stage": "teacher", "path": config.checkpoint_paths.get("teacher"),
                                 "reason": f"{type(error).__name__}: {error}"})
+        if config.openvino_reference and (Path(scratch) / "teacher.onnx").is_file():
+            try:
+                entries.insert(2, build_reference_openvino(Path(scratch), data, max_length))
+            except Exception as error:  # e.g. openvino or nncf not installed
+                skipped.append({"label": OPENVINO_REFERENCE_LABEL, "stage": "teacher", "path": None,
+                                "reason": f"{type(error).__name__}: {error}"})
         for entry in entries:
             try:
                 logger.info("Evaluating %s", entry.label)
@@ -311,7 +338,7 @@ def build_report(config, data: TextClassificationData, data_config, settings: di
                 logger.warning("Skipping %s: %s", entry.label, reason)
                 skipped.append({"label": entry.label, "stage": entry.stage, "path": entry.path, "reason": reason})
         if evaluated:
-            measure_latency(evaluated, config, REFERENCE_LABEL, ORT_REFERENCE_LABEL)
+            measure_latency(evaluated, config, REFERENCE_LABEL, PEER_LABELS)
             measure_real_text_latency(evaluated, data, max_length, config)
         try:
             gpu, gpu_note = gpu_rows(evaluated, data, max_length, config)

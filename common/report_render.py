@@ -26,8 +26,8 @@ def _whole(value) -> str:
 def markdown_table(report: dict) -> str:
     header = (
         "| Model | Runtime | Test acc. | Macro-F1 | vs teacher | Params | Size (MB) | × smaller | Latency (ms), median [IQR] | "
-        "× faster [IQR] | × faster than teacher ORT int8 | Throughput (ex/s) | Resident (MB) | Peak (MB) | Pareto size / latency |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "× faster [IQR] | × faster than teacher ORT int8 | × faster than best peer | Throughput (ex/s) | Resident (MB) | Peak (MB) | Pareto size / latency |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for row in report["models"]:
@@ -40,11 +40,15 @@ def markdown_table(report: dict) -> str:
             f"{_number(None if row['accuracy_vs_teacher'] is None else 100 * row['accuracy_vs_teacher'])}% | "
             f"{parameters} | {row['size_mb']:.2f} | {_number(row['compression_vs_teacher'], 1)} | "
             f"{row['latency_ms_median']:.1f} [{row['latency_ms_p25']:.1f}–{row['latency_ms_p75']:.1f}] | {speedup} | "
-            f"{_number(row.get('speedup_vs_ort_reference'), 2)} | "
+            f"{_number(row.get('speedup_vs_ort_reference'), 2)} | {_number(row.get('speedup_vs_best_peer'), 2)} | "
             f"{row['throughput_examples_per_s']:.0f} | {_whole(row['model_rss_mb'])} | {_whole(row['inference_peak_mb'])} | "
             f"{'✓' if row['pareto_size'] else ''} / {'✓' if row['pareto_latency'] else ''} |"
         )
     text = header + "\n".join(lines) + "\n"
+    best_peer = next((row["best_peer"] for row in report["models"] if row.get("best_peer")), None)
+    if best_peer:
+        text += (f"\nBest peer: {best_peer}, the fastest row a user could pick instead of this project that keeps 99% "
+                 f"of the teacher's test accuracy.\n")
     machine = report["machine"]
     flags = ", ".join(name for name, present in machine.get("instruction_sets", {}).items() if present) or "unknown"
     versions = ", ".join(f"{name} {version}" for name, version in machine["versions"].items() if version)

@@ -18,8 +18,10 @@ from .runtime import ModelRuntime
 logger = logging.getLogger(__name__)
 
 
-def measure_latency(evaluated: list, config, reference_label: str, ort_reference_label: str) -> None:
-    """Time every row in one interleaved harness; write latency, IQR and per-round speed-ups into the rows."""
+def measure_latency(evaluated: list, config, reference_label: str, peer_labels: tuple[str, ...]) -> None:
+    """Time every row in one interleaved harness; write latency, IQR and per-round speed-ups into the rows: against
+    the teacher, against ONNX Runtime's int8 of the teacher (the first peer) and against the best peer (the fastest
+    peer row keeping 99% of the teacher's test accuracy)."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     runners = {item.row["label"]: item.model.runner(item.model.batch(config.latency_batch_size, config.latency_seq_length))
@@ -28,7 +30,11 @@ def measure_latency(evaluated: list, config, reference_label: str, ort_reference
     logger.info("Timing %d models round-robin: %d warm-up and %d timed rounds, %d threads",
                 len(runners), config.latency_warmup, config.latency_repeats, config.num_threads or torch.get_num_threads())
     timings = interleaved_latency(runners, config.latency_warmup, config.latency_repeats, config.latency_batch_size, reference)
-    ort_reference = timings.get(ort_reference_label)
+    ort_reference = timings.get(peer_labels[0])
+    accuracy = {item.row["label"]: item.row["test_accuracy"] for item in evaluated}
+    peers = [label for label in peer_labels if label in timings and reference in accuracy
+             and accuracy[label] >= 0.99 * accuracy[reference]]
+    best_peer = min(peers, key=lambda label: timings[label]["latency_ms_median"]) if peers else None
     for item in evaluated:
         timing = timings[item.row["label"]]
         item.row.update({key: value for key, value in timing.items() if not key.startswith("speedup_vs_reference")})
@@ -39,6 +45,10 @@ def measure_latency(evaluated: list, config, reference_label: str, ort_reference
             speedup = round_speedup(ort_reference["latency_ms_per_round"], timing["latency_ms_per_round"])
             item.row.update(speedup_vs_ort_reference=speedup["median"], speedup_vs_ort_reference_p25=speedup["p25"],
                             speedup_vs_ort_reference_p75=speedup["p75"])
+        if best_peer is not None:
+            speedup = round_speedup(timings[best_peer]["latency_ms_per_round"], timing["latency_ms_per_round"])
+            item.row.update(best_peer=best_peer, speedup_vs_best_peer=speedup["median"],
+                            speedup_vs_best_peer_p25=speedup["p25"], speedup_vs_best_peer_p75=speedup["p75"])
         item.row["num_threads"] = config.num_threads or torch.get_num_threads()
 
 
@@ -98,6 +108,8 @@ def gpu_variants(item, cuda_ort: bool) -> list[tuple[str, bool, str]]:
     from .quantization import is_movable
 
     if item.entry.onnx_file is not None:
+        if item.entry.onnx_file.endswith(".xml"):
+            return []  # OpenVINO runs on the CPU here
         return [("onnxruntime cuda", False, " (ONNX Runtime CUDA)")] if cuda_ort else []
     record = read_record(item.folder)
     if not is_movable(record, "cuda"):

@@ -34,7 +34,8 @@ def synthetic_batch(vocab_size: int, batch_size: int, seq_length: int, seed: int
 
 
 class ModelRuntime:
-    """One model to evaluate, time or serve: a checkpoint folder in torch, or ``onnx_file`` of an ONNX folder.
+    """One model to evaluate, time or serve: a checkpoint folder in torch, or one file of an export folder: a
+    ``.onnx`` file in ONNX Runtime or an OpenVINO IR (``.xml`` with its ``.bin``) in OpenVINO (``onnx_file`` names it).
 
     ``device='cuda'`` runs it on a GPU (``half`` casts a torch model to fp16; an ONNX file gets ONNX Runtime's CUDA
     provider). ``spinning=False`` keeps ONNX Runtime's idle threads from busy-waiting, for round-robin timing."""
@@ -45,15 +46,23 @@ class ModelRuntime:
         """``verify``: check the files against the folder's manifest first (stage 12 turns it off for the files it
         is still writing)."""
         self.folder, self.onnx_file, self.device = Path(folder), onnx_file, torch.device(device)
-        self.onnx, self.torch_model = None, None
+        self.graph, self.torch_model = None, None  # graph: an OnnxClassifier or an OpenVinoClassifier
         if onnx_file is not None:
             from .checkpoints import verify_files
-            from .onnx_runtime import OnnxClassifier
 
             if verify:
-                verify_files(self.folder, [onnx_file, "config.json"])
-            providers = ("CUDAExecutionProvider",) if self.device.type == "cuda" else ("CPUExecutionProvider",)
-            self.onnx = OnnxClassifier(self.folder / onnx_file, num_threads, spinning=spinning, providers=providers)
+                verify_files(self.folder, [*graph_files(onnx_file), "config.json"])
+            if is_openvino_file(onnx_file):
+                from .openvino_runtime import OpenVinoClassifier
+
+                if self.device.type != "cpu":
+                    raise ValueError(f"{onnx_file} is an OpenVINO model; this project runs OpenVINO on the CPU only.")
+                self.graph = OpenVinoClassifier(self.folder / onnx_file, num_threads)
+            else:
+                from .onnx_runtime import OnnxClassifier
+
+                providers = ("CUDAExecutionProvider",) if self.device.type == "cuda" else ("CPUExecutionProvider",)
+                self.graph = OnnxClassifier(self.folder / onnx_file, num_threads, spinning=spinning, providers=providers)
             self._vocab_size = vocab_size  # read from the folder's config.json when a synthetic batch needs it
         else:
             from .architecture import word_embeddings
@@ -70,22 +79,31 @@ class ModelRuntime:
         return self._vocab_size
 
     @property
+    def onnx(self):
+        """The ONNX Runtime classifier (its ``session``), or None for a torch or OpenVINO model."""
+        from .onnx_runtime import OnnxClassifier
+
+        return self.graph if isinstance(self.graph, OnnxClassifier) else None
+
+    @property
     def runtime(self) -> str:
-        return "onnxruntime" if self.onnx is not None else "torch"
+        if self.graph is None:
+            return "torch"
+        return "openvino" if is_openvino_file(self.onnx_file) else "onnxruntime"
 
     @property
     def input_names(self) -> list[str]:
-        if self.onnx is not None:
-            return self.onnx.input_names
+        if self.graph is not None:
+            return self.graph.input_names
         from .architecture import forward_input_names
 
         return forward_input_names(self.torch_model)
 
     @property
     def size_bytes(self) -> int:
-        """Bytes on disk: the checkpoint's weight files, or the one ONNX file."""
-        if self.onnx is not None:
-            return (self.folder / self.onnx_file).stat().st_size
+        """Bytes on disk: the checkpoint's weight files, or the graph's files (an ONNX file, an IR's .xml and .bin)."""
+        if self.graph is not None:
+            return sum(path.stat().st_size for path in self.weight_files)
         from .models import weights_size_bytes
 
         return weights_size_bytes(self.folder)
@@ -93,8 +111,8 @@ class ModelRuntime:
     def logits_for(self, batch: dict) -> np.ndarray:
         """Logits of one batch of tokenizer outputs (torch tensors or numpy arrays); inputs the model does not take
         (e.g. ``token_type_ids`` of a DistilBERT tokenizer) are left out."""
-        if self.onnx is not None:
-            return self.onnx.logits(batch)
+        if self.graph is not None:
+            return self.graph.logits(batch)
         accepted = set(self.input_names)
         inputs = {key: torch.as_tensor(value).to(self.device) for key, value in batch.items() if key in accepted}
         with torch.no_grad():
@@ -102,10 +120,10 @@ class ModelRuntime:
 
     def logits(self, loader) -> tuple[np.ndarray, np.ndarray]:
         """Logits and labels of every example of a data loader."""
-        if self.onnx is not None:
+        if self.graph is not None:
             from .onnx_runtime import predict_onnx
 
-            return predict_onnx(self.onnx, loader)
+            return predict_onnx(self.graph, loader)
         return predict(self.torch_model, loader)
 
     def batch(self, batch_size: int, seq_length: int) -> dict:
@@ -113,30 +131,30 @@ class ModelRuntime:
         batch = synthetic_batch(self.vocab_size, batch_size, seq_length)
         if "token_type_ids" in self.input_names:
             batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
-        if self.onnx is not None:
-            return self.onnx.feeds(batch)
+        if self.graph is not None:
+            return self.graph.feeds(batch)
         return {key: value.to(self.device) for key, value in batch.items()}
 
     def inputs(self, encoded: dict) -> dict:
         """Tokenizer outputs (numpy arrays, tensors or lists) as this model's inputs, placed where it runs."""
-        if self.onnx is not None:
-            return self.onnx.feeds(encoded)
+        if self.graph is not None:
+            return self.graph.feeds(encoded)
         accepted = set(self.input_names)
         return {key: torch.as_tensor(value).to(self.device) for key, value in encoded.items() if key in accepted}
 
     @property
     def weight_files(self) -> list[Path]:
-        """The files holding the weights: the checkpoint's safetensors, or the ONNX file (and its external data)."""
-        if self.onnx is not None:
-            path = self.folder / self.onnx_file
-            return [path, *[p for p in [path.with_name(path.name + ".data")] if p.is_file()]]
+        """The files holding the weights: the checkpoint's safetensors, or the graph's files."""
+        if self.graph is not None:
+            names = [*graph_files(self.onnx_file), self.onnx_file + ".data"]  # .data: ONNX external weights, if any
+            return [path for path in (self.folder / name for name in names) if path.is_file()]
         return sorted(self.folder.glob("*.safetensors"))
 
     def runner(self, batch: dict) -> Callable[[], object]:
         """A no-argument call of one forward pass on ``batch``, for the latency harness."""
-        if self.onnx is not None:
-            session = self.onnx.session
-            return lambda: session.run(None, batch)
+        if self.graph is not None:
+            run_feeds = self.graph.run
+            return lambda: run_feeds(batch)
         model, on_gpu = self.torch_model, self.device.type == "cuda"
 
         def run():
@@ -150,6 +168,18 @@ class ModelRuntime:
 
 
 TOKENIZER_OUTPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def is_openvino_file(name: Optional[str]) -> bool:
+    return bool(name) and name.endswith(".xml")
+
+
+def graph_files(name: str) -> list[str]:
+    """The files one graph of an export folder consists of: an ONNX file (and its external data, if any), or an
+    OpenVINO IR's .xml and .bin."""
+    if is_openvino_file(name):
+        return [name, name[: -len(".xml")] + ".bin"]
+    return [name]
 
 
 def open_onnx_file(folder: str | Path, onnx_file: str, *, num_threads: Optional[int] = None, spinning: bool = True,
@@ -172,8 +202,9 @@ def open_onnx_file(folder: str | Path, onnx_file: str, *, num_threads: Optional[
     except ValueError:
         raise
     except Exception as error:  # onnxruntime raises its own types for a file it cannot read
-        raise ValueError(f"ONNX Runtime cannot load {path}: {type(error).__name__}: {error}. The file is damaged or "
-                         f"not an ONNX model; name another file of the folder.") from error
+        engine = "OpenVINO" if is_openvino_file(onnx_file) else "ONNX Runtime"
+        raise ValueError(f"{engine} cannot load {path}: {type(error).__name__}: {error}. The file is damaged or not a "
+                         f"model {engine} reads; name another file of the folder.") from error
     if not written:
         _check_fits(runtime, path)
     return runtime
@@ -186,7 +217,7 @@ def _check_fits(runtime: ModelRuntime, path: Path) -> None:
         raise ValueError(f"{path} takes the inputs {inputs}, but this folder's tokenizer gives {list(TOKENIZER_OUTPUTS)}; "
                          f"name an ONNX file exported for this model (e.g. its model.onnx).")
     num_labels = len(json.loads((runtime.folder / "config.json").read_text()).get("id2label") or {})
-    outputs = {output.name: output.shape for output in runtime.onnx.session.get_outputs()}
+    outputs = runtime.graph.output_shapes()
     shape = outputs.get("logits")
     if not shape or (isinstance(shape[-1], int) and shape[-1] != num_labels):
         raise ValueError(f"{path} returns {outputs}, but this folder's config has {num_labels} labels and expects an "

@@ -1,8 +1,8 @@
 """The one stage table: every stage of the pipeline, named once.
 
 Each row says which script writes the stage, the folder it writes under the results root (the stage's name),
-the stages it reads by default, how its folder runs (``torch`` checkpoint or ``onnxruntime`` files), what its
-weights are (``full``, ``4bit``, ``int8`` or ``onnx``) and the rows it contributes to the final report. The
+the stages it reads by default, how its folder runs (``torch`` checkpoint, ``onnxruntime`` or ``openvino`` files), what
+its weights are (``full``, ``4bit``, ``int8``, ``onnx`` or ``openvino``) and the rows it contributes to the final report. The
 checkpoint finder, the report, the Makefile (``python3 common/stages.py`` prints the run order), the scripts'
 help texts and the tests read this table; a new stage or a new report row is one entry here.
 
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 REPORT_SCRIPT = "7_evaluate_and_generate_report.py"  # runs last: it reads every stage
 
-RUNTIMES = ("torch", "onnxruntime")
-WEIGHT_KINDS = ("full", "4bit", "int8", "onnx")
+RUNTIMES = ("torch", "onnxruntime", "openvino")
+WEIGHT_KINDS = ("full", "4bit", "int8", "onnx", "openvino")
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,8 @@ class Stage:
     name: str  # also the folder under the results root
     script: str
     reads: tuple[str, ...]  # the stages whose newest checkpoints it reads by default
-    runtime: str  # how its folder runs: "torch" (the project's loader) or "onnxruntime" (.onnx files)
-    weights: str  # "full" precision, bitsandbytes "4bit", torch "int8", or "onnx" files
+    runtime: str  # how its folder runs: "torch" (the project's loader), "onnxruntime" (.onnx) or "openvino" (IR .xml/.bin)
+    weights: str  # "full" precision, bitsandbytes "4bit", torch "int8", or "onnx"/"openvino" files
     rows: tuple[ReportRow, ...]
     description: str
 
@@ -61,6 +61,11 @@ STAGE_TABLE: tuple[Stage, ...] = (
           (ReportRow("QKD-4bit, ONNX Runtime NF4 (MatMulBnb4)", "model.onnx"),
            ReportRow("QKD-4bit, ONNX Runtime NF4 codes, int8 compute", "model_nf4_int8.onnx")),
           "the QKD-4bit model's NF4 codes in ONNX"),
+    Stage("openvino", "13_export_openvino.py", ("pruned", "qkd_4bit"), "openvino", "openvino",
+          (ReportRow("Pruned, OpenVINO", "openvino_model.xml"),
+           ReportRow("Pruned, OpenVINO + NNCF int8", "openvino_model_int8.xml"),
+           ReportRow("QKD-4bit, OpenVINO NNCF 4-bit weights", "openvino_model_4bit.xml")),
+          "the pruned model in OpenVINO IR: as is, NNCF int8, and the QKD model's 4-bit weights"),
 )
 
 _BY_NAME = {stage.name: stage for stage in STAGE_TABLE}
@@ -92,6 +97,11 @@ def with_weights(*kinds: str) -> tuple[str, ...]:
 
 def onnx_stages() -> tuple[str, ...]:
     return tuple(stage.name for stage in STAGE_TABLE if stage.runtime == "onnxruntime")
+
+
+def export_stages() -> tuple[str, ...]:
+    """Stages whose folders hold graphs for a runtime (ONNX Runtime, OpenVINO) rather than a torch checkpoint."""
+    return tuple(stage.name for stage in STAGE_TABLE if stage.runtime != "torch")
 
 
 def run_order() -> tuple[str, ...]:

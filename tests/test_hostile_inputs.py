@@ -499,6 +499,10 @@ def test_predict_needs_pairs_for_a_pair_model_and_a_separator_in_each_text(tmp_p
     ("SensitivityConfig", {"parameter_budget": 1.0}, "parameter_budget=1.0"),
     ("SensitivityConfig", {"output_name": "../escape"}, "output_name='../escape' must be a plain file name"),
     ("SensitivityConfig", {"gradient_batches": 0}, "gradient_batches=0 must be a positive"),
+    ("OpenVinoExportConfig", {"weight_mode": "int3"}, "weight_mode='int3' is not supported; allowed values: 'nf4'"),
+    ("OpenVinoExportConfig", {"calibration_samples": 0}, "calibration_samples=0 must be a positive"),
+    ("ReportConfig", {"deploy_min_retention": 1.5}, r"deploy_min_retention=1.5 must be a share in \(0, 1\]"),
+    ("ReportConfig", {"real_text_examples": -1}, "real_text_examples=-1 is out of range"),
 ])
 def test_new_training_and_analysis_fields_refuse_bad_values(config_type, values, message):
     import common.config as config_module

@@ -264,3 +264,35 @@ def test_model_runtime_runs_a_checkpoint_and_its_onnx_file_behind_one_interface(
         batch = runtime.batch(2, 8)
         assert set(batch) == {"input_ids", "attention_mask", "token_type_ids"} and tuple(batch["input_ids"].shape) == (2, 8)
         runtime.runner(batch)()
+
+
+def test_the_deployment_model_is_the_fastest_file_within_the_noise_of_the_best():
+    from common.onnx_runtime import choose_deployment
+
+    files = {
+        "model.onnx": {"validation_accuracy": 0.850, "latency_ms_median": 30.0},
+        "model_int8_dynamic.onnx": {"validation_accuracy": 0.846, "latency_ms_median": 18.0},
+        "model_int8_static.onnx": {"validation_accuracy": 0.848, "latency_ms_median": 25.0},
+    }
+    chosen, reason = choose_deployment(files, tolerance_points=0.5)
+    assert chosen == "model_int8_dynamic.onnx"  # 0.4 points below the best, and the fastest
+    assert "within 0.5 validation points" in reason and "model_int8_static.onnx 84.80% / 25.0 ms" in reason
+    assert choose_deployment(files, tolerance_points=0.3)[0] == "model_int8_static.onnx"  # dynamic is now too far below
+    assert choose_deployment(files, tolerance_points=0.0)[0] == "model.onnx"
+
+
+def test_predict_batches_texts_by_length_and_keeps_their_order(tokenizer, results_dir):
+    from common.models import save_checkpoint
+    from common.prediction import classify, length_buckets, open_classifier
+
+    texts = ["great", "dull boring plot and a weak flat ending", "fun", "the actor was charming and clever", "bland"]
+    buckets = length_buckets(texts, 2)
+    assert sorted(index for bucket in buckets for index in bucket) == list(range(5))
+    assert [len(texts[bucket[0]]) for bucket in buckets] == sorted(len(texts[bucket[0]]) for bucket in buckets)
+    folder = save_checkpoint("pruned", tiny_model(tiny_bert_config()), tokenizer, {"label_names": ["negative", "positive"]})
+    classifier = open_classifier(folder)
+    batched = classify(classifier, texts, batch_size=2)
+    assert [result["text"] for result in batched] == texts
+    for text, result in zip(texts, batched):  # padding to a batch's longest text does not change a text's result
+        alone = classify(classifier, [text])[0]
+        assert result["label"] == alone["label"] and result["probability"] == pytest.approx(alone["probability"], abs=1e-5)

@@ -114,7 +114,7 @@ def test_report_covers_every_stage(pipeline_run):
     results, completed = pipeline_run
     report = json.loads((results / "final_report.json").read_text())
     expected = [stage.name for stage in stages.STAGE_TABLE for _ in stage.rows]
-    expected.insert(1, "onnx_reference")  # the teacher in ONNX Runtime int8, right after the teacher
+    expected[1:1] = ["onnx_reference"] * 2  # the teacher in ONNX Runtime int8 and in OpenVINO + NNCF int8
     assert [row["stage"] for row in report["models"]] == expected
     assert [row["label"] for row in report["models"] if row["stage"] != "onnx_reference"] == [
         row.label for stage in stages.STAGE_TABLE for row in stage.rows]
@@ -188,7 +188,7 @@ def predict(*args, stdin=None):
 
 
 # every ONNX folder, and the last torch stage of each kind of weights (full precision, 4-bit, int8)
-PREDICT_STAGES = [*stages.onnx_stages(), *(stages.with_weights(kind)[-1] for kind in ("full", "4bit", "int8"))]
+PREDICT_STAGES = [*stages.export_stages(), *(stages.with_weights(kind)[-1] for kind in ("full", "4bit", "int8"))]
 
 
 @pytest.mark.parametrize("stage", PREDICT_STAGES)
@@ -244,8 +244,9 @@ def test_predict_refuses_bad_input_with_exit_code_2(pipeline_run, tmp_path):
 
 
 ONLY_DEPLOYMENT_IMPORTS = """
-import builtins, sys
-import numpy, onnxruntime, tokenizers  # what the card's snippet may use, with whatever they import themselves
+import builtins, importlib, sys
+for name in sys.argv[2].split(","):  # what the card's snippet may use, with whatever they import themselves
+    importlib.import_module(name)
 allowed = set(sys.modules) | set(sys.stdlib_module_names)
 real_import = builtins.__import__
 def guarded(name, *args, **kwargs):
@@ -258,16 +259,17 @@ exec(compile(open(sys.argv[1]).read(), "card_snippet.py", "exec"))
 """
 
 
-@pytest.mark.parametrize("stage", stages.onnx_stages())
-def test_the_onnx_folders_card_snippet_runs_with_onnxruntime_tokenizers_and_numpy_only(pipeline_run, tmp_path, stage):
+@pytest.mark.parametrize("stage", stages.export_stages())
+def test_an_export_folders_card_snippet_runs_with_its_runtime_tokenizers_and_numpy_only(pipeline_run, tmp_path, stage):
     results, _ = pipeline_run
     folder, _ = only_checkpoint(results, stage)
     card = (folder / "README.md").read_text()
     snippet = card.split("## How to run it", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     assert "import torch" not in snippet and "common" not in snippet
     (tmp_path / "snippet.py").write_text(snippet)
-    completed = subprocess.run([sys.executable, "-c", ONLY_DEPLOYMENT_IMPORTS, str(tmp_path / "snippet.py")], cwd=folder,
-                               capture_output=True, text=True, timeout=120)
+    allowed = f"numpy,tokenizers,{stages.get(stage).runtime}"  # onnxruntime or openvino
+    completed = subprocess.run([sys.executable, "-c", ONLY_DEPLOYMENT_IMPORTS, str(tmp_path / "snippet.py"), allowed],
+                               cwd=folder, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr[-3000:]
     printed = [line.split()[0] for line in completed.stdout.strip().splitlines()]
     assert len(printed) == 2 and set(printed) <= {"negative", "neutral", "positive"}, completed.stdout

@@ -71,12 +71,14 @@ def test_report_with_missing_and_corrupt_checkpoints(report_results):
     report = build_report(config, data, DataConfig(max_length=16), settings={"latency_batch_size": 2, "latency_seq_length": 8, "latency_repeats": 2, "latency_warmup": 0})
     paths = write_report(report, report_results, "final_report")
     assert [row["label"] for row in report["models"]] == [
-        "Teacher (FP32)", "Teacher, ONNX Runtime dynamic int8 (no project)", "Student (FP32)"]
+        "Teacher (FP32)", "Teacher, ONNX Runtime dynamic int8 (no project)", "Teacher, OpenVINO + NNCF int8 (no project)",
+        "Student (FP32)"]
     skipped = {item["label"]: item["reason"] for item in report["skipped"]}
     assert set(skipped) == {
         "Pruned Student (FP32)", "Pruned + Quantized Student (PTQ)", "Pruned + QKD-4bit (QAT)", "Int8 CPU deployment (torch)",
         "Pruned, ONNX Runtime FP32", "Pruned, ONNX Runtime int8 dynamic", "Pruned, ONNX Runtime int8 static",
         "QKD-4bit, ONNX Runtime NF4 (MatMulBnb4)", "QKD-4bit, ONNX Runtime NF4 codes, int8 compute",
+        "Pruned, OpenVINO", "Pruned, OpenVINO + NNCF int8", "QKD-4bit, OpenVINO NNCF 4-bit weights",
     }
     assert "FileNotFoundError" in skipped["Pruned + QKD-4bit (QAT)"]
     assert "FileNotFoundError" not in skipped["Pruned Student (FP32)"]  # corrupt, not missing
@@ -99,6 +101,9 @@ def test_report_with_missing_and_corrupt_checkpoints(report_results):
     reference = written["models"][1]
     assert reference["runtime"] == "onnxruntime" and reference["path"].endswith("teacher_int8.onnx")
     assert reference["parameters"] == written["models"][0]["parameters"]
+    openvino = written["models"][2]  # the strongest peer: the teacher in OpenVINO + NNCF int8
+    assert openvino["runtime"] == "openvino" and openvino["path"].endswith("teacher_openvino_int8.xml")
+    assert openvino["size_bytes"] < written["models"][0]["size_bytes"]
     assert {"machine", "settings", "skipped", "data", "latency_method"} <= set(written)
     assert {"cpu_model", "instruction_sets", "int8_acceleration"} <= set(written["machine"])
     assert "onnxruntime" in written["machine"]["versions"]
@@ -106,7 +111,7 @@ def test_report_with_missing_and_corrupt_checkpoints(report_results):
     markdown = paths["md"].read_text()
     assert "Student (FP32)" in markdown and "Skipped:" in markdown and "Pruned Student (FP32)" in markdown
     # what the accuracy hides: per class, against the teacher, with intervals; cost; real-text latency
-    teacher, student = written["models"][0], written["models"][2]
+    teacher, student = written["models"][0], written["models"][3]
     for row in written["models"]:
         matrix = row["confusion_matrix"]
         assert sum(map(sum, matrix)) == row["test_examples"] == 4

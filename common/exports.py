@@ -1,0 +1,82 @@
+"""What the export stages (12: ONNX, 13: OpenVINO) share: their sources checked before any export, evaluating a
+written graph file, and choosing a folder's deployment file by accuracy and measured speed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from . import stages
+from .checkpoints import find_checkpoint, list_checkpoints, read_record, stage_dir
+from .evaluation import accuracy, interleaved_latency
+from .models import check_matches_data
+from .onnx_runtime import choose_deployment
+from .runtime import ModelRuntime, graph_files
+
+logger = logging.getLogger(__name__)
+
+
+def full_precision_source(config):
+    folder = find_checkpoint("pruned", config.source_model_path, allowed_stages=stages.with_weights("full"))
+    record = read_record(folder)
+    if record.get("quantization") or record.get("embedding_quantization"):
+        raise ValueError(
+            f"--source_model_path {folder} is a {record.get('stage')} checkpoint with quantized weights; the int8 export "
+            f"starts from full precision. Pass a teacher, student or pruned checkpoint (the 4-bit model is exported "
+            f"from --qkd_model_path)."
+        )
+    return folder, record
+
+
+def evaluate_file(path: Path, loader) -> tuple[float, np.ndarray]:
+    logits, labels = ModelRuntime(path.parent, path.name, verify=False).logits(loader)  # the folder is being written
+    return accuracy(logits, labels), logits
+
+
+def file_entry(path: Path, validation_accuracy: float, **fields) -> dict:
+    size = sum((path.parent / name).stat().st_size for name in graph_files(path.name))  # an IR: .xml and .bin
+    return {"size_bytes": size, "validation_accuracy": validation_accuracy, **fields}
+
+
+def compare_speed(paths: dict[str, Path], vocab_size: int, num_threads, batch_size=32, seq_length=64, rounds=20) -> dict:
+    models = {label: ModelRuntime(path.parent, path.name, num_threads=num_threads, spinning=False, vocab_size=vocab_size,
+                                  verify=False)
+              for label, path in paths.items()}
+    runners = {label: model.runner(model.batch(batch_size, seq_length)) for label, model in models.items()}
+    return interleaved_latency(runners, warmup=3, rounds=rounds, batch_size=batch_size, reference=next(iter(paths)))
+
+
+def choose_by_speed(folder: Path, files: dict, vocab_size: int, config) -> dict:
+    """The folder's deployment model: the fastest file (interleaved benchmark, batch 32 x 64) whose validation accuracy
+    is within --deployment_tolerance points of the folder's most accurate file. Latencies go into ``files``."""
+    speed = compare_speed({name: folder / name for name in files}, vocab_size, config.num_threads)
+    for name, entry in files.items():
+        entry.update(latency_ms_median=speed[name]["latency_ms_median"], latency_ms_p25=speed[name]["latency_ms_p25"],
+                     latency_ms_p75=speed[name]["latency_ms_p75"])
+    chosen, reason = choose_deployment(files, config.deployment_tolerance)
+    print(f"Deployment model: {reason}")
+    return {"deployment_model": chosen, "deployment_choice": reason}
+
+
+def four_bit_source(config, data_config, label_names) -> Optional[tuple[Path, dict]]:
+    """The 4-bit checkpoint whose codes go into the export's 4-bit file, checked before any export; None when no 4-bit
+    file is to be written."""
+    if not config.export_4bit:
+        return None
+    if config.qkd_model_path is None and not list_checkpoints("qkd_4bit"):
+        logger.warning("No qkd_4bit checkpoint in %s, so no 4-bit model is written; run 10_qat_kd_4bit.py first "
+                       "or pass --export_4bit false.", stage_dir("qkd_4bit"))
+        return None
+    source = find_checkpoint("qkd_4bit", config.qkd_model_path, allowed_stages=stages.with_weights("4bit"))
+    source_record = read_record(source)
+    quantization = source_record.get("quantization") or {}
+    if quantization.get("method") != "bitsandbytes_4bit":
+        raise ValueError(
+            f"--qkd_model_path {source} is a {source_record.get('stage')} checkpoint without bitsandbytes 4-bit weights "
+            f"(quantization method {quantization.get('method')!r}); pass a qkd_4bit or ptq_4bit checkpoint."
+        )
+    check_matches_data(source, source_record, data_config, label_names)
+    return source, source_record

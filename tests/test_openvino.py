@@ -1,0 +1,63 @@
+"""OpenVINO: the IR of a pruned model with uneven heads per layer gives ONNX Runtime's labels and logits; NNCF int8
+and 4-bit weights stay close to it. Skipped, with the reason, where openvino or nncf is not installed."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino", reason="openvino is not installed (pip install -r requirements.txt)")
+pytest.importorskip("nncf", reason="nncf is not installed (pip install -r requirements.txt)")
+
+from common.config import PruningConfig  # noqa: E402
+from common.onnx_export import export_onnx  # noqa: E402
+from common.onnx_runtime import OnnxClassifier  # noqa: E402
+from common.openvino_runtime import (  # noqa: E402
+    OpenVinoClassifier,
+    compress_weights_4bit,
+    convert_onnx,
+    quantize_int8,
+    stored_constants,
+)
+from common.pruning import StructuralPruner  # noqa: E402
+from conftest import batch_for, tiny_bert_config, tiny_model  # noqa: E402
+
+TEXTS = ("great film and fun story", "dull boring plot", "the actor was charming", "a weak and bland ending")
+
+
+@pytest.fixture
+def uneven_onnx(tmp_path, tokenizer):
+    """A 2-layer BERT pruned to different head counts and FFN widths per layer, exported to ONNX."""
+    model = tiny_model(tiny_bert_config(layers=2, heads=4, hidden=32, ffn=64))
+    pruner = StructuralPruner(model, PruningConfig(importance_mode="l2", head_final_sparsity=0.5, ffn_final_sparsity=0.5))
+    pruner.compute_importance_and_prune(0.5, 0.5)
+    architecture = pruner.prune_physically()
+    assert len(set(architecture["heads_per_layer"])) > 1 or len(set(architecture["ffn_width_per_layer"])) > 1
+    export_onnx(model, tokenizer, tmp_path / "model.onnx", 32)
+    convert_onnx(tmp_path / "model.onnx", tmp_path / "model.xml")
+    return tmp_path, dict(batch_for(tokenizer, TEXTS))
+
+
+def test_openvino_gives_onnx_runtimes_labels_and_logits(uneven_onnx):
+    folder, batch = uneven_onnx
+    reference = OnnxClassifier(folder / "model.onnx").logits(batch)
+    exact = OpenVinoClassifier(folder / "model.xml", precision="f32")
+    assert exact.inference_precision == "f32"
+    np.testing.assert_allclose(exact.logits(batch), reference, atol=1e-4)  # fp32 compute: the same graph
+    default = OpenVinoClassifier(folder / "model.xml")  # bf16 where the CPU has it
+    logits = default.logits(batch)
+    assert np.abs(logits - reference).max() < 0.05 and (logits.argmax(-1) == reference.argmax(-1)).all()
+
+
+def test_nncf_int8_and_4bit_weights_stay_close_to_the_float_model(uneven_onnx):
+    folder, batch = uneven_onnx
+    float_model = OpenVinoClassifier(folder / "model.xml", precision="f32")
+    reference = float_model.logits(batch)
+    record = quantize_int8(folder / "model.xml", folder / "int8.xml", [float_model.feeds(batch)] * 4, 4)
+    assert record["method"] == "nncf_ptq_int8"
+    int8 = OpenVinoClassifier(folder / "int8.xml", precision="f32").logits(batch)
+    assert np.abs(int8 - reference).max() < 0.05
+    compress_weights_4bit(folder / "model.xml", folder / "nf4.xml", "nf4", 64)
+    nf4 = OpenVinoClassifier(folder / "nf4.xml", precision="f32").logits(batch)
+    assert np.abs(nf4 - reference).max() < 0.1
+    # 4-bit weights are smaller on disk than the fp32 IR's
+    assert sum(size for _, size in stored_constants(folder / "nf4.xml").values()) < \
+        sum(size for _, size in stored_constants(folder / "model.xml").values())
