@@ -103,7 +103,7 @@ def test_report_with_missing_and_corrupt_checkpoints(report_results):
     assert reference["parameters"] == written["models"][0]["parameters"]
     openvino = written["models"][2]  # the strongest peer: the teacher in OpenVINO + NNCF int8
     assert openvino["runtime"] == "openvino" and openvino["path"].endswith("teacher_openvino_int8.xml")
-    assert openvino["size_bytes"] < written["models"][0]["size_bytes"]
+    assert openvino["quantization"].startswith("int8 (NNCF defaults") and openvino["test_examples"] == 4
     assert {"machine", "settings", "skipped", "data", "latency_method"} <= set(written)
     assert {"cpu_model", "instruction_sets", "int8_acceleration"} <= set(written["machine"])
     assert "onnxruntime" in written["machine"]["versions"]
