@@ -6,8 +6,10 @@ Does:   1. exports the model to ONNX with its per-layer head counts and FFN widt
            sequence axes; inputs input_ids, attention_mask and token_type_ids where the model has them; output
            logits) and checks ONNX Runtime against torch on every validation batch (max |difference| of the
            logits <= --max_abs_difference, else nothing is saved);
-        2. optionally fuses the graph with ONNX Runtime's transformer optimizer, kept only if the interleaved
-           benchmark shows it faster;
+        2. optionally fuses the graph with ONNX Runtime's transformer optimizer (one Attention node per layer, with
+           that layer's head count: the export writes each layer's head split as a constant), kept only if exact and
+           faster in the interleaved benchmark; the dynamic int8 model is quantized from the graph kept, the static
+           one always from the plain graph;
         3. quantizes it with onnxruntime.quantization: dynamic int8, and static int8 QDQ (per-channel weights)
            calibrated on validation batches of one fixed shape with each of MinMax, Percentile and Entropy, each
            once with every weight MatMul in int8 and once with the FFN output projections (fed by the GELU output)
@@ -121,8 +123,9 @@ def export_int8_bundle(run, source: Path, source_record: dict, scratch: Path) ->
                                          quantized_from=quantize_from.name)
         print(f"ONNX Runtime dynamic int8: validation accuracy {dynamic_accuracy:.4f}")
 
+        # static QDQ starts from the plain graph: its per-MatMul choices (FFN outputs in float) need the unfused MatMuls
         prepared = scratch / "preprocessed.onnx"
-        preprocess_for_static(quantize_from, prepared)
+        preprocess_for_static(folder / FP32_FILE, prepared)
         batches = calibration_batches(tokenizer, *text_inputs(data.validation), names, data_config.max_length,
                                       config.calibration_batch_size, config.calibration_samples)
         ffn_outputs = ffn_output_matmuls(model)
@@ -143,7 +146,7 @@ def export_int8_bundle(run, source: Path, source_record: dict, scratch: Path) ->
         best = max(order, key=lambda name: (calibrations[name]["validation_accuracy"], -order.index(name)))
         shutil.copyfile(scratch / f"static_{best}.onnx", folder / STATIC_FILE)
         files[STATIC_FILE] = file_entry(folder / STATIC_FILE, calibrations[best]["validation_accuracy"],
-                                        precision="int8 static QDQ", calibration=best, quantized_from=quantize_from.name)
+                                        precision="int8 static QDQ", calibration=best, quantized_from=FP32_FILE)
         found["calibrations"] = calibrations
         found.update(choose_by_speed(folder, files, model.config.vocab_size, config))
         found["metrics"] = {"validation": {"accuracy": files[found["deployment_model"]]["validation_accuracy"]},

@@ -69,11 +69,63 @@ def export_onnx(model: nn.Module, tokenizer, path: Path, max_length: int = 64) -
     finally:
         if previous is not None:
             model.config._attn_implementation = previous
+    static_head_shapes(path)
     # the exporter drops inputs the graph never reads (DeBERTa-v3 has no token-type embeddings)
     import onnx
 
     graph_inputs = {item.name for item in onnx.load(str(path), load_external_data=False).graph.input}
     return [name for name in names if name in graph_inputs]
+
+
+def static_head_shapes(path: Path) -> int:
+    """Give every attention head split its layer's head count as a constant, in place; returns how many it rewrote.
+
+    The exported graph splits the Q/K/V projections into heads with ``Reshape(x, Concat(batch, seq, -1, head_size))``
+    (transformers writes ``view(*shape, -1, head_size)``), so ONNX Runtime's transformer optimizer cannot read a
+    layer's head count and fuses no attention block, not even the unpruned teacher's. ``[0, 0, heads, head_size]``
+    (0 keeps the input's dimension) is the same reshape with the count written out: the optimizer then fuses each
+    layer into one ``Attention`` node with that layer's own head count, pruned or not. The count is the projection's
+    output width over ``head_size``, read from its weight."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    producers = {output: node for node in graph.node for output in node.output}
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+
+    def constant(name):
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        node = producers.get(name)
+        return numpy_helper.to_array(node.attribute[0].t) if node is not None and node.op_type == "Constant" else None
+
+    def projection_width(name):
+        node = producers.get(name)
+        if node is not None and node.op_type == "Add":  # the bias of the projection
+            node = next((producers[i] for i in node.input if i in producers and producers[i].op_type == "MatMul"), None)
+        if node is None or node.op_type != "MatMul":
+            return None
+        weight = next((value for value in map(constant, node.input) if value is not None and value.ndim == 2), None)
+        return None if weight is None else int(weight.shape[-1])
+
+    rewritten = 0
+    for node in graph.node:
+        shape = producers.get(node.input[1]) if node.op_type == "Reshape" else None
+        if shape is None or shape.op_type != "Concat" or len(shape.input) != 4:
+            continue
+        heads, head_size = constant(shape.input[2]), constant(shape.input[3])
+        width = projection_width(node.input[0])
+        if heads is None or head_size is None or heads.tolist() != [-1] or width is None or width % int(head_size[0]):
+            continue
+        name = f"{node.name}/static_shape"
+        graph.initializer.append(numpy_helper.from_array(
+            np.array([0, 0, width // int(head_size[0]), int(head_size[0])], dtype=np.int64), name))
+        node.input[1] = name
+        rewritten += 1
+    if rewritten:
+        onnx.save(model, str(path))
+    return rewritten
 
 
 def ffn_output_matmuls(model: nn.Module) -> list[str]:

@@ -296,3 +296,37 @@ def test_predict_batches_texts_by_length_and_keeps_their_order(tokenizer, result
     for text, result in zip(texts, batched):  # padding to a batch's longest text does not change a text's result
         alone = classify(classifier, [text])[0]
         assert result["label"] == alone["label"] and result["probability"] == pytest.approx(alone["probability"], abs=1e-5)
+
+
+def test_attention_fuses_in_onnx_runtime_with_uneven_heads_per_layer(tokenizer, tmp_path):
+    """The export writes each layer's head split as a constant, so ONNX Runtime's optimizer fuses one Attention node
+    per layer, each with its own head count, and the fused graph gives the plain graph's logits."""
+    import onnx
+
+    from common.architecture import apply_architecture
+    from common.onnx_export import export_onnx
+    from common.onnx_runtime import OnnxClassifier, optimize_graph
+
+    model = tiny_model(tiny_bert_config(layers=3))
+    apply_architecture(model, {"model_type": "bert", "num_layers": 3, "heads_per_layer": [1, 3, 4],
+                               "ffn_width_per_layer": [10, 64, 33]})
+    torch.manual_seed(1)
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    model.eval()
+    batch = dict(tokenizer(["great film and fun story", "dull boring plot", "the actor"], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        expected = model(**batch).logits.numpy()
+    export_onnx(model, tokenizer, tmp_path / "model.onnx", 32)
+    static = [node for node in onnx.load(str(tmp_path / "model.onnx")).graph.node
+              if node.op_type == "Reshape" and node.input[1].endswith("/static_shape")]
+    assert len(static) == 9  # Q, K and V of each of the 3 layers
+    fusions = optimize_graph(tmp_path / "model.onnx", tmp_path / "fused.onnx")
+    assert fusions.get("Attention") == 3, fusions
+    heads = [attribute.i for node in onnx.load(str(tmp_path / "fused.onnx")).graph.node if node.op_type == "Attention"
+             for attribute in node.attribute if attribute.name == "num_heads"]
+    assert sorted(heads) == [1, 3, 4]
+    plain = OnnxClassifier(tmp_path / "model.onnx").logits(batch)
+    fused = OnnxClassifier(tmp_path / "fused.onnx").logits(batch)
+    np.testing.assert_allclose(plain, expected, atol=1e-5)
+    np.testing.assert_allclose(fused, plain, atol=1e-5)
