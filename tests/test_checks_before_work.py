@@ -135,6 +135,7 @@ def test_the_report_refuses_a_missing_extra_model_folder_at_parse_time(results_d
 
 @pytest.mark.parametrize("script, args, expected", [
     ("scripts/benchmark_pruning.py", ["--steps", 2], "No complete teacher checkpoint"),
+    ("scripts/benchmark_fusion.py", [], "No complete teacher checkpoint"),
     ("scripts/sweep.py", ["--sparsities", 0.5, "--extra", "--ffn_round_to", 0], "ffn_round_to=0"),
     ("scripts/ablation.py", ["--from_json", "--output_name", "never_ran"], "--from_json redraws"),
     ("scripts/benchmark_alignment.py", ["--heads", "8,x"], "--heads '8,x' must be positive integers"),
