@@ -29,13 +29,14 @@ from common import DataConfig
 from common.config import OpenVinoExportConfig
 from common.data import build_loaders, text_inputs
 from common.evaluation import accuracy, predict
-from common.exports import choose_by_speed, evaluate_file, file_entry, four_bit_source, full_precision_source
+from common.exports import choose_by_speed, file_entry, four_bit_source, full_precision_source
 from common.lifecycle import run_script, start_stage
 from common.models import architecture_record, check_matches_data, count_parameters, load_checkpoint_tokenizer, load_model
 from common.onnx_export import export_onnx, write_runtime_files
 from common.onnx_runtime import calibration_batches
-from common.openvino_runtime import OpenVinoClassifier, compress_weights_4bit, convert_onnx, quantize_int8
+from common.openvino_runtime import compress_weights_4bit, convert_onnx, quantize_int8
 from common.quantization import dequantize_4bit_model
+from common.runtime import ModelRuntime
 
 PLAIN_FILE, INT8_FILE, FOUR_BIT_FILE = "openvino_model.xml", "openvino_model_int8.xml", "openvino_model_4bit.xml"
 
@@ -65,8 +66,9 @@ def main(data_config: DataConfig, config: OpenVinoExportConfig) -> None:
             found["inputs"] = names
 
             def add(file_name: str, **fields) -> None:
-                validation, logits = evaluate_file(folder / file_name, loader)
-                precision = OpenVinoClassifier(folder / file_name).inference_precision
+                runtime = ModelRuntime(folder, file_name, verify=False)  # the folder is being written
+                logits, _ = runtime.logits(loader)
+                validation, precision = accuracy(logits, labels), runtime.graph.inference_precision
                 difference = float(np.abs(logits - torch_logits).max())
                 files[file_name] = file_entry(folder / file_name, validation, inference_precision=precision,
                                               max_abs_difference_vs_torch=difference, **fields)

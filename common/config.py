@@ -499,52 +499,60 @@ OPENVINO_WEIGHT_MODES = ("nf4", "int4_sym", "int4_asym")
 
 
 @dataclass
-class OpenVinoExportConfig(OutputFields):
-    """Stage 13: OpenVINO IR of the pruned model, NNCF post-training int8, and NNCF 4-bit weights of the QKD model."""
+class ExportFields(OutputFields):
+    """What the export stages (12: ONNX, 13: OpenVINO) share: their sources, the deployment choice, evaluation."""
 
     source_model_path: Optional[str] = _field(
-        None, "Full-precision checkpoint to convert (any stage: teacher, student, pruned). Default: the newest pruned run."
+        None, "Full-precision checkpoint to export (any stage: teacher, student, pruned). Default: the newest pruned run."
     )
     qkd_model_path: Optional[str] = _field(
-        None, "4-bit checkpoint whose weights NNCF compresses to 4 bits again (NF4, its own block size). Default: the "
-        "newest qkd_4bit run; none: no 4-bit file."
+        None, "4-bit checkpoint whose weights go into the export's 4-bit model (stage 12: its NF4/FP4 codes in ONNX; "
+        "stage 13: compressed again by NNCF). Default: the newest qkd_4bit run; none: no 4-bit model."
     )
-    export_4bit: bool = _field(True, "Also write the 4-bit file (openvino_model_4bit.xml) from the qkd_4bit checkpoint.")
-    weight_mode: str = _field(
-        "nf4", "NNCF 4-bit weight format of the 4-bit file: 'nf4' (the QKD codes' own format: with the QKD block size "
-        "it finds the trained codes again where a layer's width allows), 'int4_sym' or 'int4_asym'."
+    export_4bit: bool = _field(
+        True, "Also write the 4-bit model from the qkd_4bit checkpoint (stage 12: results/onnx_4bit/; stage 13: "
+        "openvino_model_4bit.xml)."
     )
-    calibration_samples: int = _field(300, "Validation examples NNCF calibrates the int8 model on.")
-    calibration_batch_size: int = _field(1, "Examples per calibration feed (NNCF counts subset_size in feeds).")
     deployment_tolerance: float = _field(
-        0.5, "Validation-accuracy band, in points, of the deployment choice: the fastest file within it of the most "
-        "accurate file is shipped."
+        0.5, "Validation-accuracy band, in points, of each export folder's deployment choice: the fastest file whose "
+        "validation accuracy is at most this far below the folder's most accurate file is shipped (about one standard "
+        "error of a paired accuracy difference on 1,275 validation examples)."
     )
     eval_batch_size: int = _field(64, "Evaluation batch size.")
-    num_threads: Optional[int] = _field(None, "OpenVINO inference threads in the speed comparison. Default: all cores.")
-
-    SMOKE_PROFILE: ClassVar[dict] = {"calibration_samples": 32}
+    num_threads: Optional[int] = _field(
+        None, "Threads of the export's speed comparisons (graph optimization, deployment choice). Default: all cores."
+    )
 
     def __post_init__(self) -> None:
-        _check_choice("weight_mode", self.weight_mode, OPENVINO_WEIGHT_MODES)
-        _check_positive("calibration_samples", self.calibration_samples)
-        _check_positive("calibration_batch_size", self.calibration_batch_size)
         _check_range("deployment_tolerance", self.deployment_tolerance, 0.0, 100.0)
         _check_positive("eval_batch_size", self.eval_batch_size)
         _check_positive("num_threads", self.num_threads, allow_none=True)
 
 
 @dataclass
-class OnnxExportConfig(OutputFields):
+class OpenVinoExportConfig(ExportFields):
+    """Stage 13: OpenVINO IR of the pruned model, NNCF post-training int8, and NNCF 4-bit weights of the QKD model."""
+
+    weight_mode: str = _field(
+        "nf4", "NNCF 4-bit weight format of the 4-bit file: 'nf4' (the QKD codes' own format: with the QKD block size "
+        "it finds the trained codes again where a layer's width allows), 'int4_sym' or 'int4_asym'."
+    )
+    calibration_samples: int = _field(300, "Validation examples NNCF calibrates the int8 model on.")
+    calibration_batch_size: int = _field(1, "Examples per calibration feed (NNCF counts subset_size in feeds).")
+
+    SMOKE_PROFILE: ClassVar[dict] = {"calibration_samples": 32}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("weight_mode", self.weight_mode, OPENVINO_WEIGHT_MODES)
+        _check_positive("calibration_samples", self.calibration_samples)
+        _check_positive("calibration_batch_size", self.calibration_batch_size)
+
+
+@dataclass
+class OnnxExportConfig(ExportFields):
     """Stage 12: ONNX export, ONNX Runtime int8 (dynamic and calibrated static) and 4-bit (MatMulBnb4) models."""
 
-    source_model_path: Optional[str] = _field(
-        None, "Full-precision checkpoint to export (any stage: teacher, student, pruned). Default: the newest pruned run."
-    )
-    qkd_model_path: Optional[str] = _field(
-        None, "4-bit checkpoint whose NF4/FP4 codes go into the 4-bit ONNX model. Default: the newest qkd_4bit run."
-    )
-    export_4bit: bool = _field(True, "Also write the 4-bit ONNX model (results/onnx_4bit/) from the qkd_4bit checkpoint.")
     calibration_methods: list[str] = _field(
         list(CALIBRATION_METHODS), "Static int8 calibrators to try, of 'minmax', 'percentile', 'entropy'; the best on validation is kept."
     )
@@ -552,24 +560,18 @@ class OnnxExportConfig(OutputFields):
     calibration_batch_size: int = _field(32, "Examples per calibration batch.")
     percentile: float = _field(99.999, "Percentile of the 'percentile' calibrator.")
     optimize_graph: bool = _field(
-        True, "Run ONNX Runtime's transformer optimizer (LayerNorm/Gelu fusions) before int8 quantization, kept only when "
-        "the interleaved benchmark shows it faster."
+        True, "Run ONNX Runtime's transformer optimizer (attention, LayerNorm and Gelu fusions) before dynamic int8 "
+        "quantization, kept only when exact and faster in the interleaved benchmark."
     )
     max_abs_difference: float = _field(1e-4, "Largest allowed |ONNX Runtime - torch| logit difference on validation.")
     embedding_quantization: str = _field(
         "int4", "'none', 'int8' or 'int4': row-wise storage of the word embeddings in the 4-bit ONNX model."
     )
-    deployment_tolerance: float = _field(
-        0.5, "Validation-accuracy band, in points, of each ONNX folder's deployment choice: the fastest file whose "
-        "validation accuracy is at most this far below the folder's most accurate file is shipped (about one standard "
-        "error of a paired accuracy difference on 1,275 validation examples)."
-    )
-    eval_batch_size: int = _field(64, "Evaluation batch size.")
-    num_threads: Optional[int] = _field(None, "Threads of the graph-optimization benchmark. Default: torch's default.")
 
     SMOKE_PROFILE: ClassVar[dict] = {"calibration_samples": 64}
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.calibration_methods:
             raise ValueError(f"calibration_methods is empty; choose some of {', '.join(CALIBRATION_METHODS)}.")
         for method in self.calibration_methods:
@@ -578,10 +580,7 @@ class OnnxExportConfig(OutputFields):
         _check_positive("calibration_batch_size", self.calibration_batch_size)
         _check_range("percentile", self.percentile, 90.0, 100.0, high_open=True)
         _check_positive("max_abs_difference", self.max_abs_difference)
-        _check_range("deployment_tolerance", self.deployment_tolerance, 0.0, 100.0)
         _check_choice("embedding_quantization", self.embedding_quantization, EMBEDDING_QUANT_CHOICES)
-        _check_positive("eval_batch_size", self.eval_batch_size)
-        _check_positive("num_threads", self.num_threads, allow_none=True)
 
 
 @dataclass

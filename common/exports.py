@@ -24,7 +24,7 @@ def full_precision_source(config):
     record = read_record(folder)
     if record.get("quantization") or record.get("embedding_quantization"):
         raise ValueError(
-            f"--source_model_path {folder} is a {record.get('stage')} checkpoint with quantized weights; the int8 export "
+            f"--source_model_path {folder} is a {record.get('stage')} checkpoint with quantized weights; the export "
             f"starts from full precision. Pass a teacher, student or pruned checkpoint (the 4-bit model is exported "
             f"from --qkd_model_path)."
         )

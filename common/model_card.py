@@ -84,9 +84,9 @@ def weight_bytes(record: dict) -> Optional[int]:
     """Bytes of the weights a user ships: the safetensors files, or an ONNX folder's deployment file."""
     manifest = record.get("manifest") or {}
     if record.get("stage") in stages.export_stages():
-        deployed = record.get("deployment_model") or ""
-        names = [deployed, deployed[: -len(".xml")] + ".bin"] if deployed.endswith(".xml") else [deployed]
-        entries = [manifest.get(name) for name in names]
+        from .runtime import graph_files
+
+        entries = [manifest.get(name) for name in graph_files(record.get("deployment_model") or "")]
         return sum(entry["bytes"] for entry in entries) if all(entries) else None
     sizes = [entry["bytes"] for name, entry in manifest.items() if name.endswith(".safetensors")]
     return sum(sizes) if sizes else None

@@ -40,6 +40,20 @@ def session_options(num_threads: Optional[int] = None, spinning: bool = True):
     return options
 
 
+def graph_feeds(input_names: list[str], batch: dict, model_name: str) -> dict:
+    """A batch of tokenizer outputs (tensors, arrays or lists) as int64 arrays for the graph's ``input_names``; a
+    missing ``token_type_ids`` is zeros (one segment). Shared by the ONNX Runtime and OpenVINO classifiers."""
+    feeds = {}
+    for name in input_names:
+        value = batch.get(name)
+        if value is None and name == "token_type_ids":
+            value = np.zeros_like(np.asarray(batch["input_ids"]))
+        if value is None:
+            raise ValueError(f"{model_name} needs the input {name!r}, which the batch lacks.")
+        feeds[name] = np.asarray(value.numpy() if hasattr(value, "numpy") else value, dtype=np.int64)
+    return feeds
+
+
 class OnnxClassifier:
     """Logits from an ONNX classifier for batches of ``input_ids``/``attention_mask``(/``token_type_ids``)."""
 
@@ -54,15 +68,7 @@ class OnnxClassifier:
         self.input_names = [item.name for item in self.session.get_inputs()]
 
     def feeds(self, batch: dict) -> dict:
-        feeds = {}
-        for name in self.input_names:
-            value = batch.get(name)
-            if value is None and name == "token_type_ids":
-                value = np.zeros_like(np.asarray(batch["input_ids"]))
-            if value is None:
-                raise ValueError(f"{self.path.name} needs the input {name!r}, which the batch lacks.")
-            feeds[name] = np.asarray(value.numpy() if hasattr(value, "numpy") else value, dtype=np.int64)
-        return feeds
+        return graph_feeds(self.input_names, batch, self.path.name)
 
     def logits(self, batch: dict) -> np.ndarray:
         return self.session.run(["logits"], self.feeds(batch))[0]

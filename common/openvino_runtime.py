@@ -60,15 +60,9 @@ class OpenVinoClassifier:
                 for port in self.compiled.outputs}
 
     def feeds(self, batch: dict) -> dict:
-        feeds = {}
-        for name in self.input_names:
-            value = batch.get(name)
-            if value is None and name == "token_type_ids":
-                value = np.zeros_like(np.asarray(batch["input_ids"]))
-            if value is None:
-                raise ValueError(f"{self.path.name} needs the input {name!r}, which the batch lacks.")
-            feeds[name] = np.asarray(value.numpy() if hasattr(value, "numpy") else value, dtype=np.int64)
-        return feeds
+        from .onnx_runtime import graph_feeds
+
+        return graph_feeds(self.input_names, batch, self.path.name)
 
     def run(self, feeds: dict) -> np.ndarray:
         """Logits of ready feeds (``feeds(batch)``), for the latency harness."""
@@ -128,11 +122,3 @@ def stored_constants(xml_path: Path) -> dict[str, tuple[tuple, int]]:
             element = op.get_output_element_type(0)
             result[op.get_friendly_name()] = (shape, int(np.prod(shape, dtype=np.int64) * element.bitwidth // 8))
     return result
-
-
-def predict_openvino(classifier: OpenVinoClassifier, loader) -> tuple[np.ndarray, np.ndarray]:
-    all_logits, all_labels = [], []
-    for batch in loader:
-        all_logits.append(classifier.logits(batch))
-        all_labels.append(batch["labels"].numpy())
-    return np.concatenate(all_logits), np.concatenate(all_labels)

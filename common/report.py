@@ -283,19 +283,18 @@ def check_entries(entries: list[ModelEntry], config, data_config, label_names: l
     of this data whose files are intact (a user-named ONNX file must fit the folder), and the benchmark sequence fits
     every model's position embeddings. A newest-run folder that fails is skipped and named in the report instead."""
     for entry in entries:
-        if entry.path is None:
-            continue
-        folder, record = _resolve(entry)
-        check_matches_data(folder, record, data_config, label_names)
-        if entry.onnx_file is not None:
-            open_onnx_file(folder, entry.onnx_file, spinning=False)
-        else:
-            checkpoints.verify_files(folder, record=record)
-    for entry in entries:
         try:
-            folder, _ = _resolve(entry)
+            folder, record = _resolve(entry)
         except (FileNotFoundError, ValueError):
-            continue  # reported as skipped later
+            if entry.path is not None:
+                raise
+            continue  # a newest-run folder: reported as skipped later
+        if entry.path is not None:
+            check_matches_data(folder, record, data_config, label_names)
+            if entry.onnx_file is not None:
+                open_onnx_file(folder, entry.onnx_file, spinning=False)
+            else:
+                checkpoints.verify_files(folder, record=record)
         config_path = folder / "config.json"
         limit = position_limit(json.loads(config_path.read_text())) if config_path.is_file() else None
         if limit is not None and config.latency_seq_length > limit:
