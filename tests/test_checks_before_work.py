@@ -133,9 +133,16 @@ def test_the_report_refuses_a_missing_extra_model_folder_at_parse_time(results_d
                                "--extra_models", f"Mine={tmp_path / 'nowhere'}", *data_args(stage_folders))
 
 
+def test_the_report_refuses_an_unknown_deployed_model_before_evaluating_anything(results_dir, stage_folders):
+    assert_refused_before_work(results_dir, "7_evaluate_and_generate_report.py", "deployed_model='Nope' is none of the",
+                               "--deployed_model", "Nope", *data_args(stage_folders))
+
+
 @pytest.mark.parametrize("script, args, expected", [
     ("scripts/benchmark_pruning.py", ["--steps", 2], "No complete teacher checkpoint"),
     ("scripts/benchmark_fusion.py", [], "No complete teacher checkpoint"),
+    ("scripts/benchmark_fusion.py", ["--rounds", 0], "--rounds 0 and --num_threads 2 must be positive"),
+    ("scripts/gpu_check.py", ["--time_limit_s", 0], "--time_limit_s 0.0 must be positive"),
     ("scripts/sweep.py", ["--sparsities", 0.5, "--extra", "--ffn_round_to", 0], "ffn_round_to=0"),
     ("scripts/ablation.py", ["--from_json", "--output_name", "never_ran"], "--from_json redraws"),
     ("scripts/benchmark_alignment.py", ["--heads", "8,x"], "--heads '8,x' must be positive integers"),
