@@ -25,6 +25,23 @@ logger = logging.getLogger(__name__)
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
+def return_freed_memory() -> None:
+    """Give the heap memory freed while a session loaded back to the system (glibc's ``malloc_trim``).
+
+    Folding a graph's constant decoding (the NF4-to-int8 file decodes its 4-bit codes when the session loads) frees
+    its intermediates, but glibc keeps the freed pages: measured on the default run's 5.6 MB file, 124 MB stayed
+    resident after loading, 19 MB after the trim (MatMulBnb4's file: 16 MB). Elsewhere (musl, macOS, Windows) this
+    does nothing."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 def session_options(num_threads: Optional[int] = None, spinning: bool = True):
     """``spinning=False`` stops idle worker threads from busy-waiting after a run: in a round-robin benchmark a
     spinning session would steal the cores from the model timed right after it."""
@@ -65,6 +82,7 @@ class OnnxClassifier:
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model {self.path} does not exist.")
         self.session = ort.InferenceSession(str(self.path), session_options(num_threads, spinning), providers=list(providers))
+        return_freed_memory()
         self.input_names = [item.name for item in self.session.get_inputs()]
 
     def feeds(self, batch: dict) -> dict:

@@ -29,26 +29,89 @@ def _core():
     return ov.Core()
 
 
+LENGTH_STEP = 16  # sequence lengths are padded up to a multiple of this, so a few static shapes cover every input
+STATIC_SHAPES = 12  # compiled static shapes kept per model (batch-1 buckets included); others run the dynamic one
+
+
+def padded_length(length: int) -> int:
+    return -(-max(length, 1) // LENGTH_STEP) * LENGTH_STEP
+
+
+def tokenizer_limits(folder: Path) -> tuple[Optional[int], int]:
+    """The truncation length and the padding id of the folder's ``tokenizer.json`` (None, 0 when it has none)."""
+    import json
+
+    try:
+        tokenizer = json.loads((Path(folder) / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, 0
+    truncation, padding = tokenizer.get("truncation") or {}, tokenizer.get("padding") or {}
+    return truncation.get("max_length"), int(padding.get("pad_id") or 0)
+
+
 class OpenVinoClassifier:
-    """Logits from an OpenVINO IR classifier (``model.xml`` + ``model.bin``) on the CPU."""
+    """Logits from an OpenVINO IR classifier (``model.xml`` + ``model.bin``) on the CPU.
+
+    The CPU plugin runs a model compiled for one static shape about twice as fast at batch 1 as the dynamic-shape
+    model, and the dynamic one pays 10-25 ms the first time it meets each new length (measured on the default run's
+    pruned int8 IR, 2 threads: static p50 0.51 / p95 0.76 ms against 1.13 / 1.37 ms warm and p95 25 ms cold). So
+    inputs are padded (masked, so the logits do not change) to a multiple of ``LENGTH_STEP`` tokens and run by a
+    model compiled for that shape: at batch 1 for every such length up to the folder's tokenizer truncation, compiled
+    when the classifier is made, and for other batch sizes on first use, up to ``STATIC_SHAPES`` shapes in all;
+    anything else runs the dynamic model. ``static_shapes=False`` runs everything dynamically.
+    """
 
     def __init__(self, path: str | Path, num_threads: Optional[int] = None, device: str = "CPU",
-                 precision: Optional[str] = None) -> None:
+                 precision: Optional[str] = None, static_shapes: bool = True) -> None:
         """``precision``: the CPU plugin's inference precision ('f32', 'bf16'); default: the plugin's choice."""
         self.path = Path(path)
         if not self.path.is_file() or not weights_file(self.path).is_file():
             raise FileNotFoundError(f"OpenVINO model {self.path} (with {weights_file(self.path).name}) does not exist.")
-        core = _core()
-        config = {"PERFORMANCE_HINT": "LATENCY"}
+        self._core, self.device = _core(), device
+        self._config = {"PERFORMANCE_HINT": "LATENCY"}
         if num_threads:
-            config["INFERENCE_NUM_THREADS"] = int(num_threads)
+            self._config["INFERENCE_NUM_THREADS"] = int(num_threads)
         if precision:
-            config["INFERENCE_PRECISION_HINT"] = precision
-        self.compiled = core.compile_model(core.read_model(str(self.path)), device, config)
+            self._config["INFERENCE_PRECISION_HINT"] = precision
+        self.compiled = self._core.compile_model(self._core.read_model(str(self.path)), device, self._config)
         self.request = self.compiled.create_infer_request()
         self.input_names = [port.get_any_name() for port in self.compiled.inputs]
         self.output_names = [port.get_any_name() for port in self.compiled.outputs]
         self.logits_port = next((port for port in self.compiled.outputs if "logits" in port.get_names()), self.compiled.outputs[0])
+        self.static_shapes = static_shapes
+        self._static: dict[tuple[int, int], object] = {}  # (batch, padded length) -> infer request
+        max_length, self.pad_id = tokenizer_limits(self.path.parent)
+        if static_shapes and max_length:
+            for length in range(LENGTH_STEP, padded_length(max_length) + 1, LENGTH_STEP):
+                if len(self._static) < STATIC_SHAPES:
+                    self._static[(1, length)] = self._compile_static(1, length)
+
+    def _compile_static(self, batch: int, length: int):
+        import openvino as ov
+
+        model = self._core.read_model(str(self.path))
+        model.reshape({name: ov.PartialShape([batch, length]) for name in self.input_names})
+        compiled = self._core.compile_model(model, self.device, self._config)
+        port = next((port for port in compiled.outputs if "logits" in port.get_names()), compiled.outputs[0])
+        return compiled.create_infer_request(), port
+
+    def _padded(self, feeds: dict) -> tuple[dict, object, object]:
+        """The feeds padded to their static shape, with the request and output port that run them."""
+        if not self.static_shapes or "attention_mask" not in feeds:  # padding is only invisible behind a mask
+            return feeds, self.request, self.logits_port
+        batch, length = np.shape(next(iter(feeds.values())))
+        shape = (int(batch), padded_length(int(length)))
+        if shape not in self._static:
+            if len(self._static) >= STATIC_SHAPES:
+                return feeds, self.request, self.logits_port
+            self._static[shape] = self._compile_static(*shape)
+        request, port = self._static[shape]
+        extra = shape[1] - int(length)
+        if extra:
+            fill = {"input_ids": self.pad_id}
+            feeds = {name: np.pad(value, ((0, 0), (0, extra)), constant_values=fill.get(name, 0))
+                     for name, value in feeds.items()}
+        return feeds, request, port
 
     @property
     def inference_precision(self) -> str:
@@ -66,7 +129,8 @@ class OpenVinoClassifier:
 
     def run(self, feeds: dict) -> np.ndarray:
         """Logits of ready feeds (``feeds(batch)``), for the latency harness."""
-        return self.request.infer(feeds)[self.logits_port]
+        feeds, request, port = self._padded(feeds)
+        return request.infer(feeds)[port]
 
     def logits(self, batch: dict) -> np.ndarray:
         return np.asarray(self.run(self.feeds(batch)), dtype=np.float32)

@@ -61,3 +61,21 @@ def test_nncf_int8_and_4bit_weights_stay_close_to_the_float_model(uneven_onnx):
     # 4-bit weights are smaller on disk than the fp32 IR's
     assert sum(size for _, size in stored_constants(folder / "nf4.xml").values()) < \
         sum(size for _, size in stored_constants(folder / "model.xml").values())
+
+
+def test_static_shapes_pad_behind_the_mask_and_give_the_dynamic_models_logits(uneven_onnx, tokenizer):
+    folder, _ = uneven_onnx
+    tokenizer.backend_tokenizer.enable_truncation(max_length=32)
+    tokenizer.save_pretrained(folder)  # tokenizer.json with a truncation of 32 tokens: batch-1 buckets 16 and 32
+    static = OpenVinoClassifier(folder / "model.xml", precision="f32")
+    dynamic = OpenVinoClassifier(folder / "model.xml", precision="f32", static_shapes=False)
+    assert sorted(static._static) == [(1, 16), (1, 32)] and not dynamic._static
+    for texts in (TEXTS[:1], TEXTS[1:2], TEXTS):  # batch 1 at two lengths, then a batch of 4 compiled on first use
+        batch = dict(batch_for(tokenizer, texts))
+        length = np.shape(batch["input_ids"])[1]
+        assert length % 16, "the test needs lengths that are padded"
+        np.testing.assert_allclose(static.logits(batch), dynamic.logits(batch), atol=1e-4)
+    assert (len(TEXTS), 16) in static._static
+    no_mask = {"input_ids": np.asarray(batch["input_ids"])}  # without a mask padding would change the result
+    feeds, request, _ = static._padded(no_mask)
+    assert feeds is no_mask and request is static.request
