@@ -15,16 +15,21 @@ Does:   1. exports the model to ONNX with its per-layer head counts and FFN widt
            once with every weight MatMul in int8 and once with the FFN output projections (fed by the GELU output)
            left in float; the candidate with the best validation accuracy is kept, all results are recorded;
         4. exports the QKD-4bit model with its trained NF4/FP4 codes and the word embeddings stored row-wise in int4
-           (--embedding_quantization), twice: model.onnx runs the codes exactly in ONNX Runtime's MatMulBnb4 op
+           (--embedding_quantization), three ways: model.onnx runs the codes exactly in ONNX Runtime's MatMulBnb4 op
            (checked against the torch 4-bit model: validation accuracy within 0.1 point); model_nf4_int8.onnx
            decodes them once, when the session loads, into per-channel int8 weights for int8 matrix products
-           (4-bit file size, int8 speed).
+           (4-bit file size, int8 speed); model_int4_nbits.onnx re-quantizes them to int4 blocks of 32 for
+           MatMulNBits with int8 compute (weights stay 4-bit in memory; embeddings in one GatherBlockQuantized).
+           The other float weights of these files (position table, pooler) are stored in int8 rows
+           (--int8_leftovers).
         5. chooses each folder's deployment model by accuracy and speed: the fastest file in an interleaved benchmark
-           (batch 32 x 64) among those within --deployment_tolerance validation points (0.5) of the folder's most
-           accurate file; the latencies and the reason are recorded.
+           (batch 32 x 64) among those within --deployment_tolerance validation points (0.5), or two standard errors
+           of the paired difference if larger, of the folder's most accurate file; the latencies and the reason are
+           recorded.
 Writes: results/onnx/<run_id>/       model.onnx, model_int8_dynamic.onnx, model_int8_static.onnx, config.json
                                      (id2label), tokenizer.json and the other tokenizer files, compression.json
-        results/onnx_4bit/<run_id>/  model.onnx (MatMulBnb4), model_nf4_int8.onnx, config.json, tokenizer, compression.json
+        results/onnx_4bit/<run_id>/  model.onnx (MatMulBnb4), model_nf4_int8.onnx, model_int4_nbits.onnx, config.json,
+                                     tokenizer, compression.json
         Both folders run with onnxruntime and the tokenizers library alone (see README, "Deploy").
 
 Run as:
@@ -63,6 +68,7 @@ from common.models import (
     load_model,
 )
 from common.onnx_export import (
+    compress_leftovers,
     export_onnx,
     ffn_output_matmuls,
     quantize_word_embeddings,
@@ -87,6 +93,12 @@ from common.quantization import (
 logger = logging.getLogger("12_export_onnx")
 STATIC_FILE, DYNAMIC_FILE, FP32_FILE = "model_int8_static.onnx", "model_int8_dynamic.onnx", "model.onnx"
 NF4_INT8_FILE = "model_nf4_int8.onnx"  # 4-bit codes on disk, decoded to int8 when ONNX Runtime loads the graph
+INT4_NBITS_FILE = "model_int4_nbits.onnx"  # int4 blocks re-quantized from the codes, MatMulNBits with int8 compute
+FOUR_BIT_FILES = (  # file, compute (onnx_export.use_bnb4_codes), what it holds, ONNX Runtime's embedding op
+    (FP32_FILE, "bnb4", "NF4/FP4 codes, MatMulBnb4 (exact)", False),
+    (NF4_INT8_FILE, "int8", "NF4/FP4 codes, int8 compute after load", False),
+    (INT4_NBITS_FILE, "nbits", "int4 blocks of 32 re-quantized from the codes, MatMulNBits int8 compute", True),
+)
 
 
 def export_int8_bundle(run, source: Path, source_record: dict, scratch: Path) -> Path:
@@ -97,10 +109,10 @@ def export_int8_bundle(run, source: Path, source_record: dict, scratch: Path) ->
     torch_logits, labels = predict(model, loader)
 
     def write_files(folder: Path) -> dict:
-        files = {}
+        files, correct = {}, {}
         names = export_onnx(model, tokenizer, folder / FP32_FILE, data_config.max_length)
         write_runtime_files(folder, tokenizer, model.config, data_config.max_length)
-        fp32_accuracy, fp32_logits = evaluate_file(folder / FP32_FILE, loader)
+        fp32_accuracy, fp32_logits, correct[FP32_FILE] = evaluate_file(folder / FP32_FILE, loader)
         difference = float(np.abs(fp32_logits - torch_logits).max())
         print(f"ONNX fp32: validation accuracy {fp32_accuracy:.4f} (torch {accuracy(torch_logits, labels):.4f}); "
               f"max |ORT - torch| logit difference {difference:.2e}")
@@ -118,7 +130,7 @@ def export_int8_bundle(run, source: Path, source_record: dict, scratch: Path) ->
             quantize_from, found["graph_optimization"] = optimized_if_faster(folder / FP32_FILE, scratch, model, loader, fp32_logits, config)
 
         quantize_dynamic_int8(quantize_from, folder / DYNAMIC_FILE)
-        dynamic_accuracy, _ = evaluate_file(folder / DYNAMIC_FILE, loader)
+        dynamic_accuracy, _, correct[DYNAMIC_FILE] = evaluate_file(folder / DYNAMIC_FILE, loader)
         files[DYNAMIC_FILE] = file_entry(folder / DYNAMIC_FILE, dynamic_accuracy, precision="int8 dynamic",
                                          quantized_from=quantize_from.name)
         print(f"ONNX Runtime dynamic int8: validation accuracy {dynamic_accuracy:.4f}")
@@ -138,8 +150,9 @@ def export_int8_bundle(run, source: Path, source_record: dict, scratch: Path) ->
                 name = method + variant
                 target = scratch / f"static_{name}.onnx"
                 details = quantize_static_int8(prepared, target, batches, method, config.percentile, keep_float, scratch)
-                static_accuracy, _ = evaluate_file(target, loader)
+                static_accuracy, _, static_correct = evaluate_file(target, loader)
                 calibrations[name] = {**details, "validation_accuracy": static_accuracy}
+                correct.setdefault("static", {})[name] = static_correct
                 print(f"ONNX Runtime static int8 ({method} calibration, {'FFN output projections in float' if keep_float else 'every weight MatMul in int8'}): "
                       f"validation accuracy {static_accuracy:.4f}")
         order = list(calibrations)  # on a tie the earlier (more quantized) candidate wins
@@ -148,7 +161,8 @@ def export_int8_bundle(run, source: Path, source_record: dict, scratch: Path) ->
         files[STATIC_FILE] = file_entry(folder / STATIC_FILE, calibrations[best]["validation_accuracy"],
                                         precision="int8 static QDQ", calibration=best, quantized_from=FP32_FILE)
         found["calibrations"] = calibrations
-        found.update(choose_by_speed(folder, files, model.config.vocab_size, config))
+        correct[STATIC_FILE] = correct.pop("static")[best]
+        found.update(choose_by_speed(folder, files, model.config.vocab_size, config, correct))
         found["metrics"] = {"validation": {"accuracy": files[found["deployment_model"]]["validation_accuracy"]},
                             "validation_fp32": {"accuracy": fp32_accuracy}}
         return found
@@ -166,7 +180,7 @@ def optimized_if_faster(plain: Path, scratch: Path, model, loader, fp32_logits, 
     """ONNX Runtime's transformer optimizer, kept only when it is exact and measurably faster."""
     optimized = scratch / "optimized.onnx"
     fusions = optimize_graph(plain, optimized)
-    _, logits = evaluate_file(optimized, loader)
+    _, logits, _ = evaluate_file(optimized, loader)
     difference = float(np.abs(logits - fp32_logits).max())
     speed = compare_speed({"plain": plain, "optimized": optimized}, model.config.vocab_size, config.num_threads)
     speedup = speed["optimized"]["speedup_vs_reference_median"]
@@ -195,30 +209,39 @@ def export_4bit_bundle(run, source: Path, source_record: dict, scratch: Path) ->
                          "blocksize": quantization["blocksize"], "codes": "the checkpoint's own"}
 
     def write_files(folder: Path) -> dict:
-        files = {}
+        files, correct = {}, {}
         found = {"quantization": onnx_quantization, "files": files}
         write_runtime_files(folder, tokenizer, plain.config, data_config.max_length)
-        for file_name, compute, precision in ((FP32_FILE, "bnb4", "NF4/FP4 codes, MatMulBnb4 (exact)"),
-                                              (NF4_INT8_FILE, "int8", "NF4/FP4 codes, int8 compute after load")):
+        for file_name, compute, precision, contrib_embeddings in FOUR_BIT_FILES:
             graph = onnx.load(str(scratch / "dequantized.onnx"))
             onnx_quantization["modules"] = use_bnb4_codes(graph, quantized, exported, compute)
+            embeddings = None
             if config.embedding_quantization != "none":
-                found["embedding_quantization"] = quantize_word_embeddings(
-                    graph, plain.get_input_embeddings().weight, EMBEDDING_BITS[config.embedding_quantization])
+                embeddings = quantize_word_embeddings(
+                    graph, plain.get_input_embeddings().weight, EMBEDDING_BITS[config.embedding_quantization],
+                    contrib_op=contrib_embeddings)
+                found.setdefault("embedding_quantization", embeddings)
+            if compute == "bnb4" and exact_embeddings:  # the exact file, checked before anything else is rounded
+                save_onnx(graph, scratch / "exact_4bit.onnx")
+                exact_accuracy, _, _ = evaluate_file(scratch / "exact_4bit.onnx", loader)
+                gap = 100 * abs(exact_accuracy - torch_accuracy)
+                if gap > 0.1:
+                    raise RuntimeError(
+                        f"The 4-bit ONNX model validates at {exact_accuracy:.4f} but the torch 4-bit model at "
+                        f"{torch_accuracy:.4f} ({gap:.2f} points apart, more than 0.1); the codes were not carried over "
+                        "faithfully. Nothing was saved."
+                    )
+            leftovers = compress_leftovers(graph) if config.int8_leftovers else {"int8_rows": []}
             save_onnx(graph, folder / file_name)
-            file_accuracy, logits = evaluate_file(folder / file_name, loader)
+            file_accuracy, logits, correct[file_name] = evaluate_file(folder / file_name, loader)
             difference = float(np.abs(logits - torch_logits).max())
-            print(f"ONNX 4-bit {file_name} ({precision}; embeddings {config.embedding_quantization}): validation accuracy "
-                  f"{file_accuracy:.4f} vs torch 4-bit {torch_accuracy:.4f}; max logit difference {difference:.2e}")
-            gap = 100 * abs(file_accuracy - torch_accuracy)
-            if compute == "bnb4" and exact_embeddings and gap > 0.1:
-                raise RuntimeError(
-                    f"The 4-bit ONNX model validates at {file_accuracy:.4f} but the torch 4-bit model at {torch_accuracy:.4f} "
-                    f"({gap:.2f} points apart, more than 0.1); the codes were not carried over faithfully. Nothing was saved."
-                )
+            print(f"ONNX 4-bit {file_name} ({precision}; embeddings {config.embedding_quantization}; int8 rows of "
+                  f"{len(leftovers['int8_rows'])} other weights): validation accuracy {file_accuracy:.4f} vs torch 4-bit "
+                  f"{torch_accuracy:.4f}; max logit difference {difference:.2e}")
             files[file_name] = file_entry(folder / file_name, file_accuracy, precision=precision,
-                                          max_abs_difference_vs_torch_4bit=difference)
-        found.update(choose_by_speed(folder, files, plain.config.vocab_size, config))
+                                          max_abs_difference_vs_torch_4bit=difference, embedding_quantization=embeddings,
+                                          int8_leftovers=leftovers["int8_rows"])
+        found.update(choose_by_speed(folder, files, plain.config.vocab_size, config, correct))
         found["metrics"] = {"validation": {"accuracy": files[found["deployment_model"]]["validation_accuracy"]},
                             "validation_torch_4bit": {"accuracy": torch_accuracy}}
         return found

@@ -59,6 +59,7 @@ def main(data_config: DataConfig, config: OpenVinoExportConfig) -> None:
 
         def write_files(folder: Path) -> dict:
             files: dict = {}
+            correct: dict = {}
             found = {"files": files, "torch_validation_accuracy": torch_accuracy}
             names = export_onnx(model, tokenizer, scratch / "model.onnx", data_config.max_length)
             write_runtime_files(folder, tokenizer, model.config, data_config.max_length)
@@ -69,6 +70,7 @@ def main(data_config: DataConfig, config: OpenVinoExportConfig) -> None:
                 runtime = ModelRuntime(folder, file_name, verify=False)  # the folder is being written
                 logits, _ = runtime.logits(loader)
                 validation, precision = accuracy(logits, labels), runtime.graph.inference_precision
+                correct[file_name] = logits.argmax(-1) == np.asarray(labels)
                 difference = float(np.abs(logits - torch_logits).max())
                 files[file_name] = file_entry(folder / file_name, validation, inference_precision=precision,
                                               max_abs_difference_vs_torch=difference, **fields)
@@ -89,7 +91,7 @@ def main(data_config: DataConfig, config: OpenVinoExportConfig) -> None:
                                                     qkd_record["quantization"]["blocksize"])
                 add(FOUR_BIT_FILE, precision=f"{config.weight_mode} weights (NNCF) of the QKD model",
                     quantization=compression, source=str(qkd_folder))
-            found.update(choose_by_speed(folder, files, model.config.vocab_size, config))
+            found.update(choose_by_speed(folder, files, model.config.vocab_size, config, correct))
             found["metrics"] = {"validation": {"accuracy": files[found["deployment_model"]]["validation_accuracy"]},
                                 "validation_torch": {"accuracy": torch_accuracy}}
             return found

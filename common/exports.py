@@ -31,9 +31,10 @@ def full_precision_source(config):
     return folder, record
 
 
-def evaluate_file(path: Path, loader) -> tuple[float, np.ndarray]:
+def evaluate_file(path: Path, loader) -> tuple[float, np.ndarray, np.ndarray]:
+    """Validation accuracy, logits and per-example correctness of one file of a folder being written."""
     logits, labels = ModelRuntime(path.parent, path.name, verify=False).logits(loader)  # the folder is being written
-    return accuracy(logits, labels), logits
+    return accuracy(logits, labels), logits, logits.argmax(-1) == np.asarray(labels)
 
 
 def file_entry(path: Path, validation_accuracy: float, **fields) -> dict:
@@ -49,14 +50,15 @@ def compare_speed(paths: dict[str, Path], vocab_size: int, num_threads, batch_si
     return interleaved_latency(runners, warmup=3, rounds=rounds, batch_size=batch_size, reference=next(iter(paths)))
 
 
-def choose_by_speed(folder: Path, files: dict, vocab_size: int, config) -> dict:
+def choose_by_speed(folder: Path, files: dict, vocab_size: int, config, correct: Optional[dict] = None) -> dict:
     """The folder's deployment model: the fastest file (interleaved benchmark, batch 32 x 64) whose validation accuracy
-    is within --deployment_tolerance points of the folder's most accurate file. Latencies go into ``files``."""
+    is within --deployment_tolerance points, or two paired standard errors (``correct``: {file: per-example bools}),
+    of the folder's most accurate file. Latencies go into ``files``."""
     speed = compare_speed({name: folder / name for name in files}, vocab_size, config.num_threads)
     for name, entry in files.items():
         entry.update(latency_ms_median=speed[name]["latency_ms_median"], latency_ms_p25=speed[name]["latency_ms_p25"],
                      latency_ms_p75=speed[name]["latency_ms_p75"])
-    chosen, reason = choose_deployment(files, config.deployment_tolerance)
+    chosen, reason = choose_deployment(files, config.deployment_tolerance, correct)
     print(f"Deployment model: {reason}")
     return {"deployment_model": chosen, "deployment_choice": reason}
 

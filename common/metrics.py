@@ -52,6 +52,17 @@ def agreement(predictions, reference_predictions, labels) -> dict:
             "examples": int(len(labels))}
 
 
+def paired_difference_se(correct_a, correct_b) -> float:
+    """Standard error of accuracy(a) - accuracy(b) measured on the same examples (``correct_*``: one bool per example).
+
+    Two models that agree on most examples differ by far less noise than two independent accuracy readings: only the
+    examples one gets right and the other wrong count. This is the noise a choice between them must allow for."""
+    a, b = np.asarray(correct_a, dtype=float), np.asarray(correct_b, dtype=float)
+    if a.shape != b.shape or a.size < 2:
+        raise ValueError(f"paired accuracies need the same examples, at least two: got {a.shape} and {b.shape}.")
+    return float((a - b).std(ddof=1) / np.sqrt(a.size))
+
+
 def bootstrap_intervals(predictions, labels, reference_predictions=None, resamples: int = BOOTSTRAP_RESAMPLES,
                         seed: int = 0) -> dict:
     """95% percentile-bootstrap intervals of the accuracy and, with ``reference_predictions``, of the retention

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -164,7 +165,9 @@ def _matmul_weights(graph) -> dict[str, tuple]:
     return found
 
 
-FOUR_BIT_COMPUTE = ("bnb4", "int8")
+FOUR_BIT_COMPUTE = ("bnb4", "int8", "nbits")
+NBITS_BLOCK = 32  # MatMulNBits block along the input dimension (ONNX Runtime's default for int4 weights)
+NBITS_ACCURACY_LEVEL = 4  # MatMulNBits: activations quantized to int8 per block, int8 dot products
 
 
 def use_bnb4_codes(onnx_model, quantized_model: nn.Module, dequantized_weights: dict[str, torch.Tensor],
@@ -172,6 +175,10 @@ def use_bnb4_codes(onnx_model, quantized_model: nn.Module, dequantized_weights: 
     """Store the trained bitsandbytes NF4/FP4 codes of every 4-bit Linear in the graph, in place of its weight.
 
     ``compute='bnb4'``: ONNX Runtime's ``MatMulBnb4`` runs the codes as they are (exactly the torch 4-bit model).
+    ``compute='nbits'``: ONNX Runtime's ``MatMulNBits`` with int8 compute (``accuracy_level`` 4) on 4-bit weights
+    that stay packed in memory. Its format is uniform int4 with one scale per ``NBITS_BLOCK`` inputs, which cannot
+    hold an NF4/FP4 codebook, so the decoded 4-bit weights are re-quantized to it (symmetric, round to nearest): close
+    to the trained codes, not equal to them.
     ``compute='int8'``: the file still holds only the 4-bit codes and block scales, but the graph decodes them
     (codebook lookup, times the block absmax) and quantizes the result per output channel to int8 for
     ``DynamicQuantizeMatMul``; every input of that decoding is a constant, so ONNX Runtime folds it once when the
@@ -193,7 +200,7 @@ def use_bnb4_codes(onnx_model, quantized_model: nn.Module, dequantized_weights: 
     replaced, missing = [], []
     for name, module in quantized_model.named_modules():
         eight_bit = isinstance(module, Int8WeightLinear)
-        if not isinstance(module, bnb.nn.Linear4bit) and not (eight_bit and compute == "int8"):
+        if not isinstance(module, bnb.nn.Linear4bit) and not (eight_bit and compute != "bnb4"):
             continue  # mixed precision's 8-bit layers stay float MatMuls of their int8 values in the exact graph
         match = by_weight.get(_fingerprint(dequantized_weights[name].numpy()))
         if match is None:
@@ -203,7 +210,7 @@ def use_bnb4_codes(onnx_model, quantized_model: nn.Module, dequantized_weights: 
         if eight_bit:
             nodes, initializers = _int8_rows_nodes(name, node, module)
         else:
-            build = _bnb4_nodes if compute == "bnb4" else _nf4_as_int8_nodes
+            build = {"bnb4": _bnb4_nodes, "int8": _nf4_as_int8_nodes, "nbits": _nbits_nodes}[compute]
             nodes, initializers = build(name, node, module.weight, dequantized_weights[name])
         position = list(graph.node).index(node)
         graph.node.remove(node)
@@ -213,22 +220,25 @@ def use_bnb4_codes(onnx_model, quantized_model: nn.Module, dequantized_weights: 
         replaced.append(name)
     if missing:
         raise RuntimeError(f"No MatMul in the exported graph holds the weight of {missing}; the 4-bit export is incomplete.")
-    if compute == "int8":
+    if compute != "bnb4":
         _fold_bias_adds(graph)
     _add_opset(onnx_model, "com.microsoft", 1)
     _drop_unused_initializers(graph)
     return replaced
 
 
+BIAS_INPUT = {"DynamicQuantizeMatMul": 4, "MatMulNBits": 5}  # where each op takes an optional bias
+
+
 def _fold_bias_adds(graph) -> None:
-    """Move each ``Add(DynamicQuantizeMatMul(x), bias)`` into the op's own bias input: one pass over the output
-    instead of two (the separate Adds took about a tenth of the int8 model's time)."""
+    """Move each ``Add(DynamicQuantizeMatMul(x), bias)`` (or ``MatMulNBits``) into the op's own bias input: one pass
+    over the output instead of two (the separate Adds took about a tenth of the int8 model's time)."""
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    for node in [n for n in graph.node if n.op_type == "DynamicQuantizeMatMul" and len(n.input) == 4]:
+    for node in [n for n in graph.node if n.op_type in BIAS_INPUT and len(n.input) <= BIAS_INPUT[n.op_type]]:
         users = consumers.get(node.output[0], [])
         if len(users) != 1 or users[0].op_type != "Add":
             continue
@@ -237,6 +247,7 @@ def _fold_bias_adds(graph) -> None:
                      and len(initializers[name].dims) == 1), None)
         if bias is None:
             continue
+        node.input.extend([""] * (BIAS_INPUT[node.op_type] - len(node.input)))  # skipped optional inputs
         node.input.append(bias)
         node.output[0] = add.output[0]
         graph.node.remove(add)
@@ -313,6 +324,39 @@ def _nf4_as_int8_nodes(name: str, node, weight, dequantized: torch.Tensor) -> tu
     return nodes, initializers
 
 
+def int4_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Symmetric int4 of ``weight`` [out, in] with one scale per ``block`` inputs of each output (the input padded with
+    zeros to whole blocks), in ``MatMulNBits``' layout: codes + 8 packed two per byte, low nibble first, as
+    [out, blocks, block / 2] uint8; scales [out, blocks] float32. Also returns the weight the codes stand for."""
+    out_features, in_features = weight.shape
+    blocks = -(-in_features // block)
+    padded = np.zeros((out_features, blocks * block), np.float32)
+    padded[:, :in_features] = weight
+    grouped = padded.reshape(out_features, blocks, block)
+    scales = np.maximum(np.abs(grouped).max(axis=-1) / 7.0, 1e-12).astype(np.float32)
+    codes = np.clip(np.round(grouped / scales[..., None]), -7, 7).astype(np.int8)
+    unsigned = (codes + 8).astype(np.uint8)
+    packed = (unsigned[..., 0::2] | (unsigned[..., 1::2] << 4)).astype(np.uint8)
+    represented = (codes.astype(np.float32) * scales[..., None]).reshape(out_features, -1)[:, :in_features]
+    return packed, scales, represented
+
+
+def _nbits_nodes(name: str, node, _weight, dequantized: torch.Tensor) -> tuple[list, list]:
+    from onnx import helper
+    from onnx.numpy_helper import from_array
+
+    out_features, in_features = dequantized.shape
+    packed, scales, _ = int4_blocks(dequantized.numpy(), NBITS_BLOCK)
+    p = f"{name}."
+    initializers = [from_array(packed, p + "int4"), from_array(scales.reshape(-1), p + "int4_scale")]
+    matmul = helper.make_node(
+        "MatMulNBits", [node.input[0], p + "int4", p + "int4_scale"], list(node.output), name=f"{name}.MatMulNBits",
+        domain="com.microsoft", K=in_features, N=out_features, bits=4, block_size=NBITS_BLOCK,
+        accuracy_level=NBITS_ACCURACY_LEVEL,
+    )
+    return [matmul], initializers
+
+
 def _int8_rows_nodes(name: str, node, module) -> tuple[list, list]:
     """A layer that mixed precision kept at 8 bits: its own int8 row codes and scales feed DynamicQuantizeMatMul
     directly (per-output-channel symmetric int8 is that op's weight format, so nothing is re-quantized)."""
@@ -330,16 +374,22 @@ def _int8_rows_nodes(name: str, node, module) -> tuple[list, list]:
     return [matmul], initializers
 
 
-def quantize_word_embeddings(onnx_model, weight: torch.Tensor, bits: int) -> dict:
+def gather_block(columns: int) -> Optional[int]:
+    """The block ``GatherBlockQuantized`` can use for rows of ``columns`` values: the largest power of two from 16 to
+    128 that divides them (the op takes no other sizes), or None."""
+    return next((block for block in (128, 64, 32, 16) if columns % block == 0), None)
+
+
+def quantize_word_embeddings(onnx_model, weight: torch.Tensor, bits: int, contrib_op: bool = False) -> dict:
     """Replace the Gather over the float word-embedding table by int8/int4 row codes and per-row scales.
 
-    Only the rows of the tokens in a batch are dequantized (Gather, then unpack, Cast and Mul), so the float
-    table never exists at run time. Returns a record of what was stored.
+    Only the rows of the tokens in a batch are dequantized (Gather, then unpack, Cast and Mul, standard ops that any
+    runtime runs), so the float table never exists at run time. ``contrib_op`` (int4 only): one ONNX Runtime
+    ``GatherBlockQuantized`` node does all of it instead; its blocks are powers of two, so each row's scale is
+    repeated over the row's blocks and the codes are the same as the standard-op graph's. Returns a record of what
+    was stored.
     """
     import onnx
-    from onnx import TensorProto, helper
-
-    from .quantization import quantize_rows
 
     graph = onnx_model.graph
     initializers = _initializers(graph)
@@ -351,9 +401,39 @@ def quantize_word_embeddings(onnx_model, weight: torch.Tensor, bits: int) -> dic
     )
     if gather is None:
         raise RuntimeError("The exported graph has no Gather over the word-embedding table; cannot quantize it.")
-    codes, scale = quantize_rows(weight.detach().float(), bits)
-    prefix = "word_embeddings"
+    return _quantize_gather(onnx_model, gather, weight.detach().float(), bits, "word_embeddings", contrib_op)
+
+
+def _quantize_gather(onnx_model, gather, weight: torch.Tensor, bits: int, prefix: str, contrib_op: bool = False) -> dict:
+    """Replace ``gather`` (over the table ``weight``) by row-wise int8/int4 codes dequantized after the Gather."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from .quantization import quantize_rows
+
+    graph = onnx_model.graph
+    codes, scale = quantize_rows(weight, bits)
     rows, columns = weight.shape
+    block = gather_block(columns) if contrib_op and bits == 4 else None
+    if contrib_op and block is None:
+        logger.warning("GatherBlockQuantized takes int4 rows in blocks of 16-128 values; %d-bit rows of %d values are "
+                       "stored with standard ops instead.", bits, columns)
+    if block is not None:
+        high, low = (codes >> 4) & 0xF, codes & 0xF  # quantize_rows packs the high nibble first; the op reads low first
+        packed = (high | (low << 4)).to(torch.uint8).numpy()
+        scales = np.repeat(scale.numpy().reshape(-1, 1), columns // block, axis=1)
+        node = helper.make_node("GatherBlockQuantized", [f"{prefix}.int4", gather.input[1], f"{prefix}.int4_scale"],
+                                list(gather.output), name=f"{prefix}.GatherBlockQuantized", domain="com.microsoft",
+                                gather_axis=0, quantize_axis=1, block_size=block, bits=4)
+        position = list(graph.node).index(gather)
+        graph.node.remove(gather)
+        graph.node.insert(position, node)
+        graph.initializer.extend([onnx.numpy_helper.from_array(packed, f"{prefix}.int4"),
+                                  onnx.numpy_helper.from_array(scales, f"{prefix}.int4_scale")])
+        _add_opset(onnx_model, "com.microsoft", 1)
+        _drop_unused_initializers(graph)
+        return {"method": "int4", "shape": [rows, columns], "row_wise": True, "op": "GatherBlockQuantized",
+                "block_size": block}
     new_initializers = [
         onnx.numpy_helper.from_array(codes.numpy(), f"{prefix}.codes"),
         onnx.numpy_helper.from_array(scale.numpy().reshape(-1, 1), f"{prefix}.scale"),
@@ -398,6 +478,75 @@ def quantize_word_embeddings(onnx_model, weight: torch.Tensor, bits: int) -> dic
     return {"method": f"int{bits}", "shape": [rows, columns], "row_wise": True}
 
 
+LEFTOVER_MIN_ELEMENTS = 16384  # float tables and matrices at least this large are stored in int8 by compress_leftovers
+
+
+def compress_leftovers(onnx_model, min_elements: int = LEFTOVER_MIN_ELEMENTS) -> dict:
+    """Store the float weights a 4-bit export still holds in int8 rows: the embedding tables other than the word
+    embeddings (positions) and the matrices outside the encoder (BERT's pooler). In the default run's 4-bit file they
+    were 1.4 of its 5.5 MB. Tables keep their Gather (only the gathered rows are dequantized); a matrix is stored in
+    per-output-channel int8 and decoded in front of its op. Weights under ``min_elements`` (the classifier, LayerNorms,
+    biases) stay in float. Returns ``{"int8_rows": [names]}``."""
+    import onnx
+
+    graph = onnx_model.graph
+    initializers = _initializers(graph)
+
+    def large_float(name):
+        tensor = initializers.get(name)
+        return (tensor is not None and tensor.data_type == onnx.TensorProto.FLOAT and len(tensor.dims) == 2
+                and int(np.prod(tensor.dims)) >= min_elements)
+
+    compressed = []
+    for node in list(graph.node):
+        if node.op_type == "Gather" and large_float(node.input[0]):
+            table = torch.from_numpy(onnx.numpy_helper.to_array(initializers[node.input[0]]).copy())
+            _quantize_gather(onnx_model, node, table, 8, _safe_prefix(node.input[0]))
+            compressed.append(node.input[0])
+        elif node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and large_float(node.input[1]):
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if node.op_type == "Gemm" and (attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0
+                                           or attributes.get("beta", 1.0) != 1.0):
+                continue
+            name = node.input[1]
+            matrix = onnx.numpy_helper.to_array(initializers[name])
+            _int8_matmul(graph, node, matrix if attributes.get("transB", 0) else matrix.T, _safe_prefix(name))
+            compressed.append(name)
+    if compressed:
+        _add_opset(onnx_model, "com.microsoft", 1)
+        _drop_unused_initializers(graph)
+    return {"int8_rows": compressed}
+
+
+def _safe_prefix(name: str) -> str:
+    return name.strip("/").replace("/", ".") + ".int8"
+
+
+def _int8_matmul(graph, node, weight: np.ndarray, prefix: str) -> None:
+    """Store the weight of ``node`` (a MatMul or Gemm by ``weight`` [out, in]) as per-output-channel int8, decoded by
+    ``Cast`` and ``Mul`` in front of the same op (folded into a float weight when the session loads), so the compute
+    stays float and the file equals torch with the same rounded weight. (ONNX Runtime fuses a ``DequantizeLinear``
+    there into an int8 product with activations quantized per batch, which is not that model.)"""
+    from onnx import TensorProto, helper
+    from onnx.numpy_helper import from_array
+
+    from .quantization import quantize_rows
+
+    codes, scale = quantize_rows(torch.tensor(np.asarray(weight, dtype=np.float32)), 8)
+    graph.initializer.extend([from_array(codes.numpy().T.copy(), prefix + ".weight"),
+                              from_array(scale.numpy().reshape(1, -1), prefix + ".scale")])
+    decode = [helper.make_node("Cast", [prefix + ".weight"], [prefix + ".as_float"], to=TensorProto.FLOAT),
+              helper.make_node("Mul", [prefix + ".as_float", prefix + ".scale"], [prefix + ".decoded"])]
+    if node.op_type == "Gemm":  # the decoded weight is [in, out]
+        for attribute in node.attribute:
+            if attribute.name == "transB":
+                attribute.i = 0
+    node.input[1] = prefix + ".decoded"
+    position = list(graph.node).index(node)
+    for offset, new_node in enumerate(decode):
+        graph.node.insert(position + offset, new_node)
+
+
 def _add_opset(onnx_model, domain: str, version: int) -> None:
     import onnx
 
@@ -436,5 +585,5 @@ def write_runtime_files(folder: Path, tokenizer, model_config, max_length: int) 
     backend.save(str(path))
 
 
-__all__ = ["export_onnx", "ffn_output_matmuls", "input_names", "quantize_word_embeddings", "save_onnx", "use_bnb4_codes", "write_runtime_files"]
+__all__ = ["compress_leftovers", "export_onnx", "ffn_output_matmuls", "int4_blocks", "input_names", "quantize_word_embeddings", "save_onnx", "use_bnb4_codes", "write_runtime_files"]
 

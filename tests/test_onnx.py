@@ -13,7 +13,16 @@ import pytest
 import torch
 
 from common.config import PruningConfig, PTQConfig
-from common.onnx_export import _fingerprint, export_onnx, ffn_output_matmuls, quantize_word_embeddings, save_onnx, use_bnb4_codes, write_runtime_files
+from common.onnx_export import (
+    _fingerprint,
+    export_onnx,
+    ffn_output_matmuls,
+    int4_blocks,
+    quantize_word_embeddings,
+    save_onnx,
+    use_bnb4_codes,
+    write_runtime_files,
+)
 from common.onnx_runtime import (
     CALIBRATION_METHODS,
     OnnxClassifier,
@@ -24,7 +33,13 @@ from common.onnx_runtime import (
     quantize_static_int8,
 )
 from common.pruning import StructuralPruner
-from common.quantization import dequantize_4bit_exact, dequantize_4bit_model, fake_quantize_rows, quantize_model_4bit
+from common.quantization import (
+    dequantize_4bit_exact,
+    dequantize_4bit_model,
+    dequantized_linear_weights,
+    fake_quantize_rows,
+    quantize_model_4bit,
+)
 from conftest import NEGATIVE, NEUTRAL, POSITIVE, PROJECT_ROOT, tiny_bert_config, tiny_distilbert_config, tiny_model
 
 TEXTS = ["great film and fun story", "dull boring plot", "the actor was charming", "a movie", "weak script and flat ending",
@@ -159,6 +174,92 @@ def test_bnb4_export_runs_the_trained_codes(tokenizer, tmp_path):
         assert not any(t.dims == list(embeddings.shape) and t.data_type == onnx.TensorProto.FLOAT for t in variant.graph.initializer)
 
 
+def test_matmulnbits_export_stores_int4_blocks_and_stays_close_to_the_torch_4bit_model(tokenizer, tmp_path):
+    """MatMulNBits holds uniform int4 blocks, so the NF4 weights are re-quantized: with float compute the file is
+    exactly a model with those int4 weights; int8 compute (accuracy_level 4) moves its logits by under 2% of the
+    largest, and the file is as close to the torch 4-bit model (within 1.5x) as that model is to the float one. Its int4 embeddings in one GatherBlockQuantized node equal the standard-op ones."""
+    import bitsandbytes as bnb
+
+    model = pruned_model(tiny_bert_config(layers=2, hidden=128, heads=4, ffn=256))
+    with torch.no_grad():  # distinct biases: the exporter shares equal (zero) ones, which then cannot be folded
+        for name, parameter in model.named_parameters():
+            if name.endswith("dense.bias") or name.endswith(("query.bias", "key.bias", "value.bias")):
+                parameter.normal_(0, 0.02)
+    quantized = copy.deepcopy(model)
+    quantize_model_4bit(quantized, PTQConfig(blocksize=64, double_quant=True))
+    weights = {n: dequantize_4bit_exact(m.weight) for n, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    plain = dequantize_4bit_model(copy.deepcopy(quantized))
+    names = export_onnx(plain, tokenizer, tmp_path / "plain.onnx")
+    exported = onnx.load(str(tmp_path / "plain.onnx"))
+    assert sorted(use_bnb4_codes(exported, quantized, weights, compute="nbits")) == sorted(weights)
+    nodes = [node for node in exported.graph.node if node.op_type == "MatMulNBits"]
+    assert len(nodes) == len(weights)
+    assert all(len(node.input) == 6 for node in nodes), "the bias Adds are folded into the op"
+    assert {onnx.helper.get_attribute_value(a) for n in nodes for a in n.attribute if a.name == "accuracy_level"} == {4}
+    initializers = {tensor.name for tensor in exported.graph.initializer}
+    assert not any(node.op_type == "MatMul" and node.input[1] in initializers for node in exported.graph.node)
+    save_onnx(exported, tmp_path / "nbits.onnx")
+
+    represented = copy.deepcopy(plain)  # the float model of exactly the stored int4 blocks
+    with torch.no_grad():
+        for name, weight in weights.items():
+            represented.get_submodule(name).weight.copy_(torch.from_numpy(int4_blocks(weight.numpy(), 32)[2]))
+    float_compute = copy.deepcopy(exported)
+    for node in float_compute.graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
+                attribute.i = 0
+    save_onnx(float_compute, tmp_path / "nbits_float.onnx")
+    expected, batch = torch_logits(represented, tokenizer, TEXTS, names)
+    np.testing.assert_allclose(OnnxClassifier(tmp_path / "nbits_float.onnx").logits(batch), expected, atol=1e-4, rtol=0)
+    torch_4bit, _ = torch_logits(quantized, tokenizer, TEXTS, names)
+    logits = OnnxClassifier(tmp_path / "nbits.onnx").logits(batch)
+    assert np.abs(logits - expected).max() < 0.02 * np.abs(expected).max()  # int8 activations: small on top
+    # re-quantizing the NF4 weights to int4 moves the logits no further than the NF4 quantization itself did
+    full_precision, _ = torch_logits(model, tokenizer, TEXTS, names)
+    assert np.abs(logits - torch_4bit).max() <= 1.5 * np.abs(full_precision - torch_4bit).max()
+
+    embeddings = plain.get_input_embeddings().weight
+    standard, contrib = copy.deepcopy(exported), copy.deepcopy(exported)
+    quantize_word_embeddings(standard, embeddings, 4)
+    record = quantize_word_embeddings(contrib, embeddings, 4, contrib_op=True)
+    assert record["op"] == "GatherBlockQuantized" and record["block_size"] == 128
+    assert [node.op_type for node in contrib.graph.node].count("GatherBlockQuantized") == 1
+    save_onnx(standard, tmp_path / "standard.onnx")
+    save_onnx(contrib, tmp_path / "contrib.onnx")
+    np.testing.assert_allclose(OnnxClassifier(tmp_path / "contrib.onnx").logits(batch),
+                               OnnxClassifier(tmp_path / "standard.onnx").logits(batch), atol=1e-5, rtol=0)
+
+
+def test_leftover_float_weights_are_stored_in_int8_rows_and_computed_in_float(tokenizer, tmp_path):
+    from common.onnx_export import compress_leftovers
+
+    model = pruned_model(tiny_bert_config(layers=2, hidden=128, heads=4, ffn=256))  # positions 64 x 128, pooler 128 x 128
+    quantized = copy.deepcopy(model)
+    quantize_model_4bit(quantized, PTQConfig(blocksize=64, double_quant=True))
+    plain = dequantize_4bit_model(copy.deepcopy(quantized))
+    names = export_onnx(plain, tokenizer, tmp_path / "model.onnx")
+    exported = onnx.load(str(tmp_path / "model.onnx"))
+    use_bnb4_codes(exported, quantized, dequantized_linear_weights(quantized))
+    embeddings = plain.get_input_embeddings().weight
+    quantize_word_embeddings(exported, embeddings, 4)
+    save_onnx(exported, tmp_path / "4bit.onnx")
+    record = compress_leftovers(exported, min_elements=8192)
+    save_onnx(exported, tmp_path / "compact.onnx")
+    assert sorted(name.split(".")[-2] for name in record["int8_rows"]) == ["dense", "position_embeddings"]
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) >= 8192 for t in exported.graph.initializer)
+    assert not any(node.op_type == "DynamicQuantizeMatMul" for node in exported.graph.node), "activations stay float"
+    reference = copy.deepcopy(quantized)  # the same weights rounded the same way, in torch
+    with torch.no_grad():
+        reference.get_input_embeddings().weight.copy_(fake_quantize_rows(embeddings, 4))
+        for table in (reference.bert.embeddings.position_embeddings.weight, reference.bert.pooler.dense.weight):
+            table.copy_(fake_quantize_rows(table, 8))
+    expected, batch = torch_logits(reference, tokenizer, TEXTS, names)
+    np.testing.assert_allclose(OnnxClassifier(tmp_path / "compact.onnx").logits(batch), expected, atol=1e-4, rtol=0)
+    assert (tmp_path / "compact.onnx").stat().st_size < (tmp_path / "4bit.onnx").stat().st_size - 40_000
+    assert compress_leftovers(exported, min_elements=8192) == {"int8_rows": []}  # nothing float and large is left
+
+
 def readme_snippet(title: str) -> str:
     text = (PROJECT_ROOT / "README.md").read_text()
     match = re.search(rf"<!-- {title} -->\s*```python\n(.*?)```", text, re.S)
@@ -279,6 +380,32 @@ def test_the_deployment_model_is_the_fastest_file_within_the_noise_of_the_best()
     assert "within 0.5 validation points" in reason and "model_int8_static.onnx 84.80% / 25.0 ms" in reason
     assert choose_deployment(files, tolerance_points=0.3)[0] == "model_int8_static.onnx"  # dynamic is now too far below
     assert choose_deployment(files, tolerance_points=0.0)[0] == "model.onnx"
+
+
+def test_the_deployment_band_widens_to_the_paired_noise_of_files_that_flip_borderline_examples():
+    from common.metrics import paired_difference_se
+    from common.onnx_runtime import choose_deployment
+
+    best = np.ones(1000, bool)
+    best[:150] = False  # 85.0%
+    flipping = best.copy()
+    flipping[150:180], flipping[:22] = False, True  # 30 right answers lost, 22 gained: 84.2%, 52 examples differ
+    same_but_one = best.copy()
+    same_but_one[150:158] = False  # 8 lost, nothing gained: 84.2%, 8 examples differ
+    se = paired_difference_se(flipping, best)
+    assert se == pytest.approx(np.sqrt((52 - 1000 * 0.008 ** 2) / 999 / 1000), rel=1e-9)  # 22 +1s, 30 -1s, mean -0.008
+    files = {"model.onnx": {"validation_accuracy": 0.850, "latency_ms_median": 30.0},
+             "flipping.onnx": {"validation_accuracy": 0.842, "latency_ms_median": 10.0},
+             "same_but_one.onnx": {"validation_accuracy": 0.842, "latency_ms_median": 12.0}}
+    correct = {"model.onnx": best, "flipping.onnx": flipping, "same_but_one.onnx": same_but_one}
+    assert choose_deployment(dict(files), 0.5)[0] == "model.onnx"  # both are 0.8 points below: outside a fixed 0.5
+    chosen, reason = choose_deployment(files, 0.5, correct)
+    assert chosen == "flipping.onnx" and "2 paired standard errors" in reason  # 2 SE = 1.44 points > 0.8
+    assert files["same_but_one.onnx"]["paired_noise_points"] < 0.8  # 8 consistent losses: a real difference
+    del files["flipping.onnx"], correct["flipping.onnx"]
+    assert choose_deployment(files, 0.5, correct)[0] == "model.onnx"
+    with pytest.raises(ValueError, match="same examples"):
+        paired_difference_se(best, best[:10])
 
 
 def test_predict_batches_texts_by_length_and_keeps_their_order(tokenizer, results_dir):
