@@ -176,8 +176,10 @@ def test_onnx_stage_folders(pipeline_run):
     exact = record_4bit["files"]["model.onnx"]
     assert exact["validation_accuracy"] == pytest.approx(record_4bit["metrics"]["validation_torch_4bit"]["accuracy"], abs=1e-3)
     assert exact["max_abs_difference_vs_torch_4bit"] < 1e-4
-    assert record_4bit["deployment_model"] in ("model.onnx", "model_nf4_int8.onnx")
-    assert (folder_4bit / "model_nf4_int8.onnx").is_file()
+    assert record_4bit["deployment_model"] in ("model.onnx", "model_nf4_int8.onnx", "model_int4_nbits.onnx")
+    for name in ("model_nf4_int8.onnx", "model_int4_nbits.onnx"):
+        assert (folder_4bit / name).is_file() and "int8_leftovers" in record_4bit["files"][name]
+    assert record_4bit["files"]["model_int4_nbits.onnx"]["embedding_quantization"]["op"] == "GatherBlockQuantized"
     assert (pruned / "modeling_pruned.py").is_file(), "pruned checkpoints ship their stock-transformers loader"
 
 

@@ -78,6 +78,7 @@ def test_report_with_missing_and_corrupt_checkpoints(report_results):
         "Pruned Student (FP32)", "Pruned + Quantized Student (PTQ)", "Pruned + QKD-4bit (QAT)", "Int8 CPU deployment (torch)",
         "Pruned, ONNX Runtime FP32", "Pruned, ONNX Runtime int8 dynamic", "Pruned, ONNX Runtime int8 static",
         "QKD-4bit, ONNX Runtime NF4 (MatMulBnb4)", "QKD-4bit, ONNX Runtime NF4 codes, int8 compute",
+        "QKD-4bit, ONNX Runtime int4 MatMulNBits, int8 compute",
         "Pruned, OpenVINO", "Pruned, OpenVINO + NNCF int8", "QKD-4bit, OpenVINO NNCF 4-bit weights",
     }
     assert "FileNotFoundError" in skipped["Pruned + QKD-4bit (QAT)"]
