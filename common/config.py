@@ -222,6 +222,35 @@ class DistillationWeights:
         _check_positive("temperature", self.temperature)
 
 
+UNLABELED_TRAIN_REST = "train_rest"
+
+
+@dataclass
+class UnlabeledFields:
+    """Distillation on texts without labels (stages 2, 8 and 10): the teacher's outputs are their only target."""
+
+    unlabeled_dataset: Optional[str] = _field(
+        None, "Texts the student learns from the teacher alone, without labels: a local CSV/JSON(L) file or a hub "
+        "dataset with the text column(s) of --dataset (--text_column, --text_pair_column), or 'train_rest': the rows of "
+        "the training split beyond --max_train_samples, their labels unused. Rows whose text is also in the validation "
+        "or test split are dropped. Default: none.",
+    )
+    max_unlabeled_samples: Optional[int] = _field(None, "Use at most this many unlabelled rows. Default: all.")
+
+    def __post_init__(self) -> None:
+        _check_positive("max_unlabeled_samples", self.max_unlabeled_samples, allow_none=True)
+        if self.unlabeled_dataset is not None:
+            if not str(self.unlabeled_dataset).strip():
+                raise ValueError("unlabeled_dataset is empty; pass a CSV/JSON file, a hub dataset name or "
+                                 f"'{UNLABELED_TRAIN_REST}', or leave it out.")
+            teaching = sum(getattr(self, name, 0.0) for name in ("alpha_kd", "alpha_hidden", "alpha_attention"))
+            if teaching == 0:
+                raise ValueError(
+                    f"unlabeled_dataset={self.unlabeled_dataset!r} teaches only through distillation, but alpha_kd, "
+                    "alpha_hidden and alpha_attention are all 0; set --alpha_kd above 0 or drop --unlabeled_dataset."
+                )
+
+
 @dataclass
 class TeacherConfig(TrainingConfig):
     """Stage 1: fine-tune the teacher classifier."""
@@ -235,7 +264,7 @@ class TeacherConfig(TrainingConfig):
 
 
 @dataclass
-class StudentConfig(TrainingConfig, DistillationWeights):
+class StudentConfig(TrainingConfig, DistillationWeights, UnlabeledFields):
     """Stage 2: build a smaller student from the teacher and distill it."""
 
     teacher_model_path: Optional[str] = _field(None, "Teacher checkpoint folder. Default: the newest results/teacher/ run.")
@@ -251,6 +280,7 @@ class StudentConfig(TrainingConfig, DistillationWeights):
     def __post_init__(self) -> None:
         TrainingConfig.__post_init__(self)
         DistillationWeights.__post_init__(self)
+        UnlabeledFields.__post_init__(self)
         _check_positive("student_num_layers", self.student_num_layers, allow_none=True)
         if self.student_num_layers is not None and self.student_model_name_or_path is not None:
             raise ValueError(
@@ -308,7 +338,7 @@ class ImportanceFields:
 
 
 @dataclass
-class PruningConfig(TrainingConfig, DistillationWeights, ImportanceFields):
+class PruningConfig(TrainingConfig, DistillationWeights, ImportanceFields, UnlabeledFields):
     """Stage 8: KGSP/MSP structured pruning of the student with KD fine-tuning."""
 
     student_model_path: Optional[str] = _field(None, "Student checkpoint to prune. Default: the newest results/student/ run.")
@@ -376,6 +406,7 @@ class PruningConfig(TrainingConfig, DistillationWeights, ImportanceFields):
         TrainingConfig.__post_init__(self)
         DistillationWeights.__post_init__(self)
         ImportanceFields.__post_init__(self)
+        UnlabeledFields.__post_init__(self)
         _check_choice("preset", self.preset, tuple(PRUNING_PRESETS))
         _check_choice("importance_mode", self.importance_mode, IMPORTANCE_MODES)
         if self.importance_mode == "l2+kd_grad" and self.lambda_mag + self.lambda_grad == 0:
@@ -447,7 +478,7 @@ class PTQConfig(QuantizationFields, OutputFields):
 
 
 @dataclass
-class QATKDConfig(TrainingConfig, QuantizationFields, DistillationWeights):
+class QATKDConfig(TrainingConfig, QuantizationFields, DistillationWeights, UnlabeledFields):
     """Stage 10: QKD-4bit, quantization-aware training of the pruned student with distillation."""
 
     pruned_model_path: Optional[str] = _field(None, "Pruned checkpoint to train. Default: the newest results/pruned/ run.")
@@ -473,6 +504,7 @@ class QATKDConfig(TrainingConfig, QuantizationFields, DistillationWeights):
         TrainingConfig.__post_init__(self)
         QuantizationFields.__post_init__(self)
         DistillationWeights.__post_init__(self)
+        UnlabeledFields.__post_init__(self)
         _check_choice("teacher", self.teacher, QAT_TEACHERS)
         _check_range("max_accuracy_gap", self.max_accuracy_gap, 0.0, 100.0)
 

@@ -9,7 +9,7 @@ the name of label ``i`` and travels with the model (``id2label``). ``encode`` to
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -37,6 +37,7 @@ class TextClassificationData:
     test: Dataset
     label_names: list[str]
     source: str
+    train_rest: Optional[Dataset] = None  # training rows beyond --max_train_samples (for --unlabeled_dataset train_rest)
 
     @property
     def num_labels(self) -> int:
@@ -217,10 +218,12 @@ def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: in
     return [np.sort(np.asarray(part, dtype=np.int64)) for part in parts]
 
 
-def _shuffled(texts: list, labels: list[int], indices: np.ndarray, seed: int, limit: Optional[int]) -> Dataset:
+def _shuffled(texts: list, labels: list[int], indices: np.ndarray, seed: int, limit: Optional[int],
+              rest: bool = False) -> Dataset:
+    """The rows ``indices`` in a seeded order, the first ``limit`` of them (or, ``rest``, those after the first ``limit``)."""
     order = np.random.default_rng(seed).permutation(indices)
     if limit is not None:
-        order = order[:limit]
+        order = order[limit:] if rest else order[:limit]
     rows = [texts[i] for i in order]
     columns = {"text": [row[0] if isinstance(row, tuple) else row for row in rows]}
     if rows and isinstance(rows[0], tuple):
@@ -291,9 +294,71 @@ def load_splits(config: DataConfig) -> TextClassificationData:
     for name, split in splits.items():
         if len(split) == 0:
             raise ValueError(f"The {name} split of {source} is empty; the dataset is too small for the split fractions.")
-    data = TextClassificationData(splits["train"], splits["validation"], splits["test"], list(names), source)
+    rest = None
+    if config.max_train_samples is not None:
+        rest = _shuffled(train_texts, train_labels, train_indices, config.split_seed, config.max_train_samples, rest=True)
+    data = TextClassificationData(splits["train"], splits["validation"], splits["test"], list(names), source, rest)
     logger.info("Data %s", data.summary())
     return data
+
+
+UNLABELED = -100  # the label of rows learnt from the teacher alone; the cross-entropy skips it
+
+
+def load_unlabeled(source: str, data: TextClassificationData, config: DataConfig, limit: Optional[int] = None) -> Dataset:
+    """Texts for distillation without labels (``--unlabeled_dataset``), labelled ``UNLABELED``: a CSV/JSON file or hub
+    dataset with the data's text column(s), or ``train_rest`` (the training rows beyond ``--max_train_samples``). Rows
+    whose text is also a validation or test text are dropped, so nothing is learnt from the splits that judge."""
+    from .config import UNLABELED_TRAIN_REST
+
+    if source == UNLABELED_TRAIN_REST:
+        if data.train_rest is None:
+            raise ValueError(
+                f"unlabeled_dataset='{UNLABELED_TRAIN_REST}' distils on the training rows beyond --max_train_samples, but "
+                "--max_train_samples is not set, so every training row is already used with its label. Set "
+                "--max_train_samples (e.g. 1200) or pass a file of unlabelled texts."
+            )
+        if len(data.train_rest) == 0:
+            raise ValueError(
+                f"unlabeled_dataset='{UNLABELED_TRAIN_REST}': --max_train_samples={config.max_train_samples} keeps every "
+                f"one of the {len(data.train)} training rows, so none is left to distil on without its label. Lower "
+                "--max_train_samples or pass a file of unlabelled texts."
+            )
+        texts = [(t, p) for t, p in zip(data.train_rest["text"], data.train_rest[PAIR_COLUMN])] if data.is_pair \
+            else list(data.train_rest["text"])
+        name = f"the training rows of {data.source} beyond --max_train_samples"
+    else:
+        table, name = _load_table(replace(config, dataset=source, dataset_config=None))
+        split = table["train"] if "train" in table else next(iter(table.values()))
+        text_column = _resolve_text_column(split.column_names, config.text_column, name)
+        pair_column = config.text_pair_column if data.is_pair else None
+        if pair_column is not None and pair_column not in split.column_names:
+            raise ValueError(f"{name} has no column {pair_column!r} (--text_pair_column) for the second text of each pair; "
+                             f"its columns are {split.column_names}.")
+        pairs = split[pair_column] if pair_column else [None] * len(split)
+        texts = [(str(t), str(p)) if pair_column else str(t) for t, p in zip(split[text_column], pairs)
+                 if t is not None and str(t).strip() and (pair_column is None or (p is not None and str(p).strip()))]
+    judged = set()
+    for held_out in (data.validation, data.test):
+        judged.update(zip(held_out["text"], held_out[PAIR_COLUMN]) if data.is_pair else held_out["text"])
+    kept = [text for text in texts if text not in judged]
+    if len(kept) < len(texts):
+        logger.warning("Dropped %d unlabelled row(s) of %s whose text is in the validation or test split.", len(texts) - len(kept), name)
+    if not kept:
+        raise ValueError(f"unlabeled_dataset={source!r}: {name} has no rows left to distil on.")
+    order = np.random.default_rng(config.split_seed).permutation(len(kept))[:limit]
+    rows = [kept[i] for i in order]
+    columns = {"text": [row[0] for row in rows], PAIR_COLUMN: [row[1] for row in rows]} if data.is_pair else {"text": rows}
+    logger.info("Unlabelled distillation rows: %d from %s", len(rows), name)
+    return Dataset.from_dict({**columns, "label": [UNLABELED] * len(rows)})
+
+
+def with_unlabeled(data: TextClassificationData, unlabeled: Dataset) -> TextClassificationData:
+    """``data`` whose training split also holds ``unlabeled`` rows (label ``UNLABELED``)."""
+    from datasets import concatenate_datasets
+
+    train = concatenate_datasets([data.train, unlabeled.cast(data.train.features)])
+    return replace(data, train=train)
 
 
 def _is_unlabelled(value) -> bool:

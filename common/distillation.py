@@ -1,6 +1,6 @@
 """Knowledge-distillation losses shared by stages 2, 8 and 10.
 
-    loss = w_ce * CE(student, labels)
+    loss = w_ce * CE(student, labels)          (labelled rows; unlabelled ones, --unlabeled_dataset, learn from the rest)
          + w_kd * KL(softmax(teacher / T) || softmax(student / T)) * T^2
          + w_hidden * MSE(student hidden states, teacher hidden states through a layer map)
 
@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .data import model_inputs
+from .data import UNLABELED, model_inputs
 
 
 def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -173,8 +173,9 @@ class DistillationLoss:
                  student_relations: list | None = None, teacher_relations: list | None = None):
         parts = {}
         total = student_output.logits.new_zeros(())
-        if self.weight_ce > 0:
-            parts["ce"] = F.cross_entropy(student_output.logits, labels)
+        labelled = labels != UNLABELED  # rows of --unlabeled_dataset learn from the teacher alone
+        if self.weight_ce > 0 and bool(labelled.any()):
+            parts["ce"] = F.cross_entropy(student_output.logits[labelled], labels[labelled])
             total = total + self.weight_ce * parts["ce"]
         if self.weight_kd > 0:
             parts["kd"] = kd_kl_loss(student_output.logits, teacher_output.logits, self.temperature)

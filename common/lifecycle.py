@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 from . import checkpoints
 from .config import config_to_dict, log_config, parse_config
-from .data import TextClassificationData, load_splits
+from .data import TextClassificationData, load_splits, load_unlabeled, with_unlabeled
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,10 @@ def start_stage(stage: str, data_config, config, *, training: bool = False) -> S
         from accelerate.utils import set_seed
 
         set_seed(config.seed)
-    return StageRun(stage, data_config, config, load_splits(data_config), stopwatch, accelerator)
+    data = load_splits(data_config)
+    if getattr(config, "unlabeled_dataset", None):
+        data = with_unlabeled(data, load_unlabeled(config.unlabeled_dataset, data, data_config, config.max_unlabeled_samples))
+    return StageRun(stage, data_config, config, data, stopwatch, accelerator)
 
 
 def _remove_unfilled_resume_dirs() -> None:

@@ -157,3 +157,74 @@ def test_projector_hidden_loss_trains_between_different_widths(tokenizer):
     assert result.history[0]["train_loss"] > 0
     assert not torch.equal(projector.linear.weight, before), "the projector is trained"
     assert not any(name.startswith("linear") for name in result.best_state), "the projector is not part of the student"
+
+
+# -- distillation on unlabelled texts (--unlabeled_dataset) ---------------------------------------------------------
+
+
+def test_cross_entropy_skips_unlabelled_rows_and_a_batch_of_them_learns_from_the_teacher_alone():
+    from common.data import UNLABELED
+
+    student = SimpleNamespace(logits=torch.tensor([[1.0, 0.0], [0.2, 0.4], [-0.3, 0.9]]))
+    teacher = SimpleNamespace(logits=torch.tensor([[0.5, 0.5], [0.0, 1.0], [1.0, 0.0]]))
+    loss = DistillationLoss(0.5, 0.5, 0.0, 2.0)
+    mixed = torch.tensor([0, UNLABELED, 1])
+    total, parts = loss(student, teacher, mixed, torch.ones(3, 2))
+    ce = float(torch.nn.functional.cross_entropy(student.logits[[0, 2]], torch.tensor([0, 1])))
+    assert parts["ce"] == pytest.approx(ce, rel=1e-6)
+    assert float(total) == pytest.approx(0.5 * ce + 0.5 * hand_kl(student.logits, teacher.logits, 2.0), rel=1e-5)
+    total, parts = loss(student, teacher, torch.full((3,), UNLABELED), torch.ones(3, 2))
+    assert "ce" not in parts and math.isfinite(float(total))
+    assert float(total) == pytest.approx(0.5 * hand_kl(student.logits, teacher.logits, 2.0), rel=1e-5)
+
+
+def test_unlabelled_rows_come_from_the_training_rest_or_a_file_never_from_validation_or_test(tmp_path):
+    import csv
+    from dataclasses import replace
+
+    from common.config import DataConfig
+    from common.data import UNLABELED, load_splits, load_unlabeled, with_unlabeled
+    from conftest import write_reviews_csv
+
+    path = write_reviews_csv(tmp_path / "reviews.csv", rows=200)
+    config = DataConfig(dataset=str(path), text_column="review", label_column="sentiment", max_train_samples=50)
+    data = load_splits(config)
+    rest = load_unlabeled("train_rest", data, config)
+    judged = set(data.validation["text"]) | set(data.test["text"])
+    assert sorted(rest["text"]) == sorted(t for t in data.train_rest["text"] if t not in judged) and len(rest) > 100
+    assert set(rest["label"]) == {UNLABELED} and len(data.train) == 50
+    assert len(load_unlabeled("train_rest", data, config, limit=7)) == 7
+    combined = with_unlabeled(data, rest)
+    assert len(combined.train) == len(data.train) + len(rest) and combined.validation is data.validation
+
+    extra = tmp_path / "unlabelled.csv"  # a file of texts: two of them are validation and test texts
+    with open(extra, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["review"])
+        for text in ["an unseen review of a film", "another new text", data.validation["text"][0], data.test["text"][0], ""]:
+            writer.writerow([text])
+    from_file = load_unlabeled(str(extra), data, config)
+    assert sorted(from_file["text"]) == ["an unseen review of a film", "another new text"]
+
+    with pytest.raises(ValueError, match="--max_train_samples is not set"):
+        load_unlabeled("train_rest", load_splits(replace(config, max_train_samples=None)), config)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_unlabeled(str(tmp_path / "missing.csv"), data, config)
+    with open(tmp_path / "judged.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["review"], [data.validation["text"][1]]])
+    with pytest.raises(ValueError, match="no rows left to distil on"):
+        load_unlabeled(str(tmp_path / "judged.csv"), data, config)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"unlabeled_dataset": " "}, "unlabeled_dataset is empty"),
+    ({"unlabeled_dataset": "train_rest", "alpha_kd": 0.0, "alpha_hidden": 0.0, "alpha_attention": 0.0, "alpha_ce": 1.0},
+     "teaches only through distillation"),
+    ({"max_unlabeled_samples": 0}, "max_unlabeled_samples"),
+])
+def test_unlabelled_settings_that_cannot_work_are_refused(fields, message):
+    from common.config import PruningConfig, QATKDConfig, StudentConfig
+
+    for config_type in (StudentConfig, PruningConfig, QATKDConfig):
+        with pytest.raises(ValueError, match=message):
+            config_type(**fields)

@@ -80,6 +80,21 @@ def test_interrupted_then_resumed_distillation_and_qkd_equal_uninterrupted_runs(
     assert_same_weights(*folders)
 
 
+def test_distillation_on_the_training_rest_without_labels(trained):
+    root, results, data = trained
+    target = root / "student-unlabelled"
+    completed = run_stage("2_distill_student.py", results, "--dataset", data, *COMMON, "--batch_size", 16, "--num_epochs", 1,
+                          "--unlabeled_dataset", "train_rest", "--max_unlabeled_samples", 40, "--output_dir", target)
+    assert "Unlabelled distillation rows: 40 from the training rows" in completed.stderr
+    record = json.loads((target / RECORD_FILE).read_text())
+    assert record["config"]["unlabeled_dataset"] == "train_rest" and record["config"]["max_unlabeled_samples"] == 40
+    without_cap = [arg for arg in COMMON if arg not in ("--max_train_samples", "64")]
+    refused = run_stage_unchecked("2_distill_student.py", results, "--dataset", data, *without_cap,
+                                  "--unlabeled_dataset", "train_rest", "--output_dir", root / "never")
+    assert refused.returncode == 2 and "keeps every one of the" in refused.stderr  # the smoke profile's cap, 256 rows
+    assert "Traceback" not in refused.stderr and not (root / "never").exists()
+
+
 def test_resuming_with_other_settings_is_refused_before_loading(trained):
     root, results, data = trained
     arguments = ["8_pruning_with_finetuning.py", results, "--dataset", data, *COMMON, "--num_epochs", 2]
