@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 # The run order comes from the one stage table (common/stages.py; plain Python, no dependencies).
 STAGES := $(shell $(PYTHON) common/stages.py)
 
-.PHONY: help install pipeline smoke test test-fast ablation benchmark sensitivity benchmark-alignment sweep stages clean-smoke gpu-check
+.PHONY: help install pipeline smoke test test-fast ablation benchmark sensitivity benchmark-alignment sweep compress stages clean-smoke gpu-check
 
 help:
 	@echo "make pipeline   install if needed, then run every stage on the embedded default (ARGS='--field value' passes overrides)"
@@ -25,6 +25,7 @@ help:
 	@echo "make ablation   KGSP / MSP / QKD ablation over 3 seeds -> results/ablation.{json,png,md}"
 	@echo "make benchmark  student vs pruned size and latency, l2 vs l2+kd_grad step time"
 	@echo "make sweep      stage 8 + int8 at 5 sparsities x 3 seeds -> results/sweep.{json,png,md}"
+	@echo "make compress   stages 8, 10, 12, 13 toward ARGS='--target_retention 0.99 --optimize latency' -> results/compress/"
 	@echo "make sensitivity  per-layer accuracy drop of pruning heads / FFN neurons -> results/sensitivity.{json,png}"
 	@echo "make benchmark-alignment  latency of aligned vs unaligned FFN widths -> results/alignment_benchmark.json"
 	@echo "make gpu-check  on a machine with a GPU: every stage (smoke profile) on CUDA, the report's GPU rows and tests/test_gpu.py, within 8 minutes; without one it says so and runs nothing"
@@ -67,6 +68,9 @@ benchmark: install
 
 sweep: install
 	$(PY) scripts/sweep.py $(ARGS)
+
+compress: install
+	$(PY) scripts/compress.py $(ARGS)
 
 sensitivity: install
 	$(PY) scripts/sensitivity.py $(ARGS)

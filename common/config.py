@@ -619,6 +619,63 @@ class OnnxExportConfig(ExportFields):
         _check_choice("embedding_quantization", self.embedding_quantization, EMBEDDING_QUANT_CHOICES)
 
 
+OBJECTIVES = ("latency", "size")
+
+
+@dataclass
+class CompressConfig:
+    """scripts/compress.py: the stages run toward a target (a share of the teacher's accuracy) instead of a recipe."""
+
+    target_retention: float = _field(
+        0.99, "Share of the teacher's validation accuracy the delivered model must keep, in (0, 1]. A candidate meets it "
+        "only when its paired difference from the target stays above 0 by --gate_z standard errors (the validation "
+        "noise), so that meeting it on validation means meeting it on unseen data too.",
+    )
+    optimize: str = _field(
+        "latency", "What to win among the models that keep the target: 'latency' (the fastest file measured on this "
+        "machine at --latency_batch_size x --latency_seq_length) or 'size' (the smallest file).",
+    )
+    max_latency_ms: Optional[float] = _field(
+        None, "Hard budget: the delivered file's latency at --latency_batch_size x --latency_seq_length, in ms.")
+    max_size_mb: Optional[float] = _field(None, "Hard budget: the delivered file's size on disk, in MB.")
+    sparsities: list[float] = _field(
+        [0.3, 0.4, 0.5, 0.6, 0.7, 0.8], "The ladder of stage-8 candidates: each removes this share of the heads and of the "
+        "FFN neurons. Searched by bisection (accuracy falls as the share grows), so about log2(n + 1) stage-8 runs.",
+    )
+    gate_z: float = _field(
+        1.0, "Standard errors of the paired validation difference a candidate must clear above the target (0: the "
+        "point estimate alone; 1.64: one-sided 95%).",
+    )
+    pruning_epochs: Optional[int] = _field(None, "Epochs of each stage-8 candidate. Default: stage 8's own default.")
+    time_budget_s: Optional[float] = _field(
+        None, "Start no new stage-8 candidate after this many seconds; the search keeps the best candidate it has.")
+    finish: bool = _field(
+        True, "After the search, publish the chosen candidate as the newest results/pruned/ checkpoint and run stages 10, "
+        "12 and 13 on it; the delivered file is chosen among their files. false: stop after the search.",
+    )
+    latency_batch_size: int = _field(32, "Batch size of the latency measurements.")
+    latency_seq_length: int = _field(64, "Sequence length of the latency measurements.")
+    latency_rounds: int = _field(10, "Interleaved timing rounds per latency measurement.")
+
+    def __post_init__(self) -> None:
+        _check_range("target_retention", self.target_retention, 0.0, 1.0, low_open=True)
+        _check_choice("optimize", self.optimize, OBJECTIVES)
+        _check_positive("max_latency_ms", self.max_latency_ms, allow_none=True)
+        _check_positive("max_size_mb", self.max_size_mb, allow_none=True)
+        if not self.sparsities:
+            raise ValueError("sparsities is empty; give the stage-8 candidates, e.g. --sparsities 0.4 0.5 0.6.")
+        for value in self.sparsities:
+            _check_range("sparsities entry", value, 0.0, 1.0, low_open=True, high_open=True)
+        if len(set(self.sparsities)) != len(self.sparsities):
+            raise ValueError(f"sparsities={self.sparsities} lists a value twice; give each candidate once.")
+        _check_range("gate_z", self.gate_z, 0.0, 5.0)
+        _check_positive("pruning_epochs", self.pruning_epochs, allow_none=True)
+        _check_positive("time_budget_s", self.time_budget_s, allow_none=True)
+        _check_positive("latency_batch_size", self.latency_batch_size)
+        _check_positive("latency_seq_length", self.latency_seq_length)
+        _check_positive("latency_rounds", self.latency_rounds)
+
+
 @dataclass
 class SensitivityConfig(ImportanceFields):
     """Fields of scripts/sensitivity.py (per-layer pruning sensitivity, no fine-tuning)."""

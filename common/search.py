@@ -1,0 +1,89 @@
+"""Target-driven compression (``scripts/compress.py``): which stage-8 candidate keeps the target, and which file ships.
+
+- ``retention_gate``: does a model keep ``target`` of the teacher's validation accuracy, allowing for the noise of the
+  validation split? Per validation example ``d = correct(model) - target * correct(teacher)``; the mean of ``d`` is
+  the model's accuracy minus the target accuracy, and its standard error is that of a paired difference (examples
+  both get right or both get wrong add little). The gate passes when ``mean(d) - z * SE(d) >= 0``.
+- ``bisect_ladder``: the most compressed candidate of a ladder (ordered from least to most compressed) that passes,
+  in about log2(n + 1) evaluations, assuming accuracy falls as compression grows; stops early when time runs out.
+- ``choose_file``: among files that pass the gate, the fastest or the smallest, within hard budgets; otherwise the
+  error names the closest file.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import numpy as np
+
+
+def retention_gate(correct, teacher_correct, target: float, z: float) -> dict:
+    """The gate of one model (per-example bools on the validation split) against the teacher's."""
+    model, teacher = np.asarray(correct, dtype=float), np.asarray(teacher_correct, dtype=float)
+    if model.shape != teacher.shape or model.size < 2:
+        raise ValueError(f"the gate needs both models' results on the same validation examples: {model.shape} vs {teacher.shape}.")
+    difference = model - target * teacher
+    standard_error = float(difference.std(ddof=1) / math.sqrt(difference.size))
+    lower = float(difference.mean()) - z * standard_error
+    teacher_accuracy = float(teacher.mean())
+    return {
+        "validation_accuracy": float(model.mean()),
+        "retention": float(model.mean()) / teacher_accuracy if teacher_accuracy else float("nan"),
+        "target_accuracy": target * teacher_accuracy,
+        "margin_points": 100 * z * standard_error,
+        "lower_bound_points": 100 * lower,
+        "passes": lower >= 0,
+    }
+
+
+def bisect_ladder(count: int, passes: Callable[[int], bool], out_of_time: Callable[[], bool] = lambda: False) -> Optional[int]:
+    """The highest index of a ladder of ``count`` candidates for which ``passes`` holds, by bisection (``passes`` is
+    called about log2(count + 1) times, each index at most once); None when none passes or none was tried in time."""
+    passing, failing = -1, count  # every index <= passing passes, every index >= failing fails (as far as tried)
+    while failing - passing > 1 and not out_of_time():
+        middle = (passing + failing) // 2
+        if passes(middle):
+            passing = middle
+        else:
+            failing = middle
+    return passing if passing >= 0 else None
+
+
+def choose_file(files: list[dict], optimize: str, max_latency_ms: Optional[float] = None,
+                max_size_mb: Optional[float] = None) -> tuple[dict, str]:
+    """The delivered file among ``files`` ({"name", "passes", "latency_ms", "size_mb", ...}): of those that pass the gate
+    and the budgets, the fastest (``optimize='latency'``) or the smallest ('size'), the other measure breaking ties.
+    Raises ValueError naming the closest file when none fits."""
+    keep = [entry for entry in files if entry["passes"]]
+    if not keep:
+        best = max(files, key=lambda entry: entry["retention"], default=None)
+        closest = "" if best is None else (f" The closest: {best['name']}, retention {best['retention']:.4f} "
+                                           f"(its lower bound {best['lower_bound_points']:+.2f} points from the target).")
+        raise ValueError(f"No file keeps the target retention on validation.{closest} Lower --target_retention, or "
+                         "add less compressed candidates to --sparsities.")
+    fits = [entry for entry in keep if (max_latency_ms is None or entry["latency_ms"] <= max_latency_ms)
+            and (max_size_mb is None or entry["size_mb"] <= max_size_mb)]
+    if not fits:
+        def excess(entry):
+            over = 0.0
+            if max_latency_ms is not None:
+                over += max(0.0, entry["latency_ms"] / max_latency_ms - 1)
+            if max_size_mb is not None:
+                over += max(0.0, entry["size_mb"] / max_size_mb - 1)
+            return over
+
+        closest = min(keep, key=excess)
+        budgets = ", ".join(part for part in (f"--max_latency_ms {max_latency_ms}" if max_latency_ms else "",
+                                              f"--max_size_mb {max_size_mb}" if max_size_mb else "") if part)
+        raise ValueError(
+            f"No file that keeps the target meets {budgets}. The closest: {closest['name']} at "
+            f"{closest['latency_ms']:.2f} ms and {closest['size_mb']:.2f} MB (retention {closest['retention']:.4f}). "
+            "Raise the budget, lower --target_retention, or add more compressed candidates to --sparsities."
+        )
+    primary, secondary = ("latency_ms", "size_mb") if optimize == "latency" else ("size_mb", "latency_ms")
+    chosen = min(fits, key=lambda entry: (entry[primary], entry[secondary]))
+    reason = (f"the {'fastest' if optimize == 'latency' else 'smallest'} of the {len(fits)} file(s) that keep "
+              f"the target on validation{' within the budgets' if len(fits) < len(keep) or max_latency_ms or max_size_mb else ''}: "
+              f"{chosen['name']} ({chosen['latency_ms']:.2f} ms, {chosen['size_mb']:.2f} MB, retention {chosen['retention']:.4f})")
+    return chosen, reason

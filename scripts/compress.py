@@ -1,0 +1,280 @@
+"""Compression toward a target: keep a share of the teacher's accuracy, win latency or size, and let the search pick.
+
+Reads:  the newest results/teacher/ and results/student/ checkpoints (run stages 1 and 2 first; stage 2 can distil on
+        unlabelled text, --unlabeled_dataset) and the data flags they were made with, which go to every stage run.
+Does:   1. measures the teacher on the validation split (per example, for the paired noise of the gate);
+        2. searches the ladder --sparsities by bisection: each candidate is a stage-8 run removing that share of the
+           heads and FFN neurons (results/compress/<run_id>/candidates/), judged on validation by the retention gate
+           (common/search.py: its paired difference from --target_retention x the teacher must stay above 0 by
+           --gate_z standard errors) and timed in ONNX Runtime dynamic int8 against the torch teacher; the most
+           compressed candidate that passes wins (accuracy falls as the share grows, so about log2(n + 1) runs);
+        3. (--finish) copies the winner into results/pruned/ as its newest checkpoint, runs stages 10 (QKD-4bit), 12
+           (ONNX) and 13 (OpenVINO) on it as they run alone, gates every file they wrote the same way, times those
+           that pass round-robin at --latency_batch_size x --latency_seq_length, and delivers the fastest
+           (--optimize latency) or the smallest (--optimize size) within --max_latency_ms / --max_size_mb.
+Writes: results/compress/<run_id>/search.json (target, gate, every candidate and file with its validation accuracy,
+        retention, margin, size and latency, the winner and why, wall time), search.md and search.png (the trace);
+        the winner's compression.json gets the same record under "search". Refuses with the closest candidate or file
+        when nothing keeps the target or fits the budgets.
+
+Run as:
+    make compress
+    python scripts/compress.py --target_retention 0.99 --optimize latency
+    python scripts/compress.py --target_retention 0.98 --optimize size --max_size_mb 5 --sparsities 0.5 0.6 0.7 0.8
+    python scripts/compress.py --time_budget_s 3600 --max_train_samples 1200 --pruning_epochs 2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from common import parse_config  # noqa: E402
+from common.checkpoints import (  # noqa: E402
+    RECORD_FILE,
+    find_checkpoint,
+    list_checkpoints,
+    new_run_id,
+    read_record,
+    results_root,
+    stage_dir,
+    write_json,
+)
+from common.config import CompressConfig, DataConfig  # noqa: E402
+from common.data import load_splits, make_loader, tokenize_dataset  # noqa: E402
+from common.evaluation import interleaved_latency  # noqa: E402
+from common.experiments import run_script  # noqa: E402
+from common.lifecycle import run_tool  # noqa: E402
+from common.models import count_parameters, load_checkpoint_tokenizer  # noqa: E402
+from common.runtime import ModelRuntime  # noqa: E402
+from common.search import bisect_ladder, choose_file, retention_gate  # noqa: E402
+
+EXPORT_STAGES = ("onnx", "onnx_4bit", "openvino")
+
+
+def data_flags(argv: list[str]) -> list[str]:
+    """The data flags of the command line (DataConfig's fields), passed on to every stage run as given."""
+    names = {f"--{field.name}" for field in dataclasses.fields(DataConfig)} | {"--config"}
+    forwarded, keep = [], False
+    for token in argv:
+        if token.startswith("--"):
+            keep = token.split("=")[0] in names
+        if keep:
+            forwarded.append(token)
+    return forwarded
+
+
+def validation_correct(model: ModelRuntime, folder: Path, data, max_length: int):
+    tokenizer = load_checkpoint_tokenizer(folder)
+    loader = make_loader(tokenize_dataset(data.validation, tokenizer, max_length), tokenizer, 64, shuffle=False)
+    logits, labels = model.logits(loader)
+    return logits.argmax(-1) == labels
+
+
+def int8_latency(folder: Path, teacher: ModelRuntime, config: CompressConfig) -> dict:
+    """ONNX Runtime dynamic int8 of a candidate, timed round-robin with the torch teacher."""
+    from common.onnx_export import export_onnx, write_runtime_files
+    from common.onnx_runtime import quantize_dynamic_int8
+
+    candidate = ModelRuntime(folder)
+    with tempfile.TemporaryDirectory(prefix="compress-") as scratch:
+        scratch = Path(scratch)
+        tokenizer = load_checkpoint_tokenizer(folder)
+        export_onnx(candidate.torch_model, tokenizer, scratch / "model.onnx", config.latency_seq_length)
+        write_runtime_files(scratch, tokenizer, candidate.torch_model.config, config.latency_seq_length)
+        quantize_dynamic_int8(scratch / "model.onnx", scratch / "int8.onnx")
+        int8 = ModelRuntime(scratch, "int8.onnx", verify=False, spinning=False, num_threads=2)
+        runners = {name: model.runner(model.batch(config.latency_batch_size, config.latency_seq_length))
+                   for name, model in (("teacher", teacher), ("candidate", int8))}
+        timing = interleaved_latency(runners, 2, config.latency_rounds, config.latency_batch_size, reference="teacher")
+        size = (scratch / "int8.onnx").stat().st_size / 1e6
+    return {"int8_latency_ms": timing["candidate"]["latency_ms_median"],
+            "int8_speedup_vs_teacher": timing["candidate"].get("speedup_vs_reference_median"),
+            "teacher_latency_ms": timing["teacher"]["latency_ms_median"], "int8_size_mb": size}
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    data_config, config = parse_config(DataConfig, CompressConfig, args=argv)
+    forwarded = data_flags(argv)
+    teacher_folder, student_folder = find_checkpoint("teacher"), find_checkpoint("student")
+    started = time.time()
+    data = load_splits(data_config)
+    work = results_root() / "compress" / new_run_id()
+    teacher = ModelRuntime(teacher_folder, spinning=False)
+    teacher_correct = validation_correct(teacher, teacher_folder, data, data_config.max_length)
+    print(f"Teacher {teacher_folder}: validation accuracy {teacher_correct.mean():.4f}; target "
+          f"{config.target_retention} of it = {config.target_retention * teacher_correct.mean():.4f}, gate z = {config.gate_z}")
+    ladder = sorted(config.sparsities)
+    candidates: dict[int, dict] = {}
+
+    def try_candidate(index: int) -> bool:
+        sparsity = ladder[index]
+        folder = work / "candidates" / f"sparsity-{sparsity:.2f}"
+        epochs = ["--num_epochs", config.pruning_epochs] if config.pruning_epochs else []
+        run_script("8_pruning_with_finetuning.py", *forwarded, "--head_final_sparsity", sparsity, "--ffn_final_sparsity",
+                   sparsity, "--final_sparsity", sparsity, *epochs, "--output_dir", folder)
+        model = ModelRuntime(folder, spinning=False)
+        entry = {"sparsity": sparsity, "folder": str(folder), "parameters": count_parameters(model.torch_model),
+                 **retention_gate(validation_correct(model, folder, data, data_config.max_length), teacher_correct,
+                                  config.target_retention, config.gate_z),
+                 **int8_latency(folder, teacher, config), "seconds_since_start": round(time.time() - started)}
+        candidates[index] = entry
+        print(f"Candidate sparsity {sparsity:.2f}: validation {entry['validation_accuracy']:.4f} (retention "
+              f"{entry['retention']:.4f}, margin {entry['margin_points']:.2f} points) -> "
+              f"{'passes' if entry['passes'] else 'fails'} the gate; int8 {entry['int8_latency_ms']:.2f} ms, "
+              f"{entry['int8_size_mb']:.2f} MB", flush=True)
+        return entry["passes"]
+
+    def out_of_time() -> bool:
+        return config.time_budget_s is not None and time.time() - started > config.time_budget_s
+
+    winner = bisect_ladder(len(ladder), try_candidate, out_of_time)
+    record = {"target_retention": config.target_retention, "optimize": config.optimize, "gate_z": config.gate_z,
+              "budgets": {"max_latency_ms": config.max_latency_ms, "max_size_mb": config.max_size_mb},
+              "teacher": str(teacher_folder), "student": str(student_folder),
+              "teacher_validation_accuracy": float(teacher_correct.mean()), "validation_examples": int(teacher_correct.size),
+              "ladder": ladder, "candidates": [candidates[i] for i in sorted(candidates)], "config": dataclasses.asdict(config),
+              "data_flags": forwarded}
+    if winner is None:
+        record.update(status="no candidate keeps the target", wall_time_s=round(time.time() - started))
+        write_trace(work, record)
+        tried = [candidates[i] for i in sorted(candidates)]
+        closest = max(tried, key=lambda entry: entry["retention"], default=None)
+        hint = "" if closest is None else (f" The closest: sparsity {closest['sparsity']:.2f}, retention "
+                                           f"{closest['retention']:.4f} (lower bound {closest['lower_bound_points']:+.2f} points).")
+        raise ValueError(f"No stage-8 candidate of --sparsities {ladder} keeps {config.target_retention} of the teacher's "
+                         f"validation accuracy{' in the time budget' if out_of_time() else ''}.{hint} Lower --target_retention "
+                         f"or add smaller shares to --sparsities. Trace: {work / 'search.json'}")
+    chosen = candidates[winner]
+    tried = ", ".join(f"{c['sparsity']:.2f} {'pass' if c['passes'] else 'fail'}" for c in record["candidates"])
+    record["winner"] = {"sparsity": chosen["sparsity"], "why": (
+        f"the most compressed candidate of the ladder that passes the gate (tried {len(candidates)} of {len(ladder)} by "
+        f"bisection: {tried})")}
+    if not config.finish:
+        files = [{"name": f"candidate {c['sparsity']:.2f} (ONNX Runtime dynamic int8)", "passes": c["passes"],
+                  "retention": c["retention"], "lower_bound_points": c["lower_bound_points"],
+                  "latency_ms": c["int8_latency_ms"], "size_mb": c["int8_size_mb"]} for c in record["candidates"]]
+        delivered, reason = deliver(files, config, record, work)
+        record.update(status="search only (--finish false)", delivered=delivered, delivered_why=reason,
+                      wall_time_s=round(time.time() - started))
+        write_trace(work, record)
+        return
+    published = stage_dir("pruned") / new_run_id()
+    shutil.copytree(chosen["folder"], published)
+    print(f"Published the winner as {published}", flush=True)
+    before = {stage: set(list_checkpoints(stage)) for stage in ("qkd_4bit", *EXPORT_STAGES)}
+    run_script("10_qat_kd_4bit.py", *forwarded)
+    run_script("12_export_onnx.py", *forwarded)
+    run_script("13_export_openvino.py", *forwarded)
+    files = gate_files({stage: sorted(set(list_checkpoints(stage)) - before[stage]) for stage in before}, teacher,
+                       teacher_correct, data, data_config, config)
+    record["files"] = files
+    delivered, reason = deliver(files, config, record, work)
+    record.update(status="delivered", delivered=delivered, delivered_why=reason, published=str(published),
+                  wall_time_s=round(time.time() - started))
+    write_trace(work, record)
+    compression = json.loads((published / RECORD_FILE).read_text())
+    compression["search"] = {key: value for key, value in record.items() if key != "config"}
+    write_json(published / RECORD_FILE, compression)
+
+
+def gate_files(new_folders: dict, teacher: ModelRuntime, teacher_correct, data, data_config, config) -> list[dict]:
+    """Every model file the finishing stages wrote, gated on validation, then the passing ones timed round-robin."""
+    entries, models = [], {}
+    for stage, folders in new_folders.items():
+        for folder in folders:
+            record = read_record(folder)
+            names = list(record.get("files", {})) or [None]
+            for name in names:
+                model = ModelRuntime(folder, name, spinning=False, num_threads=2)
+                label = f"{stage}/{folder.name}/{name}" if name else f"{stage}/{folder.name}"
+                gate = retention_gate(validation_correct(model, folder, data, data_config.max_length), teacher_correct,
+                                      config.target_retention, config.gate_z)
+                entries.append({"name": label, "stage": stage, "folder": str(folder), "file": name,
+                                "size_mb": model.size_bytes / 1e6, **gate})
+                if gate["passes"]:
+                    models[label] = model
+    runners = {"teacher": teacher.runner(teacher.batch(config.latency_batch_size, config.latency_seq_length))}
+    runners.update({label: model.runner(model.batch(config.latency_batch_size, config.latency_seq_length))
+                    for label, model in models.items()})
+    timing = interleaved_latency(runners, 2, config.latency_rounds, config.latency_batch_size, reference="teacher")
+    for entry in entries:
+        measured = timing.get(entry["name"])
+        entry["latency_ms"] = measured["latency_ms_median"] if measured else float("inf")
+        entry["speedup_vs_teacher"] = measured.get("speedup_vs_reference_median") if measured else None
+    return entries
+
+
+def deliver(files: list[dict], config: CompressConfig, record: dict, work: Path) -> tuple[dict, str]:
+    try:
+        return choose_file(files, config.optimize, config.max_latency_ms, config.max_size_mb)
+    except ValueError:
+        record["status"] = "no file keeps the target within the budgets"
+        write_trace(work, record)
+        raise
+
+
+def write_trace(work: Path, record: dict) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / "search.json", record)
+    (work / "search.md").write_text(markdown(record))
+    plot(record, work / "search.png")
+    print(markdown(record))
+    print(f"Search record: {work / 'search.json'}")
+
+
+def markdown(record: dict) -> str:
+    lines = [f"Target: {record['target_retention']} of the teacher's validation accuracy "
+             f"({record['teacher_validation_accuracy']:.4f}, {record['validation_examples']} examples), gate z = "
+             f"{record['gate_z']}, optimize {record['optimize']}. Status: {record.get('status')}.", "",
+             "| Candidate (sparsity) | Validation acc. | Retention | Margin (points) | Gate | int8 ms | int8 MB |",
+             "|---|---|---|---|---|---|---|"]
+    for c in record["candidates"]:
+        lines.append(f"| {c['sparsity']:.2f} | {c['validation_accuracy']:.4f} | {c['retention']:.4f} | {c['margin_points']:.2f} | "
+                     f"{'pass' if c['passes'] else 'fail'} | {c['int8_latency_ms']:.2f} | {c['int8_size_mb']:.2f} |")
+    if record.get("files"):
+        lines += ["", "| File | Validation acc. | Retention | Gate | Latency ms | Size MB |", "|---|---|---|---|---|---|"]
+        for f in record["files"]:
+            lines.append(f"| {f['name']} | {f['validation_accuracy']:.4f} | {f['retention']:.4f} | {'pass' if f['passes'] else 'fail'} | "
+                         f"{f['latency_ms']:.2f} | {f['size_mb']:.2f} |")
+    if record.get("winner"):
+        lines += ["", f"Winner: sparsity {record['winner']['sparsity']:.2f}, {record['winner']['why']}."]
+    if record.get("delivered_why"):
+        lines.append(f"Delivered: {record['delivered_why']}.")
+    if "wall_time_s" in record:
+        lines.append(f"Wall time: {record['wall_time_s']} s.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    for c in record["candidates"]:
+        axis.errorbar(c["sparsity"], 100 * c["retention"], yerr=c["margin_points"] / max(record["teacher_validation_accuracy"], 1e-9),
+                      marker="o" if c["passes"] else "x", color="tab:green" if c["passes"] else "tab:red", capsize=3)
+        axis.annotate(f"{c['int8_latency_ms']:.1f} ms", (c["sparsity"], 100 * c["retention"]), fontsize=8,
+                      xytext=(4, 4), textcoords="offset points")
+    axis.axhline(100 * record["target_retention"], color="grey", linestyle="--", label="target")
+    axis.set_xlabel("stage-8 sparsity (share of heads and FFN neurons removed)")
+    axis.set_ylabel("validation retention (% of the teacher), bar: gate margin")
+    axis.set_title("Search trace (green: passes the gate, red: fails)")
+    axis.legend()
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    run_tool(main)

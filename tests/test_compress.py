@@ -1,0 +1,108 @@
+"""Target-driven compression: the retention gate, the bisection over the stage-8 ladder, the delivered file, and
+scripts/compress.py end to end on a tiny model (with its refusals)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.search import bisect_ladder, choose_file, retention_gate
+from conftest import PROJECT_ROOT, make_pretrained_folder, run_stage, write_reviews_csv
+
+
+def test_the_gate_passes_by_the_paired_margin_not_by_the_point_estimate():
+    teacher = np.ones(1000, bool)
+    teacher[:150] = False  # 85.0%
+    model = teacher.copy()
+    model[150:160] = False  # 84.0%: 98.82% of the teacher, 10 examples lost
+    gate = retention_gate(model, teacher, 0.98, z=1.0)
+    d = model.astype(float) - 0.98 * teacher
+    assert gate["retention"] == pytest.approx(0.84 / 0.85)
+    assert gate["margin_points"] == pytest.approx(100 * d.std(ddof=1) / math.sqrt(1000))
+    assert gate["lower_bound_points"] == pytest.approx(100 * (0.84 - 0.98 * 0.85) - gate["margin_points"])
+    assert gate["passes"] and gate["margin_points"] == pytest.approx(0.315, abs=0.001)  # 0.7 points above the target
+    assert not retention_gate(model, teacher, 0.98, z=3.0)["passes"]  # a margin of 0.94 points is too much
+    assert not retention_gate(model, teacher, 0.99, z=0.0)["passes"]  # 98.8% < 99% even as a point estimate
+    with pytest.raises(ValueError, match="same validation examples"):
+        retention_gate(model, teacher[:10], 0.9, 1.0)
+
+
+def test_bisection_finds_the_most_compressed_passing_candidate_in_log_time():
+    for count in (1, 2, 5, 6, 9):
+        for last_passing in range(-1, count):
+            calls = []
+
+            def passes(index):
+                calls.append(index)
+                return index <= last_passing
+
+            found = bisect_ladder(count, passes)
+            assert found == (None if last_passing < 0 else last_passing)
+            assert len(calls) == len(set(calls)) <= math.ceil(math.log2(count + 1))
+    assert bisect_ladder(5, lambda index: True, out_of_time=lambda: True) is None  # no time: nothing tried
+
+
+def entry(name, passes, latency, size, retention=0.995):
+    return {"name": name, "passes": passes, "latency_ms": latency, "size_mb": size, "retention": retention,
+            "lower_bound_points": 0.1 if passes else -0.5}
+
+
+def test_the_delivered_file_is_the_fastest_or_smallest_that_keeps_the_target_within_the_budgets():
+    files = [entry("fast", True, 9.0, 8.0), entry("small", True, 18.0, 4.5), entry("faster but loses", False, 5.0, 4.0, 0.97)]
+    assert choose_file(files, "latency")[0]["name"] == "fast"
+    assert choose_file(files, "size")[0]["name"] == "small"
+    chosen, reason = choose_file(files, "latency", max_size_mb=5.0)
+    assert chosen["name"] == "small" and "within the budgets" in reason
+    with pytest.raises(ValueError, match=r"meets --max_latency_ms 1.0. The closest: fast at 9.00 ms"):
+        choose_file(files, "latency", max_latency_ms=1.0)
+    with pytest.raises(ValueError, match="No file keeps the target retention.*The closest: faster but loses, retention 0.9700"):
+        choose_file([files[2]], "latency")
+
+
+@pytest.mark.slow
+def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
+    folder = make_pretrained_folder("bert", tmp_path / "model")
+    data = write_reviews_csv(tmp_path / "reviews.csv", rows=240)
+    results = tmp_path / "results"
+    common = ["--dataset", data, "--text_column", "review", "--label_column", "sentiment", "--profile", "smoke",
+              "--max_eval_samples", "48"]
+    run_stage("1_train_teacher.py", results, "--model_name_or_path", folder, "--batch_size", 16, *common)
+    run_stage("2_distill_student.py", results, "--batch_size", 16, *common)
+    env = {**os.environ, "COMPRESSION_RESULTS_DIR": str(results), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def compress(*args):
+        command = [sys.executable, str(PROJECT_ROOT / "scripts" / "compress.py"), *common, "--latency_rounds", "2",
+                   "--latency_batch_size", "4", "--latency_seq_length", "16", *map(str, args)]
+        return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=1200)
+
+    completed = compress("--sparsities", 0.25, 0.5, 0.75, "--target_retention", 0.5, "--gate_z", 0)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    [work] = (results / "compress").iterdir()
+    record = json.loads((work / "search.json").read_text())
+    assert record["status"] == "delivered" and (work / "search.png").is_file() and (work / "search.md").is_file()
+    tried = [c["sparsity"] for c in record["candidates"]]
+    assert tried[0] == 0.5 and len(tried) <= 2  # bisection starts in the middle of the ladder
+    assert record["winner"]["sparsity"] == max(c["sparsity"] for c in record["candidates"] if c["passes"])
+    stages_written = {f["stage"] for f in record["files"]}
+    assert stages_written == {"qkd_4bit", "onnx", "onnx_4bit", "openvino"}
+    delivered = record["delivered"]
+    assert delivered["passes"] and delivered["latency_ms"] == min(f["latency_ms"] for f in record["files"] if f["passes"])
+    published = json.loads((Path(record["published"]) / "compression.json").read_text())
+    assert Path(record["published"]).parent == results / "pruned"
+    assert published["search"]["winner"] == record["winner"] and published["search"]["target_retention"] == 0.5
+
+    pruned_before = sorted(p.name for p in (results / "pruned").iterdir())
+    refused = compress("--sparsities", 0.5, "--target_retention", 1.0, "--gate_z", 5, "--finish", "false")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "No stage-8 candidate of --sparsities [0.5] keeps 1.0" in refused.stderr and "The closest: sparsity 0.50" in refused.stderr
+    over_budget = compress("--sparsities", 0.5, "--target_retention", 0.5, "--gate_z", 0, "--finish", "false",
+                           "--max_latency_ms", 1e-6)
+    assert over_budget.returncode == 2 and "meets --max_latency_ms 1e-06. The closest: candidate 0.50" in over_budget.stderr
+    assert sorted(p.name for p in (results / "pruned").iterdir()) == pruned_before, "nothing was published"
+    statuses = sorted(json.loads((w / "search.json").read_text())["status"] for w in (results / "compress").iterdir())
+    assert statuses == ["delivered", "no candidate keeps the target", "no file keeps the target within the budgets"]
