@@ -16,10 +16,16 @@ from .runtime import ModelRuntime
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_script(script: str, *args) -> None:
-    """Run a numbered stage script to completion; raise with the end of its output if it fails."""
+def run_script(script: str, *args, stream: bool = False) -> None:
+    """Run a numbered stage script to completion; raise with the end of its output if it fails. ``stream``: let its
+    output (progress bars included) through as it runs, instead of keeping it for the error."""
     command = [sys.executable, str(PROJECT_ROOT / script), *map(str, args)]
     print("$ " + " ".join(command[1:]), flush=True)
+    if stream:
+        completed = subprocess.run(command, cwd=PROJECT_ROOT)
+        if completed.returncode != 0:
+            raise RuntimeError(f"{script} failed with exit code {completed.returncode} (its output is above).")
+        return
     completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
     if completed.returncode != 0:
         raise RuntimeError(f"{script} failed:\n{completed.stdout[-2000:]}\n{completed.stderr[-4000:]}")

@@ -121,7 +121,7 @@ def main() -> None:
         folder = work / "candidates" / f"sparsity-{sparsity:.2f}"
         epochs = ["--num_epochs", config.pruning_epochs] if config.pruning_epochs else []
         run_script("8_pruning_with_finetuning.py", *forwarded, "--head_final_sparsity", sparsity, "--ffn_final_sparsity",
-                   sparsity, "--final_sparsity", sparsity, *epochs, "--output_dir", folder)
+                   sparsity, "--final_sparsity", sparsity, *epochs, "--output_dir", folder, stream=True)
         model = ModelRuntime(folder, spinning=False)
         entry = {"sparsity": sparsity, "folder": str(folder), "parameters": count_parameters(model.torch_model),
                  **retention_gate(validation_correct(model, folder, data, data_config.max_length), teacher_correct,
@@ -172,9 +172,8 @@ def main() -> None:
     shutil.copytree(chosen["folder"], published)
     print(f"Published the winner as {published}", flush=True)
     before = {stage: set(list_checkpoints(stage)) for stage in ("qkd_4bit", *EXPORT_STAGES)}
-    run_script("10_qat_kd_4bit.py", *forwarded)
-    run_script("12_export_onnx.py", *forwarded)
-    run_script("13_export_openvino.py", *forwarded)
+    for script in ("10_qat_kd_4bit.py", "12_export_onnx.py", "13_export_openvino.py"):
+        run_script(script, *forwarded, stream=True)
     files = gate_files({stage: sorted(set(list_checkpoints(stage)) - before[stage]) for stage in before}, teacher,
                        teacher_correct, data, data_config, config)
     record["files"] = files
