@@ -4,7 +4,8 @@ Reads:  the newest results/pruned/ checkpoint (or --source_model_path: any full-
         included), the newest results/qkd_4bit/ checkpoint (or --qkd_model_path) and the validation split.
 Does:   1. exports the model to ONNX (per-layer heads and FFN widths baked in) and converts it to OpenVINO IR with fp32
            weights; OpenVINO's CPU plugin computes in bf16 where the CPU has it, and the precision it used is recorded;
-        2. NNCF post-training int8 (transformer preset) calibrated on --calibration_samples validation rows;
+        2. NNCF post-training int8 (transformer preset) calibrated on --calibration_samples validation rows, or with
+           --int8_max_drop NNCF's accuracy-aware int8 (layers back to float until the validation drop is within it);
         3. the QKD model's dequantized 4-bit weights compressed again by NNCF to 4 bits (--weight_mode, default NF4
            with the QKD block size, which finds the trained codes again where a layer's width allows);
         4. evaluates every file on validation (and its logits against torch) and ships the fastest file within
@@ -17,6 +18,7 @@ Run as:
     python 13_export_openvino.py
     python 13_export_openvino.py --source_model_path results/teacher/<run_id> --export_4bit false   # the teacher, for comparison
     python 13_export_openvino.py --weight_mode int4_sym --calibration_samples 600
+    python 13_export_openvino.py --int8_max_drop 0.3        # NNCF accuracy-aware int8 within 0.3 validation points
 """
 
 import copy
@@ -33,8 +35,8 @@ from common.exports import choose_by_speed, file_entry, four_bit_source, full_pr
 from common.lifecycle import run_script, start_stage
 from common.models import architecture_record, check_matches_data, count_parameters, load_checkpoint_tokenizer, load_model
 from common.onnx_export import export_onnx, write_runtime_files
-from common.onnx_runtime import calibration_batches
-from common.openvino_runtime import compress_weights_4bit, convert_onnx, quantize_int8
+from common.onnx_runtime import calibration_batches, graph_feeds
+from common.openvino_runtime import compress_weights_4bit, convert_onnx, quantize_int8, quantize_int8_with_accuracy_control
 from common.quantization import dequantize_4bit_model
 from common.runtime import ModelRuntime
 
@@ -80,8 +82,14 @@ def main(data_config: DataConfig, config: OpenVinoExportConfig) -> None:
             add(PLAIN_FILE, precision="fp32 weights")
             batches = calibration_batches(tokenizer, *text_inputs(data.validation), names, data_config.max_length,
                                           config.calibration_batch_size, config.calibration_samples)
-            quantization = quantize_int8(folder / PLAIN_FILE, folder / INT8_FILE, batches, len(batches))
-            add(INT8_FILE, precision="int8 (NNCF post-training)", quantization=quantization)
+            if config.int8_max_drop is None:
+                quantization = quantize_int8(folder / PLAIN_FILE, folder / INT8_FILE, batches, len(batches))
+            else:
+                validation = [(graph_feeds(names, batch, PLAIN_FILE), batch["labels"].numpy()) for batch in loader]
+                quantization = quantize_int8_with_accuracy_control(folder / PLAIN_FILE, folder / INT8_FILE, batches,
+                                                                   len(batches), validation, config.int8_max_drop)
+            add(INT8_FILE, precision="int8 (NNCF post-training" + (", accuracy-aware)" if config.int8_max_drop is not None
+                                                                   else ")"), quantization=quantization)
             if four_bit is not None:
                 qkd_folder, qkd_record = four_bit
                 dequantized = dequantize_4bit_model(copy.deepcopy(load_model(qkd_folder)))

@@ -571,12 +571,19 @@ class OpenVinoExportConfig(ExportFields):
     )
     calibration_samples: int = _field(300, "Validation examples NNCF calibrates the int8 model on.")
     calibration_batch_size: int = _field(1, "Examples per calibration feed (NNCF counts subset_size in feeds).")
+    int8_max_drop: Optional[float] = _field(
+        None, "NNCF's accuracy-aware int8 instead of plain post-training int8: layers go back to float, the most "
+        "sensitive first, until the int8 file's validation accuracy is at most this many points below the float IR's. "
+        "Default: plain post-training int8.",
+    )
 
     SMOKE_PROFILE: ClassVar[dict] = {"calibration_samples": 32}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("weight_mode", self.weight_mode, OPENVINO_WEIGHT_MODES)
+        if self.int8_max_drop is not None:
+            _check_range("int8_max_drop", self.int8_max_drop, 0.0, 100.0)
         _check_positive("calibration_samples", self.calibration_samples)
         _check_positive("calibration_batch_size", self.calibration_batch_size)
 

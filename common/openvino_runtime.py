@@ -156,6 +156,33 @@ def quantize_int8(xml_path: Path, target: Path, batches: list[dict], subset_size
     return {"method": "nncf_ptq_int8", "model_type": "transformer", "subset_size": subset_size}
 
 
+def quantize_int8_with_accuracy_control(xml_path: Path, target: Path, batches: list[dict], subset_size: int,
+                                        validation: list[tuple[dict, np.ndarray]], max_drop_points: float) -> dict:
+    """NNCF's accuracy-aware int8: post-training int8 as ``quantize_int8``, then layers back to float, ranked by how
+    much they cost, until the accuracy on ``validation`` ((feeds, labels) batches) is at most ``max_drop_points``
+    below the float model's."""
+    import nncf
+    import openvino as ov
+
+    def validate(compiled, items) -> float:
+        port = next((p for p in compiled.outputs if "logits" in p.get_names()), compiled.outputs[0])
+        correct = total = 0
+        for feeds, labels in items:
+            predicted = np.asarray(compiled(feeds)[port]).argmax(-1)
+            correct += int((predicted == labels).sum())
+            total += len(labels)
+        return correct / total
+
+    model = _core().read_model(str(xml_path))
+    quantized = nncf.quantize_with_accuracy_control(
+        model, nncf.Dataset(batches), nncf.Dataset(validation), validate, max_drop=max_drop_points / 100,
+        drop_type=nncf.DropType.ABSOLUTE, subset_size=subset_size, model_type=nncf.ModelType.TRANSFORMER,
+    )
+    ov.save_model(quantized, str(target), compress_to_fp16=False)
+    return {"method": "nncf_accuracy_control_int8", "model_type": "transformer", "subset_size": subset_size,
+            "max_drop_points": max_drop_points, "validation_batches": len(validation)}
+
+
 def compress_weights_4bit(xml_path: Path, target: Path, mode: str, group_size: int) -> dict:
     """NNCF 4-bit weight compression of every MatMul weight (``mode`` 'nf4', 'int4_sym' or 'int4_asym'; one scale
     per ``group_size`` weights along the input dimension). Applied to the dequantized QKD weights with NF4 and the

@@ -106,3 +106,18 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert sorted(p.name for p in (results / "pruned").iterdir()) == pruned_before, "nothing was published"
     statuses = sorted(json.loads((w / "search.json").read_text())["status"] for w in (results / "compress").iterdir())
     assert statuses == ["delivered", "no candidate keeps the target", "no file keeps the target within the budgets"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target_retention", "0"], "target_retention=0.0 is out of range; it must lie in (0.0, 1.0]"),
+    (["--target_retention", "1.2"], "target_retention=1.2 is out of range"),
+    (["--optimize", "speed"], "optimize='speed' is not supported; allowed values: 'latency', 'size'"),
+    (["--max_size_mb", "0"], "max_size_mb=0.0 must be a positive"),
+    ([], "Run `python 1_train_teacher.py` first"),  # valid flags, but no teacher to compress toward
+])
+def test_compress_refuses_bad_targets_before_any_work(tmp_path, args, message):
+    env = {**os.environ, "COMPRESSION_RESULTS_DIR": str(tmp_path / "results"), "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "compress.py"), *args], cwd=PROJECT_ROOT,
+                               env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2 and message in completed.stderr and "Traceback" not in completed.stderr
+    assert not (tmp_path / "results" / "compress").exists()

@@ -79,3 +79,17 @@ def test_static_shapes_pad_behind_the_mask_and_give_the_dynamic_models_logits(un
     no_mask = {"input_ids": np.asarray(batch["input_ids"])}  # without a mask padding would change the result
     feeds, request, _ = static._padded(no_mask)
     assert feeds is no_mask and request is static.request
+
+
+def test_nncf_accuracy_aware_int8_keeps_the_validation_drop_within_its_bound(uneven_onnx):
+    from common.openvino_runtime import quantize_int8_with_accuracy_control
+
+    folder, batch = uneven_onnx
+    float_model = OpenVinoClassifier(folder / "model.xml", precision="f32")
+    feeds = float_model.feeds(batch)
+    labels = float_model.logits(batch).argmax(-1)  # the float model is right on every example: drops are measurable
+    record = quantize_int8_with_accuracy_control(folder / "model.xml", folder / "aware.xml", [feeds] * 4, 4,
+                                                 [(feeds, labels)] * 2, max_drop_points=0.0)
+    assert record["method"] == "nncf_accuracy_control_int8" and record["max_drop_points"] == 0.0
+    aware = OpenVinoClassifier(folder / "aware.xml", precision="f32").logits(batch)
+    assert (aware.argmax(-1) == labels).all()  # no drop allowed, none left
