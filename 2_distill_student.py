@@ -2,7 +2,8 @@
 
 Reads:  the newest results/teacher/ checkpoint (or --teacher_model_path) and the same data split as stage 1.
         The student is built the DistilBERT way (teacher width, every other layer copied, embeddings and head
-        copied; --student_num_layers, default half) or loaded with --student_model_name_or_path.
+        copied; --student_num_layers, default half), from the teacher layers that matter most to its validation
+        predictions (--student_layer_selection importance), or loaded with --student_model_name_or_path.
 Writes: results/student/<run_id>/ with the best epoch by validation accuracy, compression.json, metrics.json.
         While training, per-epoch state in results/student/.inprogress-<run_id>/ for --resume.
 Loss:   alpha_ce*CE + alpha_kd*KL(teacher/T || student/T)*T^2 + alpha_hidden*MSE(hidden states, layer map).
@@ -10,6 +11,7 @@ Loss:   alpha_ce*CE + alpha_kd*KL(teacher/T || student/T)*T^2 + alpha_hidden*MSE
 Run as:
     python 2_distill_student.py
     python 2_distill_student.py --student_num_layers 2 --alpha_hidden 0 --profile smoke
+    python 2_distill_student.py --student_layer_selection importance   # keep the layers whose skipping costs most
     python 2_distill_student.py --resume                # continue an interrupted run after its last epoch
     torchrun --nproc_per_node 2 2_distill_student.py --profile smoke
 """
@@ -28,6 +30,7 @@ from common.models import (
     load_tokenizer,
     resolve_stage_checkpoint,
 )
+from common.sensitivity import layer_skip_importance, most_important_layers
 from common.training import train
 
 
@@ -43,11 +46,16 @@ def check_student_vocabulary(config: StudentConfig, teacher_tokenizer, data_conf
         )
 
 
-def make_student(teacher, config: StudentConfig, label_names, data_config: DataConfig):
+def make_student(teacher, config: StudentConfig, label_names, data_config: DataConfig, eval_loader):
     if config.student_model_name_or_path is None:
         layers = config.student_num_layers or max(1, num_layers(teacher) // 2)
-        student, copied = build_student_from_teacher(teacher, layers)
-        return student, f"{layers} layers copied from teacher layers {copied}"
+        chosen, how = None, ""
+        if config.student_layer_selection == "importance":
+            scores = layer_skip_importance(teacher, eval_loader, config.layer_importance_batches)
+            chosen = most_important_layers(scores, layers)
+            how = f" (by importance: KL with each layer skipped {[round(score, 4) for score in scores]})"
+        student, copied = build_student_from_teacher(teacher, layers, chosen)
+        return student, f"{layers} layers copied from teacher layers {copied}{how}"
     student = load_pretrained_classifier(config.student_model_name_or_path, label_names, data_config.max_length)
     return student, f"pretrained {config.student_model_name_or_path}"
 
@@ -60,12 +68,12 @@ def main(data_config: DataConfig, config: StudentConfig) -> None:
     check_student_vocabulary(config, tokenizer, data_config)
     run.resume({"teacher": teacher_folder, "student": config.student_model_name_or_path or "layers of the teacher"})
     teacher = load_model(teacher_folder)
-    student, origin = make_student(teacher, config, data.label_names, data_config)
+    train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)
+    student, origin = make_student(teacher, config, data.label_names, data_config, eval_loader)
     teacher.to(run.accelerator.device)
     print(f"Student: {origin}; {count_parameters(student):,} parameters (teacher {count_parameters(teacher):,})")
 
     loss, compute_loss = distillation_for(config, student, teacher)
-    train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)
     result = train(student, train_loader, eval_loader, config, compute_loss, run.accelerator,
                    resume_dir=run.resume_dir, description="student", extras=loss.extras)
 

@@ -223,6 +223,7 @@ class DistillationWeights:
 
 
 UNLABELED_TRAIN_REST = "train_rest"
+STUDENT_LAYER_SELECTIONS = ("spread", "importance")
 
 
 @dataclass
@@ -274,6 +275,12 @@ class StudentConfig(TrainingConfig, DistillationWeights, UnlabeledFields):
     student_model_name_or_path: Optional[str] = _field(
         None, "Distill into this pretrained model instead (e.g. 'distilbert-base-uncased' for a bert-base-uncased teacher)."
     )
+    student_layer_selection: str = _field(
+        "spread", "Which teacher layers a student built from the teacher copies: 'spread' (evenly from the first: 6 -> 3 "
+        "gives [0, 2, 4], DistilBERT's rule) or 'importance' (the layers whose skipping changes the teacher's "
+        "validation predictions most: KL of its outputs with the layer skipped, on --layer_importance_batches batches).",
+    )
+    layer_importance_batches: int = _field(8, "Validation batches of the 'importance' layer selection.")
     alpha_hidden: float = _field(1.0, "Weight of the MSE between mapped student and teacher hidden states.")
     learning_rate: float = _field(1e-4, "Peak AdamW learning rate, reached after warm-up and decayed linearly to 0.")
 
@@ -281,6 +288,13 @@ class StudentConfig(TrainingConfig, DistillationWeights, UnlabeledFields):
         TrainingConfig.__post_init__(self)
         DistillationWeights.__post_init__(self)
         UnlabeledFields.__post_init__(self)
+        _check_choice("student_layer_selection", self.student_layer_selection, STUDENT_LAYER_SELECTIONS)
+        _check_positive("layer_importance_batches", self.layer_importance_batches)
+        if self.student_layer_selection != "spread" and self.student_model_name_or_path is not None:
+            raise ValueError(
+                f"student_layer_selection={self.student_layer_selection!r} chooses teacher layers to copy, but "
+                "student_model_name_or_path loads a pretrained student; drop one of the two."
+            )
         _check_positive("student_num_layers", self.student_num_layers, allow_none=True)
         if self.student_num_layers is not None and self.student_model_name_or_path is not None:
             raise ValueError(

@@ -121,14 +121,18 @@ def teacher_layers_for_student(num_teacher_layers: int, num_student_layers: int)
     return [int(i * num_teacher_layers / num_student_layers) for i in range(num_student_layers)]
 
 
-def build_student_from_teacher(teacher: nn.Module, num_layers: int) -> tuple[nn.Module, list[int]]:
-    """A student of the teacher's width with ``num_layers`` layers copied from it, plus embeddings and head."""
+def build_student_from_teacher(teacher: nn.Module, num_layers: int, chosen: Optional[list[int]] = None) -> tuple[nn.Module, list[int]]:
+    """A student of the teacher's width with ``num_layers`` layers copied from it (``chosen`` teacher layers, or spread
+    evenly), plus embeddings and head."""
     import copy
 
     from transformers import AutoModelForSequenceClassification
 
     spec = spec_for(teacher)
-    chosen = teacher_layers_for_student(getattr(teacher.config, spec.config_layers), num_layers)
+    if chosen is None:
+        chosen = teacher_layers_for_student(getattr(teacher.config, spec.config_layers), num_layers)
+    elif len(chosen) != num_layers or sorted(set(chosen)) != list(chosen):
+        raise ValueError(f"chosen teacher layers {chosen} must be {num_layers} distinct layers in increasing order.")
     config = copy.deepcopy(teacher.config)
     setattr(config, spec.config_layers, num_layers)
     student = AutoModelForSequenceClassification.from_config(config, trust_remote_code=False)

@@ -159,3 +159,42 @@ def plot_heatmap(table: dict, path) -> None:
     figure.colorbar(image, ax=axes, shrink=0.8)
     figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
+
+
+@torch.no_grad()
+def layer_skip_importance(model: torch.nn.Module, loader, batches: int) -> list[float]:
+    """How much each encoder layer matters to the model's outputs: the KL divergence of the model's predictions
+    with that layer skipped (its input passed on unchanged) from its full predictions, averaged over ``batches``
+    validation batches. Chooses which teacher layers a student keeps (stage 2, ``--student_layer_selection
+    importance``); a layer the residual stream barely uses scores near 0."""
+    from .architecture import spec_for
+
+    model.train(False)
+    layers = model.get_submodule(spec_for(model).layers)
+    taken = [batch for _, batch in zip(range(batches), loader)]
+    device = next(model.parameters()).device
+    inputs = [{k: v.to(device) for k, v in model_inputs(batch).items()} for batch in taken]
+    reference = [F.log_softmax(model(**batch).logits.float(), dim=-1) for batch in inputs]
+
+    def skip(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    scores = []
+    for layer in tqdm(layers, desc="layer importance", leave=False):
+        handle = layer.register_forward_hook(skip, with_kwargs=True)
+        try:
+            kl = [F.kl_div(F.log_softmax(model(**batch).logits.float(), dim=-1), full, reduction="batchmean",
+                           log_target=True) for batch, full in zip(inputs, reference)]
+        finally:
+            handle.remove()
+        scores.append(float(torch.stack(kl).mean()))
+    return scores
+
+
+def most_important_layers(scores: list[float], count: int) -> list[int]:
+    """The ``count`` highest-scoring layers, in their order in the model."""
+    if not 0 < count <= len(scores):
+        raise ValueError(f"student_num_layers={count} must be between 1 and the teacher's {len(scores)} layers.")
+    return sorted(sorted(range(len(scores)), key=lambda index: -scores[index])[:count])
+

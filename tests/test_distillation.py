@@ -228,3 +228,27 @@ def test_unlabelled_settings_that_cannot_work_are_refused(fields, message):
     for config_type in (StudentConfig, PruningConfig, QATKDConfig):
         with pytest.raises(ValueError, match=message):
             config_type(**fields)
+
+
+def test_importance_keeps_the_teacher_layers_that_matter_and_drops_one_that_does_nothing(tokenizer):
+    from common.sensitivity import layer_skip_importance, most_important_layers
+
+    teacher = tiny_model(tiny_bert_config(layers=4, hidden=32, heads=4, ffn=64))
+    with torch.no_grad():  # layer 2 adds nothing to the residual stream: LayerNorm of a normalized input is itself
+        for part in (teacher.bert.encoder.layer[2].attention.output.dense, teacher.bert.encoder.layer[2].output.dense):
+            part.weight.zero_()
+            part.bias.zero_()
+        teacher.classifier.weight.mul_(300.0)  # confident predictions, so the layers' effects show in the KL
+    batch = dict(batch_for(tokenizer, ("great film and fun story", "dull boring plot", "the actor was charming")))
+    batch["labels"] = torch.tensor([1, 0, 1])
+    scores = layer_skip_importance(teacher, [batch, batch], batches=2)
+    assert len(scores) == 4 and abs(scores[2]) < 0.01 * min(scores[i] for i in (0, 1, 3))
+    chosen = most_important_layers(scores, 3)
+    assert chosen == [0, 1, 3]
+    student, copied = build_student_from_teacher(teacher, 3, chosen)
+    assert copied == [0, 1, 3]
+    assert torch.equal(student.bert.encoder.layer[2].output.dense.weight, teacher.bert.encoder.layer[3].output.dense.weight)
+    with pytest.raises(ValueError, match="between 1 and the teacher's 4 layers"):
+        most_important_layers(scores, 5)
+    with pytest.raises(ValueError, match="distinct layers in increasing order"):
+        build_student_from_teacher(teacher, 3, [3, 1, 0])
