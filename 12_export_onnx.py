@@ -67,15 +67,8 @@ from common.models import (
     load_checkpoint_tokenizer,
     load_model,
 )
-from common.onnx_export import (
-    compress_leftovers,
-    export_onnx,
-    ffn_output_matmuls,
-    quantize_word_embeddings,
-    save_onnx,
-    use_bnb4_codes,
-    write_runtime_files,
-)
+from common.onnx_export import export_onnx, ffn_output_matmuls, save_onnx, write_runtime_files
+from common.onnx_quantized import compress_leftovers, quantize_word_embeddings, use_bnb4_codes
 from common.onnx_runtime import (
     calibration_batches,
     matmul_names,
@@ -94,7 +87,7 @@ logger = logging.getLogger("12_export_onnx")
 STATIC_FILE, DYNAMIC_FILE, FP32_FILE = "model_int8_static.onnx", "model_int8_dynamic.onnx", "model.onnx"
 NF4_INT8_FILE = "model_nf4_int8.onnx"  # 4-bit codes on disk, decoded to int8 when ONNX Runtime loads the graph
 INT4_NBITS_FILE = "model_int4_nbits.onnx"  # int4 blocks re-quantized from the codes, MatMulNBits with int8 compute
-FOUR_BIT_FILES = (  # file, compute (onnx_export.use_bnb4_codes), what it holds, ONNX Runtime's embedding op
+FOUR_BIT_FILES = (  # file, compute (onnx_quantized.use_bnb4_codes), what it holds, ONNX Runtime's embedding op
     (FP32_FILE, "bnb4", "NF4/FP4 codes, MatMulBnb4 (exact)", False),
     (NF4_INT8_FILE, "int8", "NF4/FP4 codes, int8 compute after load", False),
     (INT4_NBITS_FILE, "nbits", "int4 blocks of 32 re-quantized from the codes, MatMulNBits int8 compute", True),

@@ -37,7 +37,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from common import parse_config  # noqa: E402
+from common import parse_config, stages  # noqa: E402
 from common.checkpoints import (  # noqa: E402
     RECORD_FILE,
     find_checkpoint,
@@ -57,7 +57,12 @@ from common.models import count_parameters, load_checkpoint_tokenizer  # noqa: E
 from common.runtime import ModelRuntime  # noqa: E402
 from common.search import bisect_ladder, choose_file, retention_gate  # noqa: E402
 
-EXPORT_STAGES = ("onnx", "onnx_4bit", "openvino")
+FINISHING_SCRIPTS = ("10_qat_kd_4bit.py", "12_export_onnx.py", "13_export_openvino.py")
+
+
+def finishing_stages() -> list[str]:
+    """The stages whose folders the finishing scripts write (from the stage table)."""
+    return [stage.name for stage in stages.STAGE_TABLE if stage.script in FINISHING_SCRIPTS]
 
 
 def data_flags(argv: list[str]) -> list[str]:
@@ -171,8 +176,8 @@ def main() -> None:
     published = stage_dir("pruned") / new_run_id()
     shutil.copytree(chosen["folder"], published)
     print(f"Published the winner as {published}", flush=True)
-    before = {stage: set(list_checkpoints(stage)) for stage in ("qkd_4bit", *EXPORT_STAGES)}
-    for script in ("10_qat_kd_4bit.py", "12_export_onnx.py", "13_export_openvino.py"):
+    before = {stage: set(list_checkpoints(stage)) for stage in finishing_stages()}
+    for script in FINISHING_SCRIPTS:
         run_script(script, *forwarded, stream=True)
     files = gate_files({stage: sorted(set(list_checkpoints(stage)) - before[stage]) for stage in before}, teacher,
                        teacher_correct, data, data_config, config)

@@ -13,16 +13,8 @@ import pytest
 import torch
 
 from common.config import PruningConfig, PTQConfig
-from common.onnx_export import (
-    _fingerprint,
-    export_onnx,
-    ffn_output_matmuls,
-    int4_blocks,
-    quantize_word_embeddings,
-    save_onnx,
-    use_bnb4_codes,
-    write_runtime_files,
-)
+from common.onnx_export import _fingerprint, export_onnx, ffn_output_matmuls, save_onnx, write_runtime_files
+from common.onnx_quantized import int4_blocks, quantize_word_embeddings, use_bnb4_codes
 from common.onnx_runtime import (
     CALIBRATION_METHODS,
     OnnxClassifier,
@@ -232,7 +224,7 @@ def test_matmulnbits_export_stores_int4_blocks_and_stays_close_to_the_torch_4bit
 
 
 def test_leftover_float_weights_are_stored_in_int8_rows_and_computed_in_float(tokenizer, tmp_path):
-    from common.onnx_export import compress_leftovers
+    from common.onnx_quantized import compress_leftovers
 
     model = pruned_model(tiny_bert_config(layers=2, hidden=128, heads=4, ffn=256))  # positions 64 x 128, pooler 128 x 128
     quantized = copy.deepcopy(model)
