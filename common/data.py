@@ -324,7 +324,7 @@ def load_unlabeled(source: str, data: TextClassificationData, config: DataConfig
                 f"one of the {len(data.train)} training rows, so none is left to distil on without its label. Lower "
                 "--max_train_samples or pass a file of unlabelled texts."
             )
-        texts = [(t, p) for t, p in zip(data.train_rest["text"], data.train_rest[PAIR_COLUMN])] if data.is_pair \
+        texts = list(zip(data.train_rest["text"], data.train_rest[PAIR_COLUMN])) if data.is_pair \
             else list(data.train_rest["text"])
         name = f"the training rows of {data.source} beyond --max_train_samples"
     else:

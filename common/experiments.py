@@ -31,12 +31,16 @@ def run_script(script: str, *args, stream: bool = False) -> None:
         raise RuntimeError(f"{script} failed:\n{completed.stdout[-2000:]}\n{completed.stderr[-4000:]}")
 
 
+def split_loader(folder: Path, split, max_length: int):
+    """A data loader of one split (a Dataset) tokenized by the checkpoint folder's own tokenizer."""
+    tokenizer = load_checkpoint_tokenizer(folder)
+    return make_loader(tokenize_dataset(split, tokenizer, max_length), tokenizer, 64, shuffle=False)
+
+
 def test_accuracy(folder: Path, data, max_length: int) -> tuple[float, ModelRuntime]:
     """Accuracy of a checkpoint on the test split, and the loaded model (for timing or counting)."""
     model = ModelRuntime(folder, spinning=False)
-    tokenizer = load_checkpoint_tokenizer(folder)
-    loader = make_loader(tokenize_dataset(data.test, tokenizer, max_length), tokenizer, 64, shuffle=False)
-    return accuracy(*model.logits(loader)), model
+    return accuracy(*model.logits(split_loader(folder, data.test, max_length))), model
 
 
 test_accuracy.__test__ = False  # a helper, not a pytest test

@@ -29,6 +29,11 @@ def _core():
     return ov.Core()
 
 
+def _logits_port(compiled):
+    """The compiled model's ``logits`` output (its first output when none is named so)."""
+    return next((port for port in compiled.outputs if "logits" in port.get_names()), compiled.outputs[0])
+
+
 LENGTH_STEP = 16  # sequence lengths are padded up to a multiple of this, so a few static shapes cover every input
 STATIC_SHAPES = 12  # compiled static shapes kept per model (batch-1 buckets included); others run the dynamic one
 
@@ -77,7 +82,7 @@ class OpenVinoClassifier:
         self.request = self.compiled.create_infer_request()
         self.input_names = [port.get_any_name() for port in self.compiled.inputs]
         self.output_names = [port.get_any_name() for port in self.compiled.outputs]
-        self.logits_port = next((port for port in self.compiled.outputs if "logits" in port.get_names()), self.compiled.outputs[0])
+        self.logits_port = _logits_port(self.compiled)
         self.static_shapes = static_shapes
         self._static: dict[tuple[int, int], object] = {}  # (batch, padded length) -> infer request
         max_length, self.pad_id = tokenizer_limits(self.path.parent)
@@ -92,8 +97,7 @@ class OpenVinoClassifier:
         model = self._core.read_model(str(self.path))
         model.reshape({name: ov.PartialShape([batch, length]) for name in self.input_names})
         compiled = self._core.compile_model(model, self.device, self._config)
-        port = next((port for port in compiled.outputs if "logits" in port.get_names()), compiled.outputs[0])
-        return compiled.create_infer_request(), port
+        return compiled.create_infer_request(), _logits_port(compiled)
 
     def _padded(self, feeds: dict) -> tuple[dict, object, object]:
         """The feeds padded to their static shape, with the request and output port that run them."""
@@ -165,7 +169,7 @@ def quantize_int8_with_accuracy_control(xml_path: Path, target: Path, batches: l
     import openvino as ov
 
     def validate(compiled, items) -> float:
-        port = next((p for p in compiled.outputs if "logits" in p.get_names()), compiled.outputs[0])
+        port = _logits_port(compiled)
         correct = total = 0
         for feeds, labels in items:
             predicted = np.asarray(compiled(feeds)[port]).argmax(-1)

@@ -49,9 +49,9 @@ from common.checkpoints import (  # noqa: E402
     write_json,
 )
 from common.config import CompressConfig, DataConfig  # noqa: E402
-from common.data import load_splits, make_loader, tokenize_dataset  # noqa: E402
+from common.data import load_splits  # noqa: E402
 from common.evaluation import interleaved_latency  # noqa: E402
-from common.experiments import run_script  # noqa: E402
+from common.experiments import run_script, split_loader  # noqa: E402
 from common.lifecycle import run_tool  # noqa: E402
 from common.models import count_parameters, load_checkpoint_tokenizer  # noqa: E402
 from common.runtime import ModelRuntime  # noqa: E402
@@ -78,9 +78,7 @@ def data_flags(argv: list[str]) -> list[str]:
 
 
 def validation_correct(model: ModelRuntime, folder: Path, data, max_length: int):
-    tokenizer = load_checkpoint_tokenizer(folder)
-    loader = make_loader(tokenize_dataset(data.validation, tokenizer, max_length), tokenizer, 64, shuffle=False)
-    logits, labels = model.logits(loader)
+    logits, labels = model.logits(split_loader(folder, data.validation, max_length))
     return logits.argmax(-1) == labels
 
 

@@ -26,7 +26,6 @@ from common.onnx_runtime import (
 )
 from common.pruning import StructuralPruner
 from common.quantization import (
-    dequantize_4bit_exact,
     dequantize_4bit_model,
     dequantized_linear_weights,
     fake_quantize_rows,
@@ -118,16 +117,23 @@ def test_unknown_calibrator_is_refused(tmp_path):
         quantize_static_int8(tmp_path / "a.onnx", tmp_path / "b.onnx", [], "kl")
 
 
+def four_bit_export(model, tokenizer, tmp_path):
+    """``model`` in bitsandbytes NF4 (blocks of 64, double quantization), its dequantized float twin exported to
+    ONNX: (quantized, {module: dequantized weight}, float twin, graph input names, the loaded float graph)."""
+    quantized = copy.deepcopy(model)
+    quantize_model_4bit(quantized, PTQConfig(blocksize=64, double_quant=True))
+    weights = dequantized_linear_weights(quantized)
+    plain = dequantize_4bit_model(copy.deepcopy(quantized))
+    names = export_onnx(plain, tokenizer, tmp_path / "plain.onnx")
+    return quantized, weights, plain, names, onnx.load(str(tmp_path / "plain.onnx"))
+
+
 def test_bnb4_export_runs_the_trained_codes(tokenizer, tmp_path):
     import bitsandbytes as bnb
 
     model = pruned_model(tiny_bert_config(layers=2, hidden=128, heads=4, ffn=256))
-    quantized = copy.deepcopy(model)
-    quantize_model_4bit(quantized, PTQConfig(blocksize=64, double_quant=True))
-    weights = {n: dequantize_4bit_exact(m.weight) for n, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    plain = dequantize_4bit_model(copy.deepcopy(quantized))
-    names = export_onnx(plain, tokenizer, tmp_path / "plain.onnx")
-    exported = onnx.load(str(tmp_path / "plain.onnx"))
+    quantized, weights, plain, names, exported = four_bit_export(model, tokenizer, tmp_path)
+    assert set(weights) == {n for n, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     replaced = use_bnb4_codes(exported, quantized, weights)
     assert sorted(replaced) == sorted(weights)
     graph = exported.graph
@@ -177,12 +183,8 @@ def test_matmulnbits_export_stores_int4_blocks_and_stays_close_to_the_torch_4bit
         for name, parameter in model.named_parameters():
             if name.endswith("dense.bias") or name.endswith(("query.bias", "key.bias", "value.bias")):
                 parameter.normal_(0, 0.02)
-    quantized = copy.deepcopy(model)
-    quantize_model_4bit(quantized, PTQConfig(blocksize=64, double_quant=True))
-    weights = {n: dequantize_4bit_exact(m.weight) for n, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    plain = dequantize_4bit_model(copy.deepcopy(quantized))
-    names = export_onnx(plain, tokenizer, tmp_path / "plain.onnx")
-    exported = onnx.load(str(tmp_path / "plain.onnx"))
+    quantized, weights, plain, names, exported = four_bit_export(model, tokenizer, tmp_path)
+    assert set(weights) == {n for n, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert sorted(use_bnb4_codes(exported, quantized, weights, compute="nbits")) == sorted(weights)
     nodes = [node for node in exported.graph.node if node.op_type == "MatMulNBits"]
     assert len(nodes) == len(weights)
@@ -227,12 +229,8 @@ def test_leftover_float_weights_are_stored_in_int8_rows_and_computed_in_float(to
     from common.onnx_quantized import compress_leftovers
 
     model = pruned_model(tiny_bert_config(layers=2, hidden=128, heads=4, ffn=256))  # positions 64 x 128, pooler 128 x 128
-    quantized = copy.deepcopy(model)
-    quantize_model_4bit(quantized, PTQConfig(blocksize=64, double_quant=True))
-    plain = dequantize_4bit_model(copy.deepcopy(quantized))
-    names = export_onnx(plain, tokenizer, tmp_path / "model.onnx")
-    exported = onnx.load(str(tmp_path / "model.onnx"))
-    use_bnb4_codes(exported, quantized, dequantized_linear_weights(quantized))
+    quantized, weights, plain, names, exported = four_bit_export(model, tokenizer, tmp_path)
+    use_bnb4_codes(exported, quantized, weights)
     embeddings = plain.get_input_embeddings().weight
     quantize_word_embeddings(exported, embeddings, 4)
     save_onnx(exported, tmp_path / "4bit.onnx")
