@@ -100,6 +100,7 @@ def int8_latency(folder: Path, teacher: ModelRuntime, config: CompressConfig) ->
         timing = interleaved_latency(runners, 2, config.latency_rounds, config.latency_batch_size, reference="teacher")
         size = (scratch / "int8.onnx").stat().st_size / 1e6
     return {"int8_latency_ms": timing["candidate"]["latency_ms_median"],
+            "int8_latency_iqr_ms": [timing["candidate"]["latency_ms_p25"], timing["candidate"]["latency_ms_p75"]],
             "int8_speedup_vs_teacher": timing["candidate"].get("speedup_vs_reference_median"),
             "teacher_latency_ms": timing["teacher"]["latency_ms_median"], "int8_size_mb": size}
 
@@ -212,6 +213,7 @@ def gate_files(new_folders: dict, teacher: ModelRuntime, teacher_correct, data, 
     for entry in entries:
         measured = timing.get(entry["name"])
         entry["latency_ms"] = measured["latency_ms_median"] if measured else float("inf")
+        entry["latency_iqr_ms"] = [measured["latency_ms_p25"], measured["latency_ms_p75"]] if measured else None
         entry["speedup_vs_teacher"] = measured.get("speedup_vs_reference_median") if measured else None
     return entries
 

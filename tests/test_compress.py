@@ -94,6 +94,8 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     finishing = {stage.name for stage in stages.STAGE_TABLE if stage.script in finishing_scripts}
     assert stages_written == finishing and len(finishing) == 4
     delivered = record["delivered"]
+    assert delivered["latency_iqr_ms"][0] <= delivered["latency_ms"] <= delivered["latency_iqr_ms"][1]
+    assert all(len(c["int8_latency_iqr_ms"]) == 2 for c in record["candidates"])
     assert delivered["passes"] and delivered["latency_ms"] == min(f["latency_ms"] for f in record["files"] if f["passes"])
     published = json.loads((Path(record["published"]) / "compression.json").read_text())
     assert Path(record["published"]).parent == results / "pruned"
