@@ -30,7 +30,7 @@ from common.models import (
     load_tokenizer,
     resolve_stage_checkpoint,
 )
-from common.sensitivity import layer_skip_importance, most_important_layers
+from common.pruning import layer_skip_importance, most_important_layers
 from common.training import train
 
 

@@ -2,7 +2,8 @@
 
 Reads:  the newest results/student/ checkpoint (or --student_model_path), the newest results/teacher/
         checkpoint (or --teacher_model_path) and the same data split as stage 1.
-Does:   fine-tunes with alpha_ce*CE + alpha_kd*KL*T^2 (+ alpha_hidden*MSE) while a StructuralPruner raises the
+Does:   optionally drops whole encoder layers first (--drop_layers: those whose skipping changes the student's
+        predictions least), then fine-tunes with alpha_ce*CE + alpha_kd*KL*T^2 (+ alpha_hidden*MSE) while a StructuralPruner raises the
         sparsity of attention heads and FFN neurons along a cubic schedule (importance_mode l2 / kd_grad /
         l2+kd_grad; uniform or multi-granularity), evaluates the masked model, then removes the pruned
         structures physically. Optionally prunes the vocabulary to the tokens of the training split.
@@ -18,9 +19,15 @@ Run as:
     python 8_pruning_with_finetuning.py --resume            # continue an interrupted run after its last epoch
     python 8_pruning_with_finetuning.py --layer_targets results/sensitivity_targets.json   # after make sensitivity
     python 8_pruning_with_finetuning.py --ffn_round_to 16 --alpha_attention 1.0
+    python 8_pruning_with_finetuning.py --drop_layers 1     # also remove the least important whole layer
 """
 
+import json
+from pathlib import Path
+from typing import Optional
+
 from common import DataConfig, PruningConfig
+from common.architecture import num_layers
 from common.data import build_loaders, make_loader, tokenize_dataset
 from common.distillation import distillation_for
 from common.evaluation import evaluate_accuracy
@@ -32,7 +39,12 @@ from common.models import (
     model_skeleton,
     resolve_stage_checkpoint,
 )
-from common.pruning import StructuralPruner
+from common.pruning import (
+    StructuralPruner,
+    drop_layers,
+    layer_skip_importance,
+    layers_to_drop,
+)
 from common.training import optimizer_steps_per_epoch, train
 from common.vocabulary import prune_vocabulary
 
@@ -54,21 +66,47 @@ class PruningHooks:
         self.pruner.load_resume_state(tensors, info)
 
 
+def drop_least_important_layers(student, loader, config: PruningConfig, resume_dir: Optional[Path]) -> dict:
+    """Remove the --drop_layers student layers whose skipping changes its predictions least; the choice is kept in
+    the run's state folder, so --resume drops the same layers."""
+    saved = resume_dir / "dropped_layers.json" if resume_dir is not None else None
+    if saved is not None and saved.is_file():
+        choice = json.loads(saved.read_text())
+    else:
+        scores = layer_skip_importance(student, loader, config.layer_importance_batches)
+        choice = {"skip_kl": scores, "dropped": layers_to_drop(scores, config.drop_layers)}
+        if saved is not None:
+            saved.write_text(json.dumps(choice))
+    choice["kept"] = drop_layers(student, choice["dropped"])
+    print(f"Dropped student layers {choice['dropped']} (KL with each layer skipped "
+          f"{[round(score, 4) for score in choice['skip_kl']]}); kept {choice['kept']}")
+    return choice
+
+
 def main(data_config: DataConfig, config: PruningConfig) -> None:
     run = start_stage("pruned", data_config, config, training=True)
     accelerator, data = run.accelerator, run.data
     teacher_folder, _ = resolve_stage_checkpoint("teacher", config.teacher_model_path, data.label_names, data_config)
     student_folder, _ = resolve_stage_checkpoint("student", config.student_model_path, data.label_names, data_config)
-    StructuralPruner(model_skeleton(student_folder), config)  # targets the student cannot meet: refused before any work
+    skeleton = model_skeleton(student_folder)  # targets the student cannot meet: refused before any work
+    drop_layers(skeleton, layers_to_drop([0.0] * num_layers(skeleton), config.drop_layers))
+    StructuralPruner(skeleton, config)
     run.resume({"student": student_folder, "teacher": teacher_folder})
     teacher, student = load_model(teacher_folder), load_model(student_folder)
     teacher.to(accelerator.device)
     tokenizer = load_checkpoint_tokenizer(student_folder)
     train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)
 
-    pruner = StructuralPruner(student, config)
     parameters_before = count_parameters(student)
     accuracy_before = evaluate_accuracy(student, eval_loader)["accuracy"]
+    layers = None
+    if config.drop_layers:
+        # its own shuffled loader over the training rows, so scoring leaves the training order as it was
+        scoring_loader = make_loader(train_loader.dataset, tokenizer, config.batch_size, shuffle=True, seed=config.seed + 1)
+        layers = drop_least_important_layers(student, scoring_loader, config, run.resume_dir)
+        layers["validation_accuracy_after_drop"] = evaluate_accuracy(student, eval_loader)["accuracy"]
+        print(f"Validation accuracy with the layers dropped, before fine-tuning: {layers['validation_accuracy_after_drop']:.4f}")
+    pruner = StructuralPruner(student, config)
     total_steps = optimizer_steps_per_epoch(len(train_loader), accelerator.num_processes, config.gradient_accumulation_steps) * config.num_epochs
     pruner.set_schedule(total_steps)
     print(f"Pruning {len(pruner.head_groups)} head groups and {len(pruner.ffn_groups)} FFN groups; "
@@ -103,6 +141,7 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
         validation_accuracy_masked=masked_metrics["accuracy"],
         validation_accuracy_after=pruned_metrics["accuracy"],
         kept_heads=architecture["kept_heads"],
+        layers=layers,
         vocabulary=vocabulary,
     )
     run.finish(
@@ -111,7 +150,7 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
         pruning=summary, pruning_history=pruner.history,
         metrics={"validation": pruned_metrics, "validation_before": {"accuracy": accuracy_before}},
         summary=lambda folder, record: (
-            f"Pruned: heads per layer {summary['kept_heads_per_layer']}, FFN width per layer {summary['ffn_width_per_layer']}, "
+            f"Pruned: {'' if layers is None else 'student layers %s kept, ' % layers['kept']}heads per layer {summary['kept_heads_per_layer']}, FFN width per layer {summary['ffn_width_per_layer']}, "
             f"head sparsity {summary['head_sparsity']:.3f}, FFN sparsity {summary['ffn_sparsity']:.3f}; "
             f"parameters {parameters_before:,} -> {parameters_after:,}; validation accuracy {accuracy_before:.4f} -> "
             f"{pruned_metrics['accuracy']:.4f} (masked {masked_metrics['accuracy']:.4f}) -> {folder}"),

@@ -407,6 +407,12 @@ class PruningConfig(TrainingConfig, DistillationWeights, ImportanceFields, Unlab
         "with a log line, for byte-level BPE (RoBERTa).",
     )
     vocabulary_extra_tokens: int = _field(0, "With prune_vocabulary: also keep this many other tokens, lowest ids first.")
+    drop_layers: int = _field(
+        0, "Whole encoder layers removed before the heads and neurons are pruned: the student layers whose skipping "
+        "changes its predictions least (KL of its outputs with the layer skipped, on --layer_importance_batches "
+        "training batches); the distillation fine-tuning then recovers. 0 (default): keep every layer. Must leave one.",
+    )
+    layer_importance_batches: int = _field(8, "Training batches that score the student's layers for --drop_layers.")
 
     @classmethod
     def from_preset(cls, preset: str, **fields) -> "PruningConfig":
@@ -446,6 +452,8 @@ class PruningConfig(TrainingConfig, DistillationWeights, ImportanceFields, Unlab
         if self.layer_targets is not None:
             read_layer_targets(self.layer_targets)
         _check_range("vocabulary_extra_tokens", self.vocabulary_extra_tokens, 0, float("inf"))
+        _check_range("drop_layers", self.drop_layers, 0, float("inf"))
+        _check_positive("layer_importance_batches", self.layer_importance_batches)
 
 
 @dataclass

@@ -53,6 +53,41 @@ def test_pruning_then_reload_gives_identical_logits(model_type, results_dir):
     torch.testing.assert_close(logits(stock, batch), pruned, atol=0, rtol=0)
 
 
+
+@pytest.mark.parametrize("model_type", ALL_ARCHITECTURES)
+def test_dropping_a_layer_equals_skipping_it_and_survives_pruning_and_stock_reload(model_type, results_dir):
+    """Stage 8's --drop_layers: the model without layer 1 computes what the full model computes with layer 1 passed
+    over, keeps that through head/neuron pruning, and reloads (project loader and stock transformers) unchanged."""
+    from transformers import AutoModelForSequenceClassification
+
+    from common.architecture import architecture_record, spec_for
+    from common.pruning import drop_layers
+
+    config = tiny_config(model_type, layers=3)
+    model = tiny_model(config)
+    with torch.no_grad():  # a tiny initial layer barely moves the logits; give layer 1 an effect a wrong drop would show
+        layer_views(model)[1].get("ffn_out").weight.normal_(0.0, 1.0)
+    batch = random_batch(config)
+    layers = model.get_submodule(spec_for(model).layers)
+    handle = layers[1].register_forward_hook(
+        lambda module, args, kwargs, output: (args[0] if args else kwargs["hidden_states"], *output[1:])
+        if isinstance(output, tuple) else (args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    skipped = logits(model, batch)
+    handle.remove()
+    assert (logits(model, batch) - skipped).abs().max() > 1e-3, "layer 1 must matter for the test to mean anything"
+    assert drop_layers(model, [1]) == [0, 2]
+    torch.testing.assert_close(logits(model, batch), skipped, atol=1e-6, rtol=0)
+    pruner = StructuralPruner(model, PruningConfig(importance_mode="l2", head_final_sparsity=0.5, ffn_final_sparsity=0.5))
+    pruner.compute_importance_and_prune(0.5, 0.5)
+    masked = logits(model, batch)
+    record = pruner.prune_physically()
+    assert len(record["heads_per_layer"]) == 2 and architecture_record(model)["num_layers"] == 2
+    folder = save_checkpoint("pruned", model, None, {"label_names": ["a", "b"]})
+    torch.testing.assert_close(logits(load_model(folder), batch), masked, atol=1e-6, rtol=0)
+    stock = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    torch.testing.assert_close(logits(stock, batch), masked, atol=1e-6, rtol=0)
+
+
 def test_mpnet_layers_read_their_own_heads_of_the_shared_relative_bias(results_dir):
     """MPNet adds one encoder-wide relative-position bias per head; a pruned layer must add its kept heads' columns,
     in order, and a wrong choice would change the logits."""

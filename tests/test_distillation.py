@@ -231,7 +231,7 @@ def test_unlabelled_settings_that_cannot_work_are_refused(fields, message):
 
 
 def test_importance_keeps_the_teacher_layers_that_matter_and_drops_one_that_does_nothing(tokenizer):
-    from common.sensitivity import layer_skip_importance, most_important_layers
+    from common.pruning import layer_skip_importance, most_important_layers
 
     teacher = tiny_model(tiny_bert_config(layers=4, hidden=32, heads=4, ffn=64))
     with torch.no_grad():  # layer 2 adds nothing to the residual stream: LayerNorm of a normalized input is itself

@@ -413,3 +413,27 @@ def test_a_new_importance_criterion_is_one_class_and_one_table_entry(monkeypatch
     pruner.compute_importance_and_prune(0.125, 1 / 128)
     assert pruner.layer_mask("head", 1).tolist() == [True, True, True, False]
     assert pruner.kept_per_layer("ffn") == [63, 64] and not bool(pruner.layer_mask("ffn", 0)[-1])
+
+
+def test_layers_to_drop_takes_the_lowest_scored_and_refuses_dropping_every_layer():
+    from common.pruning import drop_layers, layers_to_drop
+
+    assert layers_to_drop([0.5, 0.01, 0.3, 0.02], 2) == [1, 3]
+    assert layers_to_drop([0.5, 0.01, 0.3, 0.02], 0) == []
+    assert layers_to_drop([0.2, 0.2, 0.2], 1) == [2]  # ties: the later layer goes first
+    with pytest.raises(ValueError, match="drop_layers=3 must leave at least one of the model's 3 encoder layers: give 0 to 2"):
+        layers_to_drop([0.1, 0.2, 0.3], 3)
+    model = tiny_model(tiny_bert_config(layers=2))
+    with pytest.raises(ValueError, match="Cannot drop layers \\[2\\] of a 2-layer encoder"):
+        drop_layers(model, [2])
+    with pytest.raises(ValueError, match="keep at least one layer"):
+        drop_layers(model, [0, 1])
+    assert model.config.num_hidden_layers == 2 and len(model.bert.encoder.layer) == 2  # refusals changed nothing
+    assert drop_layers(model, [0]) == [1] and model.config.num_hidden_layers == 1
+
+
+def test_drop_layers_config_is_checked():
+    with pytest.raises(ValueError, match="drop_layers=-1 is out of range"):
+        pruning_config(drop_layers=-1)
+    with pytest.raises(ValueError, match="layer_importance_batches"):
+        pruning_config(drop_layers=1, layer_importance_batches=0)

@@ -50,8 +50,12 @@ def assert_same_weights(straight, resumed):
 def test_interrupted_then_resumed_pruning_equals_an_uninterrupted_run(trained):
     root, results, data = trained
     arguments = ["--dataset", data, *COMMON, "--num_epochs", 2, "--batch_size", 8, "--gradient_accumulation_steps", 2,
-                 "--pruning_frequency_steps", 2, "--pruning_window_steps", 2, "--pruning_end_fraction", 0.9]
+                 "--pruning_frequency_steps", 2, "--pruning_window_steps", 2, "--pruning_end_fraction", 0.9,
+                 "--drop_layers", 1, "--layer_importance_batches", 2]
     (straight, resumed), folders = interrupted_and_straight(root, results, "8_pruning_with_finetuning.py", "pruned", arguments)
+    # the 2-layer student loses its less important layer, and the resumed run drops the same one
+    assert straight["architecture"]["num_layers"] == 1 and len(straight["pruning"]["layers"]["skip_kl"]) == 2
+    assert resumed["pruning"]["layers"] == straight["pruning"]["layers"]
     # 64 rows / 8 per batch / 2 accumulated = 4 optimizer steps per epoch; pruning goes on in epoch 2
     assert [entry["step"] for entry in straight["pruning_history"]][-1] > 4
     assert resumed["pruning_history"] == straight["pruning_history"]

@@ -6,6 +6,7 @@
 - ``schedule``: when (Zhu & Gupta's polynomial schedule);
 - ``masks``: structure groups, their masks and zeroing;
 - ``selection``: which groups go (lowest-scored, per layer or across layers; width alignment);
+- ``layers``: whole encoder layers scored by the KL of skipping them, and dropped (stage 8's ``--drop_layers``);
 - ``pruner``: ``StructuralPruner``, which composes them and removes pruned structures physically.
 
 A new importance criterion is one ``Importance`` class and one ``CRITERIA`` entry in ``importance.py``.
@@ -22,6 +23,12 @@ from .importance import (
     WeightedImportance,
     normalize,
     normalize_per_layer,
+)
+from .layers import (
+    drop_layers,
+    layer_skip_importance,
+    layers_to_drop,
+    most_important_layers,
 )
 from .masks import StructureGroup, StructureMasks, apply_masks
 from .pruner import StructuralPruner
@@ -43,6 +50,10 @@ __all__ = [
     "TaylorImportance",
     "WeightedImportance",
     "apply_masks",
+    "drop_layers",
+    "layer_skip_importance",
+    "layers_to_drop",
+    "most_important_layers",
     "normalize",
     "normalize_per_layer",
     "polynomial_sparsity",
