@@ -671,6 +671,11 @@ class CompressConfig:
         [0.3, 0.4, 0.5, 0.6, 0.7, 0.8], "The ladder of stage-8 candidates: each removes this share of the heads and of the "
         "FFN neurons. Searched by bisection (accuracy falls as the share grows), so about log2(n + 1) stage-8 runs.",
     )
+    drop_layers: list[int] = _field(
+        [0], "Whole student layers the candidates drop (stage 8 --drop_layers, the least important first): each value "
+        "gets its own bisection over --sparsities, and the passing candidates of every depth compete on --optimize "
+        "(int8 latency or size). E.g. --drop_layers 0 1.",
+    )
     gate_z: float = _field(
         1.0, "Standard errors of the paired validation difference a candidate must clear above the target (0: the "
         "point estimate alone; 1.64: one-sided 95%).",
@@ -697,6 +702,8 @@ class CompressConfig:
             _check_range("sparsities entry", value, 0.0, 1.0, low_open=True, high_open=True)
         if len(set(self.sparsities)) != len(self.sparsities):
             raise ValueError(f"sparsities={self.sparsities} lists a value twice; give each candidate once.")
+        if not self.drop_layers or len(set(self.drop_layers)) != len(self.drop_layers) or min(self.drop_layers) < 0:
+            raise ValueError(f"drop_layers={self.drop_layers} must list distinct layer counts of 0 or more, e.g. --drop_layers 0 1.")
         _check_range("gate_z", self.gate_z, 0.0, 5.0)
         _check_positive("pruning_epochs", self.pruning_epochs, allow_none=True)
         _check_positive("time_budget_s", self.time_budget_s, allow_none=True)

@@ -53,7 +53,8 @@ from common.data import load_splits  # noqa: E402
 from common.evaluation import interleaved_latency  # noqa: E402
 from common.experiments import run_script, split_loader  # noqa: E402
 from common.lifecycle import run_tool  # noqa: E402
-from common.models import count_parameters, load_checkpoint_tokenizer  # noqa: E402
+from common.architecture import num_layers  # noqa: E402
+from common.models import count_parameters, load_checkpoint_tokenizer, model_skeleton  # noqa: E402
 from common.runtime import ModelRuntime  # noqa: E402
 from common.search import bisect_ladder, choose_file, retention_gate  # noqa: E402
 
@@ -75,6 +76,11 @@ def data_flags(argv: list[str]) -> list[str]:
         if keep:
             forwarded.append(token)
     return forwarded
+
+
+def candidate_name(entry: dict) -> str:
+    drop = entry.get("drop_layers", 0)
+    return f"sparsity {entry['sparsity']:.2f}" + (f", {drop} layer(s) dropped" if drop else "")
 
 
 def validation_correct(model: ModelRuntime, folder: Path, data, max_length: int):
@@ -110,6 +116,10 @@ def main() -> None:
     data_config, config = parse_config(DataConfig, CompressConfig, args=argv)
     forwarded = data_flags(argv)
     teacher_folder, student_folder = find_checkpoint("teacher"), find_checkpoint("student")
+    student_layers = num_layers(model_skeleton(student_folder))
+    if max(config.drop_layers) >= student_layers:
+        raise ValueError(f"--drop_layers {max(config.drop_layers)} would leave none of the {student_layers} layers of the "
+                         f"student {student_folder}; give values from 0 to {student_layers - 1}.")
     started = time.time()
     data = load_splits(data_config)
     work = results_root() / "compress" / new_run_id()
@@ -118,21 +128,23 @@ def main() -> None:
     print(f"Teacher {teacher_folder}: validation accuracy {teacher_correct.mean():.4f}; target "
           f"{config.target_retention} of it = {config.target_retention * teacher_correct.mean():.4f}, gate z = {config.gate_z}")
     ladder = sorted(config.sparsities)
-    candidates: dict[int, dict] = {}
+    candidates: dict[tuple[int, int], dict] = {}
 
-    def try_candidate(index: int) -> bool:
+    def try_candidate(drop: int, index: int) -> bool:
         sparsity = ladder[index]
-        folder = work / "candidates" / f"sparsity-{sparsity:.2f}"
+        folder = work / "candidates" / (f"drop-{drop}-sparsity-{sparsity:.2f}" if drop else f"sparsity-{sparsity:.2f}")
         epochs = ["--num_epochs", config.pruning_epochs] if config.pruning_epochs else []
         run_script("8_pruning_with_finetuning.py", *forwarded, "--head_final_sparsity", sparsity, "--ffn_final_sparsity",
-                   sparsity, "--final_sparsity", sparsity, *epochs, "--output_dir", folder, stream=True)
+                   sparsity, "--final_sparsity", sparsity, "--drop_layers", drop, *epochs, "--output_dir", folder, stream=True)
         model = ModelRuntime(folder, spinning=False)
-        entry = {"sparsity": sparsity, "folder": str(folder), "parameters": count_parameters(model.torch_model),
+        entry = {"drop_layers": drop, "sparsity": sparsity, "folder": str(folder),
+                 "layers": num_layers(model.torch_model),
+                 "parameters": count_parameters(model.torch_model),
                  **retention_gate(validation_correct(model, folder, data, data_config.max_length), teacher_correct,
                                   config.target_retention, config.gate_z),
                  **int8_latency(folder, teacher, config), "seconds_since_start": round(time.time() - started)}
-        candidates[index] = entry
-        print(f"Candidate sparsity {sparsity:.2f}: validation {entry['validation_accuracy']:.4f} (retention "
+        candidates[(drop, index)] = entry
+        print(f"Candidate {candidate_name(entry)}: validation {entry['validation_accuracy']:.4f} (retention "
               f"{entry['retention']:.4f}, margin {entry['margin_points']:.2f} points) -> "
               f"{'passes' if entry['passes'] else 'fails'} the gate; int8 {entry['int8_latency_ms']:.2f} ms, "
               f"{entry['int8_size_mb']:.2f} MB", flush=True)
@@ -141,30 +153,38 @@ def main() -> None:
     def out_of_time() -> bool:
         return config.time_budget_s is not None and time.time() - started > config.time_budget_s
 
-    winner = bisect_ladder(len(ladder), try_candidate, out_of_time)
+    depth_winners = []
+    for drop in sorted(config.drop_layers):
+        index = bisect_ladder(len(ladder), lambda index: try_candidate(drop, index), out_of_time)
+        if index is not None:
+            depth_winners.append(candidates[(drop, index)])
+    tried = [candidates[key] for key in sorted(candidates)]
     record = {"target_retention": config.target_retention, "optimize": config.optimize, "gate_z": config.gate_z,
               "budgets": {"max_latency_ms": config.max_latency_ms, "max_size_mb": config.max_size_mb},
               "teacher": str(teacher_folder), "student": str(student_folder),
               "teacher_validation_accuracy": float(teacher_correct.mean()), "validation_examples": int(teacher_correct.size),
-              "ladder": ladder, "candidates": [candidates[i] for i in sorted(candidates)], "config": dataclasses.asdict(config),
-              "data_flags": forwarded}
-    if winner is None:
+              "ladder": ladder, "drop_layers": sorted(config.drop_layers), "candidates": tried,
+              "config": dataclasses.asdict(config), "data_flags": forwarded}
+    if not depth_winners:
         record.update(status="no candidate keeps the target", wall_time_s=round(time.time() - started))
         write_trace(work, record)
-        tried = [candidates[i] for i in sorted(candidates)]
         closest = max(tried, key=lambda entry: entry["retention"], default=None)
-        hint = "" if closest is None else (f" The closest: sparsity {closest['sparsity']:.2f}, retention "
+        hint = "" if closest is None else (f" The closest: {candidate_name(closest)}, retention "
                                            f"{closest['retention']:.4f} (lower bound {closest['lower_bound_points']:+.2f} points).")
-        raise ValueError(f"No stage-8 candidate of --sparsities {ladder} keeps {config.target_retention} of the teacher's "
-                         f"validation accuracy{' in the time budget' if out_of_time() else ''}.{hint} Lower --target_retention "
-                         f"or add smaller shares to --sparsities. Trace: {work / 'search.json'}")
-    chosen = candidates[winner]
-    tried = ", ".join(f"{c['sparsity']:.2f} {'pass' if c['passes'] else 'fail'}" for c in record["candidates"])
-    record["winner"] = {"sparsity": chosen["sparsity"], "why": (
-        f"the most compressed candidate of the ladder that passes the gate (tried {len(candidates)} of {len(ladder)} by "
-        f"bisection: {tried})")}
+        depths = "" if config.drop_layers == [0] else f" (--drop_layers {sorted(config.drop_layers)})"
+        raise ValueError(f"No stage-8 candidate of --sparsities {ladder}{depths} keeps "
+                         f"{config.target_retention} of the teacher's validation accuracy{' in the time budget' if out_of_time() else ''}."
+                         f"{hint} Lower --target_retention, or add smaller shares to --sparsities. Trace: {work / 'search.json'}")
+    measure = "int8_latency_ms" if config.optimize == "latency" else "int8_size_mb"
+    chosen = min(depth_winners, key=lambda entry: entry[measure])
+    summary = ", ".join(f"{candidate_name(c)} {'pass' if c['passes'] else 'fail'}" for c in tried)
+    per_depth = "; ".join(f"{candidate_name(c)}: {c[measure]:.2f} {'ms' if config.optimize == 'latency' else 'MB'}" for c in depth_winners)
+    record["winner"] = {"sparsity": chosen["sparsity"], "drop_layers": chosen["drop_layers"], "name": candidate_name(chosen), "why": (
+        f"of each depth's most compressed candidate that passes the gate ({per_depth}), the "
+        f"{'fastest in ONNX Runtime int8' if config.optimize == 'latency' else 'smallest in ONNX Runtime int8'} (tried "
+        f"{len(tried)} of {len(ladder) * len(config.drop_layers)} by bisection: {summary})")}
     if not config.finish:
-        files = [{"name": f"candidate {c['sparsity']:.2f} (ONNX Runtime dynamic int8)", "passes": c["passes"],
+        files = [{"name": f"candidate {candidate_name(c)} (ONNX Runtime dynamic int8)", "passes": c["passes"],
                   "retention": c["retention"], "lower_bound_points": c["lower_bound_points"],
                   "latency_ms": c["int8_latency_ms"], "size_mb": c["int8_size_mb"]} for c in record["candidates"]]
         delivered, reason = deliver(files, config, record, work)
@@ -240,10 +260,10 @@ def markdown(record: dict) -> str:
     lines = [f"Target: {record['target_retention']} of the teacher's validation accuracy "
              f"({record['teacher_validation_accuracy']:.4f}, {record['validation_examples']} examples), gate z = "
              f"{record['gate_z']}, optimize {record['optimize']}. Status: {record.get('status')}.", "",
-             "| Candidate (sparsity) | Validation acc. | Retention | Margin (points) | Gate | int8 ms | int8 MB |",
-             "|---|---|---|---|---|---|---|"]
+             "| Sparsity | Layers dropped | Validation acc. | Retention | Margin (points) | Gate | int8 ms | int8 MB |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in record["candidates"]:
-        lines.append(f"| {c['sparsity']:.2f} | {c['validation_accuracy']:.4f} | {c['retention']:.4f} | {c['margin_points']:.2f} | "
+        lines.append(f"| {c['sparsity']:.2f} | {c.get('drop_layers', 0)} | {c['validation_accuracy']:.4f} | {c['retention']:.4f} | {c['margin_points']:.2f} | "
                      f"{'pass' if c['passes'] else 'fail'} | {c['int8_latency_ms']:.2f} | {c['int8_size_mb']:.2f} |")
     if record.get("files"):
         lines += ["", "| File | Validation acc. | Retention | Gate | Latency ms | Size MB |", "|---|---|---|---|---|---|"]
@@ -251,7 +271,7 @@ def markdown(record: dict) -> str:
             lines.append(f"| {f['name']} | {f['validation_accuracy']:.4f} | {f['retention']:.4f} | {'pass' if f['passes'] else 'fail'} | "
                          f"{f['latency_ms']:.2f} | {f['size_mb']:.2f} |")
     if record.get("winner"):
-        lines += ["", f"Winner: sparsity {record['winner']['sparsity']:.2f}, {record['winner']['why']}."]
+        lines += ["", f"Winner: {candidate_name(record['winner'])}, {record['winner']['why']}."]
     if record.get("delivered_why"):
         lines.append(f"Delivered: {record['delivered_why']}.")
     if "wall_time_s" in record:
@@ -266,14 +286,19 @@ def plot(record: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    markers = dict(zip(sorted({c.get("drop_layers", 0) for c in record["candidates"]}), "os^Dv<>p"))
     for c in record["candidates"]:
+        drop = c.get("drop_layers", 0)
         axis.errorbar(c["sparsity"], 100 * c["retention"], yerr=c["margin_points"] / max(record["teacher_validation_accuracy"], 1e-9),
-                      marker="o" if c["passes"] else "x", color="tab:green" if c["passes"] else "tab:red", capsize=3)
+                      marker=markers.get(drop, "o"), color="tab:green" if c["passes"] else "tab:red", capsize=3,
+                      fillstyle="full" if c["passes"] else "none")
         axis.annotate(f"{c['int8_latency_ms']:.1f} ms", (c["sparsity"], 100 * c["retention"]), fontsize=8,
                       xytext=(4, 4), textcoords="offset points")
     axis.axhline(100 * record["target_retention"], color="grey", linestyle="--", label="target")
     axis.set_xlabel("stage-8 sparsity (share of heads and FFN neurons removed)")
     axis.set_ylabel("validation retention (% of the teacher), bar: gate margin")
+    for drop, marker in markers.items():
+        axis.plot([], [], marker=marker, color="grey", linestyle="none", label=f"{drop} layer(s) dropped")
     axis.set_title("Search trace (green: passes the gate, red: fails)")
     axis.legend()
     figure.savefig(path, dpi=130)

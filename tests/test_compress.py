@@ -105,9 +105,18 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     refused = compress("--sparsities", 0.5, "--target_retention", 1.0, "--gate_z", 5, "--finish", "false")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "No stage-8 candidate of --sparsities [0.5] keeps 1.0" in refused.stderr and "The closest: sparsity 0.50" in refused.stderr
+    too_deep = compress("--drop_layers", 0, 2)  # the student has 2 layers
+    assert too_deep.returncode == 2 and "--drop_layers 2 would leave none of the 2 layers of the student" in too_deep.stderr
+    assert len(list((results / "compress").iterdir())) == 2, "the refusal came before any work"
     over_budget = compress("--sparsities", 0.5, "--target_retention", 0.5, "--gate_z", 0, "--finish", "false",
-                           "--max_latency_ms", 1e-6)
-    assert over_budget.returncode == 2 and "meets --max_latency_ms 1e-06. The closest: candidate 0.50" in over_budget.stderr
+                           "--max_latency_ms", 1e-6, "--drop_layers", 0, 1)
+    assert over_budget.returncode == 2 and "meets --max_latency_ms 1e-06. The closest: candidate sparsity 0.50" in over_budget.stderr
+    [deeper] = [w for w in (results / "compress").iterdir() if w != work and "drop_layers" in (w / "search.json").read_text()
+                and json.loads((w / "search.json").read_text())["drop_layers"] == [0, 1]]
+    by_depth = {c["drop_layers"]: c for c in json.loads((deeper / "search.json").read_text())["candidates"]}
+    assert sorted(by_depth) == [0, 1] and by_depth[0]["layers"] == 2 and by_depth[1]["layers"] == 1
+    assert by_depth[1]["parameters"] < by_depth[0]["parameters"]
+    assert "| 0.50 | 1 |" in (deeper / "search.md").read_text()
     assert sorted(p.name for p in (results / "pruned").iterdir()) == pruned_before, "nothing was published"
     statuses = sorted(json.loads((w / "search.json").read_text())["status"] for w in (results / "compress").iterdir())
     assert statuses == ["delivered", "no candidate keeps the target", "no file keeps the target within the budgets"]
@@ -118,6 +127,8 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     (["--target_retention", "1.2"], "target_retention=1.2 is out of range"),
     (["--optimize", "speed"], "optimize='speed' is not supported; allowed values: 'latency', 'size'"),
     (["--max_size_mb", "0"], "max_size_mb=0.0 must be a positive"),
+    (["--drop_layers", "0", "0"], "drop_layers=[0, 0] must list distinct layer counts of 0 or more"),
+    (["--drop_layers", "-1"], "drop_layers=[-1] must list distinct layer counts"),
     ([], "Run `python 1_train_teacher.py` first"),  # valid flags, but no teacher to compress toward
 ])
 def test_compress_refuses_bad_targets_before_any_work(tmp_path, args, message):
