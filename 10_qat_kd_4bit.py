@@ -7,8 +7,9 @@ Does:   trains full-precision master weights through NF4 fake quantization (bits
         per-block absmax, straight-through gradients) with
             total = alpha_ce*CE + alpha_kd*KL(teacher/T || student/T)*T^2 + alpha_hidden*MSE(hidden states)
                     (+ alpha_attention * attention-relation KD; the --beta_* flags of earlier versions still work),
-        --learnable_scales trains each block's scale too (LSQ) and --keep_8bit_size_budget_mb keeps the Linears
-        with the largest 4-bit error (measured before training) at 8 bits, trained through int8 fake quantization;
+        --learnable_scales trains each block's scale too (LSQ) and --keep_8bit_size_budget_mb (or --keep_8bit_layers N)
+        keeps the Linears with the largest 4-bit error (measured before training) at 8 bits, trained through int8
+        fake quantization;
         evaluates the fake-quantized model every epoch and keeps the best, exports it to real bitsandbytes
         4-bit weights, reloads the checkpoint and checks that its validation accuracy matches the
         fake-quantized one within --max_accuracy_gap points (a mismatch is an error; nothing is saved).
@@ -19,6 +20,7 @@ Run as:
     python 10_qat_kd_4bit.py
     python 10_qat_kd_4bit.py --pruned_model_path results/pruned/<run_id> --num_epochs 2 --learning_rate 1e-5 --batch_size 16
     python 10_qat_kd_4bit.py --learnable_scales true --keep_8bit_size_budget_mb 6.0
+    python 10_qat_kd_4bit.py --keep_8bit_layers 4      # the 4 Linears with the largest 4-bit error at 8 bits
     python 10_qat_kd_4bit.py --resume                  # continue an interrupted run after its last epoch
 """
 
@@ -38,7 +40,7 @@ from common.models import (
     resolve_stage_checkpoint,
 )
 from common.quantization import (
-    check_8bit_budget,
+    check_mixed_precision,
     compress_embedding_state,
     layer_quantization_errors,
     plan_8bit_layers,
@@ -82,8 +84,8 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
     # refused before any model loads: a teacher with an unrelated vocabulary, a budget below the all-4-bit size
     tokenizer = load_checkpoint_tokenizer(pruned_folder)
     token_map = teacher_token_ids(tokenizer, teacher_folder, pruned_record)
-    if config.keep_8bit_size_budget_mb is not None:
-        check_8bit_budget(model_skeleton(pruned_folder), config)
+    if config.keep_8bit_size_budget_mb is not None or config.keep_8bit_layers is not None:
+        check_mixed_precision(model_skeleton(pruned_folder), config)
     run.resume({"pruned": pruned_folder, "teacher": teacher_folder})
     student, teacher = load_model(pruned_folder), load_model(teacher_folder)
     teacher.to(run.accelerator.device)
@@ -92,7 +94,7 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
     full_precision = evaluate_accuracy(student, eval_loader)
     error_batches = list(itertools.islice(eval_loader, ERROR_BATCHES))
     eight_bit, mixed_precision = [], None
-    if config.keep_8bit_size_budget_mb is not None:  # which layers stay 8-bit is decided before training through them
+    if config.keep_8bit_size_budget_mb is not None or config.keep_8bit_layers is not None:  # decided before training through them
         eight_bit, mixed_precision = plan_8bit_layers(student, config, layer_quantization_errors(student, config, error_batches))
     fake_quantized = prepare_fake_quantization(student, config, eight_bit)
     before_training = evaluate_accuracy(student, eval_loader)

@@ -24,7 +24,7 @@ from common.evaluation import evaluate_accuracy
 from common.lifecycle import run_script, start_stage
 from common.models import load_checkpoint_tokenizer, load_model, model_skeleton, resolve_stage_checkpoint
 from common.quantization import (
-    check_8bit_budget,
+    check_mixed_precision,
     compress_embedding_state,
     layer_quantization_errors,
     plan_8bit_layers,
@@ -38,8 +38,8 @@ def main(data_config: DataConfig, config: PTQConfig) -> None:
     run = start_stage("ptq_4bit", data_config, config)
     data = run.data
     pruned_folder, pruned_record = resolve_stage_checkpoint("pruned", config.pruned_model_path, data.label_names, data_config)
-    if config.keep_8bit_size_budget_mb is not None:  # a budget below the all-4-bit size is refused before any work
-        check_8bit_budget(model_skeleton(pruned_folder), config)
+    if config.keep_8bit_size_budget_mb is not None or config.keep_8bit_layers is not None:  # refused before any work
+        check_mixed_precision(model_skeleton(pruned_folder), config)
     model = load_model(pruned_folder)
     tokenizer = load_checkpoint_tokenizer(pruned_folder)
     _, eval_loader = build_loaders(data, tokenizer, data_config, config.eval_batch_size, config.eval_batch_size, seed=0)

@@ -479,8 +479,21 @@ class QuantizationFields:
         "(every Linear in 4 bits). A budget below the all-4-bit size is an error that names that size.",
     )
 
+    keep_8bit_layers: Optional[int] = _field(
+        None,
+        "Mixed precision by count: keep this many encoder Linears at 8 bits, those whose 4-bit output error is largest "
+        "(measured on validation batches). scripts/compress.py sets it when 4 bits everywhere misses the target. "
+        "Default: none. Give it or keep_8bit_size_budget_mb, not both; more than the model's Linears is an error.",
+    )
+
     def __post_init__(self) -> None:
         _check_positive("keep_8bit_size_budget_mb", self.keep_8bit_size_budget_mb, allow_none=True)
+        _check_positive("keep_8bit_layers", self.keep_8bit_layers, allow_none=True)
+        if self.keep_8bit_layers is not None and self.keep_8bit_size_budget_mb is not None:
+            raise ValueError(
+                f"keep_8bit_layers={self.keep_8bit_layers} and keep_8bit_size_budget_mb={self.keep_8bit_size_budget_mb} both "
+                "choose the 8-bit Linears; give one of them."
+            )
         _check_choice("quant_type", self.quant_type, QUANT_TYPES)
         _check_choice("blocksize", self.blocksize, (64, 128, 256, 512, 1024, 2048, 4096))
         _check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
@@ -686,6 +699,12 @@ class CompressConfig:
     finish: bool = _field(
         True, "After the search, publish the chosen candidate as the newest results/pruned/ checkpoint and run stages 10, "
         "12 and 13 on it; the delivered file is chosen among their files. false: stop after the search.",
+    )
+    mixed_precision: bool = _field(
+        True, "With --finish: when the QKD model with every Linear in 4 bits misses the target on validation, find the "
+        "fewest Linears (largest 4-bit output error first) that must stay at 8 bits: stage 10 again with "
+        "--keep_8bit_layers, by bisection over all of them, half, a quarter ... one. The fewest that pass the gate are "
+        "published for stages 12 and 13. Counts against --time_budget_s. false: 4 bits everywhere only.",
     )
     latency_batch_size: int = _field(32, "Batch size of the latency measurements.")
     latency_seq_length: int = _field(64, "Sequence length of the latency measurements.")

@@ -6,6 +6,8 @@
   both get right or both get wrong add little). The gate passes when ``mean(d) - z * SE(d) >= 0``.
 - ``bisect_ladder``: the most compressed candidate of a ladder (ordered from least to most compressed) that passes,
   in about log2(n + 1) evaluations, assuming accuracy falls as compression grows; stops early when time runs out.
+- ``eight_bit_ladder``: how many Linears stay at 8 bits, from all of them down to one by halving, for a bisection
+  (with ``bisect_ladder``) of the fewest that keep the target when 4 bits everywhere does not.
 - ``choose_file``: among files that pass the gate, the fastest or the smallest, within hard budgets; otherwise the
   error names the closest file.
 """
@@ -48,6 +50,18 @@ def bisect_ladder(count: int, passes: Callable[[int], bool], out_of_time: Callab
         else:
             failing = middle
     return passing if passing >= 0 else None
+
+
+def eight_bit_ladder(linears: int) -> list[int]:
+    """Counts of 8-bit Linears from least to most compressed (all of them, then halving down to 1), the order
+    ``bisect_ladder`` expects: e.g. 12 -> [12, 6, 3, 1]."""
+    if linears < 1:
+        raise ValueError(f"a model with {linears} quantizable Linears has nothing to keep at 8 bits.")
+    counts, count = [], linears
+    while count >= 1:
+        counts.append(count)
+        count //= 2
+    return counts
 
 
 def choose_file(files: list[dict], optimize: str, max_latency_ms: Optional[float] = None,

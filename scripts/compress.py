@@ -8,9 +8,13 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
            (common/search.py: its paired difference from --target_retention x the teacher must stay above 0 by
            --gate_z standard errors) and timed in ONNX Runtime dynamic int8 against the torch teacher; the most
            compressed candidate that passes wins (accuracy falls as the share grows, so about log2(n + 1) runs);
-        3. (--finish) copies the winner into results/pruned/ as its newest checkpoint, runs stages 10 (QKD-4bit), 12
-           (ONNX) and 13 (OpenVINO) on it as they run alone, gates every file they wrote the same way, times those
-           that pass round-robin at --latency_batch_size x --latency_seq_length, and delivers the fastest
+           With --drop_layers 0 1 ... each depth (whole student layers dropped first) gets its own bisection and the
+           depths' winners compete on the objective (int8 latency or size);
+        3. (--finish) copies the winner into results/pruned/ as its newest checkpoint, runs stage 10 (QKD-4bit) on it;
+           when that all-4-bit model fails the gate (--mixed_precision), reruns stage 10 with --keep_8bit_layers
+           (largest 4-bit error first, by bisection over all, half, ... one) and publishes the fewest that pass; then
+           runs stages 12 (ONNX) and 13 (OpenVINO) as they run alone, gates every file they wrote the same way, times
+           those that pass round-robin at --latency_batch_size x --latency_seq_length, and delivers the fastest
            (--optimize latency) or the smallest (--optimize size) within --max_latency_ms / --max_size_mb.
 Writes: results/compress/<run_id>/search.json (target, gate, every candidate and file with its validation accuracy,
         retention, margin, size and latency, the winner and why, wall time), search.md and search.png (the trace);
@@ -22,6 +26,7 @@ Run as:
     python scripts/compress.py --target_retention 0.99 --optimize latency
     python scripts/compress.py --target_retention 0.98 --optimize size --max_size_mb 5 --sparsities 0.5 0.6 0.7 0.8
     python scripts/compress.py --time_budget_s 3600 --max_train_samples 1200 --pruning_epochs 2
+    python scripts/compress.py --target_retention 0.98 --drop_layers 0 1 --sparsities 0.2 0.3 0.4
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from common import parse_config, stages  # noqa: E402
+from common.architecture import num_layers  # noqa: E402
 from common.checkpoints import (  # noqa: E402
     RECORD_FILE,
     find_checkpoint,
@@ -53,10 +59,10 @@ from common.data import load_splits  # noqa: E402
 from common.evaluation import interleaved_latency  # noqa: E402
 from common.experiments import run_script, split_loader  # noqa: E402
 from common.lifecycle import run_tool  # noqa: E402
-from common.architecture import num_layers  # noqa: E402
 from common.models import count_parameters, load_checkpoint_tokenizer, model_skeleton  # noqa: E402
 from common.runtime import ModelRuntime  # noqa: E402
-from common.search import bisect_ladder, choose_file, retention_gate  # noqa: E402
+from common.search import bisect_ladder, choose_file, eight_bit_ladder, retention_gate  # noqa: E402
+from common.search_trace import candidate_name, plot_search, search_markdown  # noqa: E402
 
 FINISHING_SCRIPTS = ("10_qat_kd_4bit.py", "12_export_onnx.py", "13_export_openvino.py")
 
@@ -76,11 +82,6 @@ def data_flags(argv: list[str]) -> list[str]:
         if keep:
             forwarded.append(token)
     return forwarded
-
-
-def candidate_name(entry: dict) -> str:
-    drop = entry.get("drop_layers", 0)
-    return f"sparsity {entry['sparsity']:.2f}" + (f", {drop} layer(s) dropped" if drop else "")
 
 
 def validation_correct(model: ModelRuntime, folder: Path, data, max_length: int):
@@ -196,7 +197,11 @@ def main() -> None:
     shutil.copytree(chosen["folder"], published)
     print(f"Published the winner as {published}", flush=True)
     before = {stage: set(list_checkpoints(stage)) for stage in finishing_stages()}
-    for script in FINISHING_SCRIPTS:
+    quantize, *exports = FINISHING_SCRIPTS
+    run_script(quantize, *forwarded, stream=True)
+    if config.mixed_precision:
+        record["mixed_precision"] = search_8bit_layers(forwarded, teacher_correct, data, data_config, config, work, out_of_time)
+    for script in exports:
         run_script(script, *forwarded, stream=True)
     files = gate_files({stage: sorted(set(list_checkpoints(stage)) - before[stage]) for stage in before}, teacher,
                        teacher_correct, data, data_config, config)
@@ -208,6 +213,51 @@ def main() -> None:
     compression = json.loads((published / RECORD_FILE).read_text())
     compression["search"] = {key: value for key, value in record.items() if key != "config"}
     write_json(published / RECORD_FILE, compression)
+
+
+def gate_folder(folder: Path, teacher_correct, data, data_config, config) -> dict:
+    model = ModelRuntime(folder, spinning=False)
+    return {"folder": str(folder), "size_mb": model.size_bytes / 1e6,
+            **retention_gate(validation_correct(model, folder, data, data_config.max_length), teacher_correct,
+                             config.target_retention, config.gate_z)}
+
+
+def search_8bit_layers(forwarded: list, teacher_correct, data, data_config, config, work: Path, out_of_time) -> dict:
+    """Bits under the gate: when the QKD model just written (every Linear in 4 bits) misses the target, the fewest
+    Linears kept at 8 bits (largest 4-bit output error first) that meet it, by stage 10 with --keep_8bit_layers over
+    ``eight_bit_ladder``. The winner becomes the newest qkd_4bit checkpoint, which stages 12 and 13 then export."""
+    all_4bit = find_checkpoint("qkd_4bit")
+    result = {"all_4bit": gate_folder(all_4bit, teacher_correct, data, data_config, config)}
+    if result["all_4bit"]["passes"]:
+        result["why"] = "4 bits everywhere keeps the target; no Linear needs 8 bits"
+        print(f"QKD-4bit with every Linear in 4 bits passes the gate (retention {result['all_4bit']['retention']:.4f})", flush=True)
+        return result
+    ladder = eight_bit_ladder(len(read_record(all_4bit)["quantization"]["modules"]))
+    print(f"QKD-4bit with every Linear in 4 bits fails the gate (retention {result['all_4bit']['retention']:.4f}); "
+          f"searching the 8-bit Linear counts {ladder}", flush=True)
+    tried: dict[int, dict] = {}
+
+    def passes(index: int) -> bool:
+        folder = work / "mixed" / f"8bit-{ladder[index]}"
+        run_script(FINISHING_SCRIPTS[0], *forwarded, "--keep_8bit_layers", ladder[index], "--output_dir", folder, stream=True)
+        tried[index] = {"layers_8bit": ladder[index], **gate_folder(folder, teacher_correct, data, data_config, config)}
+        print(f"{ladder[index]} Linear(s) at 8 bits: retention {tried[index]['retention']:.4f}, "
+              f"{'passes' if tried[index]['passes'] else 'fails'}", flush=True)
+        return tried[index]["passes"]
+
+    index = bisect_ladder(len(ladder), passes, out_of_time)
+    result["tried"] = [tried[i] for i in sorted(tried)]
+    if index is None:
+        result["why"] = (f"no count of 8-bit Linears tried ({[entry['layers_8bit'] for entry in result['tried']]}) keeps the "
+                         "target; stages 12 and 13 export the all-4-bit model and the gate judges their files")
+        return result
+    published = stage_dir("qkd_4bit") / new_run_id()
+    shutil.copytree(tried[index]["folder"], published)
+    tried_summary = ", ".join(f"{entry['layers_8bit']} {'pass' if entry['passes'] else 'fail'}" for entry in result["tried"])
+    result.update(chosen=ladder[index], published=str(published),
+                  why=f"the fewest Linears at 8 bits that keep the target, largest 4-bit output error first (tried {tried_summary})")
+    print(f"Published the QKD model with {ladder[index]} Linear(s) at 8 bits as {published}", flush=True)
+    return result
 
 
 def gate_files(new_folders: dict, teacher: ModelRuntime, teacher_correct, data, data_config, config) -> list[dict]:
@@ -250,59 +300,10 @@ def deliver(files: list[dict], config: CompressConfig, record: dict, work: Path)
 def write_trace(work: Path, record: dict) -> None:
     work.mkdir(parents=True, exist_ok=True)
     write_json(work / "search.json", record)
-    (work / "search.md").write_text(markdown(record))
-    plot(record, work / "search.png")
-    print(markdown(record))
+    (work / "search.md").write_text(search_markdown(record))
+    plot_search(record, work / "search.png")
+    print(search_markdown(record))
     print(f"Search record: {work / 'search.json'}")
-
-
-def markdown(record: dict) -> str:
-    lines = [f"Target: {record['target_retention']} of the teacher's validation accuracy "
-             f"({record['teacher_validation_accuracy']:.4f}, {record['validation_examples']} examples), gate z = "
-             f"{record['gate_z']}, optimize {record['optimize']}. Status: {record.get('status')}.", "",
-             "| Sparsity | Layers dropped | Validation acc. | Retention | Margin (points) | Gate | int8 ms | int8 MB |",
-             "|---|---|---|---|---|---|---|---|"]
-    for c in record["candidates"]:
-        lines.append(f"| {c['sparsity']:.2f} | {c.get('drop_layers', 0)} | {c['validation_accuracy']:.4f} | {c['retention']:.4f} | {c['margin_points']:.2f} | "
-                     f"{'pass' if c['passes'] else 'fail'} | {c['int8_latency_ms']:.2f} | {c['int8_size_mb']:.2f} |")
-    if record.get("files"):
-        lines += ["", "| File | Validation acc. | Retention | Gate | Latency ms | Size MB |", "|---|---|---|---|---|---|"]
-        for f in record["files"]:
-            lines.append(f"| {f['name']} | {f['validation_accuracy']:.4f} | {f['retention']:.4f} | {'pass' if f['passes'] else 'fail'} | "
-                         f"{f['latency_ms']:.2f} | {f['size_mb']:.2f} |")
-    if record.get("winner"):
-        lines += ["", f"Winner: {candidate_name(record['winner'])}, {record['winner']['why']}."]
-    if record.get("delivered_why"):
-        lines.append(f"Delivered: {record['delivered_why']}.")
-    if "wall_time_s" in record:
-        lines.append(f"Wall time: {record['wall_time_s']} s.")
-    return "\n".join(lines) + "\n"
-
-
-def plot(record: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
-    markers = dict(zip(sorted({c.get("drop_layers", 0) for c in record["candidates"]}), "os^Dv<>p"))
-    for c in record["candidates"]:
-        drop = c.get("drop_layers", 0)
-        axis.errorbar(c["sparsity"], 100 * c["retention"], yerr=c["margin_points"] / max(record["teacher_validation_accuracy"], 1e-9),
-                      marker=markers.get(drop, "o"), color="tab:green" if c["passes"] else "tab:red", capsize=3,
-                      fillstyle="full" if c["passes"] else "none")
-        axis.annotate(f"{c['int8_latency_ms']:.1f} ms", (c["sparsity"], 100 * c["retention"]), fontsize=8,
-                      xytext=(4, 4), textcoords="offset points")
-    axis.axhline(100 * record["target_retention"], color="grey", linestyle="--", label="target")
-    axis.set_xlabel("stage-8 sparsity (share of heads and FFN neurons removed)")
-    axis.set_ylabel("validation retention (% of the teacher), bar: gate margin")
-    for drop, marker in markers.items():
-        axis.plot([], [], marker=marker, color="grey", linestyle="none", label=f"{drop} layer(s) dropped")
-    axis.set_title("Search trace (green: passes the gate, red: fails)")
-    axis.legend()
-    figure.savefig(path, dpi=130)
-    plt.close(figure)
 
 
 if __name__ == "__main__":

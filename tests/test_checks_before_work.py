@@ -96,6 +96,11 @@ def test_stage_10_refuses_a_size_budget_below_all_4bit_before_loading_any_model(
                                "--keep_8bit_size_budget_mb", 0.001, *data_args(stage_folders))
 
 
+def test_stage_10_refuses_more_8bit_layers_than_the_model_has_before_loading_any_model(results_dir, stage_folders):
+    assert_refused_before_work(results_dir, "10_qat_kd_4bit.py", "keep_8bit_layers=99 exceeds the 6 quantizable encoder Linears",
+                               "--keep_8bit_layers", 99, *data_args(stage_folders))
+
+
 def test_stage_10_refuses_a_teacher_with_an_unrelated_vocabulary_before_loading_any_model(results_dir, stage_folders, tmp_path):
     other = other_vocabulary_model(tmp_path / "other-vocab")
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(str(other))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from common import stages
-from common.search import bisect_ladder, choose_file, retention_gate
+from common.search import bisect_ladder, choose_file, eight_bit_ladder, retention_gate
 from conftest import PROJECT_ROOT, make_pretrained_folder, run_stage, write_reviews_csv
 
 
@@ -65,6 +65,45 @@ def test_the_delivered_file_is_the_fastest_or_smallest_that_keeps_the_target_wit
         choose_file([files[2]], "latency")
 
 
+def test_bits_under_the_gate_search_the_fewest_8bit_linears_and_publish_them(tmp_path, monkeypatch):
+    """The mixed-precision step of compress.py: all-4-bit fails, so stage 10 reruns with --keep_8bit_layers over
+    12, 6, 3, 1 by bisection; the fewest that pass (3) become the newest qkd_4bit checkpoint."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compress_script", PROJECT_ROOT / "scripts" / "compress.py")
+    compress = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compress)
+    assert eight_bit_ladder(12) == [12, 6, 3, 1] and eight_bit_ladder(1) == [1]
+    with pytest.raises(ValueError, match="nothing to keep at 8 bits"):
+        eight_bit_ladder(0)
+    calls = []
+
+    def fake_stage_10(script, *args, stream=False):
+        calls.append((script, args[args.index("--keep_8bit_layers") + 1]))
+        folder = Path(args[args.index("--output_dir") + 1])
+        folder.mkdir(parents=True)
+        (folder / "weights").write_text(str(calls[-1][1]))
+
+    def fake_gate(folder, *rest):
+        count = int(folder.name.split("-")[1]) if folder.name.startswith("8bit-") else 0
+        return {"folder": str(folder), "passes": count >= 3, "retention": 0.9 + count / 100}
+
+    monkeypatch.setattr(compress, "run_script", fake_stage_10)
+    monkeypatch.setattr(compress, "gate_folder", fake_gate)
+    monkeypatch.setattr(compress, "find_checkpoint", lambda stage: tmp_path / "qkd-all-4bit")
+    monkeypatch.setattr(compress, "read_record", lambda folder: {"quantization": {"modules": [f"m{i}" for i in range(12)]}})
+    monkeypatch.setattr(compress, "stage_dir", lambda stage: tmp_path / "results" / stage)
+    result = compress.search_8bit_layers([], None, None, None, None, tmp_path / "work", lambda: False)
+    assert [count for _, count in calls] == [6, 3, 1] and {script for script, _ in calls} == {"10_qat_kd_4bit.py"}
+    assert result["chosen"] == 3 and [entry["layers_8bit"] for entry in result["tried"]] == [6, 3, 1]
+    assert "tried 6 pass, 3 pass, 1 fail" in result["why"] and not result["all_4bit"]["passes"]
+    assert (Path(result["published"]) / "weights").read_text() == "3" and Path(result["published"]).parent.name == "qkd_4bit"
+    calls.clear()
+    monkeypatch.setattr(compress, "gate_folder", lambda folder, *rest: {"folder": str(folder), "passes": True, "retention": 1.0})
+    assert compress.search_8bit_layers([], None, None, None, None, tmp_path / "work2", lambda: False)["why"].startswith(
+        "4 bits everywhere keeps the target") and calls == []
+
+
 @pytest.mark.slow
 def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     folder = make_pretrained_folder("bert", tmp_path / "model")
@@ -89,6 +128,9 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     tried = [c["sparsity"] for c in record["candidates"]]
     assert tried[0] == 0.5 and len(tried) <= 2  # bisection starts in the middle of the ladder
     assert record["winner"]["sparsity"] == max(c["sparsity"] for c in record["candidates"] if c["passes"])
+    mixed = record["mixed_precision"]  # all-4-bit judged by the gate; 8-bit Linears searched only when it fails
+    assert mixed["all_4bit"]["passes"] or mixed["tried"]
+    assert ("Mixed precision: " in (work / "search.md").read_text())
     stages_written = {f["stage"] for f in record["files"]}
     finishing_scripts = ("10_qat_kd_4bit.py", "12_export_onnx.py", "13_export_openvino.py")
     finishing = {stage.name for stage in stages.STAGE_TABLE if stage.script in finishing_scripts}

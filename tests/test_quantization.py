@@ -301,6 +301,14 @@ def test_mixed_precision_keeps_the_worst_layers_at_8_bits_after_reload(tokenizer
     assert plan["estimated_mb"] <= settings.keep_8bit_size_budget_mb
     assert plan["estimated_mb"] == pytest.approx(estimated_checkpoint_bytes(model, settings, eight_bit) / 1e6)
     assert plan_8bit_layers(model, PTQConfig(), errors) == ([], None)
+    by_count, count_plan = plan_8bit_layers(model, PTQConfig(keep_8bit_layers=3), errors)
+    assert by_count == [name for name, _ in worst_layers(errors, 3)] and count_plan["count"] == 3
+    assert count_plan["estimated_mb"] == pytest.approx(estimated_checkpoint_bytes(model, settings, by_count) / 1e6)
+    linears = len(quantizable_linear_names(model))
+    with pytest.raises(ValueError, match=f"keep_8bit_layers=99 exceeds the {linears} quantizable encoder Linears of this model; give 1 to {linears}"):
+        plan_8bit_layers(model, PTQConfig(keep_8bit_layers=99), errors)
+    with pytest.raises(ValueError, match="both choose the 8-bit Linears; give one of them"):
+        PTQConfig(keep_8bit_layers=2, keep_8bit_size_budget_mb=5.0)
 
     fake = tiny_model(config)
     fake.load_state_dict(model.state_dict())

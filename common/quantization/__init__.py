@@ -47,7 +47,7 @@ from .loading import (
     load_quantized_state,
     register_format,
 )
-from .mixed import check_8bit_budget, estimated_checkpoint_bytes, plan_8bit_layers
+from .mixed import check_8bit_budget, check_mixed_precision, estimated_checkpoint_bytes, plan_8bit_layers
 from .rows import (
     Int8WeightLinear,
     compress_embedding_state,
@@ -70,6 +70,7 @@ __all__ = [
     "bits_per_weight",
     "block_absmax",
     "check_8bit_budget",
+    "check_mixed_precision",
     "codebook",
     "compress_embedding_state",
     "dequantize_4bit_exact",

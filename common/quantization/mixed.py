@@ -52,11 +52,34 @@ def check_8bit_budget(model: nn.Module, settings) -> float:
     return all_4bit
 
 
+def check_mixed_precision(model: nn.Module, settings) -> None:
+    """Refuse, from the model's shapes alone (a weightless skeleton, before any work), a size budget below the
+    all-4-bit checkpoint or more 8-bit Linears than the model has."""
+    if settings.keep_8bit_size_budget_mb is not None:
+        check_8bit_budget(model, settings)
+    count = settings.keep_8bit_layers
+    if count is not None:
+        available = len(quantizable_linear_names(model, settings.skip_modules))
+        if count > available:
+            raise ValueError(f"keep_8bit_layers={count} exceeds the {available} quantizable encoder Linears of this model; "
+                             f"give 1 to {available}.")
+
+
 def plan_8bit_layers(model: nn.Module, settings, errors: dict[str, dict]) -> tuple[list[str], Optional[dict]]:
-    """The Linears to keep at 8 bits under ``settings.keep_8bit_size_budget_mb``: worst 4-bit output error first
-    (``worst_layers``), each kept while the estimated checkpoint stays within the budget (a layer that does not fit
-    is passed over for smaller ones). Returns ([], None) when no budget is set."""
+    """The Linears to keep at 8 bits, worst 4-bit output error first (``worst_layers``): the first
+    ``settings.keep_8bit_layers`` of them, or under ``settings.keep_8bit_size_budget_mb`` each one while the estimated
+    checkpoint stays within the budget (a layer that does not fit is passed over for smaller ones). Returns
+    ([], None) when neither is set."""
     budget_mb = settings.keep_8bit_size_budget_mb
+    count = settings.keep_8bit_layers
+    if count is not None:
+        check_mixed_precision(model, settings)
+        chosen = [name for name, _ in worst_layers(errors, count=count)]
+        size = estimated_checkpoint_bytes(model, settings, chosen)
+        logger.info("Mixed precision: the %d of %d Linears with the largest 4-bit output error kept at 8 bits; estimated "
+                    "%.2f MB", len(chosen), len(errors), size / 1e6)
+        return chosen, {"count": count, "all_4bit_estimated_mb": estimated_checkpoint_bytes(model, settings) / 1e6,
+                        "estimated_mb": size / 1e6, "layers_8bit": chosen}
     if budget_mb is None:
         return [], None
     all_4bit = check_8bit_budget(model, settings)

@@ -1,0 +1,69 @@
+"""The record of a target-driven search (``scripts/compress.py``), rendered: its markdown table and its trace plot.
+Shared by compress.py (``results/compress/<run_id>/search.{md,png}``) and the report, which shows the search behind
+the pruned checkpoint it evaluates (the record is kept in that checkpoint's ``compression.json`` under ``search``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def candidate_name(entry: dict) -> str:
+    """'sparsity 0.30' or 'sparsity 0.30, 1 layer(s) dropped' (a candidate, or the winner's record)."""
+    drop = entry.get("drop_layers", 0)
+    return f"sparsity {entry['sparsity']:.2f}" + (f", {drop} layer(s) dropped" if drop else "")
+
+
+def search_markdown(record: dict) -> str:
+    """The target, every candidate and file with its gate, the winner and the delivered file, and why."""
+    lines = [f"Target: {record['target_retention']} of the teacher's validation accuracy "
+             f"({record['teacher_validation_accuracy']:.4f}, {record['validation_examples']} examples), gate z = "
+             f"{record['gate_z']}, optimize {record['optimize']}. Status: {record.get('status')}.", "",
+             "| Sparsity | Layers dropped | Validation acc. | Retention | Margin (points) | Gate | int8 ms | int8 MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in record["candidates"]:
+        lines.append(f"| {c['sparsity']:.2f} | {c.get('drop_layers', 0)} | {c['validation_accuracy']:.4f} | {c['retention']:.4f} | {c['margin_points']:.2f} | "
+                     f"{'pass' if c['passes'] else 'fail'} | {c['int8_latency_ms']:.2f} | {c['int8_size_mb']:.2f} |")
+    if record.get("files"):
+        lines += ["", "| File | Validation acc. | Retention | Gate | Latency ms | Size MB |", "|---|---|---|---|---|---|"]
+        for f in record["files"]:
+            lines.append(f"| {f['name']} | {f['validation_accuracy']:.4f} | {f['retention']:.4f} | {'pass' if f['passes'] else 'fail'} | "
+                         f"{f['latency_ms']:.2f} | {f['size_mb']:.2f} |")
+    if record.get("winner"):
+        lines += ["", f"Winner: {candidate_name(record['winner'])}, {record['winner']['why']}."]
+    mixed = record.get("mixed_precision")
+    if mixed:
+        lines.append(f"Mixed precision: every Linear in 4 bits gives retention {mixed['all_4bit']['retention']:.4f} "
+                     f"({'pass' if mixed['all_4bit']['passes'] else 'fail'}); {mixed['why']}.")
+    if record.get("delivered_why"):
+        lines.append(f"Delivered: {record['delivered_why']}.")
+    if "wall_time_s" in record:
+        lines.append(f"Wall time: {record['wall_time_s']} s.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_search(record: dict, path: Path) -> None:
+    """Validation retention of every candidate against its sparsity (marker: layers dropped; green: passes the gate,
+    bar: the gate's margin; label: int8 latency), with the target as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    markers = dict(zip(sorted({c.get("drop_layers", 0) for c in record["candidates"]}), "os^Dv<>p"))
+    for c in record["candidates"]:
+        drop = c.get("drop_layers", 0)
+        axis.errorbar(c["sparsity"], 100 * c["retention"], yerr=c["margin_points"] / max(record["teacher_validation_accuracy"], 1e-9),
+                      marker=markers.get(drop, "o"), color="tab:green" if c["passes"] else "tab:red", capsize=3,
+                      fillstyle="full" if c["passes"] else "none")
+        axis.annotate(f"{c['int8_latency_ms']:.1f} ms", (c["sparsity"], 100 * c["retention"]), fontsize=8,
+                      xytext=(4, 4), textcoords="offset points")
+    axis.axhline(100 * record["target_retention"], color="grey", linestyle="--", label="target")
+    axis.set_xlabel("stage-8 sparsity (share of heads and FFN neurons removed)")
+    axis.set_ylabel("validation retention (% of the teacher), bar: gate margin")
+    for drop, marker in markers.items():
+        axis.plot([], [], marker=marker, color="grey", linestyle="none", label=f"{drop} layer(s) dropped")
+    axis.set_title("Search trace (green: passes the gate, red: fails)")
+    axis.legend()
+    figure.savefig(path, dpi=130, format="png")
+    plt.close(figure)
