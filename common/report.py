@@ -304,6 +304,16 @@ def check_entries(entries: list[ModelEntry], config, data_config, label_names: l
             )
 
 
+def search_behind(evaluated: list[EvaluatedRow]) -> Optional[dict]:
+    """The target-driven search (scripts/compress.py) that chose the evaluated pruned checkpoint, from its
+    ``compression.json``; None when that checkpoint came from stage 8 alone."""
+    for item in evaluated:
+        if item.row["stage"] == "pruned":
+            search = checkpoints.read_record(item.folder).get("search")
+            return None if search is None else {**search, "pruned_checkpoint": str(item.folder)}
+    return None
+
+
 def build_report(config, data: TextClassificationData, data_config, settings: dict) -> dict:
     """Evaluate every row; raises when no model at all could be evaluated (nothing useful to write)."""
     max_length = data_config.max_length
@@ -369,6 +379,7 @@ def build_report(config, data: TextClassificationData, data_config, settings: di
             f"in batches of {config.latency_batch_size} padded to their longest text (dynamic padding), examples per second"
         ) if config.real_text_examples else None,
         "deployment": deployment,
+        "search": search_behind(evaluated),
         "gpu": gpu_note,
         "gpu_models": gpu,
         "data": {"source": data.source, "test_examples": len(data.test), "label_names": data.label_names,

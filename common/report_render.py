@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from . import checkpoints, stages
+from .search_trace import plot_search, search_markdown
 
 REFERENCE_LABEL = stages.get("teacher").rows[0].label
 
@@ -79,6 +80,10 @@ def markdown_table(report: dict) -> str:
         for row in report["gpu_models"]:
             text += (f"| {row['label']} | {row['runtime']} | {100 * row['test_accuracy']:.2f}% | {row['latency_ms_median']:.1f} "
                      f"[{row['latency_ms_p25']:.1f}–{row['latency_ms_p75']:.1f}] | {row['speedup_vs_gpu_reference']:.1f} |\n")
+    if report.get("search"):
+        text += (f"\nThe pruned checkpoint ({report['search']['pruned_checkpoint']}) was chosen by a target-driven search "
+                 f"(scripts/compress.py); its trace, also plotted in the report's _search.png:\n\n"
+                 + search_markdown(report["search"]))
     if report["skipped"]:
         text += "\nSkipped:\n" + "".join(f"- {s['label']}: {s['reason']}\n" for s in report["skipped"])
     return text
@@ -212,10 +217,14 @@ def write_report(report: dict, folder: Path, name: str) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {suffix: folder / f"{name}.{suffix}" for suffix in ("json", "png", "md")}
     paths["confusion"] = folder / f"{name}_confusion.png"
+    if report.get("search"):
+        paths["search"] = folder / f"{name}_search.png"
     temporary = {suffix: path.with_name(f".{path.name}.tmp") for suffix, path in paths.items()}
     checkpoints.write_json(temporary["json"], report)
     plot_report(report, temporary["png"])
     plot_confusion(report, temporary["confusion"])
+    if report.get("search"):
+        plot_search(report["search"], temporary["search"])
     temporary["md"].write_text(markdown_table(report))
     for suffix in paths:
         temporary[suffix].replace(paths[suffix])

@@ -106,6 +106,11 @@ def test_report_with_missing_and_corrupt_checkpoints(report_results):
     assert openvino["runtime"] == "openvino" and openvino["path"].endswith("teacher_openvino_int8.xml")
     assert openvino["quantization"].startswith("int8 (NNCF defaults") and openvino["test_examples"] == 4
     assert {"machine", "settings", "skipped", "data", "latency_method"} <= set(written)
+    assert written["search"] is None and "search" not in paths  # no pruned checkpoint from scripts/compress.py here
+    trace = {"target_retention": 0.99, "optimize": "size", "gate_z": 1.0, "teacher_validation_accuracy": 0.8,
+             "validation_examples": 4, "candidates": [], "pruned_checkpoint": "results/pruned/x"}
+    searched = write_report({**report, "search": trace}, report_results, "searched_report")
+    assert searched["search"].is_file() and "(results/pruned/x) was chosen by a target-driven search" in searched["md"].read_text()
     assert {"cpu_model", "instruction_sets", "int8_acceleration"} <= set(written["machine"])
     assert "onnxruntime" in written["machine"]["versions"]
     assert paths["png"].stat().st_size > 10_000
@@ -132,3 +137,39 @@ def test_report_with_missing_and_corrupt_checkpoints(report_results):
     assert written["deployment"]["label"] in {row["label"] for row in written["models"]}
     assert "Quality and cost" in markdown and "Differs (fixed / broken)" in markdown
     assert paths["confusion"].stat().st_size > 5_000
+
+
+def test_the_report_shows_the_search_behind_a_pruned_checkpoint(results_dir, tokenizer):
+    """A pruned checkpoint published by scripts/compress.py carries its search record; the report renders the
+    trace as a table and a plot, and a checkpoint from stage 8 alone has none."""
+    from types import SimpleNamespace
+
+    from common.report import search_behind
+
+    candidates = [
+        {"sparsity": 0.3, "drop_layers": 0, "validation_accuracy": 0.8, "retention": 1.0, "margin_points": 1.0,
+         "passes": True, "int8_latency_ms": 5.0, "int8_size_mb": 2.0},
+        {"sparsity": 0.5, "drop_layers": 1, "validation_accuracy": 0.7, "retention": 0.875, "margin_points": 1.2,
+         "passes": False, "int8_latency_ms": 3.0, "int8_size_mb": 1.5},
+    ]
+    search = {"target_retention": 0.99, "optimize": "latency", "gate_z": 1.0, "teacher_validation_accuracy": 0.8,
+              "validation_examples": 100, "status": "delivered", "candidates": candidates,
+              "winner": {"sparsity": 0.3, "drop_layers": 0, "why": "the only candidate that passes"},
+              "mixed_precision": {"all_4bit": {"retention": 0.95, "passes": False}, "why": "the fewest Linears at 8 bits (tried 3 pass)"}}
+    model = tiny_model(tiny_bert_config(layers=1))
+    searched = save_checkpoint("pruned", model, tokenizer, {"label_names": ["negative", "positive"], "search": search})
+    plain = save_checkpoint("pruned", model, tokenizer, {"label_names": ["negative", "positive"]})
+    student = SimpleNamespace(row={"stage": "student"}, folder=searched)
+    assert search_behind([student, SimpleNamespace(row={"stage": "pruned"}, folder=plain)]) is None
+    found = search_behind([student, SimpleNamespace(row={"stage": "pruned"}, folder=searched)])
+    assert found["pruned_checkpoint"] == str(searched) and found["candidates"] == candidates
+
+    from common.search_trace import search_markdown
+
+    table = search_markdown(found)
+    assert "| 0.50 | 1 | 0.7000 | 0.8750 | 1.20 | fail | 3.00 | 1.50 |" in table
+    assert "Winner: sparsity 0.30, the only candidate that passes." in table and "retention 0.9500 (fail)" in table
+    from common.search_trace import plot_search
+
+    plot_search(found, results_dir / "trace.png")
+    assert (results_dir / "trace.png").read_bytes()[:4] == b"\x89PNG"
