@@ -706,6 +706,13 @@ class CompressConfig:
         "--keep_8bit_layers, by bisection over all of them, half, a quarter ... one. The fewest that pass the gate are "
         "published for stages 12 and 13. Counts against --time_budget_s. false: 4 bits everywhere only.",
     )
+    latency_table: bool = _field(
+        True, "Predict each candidate's ONNX Runtime int8 latency before training it, from a table of layer shapes "
+        "timed on this machine (built once, about a minute, cached in results/latency_tables/). With --optimize "
+        "latency a candidate predicted slower than the fastest passing one by more than 10% (the prediction scaled by "
+        "the measured/predicted ratio of the candidates so far) is not trained: it cannot win. false: train every "
+        "candidate the bisection visits.",
+    )
     latency_batch_size: int = _field(32, "Batch size of the latency measurements.")
     latency_seq_length: int = _field(64, "Sequence length of the latency measurements.")
     latency_rounds: int = _field(10, "Interleaved timing rounds per latency measurement.")
@@ -770,6 +777,11 @@ class ReportConfig:
     ort_reference: bool = _field(
         True, "Add the row 'Teacher, ONNX Runtime dynamic int8 (no project)': the teacher exported to ONNX and quantized "
         "with ONNX Runtime's defaults, what a user gets without this pipeline."
+    )
+    ort_optimized_reference: bool = _field(
+        True, "Add the row 'Teacher, ONNX Runtime optimizer + dynamic int8 (no project)': the teacher's export fused by "
+        "ONNX Runtime's transformer optimizer (attention, LayerNorm, Gelu), then dynamic int8, the other path ONNX "
+        "Runtime documents for BERT; needs the ONNX Runtime reference (its export)."
     )
     openvino_reference: bool = _field(
         True, "Add the row 'Teacher, OpenVINO + NNCF int8 (no project)': the teacher's ONNX export in OpenVINO with NNCF's "

@@ -8,6 +8,8 @@
   in about log2(n + 1) evaluations, assuming accuracy falls as compression grows; stops early when time runs out.
 - ``eight_bit_ladder``: how many Linears stay at 8 bits, from all of them down to one by halving, for a bisection
   (with ``bisect_ladder``) of the fewest that keep the target when 4 bits everywhere does not.
+- ``expected_latency``: a latency-table prediction scaled by the measured/predicted ratio of the candidates timed so
+  far; a candidate expected slower than the fastest passing one by more than a margin cannot win (not trained).
 - ``choose_file``: among files that pass the gate, the fastest or the smallest, within hard budgets; otherwise the
   error names the closest file.
 """
@@ -62,6 +64,13 @@ def eight_bit_ladder(linears: int) -> list[int]:
         counts.append(count)
         count //= 2
     return counts
+
+
+def expected_latency(predicted_ms: float, timed: list[tuple[float, float]]) -> tuple[float, float]:
+    """``predicted_ms`` scaled by the median measured/predicted ratio of ``timed`` ((measured, predicted) pairs of the
+    candidates timed so far; 1 when there are none): (expected ms, scale)."""
+    scale = float(np.median([measured / predicted for measured, predicted in timed])) if timed else 1.0
+    return scale * predicted_ms, scale
 
 
 def choose_file(files: list[dict], optimize: str, max_latency_ms: Optional[float] = None,

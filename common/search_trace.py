@@ -21,8 +21,11 @@ def search_markdown(record: dict) -> str:
              "| Sparsity | Layers dropped | Validation acc. | Retention | Margin (points) | Gate | int8 ms | int8 MB |",
              "|---|---|---|---|---|---|---|---|"]
     for c in record["candidates"]:
+        predicted = f" (table: {c['predicted_int8_latency_ms']:.2f})" if c.get("predicted_int8_latency_ms") else ""
         lines.append(f"| {c['sparsity']:.2f} | {c.get('drop_layers', 0)} | {c['validation_accuracy']:.4f} | {c['retention']:.4f} | {c['margin_points']:.2f} | "
-                     f"{'pass' if c['passes'] else 'fail'} | {c['int8_latency_ms']:.2f} | {c['int8_size_mb']:.2f} |")
+                     f"{'pass' if c['passes'] else 'fail'} | {c['int8_latency_ms']:.2f}{predicted} | {c['int8_size_mb']:.2f} |")
+    for c in record.get("not_trained", []):
+        lines.append(f"| {c['sparsity']:.2f} | {c['drop_layers']} | not trained: {c['why']} | | | | | |")
     if record.get("files"):
         lines += ["", "| File | Validation acc. | Retention | Gate | Latency ms | Size MB |", "|---|---|---|---|---|---|"]
         for f in record["files"]:

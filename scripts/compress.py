@@ -58,10 +58,17 @@ from common.config import CompressConfig, DataConfig  # noqa: E402
 from common.data import load_splits  # noqa: E402
 from common.evaluation import interleaved_latency  # noqa: E402
 from common.experiments import run_script, split_loader  # noqa: E402
+from common.latency_table import latency_table, predict_ms  # noqa: E402
 from common.lifecycle import run_tool  # noqa: E402
 from common.models import count_parameters, load_checkpoint_tokenizer, model_skeleton  # noqa: E402
 from common.runtime import ModelRuntime  # noqa: E402
-from common.search import bisect_ladder, choose_file, eight_bit_ladder, retention_gate  # noqa: E402
+from common.search import (  # noqa: E402
+    bisect_ladder,
+    choose_file,
+    eight_bit_ladder,
+    expected_latency,
+    retention_gate,
+)
 from common.search_trace import candidate_name, plot_search, search_markdown  # noqa: E402
 
 FINISHING_SCRIPTS = ("10_qat_kd_4bit.py", "12_export_onnx.py", "13_export_openvino.py")
@@ -130,8 +137,39 @@ def main() -> None:
           f"{config.target_retention} of it = {config.target_retention * teacher_correct.mean():.4f}, gate z = {config.gate_z}")
     ladder = sorted(config.sparsities)
     candidates: dict[tuple[int, int], dict] = {}
+    not_trained: dict[tuple[int, int], dict] = {}
+    table = None
+    if config.latency_table:
+        table = latency_table(student_folder, config.latency_batch_size, config.latency_seq_length, config.latency_rounds)
+        how = "read from the cache" if table["cached"] else f"built in {table['build_seconds']} s"
+        print(f"Latency table of layer shapes ({how}): {table['path']}", flush=True)
+
+    def predicted_ms(drop: int, sparsity: float) -> float:
+        """The candidate's int8 latency from the table, its kept heads and neurons spread evenly over its layers."""
+        layers = student_layers - drop
+        heads = max(1.0, (1 - sparsity) * table["key"]["heads"])
+        return predict_ms(table, [heads] * layers, [max(1.0, (1 - sparsity) * table["key"]["ffn"])] * layers)
+
+    def cannot_win(drop: int, index: int) -> bool:
+        """--optimize latency: the candidate is predicted (scaled by the measured/predicted ratio so far) slower than the
+        fastest passing candidate by more than 10%, so training it cannot change the winner."""
+        passing = [c["int8_latency_ms"] for c in candidates.values() if c["passes"]]
+        if table is None or config.optimize != "latency" or not passing:
+            return False
+        timed = [(c["int8_latency_ms"], c["predicted_int8_latency_ms"]) for c in candidates.values()]
+        expected, scale = expected_latency(predicted_ms(drop, ladder[index]), timed)
+        if expected <= 1.1 * min(passing):
+            return False
+        not_trained[(drop, index)] = {"drop_layers": drop, "sparsity": ladder[index], "predicted_int8_latency_ms": expected,
+                                      "why": f"predicted {expected:.2f} ms (scaled by {scale:.2f}), slower than the fastest "
+                                             f"passing candidate ({min(passing):.2f} ms) by more than 10%"}
+        print(f"Not training sparsity {ladder[index]:.2f} with {drop} layer(s) dropped: {not_trained[(drop, index)]['why']}",
+              flush=True)
+        return True
 
     def try_candidate(drop: int, index: int) -> bool:
+        if cannot_win(drop, index):
+            return True  # as far as winning goes it is settled: the bisection looks at more compressed candidates
         sparsity = ladder[index]
         folder = work / "candidates" / (f"drop-{drop}-sparsity-{sparsity:.2f}" if drop else f"sparsity-{sparsity:.2f}")
         epochs = ["--num_epochs", config.pruning_epochs] if config.pruning_epochs else []
@@ -144,6 +182,8 @@ def main() -> None:
                  **retention_gate(validation_correct(model, folder, data, data_config.max_length), teacher_correct,
                                   config.target_retention, config.gate_z),
                  **int8_latency(folder, teacher, config), "seconds_since_start": round(time.time() - started)}
+        if table is not None:
+            entry["predicted_int8_latency_ms"] = predicted_ms(drop, sparsity)
         candidates[(drop, index)] = entry
         print(f"Candidate {candidate_name(entry)}: validation {entry['validation_accuracy']:.4f} (retention "
               f"{entry['retention']:.4f}, margin {entry['margin_points']:.2f} points) -> "
@@ -157,7 +197,7 @@ def main() -> None:
     depth_winners = []
     for drop in sorted(config.drop_layers):
         index = bisect_ladder(len(ladder), lambda index: try_candidate(drop, index), out_of_time)
-        if index is not None:
+        if index is not None and (drop, index) in candidates:  # a candidate left untrained cannot be a winner
             depth_winners.append(candidates[(drop, index)])
     tried = [candidates[key] for key in sorted(candidates)]
     record = {"target_retention": config.target_retention, "optimize": config.optimize, "gate_z": config.gate_z,
@@ -165,6 +205,8 @@ def main() -> None:
               "teacher": str(teacher_folder), "student": str(student_folder),
               "teacher_validation_accuracy": float(teacher_correct.mean()), "validation_examples": int(teacher_correct.size),
               "ladder": ladder, "drop_layers": sorted(config.drop_layers), "candidates": tried,
+              "not_trained": [not_trained[key] for key in sorted(not_trained)],
+              "latency_table": None if table is None else {key: table[key] for key in ("path", "cached", "build_seconds", "key")},
               "config": dataclasses.asdict(config), "data_flags": forwarded}
     if not depth_winners:
         record.update(status="no candidate keeps the target", wall_time_s=round(time.time() - started))
@@ -176,10 +218,13 @@ def main() -> None:
         raise ValueError(f"No stage-8 candidate of --sparsities {ladder}{depths} keeps "
                          f"{config.target_retention} of the teacher's validation accuracy{' in the time budget' if out_of_time() else ''}."
                          f"{hint} Lower --target_retention, or add smaller shares to --sparsities. Trace: {work / 'search.json'}")
-    measure = "int8_latency_ms" if config.optimize == "latency" else "int8_size_mb"
-    chosen = min(depth_winners, key=lambda entry: entry[measure])
+    if config.optimize == "latency":  # each candidate was timed against the teacher in its own rounds: compare ratios
+        chosen = max(depth_winners, key=lambda entry: entry["int8_speedup_vs_teacher"])
+        per_depth = "; ".join(f"{candidate_name(c)}: {c['int8_speedup_vs_teacher']:.2f}x the teacher" for c in depth_winners)
+    else:
+        chosen = min(depth_winners, key=lambda entry: entry["int8_size_mb"])
+        per_depth = "; ".join(f"{candidate_name(c)}: {c['int8_size_mb']:.2f} MB" for c in depth_winners)
     summary = ", ".join(f"{candidate_name(c)} {'pass' if c['passes'] else 'fail'}" for c in tried)
-    per_depth = "; ".join(f"{candidate_name(c)}: {c[measure]:.2f} {'ms' if config.optimize == 'latency' else 'MB'}" for c in depth_winners)
     record["winner"] = {"sparsity": chosen["sparsity"], "drop_layers": chosen["drop_layers"], "name": candidate_name(chosen), "why": (
         f"of each depth's most compressed candidate that passes the gate ({per_depth}), the "
         f"{'fastest in ONNX Runtime int8' if config.optimize == 'latency' else 'smallest in ONNX Runtime int8'} (tried "

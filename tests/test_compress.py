@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from common import stages
-from common.search import bisect_ladder, choose_file, eight_bit_ladder, retention_gate
+from common.search import bisect_ladder, choose_file, eight_bit_ladder, expected_latency, retention_gate
 from conftest import PROJECT_ROOT, make_pretrained_folder, run_stage, write_reviews_csv
 
 
@@ -63,6 +63,12 @@ def test_the_delivered_file_is_the_fastest_or_smallest_that_keeps_the_target_wit
         choose_file(files, "latency", max_latency_ms=1.0)
     with pytest.raises(ValueError, match="No file keeps the target retention.*The closest: faster but loses, retention 0.9700"):
         choose_file([files[2]], "latency")
+
+
+def test_the_latency_table_prediction_is_scaled_by_what_the_timed_candidates_measured():
+    assert expected_latency(10.0, []) == (10.0, 1.0)
+    expected, scale = expected_latency(10.0, [(12.0, 8.0), (30.0, 20.0), (20.0, 20.0)])  # ratios 1.5, 1.5, 1.0
+    assert scale == pytest.approx(1.5) and expected == pytest.approx(15.0)
 
 
 def test_bits_under_the_gate_search_the_fewest_8bit_linears_and_publish_them(tmp_path, monkeypatch):
@@ -125,6 +131,8 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     [work] = (results / "compress").iterdir()
     record = json.loads((work / "search.json").read_text())
     assert record["status"] == "delivered" and (work / "search.png").is_file() and (work / "search.md").is_file()
+    assert Path(record["latency_table"]["path"]).is_file() and not record["latency_table"]["cached"]
+    assert all(c["predicted_int8_latency_ms"] > 0 for c in record["candidates"])
     tried = [c["sparsity"] for c in record["candidates"]]
     assert tried[0] == 0.5 and len(tried) <= 2  # bisection starts in the middle of the ladder
     assert record["winner"]["sparsity"] == max(c["sparsity"] for c in record["candidates"] if c["passes"])
@@ -155,6 +163,7 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert over_budget.returncode == 2 and "meets --max_latency_ms 1e-06. The closest: candidate sparsity 0.50" in over_budget.stderr
     [deeper] = [w for w in (results / "compress").iterdir() if w != work and "drop_layers" in (w / "search.json").read_text()
                 and json.loads((w / "search.json").read_text())["drop_layers"] == [0, 1]]
+    assert json.loads((deeper / "search.json").read_text())["latency_table"]["cached"], "the table is built once per machine"
     by_depth = {c["drop_layers"]: c for c in json.loads((deeper / "search.json").read_text())["candidates"]}
     assert sorted(by_depth) == [0, 1] and by_depth[0]["layers"] == 2 and by_depth[1]["layers"] == 1
     assert by_depth[1]["parameters"] < by_depth[0]["parameters"]

@@ -71,7 +71,8 @@ def test_report_with_missing_and_corrupt_checkpoints(report_results):
     report = build_report(config, data, DataConfig(max_length=16), settings={"latency_batch_size": 2, "latency_seq_length": 8, "latency_repeats": 2, "latency_warmup": 0})
     paths = write_report(report, report_results, "final_report")
     assert [row["label"] for row in report["models"]] == [
-        "Teacher (FP32)", "Teacher, ONNX Runtime dynamic int8 (no project)", "Teacher, OpenVINO + NNCF int8 (no project)",
+        "Teacher (FP32)", "Teacher, ONNX Runtime dynamic int8 (no project)",
+        "Teacher, ONNX Runtime optimizer + dynamic int8 (no project)", "Teacher, OpenVINO + NNCF int8 (no project)",
         "Student (FP32)"]
     skipped = {item["label"]: item["reason"] for item in report["skipped"]}
     assert set(skipped) == {
@@ -102,7 +103,10 @@ def test_report_with_missing_and_corrupt_checkpoints(report_results):
     reference = written["models"][1]
     assert reference["runtime"] == "onnxruntime" and reference["path"].endswith("teacher_int8.onnx")
     assert reference["parameters"] == written["models"][0]["parameters"]
-    openvino = written["models"][2]  # the strongest peer: the teacher in OpenVINO + NNCF int8
+    optimized = written["models"][2]  # ONNX Runtime's documented BERT path: its optimizer fuses every layer's attention
+    assert optimized["path"].endswith("teacher_optimized_int8.onnx") and "Attention 2" in optimized["quantization"]
+    assert optimized["parameters"] == written["models"][0]["parameters"]
+    openvino = written["models"][3]  # the strongest peer: the teacher in OpenVINO + NNCF int8
     assert openvino["runtime"] == "openvino" and openvino["path"].endswith("teacher_openvino_int8.xml")
     assert openvino["quantization"].startswith("int8 (NNCF defaults") and openvino["test_examples"] == 4
     assert {"machine", "settings", "skipped", "data", "latency_method"} <= set(written)
@@ -117,7 +121,7 @@ def test_report_with_missing_and_corrupt_checkpoints(report_results):
     markdown = paths["md"].read_text()
     assert "Student (FP32)" in markdown and "Skipped:" in markdown and "Pruned Student (FP32)" in markdown
     # what the accuracy hides: per class, against the teacher, with intervals; cost; real-text latency
-    teacher, student = written["models"][0], written["models"][3]
+    teacher, student = written["models"][0], written["models"][4]
     for row in written["models"]:
         matrix = row["confusion_matrix"]
         assert sum(map(sum, matrix)) == row["test_examples"] == 4
