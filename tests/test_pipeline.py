@@ -115,7 +115,7 @@ def test_report_covers_every_stage(pipeline_run):
     results, completed = pipeline_run
     report = json.loads((results / "final_report.json").read_text())
     expected = [stage.name for stage in stages.STAGE_TABLE for _ in stage.rows]
-    expected[1:1] = ["onnx_reference"] * 2  # the teacher in ONNX Runtime int8 and in OpenVINO + NNCF int8
+    expected[1:1] = ["onnx_reference"] * 3  # the teacher in ONNX Runtime int8, optimized + int8, OpenVINO + NNCF int8
     assert [row["stage"] for row in report["models"]] == expected
     assert [row["label"] for row in report["models"] if row["stage"] != "onnx_reference"] == [
         row.label for stage in stages.STAGE_TABLE for row in stage.rows]
