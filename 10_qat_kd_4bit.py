@@ -84,7 +84,7 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
     # refused before any model loads: a teacher with an unrelated vocabulary, a budget below the all-4-bit size
     tokenizer = load_checkpoint_tokenizer(pruned_folder)
     token_map = teacher_token_ids(tokenizer, teacher_folder, pruned_record)
-    if config.keep_8bit_size_budget_mb is not None or config.keep_8bit_layers is not None:
+    if config.keeps_8bit_layers:
         check_mixed_precision(model_skeleton(pruned_folder), config)
     run.resume({"pruned": pruned_folder, "teacher": teacher_folder})
     student, teacher = load_model(pruned_folder), load_model(teacher_folder)
@@ -94,7 +94,7 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
     full_precision = evaluate_accuracy(student, eval_loader)
     error_batches = list(itertools.islice(eval_loader, ERROR_BATCHES))
     eight_bit, mixed_precision = [], None
-    if config.keep_8bit_size_budget_mb is not None or config.keep_8bit_layers is not None:  # decided before training through them
+    if config.keeps_8bit_layers:  # decided before training through them
         eight_bit, mixed_precision = plan_8bit_layers(student, config, layer_quantization_errors(student, config, error_batches))
     fake_quantized = prepare_fake_quantization(student, config, eight_bit)
     before_training = evaluate_accuracy(student, eval_loader)

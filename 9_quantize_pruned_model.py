@@ -38,7 +38,7 @@ def main(data_config: DataConfig, config: PTQConfig) -> None:
     run = start_stage("ptq_4bit", data_config, config)
     data = run.data
     pruned_folder, pruned_record = resolve_stage_checkpoint("pruned", config.pruned_model_path, data.label_names, data_config)
-    if config.keep_8bit_size_budget_mb is not None or config.keep_8bit_layers is not None:  # refused before any work
+    if config.keeps_8bit_layers:  # refused before any work
         check_mixed_precision(model_skeleton(pruned_folder), config)
     model = load_model(pruned_folder)
     tokenizer = load_checkpoint_tokenizer(pruned_folder)

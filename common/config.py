@@ -486,6 +486,11 @@ class QuantizationFields:
         "Default: none. Give it or keep_8bit_size_budget_mb, not both; more than the model's Linears is an error.",
     )
 
+    @property
+    def keeps_8bit_layers(self) -> bool:
+        """Mixed precision asked for, by size budget or by count."""
+        return self.keep_8bit_size_budget_mb is not None or self.keep_8bit_layers is not None
+
     def __post_init__(self) -> None:
         _check_positive("keep_8bit_size_budget_mb", self.keep_8bit_size_budget_mb, allow_none=True)
         _check_positive("keep_8bit_layers", self.keep_8bit_layers, allow_none=True)

@@ -58,13 +58,14 @@ def _shaped_model(folder: Path, layers: int, heads: int, width: int) -> torch.nn
     return model.eval()
 
 
-def build_latency_table(folder: Path, batch_size: int, seq_length: int, rounds: int = 10, threads: int = 2) -> dict:
-    """Time the grid of one-layer shapes of the checkpoint in ``folder`` (see the module docstring)."""
+def build_latency_table(folder: Path, key: dict, rounds: int = 10) -> dict:
+    """Time the grid of one-layer shapes of the checkpoint in ``folder`` at the batch, length and threads of ``key``
+    (``table_key``; see the module docstring)."""
     from .onnx_export import export_onnx, write_runtime_files
     from .onnx_runtime import quantize_dynamic_int8
     from .runtime import ModelRuntime
 
-    key = table_key(folder, batch_size, seq_length, threads)
+    batch_size, seq_length, threads = key["batch_size"], key["seq_length"], key["threads"]
     heads = sorted({max(1, round(share * key["heads"])) for share in GRID_SHARES})
     widths = sorted({max(1, round(share * key["ffn"])) for share in GRID_SHARES})
     shapes = {f"1x{h}x{w}": (1, h, w) for h in heads for w in widths} | {"2-full": (2, key["heads"], key["ffn"])}
@@ -100,7 +101,7 @@ def latency_table(folder: Path, batch_size: int, seq_length: int, rounds: int = 
         if table.get("key") == key:
             logger.info("Latency table for this machine and architecture loaded from %s", path)
             return {**table, "path": str(path), "cached": True}
-    table = build_latency_table(folder, batch_size, seq_length, rounds, threads)
+    table = build_latency_table(folder, key, rounds)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, table)
     logger.info("Latency table built in %.0f s and cached in %s", table["build_seconds"], path)

@@ -494,6 +494,8 @@ def test_predict_needs_pairs_for_a_pair_model_and_a_separator_in_each_text(tmp_p
     ("QATKDConfig", {"alpha_attention": -0.5}, "alpha_attention=-0.5"),
     ("PTQConfig", {"keep_8bit_size_budget_mb": -1.0}, "keep_8bit_size_budget_mb=-1.0 must be a positive"),
     ("QATKDConfig", {"keep_8bit_size_budget_mb": 0.0}, "keep_8bit_size_budget_mb=0.0 must be a positive"),
+    ("QATKDConfig", {"keep_8bit_layers": 0}, "keep_8bit_layers=0 must be a positive"),
+    ("PTQConfig", {"keep_8bit_layers": -2}, "keep_8bit_layers=-2 must be a positive"),
     ("SensitivityConfig", {"sparsities": [0.5, 1.5]}, r"sparsities=\[0.5, 1.5\] must be shares between 0 and 1"),
     ("SensitivityConfig", {"sparsities": []}, r"sparsities=\[\] must be shares"),
     ("SensitivityConfig", {"parameter_budget": 1.0}, "parameter_budget=1.0"),

@@ -81,3 +81,5 @@ def test_the_table_check_predicts_and_times_pruned_checkpoints(tmp_path, results
     refused = subprocess.run([*command, "--checkpoints", str(tmp_path / "nowhere")], cwd=PROJECT_ROOT, env=env,
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "no finished checkpoint in" in refused.stderr and "Traceback" not in refused.stderr
+    no_rounds = subprocess.run([*command, "--rounds", "0"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert no_rounds.returncode == 2 and "must be positive" in no_rounds.stderr and "Traceback" not in no_rounds.stderr

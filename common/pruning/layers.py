@@ -2,8 +2,9 @@
 
 ``layer_skip_importance`` scores each layer by the KL of the model's predictions with that layer skipped. Stage 2's
 importance selection copies the highest-scoring teacher layers (``most_important_layers``); stage 8's
-``--drop_layers`` removes the lowest-scoring student layers (``layers_to_drop``). ``drop_layers`` removes them from the encoder and the config, so the saved checkpoint is an ordinary model with
-fewer layers that stock loading and the architecture record describe without anything new.
+``--drop_layers`` removes the lowest-scoring student layers (``layers_to_drop``). ``drop_layers`` removes them from
+the encoder and the config, so the saved checkpoint is an ordinary model with fewer layers that stock loading and the
+architecture record describe without anything new.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from ..data import model_inputs
 @torch.no_grad()
 def layer_skip_importance(model: torch.nn.Module, loader, batches: int) -> list[float]:
     """How much each encoder layer matters to the model's outputs: the KL divergence of the model's predictions
-    with that layer skipped (its input passed on unchanged) from its full predictions, averaged over ``batches``
-    validation batches. Chooses which teacher layers a student keeps (stage 2, ``--student_layer_selection
-    importance``); a layer the residual stream barely uses scores near 0."""
+    with that layer skipped (its input passed on unchanged) from its full predictions, averaged over the first
+    ``batches`` batches of ``loader``. Chooses which teacher layers a student keeps (stage 2, ``--student_layer_selection
+    importance``, on validation batches) and which student layers stage 8 drops (``--drop_layers``, on training
+    batches); a layer the residual stream barely uses scores near 0."""
     model.train(False)
     layers = model.get_submodule(spec_for(model).layers)
     taken = [batch for _, batch in zip(range(batches), loader)]
