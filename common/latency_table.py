@@ -97,7 +97,11 @@ def latency_table(folder: Path, batch_size: int, seq_length: int, rounds: int = 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = results_root() / "latency_tables" / f"{digest}.json"
     if path.is_file():
-        table = json.loads(path.read_text())
+        try:
+            table = json.loads(path.read_text())
+        except ValueError:  # a cache file cut short (an interrupted write): measured again and rewritten
+            logger.warning("The cached latency table %s cannot be read; measuring it again", path)
+            table = {}
         if table.get("key") == key:
             logger.info("Latency table for this machine and architecture loaded from %s", path)
             return {**table, "path": str(path), "cached": True}

@@ -1,6 +1,8 @@
 """The per-machine latency table of layer shapes (common/latency_table.py): its arithmetic on a hand-made table,
 the shapes it times, and its cache. No timing is asserted: the numbers are whatever this machine measures."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -49,6 +51,9 @@ def test_the_table_is_built_once_per_machine_and_key_then_read_from_the_cache(tm
     assert again["cached"] and again["one_layer_ms"] == table["one_layer_ms"] and again["path"] == table["path"]
     with pytest.raises(pytest.fail.Exception):  # another batch size is another key: measured anew
         latency_table(folder, batch_size=4, seq_length=8, rounds=2)
+    Path(table["path"]).write_text('{"key": ')  # a cache file cut short is measured again, not a crash
+    with pytest.raises(pytest.fail.Exception, match="rebuilt a cached table"):
+        latency_table(folder, batch_size=2, seq_length=8, rounds=2)
 
 
 def test_the_table_check_predicts_and_times_pruned_checkpoints(tmp_path, results_dir):
