@@ -9,14 +9,17 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
            --gate_z standard errors) and timed in ONNX Runtime dynamic int8 against the torch teacher; the most
            compressed candidate that passes wins (accuracy falls as the share grows, so about log2(n + 1) runs);
            With --drop_layers 0 1 ... each depth (whole student layers dropped first) gets its own bisection and the
-           depths' winners compete on the objective (int8 latency or size);
+           depths' winners compete on the objective (int8 speed-up against the teacher, or size). Before training a
+           candidate, its int8 latency is predicted from the machine's latency table of layer shapes
+           (common/latency_table.py, --latency_table); with --optimize latency one that cannot beat the fastest
+           passing candidate by 10% is not trained;
         3. (--finish) copies the winner into results/pruned/ as its newest checkpoint, runs stage 10 (QKD-4bit) on it;
            when that all-4-bit model fails the gate (--mixed_precision), reruns stage 10 with --keep_8bit_layers
            (largest 4-bit error first, by bisection over all, half, ... one) and publishes the fewest that pass; then
            runs stages 12 (ONNX) and 13 (OpenVINO) as they run alone, gates every file they wrote the same way, times
            those that pass round-robin at --latency_batch_size x --latency_seq_length, and delivers the fastest
            (--optimize latency) or the smallest (--optimize size) within --max_latency_ms / --max_size_mb.
-Writes: results/compress/<run_id>/search.json (target, gate, every candidate and file with its validation accuracy,
+Writes: results/latency_tables/<key>.json (once per machine and architecture), results/compress/<run_id>/search.json (target, gate, every candidate and file with its validation accuracy,
         retention, margin, size and latency, the winner and why, wall time), search.md and search.png (the trace);
         the winner's compression.json gets the same record under "search". Refuses with the closest candidate or file
         when nothing keeps the target or fits the budgets.
