@@ -129,7 +129,8 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
     pruned_metrics = evaluate_accuracy(student, eval_loader)
     vocabulary = None
     if config.prune_vocabulary:
-        student, tokenizer, vocabulary = prune_vocabulary(student, tokenizer, data, data_config.max_length, config.vocabulary_extra_tokens)
+        student, tokenizer, vocabulary = prune_vocabulary(
+            student, tokenizer, data, data_config.max_length, config.vocabulary_extra_tokens, config.vocabulary_min_count)
         # the pruned vocabulary renumbers tokens, so only the validation split is tokenized again
         validation = tokenize_dataset(data.validation, tokenizer, data_config.max_length)
         pruned_metrics = evaluate_accuracy(student, make_loader(validation, tokenizer, config.eval_batch_size, shuffle=False))

@@ -407,6 +407,11 @@ class PruningConfig(TrainingConfig, DistillationWeights, ImportanceFields, Unlab
         "with a log line, for byte-level BPE (RoBERTa).",
     )
     vocabulary_extra_tokens: int = _field(0, "With prune_vocabulary: also keep this many other tokens, lowest ids first.")
+    vocabulary_min_count: int = _field(
+        1, "With prune_vocabulary: keep only tokens seen at least this often in the training split (1: every one). "
+        "Above 1 the embedding table shrinks further, but words that used a dropped piece are segmented anew (or become "
+        "[UNK]); the record's token coverage and validation accuracy show the cost.",
+    )
     drop_layers: int = _field(
         0, "Whole encoder layers removed before the heads and neurons are pruned: the student layers whose skipping "
         "changes its predictions least (KL of its outputs with the layer skipped, on --layer_importance_batches "
@@ -452,6 +457,7 @@ class PruningConfig(TrainingConfig, DistillationWeights, ImportanceFields, Unlab
         if self.layer_targets is not None:
             read_layer_targets(self.layer_targets)
         _check_range("vocabulary_extra_tokens", self.vocabulary_extra_tokens, 0, float("inf"))
+        _check_range("vocabulary_min_count", self.vocabulary_min_count, 1, float("inf"))
         _check_range("drop_layers", self.drop_layers, 0, float("inf"))
         _check_positive("layer_importance_batches", self.layer_importance_batches)
 
@@ -721,8 +727,21 @@ class CompressConfig:
     latency_batch_size: int = _field(32, "Batch size of the latency measurements.")
     latency_seq_length: int = _field(64, "Sequence length of the latency measurements.")
     latency_rounds: int = _field(10, "Interleaved timing rounds per latency measurement.")
+    vocabulary_min_count: Optional[int] = _field(
+        None, "Passed to every stage-8 candidate: keep only the tokens seen at least this often in the training split "
+        "(a smaller embedding table; the gate judges what it costs). Default: stage 8's own (every token seen).",
+    )
+    seed: Optional[int] = _field(
+        None, "Seed of the training stages the search runs (every stage-8 candidate and stage 10): passed on as their "
+        "--seed. Repeat the search with other seeds on the same teacher and student to measure the spread. Default: "
+        "each stage's own seed.",
+    )
 
     def __post_init__(self) -> None:
+        if self.seed is not None:
+            _check_range("seed", self.seed, 0, 2**32 - 1)
+        if self.vocabulary_min_count is not None:
+            _check_range("vocabulary_min_count", self.vocabulary_min_count, 1, float("inf"))
         _check_range("target_retention", self.target_retention, 0.0, 1.0, low_open=True)
         _check_choice("optimize", self.optimize, OBJECTIVES)
         _check_positive("max_latency_ms", self.max_latency_ms, allow_none=True)

@@ -118,7 +118,9 @@ def _compression_lines(record: dict) -> list[str]:
                      f"{architecture.get('ffn_width_per_layer')}")
     vocabulary = pruning.get("vocabulary") or {}
     if vocabulary.get("kept_vocab_size"):
-        lines.append(f"vocabulary pruned to the training split's tokens: {vocabulary['kept_vocab_size']:,} kept")
+        rare = (f" (tokens seen fewer than {vocabulary['min_count']} times dropped)"
+                if vocabulary.get("min_count", 1) > 1 else "")
+        lines.append(f"vocabulary pruned to the training split's tokens{rare}: {vocabulary['kept_vocab_size']:,} kept")
     quantization = record.get("quantization") or {}
     if quantization.get("method"):
         details = ", ".join(f"{key} {quantization[key]}" for key in ("quant_type", "blocksize", "double_quant") if key in quantization)

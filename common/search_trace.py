@@ -17,7 +17,7 @@ def search_markdown(record: dict) -> str:
     """The target, every candidate and file with its gate, the winner and the delivered file, and why."""
     lines = [f"Target: {record['target_retention']} of the teacher's validation accuracy "
              f"({record['teacher_validation_accuracy']:.4f}, {record['validation_examples']} examples), gate z = "
-             f"{record['gate_z']}, optimize {record['optimize']}. Status: {record.get('status')}.", "",
+             f"{record['gate_z']}, optimize {record['optimize']}{_seed(record)}. Status: {record.get('status')}.", "",
              "| Sparsity | Layers dropped | Validation acc. | Retention | Margin (points) | Gate | int8 ms | int8 MB |",
              "|---|---|---|---|---|---|---|---|"]
     for c in record["candidates"]:
@@ -31,6 +31,10 @@ def search_markdown(record: dict) -> str:
         for f in record["files"]:
             lines.append(f"| {f['name']} | {f['validation_accuracy']:.4f} | {f['retention']:.4f} | {'pass' if f['passes'] else 'fail'} | "
                          f"{f['latency_ms']:.2f} | {f['size_mb']:.2f} |")
+    student = record.get("student_gate")
+    if student:
+        lines += ["", f"Unpruned student, for reference: retention {student['retention']:.4f}, "
+                      f"{'pass' if student['passes'] else 'fail'} (lower bound {student['lower_bound_points']:+.2f} points)."]
     if record.get("winner"):
         lines += ["", f"Winner: {candidate_name(record['winner'])}, {record['winner']['why']}."]
     mixed = record.get("mixed_precision")
@@ -39,9 +43,17 @@ def search_markdown(record: dict) -> str:
                      f"({'pass' if mixed['all_4bit']['passes'] else 'fail'}); {mixed['why']}.")
     if record.get("delivered_why"):
         lines.append(f"Delivered: {record['delivered_why']}.")
+    for objective, chosen in (record.get("by_objective") or {}).items():
+        if objective != record["optimize"] and chosen:
+            lines.append(f"With --optimize {objective} the same files would deliver {chosen['name']} "
+                         f"({chosen['latency_ms']:.2f} ms, {chosen['size_mb']:.2f} MB, retention {chosen['retention']:.4f}).")
     if "wall_time_s" in record:
         lines.append(f"Wall time: {record['wall_time_s']} s.")
     return "\n".join(lines) + "\n"
+
+
+def _seed(record: dict) -> str:
+    return "" if record.get("seed") is None else f", seed {record['seed']}"
 
 
 def plot_search(record: dict, path: Path) -> None:

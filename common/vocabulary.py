@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from typing import Optional
 
 import torch
@@ -30,11 +31,12 @@ def _encoded_rows(tokenizer, texts: list[str], pairs: Optional[list[str]], max_l
         yield from encode(tokenizer, texts[start : start + 1024], chunk_pairs, truncation=True, max_length=max_length)["input_ids"]
 
 
-def used_token_ids(tokenizer, texts: list[str], pairs: Optional[list[str]], max_length: int) -> set[int]:
-    ids: set[int] = set()
+def token_counts(tokenizer, texts: list[str], pairs: Optional[list[str]], max_length: int) -> Counter:
+    """How often each token id occurs in ``texts`` (and their pairs), as the model sees them (truncated)."""
+    counts: Counter = Counter()
     for row in _encoded_rows(tokenizer, texts, pairs, max_length):
-        ids.update(row)
-    return ids
+        counts.update(row)
+    return counts
 
 
 def token_coverage(tokenizer, texts: list[str], pairs: Optional[list[str]], max_length: int) -> float:
@@ -112,14 +114,21 @@ def rebuild_tokenizer(tokenizer, kept_ids: list[int]):
 
 
 @torch.no_grad()
-def prune_vocabulary(model: nn.Module, tokenizer, data, max_length: int, extra: int = 0):
-    """Slice the word embeddings to the training split's tokens; return (model, tokenizer, summary)."""
+def prune_vocabulary(model: nn.Module, tokenizer, data, max_length: int, extra: int = 0, min_count: int = 1):
+    """Slice the word embeddings to the training split's tokens; return (model, tokenizer, summary).
+
+    ``min_count`` > 1 also drops the tokens seen fewer times than that in the training split: a smaller table, at the
+    price of exactness, since the pruned tokenizer segments a word that used a dropped piece anew (WordPiece: into
+    kept pieces, or [UNK] when none match). The summary's coverage and the validation accuracy show what it cost."""
+    if min_count < 1:
+        raise ValueError(f"vocabulary_min_count={min_count} must be 1 or more (1 keeps every token of the training split).")
     spec = spec_for(model)  # refuses an unsupported architecture before any work
     reason = unsupported_reason(tokenizer)
     if reason is not None:
         logger.warning("Vocabulary pruning skipped: %s. The model keeps all %d word embeddings.", reason, len(tokenizer))
         return model, tokenizer, {"skipped": reason, "original_vocab_size": len(tokenizer)}
-    keep = used_token_ids(tokenizer, *text_inputs(data.train), max_length) | set(tokenizer.all_special_ids)
+    counts = token_counts(tokenizer, *text_inputs(data.train), max_length)
+    keep = {token for token, count in counts.items() if count >= min_count} | set(tokenizer.all_special_ids)
     keep |= set(tokenizer.added_tokens_decoder)
     if extra:
         others = [i for i in range(len(tokenizer)) if i not in keep]
@@ -142,6 +151,8 @@ def prune_vocabulary(model: nn.Module, tokenizer, data, max_length: int, extra: 
         "original_vocab_size": old.num_embeddings,
         "kept_vocab_size": len(kept_ids),
         "extra_tokens": extra,
+        "min_count": min_count,
+        "rare_tokens_dropped": sum(1 for token, count in counts.items() if count < min_count and token not in keep),
         "kept_token_ids": kept_ids,  # new id -> original id, so a teacher can read the pruned ids
         "coverage": {
             split: token_coverage(new_tokenizer, *text_inputs(dataset), max_length)
@@ -149,7 +160,8 @@ def prune_vocabulary(model: nn.Module, tokenizer, data, max_length: int, extra: 
         },
     }
     logger.info(
-        "Vocabulary pruned %d -> %d tokens; token coverage validation %.4f, test %.4f",
-        old.num_embeddings, len(kept_ids), summary["coverage"]["validation"], summary["coverage"]["test"],
+        "Vocabulary pruned %d -> %d tokens (%d seen fewer than %d times in training dropped); token coverage "
+        "validation %.4f, test %.4f", old.num_embeddings, len(kept_ids), summary["rare_tokens_dropped"], min_count,
+        summary["coverage"]["validation"], summary["coverage"]["test"],
     )
     return model, new_tokenizer, summary

@@ -57,7 +57,7 @@ from common.checkpoints import (  # noqa: E402
     stage_dir,
     write_json,
 )
-from common.config import CompressConfig, DataConfig  # noqa: E402
+from common.config import OBJECTIVES, CompressConfig, DataConfig  # noqa: E402
 from common.data import load_splits  # noqa: E402
 from common.evaluation import interleaved_latency  # noqa: E402
 from common.experiments import run_script, split_loader  # noqa: E402
@@ -138,6 +138,15 @@ def main() -> None:
     teacher_correct = validation_correct(teacher, teacher_folder, data, data_config.max_length)
     print(f"Teacher {teacher_folder}: validation accuracy {teacher_correct.mean():.4f}; target "
           f"{config.target_retention} of it = {config.target_retention * teacher_correct.mean():.4f}, gate z = {config.gate_z}")
+    student_gate = gate_folder(student_folder, teacher_correct, data, data_config, config)
+    print(f"Student {student_folder} (unpruned, for reference): validation retention {student_gate['retention']:.4f}, "
+          f"{'passes' if student_gate['passes'] else 'fails'} the gate (lower bound {student_gate['lower_bound_points']:+.2f} "
+          f"points, margin {student_gate['margin_points']:.2f})", flush=True)
+    if not student_gate["passes"]:
+        print(f"Note: the unpruned student already misses the target by the gate. Pruned candidates seldom beat it, so "
+              f"the search may find none; the gate's margin on {teacher_correct.size} validation examples is "
+              f"{student_gate['margin_points']:.2f} points at --gate_z {config.gate_z}.", flush=True)
+    seed = [] if config.seed is None else ["--seed", config.seed]
     ladder = sorted(config.sparsities)
     candidates: dict[tuple[int, int], dict] = {}
     not_trained: dict[tuple[int, int], dict] = {}
@@ -176,7 +185,8 @@ def main() -> None:
         sparsity = ladder[index]
         folder = work / "candidates" / (f"drop-{drop}-sparsity-{sparsity:.2f}" if drop else f"sparsity-{sparsity:.2f}")
         epochs = ["--num_epochs", config.pruning_epochs] if config.pruning_epochs else []
-        run_script("8_pruning_with_finetuning.py", *forwarded, "--head_final_sparsity", sparsity, "--ffn_final_sparsity",
+        vocabulary = [] if config.vocabulary_min_count is None else ["--vocabulary_min_count", config.vocabulary_min_count]
+        run_script("8_pruning_with_finetuning.py", *forwarded, *seed, *vocabulary, "--head_final_sparsity", sparsity, "--ffn_final_sparsity",
                    sparsity, "--final_sparsity", sparsity, "--drop_layers", drop, *epochs, "--output_dir", folder, stream=True)
         model = ModelRuntime(folder, spinning=False)
         entry = {"drop_layers": drop, "sparsity": sparsity, "folder": str(folder),
@@ -205,7 +215,8 @@ def main() -> None:
     tried = [candidates[key] for key in sorted(candidates)]
     record = {"target_retention": config.target_retention, "optimize": config.optimize, "gate_z": config.gate_z,
               "budgets": {"max_latency_ms": config.max_latency_ms, "max_size_mb": config.max_size_mb},
-              "teacher": str(teacher_folder), "student": str(student_folder),
+              "teacher": str(teacher_folder), "student": str(student_folder), "seed": config.seed,
+              "student_gate": student_gate,
               "teacher_validation_accuracy": float(teacher_correct.mean()), "validation_examples": int(teacher_correct.size),
               "ladder": ladder, "drop_layers": sorted(config.drop_layers), "candidates": tried,
               "not_trained": [not_trained[key] for key in sorted(not_trained)],
@@ -217,10 +228,15 @@ def main() -> None:
         closest = max(tried, key=lambda entry: entry["retention"], default=None)
         hint = "" if closest is None else (f" The closest: {candidate_name(closest)}, retention "
                                            f"{closest['retention']:.4f} (lower bound {closest['lower_bound_points']:+.2f} points).")
+        hint += (f" The unpruned student keeps {student_gate['retention']:.4f} (lower bound "
+                 f"{student_gate['lower_bound_points']:+.2f} points); the gate's margin is {student_gate['margin_points']:.2f} "
+                 f"points at --gate_z {config.gate_z} on {teacher_correct.size} validation examples.")
         depths = "" if config.drop_layers == [0] else f" (--drop_layers {sorted(config.drop_layers)})"
         raise ValueError(f"No stage-8 candidate of --sparsities {ladder}{depths} keeps "
                          f"{config.target_retention} of the teacher's validation accuracy{' in the time budget' if out_of_time() else ''}."
-                         f"{hint} Lower --target_retention, or add smaller shares to --sparsities. Trace: {work / 'search.json'}")
+                         f"{hint} Lower --target_retention or --gate_z, add smaller shares to --sparsities, or hold out "
+                         f"a larger validation split (--validation_fraction, which means retraining stages 1 and 2). "
+                         f"Trace: {work / 'search.json'}")
     if config.optimize == "latency":  # each candidate was timed against the teacher in its own rounds: compare ratios
         chosen = max(depth_winners, key=lambda entry: entry["int8_speedup_vs_teacher"])
         per_depth = "; ".join(f"{candidate_name(c)}: {c['int8_speedup_vs_teacher']:.2f}x the teacher" for c in depth_winners)
@@ -246,9 +262,9 @@ def main() -> None:
     print(f"Published the winner as {published}", flush=True)
     before = {stage: set(list_checkpoints(stage)) for stage in finishing_stages()}
     quantize, *exports = FINISHING_SCRIPTS
-    run_script(quantize, *forwarded, stream=True)
+    run_script(quantize, *forwarded, *seed, stream=True)
     if config.mixed_precision:
-        record["mixed_precision"] = search_8bit_layers(forwarded, teacher_correct, data, data_config, config, work, out_of_time)
+        record["mixed_precision"] = search_8bit_layers([*forwarded, *seed], teacher_correct, data, data_config, config, work, out_of_time)
     for script in exports:
         run_script(script, *forwarded, stream=True)
     files = gate_files({stage: sorted(set(list_checkpoints(stage)) - before[stage]) for stage in before}, teacher,
@@ -337,6 +353,16 @@ def gate_files(new_folders: dict, teacher: ModelRuntime, teacher_correct, data, 
 
 
 def deliver(files: list[dict], config: CompressConfig, record: dict, work: Path) -> tuple[dict, str]:
+    """The file chosen for --optimize; the record also names what the other objective would deliver from the same
+    gated files (the search before them does not depend on the objective at one depth)."""
+    record["by_objective"] = {}
+    for objective in OBJECTIVES:
+        try:
+            chosen, _ = choose_file(files, objective, config.max_latency_ms, config.max_size_mb)
+        except ValueError:
+            chosen = None
+        record["by_objective"][objective] = None if chosen is None else {
+            key: chosen[key] for key in ("name", "latency_ms", "size_mb", "retention") if key in chosen}
     try:
         return choose_file(files, config.optimize, config.max_latency_ms, config.max_size_mb)
     except ValueError:

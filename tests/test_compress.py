@@ -4,6 +4,7 @@ scripts/compress.py end to end on a tiny model (with its refusals)."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,11 +127,16 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
                    "--latency_batch_size", "4", "--latency_seq_length", "16", *map(str, args)]
         return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=1200)
 
-    completed = compress("--sparsities", 0.25, 0.5, 0.75, "--target_retention", 0.5, "--gate_z", 0)
+    completed = compress("--sparsities", 0.25, 0.5, 0.75, "--target_retention", 0.5, "--gate_z", 0, "--seed", 7)
     assert completed.returncode == 0, completed.stderr[-4000:]
     [work] = (results / "compress").iterdir()
     record = json.loads((work / "search.json").read_text())
     assert record["status"] == "delivered" and (work / "search.png").is_file() and (work / "search.md").is_file()
+    assert record["seed"] == 7 and "seed 7" in (work / "search.md").read_text()
+    candidate_record = json.loads((Path(record["candidates"][0]["folder"]) / "compression.json").read_text())
+    assert candidate_record["seed"] == 7, "the seed reaches every stage-8 candidate"
+    assert record["student_gate"]["passes"] and 0 < record["student_gate"]["retention"]
+    assert "Unpruned student, for reference: retention" in (work / "search.md").read_text()
     assert Path(record["latency_table"]["path"]).is_file() and not record["latency_table"]["cached"]
     assert all(c["predicted_int8_latency_ms"] > 0 for c in record["candidates"])
     tried = [c["sparsity"] for c in record["candidates"]]
@@ -147,6 +153,11 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert delivered["latency_iqr_ms"][0] <= delivered["latency_ms"] <= delivered["latency_iqr_ms"][1]
     assert all(len(c["int8_latency_iqr_ms"]) == 2 for c in record["candidates"])
     assert delivered["passes"] and delivered["latency_ms"] == min(f["latency_ms"] for f in record["files"] if f["passes"])
+    passing = [f for f in record["files"] if f["passes"]]
+    assert record["by_objective"]["latency"]["name"] == delivered["name"]
+    assert record["by_objective"]["size"]["size_mb"] == min(f["size_mb"] for f in passing)
+    assert f"With --optimize size the same files would deliver {record['by_objective']['size']['name']}" in (
+        work / "search.md").read_text()
     published = json.loads((Path(record["published"]) / "compression.json").read_text())
     assert Path(record["published"]).parent == results / "pruned"
     assert published["search"]["winner"] == record["winner"] and published["search"]["target_retention"] == 0.5
@@ -155,6 +166,9 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     refused = compress("--sparsities", 0.5, "--target_retention", 1.0, "--gate_z", 5, "--finish", "false")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "No stage-8 candidate of --sparsities [0.5] keeps 1.0" in refused.stderr and "The closest: sparsity 0.50" in refused.stderr
+    assert "(unpruned, for reference): validation retention" in refused.stdout
+    assert re.search(r"The unpruned student keeps [0-9.]+ \(lower bound [-+0-9.]+ points\); the gate's margin is [0-9.]+ "
+                     r"points at --gate_z 5.0 on \d+ validation examples", refused.stderr), refused.stderr[-1500:]
     too_deep = compress("--drop_layers", 0, 2)  # the student has 2 layers
     assert too_deep.returncode == 2 and "--drop_layers 2 would leave none of the 2 layers of the student" in too_deep.stderr
     assert len(list((results / "compress").iterdir())) == 2, "the refusal came before any work"
@@ -180,6 +194,7 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     (["--max_size_mb", "0"], "max_size_mb=0.0 must be a positive"),
     (["--drop_layers", "0", "0"], "drop_layers=[0, 0] must list distinct layer counts of 0 or more"),
     (["--drop_layers", "-1"], "drop_layers=[-1] must list distinct layer counts"),
+    (["--seed", "-1"], "seed=-1 is out of range"),
     ([], "Run `python 1_train_teacher.py` first"),  # valid flags, but no teacher to compress toward
 ])
 def test_compress_refuses_bad_targets_before_any_work(tmp_path, args, message):

@@ -490,6 +490,7 @@ def test_predict_needs_pairs_for_a_pair_model_and_a_separator_in_each_text(tmp_p
     (PruningConfig, {"ffn_round_to": 0}, "ffn_round_to=0 must be a positive"),
     (PruningConfig, {"alpha_attention": -1.0}, "alpha_attention=-1.0"),
     (PruningConfig, {"attention_relation_heads": 0}, "attention_relation_heads=0 must be a positive"),
+    (PruningConfig, {"vocabulary_min_count": 0}, r"vocabulary_min_count=0 is out of range; it must lie in \[1, inf\]"),
     (PruningConfig, {"alpha_ce": 0.0, "alpha_kd": 0.0, "alpha_hidden": 0.0, "alpha_attention": 0.0}, "alpha_attention are all 0"),
     ("QATKDConfig", {"alpha_attention": -0.5}, "alpha_attention=-0.5"),
     ("PTQConfig", {"keep_8bit_size_budget_mb": -1.0}, "keep_8bit_size_budget_mb=-1.0 must be a positive"),
@@ -517,6 +518,8 @@ def test_predict_needs_pairs_for_a_pair_model_and_a_separator_in_each_text(tmp_p
     ("CompressConfig", {"sparsities": [0.5, 0.5]}, "lists a value twice"),
     ("CompressConfig", {"sparsities": [0.0]}, r"sparsities entry=0.0 is out of range"),
     ("CompressConfig", {"time_budget_s": 0.0}, "time_budget_s=0.0 must be a positive"),
+    ("CompressConfig", {"seed": -3}, r"seed=-3 is out of range"),
+    ("CompressConfig", {"vocabulary_min_count": 0}, r"vocabulary_min_count=0 is out of range"),
     ("ReportConfig", {"deploy_min_retention": 1.5}, r"deploy_min_retention=1.5 must be a share in \(0, 1\]"),
     ("ReportConfig", {"real_text_examples": -1}, "real_text_examples=-1 is out of range"),
 ])

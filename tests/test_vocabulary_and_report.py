@@ -37,6 +37,21 @@ def test_vocabulary_pruning_round_trip(tokenizer, results_dir):
     assert [tokenizer.convert_ids_to_tokens(i) for i in summary["kept_token_ids"][5:8]] == ["and", "boring", "dull"]
 
 
+def test_vocabulary_min_count_drops_the_rare_tokens_and_resegments_their_words(tokenizer):
+    model = tiny_model(tiny_bert_config())
+    data = tiny_data(["great film and fun story", "great film but dull plot", "boring"], ["great plot", "fun film"])
+    _, _, every = prune_vocabulary(tiny_model(tiny_bert_config()), tokenizer, data, max_length=32)
+    model, pruned_tokenizer, summary = prune_vocabulary(model, tokenizer, data, max_length=32, min_count=2)
+    assert every["kept_vocab_size"] == 5 + 8 and every["rare_tokens_dropped"] == 0
+    assert summary["kept_vocab_size"] == 5 + 2 and summary["rare_tokens_dropped"] == 6  # only "great" and "film" twice
+    assert model.bert.embeddings.word_embeddings.num_embeddings == 7
+    assert pruned_tokenizer.convert_ids_to_tokens(pruned_tokenizer("great fun film")["input_ids"])[1:-1] == [
+        "great", pruned_tokenizer.unk_token, "film"]
+    assert summary["coverage"]["test"] == pytest.approx(2 / 4) and every["coverage"]["test"] == 1.0
+    with pytest.raises(ValueError, match="vocabulary_min_count=0 must be 1 or more"):
+        prune_vocabulary(model, tokenizer, data, max_length=32, min_count=0)
+
+
 def test_metrics_on_hand_made_predictions():
     predictions = [0, 0, 1, 1, 2, 2, 2, 0]
     references = [0, 1, 1, 1, 2, 0, 2, 0]
