@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 # The run order comes from the one stage table (common/stages.py; plain Python, no dependencies).
 STAGES := $(shell $(PYTHON) common/stages.py)
 
-.PHONY: help install pipeline smoke test test-fast ablation benchmark sensitivity benchmark-alignment benchmark-latency-table sweep compress stages clean-smoke gpu-check
+.PHONY: help install pipeline smoke test test-fast ablation benchmark sensitivity benchmark-alignment benchmark-latency-table benchmark-vocabulary sweep compress stages clean-smoke gpu-check
 
 help:
 	@echo "make pipeline   install if needed, then run every stage on the embedded default (ARGS='--field value' passes overrides)"
@@ -29,6 +29,7 @@ help:
 	@echo "make sensitivity  per-layer accuracy drop of pruning heads / FFN neurons -> results/sensitivity.{json,png}"
 	@echo "make benchmark-alignment  latency of aligned vs unaligned FFN widths -> results/alignment_benchmark.json"
 	@echo "make benchmark-latency-table  the per-machine latency table of layer shapes against every pruned checkpoint -> results/latency_table_check.json"
+	@echo "make benchmark-vocabulary  what dropping tokens rare in training costs and saves on the newest pruned checkpoint -> results/vocabulary_benchmark.json"
 	@echo "make gpu-check  on a machine with a GPU: every stage (smoke profile) on CUDA, the report's GPU rows and tests/test_gpu.py, within 8 minutes; without one it says so and runs nothing"
 	@echo "make stages     the stage table: each stage's script, inputs and what it writes"
 	@echo "run order: $(STAGES)"
@@ -81,6 +82,9 @@ benchmark-alignment: install
 
 benchmark-latency-table: install
 	$(PY) scripts/benchmark_latency_table.py $(ARGS)
+
+benchmark-vocabulary: install
+	$(PY) scripts/benchmark_vocabulary.py $(ARGS)
 
 gpu-check: install
 	$(PY) scripts/gpu_check.py $(ARGS)

@@ -763,6 +763,20 @@ class CompressConfig:
 
 
 @dataclass
+class VocabularyBenchmarkConfig:
+    """scripts/benchmark_vocabulary.py: what dropping tokens rare in training costs (accuracy) and saves (table bytes)."""
+
+    model_path: Optional[str] = _field(None, "Checkpoint to measure (full precision). Default: the newest results/pruned/ run.")
+    min_counts: list[int] = _field([1, 2, 3, 5], "Minimum training counts to try (stage 8's --vocabulary_min_count).")
+    eval_batch_size: int = _field(128, "Batch size of the validation and test passes.")
+
+    def __post_init__(self) -> None:
+        if not self.min_counts or min(self.min_counts) < 1 or len(set(self.min_counts)) != len(self.min_counts):
+            raise ValueError(f"min_counts={self.min_counts} must list distinct counts of 1 or more, e.g. --min_counts 1 2 3 5.")
+        _check_positive("eval_batch_size", self.eval_batch_size)
+
+
+@dataclass
 class SensitivityConfig(ImportanceFields):
     """Fields of scripts/sensitivity.py (per-layer pruning sensitivity, no fine-tuning)."""
 

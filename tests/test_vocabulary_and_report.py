@@ -52,6 +52,36 @@ def test_vocabulary_min_count_drops_the_rare_tokens_and_resegments_their_words(t
         prune_vocabulary(model, tokenizer, data, max_length=32, min_count=0)
 
 
+def test_the_vocabulary_benchmark_prunes_copies_by_count_and_evaluates_them(tmp_path, results_dir, tokenizer):
+    """scripts/benchmark_vocabulary.py on a tiny checkpoint and CSV: one row per count, fewer tokens as it grows."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import PROJECT_ROOT, write_reviews_csv
+
+    data = write_reviews_csv(tmp_path / "reviews.csv", rows=120)
+    folder = save_checkpoint("pruned", tiny_model(tiny_bert_config()), tokenizer, {"label_names": ["negative", "positive"]})
+    env = {**os.environ, "COMPRESSION_RESULTS_DIR": str(results_dir), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(PROJECT_ROOT / "scripts" / "benchmark_vocabulary.py"), "--dataset", str(data),
+               "--text_column", "review", "--label_column", "sentiment"]
+    completed = subprocess.run([*command, "--min_counts", "1", "15"], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                               text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    record = json.loads((results_dir / "vocabulary_benchmark.json").read_text())
+    every, frequent = record["rows"]
+    assert record["checkpoint"] == str(folder) and every["min_count"] == 1 and frequent["min_count"] == 15
+    assert every["rare_tokens_dropped"] == 0 and frequent["rare_tokens_dropped"] > 0
+    assert frequent["kept_tokens"] == every["kept_tokens"] - frequent["rare_tokens_dropped"]
+    assert frequent["table_bytes_4bit_rows"] < every["table_bytes_4bit_rows"] < every["table_bytes_fp32"]
+    assert frequent["coverage"]["test"] < every["coverage"]["test"] == 1.0
+    assert all(0 <= row[split] <= 1 for row in record["rows"] for split in ("validation_accuracy", "test_accuracy"))
+    refused = subprocess.run([*command, "--min_counts", "0"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 2 and "min_counts=[0] must list distinct counts of 1 or more" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_metrics_on_hand_made_predictions():
     predictions = [0, 0, 1, 1, 2, 2, 2, 0]
     references = [0, 1, 1, 1, 2, 0, 2, 0]
