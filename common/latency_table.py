@@ -122,10 +122,12 @@ def _interpolate(grid: list[float], value: float) -> tuple[int, int, float]:
 
 
 def layer_ms(table: dict, heads: float, width: float) -> float:
-    """One layer of ``heads`` heads and ``width`` FFN neurons, bilinear in the table's grid (clamped to it)."""
+    """One layer of ``heads`` heads and ``width`` FFN neurons, bilinear in the table's grid (clamped to it). A grid
+    point below the base (timing noise on small shapes, where the base is estimated from two larger models) counts
+    as a free layer, never as a negative cost."""
     h0, h1, a = _interpolate(table["heads"], heads)
     w0, w1, b = _interpolate(table["ffn"], width)
-    grid = np.asarray(table["one_layer_ms"]) - table["base_ms"]
+    grid = np.maximum(np.asarray(table["one_layer_ms"]) - table["base_ms"], 0.0)
     return float((1 - a) * ((1 - b) * grid[h0, w0] + b * grid[h0, w1]) + a * ((1 - b) * grid[h1, w0] + b * grid[h1, w1]))
 
 

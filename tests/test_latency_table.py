@@ -21,6 +21,8 @@ def test_prediction_is_the_base_plus_each_layers_interpolated_cost():
     assert layer_ms(HAND_MADE, 8, 128) == layer_ms(HAND_MADE, 4, 64)  # clamped to the grid
     assert predict_ms(HAND_MADE, [4, 1], [64, 16]) == pytest.approx(1.0 + 8.0 + 1.0)
     assert predict_ms(HAND_MADE, [], []) == 1.0
+    noisy = {**HAND_MADE, "base_ms": 2.5}  # the smallest shape timed faster than the estimated base
+    assert layer_ms(noisy, 1, 16) == 0.0 and predict_ms(noisy, [1, 1], [16, 16]) == 2.5
 
 
 @pytest.mark.parametrize("model_type", ["bert", "mpnet"])
