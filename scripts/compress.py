@@ -1,8 +1,10 @@
 """Compression toward a target: keep a share of the teacher's accuracy, win latency or size, and let the search pick.
 
 Reads:  the newest results/teacher/ and results/student/ checkpoints (run stages 1 and 2 first; stage 2 can distil on
-        unlabelled text, --unlabeled_dataset) and the data flags they were made with, which go to every stage run.
-Does:   1. measures the teacher on the validation split (per example, for the paired noise of the gate);
+        unlabelled text, --unlabeled_dataset) and the data flags they were made with, which go to every stage run
+        (--seed and --vocabulary_min_count go to every stage-8 candidate, --seed to stage 10 too).
+Does:   1. measures the teacher on the validation split (per example, for the paired noise of the gate), and gates the
+           unpruned student as a reference (a warning before any training when even it misses the target);
         2. searches the ladder --sparsities by bisection: each candidate is a stage-8 run removing that share of the
            heads and FFN neurons (results/compress/<run_id>/candidates/), judged on validation by the retention gate
            (common/search.py: its paired difference from --target_retention x the teacher must stay above 0 by
@@ -18,7 +20,8 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
            (largest 4-bit error first, by bisection over all, half, ... one) and publishes the fewest that pass; then
            runs stages 12 (ONNX) and 13 (OpenVINO) as they run alone, gates every file they wrote the same way, times
            those that pass round-robin at --latency_batch_size x --latency_seq_length, and delivers the fastest
-           (--optimize latency) or the smallest (--optimize size) within --max_latency_ms / --max_size_mb.
+           (--optimize latency) or the smallest (--optimize size) within --max_latency_ms / --max_size_mb; the record
+           also names the file the other objective would deliver (by_objective).
 Writes: results/latency_tables/<key>.json (once per machine and architecture), results/compress/<run_id>/search.json (target, gate, every candidate and file with its validation accuracy,
         retention, margin, size and latency, the winner and why, wall time), search.md and search.png (the trace);
         the winner's compression.json gets the same record under "search". Refuses with the closest candidate or file

@@ -80,6 +80,9 @@ def test_the_vocabulary_benchmark_prunes_copies_by_count_and_evaluates_them(tmp_
                              timeout=300)
     assert refused.returncode == 2 and "min_counts=[0] must list distinct counts of 1 or more" in refused.stderr
     assert "Traceback" not in refused.stderr
+    missing = subprocess.run([*command, "--model_path", str(tmp_path / "nowhere")], cwd=PROJECT_ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "nowhere': no such folder" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_metrics_on_hand_made_predictions():
