@@ -54,6 +54,14 @@ def bisect_ladder(count: int, passes: Callable[[int], bool], out_of_time: Callab
     return passing if passing >= 0 else None
 
 
+def depth_winner(candidates: dict[tuple[int, int], dict], drop: int) -> Optional[dict]:
+    """The most compressed trained candidate with ``drop`` layers dropped that passes the gate; ``candidates`` maps
+    (drop, ladder index) to a trained candidate's entry. A more compressed index that the latency search skipped as
+    unable to win counts as passing for the bisection but was never trained, so it cannot be the winner."""
+    passing = [index for (depth, index), entry in candidates.items() if depth == drop and entry["passes"]]
+    return candidates[(drop, max(passing))] if passing else None
+
+
 def eight_bit_ladder(linears: int) -> list[int]:
     """Counts of 8-bit Linears from least to most compressed (all of them, then halving down to 1), the order
     ``bisect_ladder`` expects: e.g. 12 -> [12, 6, 3, 1]."""

@@ -71,6 +71,7 @@ from common.runtime import ModelRuntime  # noqa: E402
 from common.search import (  # noqa: E402
     bisect_ladder,
     choose_file,
+    depth_winner,
     eight_bit_ladder,
     expected_latency,
     retention_gate,
@@ -150,6 +151,7 @@ def main() -> None:
               f"the search may find none; the gate's margin on {teacher_correct.size} validation examples is "
               f"{student_gate['margin_points']:.2f} points at --gate_z {config.gate_z}.", flush=True)
     seed = [] if config.seed is None else ["--seed", config.seed]
+    vocabulary = [] if config.vocabulary_min_count is None else ["--vocabulary_min_count", config.vocabulary_min_count]
     ladder = sorted(config.sparsities)
     candidates: dict[tuple[int, int], dict] = {}
     not_trained: dict[tuple[int, int], dict] = {}
@@ -188,7 +190,6 @@ def main() -> None:
         sparsity = ladder[index]
         folder = work / "candidates" / (f"drop-{drop}-sparsity-{sparsity:.2f}" if drop else f"sparsity-{sparsity:.2f}")
         epochs = ["--num_epochs", config.pruning_epochs] if config.pruning_epochs else []
-        vocabulary = [] if config.vocabulary_min_count is None else ["--vocabulary_min_count", config.vocabulary_min_count]
         run_script("8_pruning_with_finetuning.py", *forwarded, *seed, *vocabulary, "--head_final_sparsity", sparsity, "--ffn_final_sparsity",
                    sparsity, "--final_sparsity", sparsity, "--drop_layers", drop, *epochs, "--output_dir", folder, stream=True)
         model = ModelRuntime(folder, spinning=False)
@@ -212,9 +213,10 @@ def main() -> None:
 
     depth_winners = []
     for drop in sorted(config.drop_layers):
-        index = bisect_ladder(len(ladder), lambda index: try_candidate(drop, index), out_of_time)
-        if index is not None and (drop, index) in candidates:  # a candidate left untrained cannot be a winner
-            depth_winners.append(candidates[(drop, index)])
+        bisect_ladder(len(ladder), lambda index: try_candidate(drop, index), out_of_time)
+        winner = depth_winner(candidates, drop)
+        if winner is not None:
+            depth_winners.append(winner)
     tried = [candidates[key] for key in sorted(candidates)]
     record = {"target_retention": config.target_retention, "optimize": config.optimize, "gate_z": config.gate_z,
               "budgets": {"max_latency_ms": config.max_latency_ms, "max_size_mb": config.max_size_mb},
@@ -359,19 +361,20 @@ def deliver(files: list[dict], config: CompressConfig, record: dict, work: Path)
     """The file chosen for --optimize; the record also names what the other objective would deliver from the same
     gated files (the search before them does not depend on the objective at one depth)."""
     record["by_objective"] = {}
+    choices = {}
     for objective in OBJECTIVES:
         try:
-            chosen, _ = choose_file(files, objective, config.max_latency_ms, config.max_size_mb)
-        except ValueError:
-            chosen = None
-        record["by_objective"][objective] = None if chosen is None else {
-            key: chosen[key] for key in ("name", "latency_ms", "size_mb", "retention") if key in chosen}
-    try:
-        return choose_file(files, config.optimize, config.max_latency_ms, config.max_size_mb)
-    except ValueError:
+            choices[objective] = choose_file(files, objective, config.max_latency_ms, config.max_size_mb)
+        except ValueError as error:
+            choices[objective] = error
+        chosen = choices[objective]
+        record["by_objective"][objective] = None if isinstance(chosen, ValueError) else {
+            key: chosen[0][key] for key in ("name", "latency_ms", "size_mb", "retention") if key in chosen[0]}
+    if isinstance(choices[config.optimize], ValueError):
         record["status"] = "no file keeps the target within the budgets"
         write_trace(work, record)
-        raise
+        raise choices[config.optimize]
+    return choices[config.optimize]
 
 
 def write_trace(work: Path, record: dict) -> None:

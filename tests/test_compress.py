@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from common import stages
-from common.search import bisect_ladder, choose_file, eight_bit_ladder, expected_latency, retention_gate
+from common.search import bisect_ladder, choose_file, depth_winner, eight_bit_ladder, expected_latency, retention_gate
 from conftest import PROJECT_ROOT, make_pretrained_folder, run_stage, write_reviews_csv
 
 
@@ -47,6 +47,23 @@ def test_bisection_finds_the_most_compressed_passing_candidate_in_log_time():
             assert found == (None if last_passing < 0 else last_passing)
             assert len(calls) == len(set(calls)) <= math.ceil(math.log2(count + 1))
     assert bisect_ladder(5, lambda index: True, out_of_time=lambda: True) is None  # no time: nothing tried
+
+
+def test_a_depth_whose_most_compressed_index_was_skipped_still_delivers_its_best_trained_candidate():
+    # The latency search skips training a candidate predicted too slow to win and counts it as passing, so the
+    # bisection can end on an index that was never trained; the depth's winner is then its best trained one.
+    trained = {}
+
+    def passes(index):
+        if index == 2:
+            return True  # skipped: predicted slower than the fastest passing candidate
+        trained[(0, index)] = {"sparsity": index / 4, "passes": index <= 1}
+        return trained[(0, index)]["passes"]
+
+    assert bisect_ladder(3, passes) == 2 and (0, 2) not in trained
+    assert depth_winner(trained, 0) is trained[(0, 1)]
+    trained[(1, 0)] = {"sparsity": 0.0, "passes": False}
+    assert depth_winner(trained, 1) is None and depth_winner({}, 0) is None
 
 
 def entry(name, passes, latency, size, retention=0.995):
@@ -139,8 +156,8 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert "Unpruned student, for reference: retention" in (work / "search.md").read_text()
     assert Path(record["latency_table"]["path"]).is_file() and not record["latency_table"]["cached"]
     assert all(c["predicted_int8_latency_ms"] > 0 for c in record["candidates"])
-    tried = [c["sparsity"] for c in record["candidates"]]
-    assert tried[0] == 0.5 and len(tried) <= 2  # bisection starts in the middle of the ladder
+    first = min(record["candidates"], key=lambda c: c["seconds_since_start"])
+    assert first["sparsity"] == 0.5 and len(record["candidates"]) <= 2  # bisection starts in the middle of the ladder
     assert record["winner"]["sparsity"] == max(c["sparsity"] for c in record["candidates"] if c["passes"])
     mixed = record["mixed_precision"]  # all-4-bit judged by the gate; 8-bit Linears searched only when it fails
     assert mixed["all_4bit"]["passes"] or mixed["tried"]
