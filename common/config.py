@@ -777,6 +777,24 @@ class VocabularyBenchmarkConfig:
 
 
 @dataclass
+class CompressSummaryConfig:
+    """scripts/compress_summary.py: test accuracy of what compress.py delivered, and its spread over runs (seeds)."""
+
+    runs: list[str] = _field([], "results/compress/<run_id> folders (or their search.json) to summarize. Default: every "
+                                 "run in results/compress/ that delivered.")
+    output_name: str = _field("compress_summary", "Writes results/<output_name>.json and .md.")
+
+    def __post_init__(self) -> None:
+        for run in self.runs:
+            path = Path(run).expanduser()
+            if not (path if path.suffix == ".json" else path / "search.json").is_file():
+                raise FileNotFoundError(f"runs: {run!r} is not a compress.py run: pass results/compress/<run_id> "
+                                        "folders or their search.json, or leave --runs out to use every delivered run.")
+        if not self.output_name or "/" in self.output_name:
+            raise ValueError(f"output_name={self.output_name!r} must be a plain file name, e.g. compress_summary.")
+
+
+@dataclass
 class SensitivityConfig(ImportanceFields):
     """Fields of scripts/sensitivity.py (per-layer pruning sensitivity, no fine-tuning)."""
 

@@ -5,6 +5,7 @@ the pruned checkpoint it evaluates (the record is kept in that checkpoint's ``co
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 
 def candidate_name(entry: dict) -> str:
@@ -82,3 +83,36 @@ def plot_search(record: dict, path: Path) -> None:
     axis.legend()
     figure.savefig(path, dpi=130, format="png")
     plt.close(figure)
+
+
+def seed_spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation, min and max of one measure over runs (seeds); std is None for one run."""
+    if not values:
+        raise ValueError("no runs to summarize")
+    mean = sum(values) / len(values)
+    std = None if len(values) < 2 else (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return {"runs": len(values), "mean": mean, "std": std, "min": min(values), "max": max(values)}
+
+
+def summary_markdown(rows: list[dict], spread: dict) -> str:
+    """The per-run table of what each objective delivered (test accuracy measured afterwards) and the spread over runs."""
+    lines = ["| Run | Seed | Objective | File | Validation retention | Test acc. (% of teacher) | Latency ms (× teacher) | Size MB (× smaller) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        speedup = f" ({row['speedup_vs_teacher']:.1f}×)" if row.get("speedup_vs_teacher") else ""
+        lines.append(f"| {row['run']} | {row['seed']} | {row['objective']} | {row['name']} | {100 * row['validation_retention']:.2f}% | "
+                     f"{100 * row['test_accuracy']:.2f}% ({100 * row['test_retention']:.2f}%) | {row['latency_ms']:.1f}{speedup} | "
+                     f"{row['size_mb']:.2f} ({row['times_smaller']:.1f}×) |")
+    lines += ["", "| Objective | Runs | Test retention, mean ± std [min–max] | × faster than the torch teacher | × smaller than the teacher's checkpoint |",
+              "|---|---|---|---|---|"]
+
+    def cell(stats: Optional[dict], scale: float = 1.0, unit: str = "") -> str:
+        if stats is None:
+            return "n/a"
+        std = "" if stats["std"] is None else f" ± {scale * stats['std']:.2f}"
+        return f"{scale * stats['mean']:.2f}{unit}{std} [{scale * stats['min']:.2f}–{scale * stats['max']:.2f}]"
+
+    for objective, stats in spread.items():
+        lines.append(f"| {objective} | {stats['test_retention']['runs']} | {cell(stats['test_retention'], 100, '%')} | "
+                     f"{cell(stats['speedup_vs_teacher'])} | {cell(stats['times_smaller'])} |")
+    return "\n".join(lines) + "\n"

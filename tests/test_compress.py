@@ -14,6 +14,7 @@ import pytest
 
 from common import stages
 from common.search import bisect_ladder, choose_file, depth_winner, eight_bit_ladder, expected_latency, retention_gate
+from common.search_trace import seed_spread, summary_markdown
 from conftest import PROJECT_ROOT, make_pretrained_folder, run_stage, write_reviews_csv
 
 
@@ -179,6 +180,19 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert Path(record["published"]).parent == results / "pruned"
     assert published["search"]["winner"] == record["winner"] and published["search"]["target_retention"] == 0.5
 
+    summary = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "compress_summary.py")], cwd=PROJECT_ROOT,
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    result = json.loads((results / "compress_summary.json").read_text())
+    rows = {row["objective"]: row for row in result["rows"]}
+    assert set(rows) == {"latency", "size"} and rows["latency"]["name"] == delivered["name"] and rows["latency"]["delivered"]
+    assert rows["size"]["name"] == record["by_objective"]["size"]["name"]
+    for row in rows.values():
+        assert 0 < row["test_accuracy"] <= 1 and row["test_retention"] == pytest.approx(row["test_accuracy"] / row["teacher_test_accuracy"])
+        assert row["times_smaller"] == pytest.approx(row["teacher_size_mb"] / row["size_mb"]) and row["times_smaller"] > 1
+    assert result["spread"]["size"]["test_retention"]["runs"] == 1 and result["spread"]["size"]["test_retention"]["std"] is None
+    assert "| size | 1 | " in (results / "compress_summary.md").read_text()
+
     pruned_before = sorted(p.name for p in (results / "pruned").iterdir())
     refused = compress("--sparsities", 0.5, "--target_retention", 1.0, "--gate_z", 5, "--finish", "false")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
@@ -202,6 +216,38 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert sorted(p.name for p in (results / "pruned").iterdir()) == pruned_before, "nothing was published"
     statuses = sorted(json.loads((w / "search.json").read_text())["status"] for w in (results / "compress").iterdir())
     assert statuses == ["delivered", "no candidate keeps the target", "no file keeps the target within the budgets"]
+    [refused_run] = [w for w in (results / "compress").iterdir() if "no candidate" in (w / "search.json").read_text()]
+    not_delivered = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "compress_summary.py"), "--runs", str(refused_run)],
+                                   cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert not_delivered.returncode == 2 and "Traceback" not in not_delivered.stderr
+    assert f"these did not: {refused_run.name} (no candidate keeps the target)" in not_delivered.stderr
+
+
+def test_the_spread_over_runs_is_mean_sample_std_min_and_max():
+    stats = seed_spread([0.99, 1.0, 0.995])
+    assert stats["runs"] == 3 and stats["mean"] == pytest.approx(0.995) and stats["std"] == pytest.approx(0.005)
+    assert (stats["min"], stats["max"]) == (0.99, 1.0) and seed_spread([2.0])["std"] is None
+    with pytest.raises(ValueError, match="no runs"):
+        seed_spread([])
+    row = {"run": "r1", "seed": 1, "objective": "size", "name": "onnx_4bit/x/model.onnx", "validation_retention": 0.996,
+           "test_accuracy": 0.8424, "test_retention": 0.9926, "latency_ms": 91.07, "speedup_vs_teacher": 2.4,
+           "size_mb": 5.27, "times_smaller": 17.2}
+    markdown = summary_markdown([row], {"size": {"test_retention": seed_spread([0.9926]), "speedup_vs_teacher": None,
+                                                 "times_smaller": seed_spread([17.2])}})
+    assert "| r1 | 1 | size | onnx_4bit/x/model.onnx | 99.60% | 84.24% (99.26%) | 91.1 (2.4×) | 5.27 (17.2×) |" in markdown
+    assert "| size | 1 | 99.26% [99.26–99.26] | n/a | 17.20 [17.20–17.20] |" in markdown
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--runs", "nowhere"], "runs: 'nowhere' is not a compress.py run"),
+    ([], "No compress.py run that delivered a file in"),
+])
+def test_the_summary_refuses_runs_it_cannot_read(tmp_path, args, message):
+    env = {**os.environ, "COMPRESSION_RESULTS_DIR": str(tmp_path / "results"), "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "compress_summary.py"), *args], cwd=PROJECT_ROOT,
+                               env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2 and message in completed.stderr and "Traceback" not in completed.stderr
+    assert not (tmp_path / "results" / "compress_summary.json").exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,0 +1,115 @@
+"""What compress.py delivered, measured on test, and its spread over runs (e.g. seeds of the compression stages).
+
+The search chooses on validation only; this tool measures afterwards, on the test split, the file each objective
+picked in each run (the delivered file and the one ``by_objective`` names for the other objective), against the
+run's own teacher, and gives mean ± standard deviation [min–max] over the runs of test retention, speed-up against the
+torch teacher (from the run's own interleaved rounds) and size reduction against the teacher's checkpoint.
+
+Reads:  results/compress/<run_id>/search.json of every run that delivered (or --runs), the checkpoints and exported
+        files they name, and the test split of the data flags each run was made with (its record keeps them).
+Writes: results/compress_summary.json and .md (--output_name), and the tables on stdout.
+
+Run as:
+    python scripts/compress_summary.py
+    python scripts/compress_summary.py --runs results/compress/<run_id> results/compress/<run_id>
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from common import parse_config  # noqa: E402
+from common.config import CompressSummaryConfig, DataConfig  # noqa: E402
+from common.lifecycle import run_tool  # noqa: E402
+
+
+def delivered_runs(config: CompressSummaryConfig) -> list[tuple[Path, dict]]:
+    """(search.json, record) of the runs to summarize, oldest first; refuses runs that did not deliver."""
+    from common.checkpoints import results_root
+
+    if config.runs:
+        paths = [Path(run).expanduser() for run in config.runs]
+        paths = [path if path.suffix == ".json" else path / "search.json" for path in paths]
+    else:
+        paths = sorted((results_root() / "compress").glob("*/search.json"))
+    runs = [(path, json.loads(path.read_text())) for path in paths]
+    if config.runs:
+        refused = [f"{path.parent.name} ({record.get('status')})" for path, record in runs if record.get("status") != "delivered"]
+        if refused:
+            raise ValueError(f"Only runs that delivered a file can be summarized; these did not: {', '.join(refused)}. "
+                             "Leave them out of --runs.")
+    runs = [(path, record) for path, record in runs if record.get("status") == "delivered"]
+    if not runs:
+        raise FileNotFoundError(f"No compress.py run that delivered a file in {results_root() / 'compress'}. Run "
+                                "`python scripts/compress.py` first.")
+    for path, record in runs:
+        named = [record["teacher"]] + [entry["folder"] for entry in record["files"]]
+        missing = [folder for folder in named if not Path(folder).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{path} names {missing[0]}, which no longer exists; summarize only runs whose "
+                                    "checkpoints are still there.")
+    return runs
+
+
+def main() -> None:
+    (config,) = parse_config(CompressSummaryConfig)
+    runs = delivered_runs(config)
+    from common.checkpoints import results_root, write_json
+    from common.data import load_splits
+    from common.evaluation import accuracy
+    from common.experiments import split_loader
+    from common.runtime import ModelRuntime
+    from common.search_trace import seed_spread, summary_markdown
+
+    splits: dict[tuple, object] = {}
+    rows = []
+    for path, record in runs:
+        flags = tuple(record.get("data_flags", []))
+        (data_config,) = parse_config(DataConfig, args=list(flags))
+        if flags not in splits:
+            splits[flags] = load_splits(data_config)
+        test = splits[flags].test
+
+        def test_accuracy(folder: Path, name=None) -> tuple[float, ModelRuntime]:
+            model = ModelRuntime(folder, name, spinning=False, num_threads=2)
+            return accuracy(*model.logits(split_loader(folder, test, data_config.max_length))), model
+
+        teacher_accuracy, teacher = test_accuracy(Path(record["teacher"]))
+        files = {entry["name"]: entry for entry in record["files"]}
+        print(f"{path.parent.name}: teacher {record['teacher']} test accuracy {teacher_accuracy:.4f}", flush=True)
+        for objective, chosen in record["by_objective"].items():
+            if chosen is None:
+                continue
+            entry = files[chosen["name"]]
+            file_accuracy, _ = test_accuracy(Path(entry["folder"]), entry.get("file"))
+            rows.append({"run": path.parent.name, "seed": record.get("seed"), "objective": objective,
+                         "delivered": chosen["name"] == record["delivered"]["name"], "name": chosen["name"],
+                         "validation_retention": entry["retention"], "test_accuracy": file_accuracy,
+                         "teacher_test_accuracy": teacher_accuracy, "test_retention": file_accuracy / teacher_accuracy,
+                         "latency_ms": entry["latency_ms"], "speedup_vs_teacher": entry.get("speedup_vs_teacher"),
+                         "size_mb": entry["size_mb"], "teacher_size_mb": teacher.size_bytes / 1e6,
+                         "times_smaller": teacher.size_bytes / 1e6 / entry["size_mb"]})
+            print(f"  {objective}: {chosen['name']} test {file_accuracy:.4f} ({100 * rows[-1]['test_retention']:.2f}% of "
+                  f"the teacher)", flush=True)
+    spread = {}
+    for objective in dict.fromkeys(row["objective"] for row in rows):
+        mine = [row for row in rows if row["objective"] == objective]
+        speedups = [row["speedup_vs_teacher"] for row in mine if row["speedup_vs_teacher"]]
+        spread[objective] = {"test_retention": seed_spread([row["test_retention"] for row in mine]),
+                             "speedup_vs_teacher": seed_spread(speedups) if speedups else None,
+                             "times_smaller": seed_spread([row["times_smaller"] for row in mine])}
+    markdown = summary_markdown(rows, spread)
+    output = results_root() / config.output_name
+    write_json(output.with_suffix(".json"), {"runs": [str(path) for path, _ in runs], "rows": rows, "spread": spread})
+    output.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    print(f"Summary: {output.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    run_tool(main)
