@@ -157,7 +157,14 @@ def quantize_int8(xml_path: Path, target: Path, batches: list[dict], subset_size
     quantized = nncf.quantize(model, nncf.Dataset(batches), model_type=nncf.ModelType.TRANSFORMER,
                               subset_size=subset_size)
     ov.save_model(quantized, str(target), compress_to_fp16=False)
-    return {"method": "nncf_ptq_int8", "model_type": "transformer", "subset_size": subset_size}
+    return {"method": "nncf_ptq_int8", "model_type": "transformer", "subset_size": subset_size,
+            "fake_quantize_ops": _fake_quantize_ops(quantized)}
+
+
+def _fake_quantize_ops(model) -> int:
+    """The int8 quantizers left in a quantized model: the accuracy-aware mode's count below the plain one's is the
+    layers it sent back to float."""
+    return sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
 
 
 def quantize_int8_with_accuracy_control(xml_path: Path, target: Path, batches: list[dict], subset_size: int,
@@ -184,7 +191,8 @@ def quantize_int8_with_accuracy_control(xml_path: Path, target: Path, batches: l
     )
     ov.save_model(quantized, str(target), compress_to_fp16=False)
     return {"method": "nncf_accuracy_control_int8", "model_type": "transformer", "subset_size": subset_size,
-            "max_drop_points": max_drop_points, "validation_batches": len(validation)}
+            "max_drop_points": max_drop_points, "validation_batches": len(validation),
+            "fake_quantize_ops": _fake_quantize_ops(quantized)}
 
 
 def compress_weights_4bit(xml_path: Path, target: Path, mode: str, group_size: int) -> dict:

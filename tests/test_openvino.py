@@ -52,7 +52,7 @@ def test_nncf_int8_and_4bit_weights_stay_close_to_the_float_model(uneven_onnx):
     float_model = OpenVinoClassifier(folder / "model.xml", precision="f32")
     reference = float_model.logits(batch)
     record = quantize_int8(folder / "model.xml", folder / "int8.xml", [float_model.feeds(batch)] * 4, 4)
-    assert record["method"] == "nncf_ptq_int8"
+    assert record["method"] == "nncf_ptq_int8" and record["fake_quantize_ops"] > 0
     int8 = OpenVinoClassifier(folder / "int8.xml", precision="f32").logits(batch)
     assert np.abs(int8 - reference).max() < 0.05
     compress_weights_4bit(folder / "model.xml", folder / "nf4.xml", "nf4", 64)
@@ -93,3 +93,5 @@ def test_nncf_accuracy_aware_int8_keeps_the_validation_drop_within_its_bound(une
     assert record["method"] == "nncf_accuracy_control_int8" and record["max_drop_points"] == 0.0
     aware = OpenVinoClassifier(folder / "aware.xml", precision="f32").logits(batch)
     assert (aware.argmax(-1) == labels).all()  # no drop allowed, none left
+    plain = quantize_int8(folder / "model.xml", folder / "plain.xml", [feeds] * 4, 4)
+    assert 0 <= record["fake_quantize_ops"] <= plain["fake_quantize_ops"]  # layers sent back to float lose theirs
