@@ -25,7 +25,8 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
 Writes: results/latency_tables/<key>.json (once per machine and architecture), results/compress/<run_id>/search.json (target, gate, every candidate and file with its validation accuracy,
         retention, margin, size and latency, the winner and why, wall time), search.md and search.png (the trace);
         the winner's compression.json gets the same record under "search". Refuses with the closest candidate or file
-        when nothing keeps the target or fits the budgets.
+        when nothing keeps the target or fits the budgets. The search never reads the test split; afterwards
+        scripts/compress_summary.py measures on test what each objective picked, over runs (seeds).
 
 Run as:
     make compress
