@@ -37,9 +37,10 @@ def split_loader(folder: Path, split, max_length: int):
     return make_loader(tokenize_dataset(split, tokenizer, max_length), tokenizer, 64, shuffle=False)
 
 
-def test_accuracy(folder: Path, data, max_length: int) -> tuple[float, ModelRuntime]:
-    """Accuracy of a checkpoint on the test split, and the loaded model (for timing or counting)."""
-    model = ModelRuntime(folder, spinning=False)
+def test_accuracy(folder: Path, data, max_length: int, onnx_file: str | None = None) -> tuple[float, ModelRuntime]:
+    """Accuracy of a checkpoint (or of its ``onnx_file``: an ONNX file or OpenVINO IR of an export folder) on the test
+    split, and the loaded model (for timing or counting)."""
+    model = ModelRuntime(folder, onnx_file, spinning=False)
     return accuracy(*model.logits(split_loader(folder, data.test, max_length))), model
 
 

@@ -61,32 +61,28 @@ def main() -> None:
     runs = delivered_runs(config)
     from common.checkpoints import results_root, write_json
     from common.data import load_splits
-    from common.evaluation import accuracy
-    from common.experiments import split_loader
-    from common.runtime import ModelRuntime
+    from common.experiments import test_accuracy
     from common.search_trace import seed_spread, summary_markdown
 
     splits: dict[tuple, object] = {}
+    teachers: dict[tuple, tuple] = {}  # seeds of one teacher share it: measure it once
     rows = []
     for path, record in runs:
         flags = tuple(record.get("data_flags", []))
         (data_config,) = parse_config(DataConfig, args=list(flags))
         if flags not in splits:
             splits[flags] = load_splits(data_config)
-        test = splits[flags].test
-
-        def test_accuracy(folder: Path, name=None) -> tuple[float, ModelRuntime]:
-            model = ModelRuntime(folder, name, spinning=False, num_threads=2)
-            return accuracy(*model.logits(split_loader(folder, test, data_config.max_length))), model
-
-        teacher_accuracy, teacher = test_accuracy(Path(record["teacher"]))
+        data = splits[flags]
+        if (record["teacher"], flags) not in teachers:
+            teachers[record["teacher"], flags] = test_accuracy(Path(record["teacher"]), data, data_config.max_length)
+        teacher_accuracy, teacher = teachers[record["teacher"], flags]
         files = {entry["name"]: entry for entry in record["files"]}
         print(f"{path.parent.name}: teacher {record['teacher']} test accuracy {teacher_accuracy:.4f}", flush=True)
         for objective, chosen in record["by_objective"].items():
             if chosen is None:
                 continue
             entry = files[chosen["name"]]
-            file_accuracy, _ = test_accuracy(Path(entry["folder"]), entry.get("file"))
+            file_accuracy, _ = test_accuracy(Path(entry["folder"]), data, data_config.max_length, entry.get("file"))
             rows.append({"run": path.parent.name, "seed": record.get("seed"), "objective": objective,
                          "delivered": chosen["name"] == record["delivered"]["name"], "name": chosen["name"],
                          "validation_retention": entry["retention"], "test_accuracy": file_accuracy,

@@ -3,10 +3,7 @@ scripts/compress.py end to end on a tiny model (with its refusals)."""
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,7 @@ import pytest
 from common import stages
 from common.search import bisect_ladder, choose_file, depth_winner, eight_bit_ladder, expected_latency, retention_gate
 from common.search_trace import seed_spread, summary_markdown
-from conftest import PROJECT_ROOT, make_pretrained_folder, run_stage, write_reviews_csv
+from conftest import PROJECT_ROOT, make_pretrained_folder, run_stage, run_stage_unchecked, write_reviews_csv
 
 
 def test_the_gate_passes_by_the_paired_margin_not_by_the_point_estimate():
@@ -138,12 +135,10 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
               "--max_eval_samples", "48"]
     run_stage("1_train_teacher.py", results, "--model_name_or_path", folder, "--batch_size", 16, *common)
     run_stage("2_distill_student.py", results, "--batch_size", 16, *common)
-    env = {**os.environ, "COMPRESSION_RESULTS_DIR": str(results), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
     def compress(*args):
-        command = [sys.executable, str(PROJECT_ROOT / "scripts" / "compress.py"), *common, "--latency_rounds", "2",
-                   "--latency_batch_size", "4", "--latency_seq_length", "16", *map(str, args)]
-        return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        return run_stage_unchecked("scripts/compress.py", results, *common, "--latency_rounds", "2", "--latency_batch_size",
+                                   "4", "--latency_seq_length", "16", *args, timeout=1200)
 
     completed = compress("--sparsities", 0.25, 0.5, 0.75, "--target_retention", 0.5, "--gate_z", 0, "--seed", 7)
     assert completed.returncode == 0, completed.stderr[-4000:]
@@ -180,8 +175,7 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert Path(record["published"]).parent == results / "pruned"
     assert published["search"]["winner"] == record["winner"] and published["search"]["target_retention"] == 0.5
 
-    summary = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "compress_summary.py")], cwd=PROJECT_ROOT,
-                             env=env, capture_output=True, text=True, timeout=600)
+    summary = run_stage_unchecked("scripts/compress_summary.py", results)
     assert summary.returncode == 0, summary.stderr[-3000:]
     result = json.loads((results / "compress_summary.json").read_text())
     rows = {row["objective"]: row for row in result["rows"]}
@@ -217,8 +211,7 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     statuses = sorted(json.loads((w / "search.json").read_text())["status"] for w in (results / "compress").iterdir())
     assert statuses == ["delivered", "no candidate keeps the target", "no file keeps the target within the budgets"]
     [refused_run] = [w for w in (results / "compress").iterdir() if "no candidate" in (w / "search.json").read_text()]
-    not_delivered = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "compress_summary.py"), "--runs", str(refused_run)],
-                                   cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    not_delivered = run_stage_unchecked("scripts/compress_summary.py", results, "--runs", refused_run)
     assert not_delivered.returncode == 2 and "Traceback" not in not_delivered.stderr
     assert f"these did not: {refused_run.name} (no candidate keeps the target)" in not_delivered.stderr
 
@@ -243,9 +236,7 @@ def test_the_spread_over_runs_is_mean_sample_std_min_and_max():
     ([], "No compress.py run that delivered a file in"),
 ])
 def test_the_summary_refuses_runs_it_cannot_read(tmp_path, args, message):
-    env = {**os.environ, "COMPRESSION_RESULTS_DIR": str(tmp_path / "results"), "HF_HUB_OFFLINE": "1"}
-    completed = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "compress_summary.py"), *args], cwd=PROJECT_ROOT,
-                               env=env, capture_output=True, text=True, timeout=300)
+    completed = run_stage_unchecked("scripts/compress_summary.py", tmp_path / "results", *args)
     assert completed.returncode == 2 and message in completed.stderr and "Traceback" not in completed.stderr
     assert not (tmp_path / "results" / "compress_summary.json").exists()
 
@@ -261,8 +252,6 @@ def test_the_summary_refuses_runs_it_cannot_read(tmp_path, args, message):
     ([], "Run `python 1_train_teacher.py` first"),  # valid flags, but no teacher to compress toward
 ])
 def test_compress_refuses_bad_targets_before_any_work(tmp_path, args, message):
-    env = {**os.environ, "COMPRESSION_RESULTS_DIR": str(tmp_path / "results"), "HF_HUB_OFFLINE": "1"}
-    completed = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "compress.py"), *args], cwd=PROJECT_ROOT,
-                               env=env, capture_output=True, text=True, timeout=300)
+    completed = run_stage_unchecked("scripts/compress.py", tmp_path / "results", *args)
     assert completed.returncode == 2 and message in completed.stderr and "Traceback" not in completed.stderr
     assert not (tmp_path / "results" / "compress").exists()
