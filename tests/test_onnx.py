@@ -447,3 +447,44 @@ def test_attention_fuses_in_onnx_runtime_with_uneven_heads_per_layer(tokenizer, 
     fused = OnnxClassifier(tmp_path / "fused.onnx").logits(batch)
     np.testing.assert_allclose(plain, expected, atol=1e-5)
     np.testing.assert_allclose(fused, plain, atol=1e-5)
+
+
+def test_double_quantized_absmax_is_stored_in_8_bits_and_decodes_to_the_trained_values_bit_for_bit(tokenizer, tmp_path):
+    """The 4-bit files store bitsandbytes' nested absmax (8-bit codes, one shared codebook, a scale per 256 blocks),
+    decoded by constant ops: the same float32 values as bitsandbytes, whether or not ONNX Runtime folds them."""
+    import onnxruntime as ort
+    from bitsandbytes.functional import dequantize_blockwise
+    from onnx import TensorProto, helper
+
+    from common.onnx_quantized import _absmax_nodes
+
+    model = pruned_model(tiny_bert_config(layers=2, hidden=128, heads=4, ffn=320))
+    quantized, weights, _, names, exported = four_bit_export(model, tokenizer, tmp_path)
+    states = [quantized.get_submodule(name).weight.quant_state for name in weights]
+    # several groups of 256 blocks, the last one padded
+    state = next(s for s in states if s.absmax.numel() > s.state2.blocksize and s.absmax.numel() % s.state2.blocksize)
+    assert state.nested
+    expected = (dequantize_blockwise(state.absmax, state.state2) + state.offset).numpy()
+    nodes, initializers, output = _absmax_nodes("layer", state)
+    graph = helper.make_graph(nodes, "absmax", [], [helper.make_tensor_value_info(output, TensorProto.FLOAT, [state.absmax.numel()])],
+                              initializer=initializers)
+    decoder = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    save_onnx(decoder, tmp_path / "absmax.onnx")
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        decoded = ort.InferenceSession(str(tmp_path / "absmax.onnx"), options).run(None, {})[0]
+        np.testing.assert_array_equal(decoded, expected)
+
+    use_bnb4_codes(exported, quantized, weights)
+    save_onnx(exported, tmp_path / "bnb4.onnx")
+    stored = {tensor.name: tensor for tensor in exported.graph.initializer}
+    codebooks = [name for name in stored if name.startswith("bnb4.absmax_codebook.")]
+    assert len(codebooks) == 1, codebooks
+    for name in weights:
+        blocks = quantized.get_submodule(name).weight.quant_state.absmax.numel()
+        assert stored[f"{name}.absmax.codes"].data_type == TensorProto.UINT8
+        assert not any(t.data_type == TensorProto.FLOAT and int(np.prod(t.dims)) == blocks for t in stored.values()
+                       if t.name.startswith(name + ".")), f"{name}: float32 absmax stored"
+    expected_logits, batch = torch_logits(quantized, tokenizer, TEXTS, names)
+    np.testing.assert_allclose(OnnxClassifier(tmp_path / "bnb4.onnx").logits(batch), expected_logits, atol=1e-4, rtol=0)
