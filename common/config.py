@@ -12,6 +12,7 @@ that the whole pipeline runs in a few minutes. Unknown keys are errors, never si
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -1108,6 +1109,9 @@ def parse_config(*config_types: type, args: Optional[list[str]] = None) -> tuple
     argv = _rename_flags(list(sys.argv[1:] if args is None else args), config_types)
     parser = HfArgumentParser(config_types)
     parser.allow_abbrev = False  # '--num_epoch' must be an error, not silently '--num_epochs'
+    for action in parser._actions:  # argparse %-formats help text: "95%" would crash --help
+        if action.help and action.help is not argparse.SUPPRESS and action.dest != "help":
+            action.help = action.help.replace("%", "%%")
     known = {f.name for config_type in config_types for f in dataclasses.fields(config_type)}
     explicit: set[str] = set()
     if "--config" in argv:

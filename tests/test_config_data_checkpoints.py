@@ -185,3 +185,24 @@ def test_stage_10_reads_its_earlier_beta_flags_and_json_keys_as_the_shared_disti
     assert from_file.alpha_hidden == 0.5
     with pytest.raises(ValueError, match="alpha_attention are all 0"):
         parse_config(DataConfig, QATKDConfig, args=["--beta_ce", "0", "--beta_logits", "0", "--beta_hidden", "0"])
+
+
+def test_every_config_prints_its_help_even_with_percent_signs_in_it(capsys):
+    """argparse %-formats help text: a help string saying "95%" crashed ``compress.py --help`` with a traceback."""
+    import dataclasses
+
+    from common import config as config_module
+
+    config_types = [value for value in vars(config_module).values()
+                    if isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == config_module.__name__
+                    and any("help" in f.metadata for f in dataclasses.fields(value))]
+    assert len(config_types) > 10
+    percent_seen = False
+    for config_type in config_types:
+        with pytest.raises(SystemExit) as stop:
+            parse_config(config_type, args=["--help"])
+        assert stop.value.code == 0, config_type.__name__
+        printed = capsys.readouterr().out
+        assert "usage:" in printed, config_type.__name__
+        percent_seen |= "95%" in printed
+    assert percent_seen, "no help text with a percent sign was printed; the regression is not exercised"
