@@ -26,8 +26,6 @@ Run as:
 
 import itertools
 
-import torch
-
 from common import DataConfig, QATKDConfig, stages
 from common.data import build_loaders
 from common.distillation import distillation_for
@@ -49,6 +47,7 @@ from common.quantization import (
     strip_fake_quantization,
 )
 from common.training import train
+from common.vocabulary import teacher_token_ids
 
 ERROR_BATCHES = 4  # validation batches of the per-layer quantization error
 
@@ -61,21 +60,6 @@ def resolve_teacher(config: QATKDConfig, label_names, pruned_folder, data_config
     return resolve_stage_checkpoint("teacher", config.teacher_model_path, label_names, data_config, allowed)[0]
 
 
-def teacher_token_ids(student_tokenizer, teacher_folder, pruned_record):
-    """None when teacher and student share a vocabulary, else the student-id -> teacher-id table."""
-    teacher_vocab = load_checkpoint_tokenizer(teacher_folder).get_vocab()
-    if student_tokenizer.get_vocab() == teacher_vocab:
-        return None
-    kept = ((pruned_record.get("pruning") or {}).get("vocabulary") or {}).get("kept_token_ids")
-    id_to_token = {index: token for token, index in student_tokenizer.get_vocab().items()}
-    if kept is None or any(teacher_vocab.get(id_to_token[new]) != old for new, old in enumerate(kept)):
-        raise ValueError(
-            f"The teacher {teacher_folder} uses another vocabulary than the pruned model and no token map links them. "
-            f"Use --teacher pruned, or a teacher with the student's tokenizer."
-        )
-    return torch.tensor(kept)
-
-
 def main(data_config: DataConfig, config: QATKDConfig) -> None:
     run = start_stage("qkd_4bit", data_config, config, training=True)
     data = run.data
@@ -83,7 +67,8 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
     teacher_folder = resolve_teacher(config, data.label_names, pruned_folder, data_config)
     # refused before any model loads: a teacher with an unrelated vocabulary, a budget below the all-4-bit size
     tokenizer = load_checkpoint_tokenizer(pruned_folder)
-    token_map = teacher_token_ids(tokenizer, teacher_folder, pruned_record)
+    kept = ((pruned_record.get("pruning") or {}).get("vocabulary") or {}).get("kept_token_ids")
+    token_map = teacher_token_ids(tokenizer, load_checkpoint_tokenizer(teacher_folder), kept, str(teacher_folder))
     if config.keeps_8bit_layers:
         check_mixed_precision(model_skeleton(pruned_folder), config)
     run.resume({"pruned": pruned_folder, "teacher": teacher_folder})

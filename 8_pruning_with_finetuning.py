@@ -6,7 +6,8 @@ Does:   optionally drops whole encoder layers first (--drop_layers: those whose 
         predictions least), then fine-tunes with alpha_ce*CE + alpha_kd*KL*T^2 (+ alpha_hidden*MSE) while a StructuralPruner raises the
         sparsity of attention heads and FFN neurons along a cubic schedule (importance_mode l2 / kd_grad /
         l2+kd_grad; uniform or multi-granularity), evaluates the masked model, then removes the pruned
-        structures physically. Optionally prunes the vocabulary to the tokens of the training split.
+        structures physically. Optionally prunes the vocabulary to the tokens of the training split first
+        (--prune_vocabulary), so the fine-tuning sees the token ids the pruned model will be given.
 Writes: results/pruned/<run_id>/ with the smaller model, its architecture record (heads and FFN width per
         layer) and a pruning summary (sparsity, parameters and validation accuracy before and after).
         While training, per-epoch state (weights, optimizer, RNG, the pruner's masks, importance window and
@@ -46,7 +47,7 @@ from common.pruning import (
     layers_to_drop,
 )
 from common.training import optimizer_steps_per_epoch, train
-from common.vocabulary import prune_vocabulary
+from common.vocabulary import prune_vocabulary, teacher_token_ids, unsupported_reason
 
 
 class PruningHooks:
@@ -83,6 +84,33 @@ def drop_least_important_layers(student, loader, config: PruningConfig, resume_d
     return choice
 
 
+def prune_vocabulary_first(student, tokenizer, teacher_folder, run, config: PruningConfig):
+    """Slice the student's vocabulary to the training split's tokens before it is fine-tuned: with
+    --vocabulary_min_count > 1 the pruned tokenizer segments some words anew, and pruning after the recovery cost
+    about a point of validation accuracy that the recovery could not win back. Returns (student, tokenizer,
+    summary, the student-id -> teacher-id table the teacher reads the renumbered ids through)."""
+    data, max_length = run.data, run.data_config.max_length
+
+    def validation_accuracy(model, model_tokenizer) -> float:
+        validation = tokenize_dataset(data.validation, model_tokenizer, max_length)
+        return evaluate_accuracy(model, make_loader(validation, model_tokenizer, config.eval_batch_size, shuffle=False))["accuracy"]
+
+    if unsupported_reason(tokenizer) is not None:  # prune_vocabulary says why it keeps the whole table
+        student, tokenizer, summary = prune_vocabulary(student, tokenizer, data, max_length)
+        return student, tokenizer, summary, None
+    full = validation_accuracy(student, tokenizer)
+    student, tokenizer, summary = prune_vocabulary(student, tokenizer, data, max_length, config.vocabulary_extra_tokens,
+                                                   config.vocabulary_min_count)
+    pruned = validation_accuracy(student, tokenizer)
+    summary.update(validation_accuracy_full_vocabulary=full, validation_accuracy_pruned_vocabulary=pruned)
+    print(f"Vocabulary pruned before fine-tuning: {summary['original_vocab_size']} -> {summary['kept_vocab_size']} "
+          f"tokens; validation accuracy {full:.4f} -> "
+          f"{pruned:.4f} before the recovery")
+    token_map = teacher_token_ids(tokenizer, load_checkpoint_tokenizer(teacher_folder), summary.get("kept_token_ids"),
+                                  str(teacher_folder))
+    return student, tokenizer, summary, token_map
+
+
 def main(data_config: DataConfig, config: PruningConfig) -> None:
     run = start_stage("pruned", data_config, config, training=True)
     accelerator, data = run.accelerator, run.data
@@ -95,6 +123,9 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
     teacher, student = load_model(teacher_folder), load_model(student_folder)
     teacher.to(accelerator.device)
     tokenizer = load_checkpoint_tokenizer(student_folder)
+    vocabulary, token_map = None, None
+    if config.prune_vocabulary:  # before fine-tuning, so that the recovery trains on the tokens the model will see
+        student, tokenizer, vocabulary, token_map = prune_vocabulary_first(student, tokenizer, teacher_folder, run, config)
     train_loader, eval_loader = build_loaders(data, tokenizer, data_config, config.batch_size, config.eval_batch_size, config.seed)
 
     parameters_before = count_parameters(student)
@@ -112,7 +143,7 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
     print(f"Pruning {len(pruner.head_groups)} head groups and {len(pruner.ffn_groups)} FFN groups; "
           f"student validation accuracy before: {accuracy_before:.4f}")
 
-    loss, compute_loss = distillation_for(config, student, teacher)
+    loss, compute_loss = distillation_for(config, student, teacher, token_map)
     result = train(
         student, train_loader, eval_loader, config, compute_loss, accelerator,
         hooks=PruningHooks(pruner), keep="last", resume_dir=run.resume_dir, description="prune", extras=loss.extras,
@@ -127,13 +158,6 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
     summary = pruner.summary()
     architecture = pruner.prune_physically()
     pruned_metrics = evaluate_accuracy(student, eval_loader)
-    vocabulary = None
-    if config.prune_vocabulary:
-        student, tokenizer, vocabulary = prune_vocabulary(
-            student, tokenizer, data, data_config.max_length, config.vocabulary_extra_tokens, config.vocabulary_min_count)
-        # the pruned vocabulary renumbers tokens, so only the validation split is tokenized again
-        validation = tokenize_dataset(data.validation, tokenizer, data_config.max_length)
-        pruned_metrics = evaluate_accuracy(student, make_loader(validation, tokenizer, config.eval_batch_size, shuffle=False))
     parameters_after = count_parameters(student)
     summary.update(
         parameters_before=parameters_before,

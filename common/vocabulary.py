@@ -165,3 +165,21 @@ def prune_vocabulary(model: nn.Module, tokenizer, data, max_length: int, extra: 
         summary["coverage"]["validation"], summary["coverage"]["test"],
     )
     return model, new_tokenizer, summary
+
+
+def teacher_token_ids(student_tokenizer, teacher_tokenizer, kept_token_ids: Optional[list[int]],
+                      teacher_name: str) -> Optional[torch.Tensor]:
+    """None when teacher and student share a vocabulary, else the student-id -> teacher-id table of a student whose
+    vocabulary was pruned (``kept_token_ids``, new id -> original id, from ``prune_vocabulary``'s summary).
+    Refuses a teacher whose vocabulary the table does not lead into."""
+    teacher_vocab = teacher_tokenizer.get_vocab()
+    if student_tokenizer.get_vocab() == teacher_vocab:
+        return None
+    id_to_token = {index: token for token, index in student_tokenizer.get_vocab().items()}
+    if kept_token_ids is None or any(teacher_vocab.get(id_to_token[new]) != old for new, old in enumerate(kept_token_ids)):
+        raise ValueError(
+            f"The teacher {teacher_name} uses another vocabulary than the pruned model and no token map links them. "
+            f"Use --teacher pruned, or a teacher with the student's tokenizer."
+        )
+    return torch.tensor(kept_token_ids)
+

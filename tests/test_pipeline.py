@@ -66,6 +66,10 @@ def test_pruned_and_quantized_checkpoints(pipeline_run):
     assert summary["head_sparsity"] == pytest.approx(0.5)
     assert summary["ffn_sparsity"] == pytest.approx(0.5)
     assert summary["parameters_after"] < summary["parameters_before"]
+    # the vocabulary was pruned before the fine-tuning; with every training token kept that changes no prediction
+    vocabulary = summary["vocabulary"]
+    assert vocabulary["validation_accuracy_pruned_vocabulary"] == vocabulary["validation_accuracy_full_vocabulary"]
+    assert summary["validation_accuracy_after"] == summary["validation_accuracy_masked"]
     assert (pruned / "model.safetensors").stat().st_size < (student / "model.safetensors").stat().st_size
     for stage in ("ptq_4bit", "qkd_4bit"):
         folder, record = only_checkpoint(results, stage)

@@ -51,8 +51,17 @@ def test_interrupted_then_resumed_pruning_equals_an_uninterrupted_run(trained):
     root, results, data = trained
     arguments = ["--dataset", data, *COMMON, "--num_epochs", 2, "--batch_size", 8, "--gradient_accumulation_steps", 2,
                  "--pruning_frequency_steps", 2, "--pruning_window_steps", 2, "--pruning_end_fraction", 0.9,
-                 "--drop_layers", 1, "--layer_importance_batches", 2]
+                 "--drop_layers", 1, "--layer_importance_batches", 2, "--vocabulary_min_count", 10]
     (straight, resumed), folders = interrupted_and_straight(root, results, "8_pruning_with_finetuning.py", "pruned", arguments)
+    # the vocabulary is pruned before the fine-tuning (the teacher reads the renumbered ids through the kept-token
+    # table), so the resumed run restores weights of the pruned table's shape, and evaluating after the physical
+    # pruning sees the same tokens as evaluating the masked model did
+    vocabulary = straight["pruning"]["vocabulary"]
+    assert vocabulary["min_count"] == 10 and vocabulary["rare_tokens_dropped"] > 0
+    assert vocabulary["kept_vocab_size"] < vocabulary["original_vocab_size"]
+    assert {"validation_accuracy_full_vocabulary", "validation_accuracy_pruned_vocabulary"} <= set(vocabulary)
+    assert straight["pruning"]["validation_accuracy_after"] == straight["pruning"]["validation_accuracy_masked"]
+    assert resumed["pruning"]["vocabulary"] == vocabulary
     # the 2-layer student loses its less important layer, and the resumed run drops the same one
     assert straight["architecture"]["num_layers"] == 1 and len(straight["pruning"]["layers"]["skip_kl"]) == 2
     assert resumed["pruning"]["layers"] == straight["pruning"]["layers"]

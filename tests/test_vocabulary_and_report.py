@@ -10,7 +10,7 @@ from common.evaluation import classification_metrics
 from common.models import load_checkpoint_tokenizer, load_model, save_checkpoint
 from common.report import build_report, pareto_front
 from common.report_render import write_report
-from common.vocabulary import prune_vocabulary
+from common.vocabulary import prune_vocabulary, teacher_token_ids
 from conftest import tiny_bert_config, tiny_data, tiny_model
 
 
@@ -50,6 +50,23 @@ def test_vocabulary_min_count_drops_the_rare_tokens_and_resegments_their_words(t
     assert summary["coverage"]["test"] == pytest.approx(2 / 4) and every["coverage"]["test"] == 1.0
     with pytest.raises(ValueError, match="vocabulary_min_count=0 must be 1 or more"):
         prune_vocabulary(model, tokenizer, data, max_length=32, min_count=0)
+
+
+def test_a_teacher_reads_the_pruned_students_ids_through_the_kept_token_table(tokenizer):
+    """Stage 8 prunes the vocabulary before fine-tuning and stage 10 may distil from the unpruned teacher: the teacher
+    must see the same pieces the pruned tokenizer produced, under its own ids."""
+    data = tiny_data(["great film and fun story", "great film but dull plot", "boring"], ["great plot", "fun film"])
+    _, pruned_tokenizer, summary = prune_vocabulary(tiny_model(tiny_bert_config()), tokenizer, data, max_length=32, min_count=2)
+    table = teacher_token_ids(pruned_tokenizer, tokenizer, summary["kept_token_ids"], "teacher")
+    ids = pruned_tokenizer("great fun film and plot", return_tensors="pt")["input_ids"][0]
+    assert tokenizer.convert_ids_to_tokens(table[ids].tolist()) == pruned_tokenizer.convert_ids_to_tokens(ids.tolist())
+    assert table[ids].tolist() != ids.tolist()  # renumbered, so the table is needed
+    assert teacher_token_ids(tokenizer, tokenizer, None, "teacher") is None  # one vocabulary: no table
+    shuffled = list(reversed(summary["kept_token_ids"]))
+    with pytest.raises(ValueError, match="The teacher teacher uses another vocabulary than the pruned model"):
+        teacher_token_ids(pruned_tokenizer, tokenizer, shuffled, "teacher")
+    with pytest.raises(ValueError, match="no token map links them"):
+        teacher_token_ids(pruned_tokenizer, tokenizer, None, "teacher")
 
 
 def test_the_vocabulary_benchmark_prunes_copies_by_count_and_evaluates_them(tmp_path, results_dir, tokenizer):
