@@ -520,6 +520,9 @@ def test_predict_needs_pairs_for_a_pair_model_and_a_separator_in_each_text(tmp_p
     ("CompressConfig", {"time_budget_s": 0.0}, "time_budget_s=0.0 must be a positive"),
     ("CompressConfig", {"seed": -3}, r"seed=-3 is out of range"),
     ("CompressConfig", {"vocabulary_min_count": 0}, r"vocabulary_min_count=0 is out of range"),
+    ("CompressSummaryConfig", {"output_name": "../elsewhere/summary"},
+     r"output_name='../elsewhere/summary' must be a plain file name, e.g. compress_summary"),
+    ("CompressSummaryConfig", {"output_name": ""}, "output_name='' must be a plain file name"),
     ("ReportConfig", {"deploy_min_retention": 1.5}, r"deploy_min_retention=1.5 must be a share in \(0, 1\]"),
     ("ReportConfig", {"real_text_examples": -1}, "real_text_examples=-1 is out of range"),
 ])
