@@ -21,7 +21,7 @@ Does:   1. exports the model to ONNX with its per-layer head counts and FFN widt
            (4-bit file size, int8 speed); model_int4_nbits.onnx re-quantizes them to int4 blocks of 32 for
            MatMulNBits with int8 compute (weights stay 4-bit in memory; embeddings in one GatherBlockQuantized).
            The other float weights of these files (position table, pooler) are stored in int8 rows
-           (--int8_leftovers).
+           (--int8_leftovers); --max_positions keeps only the position rows sequences up to that length use.
         5. chooses each folder's deployment model by accuracy and speed: the fastest file in an interleaved benchmark
            (batch 32 x 64) among those within --deployment_tolerance validation points (0.5), or two standard errors
            of the paired difference if larger, of the folder's most accurate file; the latencies and the reason are
@@ -36,6 +36,7 @@ Run as:
     python 12_export_onnx.py
     python 12_export_onnx.py --source_model_path results/teacher/<run_id> --export_4bit false
     python 12_export_onnx.py --calibration_methods minmax entropy --calibration_samples 256
+    python 12_export_onnx.py --max_positions 64    # smaller 4-bit files that take up to 64 tokens (the default --max_length)
 """
 
 import copy
@@ -48,6 +49,7 @@ import numpy as np
 import onnx
 
 from common import DataConfig
+from common.architecture import truncate_positions
 from common.config import OnnxExportConfig
 from common.data import build_loaders, text_inputs
 from common.evaluation import accuracy, predict
@@ -194,6 +196,10 @@ def export_4bit_bundle(run, source: Path, source_record: dict, scratch: Path) ->
     torch_logits, labels = predict(quantized, loader)
     exported = dequantized_linear_weights(quantized)
     plain = dequantize_4bit_model(copy.deepcopy(quantized))
+    positions = None if config.max_positions is None else truncate_positions(plain, config.max_positions)
+    if positions is not None:
+        print(f"Position table cut to the {positions['rows_kept']} of {positions['rows_before']} rows that sequences of "
+              f"up to {config.max_positions} tokens use (--max_positions)")
     names = export_onnx(plain, tokenizer, scratch / "dequantized.onnx", data_config.max_length)
     exact_embeddings = config.embedding_quantization in (
         "none", (source_record.get("embedding_quantization") or {}).get("method", "none"))
@@ -242,7 +248,7 @@ def export_4bit_bundle(run, source: Path, source_record: dict, scratch: Path) ->
     return run.finish(
         write_files=write_files, stage="onnx_4bit", use_output_dir=False, end=False,
         parent=str(source), parent_stage=source_record.get("stage"), inputs=names,
-        architecture=architecture_record(plain), parameters=count_parameters(quantized),
+        architecture=architecture_record(plain), parameters=count_parameters(quantized), position_table=positions,
         summary=lambda folder, record: f"ONNX 4-bit folder -> {folder} (deployment model {record['deployment_model']})",
     )
 

@@ -85,10 +85,10 @@ def drop_least_important_layers(student, loader, config: PruningConfig, resume_d
 
 
 def prune_vocabulary_first(student, tokenizer, teacher_folder, run, config: PruningConfig):
-    """Slice the student's vocabulary to the training split's tokens before it is fine-tuned: with
-    --vocabulary_min_count > 1 the pruned tokenizer segments some words anew, and pruning after the recovery cost
-    about a point of validation accuracy that the recovery could not win back. Returns (student, tokenizer,
-    summary, the student-id -> teacher-id table the teacher reads the renumbered ids through)."""
+    """Slice the student's vocabulary to the training split's tokens before it is fine-tuned, so that the recovery
+    trains on the ids (with --vocabulary_min_count > 1, the new segmentation) the pruned model will be given and the
+    accuracy after the physical pruning is the masked model's. Returns (student, tokenizer, summary, the
+    student-id -> teacher-id table the teacher reads the renumbered ids through)."""
     data, max_length = run.data, run.data_config.max_length
 
     def validation_accuracy(model, model_tokenizer) -> float:

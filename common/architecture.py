@@ -326,3 +326,31 @@ def position_limit(model_config: dict) -> Optional[int]:
     if limit is not None and spec is not None and spec.positions_after_padding:
         limit -= (model_config.get("pad_token_id") or 0) + 1
     return limit
+
+
+@torch.no_grad()
+def truncate_positions(model: nn.Module, max_tokens: int) -> Optional[dict]:
+    """Keep only the absolute-position rows that sequences of up to ``max_tokens`` tokens use (plus RoBERTa-style
+    models' padding offset), in place, and say so in ``model.config.max_position_embeddings``. Predictions on such
+    sequences do not change; longer ones no longer fit. Returns ``{"rows_before", "rows_kept"}``, or None for a
+    model without an absolute position table to cut (DeBERTa: its relative attention is sized by the same setting)."""
+    spec = spec_for(model)
+    embeddings = model.get_submodule(spec.embeddings.rpartition(".")[0])
+    table = getattr(embeddings, "position_embeddings", None)
+    if spec.model_type == "deberta-v2" or not isinstance(table, nn.Embedding):
+        return None
+    limit = position_limit(model.config.to_dict())
+    if max_tokens > limit:
+        raise ValueError(f"max_positions={max_tokens} exceeds the {limit} tokens the model's position table holds; "
+                         f"pass at most {limit}.")
+    rows = table.num_embeddings - limit + max_tokens
+    kept = nn.Embedding(rows, table.embedding_dim, padding_idx=table.padding_idx, dtype=table.weight.dtype,
+                        device=table.weight.device)
+    kept.weight.copy_(table.weight[:rows])
+    embeddings.position_embeddings = kept
+    for name in ("position_ids", "token_type_ids"):  # BERT-style buffers as long as the table, sliced per batch
+        buffer = getattr(embeddings, name, None)
+        if isinstance(buffer, torch.Tensor) and buffer.dim() == 2 and buffer.shape[1] == table.num_embeddings:
+            embeddings.register_buffer(name, buffer[:, :rows].clone(), persistent=False)
+    model.config.max_position_embeddings = rows
+    return {"rows_before": table.num_embeddings, "rows_kept": rows}

@@ -657,6 +657,13 @@ class OnnxExportConfig(ExportFields):
         True, "Store the other float weights of the 4-bit ONNX files (position table, BERT's pooler) in int8 rows, "
         "dequantized in the graph: about 1 MB less per file, the compute stays float."
     )
+    max_positions: Optional[int] = _field(
+        None, "4-bit ONNX files only: keep just the position-table rows of sequences up to this many tokens, at "
+        "least --max_length (default: every position the model has). The shipped tokenizer truncates at "
+        "--max_length, so --max_positions equal to it changes no prediction and cuts the default model's table "
+        "from 512 rows to 64 (0.17 MB of int8 rows); the folder's config.json then states the shorter limit and "
+        "longer sequences are refused. scripts/compress.py --optimize size sets it."
+    )
 
     SMOKE_PROFILE: ClassVar[dict] = {"calibration_samples": 64}
 
@@ -671,6 +678,8 @@ class OnnxExportConfig(ExportFields):
         _check_range("percentile", self.percentile, 90.0, 100.0, high_open=True)
         _check_positive("max_abs_difference", self.max_abs_difference)
         _check_choice("embedding_quantization", self.embedding_quantization, EMBEDDING_QUANT_CHOICES)
+        if self.max_positions is not None:
+            _check_positive("max_positions", self.max_positions)
 
 
 OBJECTIVES = ("latency", "size")

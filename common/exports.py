@@ -3,6 +3,7 @@ written graph file, and choosing a folder's deployment file by accuracy and meas
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -10,6 +11,7 @@ from typing import Optional
 import numpy as np
 
 from . import stages
+from .architecture import position_limit
 from .checkpoints import find_checkpoint, list_checkpoints, read_record, stage_dir
 from .evaluation import accuracy, interleaved_latency
 from .models import check_matches_data
@@ -81,4 +83,13 @@ def four_bit_source(config, data_config, label_names) -> Optional[tuple[Path, di
             f"(quantization method {quantization.get('method')!r}); pass a qkd_4bit or ptq_4bit checkpoint."
         )
     check_matches_data(source, source_record, data_config, label_names)
+    max_positions = getattr(config, "max_positions", None)  # stage 12's field; stage 13 shares this function
+    if max_positions is not None:
+        limit = position_limit(json.loads((source / "config.json").read_text()))
+        if not data_config.max_length <= max_positions <= (limit or max_positions):
+            raise ValueError(
+                f"max_positions={max_positions} must lie between --max_length ({data_config.max_length}: the "
+                f"sequences the files are checked and used on) and the {limit} tokens the model's position table "
+                f"holds; e.g. --max_positions {data_config.max_length}."
+            )
     return source, source_record

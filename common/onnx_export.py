@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .architecture import MODEL_INPUTS, forward_input_names
+from .architecture import MODEL_INPUTS, forward_input_names, position_limit
 
 logger = logging.getLogger(__name__)
 
@@ -183,10 +183,17 @@ def save_onnx(onnx_model, path: Path) -> None:
 def write_runtime_files(folder: Path, tokenizer, model_config, max_length: int) -> None:
     """What a deployment needs beside the graph: ``config.json`` (``id2label``) and the tokenizer files, with
     padding and truncation to ``max_length`` stored in ``tokenizer.json`` so that the ``tokenizers`` library alone
-    encodes batches exactly as the pipeline did."""
+    encodes batches exactly as the pipeline did. The tokenizer's ``model_max_length`` is capped at the model's
+    position limit, so ``truncation=True`` in transformers never makes a sequence the graph cannot take."""
+    import copy
+
     from tokenizers import Tokenizer
 
     model_config.save_pretrained(folder)
+    limit = position_limit(model_config.to_dict())
+    if limit is not None and tokenizer.model_max_length > limit:
+        tokenizer = copy.copy(tokenizer)  # the caller's tokenizer keeps its setting
+        tokenizer.model_max_length = limit
     tokenizer.save_pretrained(folder)
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():

@@ -18,7 +18,8 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
         3. (--finish) copies the winner into results/pruned/ as its newest checkpoint, runs stage 10 (QKD-4bit) on it;
            when that all-4-bit model fails the gate (--mixed_precision), reruns stage 10 with --keep_8bit_layers
            (largest 4-bit error first, by bisection over all, half, ... one) and publishes the fewest that pass; then
-           runs stages 12 (ONNX) and 13 (OpenVINO) as they run alone, gates every file they wrote the same way, times
+           runs stages 12 (ONNX; with --optimize size its 4-bit files keep only the position rows of --max_length
+           tokens) and 13 (OpenVINO) as they run alone, gates every file they wrote the same way, times
            those that pass round-robin at --latency_batch_size x --latency_seq_length, and delivers the fastest
            (--optimize latency) or the smallest (--optimize size) within --max_latency_ms / --max_size_mb; the record
            also names the file the other objective would deliver (by_objective).
@@ -80,6 +81,14 @@ from common.search import (  # noqa: E402
 from common.search_trace import candidate_name, plot_search, search_markdown  # noqa: E402
 
 FINISHING_SCRIPTS = ("10_qat_kd_4bit.py", "12_export_onnx.py", "13_export_openvino.py")
+
+
+def export_flags(script: str, config: CompressConfig, data_config: DataConfig) -> list:
+    """--optimize size: stage 12's 4-bit files keep only the position rows of --max_length tokens, the sequences the
+    search measured them on (the shipped tokenizer truncates there), so no prediction changes."""
+    if config.optimize == "size" and script == FINISHING_SCRIPTS[1]:
+        return ["--max_positions", data_config.max_length]
+    return []
 
 
 def finishing_stages() -> list[str]:
@@ -272,7 +281,7 @@ def main() -> None:
     if config.mixed_precision:
         record["mixed_precision"] = search_8bit_layers([*forwarded, *seed], teacher_correct, data, data_config, config, work, out_of_time)
     for script in exports:
-        run_script(script, *forwarded, stream=True)
+        run_script(script, *forwarded, *export_flags(script, config, data_config), stream=True)
     files = gate_files({stage: sorted(set(list_checkpoints(stage)) - before[stage]) for stage in before}, teacher,
                        teacher_correct, data, data_config, config)
     record["files"] = files

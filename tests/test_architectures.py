@@ -232,3 +232,32 @@ def test_reloaded_mpnet_layer_keeping_its_first_heads_still_selects_its_bias_col
                                "bias_heads_per_layer": [[3], [0, 1, 2]]})
     assert [view.bias_heads for view in layer_views(model)] == [[3], [0, 1, 2]]
     logits(model, random_batch(config))  # 3 heads against 3 bias columns: runs
+
+
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "roberta", "electra", "mpnet"])
+def test_cutting_the_position_table_to_the_used_rows_changes_no_prediction_within_the_limit(model_type):
+    from common.architecture import truncate_positions
+
+    model = tiny_model(tiny_config(model_type))
+    limit = position_limit(model.config.to_dict())
+    ids = torch.randint(5, model.config.vocab_size, (3, 12))
+    ids[:, 0], ids[2, 9:] = 0, model.config.pad_token_id or 0  # one padded row
+    mask = (torch.arange(12) < torch.tensor([[12], [12], [9]])).long()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+    table = model.base_model.embeddings.position_embeddings.num_embeddings
+    record = truncate_positions(model, 12)
+    assert record == {"rows_before": table, "rows_kept": table - limit + 12}
+    assert model.base_model.embeddings.position_embeddings.num_embeddings == record["rows_kept"] < table
+    assert position_limit(model.config.to_dict()) == 12
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="max_positions=13 exceeds the 12 tokens the model's position table holds"):
+        truncate_positions(model, 13)
+
+
+def test_deberta_keeps_its_positions_because_its_relative_attention_is_sized_by_them():
+    from common.architecture import truncate_positions
+
+    model = tiny_model(tiny_config("deberta-v2"))
+    assert truncate_positions(model, 12) is None and model.config.max_position_embeddings == 64

@@ -255,3 +255,17 @@ def test_compress_refuses_bad_targets_before_any_work(tmp_path, args, message):
     completed = run_stage_unchecked("scripts/compress.py", tmp_path / "results", *args)
     assert completed.returncode == 2 and message in completed.stderr and "Traceback" not in completed.stderr
     assert not (tmp_path / "results" / "compress").exists()
+
+
+def test_the_size_objective_cuts_the_4bit_files_position_table_to_max_length():
+    import importlib.util
+
+    from common.config import CompressConfig, DataConfig
+
+    spec = importlib.util.spec_from_file_location("compress_script", PROJECT_ROOT / "scripts" / "compress.py")
+    compress = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compress)
+    data = DataConfig(max_length=48)
+    assert compress.export_flags("12_export_onnx.py", CompressConfig(optimize="size"), data) == ["--max_positions", 48]
+    assert compress.export_flags("12_export_onnx.py", CompressConfig(optimize="latency"), data) == []
+    assert compress.export_flags("13_export_openvino.py", CompressConfig(optimize="size"), data) == []

@@ -506,6 +506,7 @@ def test_predict_needs_pairs_for_a_pair_model_and_a_separator_in_each_text(tmp_p
     ("OpenVinoExportConfig", {"calibration_samples": 0}, "calibration_samples=0 must be a positive"),
     ("OpenVinoExportConfig", {"int8_max_drop": -0.1}, r"int8_max_drop=-0.1 is out of range; it must lie in \[0.0, 100.0\]"),
     ("OnnxExportConfig", {"deployment_tolerance": -1.0}, "deployment_tolerance=-1.0 is out of range"),
+    ("OnnxExportConfig", {"max_positions": 0}, "max_positions=0 must be a positive"),
     ("StudentConfig", {"student_layer_selection": "random"}, "student_layer_selection='random' is not supported; allowed"),
     ("StudentConfig", {"student_layer_selection": "importance", "student_model_name_or_path": "distilbert-base-uncased"},
      "chooses teacher layers to copy, but student_model_name_or_path loads a pretrained student"),

@@ -36,6 +36,7 @@ def pipeline_run(tmp_path_factory):
         "2_distill_student.py": ["--batch_size", 16],
         "8_pruning_with_finetuning.py": ["--batch_size", 16, "--head_final_sparsity", 0.5, "--ffn_final_sparsity", 0.5],
         "10_qat_kd_4bit.py": ["--num_epochs", 1],
+        "12_export_onnx.py": ["--max_positions", 64],  # the tiny model's 64 positions, all used at --max_length 64
         stages.REPORT_SCRIPT: ["--latency_repeats", 2, "--latency_batch_size", 4, "--latency_seq_length", 16],
     })
     return results, completed[stages.REPORT_SCRIPT]
@@ -185,6 +186,9 @@ def test_onnx_stage_folders(pipeline_run):
     for name in ("model_nf4_int8.onnx", "model_int4_nbits.onnx"):
         assert (folder_4bit / name).is_file() and "int8_leftovers" in record_4bit["files"][name]
     assert record_4bit["files"]["model_int4_nbits.onnx"]["embedding_quantization"]["op"] == "GatherBlockQuantized"
+    assert record_4bit["position_table"] == {"rows_before": 64, "rows_kept": 64}
+    assert json.loads((folder_4bit / "config.json").read_text())["max_position_embeddings"] == 64
+    assert json.loads((folder_4bit / "tokenizer_config.json").read_text())["model_max_length"] == 64  # capped at the limit
     assert (pruned / "modeling_pruned.py").is_file(), "pruned checkpoints ship their stock-transformers loader"
 
 
@@ -292,3 +296,14 @@ def test_every_stage_folder_carries_a_manifest_that_verifies(pipeline_run):
         verify_files(folder)
         header = assert_card_matches_record(folder)  # a model card whose numbers are the record's
         assert record["card_latency"]["median_ms"] > 0 and header["compression"]["validation_accuracy"] is not None, stage
+
+
+def test_stage_12_refuses_a_position_cut_below_max_length_before_any_export(pipeline_run):
+    results, _ = pipeline_run
+    before = {stage: sorted(p.name for p in (results / stage).iterdir()) for stage in ("onnx", "onnx_4bit")}
+    completed = run_stage_unchecked("12_export_onnx.py", results, "--dataset", results.parent / "reviews.csv", *DATA_ARGS,
+                                    "--max_positions", 32)
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert "max_positions=32 must lie between --max_length (64" in completed.stderr and "64 tokens the model's" in completed.stderr
+    assert {stage: sorted(p.name for p in (results / stage).iterdir()) for stage in before} == before
+
