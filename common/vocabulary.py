@@ -179,7 +179,8 @@ def teacher_token_ids(student_tokenizer, teacher_tokenizer, kept_token_ids: Opti
     if kept_token_ids is None or any(teacher_vocab.get(id_to_token[new]) != old for new, old in enumerate(kept_token_ids)):
         raise ValueError(
             f"The teacher {teacher_name} uses another vocabulary than the pruned model and no token map links them. "
-            f"Use --teacher pruned, or a teacher with the student's tokenizer."
+            f"Pass a teacher with the student's tokenizer (stage 10 can also distil from the pruned model itself: "
+            f"--teacher pruned)."
         )
     return torch.tensor(kept_token_ids)
 
