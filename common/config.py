@@ -661,7 +661,7 @@ class OnnxExportConfig(ExportFields):
         None, "4-bit ONNX files only: keep just the position-table rows of sequences up to this many tokens, at "
         "least --max_length (default: every position the model has). The shipped tokenizer truncates at "
         "--max_length, so --max_positions equal to it changes no prediction and cuts the default model's table "
-        "from 512 rows to 64 (0.17 MB of int8 rows); the folder's config.json then states the shorter limit and "
+        "from 512 rows to 64 (0.18 MB less per file); the folder's config.json then states the shorter limit and "
         "longer sequences are refused. scripts/compress.py --optimize size sets it."
     )
 
