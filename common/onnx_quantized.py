@@ -124,13 +124,10 @@ def _codes(weight) -> np.ndarray:
 
 def _absmax_nodes(name: str, state) -> tuple[list, list, str]:
     """Nodes and initializers that give the float32 block absmax of a 4-bit weight, and the tensor's name.
-
-    Double-quantized absmax (bitsandbytes ``compress_statistics``, the project's default) is stored as it was
-    trained: one 8-bit code per block, the 256-value codebook, one float scale per 256 blocks and the offset, decoded
-    by standard ops (``codebook[code] * scale + offset``, the arithmetic of bitsandbytes' ``dequantize_blockwise``) on
-    constants only, so ONNX Runtime folds them once when the session loads. It gives the same values bit for bit in
-    about a quarter of float32's bytes (the default run's file: 5.27 -> 5.13 MB). The codebook is named by its
-    content, so every layer shares one copy."""
+    Double-quantized absmax (the project's default) is stored as trained: 8-bit codes, the 256-value codebook (named
+    by content: one copy for all layers), a float scale per 256 blocks and the offset, decoded by constant ops
+    (``codebook[code] * scale + offset``, bitsandbytes' ``dequantize_blockwise``) that ONNX Runtime folds at load:
+    the same values bit for bit in a quarter of float32's bytes (the default run's file: 5.27 -> 5.13 MB)."""
     from onnx import TensorProto, helper
     from onnx.numpy_helper import from_array
 
