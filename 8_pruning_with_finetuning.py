@@ -90,22 +90,15 @@ def prune_vocabulary_first(student, tokenizer, teacher_folder, run, config: Prun
     accuracy after the physical pruning is the masked model's. Returns (student, tokenizer, summary, the
     student-id -> teacher-id table the teacher reads the renumbered ids through)."""
     data, max_length = run.data, run.data_config.max_length
-
-    def validation_accuracy(model, model_tokenizer) -> float:
-        validation = tokenize_dataset(data.validation, model_tokenizer, max_length)
-        return evaluate_accuracy(model, make_loader(validation, model_tokenizer, config.eval_batch_size, shuffle=False))["accuracy"]
-
     if unsupported_reason(tokenizer) is not None:  # prune_vocabulary says why it keeps the whole table
         student, tokenizer, summary = prune_vocabulary(student, tokenizer, data, max_length)
         return student, tokenizer, summary, None
-    full = validation_accuracy(student, tokenizer)
+    # the accuracy with the pruned vocabulary is stage 8's "before" accuracy, measured next on its validation loader
+    validation = tokenize_dataset(data.validation, tokenizer, max_length)
+    full = evaluate_accuracy(student, make_loader(validation, tokenizer, config.eval_batch_size, shuffle=False))["accuracy"]
     student, tokenizer, summary = prune_vocabulary(student, tokenizer, data, max_length, config.vocabulary_extra_tokens,
                                                    config.vocabulary_min_count)
-    pruned = validation_accuracy(student, tokenizer)
-    summary.update(validation_accuracy_full_vocabulary=full, validation_accuracy_pruned_vocabulary=pruned)
-    print(f"Vocabulary pruned before fine-tuning: {summary['original_vocab_size']} -> {summary['kept_vocab_size']} "
-          f"tokens; validation accuracy {full:.4f} -> "
-          f"{pruned:.4f} before the recovery")
+    summary["validation_accuracy_full_vocabulary"] = full
     token_map = teacher_token_ids(tokenizer, load_checkpoint_tokenizer(teacher_folder), summary.get("kept_token_ids"),
                                   str(teacher_folder))
     return student, tokenizer, summary, token_map
@@ -130,6 +123,11 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
 
     parameters_before = count_parameters(student)
     accuracy_before = evaluate_accuracy(student, eval_loader)["accuracy"]
+    if vocabulary is not None and "kept_token_ids" in vocabulary:
+        vocabulary["validation_accuracy_pruned_vocabulary"] = accuracy_before
+        print(f"Vocabulary pruned before fine-tuning: {vocabulary['original_vocab_size']} -> "
+              f"{vocabulary['kept_vocab_size']} tokens; validation accuracy {vocabulary['validation_accuracy_full_vocabulary']:.4f} -> "
+              f"{accuracy_before:.4f} before the recovery")
     layers = None
     if config.drop_layers:
         # its own shuffled loader over the training rows, so scoring leaves the training order as it was
