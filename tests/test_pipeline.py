@@ -305,5 +305,9 @@ def test_stage_12_refuses_a_position_cut_below_max_length_before_any_export(pipe
                                     "--max_positions", 32)
     assert completed.returncode == 2 and "Traceback" not in completed.stderr
     assert "max_positions=32 must lie between --max_length (64" in completed.stderr and "64 tokens the model's" in completed.stderr
+    beyond = run_stage_unchecked("12_export_onnx.py", results, "--dataset", results.parent / "reviews.csv", *DATA_ARGS,
+                                 "--max_positions", 65)
+    assert beyond.returncode == 2 and "Traceback" not in beyond.stderr
+    assert "max_positions=65 must lie between --max_length (64" in beyond.stderr and "64 tokens the model's" in beyond.stderr
     assert {stage: sorted(p.name for p in (results / stage).iterdir()) for stage in before} == before
 
