@@ -14,8 +14,9 @@ Does:   1. exports the model to ONNX with its per-layer head counts and FFN widt
            calibrated on validation batches of one fixed shape with each of MinMax, Percentile and Entropy, each
            once with every weight MatMul in int8 and once with the FFN output projections (fed by the GELU output)
            left in float; the candidate with the best validation accuracy is kept, all results are recorded;
-        4. exports the QKD-4bit model with its trained NF4/FP4 codes and the word embeddings stored row-wise in int4
-           (--embedding_quantization), three ways: model.onnx runs the codes exactly in ONNX Runtime's MatMulBnb4 op
+        4. exports the QKD-4bit model with its trained NF4/FP4 codes and the word embeddings stored row-wise as the
+           checkpoint stores them (int4 by default, int2 after stage 10 --embedding_quantization int2;
+           --embedding_quantization), three ways: model.onnx runs the codes exactly in ONNX Runtime's MatMulBnb4 op
            (checked against the torch 4-bit model: validation accuracy within 0.1 point); model_nf4_int8.onnx
            decodes them once, when the session loads, into per-channel int8 weights for int8 matrix products
            (4-bit file size, int8 speed); model_int4_nbits.onnx re-quantizes them to int4 blocks of 32 for
@@ -69,8 +70,9 @@ from common.models import (
     load_checkpoint_tokenizer,
     load_model,
 )
-from common.onnx_export import export_onnx, ffn_output_matmuls, save_onnx, write_runtime_files
-from common.onnx_quantized import compress_leftovers, quantize_word_embeddings, use_bnb4_codes
+from common.onnx_export import compact_names, export_onnx, ffn_output_matmuls, save_onnx, write_runtime_files
+from common.onnx_quantized import use_bnb4_codes
+from common.onnx_rows import compress_leftovers, quantize_word_embeddings
 from common.onnx_runtime import (
     calibration_batches,
     matmul_names,
@@ -201,8 +203,11 @@ def export_4bit_bundle(run, source: Path, source_record: dict, scratch: Path) ->
         print(f"Position table cut to the {positions['rows_kept']} of {positions['rows_before']} rows that sequences of "
               f"up to {config.max_positions} tokens use (--max_positions)")
     names = export_onnx(plain, tokenizer, scratch / "dequantized.onnx", data_config.max_length)
-    exact_embeddings = config.embedding_quantization in (
-        "none", (source_record.get("embedding_quantization") or {}).get("method", "none"))
+    stored_embeddings = (source_record.get("embedding_quantization") or {}).get("method", "none")
+    embedding_method = config.embedding_quantization
+    if embedding_method == "auto":
+        embedding_method = "int4" if stored_embeddings == "none" else stored_embeddings
+    exact_embeddings = embedding_method in ("none", stored_embeddings)
     torch_accuracy = accuracy(torch_logits, labels)
     onnx_quantization = {"method": "bitsandbytes_codes_in_onnx", "quant_type": quantization["quant_type"],
                          "blocksize": quantization["blocksize"], "codes": "the checkpoint's own"}
@@ -215,9 +220,9 @@ def export_4bit_bundle(run, source: Path, source_record: dict, scratch: Path) ->
             graph = onnx.load(str(scratch / "dequantized.onnx"))
             onnx_quantization["modules"] = use_bnb4_codes(graph, quantized, exported, compute)
             embeddings = None
-            if config.embedding_quantization != "none":
+            if embedding_method != "none":
                 embeddings = quantize_word_embeddings(
-                    graph, plain.get_input_embeddings().weight, EMBEDDING_BITS[config.embedding_quantization],
+                    graph, plain.get_input_embeddings().weight, EMBEDDING_BITS[embedding_method],
                     contrib_op=contrib_embeddings)
                 found.setdefault("embedding_quantization", embeddings)
             if compute == "bnb4" and exact_embeddings:  # the exact file, checked before anything else is rounded
@@ -231,15 +236,16 @@ def export_4bit_bundle(run, source: Path, source_record: dict, scratch: Path) ->
                         "faithfully. Nothing was saved."
                     )
             leftovers = compress_leftovers(graph) if config.int8_leftovers else {"int8_rows": []}
+            names_saved_bytes = compact_names(graph) if config.compact_names else 0
             save_onnx(graph, folder / file_name)
             file_accuracy, logits, correct[file_name] = evaluate_file(folder / file_name, loader)
             difference = float(np.abs(logits - torch_logits).max())
-            print(f"ONNX 4-bit {file_name} ({precision}; embeddings {config.embedding_quantization}; int8 rows of "
+            print(f"ONNX 4-bit {file_name} ({precision}; embeddings {embedding_method}; int8 rows of "
                   f"{len(leftovers['int8_rows'])} other weights): validation accuracy {file_accuracy:.4f} vs torch 4-bit "
                   f"{torch_accuracy:.4f}; max logit difference {difference:.2e}")
             files[file_name] = file_entry(folder / file_name, file_accuracy, precision=precision,
                                           max_abs_difference_vs_torch_4bit=difference, embedding_quantization=embeddings,
-                                          int8_leftovers=leftovers["int8_rows"])
+                                          int8_leftovers=leftovers["int8_rows"], compact_names_saved_bytes=names_saved_bytes)
         found.update(choose_by_speed(folder, files, plain.config.vocab_size, config, correct))
         found["metrics"] = {"validation": {"accuracy": files[found["deployment_model"]]["validation_accuracy"]},
                             "validation_torch_4bit": {"accuracy": torch_accuracy}}

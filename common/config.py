@@ -33,7 +33,7 @@ IMPORTANCE_MODES = ("l2", "kd_grad", "l2+kd_grad")
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 QAT_TEACHERS = ("teacher", "pruned")  # the stage-1 teacher, or the full-precision pruned model itself
-EMBEDDING_QUANT_CHOICES = ("none", "int8", "int4")
+EMBEDDING_QUANT_CHOICES = ("none", "int8", "int4", "int2")
 INT8_SOURCES = ("auto", *stages.get("int8").reads)
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
@@ -476,8 +476,9 @@ class QuantizationFields:
     )
     embedding_quantization: str = _field(
         "int4",
-        "'none', 'int8' or 'int4': row-wise quantized storage of the word embeddings in the checkpoint (QKD also "
-        "trains through it).",
+        "'none', 'int8', 'int4' or 'int2': row-wise quantized storage of the word embeddings in the checkpoint (QKD "
+        "also trains through it). 'int2' stores ternary rows in a quarter of int4's bytes; train them with stage 10: "
+        "unquantized-trained rows lost 0.9 validation points on the default model when rounded to int2.",
     )
     keep_8bit_size_budget_mb: Optional[float] = _field(
         None,
@@ -565,7 +566,9 @@ class Int8Config(OutputFields):
         "'qkd_4bit' or 'pruned'."
     )
     source_model_path: Optional[str] = _field(None, "Explicit checkpoint to convert; overrides --source.")
-    embedding_quantization: str = _field("int8", "'none', 'int8' or 'int4': row-wise storage of the word embeddings.")
+    embedding_quantization: str = _field(
+        "int8", "'none', 'int8', 'int4' or 'int2': row-wise storage of the word embeddings."
+    )
     eval_batch_size: int = _field(64, "Evaluation batch size.")
 
     def __post_init__(self) -> None:
@@ -651,11 +654,18 @@ class OnnxExportConfig(ExportFields):
     )
     max_abs_difference: float = _field(1e-4, "Largest allowed |ONNX Runtime - torch| logit difference on validation.")
     embedding_quantization: str = _field(
-        "int4", "'none', 'int8' or 'int4': row-wise storage of the word embeddings in the 4-bit ONNX model."
+        "auto", "Row-wise storage of the word embeddings in the 4-bit ONNX files: 'auto' (as the source checkpoint "
+        "stores them, which keeps a table QKD trained through its rounding exact; int4 when it stores a float "
+        "table), 'none', 'int8', 'int4' or 'int2'."
     )
     int8_leftovers: bool = _field(
         True, "Store the other float weights of the 4-bit ONNX files (position table, BERT's pooler) in int8 rows, "
         "dequantized in the graph: about 1 MB less per file, the compute stays float."
+    )
+    compact_names: bool = _field(
+        True, "4-bit ONNX files: shorten the exporter's intermediate tensor and node names to a few characters (about "
+        "70 KB less on the default model, nothing else changes; graph inputs, outputs and weights keep their names). "
+        "false: keep the readable names (e.g. for ONNX Runtime profiles)."
     )
     max_positions: Optional[int] = _field(
         None, "4-bit ONNX files only: keep just the position-table rows of sequences up to this many tokens, at "
@@ -677,12 +687,13 @@ class OnnxExportConfig(ExportFields):
         _check_positive("calibration_batch_size", self.calibration_batch_size)
         _check_range("percentile", self.percentile, 90.0, 100.0, high_open=True)
         _check_positive("max_abs_difference", self.max_abs_difference)
-        _check_choice("embedding_quantization", self.embedding_quantization, EMBEDDING_QUANT_CHOICES)
+        _check_choice("embedding_quantization", self.embedding_quantization, ("auto", *EMBEDDING_QUANT_CHOICES))
         if self.max_positions is not None:
             _check_positive("max_positions", self.max_positions)
 
 
 OBJECTIVES = ("latency", "size")
+SIZE_EMBEDDINGS = ("int4", "int2")  # stage 10 --embedding_quantization, most compressed last
 
 
 @dataclass
@@ -727,6 +738,12 @@ class CompressConfig:
         "--keep_8bit_layers, by bisection over all of them, half, a quarter ... one. The fewest that pass the gate are "
         "published for stages 12 and 13. Counts against --time_budget_s. false: 4 bits everywhere only.",
     )
+    size_embeddings: str = _field(
+        "int2", "With --optimize size and --finish: the word-embedding rows stage 10 trains first. 'int2': ternary "
+        "rows in a quarter of int4's bytes (about 1.3 of the default model's 5 MB); when that QKD model misses the "
+        "target on validation, stage 10 runs again with int4 rows (its default) before the 8-bit search, so a miss "
+        "costs one more stage-10 run. 'int4': int4 rows only.",
+    )
     latency_table: bool = _field(
         True, "Predict each candidate's ONNX Runtime int8 latency before training it, from a table of layer shapes "
         "timed on this machine (built once, about a minute, cached in results/latency_tables/). With --optimize "
@@ -754,6 +771,7 @@ class CompressConfig:
             _check_range("vocabulary_min_count", self.vocabulary_min_count, 1, float("inf"))
         _check_range("target_retention", self.target_retention, 0.0, 1.0, low_open=True)
         _check_choice("optimize", self.optimize, OBJECTIVES)
+        _check_choice("size_embeddings", self.size_embeddings, SIZE_EMBEDDINGS)
         _check_positive("max_latency_ms", self.max_latency_ms, allow_none=True)
         _check_positive("max_size_mb", self.max_size_mb, allow_none=True)
         if not self.sparsities:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from pathlib import Path
 
@@ -172,6 +173,41 @@ def _drop_unused_initializers(graph) -> None:
         graph.initializer.remove(tensor)
 
 
+def compact_names(onnx_model) -> int:
+    """Rename the exporter's intermediate tensors and nodes ("/model/bert/encoder/layer.0/attention/self/MatMul_output_0")
+    to a few characters each: a lossless cut of about 70 KB, 1.5% of the default model's 4-bit file, at the price of
+    readable profiles. Graph inputs, outputs and initializers keep their names. A graph with subgraphs is left alone
+    (their nodes may read outer names). Returns the bytes saved."""
+    import onnx
+
+    graph = onnx_model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for node in graph.node for a in node.attribute):
+        return 0
+    before = onnx_model.ByteSize()
+    kept = {v.name for v in graph.input} | {v.name for v in graph.output} | {t.name for t in graph.initializer}
+    short_names = (name for name in (f"_{_base36(i)}" for i in itertools.count()) if name not in kept)
+    renamed: dict[str, str] = {}
+    for index, node in enumerate(graph.node):
+        for position, name in enumerate(node.input):
+            node.input[position] = renamed.get(name, name)
+        for position, name in enumerate(node.output):
+            if name and name not in kept:
+                node.output[position] = renamed.setdefault(name, next(short_names))
+        node.name = f"n{_base36(index)}"
+    for value in graph.value_info:
+        value.name = renamed.get(value.name, value.name)
+    return before - onnx_model.ByteSize()
+
+
+def _base36(number: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    text = digits[number % 36]
+    while number >= 36:
+        number //= 36
+        text = digits[number % 36] + text
+    return text
+
+
 def save_onnx(onnx_model, path: Path) -> None:
     """Check and save a graph as one self-contained file (our models are far below protobuf's 2 GB limit)."""
     import onnx
@@ -204,5 +240,5 @@ def write_runtime_files(folder: Path, tokenizer, model_config, max_length: int) 
     backend.save(str(path))
 
 
-__all__ = ["export_onnx", "ffn_output_matmuls", "input_names", "save_onnx", "static_head_shapes", "write_runtime_files"]
+__all__ = ["compact_names", "export_onnx", "ffn_output_matmuls", "input_names", "save_onnx", "static_head_shapes", "write_runtime_files"]
 

@@ -38,6 +38,8 @@ def search_markdown(record: dict) -> str:
                       f"{'pass' if student['passes'] else 'fail'} (lower bound {student['lower_bound_points']:+.2f} points)."]
     if record.get("winner"):
         lines += ["", f"Winner: {candidate_name(record['winner'])}, {record['winner']['why']}."]
+    if record.get("embeddings"):
+        lines.append(f"Word-embedding rows: {record['embeddings']['method']}, {record['embeddings']['why']}.")
     mixed = record.get("mixed_precision")
     if mixed:
         lines.append(f"Mixed precision: every Linear in 4 bits gives retention {mixed['all_4bit']['retention']:.4f} "

@@ -15,8 +15,9 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
            candidate, its int8 latency is predicted from the machine's latency table of layer shapes
            (common/latency_table.py, --latency_table); with --optimize latency one that cannot beat the fastest
            passing candidate by 10% is not trained;
-        3. (--finish) copies the winner into results/pruned/ as its newest checkpoint, runs stage 10 (QKD-4bit) on it;
-           when that all-4-bit model fails the gate (--mixed_precision), reruns stage 10 with --keep_8bit_layers
+        3. (--finish) copies the winner into results/pruned/ as its newest checkpoint, runs stage 10 (QKD-4bit) on it
+           (with --optimize size first with ternary word-embedding rows, --size_embeddings; int4 rows when those miss
+           the gate); when that all-4-bit model fails the gate (--mixed_precision), reruns stage 10 with --keep_8bit_layers
            (largest 4-bit error first, by bisection over all, half, ... one) and publishes the fewest that pass; then
            runs stages 12 (ONNX; with --optimize size its 4-bit files keep only the position rows of --max_length
            tokens) and 13 (OpenVINO) as they run alone, gates every file they wrote the same way, times
@@ -276,10 +277,11 @@ def main() -> None:
     shutil.copytree(chosen["folder"], published)
     print(f"Published the winner as {published}", flush=True)
     before = {stage: set(list_checkpoints(stage)) for stage in finishing_stages()}
-    quantize, *exports = FINISHING_SCRIPTS
-    run_script(quantize, *forwarded, *seed, stream=True)
+    _, *exports = FINISHING_SCRIPTS
+    record["embeddings"] = train_qkd([*forwarded, *seed], teacher_correct, data, data_config, config)
     if config.mixed_precision:
-        record["mixed_precision"] = search_8bit_layers([*forwarded, *seed], teacher_correct, data, data_config, config, work, out_of_time)
+        record["mixed_precision"] = search_8bit_layers([*forwarded, *seed, *record["embeddings"]["flags"]], teacher_correct,
+                                                       data, data_config, config, work, out_of_time)
     for script in exports:
         run_script(script, *forwarded, *export_flags(script, config, data_config), stream=True)
     files = gate_files({stage: sorted(set(list_checkpoints(stage)) - before[stage]) for stage in before}, teacher,
@@ -299,6 +301,30 @@ def gate_folder(folder: Path, teacher_correct, data, data_config, config) -> dic
     return {"folder": str(folder), "size_mb": model.size_bytes / 1e6,
             **retention_gate(validation_correct(model, folder, data, data_config.max_length), teacher_correct,
                              config.target_retention, config.gate_z)}
+
+
+def train_qkd(flags: list, teacher_correct, data, data_config, config) -> dict:
+    """Stage 10 on the published winner. With --optimize size it first trains ternary word-embedding rows
+    (--size_embeddings int2) and keeps them when that model passes the gate; otherwise stage 10 runs again with int4
+    rows, so the newest qkd_4bit checkpoint (which the 8-bit search and stages 12 and 13 read) is the one kept.
+    Returns the rows chosen, the stage-10 flags that give them, and why."""
+    quantize = FINISHING_SCRIPTS[0]
+    if config.optimize != "size" or config.size_embeddings == "int4":
+        run_script(quantize, *flags, stream=True)
+        why = "int4 rows (stage 10's default)" + (" (--size_embeddings int4)" if config.optimize == "size" else "")
+        return {"method": "int4", "flags": [], "why": why}
+    ternary_flags = ["--embedding_quantization", config.size_embeddings]
+    run_script(quantize, *flags, *ternary_flags, stream=True)
+    ternary = gate_folder(find_checkpoint("qkd_4bit"), teacher_correct, data, data_config, config)
+    outcome = f"QKD-4bit with {config.size_embeddings} word-embedding rows: retention {ternary['retention']:.4f}"
+    if ternary["passes"]:
+        print(f"{outcome}, passes the gate", flush=True)
+        return {"method": config.size_embeddings, "flags": ternary_flags, "tried": [ternary],
+                "why": f"{config.size_embeddings} rows keep the target (retention {ternary['retention']:.4f})"}
+    print(f"{outcome}, fails the gate; stage 10 again with int4 rows", flush=True)
+    run_script(quantize, *flags, stream=True)
+    return {"method": "int4", "flags": [], "tried": [ternary],
+            "why": f"{config.size_embeddings} rows missed the target (retention {ternary['retention']:.4f}); int4 rows"}
 
 
 def search_8bit_layers(forwarded: list, teacher_correct, data, data_config, config, work: Path, out_of_time) -> dict:

@@ -126,6 +126,36 @@ def test_bits_under_the_gate_search_the_fewest_8bit_linears_and_publish_them(tmp
         "4 bits everywhere keeps the target") and calls == []
 
 
+@pytest.mark.parametrize("optimize, size_embeddings, ternary_passes, runs, method", [
+    ("size", "int2", True, [["--embedding_quantization", "int2"]], "int2"),
+    ("size", "int2", False, [["--embedding_quantization", "int2"], []], "int4"),
+    ("size", "int4", None, [[]], "int4"),
+    ("latency", "int2", None, [[]], "int4"),
+])
+def test_the_size_objective_trains_ternary_embedding_rows_first_and_falls_back_to_int4(
+        tmp_path, monkeypatch, optimize, size_embeddings, ternary_passes, runs, method):
+    """compress.py's stage 10: with --optimize size, ternary rows first; when they miss the gate, stage 10 again with
+    int4 rows, so the newest qkd_4bit checkpoint is the one kept. The flags returned reach the 8-bit search."""
+    import importlib.util
+
+    from common.config import CompressConfig
+
+    spec = importlib.util.spec_from_file_location("compress_script", PROJECT_ROOT / "scripts" / "compress.py")
+    compress = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compress)
+    calls = []
+    monkeypatch.setattr(compress, "run_script", lambda script, *args, stream=False: calls.append((script, list(args))))
+    monkeypatch.setattr(compress, "find_checkpoint", lambda stage: tmp_path / f"qkd-{len(calls)}")
+    monkeypatch.setattr(compress, "gate_folder", lambda folder, *rest: {"folder": str(folder), "passes": ternary_passes,
+                                                                         "retention": 0.995 if ternary_passes else 0.97})
+    config = CompressConfig(optimize=optimize, size_embeddings=size_embeddings)
+    result = compress.train_qkd(["--seed", 3], None, None, None, config)
+    assert calls == [("10_qat_kd_4bit.py", ["--seed", 3, *flags]) for flags in runs]
+    assert result["method"] == method and result["flags"] == runs[-1]
+    if ternary_passes is False:
+        assert result["tried"][0]["folder"] == str(tmp_path / "qkd-1") and "int2 rows missed the target (retention 0.9700)" in result["why"]
+
+
 @pytest.mark.slow
 def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     folder = make_pretrained_folder("bert", tmp_path / "model")
@@ -245,6 +275,7 @@ def test_the_summary_refuses_runs_it_cannot_read(tmp_path, args, message):
     (["--target_retention", "0"], "target_retention=0.0 is out of range; it must lie in (0.0, 1.0]"),
     (["--target_retention", "1.2"], "target_retention=1.2 is out of range"),
     (["--optimize", "speed"], "optimize='speed' is not supported; allowed values: 'latency', 'size'"),
+    (["--size_embeddings", "int3"], "size_embeddings='int3' is not supported; allowed values: 'int4', 'int2'"),
     (["--max_size_mb", "0"], "max_size_mb=0.0 must be a positive"),
     (["--drop_layers", "0", "0"], "drop_layers=[0, 0] must list distinct layer counts of 0 or more"),
     (["--drop_layers", "-1"], "drop_layers=[-1] must list distinct layer counts"),

@@ -364,7 +364,7 @@ def test_report_latency_length_beyond_the_position_limit_fails_before_measuring(
     ({"calibration_methods": ["kl"]}, r"calibration_methods entry='kl' is not supported.*'minmax', 'percentile', 'entropy'"),
     ({"calibration_methods": []}, "calibration_methods is empty"),
     ({"percentile": 50.0}, r"percentile=50.0 is out of range"),
-    ({"embedding_quantization": "int2"}, r"embedding_quantization='int2' is not supported"),
+    ({"embedding_quantization": "int3"}, r"embedding_quantization='int3' is not supported.*'auto', 'none', 'int8', 'int4', 'int2'"),
     ({"calibration_samples": 0}, "calibration_samples=0 must be a positive number"),
     ({"deployment_tolerance": -1.0}, r"deployment_tolerance=-1.0 is out of range"),
 ])

@@ -14,7 +14,8 @@ import torch
 
 from common.config import PruningConfig, PTQConfig
 from common.onnx_export import _fingerprint, export_onnx, ffn_output_matmuls, save_onnx, write_runtime_files
-from common.onnx_quantized import int4_blocks, quantize_word_embeddings, use_bnb4_codes
+from common.onnx_quantized import int4_blocks, use_bnb4_codes
+from common.onnx_rows import quantize_word_embeddings
 from common.onnx_runtime import (
     CALIBRATION_METHODS,
     OnnxClassifier,
@@ -159,7 +160,7 @@ def test_bnb4_export_runs_the_trained_codes(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="compute='int4' is not supported"):
         use_bnb4_codes(onnx.load(str(tmp_path / "plain.onnx")), quantized, weights, compute="int4")
     embeddings = plain.get_input_embeddings().weight
-    for bits in (8, 4):
+    for bits in (8, 4, 2):
         variant = copy.deepcopy(exported)
         record = quantize_word_embeddings(variant, embeddings, bits)
         save_onnx(variant, tmp_path / f"bnb4_emb{bits}.onnx")
@@ -226,7 +227,7 @@ def test_matmulnbits_export_stores_int4_blocks_and_stays_close_to_the_torch_4bit
 
 
 def test_leftover_float_weights_are_stored_in_int8_rows_and_computed_in_float(tokenizer, tmp_path):
-    from common.onnx_quantized import compress_leftovers
+    from common.onnx_rows import compress_leftovers
 
     model = pruned_model(tiny_bert_config(layers=2, hidden=128, heads=4, ffn=256))  # positions 64 x 128, pooler 128 x 128
     quantized, weights, plain, names, exported = four_bit_export(model, tokenizer, tmp_path)
@@ -248,6 +249,20 @@ def test_leftover_float_weights_are_stored_in_int8_rows_and_computed_in_float(to
     np.testing.assert_allclose(OnnxClassifier(tmp_path / "compact.onnx").logits(batch), expected, atol=1e-4, rtol=0)
     assert (tmp_path / "compact.onnx").stat().st_size < (tmp_path / "4bit.onnx").stat().st_size - 40_000
     assert compress_leftovers(exported, min_elements=8192) == {"int8_rows": []}  # nothing float and large is left
+
+    from common.onnx_export import compact_names
+
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in exported.graph.initializer}
+    saved = compact_names(exported)
+    save_onnx(exported, tmp_path / "short_names.onnx")
+    assert saved > 0 and (tmp_path / "short_names.onnx").stat().st_size <= (tmp_path / "compact.onnx").stat().st_size - saved + 16
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in exported.graph.initializer}
+    assert stored.keys() == initializers.keys() and all(np.array_equal(stored[k], initializers[k]) for k in stored)
+    assert [v.name for v in exported.graph.input] == names and [v.name for v in exported.graph.output] == ["logits"]
+    intermediate = {name for node in exported.graph.node for name in node.output} - {"logits"}
+    assert intermediate and max(map(len, intermediate)) <= 4 and len({n.name for n in exported.graph.node}) == len(exported.graph.node)
+    np.testing.assert_array_equal(OnnxClassifier(tmp_path / "short_names.onnx").logits(batch),
+                                  OnnxClassifier(tmp_path / "compact.onnx").logits(batch))
 
 
 def readme_snippet(title: str) -> str:

@@ -86,7 +86,7 @@ def test_pruned_and_quantized_checkpoints(pipeline_run):
     assert int8_record["quantization"]["method"] == "torch_dynamic_int8"
 
 
-def test_mixed_precision_and_learned_scales_through_stages_9_and_10(pipeline_run, tmp_path):
+def test_mixed_precision_learned_scales_and_ternary_embeddings_through_stages_9_10_and_12(pipeline_run, tmp_path):
     results, _ = pipeline_run
     ptq_folder, ptq_record = only_checkpoint(results, "ptq_4bit")
     budget = 1.3 * (ptq_folder / "model.safetensors").stat().st_size / 1e6
@@ -97,8 +97,9 @@ def test_mixed_precision_and_learned_scales_through_stages_9_and_10(pipeline_run
     assert set(record["modules"]) | set(record["modules_8bit"]) == set(ptq_record["quantization"]["modules"])
     qkd = tmp_path / "qkd_lsq"
     run_stage("10_qat_kd_4bit.py", results, "--num_epochs", 1, "--learnable_scales", "true", "--keep_8bit_layers", 2,
-              "--output_dir", qkd, *data_args(results))
+              "--embedding_quantization", "int2", "--output_dir", qkd, *data_args(results))
     qkd_record = json.loads((qkd / RECORD_FILE).read_text())
+    assert qkd_record["embedding_quantization"]["method"] == "int2"
     assert qkd_record["quantization"]["learned_scales"] == sorted(qkd_record["quantization"]["modules"])
     # by count (what scripts/compress.py asks for when 4 bits everywhere misses the target): the two worst Linears
     assert len(qkd_record["quantization"]["modules_8bit"]) == 2 and qkd_record["quantization"]["mixed_precision"]["count"] == 2
@@ -110,6 +111,24 @@ def test_mixed_precision_and_learned_scales_through_stages_9_and_10(pipeline_run
     assert refused.returncode == 2 and "below the all-4-bit checkpoint" in refused.stderr, refused.stderr[-2000:]
     assert "Traceback" not in refused.stderr
     assert not [p.name for p in (results / "qkd_4bit").iterdir() if p.name.startswith(".")], "an .inprogress-* folder was left"
+
+    # stage 12 stores the ternary rows QKD trained as they are (--embedding_quantization auto), in a results folder of
+    # its own so the pipeline's folders stay one per stage; it refuses a 4-bit file more than 0.1 points off torch
+    pruned, _ = only_checkpoint(results, "pruned")
+    exports = tmp_path / "exports"
+    run_stage("12_export_onnx.py", exports, "--source_model_path", pruned, "--qkd_model_path", qkd, "--calibration_methods",
+              "minmax", "--optimize_graph", "false", *data_args(results))
+    _, record_4bit = only_checkpoint(exports, "onnx_4bit")
+    for name, entry in record_4bit["files"].items():
+        assert entry["embedding_quantization"]["method"] == "int2", name
+        assert "op" not in entry["embedding_quantization"], "GatherBlockQuantized holds int4 rows only"
+    assert record_4bit["files"]["model.onnx"]["max_abs_difference_vs_torch_4bit"] < 1e-4
+    import onnx
+
+    rows, columns = qkd_record["embedding_quantization"]["shape"]
+    folder_4bit, _ = only_checkpoint(exports, "onnx_4bit")
+    stored = {t.name: list(t.dims) for t in onnx.load(str(folder_4bit / "model.onnx")).graph.initializer}
+    assert stored["word_embeddings.codes"] == [rows, -(-columns // 4)], "four ternary codes a byte"
 
 
 def data_args(results):

@@ -128,6 +128,31 @@ def test_row_quantized_embeddings_round_trip_within_half_a_step(bits, bound):
     assert codes.numel() == (50 * 33 if bits == 8 else 50 * 17)
 
 
+def test_ternary_rows_pack_four_codes_a_byte_at_the_least_error_and_requantize_exactly():
+    from common.quantization.rows import TERNARY_CLIP_RATIOS
+
+    weight = torch.randn(40, 33)
+    codes, scale = quantize_rows(weight, 2)
+    assert codes.dtype == torch.uint8 and codes.shape == (40, 9)  # 33 codes in 9 bytes, the last one padded
+    restored = dequantize_rows(codes, scale, 2, 33)
+    assert set(torch.unique(torch.round(restored / scale.unsqueeze(1))).tolist()) <= {-1.0, 0.0, 1.0}
+    error = ((restored - weight) ** 2).sum(dim=1)
+    absmax = weight.abs().amax(dim=1)
+    for ratio in TERNARY_CLIP_RATIOS:  # no candidate scale does better than the one chosen
+        candidate = torch.round(weight / (absmax * ratio).unsqueeze(1)).clamp(-1, 1) * (absmax * ratio).unsqueeze(1)
+        assert (error <= ((candidate - weight) ** 2).sum(dim=1) + 1e-5).all()
+    assert (scale < absmax).all(), "Gaussian rows are clipped: at their absmax most values would round to zero"
+    assert error.sum() < 0.6 * ((fake_absmax_ternary(weight) - weight) ** 2).sum()
+    again_codes, again_scale = quantize_rows(restored, 2)  # what stage 12 does with the table QKD trained
+    assert torch.equal(again_codes, codes) and torch.allclose(again_scale, scale, rtol=1e-6, atol=0)
+    assert torch.equal(dequantize_rows(again_codes, again_scale, 2, 33), restored)
+
+
+def fake_absmax_ternary(weight):
+    scale = weight.abs().amax(dim=1, keepdim=True)
+    return torch.round(weight / scale).clamp(-1, 1) * scale
+
+
 def test_compressed_embedding_checkpoint_round_trip(tokenizer, results_dir):
     model = tiny_model(tiny_bert_config())
     state, embedding = compress_embedding_state(model, dict(model.state_dict()), "int4")
@@ -172,7 +197,7 @@ def test_corrupt_4bit_checkpoint_is_reported(tokenizer, results_dir):
         load_model(folder)
 
 
-@pytest.mark.parametrize("method, bits", [("int8", 8), ("int4", 4)])
+@pytest.mark.parametrize("method, bits", [("int8", 8), ("int4", 4), ("int2", 2)])
 def test_fake_quantized_embeddings_equal_stored_ones(method, bits):
     model = tiny_model(tiny_bert_config())
     settings = PTQConfig(embedding_quantization=method)

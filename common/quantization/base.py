@@ -21,7 +21,7 @@ ALWAYS_SKIPPED = ("classifier", "pre_classifier", "pooler")
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for double-quantized absmax
 
 
-EMBEDDING_BITS = {"int8": 8, "int4": 4}
+EMBEDDING_BITS = {"int8": 8, "int4": 4, "int2": 2}
 
 
 def quantizable_linear_names(model: nn.Module, skip_modules: tuple | list = ()) -> list[str]:

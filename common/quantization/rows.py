@@ -1,7 +1,11 @@
-"""Row-wise symmetric int8/int4 codes: compressed word embeddings in a checkpoint, and mixed precision's int8 Linears.
+"""Row-wise symmetric int8/int4/int2 codes: compressed word embeddings in a checkpoint, and mixed precision's int8
+Linears.
 
-A row's scale is its absmax over the largest code (127 or 7); int4 codes are packed two per byte, high nibble first,
-offset by 8. ``fake_quantize_rows`` is the same quantize -> dequantize for training through the storage (STE).
+Codes run from -L to L, L = 2^(bits-1) - 1 (127, 7 or 1: int2 rows are ternary). int8 and int4 rows are scaled by
+their absmax over L; a ternary row by the scale among 17 clipping ratios of its absmax with the least squared error
+(absmax scaling would round most of a row to zero). int4 and int2 codes are packed 2 and 4 per byte, first code in
+the highest bits, offset by 2^(bits-1). ``fake_quantize_rows`` is the same quantize -> dequantize for training
+through the storage (STE).
 """
 
 from __future__ import annotations
@@ -15,34 +19,61 @@ from torch import nn
 from ..architecture import spec_for
 from .base import EMBEDDING_BITS
 
+TERNARY_CLIP_RATIOS = torch.linspace(0.2, 1.0, 17)
+
+
+def row_scales(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The per-row scale ``quantize_rows`` uses. The ternary search keeps a stored grid exact: a row already on
+    {-s, 0, s} re-quantizes to the same codes and scale (ratio 1 gives zero error, any other a clipped top value)."""
+    levels = 2 ** (bits - 1) - 1
+    absmax = weight.abs().amax(dim=1).clamp(min=1e-12)
+    if bits > 2:
+        return absmax / levels
+    best, best_error = None, None
+    for ratio in TERNARY_CLIP_RATIOS:
+        scale = absmax * ratio / levels
+        error = ((_round_codes(weight, scale, levels) * scale.unsqueeze(1) - weight) ** 2).sum(dim=1)
+        better = torch.ones_like(error, dtype=torch.bool) if best is None else error < best_error
+        best = scale if best is None else torch.where(better, scale, best)
+        best_error = error if best_error is None else torch.where(better, error, best_error)
+    return best
+
+
+def _round_codes(weight: torch.Tensor, scale: torch.Tensor, levels: int) -> torch.Tensor:
+    return torch.round(weight / scale.unsqueeze(1)).clamp(-levels, levels)
+
 
 def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric row-wise quantization: (codes, per-row scale). int4 codes are packed two per byte."""
-    levels = 2 ** (bits - 1) - 1  # 127 or 7
-    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / levels
-    codes = torch.round(weight / scale.unsqueeze(1)).clamp(-levels, levels).to(torch.int8)
-    if bits == 4:
-        unsigned = (codes + 8).to(torch.uint8)
-        if unsigned.shape[1] % 2:
-            unsigned = F.pad(unsigned, (0, 1), value=8)
-        codes = (unsigned[:, ::2] << 4) | unsigned[:, 1::2]
+    """Symmetric row-wise quantization: (codes, per-row scale). int4/int2 codes are packed into uint8."""
+    levels = 2 ** (bits - 1) - 1
+    scale = row_scales(weight, bits)
+    codes = _round_codes(weight, scale, levels).to(torch.int8)
+    if bits < 8:
+        per_byte = 8 // bits
+        unsigned = (codes + 2 ** (bits - 1)).to(torch.uint8)
+        if unsigned.shape[1] % per_byte:
+            unsigned = F.pad(unsigned, (0, per_byte - unsigned.shape[1] % per_byte), value=2 ** (bits - 1))
+        grouped = unsigned.reshape(unsigned.shape[0], -1, per_byte)
+        codes = torch.zeros(grouped.shape[:2], dtype=torch.uint8)
+        for position in range(per_byte):
+            codes |= grouped[:, :, position] << (8 - bits * (position + 1))
     return codes, scale.float()
 
 
 def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
-    if bits == 4:
-        high = (codes >> 4).to(torch.int16) - 8
-        low = (codes & 0xF).to(torch.int16) - 8
-        codes = torch.stack([high, low], dim=2).reshape(codes.shape[0], -1)[:, :columns]
+    if bits < 8:
+        mask = 2 ** bits - 1
+        shifts = [8 - bits * (position + 1) for position in range(8 // bits)]
+        unpacked = torch.stack([((codes >> shift) & mask).to(torch.int16) for shift in shifts], dim=2)
+        codes = unpacked.reshape(codes.shape[0], -1)[:, :columns] - 2 ** (bits - 1)
     return codes.float() * scale.unsqueeze(1)
 
 
 def fake_quantize_rows(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """Row-wise symmetric quantize -> dequantize, exactly as the checkpoint stores embeddings."""
     levels = 2 ** (bits - 1) - 1
-    scale = weight.detach().abs().amax(dim=1).clamp(min=1e-12) / levels
-    codes = torch.round(weight.detach() / scale.unsqueeze(1)).clamp(-levels, levels)
-    return codes * scale.unsqueeze(1)
+    scale = row_scales(weight.detach(), bits)
+    return _round_codes(weight.detach(), scale, levels) * scale.unsqueeze(1)
 
 
 class _StraightThroughRows(torch.autograd.Function):

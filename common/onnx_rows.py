@@ -1,0 +1,199 @@
+"""Row-wise storage of the float tables and matrices an exported ONNX graph still holds (``onnx_quantized`` stores
+the encoder's 4-bit Linears).
+
+- ``quantize_word_embeddings``: the word-embedding table in int8, int4 or int2 rows (``quantization.quantize_rows``),
+  only the gathered rows dequantized at run time (standard ONNX ops, or ONNX Runtime's ``GatherBlockQuantized`` for
+  int4).
+- ``compress_leftovers``: the other large float weights (position table, pooler) in int8 rows, computed in float.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .onnx_export import _add_opset, _drop_unused_initializers, _fingerprint, _initializers
+
+logger = logging.getLogger(__name__)
+
+
+def gather_block(columns: int) -> Optional[int]:
+    """The block ``GatherBlockQuantized`` can use for rows of ``columns`` values: the largest power of two from 16 to
+    128 that divides them (the op takes no other sizes), or None."""
+    return next((block for block in (128, 64, 32, 16) if columns % block == 0), None)
+
+
+def quantize_word_embeddings(onnx_model, weight: torch.Tensor, bits: int, contrib_op: bool = False) -> dict:
+    """Replace the Gather over the float word-embedding table by int8/int4/int2 row codes and per-row scales.
+
+    Only the rows of the tokens in a batch are dequantized (Gather, then unpack, Cast and Mul, standard ops that any
+    runtime runs), so the float table never exists at run time. ``contrib_op`` (int4 only): one ONNX Runtime
+    ``GatherBlockQuantized`` node does all of it instead; its blocks are powers of two, so each row's scale is
+    repeated over the row's blocks and the codes are the same as the standard-op graph's. Returns a record of what
+    was stored.
+    """
+    import onnx
+
+    graph = onnx_model.graph
+    initializers = _initializers(graph)
+    target = _fingerprint(weight.detach().float().numpy())
+    gather = next(
+        (node for node in graph.node if node.op_type == "Gather" and node.input[0] in initializers
+         and _fingerprint(onnx.numpy_helper.to_array(initializers[node.input[0]])) == target),
+        None,
+    )
+    if gather is None:
+        raise RuntimeError("The exported graph has no Gather over the word-embedding table; cannot quantize it.")
+    return _quantize_gather(onnx_model, gather, weight.detach().float(), bits, "word_embeddings", contrib_op)
+
+
+def _quantize_gather(onnx_model, gather, weight: torch.Tensor, bits: int, prefix: str, contrib_op: bool = False) -> dict:
+    """Replace ``gather`` (over the table ``weight``) by row-wise int8/int4/int2 codes dequantized after the Gather."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from .quantization import quantize_rows
+
+    graph = onnx_model.graph
+    codes, scale = quantize_rows(weight, bits)
+    rows, columns = weight.shape
+    block = gather_block(columns) if contrib_op and bits == 4 else None
+    if contrib_op and block is None:
+        logger.info("GatherBlockQuantized takes int4 rows in blocks of 16-128 values; %d-bit rows of %d values are "
+                    "stored with standard ops instead.", bits, columns)
+    if block is not None:
+        high, low = (codes >> 4) & 0xF, codes & 0xF  # quantize_rows packs the high nibble first; the op reads low first
+        packed = (high | (low << 4)).to(torch.uint8).numpy()
+        scales = np.repeat(scale.numpy().reshape(-1, 1), columns // block, axis=1)
+        node = helper.make_node("GatherBlockQuantized", [f"{prefix}.int4", gather.input[1], f"{prefix}.int4_scale"],
+                                list(gather.output), name=f"{prefix}.GatherBlockQuantized", domain="com.microsoft",
+                                gather_axis=0, quantize_axis=1, block_size=block, bits=4)
+        position = list(graph.node).index(gather)
+        graph.node.remove(gather)
+        graph.node.insert(position, node)
+        graph.initializer.extend([onnx.numpy_helper.from_array(packed, f"{prefix}.int4"),
+                                  onnx.numpy_helper.from_array(scales, f"{prefix}.int4_scale")])
+        _add_opset(onnx_model, "com.microsoft", 1)
+        _drop_unused_initializers(graph)
+        return {"method": "int4", "shape": [rows, columns], "row_wise": True, "op": "GatherBlockQuantized",
+                "block_size": block}
+    new_initializers = [
+        onnx.numpy_helper.from_array(codes.numpy(), f"{prefix}.codes"),
+        onnx.numpy_helper.from_array(scale.numpy().reshape(-1, 1), f"{prefix}.scale"),
+    ]
+    ids = gather.input[1]
+    nodes = [helper.make_node("Gather", [f"{prefix}.codes", ids], [f"{prefix}.gathered_codes"], axis=0),
+             helper.make_node("Gather", [f"{prefix}.scale", ids], [f"{prefix}.gathered_scale"], axis=0)]
+    if bits == 8:
+        nodes.append(helper.make_node("Cast", [f"{prefix}.gathered_codes"], [f"{prefix}.values"], to=TensorProto.FLOAT))
+    else:
+        # 8 // bits codes per byte, first code in the highest bits, offset by 2^(bits-1) (quantization.quantize_rows):
+        # each byte is shifted right by every code's position, and the bits above a code are subtracted (BitwiseAnd
+        # needs opset 18; these ops exist since opset 11)
+        per_byte = 8 // bits
+        shifts = np.array([8 - bits * (position + 1) for position in range(per_byte)], dtype=np.uint8)
+        new_initializers += [
+            onnx.numpy_helper.from_array(shifts, f"{prefix}.shifts"),
+            onnx.numpy_helper.from_array(np.array(bits, dtype=np.uint8), f"{prefix}.bits"),
+            onnx.numpy_helper.from_array(np.array(2.0 ** (bits - 1), dtype=np.float32), f"{prefix}.offset"),
+            onnx.numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), f"{prefix}.flat_shape"),
+            onnx.numpy_helper.from_array(np.array([0], dtype=np.int64), f"{prefix}.start"),
+            onnx.numpy_helper.from_array(np.array([columns], dtype=np.int64), f"{prefix}.columns"),
+            onnx.numpy_helper.from_array(np.array([2], dtype=np.int64), f"{prefix}.last_axis"),
+            onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{prefix}.unsqueeze_axis"),
+        ]
+        nodes += [
+            helper.make_node("Unsqueeze", [f"{prefix}.gathered_codes", f"{prefix}.unsqueeze_axis"], [f"{prefix}.bytes"]),
+            helper.make_node("BitShift", [f"{prefix}.bytes", f"{prefix}.shifts"], [f"{prefix}.shifted"], direction="RIGHT"),
+            helper.make_node("BitShift", [f"{prefix}.shifted", f"{prefix}.bits"], [f"{prefix}.above"], direction="RIGHT"),
+            helper.make_node("BitShift", [f"{prefix}.above", f"{prefix}.bits"], [f"{prefix}.above_bits"], direction="LEFT"),
+            helper.make_node("Sub", [f"{prefix}.shifted", f"{prefix}.above_bits"], [f"{prefix}.unsigned"]),
+            helper.make_node("Reshape", [f"{prefix}.unsigned", f"{prefix}.flat_shape"], [f"{prefix}.unpacked"]),
+            helper.make_node("Slice", [f"{prefix}.unpacked", f"{prefix}.start", f"{prefix}.columns", f"{prefix}.last_axis"],
+                             [f"{prefix}.unpadded"]),
+            helper.make_node("Cast", [f"{prefix}.unpadded"], [f"{prefix}.as_float"], to=TensorProto.FLOAT),
+            helper.make_node("Sub", [f"{prefix}.as_float", f"{prefix}.offset"], [f"{prefix}.values"]),
+        ]
+    nodes.append(helper.make_node("Mul", [f"{prefix}.values", f"{prefix}.gathered_scale"], list(gather.output)))
+    position = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(position + offset, node)
+    graph.initializer.extend(new_initializers)
+    _drop_unused_initializers(graph)
+    return {"method": f"int{bits}", "shape": [rows, columns], "row_wise": True}
+
+
+LEFTOVER_MIN_ELEMENTS = 16384  # float tables and matrices at least this large are stored in int8 by compress_leftovers
+
+
+def compress_leftovers(onnx_model, min_elements: int = LEFTOVER_MIN_ELEMENTS) -> dict:
+    """Store the float weights a 4-bit export still holds in int8 rows: the embedding tables other than the word
+    embeddings (positions) and the matrices outside the encoder (BERT's pooler). In the default run's 4-bit file they
+    were 1.4 of its 5.5 MB. Tables keep their Gather (only the gathered rows are dequantized); a matrix is stored in
+    per-output-channel int8 and decoded in front of its op. Weights under ``min_elements`` (the classifier, LayerNorms,
+    biases) stay in float. Returns ``{"int8_rows": [names]}``."""
+    import onnx
+
+    graph = onnx_model.graph
+    initializers = _initializers(graph)
+
+    def large_float(name):
+        tensor = initializers.get(name)
+        return (tensor is not None and tensor.data_type == onnx.TensorProto.FLOAT and len(tensor.dims) == 2
+                and int(np.prod(tensor.dims)) >= min_elements)
+
+    compressed = []
+    for node in list(graph.node):
+        if node.op_type == "Gather" and large_float(node.input[0]):
+            table = torch.from_numpy(onnx.numpy_helper.to_array(initializers[node.input[0]]).copy())
+            _quantize_gather(onnx_model, node, table, 8, _safe_prefix(node.input[0]))
+            compressed.append(node.input[0])
+        elif node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and large_float(node.input[1]):
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if node.op_type == "Gemm" and (attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0
+                                           or attributes.get("beta", 1.0) != 1.0):
+                continue
+            name = node.input[1]
+            matrix = onnx.numpy_helper.to_array(initializers[name])
+            _int8_matmul(graph, node, matrix if attributes.get("transB", 0) else matrix.T, _safe_prefix(name))
+            compressed.append(name)
+    if compressed:
+        _add_opset(onnx_model, "com.microsoft", 1)
+        _drop_unused_initializers(graph)
+    return {"int8_rows": compressed}
+
+
+def _safe_prefix(name: str) -> str:
+    return name.strip("/").replace("/", ".") + ".int8"
+
+
+def _int8_matmul(graph, node, weight: np.ndarray, prefix: str) -> None:
+    """Store the weight of ``node`` (a MatMul or Gemm by ``weight`` [out, in]) as per-output-channel int8, decoded by
+    ``Cast`` and ``Mul`` in front of the same op (folded into a float weight when the session loads), so the compute
+    stays float and the file equals torch with the same rounded weight. (ONNX Runtime fuses a ``DequantizeLinear``
+    there into an int8 product with activations quantized per batch, which is not that model.)"""
+    from onnx import TensorProto, helper
+    from onnx.numpy_helper import from_array
+
+    from .quantization import quantize_rows
+
+    codes, scale = quantize_rows(torch.tensor(np.asarray(weight, dtype=np.float32)), 8)
+    graph.initializer.extend([from_array(codes.numpy().T.copy(), prefix + ".weight"),
+                              from_array(scale.numpy().reshape(1, -1), prefix + ".scale")])
+    decode = [helper.make_node("Cast", [prefix + ".weight"], [prefix + ".as_float"], to=TensorProto.FLOAT),
+              helper.make_node("Mul", [prefix + ".as_float", prefix + ".scale"], [prefix + ".decoded"])]
+    if node.op_type == "Gemm":  # the decoded weight is [in, out]
+        for attribute in node.attribute:
+            if attribute.name == "transB":
+                attribute.i = 0
+    node.input[1] = prefix + ".decoded"
+    position = list(graph.node).index(node)
+    for offset, new_node in enumerate(decode):
+        graph.node.insert(position + offset, new_node)
+
+
+__all__ = ["compress_leftovers", "gather_block", "quantize_word_embeddings"]
