@@ -221,7 +221,9 @@ class FakeQuantEmbedding(nn.Embedding):
         self.bits = bits
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input, _StraightThroughRows.apply(self.weight, self.bits), self.padding_idx)
+        # rows are quantized independently, so only the gathered ones need it (not the whole table every step)
+        rows = F.embedding(input, self.weight, self.padding_idx)
+        return _StraightThroughRows.apply(rows.reshape(-1, rows.shape[-1]), self.bits).reshape(rows.shape)
 
 
 def prepare_fake_quantization(model: nn.Module, settings, eight_bit: tuple | list = ()) -> list[str]:
