@@ -9,7 +9,8 @@ Does:   trains full-precision master weights through NF4 fake quantization (bits
                     (+ alpha_attention * attention-relation KD; the --beta_* flags of earlier versions still work),
         --learnable_scales trains each block's scale too (LSQ) and --keep_8bit_size_budget_mb (or --keep_8bit_layers N)
         keeps the Linears with the largest 4-bit error (measured before training) at 8 bits, trained through int8
-        fake quantization;
+        fake quantization; the word embeddings train through their row-wise storage (--embedding_quantization:
+        int4 by default, int2 for ternary rows in half the bytes);
         evaluates the fake-quantized model every epoch and keeps the best, exports it to real bitsandbytes
         4-bit weights, reloads the checkpoint and checks that its validation accuracy matches the
         fake-quantized one within --max_accuracy_gap points (a mismatch is an error; nothing is saved).
@@ -21,6 +22,7 @@ Run as:
     python 10_qat_kd_4bit.py --pruned_model_path results/pruned/<run_id> --num_epochs 2 --learning_rate 1e-5 --batch_size 16
     python 10_qat_kd_4bit.py --learnable_scales true --keep_8bit_size_budget_mb 6.0
     python 10_qat_kd_4bit.py --keep_8bit_layers 4      # the 4 Linears with the largest 4-bit error at 8 bits
+    python 10_qat_kd_4bit.py --embedding_quantization int2   # ternary word-embedding rows (stage 12 keeps them)
     python 10_qat_kd_4bit.py --resume                  # continue an interrupted run after its last epoch
 """
 

@@ -3,7 +3,7 @@
 Reads:  the newest results/pruned/ checkpoint (or --pruned_model_path) and the validation split.
 Does:   stores every encoder Linear in bitsandbytes NF4 (or FP4) with the given block size and double
         quantization; embeddings, LayerNorms, pooler and classifier stay full precision, except that the
-        word embeddings are stored row-wise in int4 (--embedding_quantization int4|int8|none). With
+        word embeddings are stored row-wise in int4 (--embedding_quantization int4|int8|int2|none). With
         --keep_8bit_size_budget_mb, the Linears with the largest 4-bit output error stay at 8 bits (int8 rows)
         as far as the size budget allows (mixed precision). Then reloads
         the written checkpoint through the project's loader and evaluates it on validation.
