@@ -176,8 +176,8 @@ def _drop_unused_initializers(graph) -> None:
 def compact_names(onnx_model) -> int:
     """Rename the exporter's intermediate tensors and nodes ("/model/bert/encoder/layer.0/attention/self/MatMul_output_0")
     to a few characters each: a lossless cut of 40-85 KB per 4-bit file of the default model (1.0-2.3% of them with
-    ternary embeddings), at the price of readable profiles. Graph inputs, outputs and initializers keep their names. A graph with subgraphs is left alone
-    (their nodes may read outer names). Returns the bytes saved."""
+    ternary embeddings), at the price of readable profiles. Graph inputs, outputs and initializers keep their names.
+    A graph with subgraphs is left alone (their nodes may read outer names). Returns the bytes saved."""
     import onnx
 
     graph = onnx_model.graph
