@@ -123,7 +123,7 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
 
     parameters_before = count_parameters(student)
     accuracy_before = evaluate_accuracy(student, eval_loader)["accuracy"]
-    if vocabulary is not None and "kept_token_ids" in vocabulary:
+    if vocabulary is not None and "validation_accuracy_full_vocabulary" in vocabulary:
         vocabulary["validation_accuracy_pruned_vocabulary"] = accuracy_before
         print(f"Vocabulary pruned before fine-tuning: {vocabulary['original_vocab_size']} -> "
               f"{vocabulary['kept_vocab_size']} tokens; validation accuracy {vocabulary['validation_accuracy_full_vocabulary']:.4f} -> "

@@ -29,13 +29,12 @@ def row_scales(weight: torch.Tensor, bits: int) -> torch.Tensor:
     absmax = weight.abs().amax(dim=1).clamp(min=1e-12)
     if bits > 2:
         return absmax / levels
-    best, best_error = None, None
+    best, best_error = absmax / levels, torch.full_like(absmax, float("inf"))
     for ratio in TERNARY_CLIP_RATIOS:
         scale = absmax * ratio / levels
         error = ((_round_codes(weight, scale, levels) * scale.unsqueeze(1) - weight) ** 2).sum(dim=1)
-        better = torch.ones_like(error, dtype=torch.bool) if best is None else error < best_error
-        best = scale if best is None else torch.where(better, scale, best)
-        best_error = error if best_error is None else torch.where(better, error, best_error)
+        better = error < best_error  # strict: the smallest ratio wins a tie
+        best, best_error = torch.where(better, scale, best), torch.where(better, error, best_error)
     return best
 
 
