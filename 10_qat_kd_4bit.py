@@ -10,7 +10,8 @@ Does:   trains full-precision master weights through NF4 fake quantization (bits
         --learnable_scales trains each block's scale too (LSQ) and --keep_8bit_size_budget_mb (or --keep_8bit_layers N)
         keeps the Linears with the largest 4-bit error (measured before training) at 8 bits, trained through int8
         fake quantization; the word embeddings train through their row-wise storage (--embedding_quantization:
-        int4 by default, int2 for ternary rows in half the bytes);
+        int4 by default, int2 for ternary rows in half the bytes, --embedding_int4_rows N keeps the N most frequent
+        tokens' rows at int4 among them);
         evaluates the fake-quantized model every epoch and keeps the best, exports it to real bitsandbytes
         4-bit weights, reloads the checkpoint and checks that its validation accuracy matches the
         fake-quantized one within --max_accuracy_gap points (a mismatch is an error; nothing is saved).
@@ -23,6 +24,7 @@ Run as:
     python 10_qat_kd_4bit.py --learnable_scales true --keep_8bit_size_budget_mb 6.0
     python 10_qat_kd_4bit.py --keep_8bit_layers 4      # the 4 Linears with the largest 4-bit error at 8 bits
     python 10_qat_kd_4bit.py --embedding_quantization int2   # ternary word-embedding rows (stage 12 keeps them)
+    python 10_qat_kd_4bit.py --embedding_quantization int2 --embedding_int4_rows 1000   # frequent tokens' rows int4
     python 10_qat_kd_4bit.py --resume                  # continue an interrupted run after its last epoch
 """
 
@@ -49,7 +51,7 @@ from common.quantization import (
     strip_fake_quantization,
 )
 from common.training import train
-from common.vocabulary import teacher_token_ids
+from common.vocabulary import most_frequent_tokens, teacher_token_ids
 
 ERROR_BATCHES = 4  # validation batches of the per-layer quantization error
 
@@ -83,7 +85,8 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
     eight_bit, mixed_precision = [], None
     if config.keeps_8bit_layers:  # decided before training through them
         eight_bit, mixed_precision = plan_8bit_layers(student, config, layer_quantization_errors(student, config, error_batches))
-    fake_quantized = prepare_fake_quantization(student, config, eight_bit)
+    int4_rows = most_frequent_tokens(tokenizer, data, data_config.max_length, config.embedding_int4_rows)
+    fake_quantized = prepare_fake_quantization(student, config, eight_bit, int4_rows)
     before_training = evaluate_accuracy(student, eval_loader)
     print(f"Fake-quantizing {len(fake_quantized)} linear layers ({config.quant_type}{', learned block scales (LSQ)' if config.learnable_scales else ''}"
           f"{f'; {len(eight_bit)} at 8 bits' if eight_bit else ''}); validation accuracy: full precision "
@@ -102,7 +105,7 @@ def main(data_config: DataConfig, config: QATKDConfig) -> None:
     quantization = quantize_model_4bit(student, config, eight_bit=eight_bit, learned_scales=learned_scales)
     quantization["layer_errors"] = layer_errors
     quantization["mixed_precision"] = mixed_precision
-    state, embedding = compress_embedding_state(student, dict(student.state_dict()), config.embedding_quantization)
+    state, embedding = compress_embedding_state(student, dict(student.state_dict()), config.embedding_quantization, int4_rows)
 
     def reload_and_check(folder):
         reloaded = evaluate_accuracy(load_model(folder), eval_loader)

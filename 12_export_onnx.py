@@ -15,8 +15,8 @@ Does:   1. exports the model to ONNX with its per-layer head counts and FFN widt
            once with every weight MatMul in int8 and once with the FFN output projections (fed by the GELU output)
            left in float; the candidate with the best validation accuracy is kept, all results are recorded;
         4. exports the QKD-4bit model with its trained NF4/FP4 codes and the word embeddings stored row-wise as the
-           checkpoint stores them (int4 by default, int2 after stage 10 --embedding_quantization int2;
-           --embedding_quantization), three ways: model.onnx runs the codes exactly in ONNX Runtime's MatMulBnb4 op
+           checkpoint stores them (int4 by default, int2 after stage 10 --embedding_quantization int2, with the
+           frequent tokens' int4 rows of --embedding_int4_rows; --embedding_quantization), three ways: model.onnx runs the codes exactly in ONNX Runtime's MatMulBnb4 op
            (checked against the torch 4-bit model: validation accuracy within 0.1 point); model_nf4_int8.onnx
            decodes them once, when the session loads, into per-channel int8 weights for int8 matrix products
            (4-bit file size, int8 speed); model_int4_nbits.onnx re-quantizes them to int4 blocks of 32 for
@@ -85,6 +85,7 @@ from common.quantization import (
     EMBEDDING_BITS,
     dequantize_4bit_model,
     dequantized_linear_weights,
+    stored_int4_row_ids,
 )
 
 logger = logging.getLogger("12_export_onnx")
@@ -208,6 +209,8 @@ def export_4bit_bundle(run, source: Path, source_record: dict, scratch: Path) ->
     if embedding_method == "auto":
         embedding_method = "int4" if stored_embeddings == "none" else stored_embeddings
     exact_embeddings = embedding_method in ("none", stored_embeddings)
+    # int4 rows among ternary ones travel with the table they belong to
+    int4_rows = stored_int4_row_ids(source, source_record) if embedding_method == stored_embeddings else None
     torch_accuracy = accuracy(torch_logits, labels)
     onnx_quantization = {"method": "bitsandbytes_codes_in_onnx", "quant_type": quantization["quant_type"],
                          "blocksize": quantization["blocksize"], "codes": "the checkpoint's own"}
@@ -223,7 +226,7 @@ def export_4bit_bundle(run, source: Path, source_record: dict, scratch: Path) ->
             if embedding_method != "none":
                 embeddings = quantize_word_embeddings(
                     graph, plain.get_input_embeddings().weight, EMBEDDING_BITS[embedding_method],
-                    contrib_op=contrib_embeddings)
+                    contrib_op=contrib_embeddings, int4_rows=int4_rows)
                 found.setdefault("embedding_quantization", embeddings)
             if compute == "bnb4" and exact_embeddings:  # the exact file, checked before anything else is rounded
                 save_onnx(graph, scratch / "exact_4bit.onnx")

@@ -3,7 +3,8 @@
 Reads:  the newest results/pruned/ checkpoint (or --pruned_model_path) and the validation split.
 Does:   stores every encoder Linear in bitsandbytes NF4 (or FP4) with the given block size and double
         quantization; embeddings, LayerNorms, pooler and classifier stay full precision, except that the
-        word embeddings are stored row-wise in int4 (--embedding_quantization int4|int8|int2|none). With
+        word embeddings are stored row-wise in int4 (--embedding_quantization int4|int8|int2|none; with int2,
+        --embedding_int4_rows N keeps the rows of the N most frequent training tokens at int4). With
         --keep_8bit_size_budget_mb, the Linears with the largest 4-bit output error stay at 8 bits (int8 rows)
         as far as the size budget allows (mixed precision). Then reloads
         the written checkpoint through the project's loader and evaluates it on validation.
@@ -30,6 +31,7 @@ from common.quantization import (
     plan_8bit_layers,
     quantize_model_4bit,
 )
+from common.vocabulary import most_frequent_tokens
 
 ERROR_BATCHES = 4  # validation batches of the per-layer quantization error
 
@@ -50,7 +52,8 @@ def main(data_config: DataConfig, config: PTQConfig) -> None:
     quantization = quantize_model_4bit(model, config, eight_bit=eight_bit)
     quantization["layer_errors"] = layer_errors
     quantization["mixed_precision"] = mixed_precision
-    state, embedding = compress_embedding_state(model, dict(model.state_dict()), config.embedding_quantization)
+    int4_rows = most_frequent_tokens(tokenizer, data, data_config.max_length, config.embedding_int4_rows)
+    state, embedding = compress_embedding_state(model, dict(model.state_dict()), config.embedding_quantization, int4_rows)
     print(f"Quantized {len(quantization['modules'])} linear layers to {config.quant_type} (block {config.blocksize}, "
           f"double quant {config.double_quant}); at 8 bits: {quantization['modules_8bit'] or 'none'}; kept in full precision: "
           f"{quantization['kept_full_precision']}")

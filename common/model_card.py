@@ -127,7 +127,9 @@ def _compression_lines(record: dict) -> list[str]:
         lines.append(f"quantization: {quantization['method']}{f' ({details})' if details else ''}")
     embedding = record.get("embedding_quantization") or {}
     if embedding.get("method") not in (None, "none"):
-        lines.append(f"word embeddings stored row-wise in {embedding['method']}")
+        frequent = (f" (the {embedding['int4_rows']:,} most frequent training tokens' rows in int4)"
+                    if embedding.get("int4_rows") else "")
+        lines.append(f"word embeddings stored row-wise in {embedding['method']}{frequent}")
     for name, entry in (record.get("files") or {}).items():
         if isinstance(entry, dict) and entry.get("precision"):
             accuracy = entry.get("validation_accuracy")

@@ -3,7 +3,7 @@ the encoder's 4-bit Linears).
 
 - ``quantize_word_embeddings``: the word-embedding table in int8, int4 or int2 rows (``quantization.quantize_rows``),
   only the gathered rows dequantized at run time (standard ONNX ops, or ONNX Runtime's ``GatherBlockQuantized`` for
-  int4).
+  int4); int2 tables may keep their most frequent tokens' rows at int4.
 - ``compress_leftovers``: the other large float weights (position table, pooler) in int8 rows, computed in float.
 """
 
@@ -26,14 +26,16 @@ def gather_block(columns: int) -> Optional[int]:
     return next((block for block in (128, 64, 32, 16) if columns % block == 0), None)
 
 
-def quantize_word_embeddings(onnx_model, weight: torch.Tensor, bits: int, contrib_op: bool = False) -> dict:
+def quantize_word_embeddings(onnx_model, weight: torch.Tensor, bits: int, contrib_op: bool = False,
+                             int4_rows: Optional[torch.Tensor] = None) -> dict:
     """Replace the Gather over the float word-embedding table by int8/int4/int2 row codes and per-row scales.
 
     Only the rows of the tokens in a batch are dequantized (Gather, then unpack, Cast and Mul, standard ops that any
     runtime runs), so the float table never exists at run time. ``contrib_op`` (int4 only): one ONNX Runtime
     ``GatherBlockQuantized`` node does all of it instead; its blocks are powers of two, so each row's scale is
-    repeated over the row's blocks and the codes are the same as the standard-op graph's. Returns a record of what
-    was stored.
+    repeated over the row's blocks and the codes are the same as the standard-op graph's. ``int4_rows`` (int2 only):
+    the token ids whose rows are stored at int4 among the ternary rows, as the checkpoint stores them
+    (``quantization.compress_embedding_state``). Returns a record of what was stored.
     """
     import onnx
 
@@ -47,44 +49,66 @@ def quantize_word_embeddings(onnx_model, weight: torch.Tensor, bits: int, contri
     )
     if gather is None:
         raise RuntimeError("The exported graph has no Gather over the word-embedding table; cannot quantize it.")
-    return _quantize_gather(onnx_model, gather, weight.detach().float(), bits, "word_embeddings", contrib_op)
+    return _quantize_gather(onnx_model, gather, weight.detach().float(), bits, "word_embeddings", contrib_op, int4_rows)
 
 
-def _quantize_gather(onnx_model, gather, weight: torch.Tensor, bits: int, prefix: str, contrib_op: bool = False) -> dict:
+def _quantize_gather(onnx_model, gather, weight: torch.Tensor, bits: int, prefix: str, contrib_op: bool = False,
+                     int4_rows: Optional[torch.Tensor] = None) -> dict:
     """Replace ``gather`` (over the table ``weight``) by row-wise int8/int4/int2 codes dequantized after the Gather."""
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     from .quantization import quantize_rows
+    from .quantization.rows import int4_row_mask
 
     graph = onnx_model.graph
-    codes, scale = quantize_rows(weight, bits)
     rows, columns = weight.shape
+    mask = int4_row_mask(rows, int4_rows)
+    if mask is not None and bits != 2:
+        raise ValueError(f"int4 rows are kept among int2 rows only, not among int{bits} rows.")
     block = gather_block(columns) if contrib_op and bits == 4 else None
     if contrib_op and block is None:
         logger.info("GatherBlockQuantized takes int4 rows in blocks of 16-128 values; %d-bit rows of %d values are "
                     "stored with standard ops instead.", bits, columns)
+    ids = gather.input[1]
     if block is not None:
+        codes, scale = quantize_rows(weight, bits)
         high, low = (codes >> 4) & 0xF, codes & 0xF  # quantize_rows packs the high nibble first; the op reads low first
         packed = (high | (low << 4)).to(torch.uint8).numpy()
         scales = np.repeat(scale.numpy().reshape(-1, 1), columns // block, axis=1)
-        node = helper.make_node("GatherBlockQuantized", [f"{prefix}.int4", gather.input[1], f"{prefix}.int4_scale"],
-                                list(gather.output), name=f"{prefix}.GatherBlockQuantized", domain="com.microsoft",
-                                gather_axis=0, quantize_axis=1, block_size=block, bits=4)
-        position = list(graph.node).index(gather)
-        graph.node.remove(gather)
-        graph.node.insert(position, node)
-        graph.initializer.extend([onnx.numpy_helper.from_array(packed, f"{prefix}.int4"),
-                                  onnx.numpy_helper.from_array(scales, f"{prefix}.int4_scale")])
+        nodes = [helper.make_node("GatherBlockQuantized", [f"{prefix}.int4", ids, f"{prefix}.int4_scale"],
+                                  list(gather.output), name=f"{prefix}.GatherBlockQuantized", domain="com.microsoft",
+                                  gather_axis=0, quantize_axis=1, block_size=block, bits=4)]
+        new_initializers = [onnx.numpy_helper.from_array(packed, f"{prefix}.int4"),
+                            onnx.numpy_helper.from_array(scales, f"{prefix}.int4_scale")]
         _add_opset(onnx_model, "com.microsoft", 1)
-        _drop_unused_initializers(graph)
-        return {"method": "int4", "shape": [rows, columns], "row_wise": True, "op": "GatherBlockQuantized",
-                "block_size": block}
+        record = {"method": "int4", "shape": [rows, columns], "row_wise": True, "op": "GatherBlockQuantized",
+                  "block_size": block}
+    elif mask is None:
+        nodes, new_initializers = _decode_rows(prefix, *quantize_rows(weight, bits), bits, columns, ids, gather.output[0])
+        record = {"method": f"int{bits}", "shape": [rows, columns], "row_wise": True}
+    else:
+        nodes, new_initializers = _mixed_rows(prefix, weight, mask, bits, ids, gather.output[0])
+        record = {"method": f"int{bits}", "shape": [rows, columns], "row_wise": True, "int4_rows": int(mask.sum())}
+    position = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(position + offset, node)
+    graph.initializer.extend(new_initializers)
+    _drop_unused_initializers(graph)
+    return record
+
+
+def _decode_rows(prefix: str, codes: torch.Tensor, scale: torch.Tensor, bits: int, columns: int, ids: str,
+                 output: str) -> tuple[list, list]:
+    """Nodes and initializers that gather the rows ``ids`` of row-wise codes and dequantize them into ``output``."""
+    import onnx
+    from onnx import TensorProto, helper
+
     new_initializers = [
         onnx.numpy_helper.from_array(codes.numpy(), f"{prefix}.codes"),
         onnx.numpy_helper.from_array(scale.numpy().reshape(-1, 1), f"{prefix}.scale"),
     ]
-    ids = gather.input[1]
     nodes = [helper.make_node("Gather", [f"{prefix}.codes", ids], [f"{prefix}.gathered_codes"], axis=0),
              helper.make_node("Gather", [f"{prefix}.scale", ids], [f"{prefix}.gathered_scale"], axis=0)]
     if bits == 8:
@@ -117,14 +141,57 @@ def _quantize_gather(onnx_model, gather, weight: torch.Tensor, bits: int, prefix
             helper.make_node("Cast", [f"{prefix}.unpadded"], [f"{prefix}.as_float"], to=TensorProto.FLOAT),
             helper.make_node("Sub", [f"{prefix}.as_float", f"{prefix}.offset"], [f"{prefix}.values"]),
         ]
-    nodes.append(helper.make_node("Mul", [f"{prefix}.values", f"{prefix}.gathered_scale"], list(gather.output)))
-    position = list(graph.node).index(gather)
-    graph.node.remove(gather)
-    for offset, node in enumerate(nodes):
-        graph.node.insert(position + offset, node)
-    graph.initializer.extend(new_initializers)
-    _drop_unused_initializers(graph)
-    return {"method": f"int{bits}", "shape": [rows, columns], "row_wise": True}
+    nodes.append(helper.make_node("Mul", [f"{prefix}.values", f"{prefix}.gathered_scale"], [output]))
+    return nodes, new_initializers
+
+
+def _mixed_rows(prefix: str, weight: torch.Tensor, mask: torch.Tensor, bits: int, ids: str, output: str) -> tuple[list, list]:
+    """Ternary rows with the rows where ``mask`` is True at int4, stored as two tables (the others in id order) and
+    the sorted int4 row ids. At run time the ids become a 0/1 row table (ScatterElements) and its running count
+    (CumSum), from which each token's row in either table follows; both are gathered and decoded, and Where picks.
+    Costs two tables' decode per token and one pass over the row count, no per-row index table in the file."""
+    from onnx import TensorProto, helper
+    from onnx.numpy_helper import from_array
+
+    from .quantization import quantize_rows
+    from .quantization.rows import WIDE_ROW_BITS
+
+    rows, columns = weight.shape
+    wide_ids = torch.nonzero(mask).flatten()
+    p = f"{prefix}.int4_rows"
+    new_initializers = [
+        from_array(wide_ids.to(torch.int32).numpy(), f"{p}.ids"),
+        from_array(np.array([rows], dtype=np.int64), f"{p}.table_rows"),
+        from_array(np.array([len(wide_ids)], dtype=np.int64), f"{p}.count"),
+        from_array(np.array(0, dtype=np.int64), f"{p}.zero"),
+        from_array(np.array(1, dtype=np.int64), f"{p}.one"),
+        from_array(np.array(-1, dtype=np.int64), f"{p}.last_axis"),
+    ]
+    one = helper.make_tensor("one", TensorProto.INT64, [1], [1])
+    zero = helper.make_tensor("zero", TensorProto.INT64, [1], [0])
+    nodes = [
+        helper.make_node("ConstantOfShape", [f"{p}.table_rows"], [f"{p}.zeros"], value=zero),
+        helper.make_node("ConstantOfShape", [f"{p}.count"], [f"{p}.ones"], value=one),
+        helper.make_node("ScatterElements", [f"{p}.zeros", f"{p}.ids", f"{p}.ones"], [f"{p}.is_wide_row"], axis=0),
+        helper.make_node("CumSum", [f"{p}.is_wide_row", f"{p}.zero"], [f"{p}.wide_rows_up_to"]),
+        helper.make_node("Gather", [f"{p}.is_wide_row", ids], [f"{p}.is_wide"], axis=0),
+        helper.make_node("Gather", [f"{p}.wide_rows_up_to", ids], [f"{p}.rank"], axis=0),
+        # a narrow token's row among the narrow rows is its id minus the int4 rows before it; a wide token's among
+        # the int4 rows is its rank minus one (the other index of each is clamped to 0 and discarded by Where)
+        helper.make_node("Sub", [ids, f"{p}.rank"], [f"{p}.narrow_offset"]),
+        helper.make_node("Max", [f"{p}.narrow_offset", f"{p}.zero"], [f"{p}.narrow_ids"]),
+        helper.make_node("Sub", [f"{p}.rank", f"{p}.one"], [f"{p}.wide_offset"]),
+        helper.make_node("Max", [f"{p}.wide_offset", f"{p}.zero"], [f"{p}.wide_ids"]),
+        helper.make_node("Unsqueeze", [f"{p}.is_wide", f"{p}.last_axis"], [f"{p}.is_wide_column"]),
+        helper.make_node("Cast", [f"{p}.is_wide_column"], [f"{p}.use_wide"], to=TensorProto.BOOL),
+    ]
+    narrow_nodes, narrow_initializers = _decode_rows(prefix, *quantize_rows(weight[~mask], bits), bits, columns,
+                                                     f"{p}.narrow_ids", f"{prefix}.narrow_rows")
+    wide_nodes, wide_initializers = _decode_rows(f"{prefix}.int4", *quantize_rows(weight[mask], WIDE_ROW_BITS),
+                                                 WIDE_ROW_BITS, columns, f"{p}.wide_ids", f"{prefix}.wide_rows")
+    nodes += narrow_nodes + wide_nodes
+    nodes.append(helper.make_node("Where", [f"{p}.use_wide", f"{prefix}.wide_rows", f"{prefix}.narrow_rows"], [output]))
+    return nodes, new_initializers + narrow_initializers + wide_initializers
 
 
 LEFTOVER_MIN_ELEMENTS = 16384  # float tables and matrices at least this large are stored in int8 by compress_leftovers

@@ -39,6 +39,20 @@ def token_counts(tokenizer, texts: list[str], pairs: Optional[list[str]], max_le
     return counts
 
 
+def most_frequent_tokens(tokenizer, data, max_length: int, count: int) -> Optional[torch.Tensor]:
+    """The ids of the ``count`` tokens most frequent in the training split as the model sees it (fewer when it has
+    fewer distinct tokens; ties to the lower id), or None for ``count`` 0: the rows a ternary word-embedding table
+    keeps at int4 (``embedding_int4_rows``)."""
+    if not count:
+        return None
+    counts = token_counts(tokenizer, *text_inputs(data.train), max_length)
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:count]
+    covered = sum(n for _, n in ranked) / max(1, sum(counts.values()))
+    logger.info("Word-embedding rows at int4: the %d most frequent of %d training tokens, %.1f%% of the training split's "
+                "tokens (embedding_int4_rows=%d)", len(ranked), len(counts), 100 * covered, count)
+    return torch.tensor(sorted(token for token, _ in ranked), dtype=torch.long)
+
+
 def token_coverage(tokenizer, texts: list[str], pairs: Optional[list[str]], max_length: int) -> float:
     """Share of the non-special tokens of ``texts`` (and their pairs) that are not [UNK]."""
     special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}

@@ -16,8 +16,8 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
            (common/latency_table.py, --latency_table); with --optimize latency one that cannot beat the fastest
            passing candidate by 10% is not trained;
         3. (--finish) copies the winner into results/pruned/ as its newest checkpoint, runs stage 10 (QKD-4bit) on it
-           (with --optimize size first with ternary word-embedding rows, --size_embeddings; int4 rows when those miss
-           the gate); when that all-4-bit model fails the gate (--mixed_precision), reruns stage 10 with --keep_8bit_layers
+           (with --optimize size first with ternary word-embedding rows, --size_embeddings, the most frequent tokens'
+           rows at int4, --size_int4_rows; int4 rows when those miss the gate); when that all-4-bit model fails the gate (--mixed_precision), reruns stage 10 with --keep_8bit_layers
            (largest 4-bit error first, by bisection over all, half, ... one) and publishes the fewest that pass; then
            runs stages 12 (ONNX; with --optimize size its 4-bit files keep only the position rows of --max_length
            tokens) and 13 (OpenVINO) as they run alone, gates every file they wrote the same way, times
@@ -305,7 +305,8 @@ def gate_folder(folder: Path, teacher_correct, data, data_config, config) -> dic
 
 def train_qkd(flags: list, teacher_correct, data, data_config, config) -> dict:
     """Stage 10 on the published winner. With --optimize size it first trains ternary word-embedding rows
-    (--size_embeddings int2) and keeps them when that model passes the gate; otherwise stage 10 runs again with int4
+    (--size_embeddings int2; the --size_int4_rows most frequent tokens' rows at int4) and keeps them when that
+    model passes the gate; otherwise stage 10 runs again with int4
     rows, so the newest qkd_4bit checkpoint (which the 8-bit search and stages 12 and 13 read) is the one kept.
     Returns the rows chosen, the stage-10 flags that give them, and why."""
     quantize = FINISHING_SCRIPTS[0]
@@ -314,6 +315,8 @@ def train_qkd(flags: list, teacher_correct, data, data_config, config) -> dict:
         result["why"] += " (--size_embeddings int4)"
     elif config.optimize == "size":
         ternary_flags = ["--embedding_quantization", config.size_embeddings]
+        if config.size_embeddings == "int2" and config.size_int4_rows:
+            ternary_flags += ["--embedding_int4_rows", config.size_int4_rows]
         run_script(quantize, *flags, *ternary_flags, stream=True)
         ternary = gate_folder(find_checkpoint("qkd_4bit"), teacher_correct, data, data_config, config)
         outcome = f"QKD-4bit with {config.size_embeddings} word-embedding rows: retention {ternary['retention']:.4f}"

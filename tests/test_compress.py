@@ -126,9 +126,12 @@ def test_bits_under_the_gate_search_the_fewest_8bit_linears_and_publish_them(tmp
         "4 bits everywhere keeps the target") and calls == []
 
 
+TERNARY = ["--embedding_quantization", "int2", "--embedding_int4_rows", 1000]
+
+
 @pytest.mark.parametrize("optimize, size_embeddings, ternary_passes, runs, method", [
-    ("size", "int2", True, [["--embedding_quantization", "int2"]], "int2"),
-    ("size", "int2", False, [["--embedding_quantization", "int2"], []], "int4"),
+    ("size", "int2", True, [TERNARY], "int2"),
+    ("size", "int2", False, [TERNARY, []], "int4"),
     ("size", "int4", None, [[]], "int4"),
     ("latency", "int2", None, [[]], "int4"),
 ])
@@ -276,6 +279,7 @@ def test_the_summary_refuses_runs_it_cannot_read(tmp_path, args, message):
     (["--target_retention", "1.2"], "target_retention=1.2 is out of range"),
     (["--optimize", "speed"], "optimize='speed' is not supported; allowed values: 'latency', 'size'"),
     (["--size_embeddings", "int3"], "size_embeddings='int3' is not supported; allowed values: 'int4', 'int2'"),
+    (["--size_int4_rows", "-5"], "size_int4_rows=-5 is out of range; it must lie in [0, inf]"),
     (["--max_size_mb", "0"], "max_size_mb=0.0 must be a positive"),
     (["--drop_layers", "0", "0"], "drop_layers=[0, 0] must list distinct layer counts of 0 or more"),
     (["--drop_layers", "-1"], "drop_layers=[-1] must list distinct layer counts"),

@@ -497,6 +497,10 @@ def test_predict_needs_pairs_for_a_pair_model_and_a_separator_in_each_text(tmp_p
     ("QATKDConfig", {"keep_8bit_size_budget_mb": 0.0}, "keep_8bit_size_budget_mb=0.0 must be a positive"),
     ("QATKDConfig", {"keep_8bit_layers": 0}, "keep_8bit_layers=0 must be a positive"),
     ("PTQConfig", {"keep_8bit_layers": -2}, "keep_8bit_layers=-2 must be a positive"),
+    ("QATKDConfig", {"embedding_int4_rows": 500}, r"embedding_int4_rows=500 keeps some word-embedding rows at int4 among "
+     r"ternary ones, but embedding_quantization='int4'; set embedding_quantization=int2 or embedding_int4_rows=0"),
+    ("PTQConfig", {"embedding_int4_rows": -1, "embedding_quantization": "int2"},
+     r"embedding_int4_rows=-1 is out of range; it must lie in \[0, inf\]"),
     ("SensitivityConfig", {"sparsities": [0.5, 1.5]}, r"sparsities=\[0.5, 1.5\] must be shares between 0 and 1"),
     ("SensitivityConfig", {"sparsities": []}, r"sparsities=\[\] must be shares"),
     ("SensitivityConfig", {"parameter_budget": 1.0}, "parameter_budget=1.0"),

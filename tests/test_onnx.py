@@ -30,8 +30,10 @@ from common.quantization import (
     dequantize_4bit_model,
     dequantized_linear_weights,
     fake_quantize_rows,
+    fake_quantize_table,
     quantize_model_4bit,
 )
+from common.quantization.rows import int4_row_mask
 from conftest import NEGATIVE, NEUTRAL, POSITIVE, PROJECT_ROOT, tiny_bert_config, tiny_distilbert_config, tiny_model
 
 TEXTS = ["great film and fun story", "dull boring plot", "the actor was charming", "a movie", "weak script and flat ending",
@@ -160,16 +162,26 @@ def test_bnb4_export_runs_the_trained_codes(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="compute='int4' is not supported"):
         use_bnb4_codes(onnx.load(str(tmp_path / "plain.onnx")), quantized, weights, compute="int4")
     embeddings = plain.get_input_embeddings().weight
-    for bits in (8, 4, 2):
+    _, batch = torch_logits(quantized, tokenizer, TEXTS, names)
+    in_batch = batch["input_ids"].unique()
+    some_int4_rows = torch.cat([in_batch[::2], torch.tensor([embeddings.shape[0] - 1])])  # the last row too
+    for bits, int4_rows in ((8, None), (4, None), (2, None), (2, some_int4_rows)):
         variant = copy.deepcopy(exported)
-        record = quantize_word_embeddings(variant, embeddings, bits)
+        record = quantize_word_embeddings(variant, embeddings, bits, int4_rows=int4_rows)
         save_onnx(variant, tmp_path / f"bnb4_emb{bits}.onnx")
         reference = copy.deepcopy(quantized)
         with torch.no_grad():
-            reference.get_input_embeddings().weight.copy_(fake_quantize_rows(embeddings, bits))
+            mask = int4_row_mask(embeddings.shape[0], int4_rows)
+            reference.get_input_embeddings().weight.copy_(fake_quantize_table(embeddings, bits, mask))
         expected, batch = torch_logits(reference, tokenizer, TEXTS, names)
         np.testing.assert_allclose(OnnxClassifier(tmp_path / f"bnb4_emb{bits}.onnx").logits(batch), expected, atol=1e-4, rtol=0)
-        assert record["method"] == f"int{bits}"
+        assert record["method"] == f"int{bits}" and record.get("int4_rows") == (None if mask is None else len(some_int4_rows))
+        if mask is not None:  # both halves of the batch's tokens are decoded from their own table
+            stored = {t.name: list(t.dims) for t in variant.graph.initializer}
+            rows, columns = embeddings.shape
+            assert stored["word_embeddings.codes"] == [rows - len(some_int4_rows), columns // 4]
+            assert stored["word_embeddings.int4.codes"] == [len(some_int4_rows), columns // 2]
+            assert not torch.equal(fake_quantize_table(embeddings, bits, mask), fake_quantize_rows(embeddings, bits))
         assert not any(t.dims == list(embeddings.shape) and t.data_type == onnx.TensorProto.FLOAT for t in variant.graph.initializer)
 
 

@@ -97,9 +97,10 @@ def test_mixed_precision_learned_scales_and_ternary_embeddings_through_stages_9_
     assert set(record["modules"]) | set(record["modules_8bit"]) == set(ptq_record["quantization"]["modules"])
     qkd = tmp_path / "qkd_lsq"
     run_stage("10_qat_kd_4bit.py", results, "--num_epochs", 1, "--learnable_scales", "true", "--keep_8bit_layers", 2,
-              "--embedding_quantization", "int2", "--output_dir", qkd, *data_args(results))
+              "--embedding_quantization", "int2", "--embedding_int4_rows", 20, "--output_dir", qkd, *data_args(results))
     qkd_record = json.loads((qkd / RECORD_FILE).read_text())
     assert qkd_record["embedding_quantization"]["method"] == "int2"
+    assert qkd_record["embedding_quantization"]["int4_rows"] == 20, "the 20 most frequent tokens' rows at int4"
     assert qkd_record["quantization"]["learned_scales"] == sorted(qkd_record["quantization"]["modules"])
     # by count (what scripts/compress.py asks for when 4 bits everywhere misses the target): the two worst Linears
     assert len(qkd_record["quantization"]["modules_8bit"]) == 2 and qkd_record["quantization"]["mixed_precision"]["count"] == 2
@@ -112,7 +113,7 @@ def test_mixed_precision_learned_scales_and_ternary_embeddings_through_stages_9_
     assert "Traceback" not in refused.stderr
     assert not [p.name for p in (results / "qkd_4bit").iterdir() if p.name.startswith(".")], "an .inprogress-* folder was left"
 
-    # stage 12 stores the ternary rows QKD trained as they are (--embedding_quantization auto), in a results folder of
+    # stage 12 stores the ternary (and int4) rows QKD trained as they are (--embedding_quantization auto), in a results folder of
     # its own so the pipeline's folders stay one per stage; it refuses a 4-bit file more than 0.1 points off torch
     pruned, _ = only_checkpoint(results, "pruned")
     exports = tmp_path / "exports"
@@ -128,7 +129,8 @@ def test_mixed_precision_learned_scales_and_ternary_embeddings_through_stages_9_
     rows, columns = qkd_record["embedding_quantization"]["shape"]
     folder_4bit, _ = only_checkpoint(exports, "onnx_4bit")
     stored = {t.name: list(t.dims) for t in onnx.load(str(folder_4bit / "model.onnx")).graph.initializer}
-    assert stored["word_embeddings.codes"] == [rows, -(-columns // 4)], "four ternary codes a byte"
+    assert stored["word_embeddings.codes"] == [rows - 20, -(-columns // 4)], "four ternary codes a byte"
+    assert stored["word_embeddings.int4.codes"] == [20, -(-columns // 2)], "the frequent tokens' int4 rows carried over"
 
 
 def data_args(results):

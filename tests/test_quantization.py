@@ -197,11 +197,16 @@ def test_corrupt_4bit_checkpoint_is_reported(tokenizer, results_dir):
         load_model(folder)
 
 
-@pytest.mark.parametrize("method, bits", [("int8", 8), ("int4", 4), ("int2", 2)])
-def test_fake_quantized_embeddings_equal_stored_ones(method, bits):
+@pytest.mark.parametrize("method, int4_rows", [("int8", 0), ("int4", 0), ("int2", 0), ("int2", 7)])
+def test_fake_quantized_embeddings_equal_stored_ones(method, int4_rows):
+    from common.quantization import estimated_checkpoint_bytes
+    from common.quantization.loading import _load_embedding
+    from common.quantization.rows import int4_row_mask
+
     model = tiny_model(tiny_bert_config())
-    settings = PTQConfig(embedding_quantization=method)
-    prepare_fake_quantization(model, settings)
+    settings = PTQConfig(embedding_quantization=method, embedding_int4_rows=int4_rows)
+    wide = torch.tensor([0, 1, 5, 9, 20, 30, 36])[:int4_rows] if int4_rows else None
+    prepare_fake_quantization(model, settings, int4_rows=wide)
     embedding = word_embeddings(model)
     ids = torch.arange(embedding.num_embeddings)
     seen = embedding(ids).detach()
@@ -211,10 +216,25 @@ def test_fake_quantized_embeddings_equal_stored_ones(method, bits):
     expected_grad[embedding.padding_idx] = 0  # the padding row never receives gradient
     assert torch.equal(embedding.weight.grad, expected_grad)  # straight through
     strip_fake_quantization(model)
-    state, record = compress_embedding_state(model, dict(model.state_dict()), method)
-    name = record["module"]
-    stored = dequantize_rows(state[f"{name}.weight_codes"], state[f"{name}.weight_scale"], bits, record["shape"][1])
+    master = word_embeddings(model).weight.detach().clone()
+    state, record = compress_embedding_state(model, dict(model.state_dict()), method, wide)
+    name, (rows, columns) = record["module"], record["shape"]
+    assert f"{name}.weight" not in state
+    stored = _load_embedding(dict(state), record)[f"{name}.weight"]
     assert torch.equal(seen, stored)
+    assert state[f"{name}.weight_codes"].shape[0] == rows - int4_rows
+    if int4_rows:
+        mask = int4_row_mask(rows, wide)
+        assert record["int4_rows"] == int4_rows and state[f"{name}.int4_row_ids"].tolist() == wide.tolist()
+        assert list(state[f"{name}.int4_codes"].shape) == [int4_rows, columns // 2]
+        # the int4 rows are closer to the trained rows than the ternary ones (that is what their bytes buy)
+        error = ((stored - master) ** 2).sum(dim=1)
+        assert error[mask].mean() < 0.2 * error[~mask].mean()
+        estimate = estimated_checkpoint_bytes(model, settings) - estimated_checkpoint_bytes(
+            model, PTQConfig(embedding_quantization="int2"))
+        assert estimate == int4_rows * (columns // 2 - columns // 4 + 4)
+        with pytest.raises(ValueError, match="int4 rows are kept among int2 rows only, not among int4 rows"):
+            compress_embedding_state(tiny_model(tiny_bert_config()), dict(model.state_dict()), "int4", wide)
 
 
 def test_layer_quantization_errors_grow_with_the_block_size(tokenizer):

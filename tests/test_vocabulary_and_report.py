@@ -10,7 +10,7 @@ from common.evaluation import classification_metrics
 from common.models import load_checkpoint_tokenizer, load_model, save_checkpoint
 from common.report import build_report, pareto_front
 from common.report_render import write_report
-from common.vocabulary import prune_vocabulary, teacher_token_ids
+from common.vocabulary import most_frequent_tokens, prune_vocabulary, teacher_token_ids
 from conftest import tiny_bert_config, tiny_data, tiny_model
 
 
@@ -50,6 +50,17 @@ def test_vocabulary_min_count_drops_the_rare_tokens_and_resegments_their_words(t
     assert summary["coverage"]["test"] == pytest.approx(2 / 4) and every["coverage"]["test"] == 1.0
     with pytest.raises(ValueError, match="vocabulary_min_count=0 must be 1 or more"):
         prune_vocabulary(model, tokenizer, data, max_length=32, min_count=0)
+
+
+def test_the_most_frequent_training_tokens_are_ranked_by_count_then_id(tokenizer):
+    data = tiny_data(["great film and fun story", "great film but dull plot", "great boring"], ["great plot", "fun film"])
+    great, film = tokenizer.convert_tokens_to_ids(["great", "film"])
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    # [CLS] and [SEP] once a text (3), "great" 3 times, "film" twice: the top four by count, lower id first on ties
+    assert most_frequent_tokens(tokenizer, data, 32, 4).tolist() == sorted([cls, sep, great, film])
+    assert most_frequent_tokens(tokenizer, data, 32, 0) is None
+    assert len(most_frequent_tokens(tokenizer, data, 32, 1000)) == 2 + 9, "no more ids than distinct training tokens"
+    assert tokenizer.pad_token_id not in most_frequent_tokens(tokenizer, data, 32, 1000).tolist(), "unpadded counts"
 
 
 def test_a_teacher_reads_the_pruned_students_ids_through_the_kept_token_table(tokenizer):

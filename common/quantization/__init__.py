@@ -53,7 +53,9 @@ from .rows import (
     compress_embedding_state,
     dequantize_rows,
     fake_quantize_rows,
+    fake_quantize_table,
     quantize_rows,
+    stored_int4_row_ids,
 )
 
 __all__ = [
@@ -81,6 +83,7 @@ __all__ = [
     "fake_quantize_4bit",
     "fake_quantize_4bit_values",
     "fake_quantize_rows",
+    "fake_quantize_table",
     "int8_state_dict",
     "is_movable",
     "layer_quantization_errors",
@@ -92,6 +95,7 @@ __all__ = [
     "quantize_model_int8",
     "quantize_rows",
     "register_format",
+    "stored_int4_row_ids",
     "strip_fake_quantization",
     "worst_layers",
 ]

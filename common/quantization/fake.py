@@ -19,7 +19,7 @@ from torch import nn
 
 from ..architecture import set_module, spec_for
 from .base import EMBEDDING_BITS, NESTED_BLOCKSIZE, quantizable_linear_names
-from .rows import _StraightThroughRows
+from .rows import _StraightThroughRows, int4_row_mask
 
 
 def codebook(quant_type: str) -> torch.Tensor:
@@ -211,25 +211,32 @@ class FakeQuant8bitLinear(_FakeQuantLinear):
 
 
 class FakeQuantEmbedding(nn.Embedding):
-    """Word embeddings seen through their int8/int4 row-wise storage in every forward pass (STE backward)."""
+    """Word embeddings seen through their row-wise storage in every forward pass (STE backward); ``int4_rows``: the
+    token ids whose rows are stored at int4 among ternary rows (``compress_embedding_state``)."""
 
-    def __init__(self, embedding: nn.Embedding, bits: int) -> None:
+    def __init__(self, embedding: nn.Embedding, bits: int, int4_rows: Optional[torch.Tensor] = None) -> None:
         super().__init__(embedding.num_embeddings, embedding.embedding_dim, padding_idx=embedding.padding_idx,
                          device=embedding.weight.device, dtype=embedding.weight.dtype)
         with torch.no_grad():
             self.weight.copy_(embedding.weight)
         self.bits = bits
+        mask = int4_row_mask(embedding.num_embeddings, int4_rows)
+        # not persistent: the checkpoint stores the ids beside the codes, not this training-time mask
+        self.register_buffer("int4_mask", None if mask is None else mask.to(embedding.weight.device), persistent=False)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # rows are quantized independently, so only the gathered ones need it (not the whole table every step)
         rows = F.embedding(input, self.weight, self.padding_idx)
-        return _StraightThroughRows.apply(rows.reshape(-1, rows.shape[-1]), self.bits).reshape(rows.shape)
+        mask = None if self.int4_mask is None else self.int4_mask[input].reshape(-1)
+        return _StraightThroughRows.apply(rows.reshape(-1, rows.shape[-1]), self.bits, mask).reshape(rows.shape)
 
 
-def prepare_fake_quantization(model: nn.Module, settings, eight_bit: tuple | list = ()) -> list[str]:
+def prepare_fake_quantization(model: nn.Module, settings, eight_bit: tuple | list = (),
+                              int4_rows: Optional[torch.Tensor] = None) -> list[str]:
     """Swap the quantizable Linears for ``FakeQuant4bitLinear`` (``FakeQuant8bitLinear`` for those named in
     ``eight_bit``; learned block scales when ``settings.learnable_scales``), and the word embeddings for
-    ``FakeQuantEmbedding`` when they will be stored quantized, in place; return the Linears' names."""
+    ``FakeQuantEmbedding`` when they will be stored quantized (``int4_rows``: as ``compress_embedding_state``), in
+    place; return the Linears' names."""
     names = quantizable_linear_names(model, settings.skip_modules)
     learnable = getattr(settings, "learnable_scales", False)
     for name in names:
@@ -238,7 +245,8 @@ def prepare_fake_quantization(model: nn.Module, settings, eight_bit: tuple | lis
                    FakeQuant4bitLinear(linear, settings.quant_type, settings.blocksize, settings.double_quant, learnable))
     if settings.embedding_quantization != "none":
         name = spec_for(model).embeddings
-        set_module(model, name, FakeQuantEmbedding(model.get_submodule(name), EMBEDDING_BITS[settings.embedding_quantization]))
+        set_module(model, name, FakeQuantEmbedding(model.get_submodule(name), EMBEDDING_BITS[settings.embedding_quantization],
+                                                   int4_rows))
     return names
 
 

@@ -11,13 +11,14 @@ from torch import nn
 from ..architecture import spec_for
 from .base import EMBEDDING_BITS, bits_per_weight, quantizable_linear_names
 from .fake import worst_layers
+from .rows import WIDE_ROW_BITS
 
 logger = logging.getLogger(__name__)
 
 def estimated_checkpoint_bytes(model: nn.Module, settings, eight_bit: tuple | list = ()) -> float:
     """Weight bytes of ``model`` (full precision) once stored by stage 9/10 with ``settings``: quantizable Linears
     in 4 bits (``bits_per_weight``), those in ``eight_bit`` as int8 plus a scale per row, the word embeddings per
-    ``settings.embedding_quantization``, everything else at its own dtype."""
+    ``settings.embedding_quantization`` (at most ``embedding_int4_rows`` of them at int4), everything else at its own dtype."""
     quantizable = set(quantizable_linear_names(model, settings.skip_modules))
     embedding_key = f"{spec_for(model).embeddings}.weight"
     embedding_bits = EMBEDDING_BITS.get(settings.embedding_quantization)
@@ -34,6 +35,8 @@ def estimated_checkpoint_bytes(model: nn.Module, settings, eight_bit: tuple | li
         elif key == embedding_key and embedding_bits:
             rows, columns = tensor.shape
             total += rows * math.ceil(columns * embedding_bits / 8) + 4 * rows
+            int4_rows = min(rows, getattr(settings, "embedding_int4_rows", 0)) if embedding_bits == 2 else 0
+            total += int4_rows * (math.ceil(columns * WIDE_ROW_BITS / 8) - math.ceil(columns * embedding_bits / 8) + 4)
         else:
             total += tensor.numel() * tensor.element_size()
     return total

@@ -6,6 +6,11 @@ their absmax over L; a ternary row by the scale among 17 clipping ratios of its 
 (absmax scaling would round most of a row to zero). int4 and int2 codes are packed 2 and 4 per byte, first code in
 the highest bits, offset by 2^(bits-1). ``fake_quantize_rows`` is the same quantize -> dequantize for training
 through the storage (STE).
+
+A ternary table can keep the rows of its most frequent tokens at int4 (``int4_rows``): those few rows carry most of
+the text (on the default task the 1,000 most frequent of 13,646 tokens are 76% of the training split's tokens), for
+about 100 bytes more per row. The checkpoint then stores two tables, the ternary rows of the other tokens in id order
+and the int4 rows, with the sorted ids of the int4 rows.
 """
 
 from __future__ import annotations
@@ -77,12 +82,12 @@ def fake_quantize_rows(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
 class _StraightThroughRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, bits):
-        return fake_quantize_rows(weight, bits)
+    def forward(ctx, weight, bits, int4_mask=None):
+        return fake_quantize_table(weight, bits, int4_mask)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return grad_output, None
+        return grad_output, None, None
 
 
 class Int8WeightLinear(nn.Module):
@@ -115,21 +120,72 @@ class Int8WeightLinear(nn.Module):
         return F.linear(input, self.dequantized_weight().to(input.dtype), bias)
 
 
-def compress_embedding_state(model: nn.Module, state: dict, method: str) -> tuple[dict, Optional[dict]]:
-    """Replace the word-embedding weight in ``state`` by row-wise codes and scales; return (state, record)."""
+WIDE_ROW_BITS = 4  # the width of the rows a ternary table keeps for its most frequent tokens
+
+
+def int4_row_mask(rows: int, int4_rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A boolean mask over the table's rows, True for the rows stored at int4 (None when there are none)."""
+    if int4_rows is None or not len(int4_rows):
+        return None
+    mask = torch.zeros(rows, dtype=torch.bool)
+    mask[torch.as_tensor(int4_rows, dtype=torch.long)] = True
+    return mask
+
+
+def fake_quantize_table(rows: torch.Tensor, bits: int, int4_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``fake_quantize_rows`` of table rows, the rows where ``int4_mask`` is True at int4 instead of ``bits``."""
+    narrow = fake_quantize_rows(rows, bits)
+    if int4_mask is None:
+        return narrow
+    return torch.where(int4_mask.unsqueeze(1), fake_quantize_rows(rows, WIDE_ROW_BITS), narrow)
+
+
+def compress_embedding_state(model: nn.Module, state: dict, method: str,
+                             int4_rows: Optional[torch.Tensor] = None) -> tuple[dict, Optional[dict]]:
+    """Replace the word-embedding weight in ``state`` by row-wise codes and scales; return (state, record).
+    ``int4_rows``: token ids whose rows are stored at int4 among ``int2`` rows (the others' in id order)."""
     if method == "none":
         return state, None
     name = spec_for(model).embeddings
-    weight = state.pop(f"{name}.weight")
-    codes, scale = quantize_rows(weight.float(), EMBEDDING_BITS[method])
-    state[f"{name}.weight_codes"] = codes
-    state[f"{name}.weight_scale"] = scale
-    return state, {"method": method, "module": name, "shape": list(weight.shape)}
+    weight = state.pop(f"{name}.weight").float()
+    bits = EMBEDDING_BITS[method]
+    mask = int4_row_mask(weight.shape[0], int4_rows)
+    if mask is not None and bits != 2:
+        raise ValueError(f"int4 rows are kept among int2 rows only, not among {method} rows.")
+    record = {"method": method, "module": name, "shape": list(weight.shape)}
+    if mask is not None:
+        state[f"{name}.int4_row_ids"] = torch.nonzero(mask).flatten().to(torch.int32)
+        state[f"{name}.int4_codes"], state[f"{name}.int4_scale"] = quantize_rows(weight[mask], WIDE_ROW_BITS)
+        weight = weight[~mask]
+        record["int4_rows"] = int(mask.sum())
+    state[f"{name}.weight_codes"], state[f"{name}.weight_scale"] = quantize_rows(weight, bits)
+    return state, record
 
 
 def _load_embedding(state: dict, record: dict) -> dict:
     name, bits = record["module"], EMBEDDING_BITS[record["method"]]
+    rows, columns = record["shape"]
     codes, scale = state.pop(f"{name}.weight_codes"), state.pop(f"{name}.weight_scale")
-    state[f"{name}.weight"] = dequantize_rows(codes, scale, bits, record["shape"][1])
+    narrow = dequantize_rows(codes, scale, bits, columns)
+    if f"{name}.int4_row_ids" not in state:
+        state[f"{name}.weight"] = narrow
+        return state
+    mask = int4_row_mask(rows, state.pop(f"{name}.int4_row_ids"))
+    weight = torch.empty(rows, columns)
+    weight[~mask] = narrow
+    weight[mask] = dequantize_rows(state.pop(f"{name}.int4_codes"), state.pop(f"{name}.int4_scale"), WIDE_ROW_BITS, columns)
+    state[f"{name}.weight"] = weight
     return state
 
+
+def stored_int4_row_ids(folder, record: dict) -> Optional[torch.Tensor]:
+    """The ids of the word-embedding rows a checkpoint stores at int4 among int2 rows (None when it has none)."""
+    embedding = record.get("embedding_quantization") or {}
+    if not embedding.get("int4_rows"):
+        return None
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / "model.safetensors"), framework="pt") as weights:
+        return weights.get_tensor(f"{embedding['module']}.int4_row_ids").long()
