@@ -115,13 +115,13 @@ def _decode_rows(prefix: str, codes: torch.Tensor, scale: torch.Tensor, bits: in
         nodes.append(helper.make_node("Cast", [f"{prefix}.gathered_codes"], [f"{prefix}.values"], to=TensorProto.FLOAT))
     else:
         # 8 // bits codes per byte, first code in the highest bits, offset by 2^(bits-1) (quantization.quantize_rows):
-        # each byte is shifted right by every code's position, and the bits above a code are subtracted (BitwiseAnd
-        # needs opset 18; these ops exist since opset 11)
+        # each byte, as int32, is divided by 2^(its code's shift) and the multiples of 2^bits above the code are
+        # subtracted. Not BitShift: OpenVINO 2026.4 rounds uint8 right shifts (186 >> 4 gave 12), ONNX Runtime does not
         per_byte = 8 // bits
-        shifts = np.array([8 - bits * (position + 1) for position in range(per_byte)], dtype=np.uint8)
+        divisors = np.array([2 ** (8 - bits * (position + 1)) for position in range(per_byte)], dtype=np.int32)
         new_initializers += [
-            onnx.numpy_helper.from_array(shifts, f"{prefix}.shifts"),
-            onnx.numpy_helper.from_array(np.array(bits, dtype=np.uint8), f"{prefix}.bits"),
+            onnx.numpy_helper.from_array(divisors, f"{prefix}.divisors"),
+            onnx.numpy_helper.from_array(np.array(2 ** bits, dtype=np.int32), f"{prefix}.code_range"),
             onnx.numpy_helper.from_array(np.array(2.0 ** (bits - 1), dtype=np.float32), f"{prefix}.offset"),
             onnx.numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), f"{prefix}.flat_shape"),
             onnx.numpy_helper.from_array(np.array([0], dtype=np.int64), f"{prefix}.start"),
@@ -131,9 +131,10 @@ def _decode_rows(prefix: str, codes: torch.Tensor, scale: torch.Tensor, bits: in
         ]
         nodes += [
             helper.make_node("Unsqueeze", [f"{prefix}.gathered_codes", f"{prefix}.unsqueeze_axis"], [f"{prefix}.bytes"]),
-            helper.make_node("BitShift", [f"{prefix}.bytes", f"{prefix}.shifts"], [f"{prefix}.shifted"], direction="RIGHT"),
-            helper.make_node("BitShift", [f"{prefix}.shifted", f"{prefix}.bits"], [f"{prefix}.above"], direction="RIGHT"),
-            helper.make_node("BitShift", [f"{prefix}.above", f"{prefix}.bits"], [f"{prefix}.above_bits"], direction="LEFT"),
+            helper.make_node("Cast", [f"{prefix}.bytes"], [f"{prefix}.wide_bytes"], to=TensorProto.INT32),
+            helper.make_node("Div", [f"{prefix}.wide_bytes", f"{prefix}.divisors"], [f"{prefix}.shifted"]),
+            helper.make_node("Div", [f"{prefix}.shifted", f"{prefix}.code_range"], [f"{prefix}.above"]),
+            helper.make_node("Mul", [f"{prefix}.above", f"{prefix}.code_range"], [f"{prefix}.above_bits"]),
             helper.make_node("Sub", [f"{prefix}.shifted", f"{prefix}.above_bits"], [f"{prefix}.unsigned"]),
             helper.make_node("Reshape", [f"{prefix}.unsigned", f"{prefix}.flat_shape"], [f"{prefix}.unpacked"]),
             helper.make_node("Slice", [f"{prefix}.unpacked", f"{prefix}.start", f"{prefix}.columns", f"{prefix}.last_axis"],

@@ -95,3 +95,28 @@ def test_nncf_accuracy_aware_int8_keeps_the_validation_drop_within_its_bound(une
     assert (aware.argmax(-1) == labels).all()  # no drop allowed, none left
     plain = quantize_int8(folder / "model.xml", folder / "plain.xml", [feeds] * 4, 4)
     assert 0 <= record["fake_quantize_ops"] <= plain["fake_quantize_ops"]  # layers sent back to float lose theirs
+
+
+@pytest.mark.parametrize("bits, int4_rows", [(4, None), (2, None), (2, [0, 2, 5, 9, 20, 33])])
+def test_openvino_decodes_the_row_quantized_word_embeddings_as_onnx_runtime_does(uneven_onnx, bits, int4_rows):
+    """The 4-bit files' word-embedding decode (packed int4/int2 codes, int4 rows among ternary ones) is standard ops:
+    OpenVINO must read the same values from it, with static and dynamic shapes. (With dynamic shapes its uint8
+    BitShift rounds, 186 >> 4 giving 12, so the decode divides int32 instead.)"""
+    import onnx
+    import torch
+
+    from common.onnx_rows import quantize_word_embeddings
+
+    folder, batch = uneven_onnx
+    graph = onnx.load(str(folder / "model.onnx"))
+    tables = {t.name: t for t in graph.graph.initializer}
+    gather = next(node for node in graph.graph.node if node.op_type == "Gather" and node.input[1] == "input_ids")
+    table = torch.from_numpy(onnx.numpy_helper.to_array(tables[gather.input[0]]).copy())
+    quantize_word_embeddings(graph, table, bits, int4_rows=None if int4_rows is None else torch.tensor(int4_rows))
+    onnx.save(graph, str(folder / f"rows{bits}.onnx"))
+    reference = OnnxClassifier(folder / f"rows{bits}.onnx").logits(batch)
+    assert np.abs(reference - OnnxClassifier(folder / "model.onnx").logits(batch)).max() > 1e-4, "the rows were quantized"
+    convert_onnx(folder / f"rows{bits}.onnx", folder / f"rows{bits}.xml")
+    for static_shapes in (True, False):
+        openvino = OpenVinoClassifier(folder / f"rows{bits}.xml", precision="f32", static_shapes=static_shapes)
+        np.testing.assert_allclose(openvino.logits(batch), reference, atol=1e-4, err_msg=f"static_shapes={static_shapes}")
