@@ -22,7 +22,7 @@ Does:   1. exports the model to ONNX with its per-layer head counts and FFN widt
            (4-bit file size, int8 speed); model_int4_nbits.onnx re-quantizes them to int4 blocks of 32 for
            MatMulNBits with int8 compute (weights stay 4-bit in memory; embeddings in one GatherBlockQuantized).
            The other float weights of these files (position table, pooler) are stored in int8 rows
-           (--int8_leftovers); --max_positions keeps only the position rows sequences up to that length use.
+           (--int8_leftovers; the pooler in int4 rows with --leftover_matrix_bits 4); --max_positions keeps only the position rows sequences up to that length use.
         5. chooses each folder's deployment model by accuracy and speed: the fastest file in an interleaved benchmark
            (batch 32 x 64) among those within --deployment_tolerance validation points (0.5), or two standard errors
            of the paired difference if larger, of the folder's most accurate file; the latencies and the reason are
@@ -238,17 +238,19 @@ def export_4bit_bundle(run, source: Path, source_record: dict, scratch: Path) ->
                         f"{torch_accuracy:.4f} ({gap:.2f} points apart, more than 0.1); the codes were not carried over "
                         "faithfully. Nothing was saved."
                     )
-            leftovers = compress_leftovers(graph) if config.int8_leftovers else {"int8_rows": []}
+            leftovers = (compress_leftovers(graph, matrix_bits=config.leftover_matrix_bits) if config.int8_leftovers
+                         else {"int8_rows": [], "int4_rows": []})
             names_saved_bytes = compact_names(graph) if config.compact_names else 0
             save_onnx(graph, folder / file_name)
             file_accuracy, logits, correct[file_name] = evaluate_file(folder / file_name, loader)
             difference = float(np.abs(logits - torch_logits).max())
             print(f"ONNX 4-bit {file_name} ({precision}; embeddings {embedding_method}; int8 rows of "
-                  f"{len(leftovers['int8_rows'])} other weights): validation accuracy {file_accuracy:.4f} vs torch 4-bit "
+                  f"{len(leftovers['int8_rows'])} other weights, int4 rows of {len(leftovers['int4_rows'])}): validation accuracy {file_accuracy:.4f} vs torch 4-bit "
                   f"{torch_accuracy:.4f}; max logit difference {difference:.2e}")
             files[file_name] = file_entry(folder / file_name, file_accuracy, precision=precision,
                                           max_abs_difference_vs_torch_4bit=difference, embedding_quantization=embeddings,
-                                          int8_leftovers=leftovers["int8_rows"], compact_names_saved_bytes=names_saved_bytes)
+                                          int8_leftovers=leftovers["int8_rows"],
+                                          int4_leftovers=leftovers["int4_rows"], compact_names_saved_bytes=names_saved_bytes)
         found.update(choose_by_speed(folder, files, plain.config.vocab_size, config, correct))
         found["metrics"] = {"validation": {"accuracy": files[found["deployment_model"]]["validation_accuracy"]},
                             "validation_torch_4bit": {"accuracy": torch_accuracy}}

@@ -4,7 +4,8 @@ the encoder's 4-bit Linears).
 - ``quantize_word_embeddings``: the word-embedding table in int8, int4 or int2 rows (``quantization.quantize_rows``),
   only the gathered rows dequantized at run time (standard ONNX ops, or ONNX Runtime's ``GatherBlockQuantized`` for
   int4); int2 tables may keep their most frequent tokens' rows at int4.
-- ``compress_leftovers``: the other large float weights (position table, pooler) in int8 rows, computed in float.
+- ``compress_leftovers``: the other large float weights (position table, pooler) in int8 rows (the pooler optionally
+  in int4 rows), computed in float.
 """
 
 from __future__ import annotations
@@ -198,14 +199,17 @@ def _mixed_rows(prefix: str, weight: torch.Tensor, mask: torch.Tensor, bits: int
 LEFTOVER_MIN_ELEMENTS = 16384  # float tables and matrices at least this large are stored in int8 by compress_leftovers
 
 
-def compress_leftovers(onnx_model, min_elements: int = LEFTOVER_MIN_ELEMENTS) -> dict:
-    """Store the float weights a 4-bit export still holds in int8 rows: the embedding tables other than the word
-    embeddings (positions) and the matrices outside the encoder (BERT's pooler). In the default run's 4-bit file they
-    were 1.4 of its 5.5 MB. Tables keep their Gather (only the gathered rows are dequantized); a matrix is stored in
-    per-output-channel int8 and decoded in front of its op. Weights under ``min_elements`` (the classifier, LayerNorms,
-    biases) stay in float. Returns ``{"int8_rows": [names]}``."""
+def compress_leftovers(onnx_model, min_elements: int = LEFTOVER_MIN_ELEMENTS, matrix_bits: int = 8) -> dict:
+    """Store the float weights a 4-bit export still holds in row-wise codes: the embedding tables other than the word
+    embeddings (positions) in int8 rows, and the matrices outside the encoder (BERT's pooler) in int8 or, with
+    ``matrix_bits`` 4, int4 rows. In the default run's 4-bit file they were 1.4 of its 5.5 MB. Tables keep their
+    Gather (only the gathered rows are dequantized); a matrix is stored per output channel and decoded in front of its
+    op. Weights under ``min_elements`` (the classifier, LayerNorms, biases) stay in float. Returns the names stored,
+    ``{"int8_rows": [...], "int4_rows": [...]}``."""
     import onnx
 
+    if matrix_bits not in (8, 4):
+        raise ValueError(f"matrix_bits={matrix_bits} is not supported; the matrices are stored in 8 or 4 bits.")
     graph = onnx_model.graph
     initializers = _initializers(graph)
 
@@ -214,12 +218,12 @@ def compress_leftovers(onnx_model, min_elements: int = LEFTOVER_MIN_ELEMENTS) ->
         return (tensor is not None and tensor.data_type == onnx.TensorProto.FLOAT and len(tensor.dims) == 2
                 and int(np.prod(tensor.dims)) >= min_elements)
 
-    compressed = []
+    compressed = {"int8_rows": [], "int4_rows": []}
     for node in list(graph.node):
         if node.op_type == "Gather" and large_float(node.input[0]):
             table = torch.from_numpy(onnx.numpy_helper.to_array(initializers[node.input[0]]).copy())
             _quantize_gather(onnx_model, node, table, 8, _safe_prefix(node.input[0]))
-            compressed.append(node.input[0])
+            compressed["int8_rows"].append(node.input[0])
         elif node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and large_float(node.input[1]):
             attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             if node.op_type == "Gemm" and (attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0
@@ -227,33 +231,42 @@ def compress_leftovers(onnx_model, min_elements: int = LEFTOVER_MIN_ELEMENTS) ->
                 continue
             name = node.input[1]
             matrix = onnx.numpy_helper.to_array(initializers[name])
-            _int8_matmul(graph, node, matrix if attributes.get("transB", 0) else matrix.T, _safe_prefix(name))
-            compressed.append(name)
-    if compressed:
+            _row_quantized_matmul(graph, node, matrix if attributes.get("transB", 0) else matrix.T,
+                                  _safe_prefix(name, matrix_bits), matrix_bits)
+            compressed[f"int{matrix_bits}_rows"].append(name)
+    if compressed["int8_rows"] or compressed["int4_rows"]:
         _add_opset(onnx_model, "com.microsoft", 1)
         _drop_unused_initializers(graph)
-    return {"int8_rows": compressed}
+    return compressed
 
 
-def _safe_prefix(name: str) -> str:
-    return name.strip("/").replace("/", ".") + ".int8"
+def _safe_prefix(name: str, bits: int = 8) -> str:
+    return name.strip("/").replace("/", ".") + f".int{bits}"
 
 
-def _int8_matmul(graph, node, weight: np.ndarray, prefix: str) -> None:
-    """Store the weight of ``node`` (a MatMul or Gemm by ``weight`` [out, in]) as per-output-channel int8, decoded by
-    ``Cast`` and ``Mul`` in front of the same op (folded into a float weight when the session loads), so the compute
-    stays float and the file equals torch with the same rounded weight. (ONNX Runtime fuses a ``DequantizeLinear``
-    there into an int8 product with activations quantized per batch, which is not that model.)"""
+def _row_quantized_matmul(graph, node, weight: np.ndarray, prefix: str, bits: int) -> None:
+    """Store the weight of ``node`` (a MatMul or Gemm by ``weight`` [out, in]) as per-output-channel int8 or int4
+    codes, decoded by constant ops in front of the same op (folded into a float weight when the session loads), so the
+    compute stays float and the file equals torch with the same rounded weight. (ONNX Runtime fuses a
+    ``DequantizeLinear`` there into an int8 product with activations quantized per batch, which is not that model.)"""
     from onnx import TensorProto, helper
     from onnx.numpy_helper import from_array
 
     from .quantization import quantize_rows
 
-    codes, scale = quantize_rows(torch.tensor(np.asarray(weight, dtype=np.float32)), 8)
-    graph.initializer.extend([from_array(codes.numpy().T.copy(), prefix + ".weight"),
-                              from_array(scale.numpy().reshape(1, -1), prefix + ".scale")])
-    decode = [helper.make_node("Cast", [prefix + ".weight"], [prefix + ".as_float"], to=TensorProto.FLOAT),
-              helper.make_node("Mul", [prefix + ".as_float", prefix + ".scale"], [prefix + ".decoded"])]
+    codes, scale = quantize_rows(torch.tensor(np.asarray(weight, dtype=np.float32)), bits)
+    if bits == 8:
+        graph.initializer.extend([from_array(codes.numpy().T.copy(), prefix + ".weight"),
+                                  from_array(scale.numpy().reshape(1, -1), prefix + ".scale")])
+        decode = [helper.make_node("Cast", [prefix + ".weight"], [prefix + ".as_float"], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", [prefix + ".as_float", prefix + ".scale"], [prefix + ".decoded"])]
+    else:  # packed rows: every row "gathered" at once by the embedding decode, then [out, in] turned to [in, out]
+        rows, columns = weight.shape
+        decode, new_initializers = _decode_rows(prefix, codes, scale, bits, columns, prefix + ".all_rows", prefix + ".rows")
+        graph.initializer.extend([*new_initializers, from_array(np.arange(rows, dtype=np.int32).reshape(1, -1), prefix + ".all_rows"),
+                                  from_array(np.array([rows, columns], dtype=np.int64), prefix + ".matrix_shape")])
+        decode += [helper.make_node("Reshape", [prefix + ".rows", prefix + ".matrix_shape"], [prefix + ".out_in"]),
+                   helper.make_node("Transpose", [prefix + ".out_in"], [prefix + ".decoded"], perm=[1, 0])]
     if node.op_type == "Gemm":  # the decoded weight is [in, out]
         for attribute in node.attribute:
             if attribute.name == "transB":

@@ -86,9 +86,10 @@ FINISHING_SCRIPTS = ("10_qat_kd_4bit.py", "12_export_onnx.py", "13_export_openvi
 
 def export_flags(script: str, config: CompressConfig, data_config: DataConfig) -> list:
     """--optimize size: stage 12's 4-bit files keep only the position rows of --max_length tokens, the sequences the
-    search measured them on (the shipped tokenizer truncates there), so no prediction changes."""
+    search measured them on (the shipped tokenizer truncates there), so no prediction changes, and store the pooler in
+    int4 rows (the gate judges the files stage 12 writes)."""
     if config.optimize == "size" and script == FINISHING_SCRIPTS[1]:
-        return ["--max_positions", data_config.max_length]
+        return ["--max_positions", data_config.max_length, "--leftover_matrix_bits", 4]
     return []
 
 

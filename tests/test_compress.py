@@ -301,6 +301,6 @@ def test_the_size_objective_cuts_the_4bit_files_position_table_to_max_length():
     compress = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compress)
     data = DataConfig(max_length=48)
-    assert compress.export_flags("12_export_onnx.py", CompressConfig(optimize="size"), data) == ["--max_positions", 48]
+    assert compress.export_flags("12_export_onnx.py", CompressConfig(optimize="size"), data) == ["--max_positions", 48, "--leftover_matrix_bits", 4]
     assert compress.export_flags("12_export_onnx.py", CompressConfig(optimize="latency"), data) == []
     assert compress.export_flags("13_export_openvino.py", CompressConfig(optimize="size"), data) == []

@@ -511,6 +511,7 @@ def test_predict_needs_pairs_for_a_pair_model_and_a_separator_in_each_text(tmp_p
     ("OpenVinoExportConfig", {"int8_max_drop": -0.1}, r"int8_max_drop=-0.1 is out of range; it must lie in \[0.0, 100.0\]"),
     ("OnnxExportConfig", {"deployment_tolerance": -1.0}, "deployment_tolerance=-1.0 is out of range"),
     ("OnnxExportConfig", {"max_positions": 0}, "max_positions=0 must be a positive"),
+    ("OnnxExportConfig", {"leftover_matrix_bits": 2}, r"leftover_matrix_bits=2 is not supported; allowed values: 8, 4"),
     ("StudentConfig", {"student_layer_selection": "random"}, "student_layer_selection='random' is not supported; allowed"),
     ("StudentConfig", {"student_layer_selection": "importance", "student_model_name_or_path": "distilbert-base-uncased"},
      "chooses teacher layers to copy, but student_model_name_or_path loads a pretrained student"),

@@ -260,7 +260,23 @@ def test_leftover_float_weights_are_stored_in_int8_rows_and_computed_in_float(to
     expected, batch = torch_logits(reference, tokenizer, TEXTS, names)
     np.testing.assert_allclose(OnnxClassifier(tmp_path / "compact.onnx").logits(batch), expected, atol=1e-4, rtol=0)
     assert (tmp_path / "compact.onnx").stat().st_size < (tmp_path / "4bit.onnx").stat().st_size - 40_000
-    assert compress_leftovers(exported, min_elements=8192) == {"int8_rows": []}  # nothing float and large is left
+    assert compress_leftovers(exported, min_elements=8192) == {"int8_rows": [], "int4_rows": []}  # nothing float left
+
+    int4_pooler = onnx.load(str(tmp_path / "4bit.onnx"))  # the pooler in int4 rows instead, decoded by constant ops
+    record = compress_leftovers(int4_pooler, min_elements=8192, matrix_bits=4)
+    assert [name.split(".")[-2] for name in record["int8_rows"]] == ["position_embeddings"]
+    assert [name.split(".")[-2] for name in record["int4_rows"]] == ["dense"]
+    save_onnx(int4_pooler, tmp_path / "int4_pooler.onnx")
+    with torch.no_grad():
+        reference.bert.pooler.dense.weight.copy_(fake_quantize_rows(quantized.bert.pooler.dense.weight, 4))
+    expected, batch = torch_logits(reference, tokenizer, TEXTS, names)
+    np.testing.assert_allclose(OnnxClassifier(tmp_path / "int4_pooler.onnx").logits(batch), expected, atol=1e-4, rtol=0)
+    stored = {t.name: list(t.dims) for t in int4_pooler.graph.initializer}
+    assert [dims for name, dims in stored.items() if name.endswith("int4.codes")] == [[128, 64]], "two codes a byte"
+    # 8 KB fewer code bytes, less the decode's few nodes and row ids
+    assert (tmp_path / "int4_pooler.onnx").stat().st_size < (tmp_path / "compact.onnx").stat().st_size - 4000
+    with pytest.raises(ValueError, match="matrix_bits=2 is not supported; the matrices are stored in 8 or 4 bits"):
+        compress_leftovers(onnx.load(str(tmp_path / "4bit.onnx")), matrix_bits=2)
 
     from common.onnx_export import compact_names
 
