@@ -306,28 +306,29 @@ def gate_folder(folder: Path, teacher_correct, data, data_config, config) -> dic
 
 def train_qkd(flags: list, teacher_correct, data, data_config, config) -> dict:
     """Stage 10 on the published winner. With --optimize size it first trains ternary word-embedding rows
-    (--size_embeddings int2; the --size_int4_rows most frequent tokens' rows at int4) and keeps them when that
-    model passes the gate; otherwise stage 10 runs again with int4
-    rows, so the newest qkd_4bit checkpoint (which the 8-bit search and stages 12 and 13 read) is the one kept.
-    Returns the rows chosen, the stage-10 flags that give them, and why."""
+    (--size_embeddings int2; the --size_int4_rows most frequent tokens' rows at int4) and keeps them when that model
+    passes the gate; otherwise stage 10 runs again with int4 rows, so the newest qkd_4bit checkpoint (which the 8-bit
+    search and stages 12 and 13 read) is the one kept. Returns the rows chosen, the stage-10 flags that give them, and
+    why."""
     quantize = FINISHING_SCRIPTS[0]
     result = {"method": "int4", "flags": [], "why": "int4 rows (stage 10's default)"}
     if config.optimize == "size" and config.size_embeddings == "int4":
         result["why"] += " (--size_embeddings int4)"
     elif config.optimize == "size":
         ternary_flags = ["--embedding_quantization", config.size_embeddings]
+        rows = f"{config.size_embeddings} rows"
         if config.size_embeddings == "int2" and config.size_int4_rows:
             ternary_flags += ["--embedding_int4_rows", config.size_int4_rows]
+            rows += f" (the {config.size_int4_rows} most frequent tokens' at int4)"
         run_script(quantize, *flags, *ternary_flags, stream=True)
         ternary = gate_folder(find_checkpoint("qkd_4bit"), teacher_correct, data, data_config, config)
-        outcome = f"QKD-4bit with {config.size_embeddings} word-embedding rows: retention {ternary['retention']:.4f}"
+        outcome = f"QKD-4bit with {rows}: retention {ternary['retention']:.4f}"
         if ternary["passes"]:
             print(f"{outcome}, passes the gate", flush=True)
             return {"method": config.size_embeddings, "flags": ternary_flags, "tried": [ternary],
-                    "why": f"{config.size_embeddings} rows keep the target (retention {ternary['retention']:.4f})"}
+                    "why": f"{rows} keep the target (retention {ternary['retention']:.4f})"}
         print(f"{outcome}, fails the gate; stage 10 again with int4 rows", flush=True)
-        result.update(tried=[ternary], why=f"{config.size_embeddings} rows missed the target (retention "
-                                           f"{ternary['retention']:.4f}); int4 rows")
+        result.update(tried=[ternary], why=f"{rows} missed the target (retention {ternary['retention']:.4f}); int4 rows")
     run_script(quantize, *flags, stream=True)
     return result
 

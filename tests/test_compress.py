@@ -156,7 +156,7 @@ def test_the_size_objective_trains_ternary_embedding_rows_first_and_falls_back_t
     assert calls == [("10_qat_kd_4bit.py", ["--seed", 3, *flags]) for flags in runs]
     assert result["method"] == method and result["flags"] == runs[-1]
     if ternary_passes is False:
-        assert result["tried"][0]["folder"] == str(tmp_path / "qkd-1") and "int2 rows missed the target (retention 0.9700)" in result["why"]
+        assert result["tried"][0]["folder"] == str(tmp_path / "qkd-1") and "int2 rows (the 1000 most frequent tokens' at int4) missed the target (retention 0.9700)" in result["why"]
 
 
 @pytest.mark.slow
