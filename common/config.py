@@ -677,7 +677,7 @@ class OnnxExportConfig(ExportFields):
     )
     leftover_matrix_bits: int = _field(
         8, "With --int8_leftovers: the bits of the per-row codes of the matrices outside the encoder (BERT's pooler) in "
-        "the 4-bit ONNX files, 8 or 4 (half the bytes: 74 KB less on the default model; rounding its pooler to int4 "
+        "the 4-bit ONNX files, 8 or 4 (half the bytes: 72 KB less on the default model; rounding its pooler to int4 "
         "rows left three seeds' validation accuracy unchanged and their test accuracy within one example). "
         "scripts/compress.py --optimize size sets 4."
     )
