@@ -88,8 +88,9 @@ def _quantize_gather(onnx_model, gather, weight: torch.Tensor, bits: int, prefix
     elif mask is None:
         nodes, new_initializers = _decode_rows(prefix, *quantize_rows(weight, bits), bits, columns, ids, gather.output[0])
         record = {"method": f"int{bits}", "shape": [rows, columns], "row_wise": True}
-    else:
-        nodes, new_initializers = _mixed_rows(prefix, weight, mask, bits, ids, gather.output[0])
+    else:  # every row at int4 (a tiny vocabulary): one int4 table, nothing to choose between
+        nodes, new_initializers = (_decode_rows(prefix, *quantize_rows(weight, 4), 4, columns, ids, gather.output[0])
+                                   if mask.all() else _mixed_rows(prefix, weight, mask, bits, ids, gather.output[0]))
         record = {"method": f"int{bits}", "shape": [rows, columns], "row_wise": True, "int4_rows": int(mask.sum())}
     position = list(graph.node).index(gather)
     graph.node.remove(gather)

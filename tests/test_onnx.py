@@ -165,7 +165,8 @@ def test_bnb4_export_runs_the_trained_codes(tokenizer, tmp_path):
     _, batch = torch_logits(quantized, tokenizer, TEXTS, names)
     in_batch = batch["input_ids"].unique()
     some_int4_rows = torch.cat([in_batch[::2], torch.tensor([embeddings.shape[0] - 1])])  # the last row too
-    for bits, int4_rows in ((8, None), (4, None), (2, None), (2, some_int4_rows)):
+    every_row = torch.arange(embeddings.shape[0])
+    for bits, int4_rows in ((8, None), (4, None), (2, None), (2, some_int4_rows), (2, every_row)):
         variant = copy.deepcopy(exported)
         record = quantize_word_embeddings(variant, embeddings, bits, int4_rows=int4_rows)
         save_onnx(variant, tmp_path / f"bnb4_emb{bits}.onnx")
@@ -175,8 +176,8 @@ def test_bnb4_export_runs_the_trained_codes(tokenizer, tmp_path):
             reference.get_input_embeddings().weight.copy_(fake_quantize_table(embeddings, bits, mask))
         expected, batch = torch_logits(reference, tokenizer, TEXTS, names)
         np.testing.assert_allclose(OnnxClassifier(tmp_path / f"bnb4_emb{bits}.onnx").logits(batch), expected, atol=1e-4, rtol=0)
-        assert record["method"] == f"int{bits}" and record.get("int4_rows") == (None if mask is None else len(some_int4_rows))
-        if mask is not None:  # both halves of the batch's tokens are decoded from their own table
+        assert record["method"] == f"int{bits}" and record.get("int4_rows") == (None if mask is None else len(int4_rows))
+        if mask is not None and not mask.all():  # both halves of the batch's tokens are decoded from their own table
             stored = {t.name: list(t.dims) for t in variant.graph.initializer}
             rows, columns = embeddings.shape
             assert stored["word_embeddings.codes"] == [rows - len(some_int4_rows), columns // 4]

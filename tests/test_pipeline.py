@@ -193,7 +193,11 @@ def test_onnx_stage_folders(pipeline_run):
     assert set(record["calibrations"]) == {f"{method}{variant}" for method in ("minmax", "percentile", "entropy")
                                            for variant in ("", "+ffn_out_float")}
     assert record["files"]["model_int8_static.onnx"]["calibration"] in record["calibrations"]
-    assert record["deployment_model"] in ("model_int8_static.onnx", "model_int8_dynamic.onnx")
+    # chosen by measured speed among the files within the noise of the most accurate (the rule is unit-tested in
+    # test_onnx): on a tiny model the fp32 file can be the fastest, so any of the three may win here
+    chosen = record["deployment_model"]
+    assert chosen in record["files"] and chosen in record["deployment_choice"]
+    assert all(entry["latency_ms_median"] > 0 for entry in record["files"].values())
     for name in ("model.onnx", "model_int8_dynamic.onnx", "model_int8_static.onnx", "tokenizer.json", "config.json"):
         assert (folder / name).is_file(), name
     assert json.loads((folder / "config.json").read_text())["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}

@@ -57,7 +57,7 @@ def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
         unsigned = (codes + 2 ** (bits - 1)).to(torch.uint8)
         if unsigned.shape[1] % per_byte:
             unsigned = F.pad(unsigned, (0, per_byte - unsigned.shape[1] % per_byte), value=2 ** (bits - 1))
-        grouped = unsigned.reshape(unsigned.shape[0], -1, per_byte)
+        grouped = unsigned.reshape(unsigned.shape[0], unsigned.shape[1] // per_byte, per_byte)  # rows may be 0
         codes = torch.zeros(grouped.shape[:2], dtype=torch.uint8)
         for position in range(per_byte):
             codes |= grouped[:, :, position] << (8 - bits * (position + 1))
@@ -69,7 +69,7 @@ def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, bits: int, columns
         mask = 2 ** bits - 1
         shifts = [8 - bits * (position + 1) for position in range(8 // bits)]
         unpacked = torch.stack([((codes >> shift) & mask).to(torch.int16) for shift in shifts], dim=2)
-        codes = unpacked.reshape(codes.shape[0], -1)[:, :columns] - 2 ** (bits - 1)
+        codes = unpacked.reshape(codes.shape[0], codes.shape[1] * len(shifts))[:, :columns] - 2 ** (bits - 1)
     return codes.float() * scale.unsqueeze(1)
 
 
