@@ -16,13 +16,15 @@ Does:   1. exports the model to ONNX with its per-layer head counts and FFN widt
            left in float; the candidate with the best validation accuracy is kept, all results are recorded;
         4. exports the QKD-4bit model with its trained NF4/FP4 codes and the word embeddings stored row-wise as the
            checkpoint stores them (int4 by default, int2 after stage 10 --embedding_quantization int2, with the
-           frequent tokens' int4 rows of --embedding_int4_rows; --embedding_quantization), three ways: model.onnx runs the codes exactly in ONNX Runtime's MatMulBnb4 op
+           frequent tokens' int4 rows of --embedding_int4_rows; --embedding_quantization), three ways: model.onnx
+           runs the codes exactly in ONNX Runtime's MatMulBnb4 op
            (checked against the torch 4-bit model: validation accuracy within 0.1 point); model_nf4_int8.onnx
            decodes them once, when the session loads, into per-channel int8 weights for int8 matrix products
            (4-bit file size, int8 speed); model_int4_nbits.onnx re-quantizes them to int4 blocks of 32 for
            MatMulNBits with int8 compute (weights stay 4-bit in memory; embeddings in one GatherBlockQuantized).
            The other float weights of these files (position table, pooler) are stored in int8 rows
-           (--int8_leftovers; the pooler in int4 rows with --leftover_matrix_bits 4); --max_positions keeps only the position rows sequences up to that length use.
+           (--int8_leftovers; the pooler in int4 rows with --leftover_matrix_bits 4); --max_positions keeps only
+           the position rows sequences up to that length use.
         5. chooses each folder's deployment model by accuracy and speed: the fastest file in an interleaved benchmark
            (batch 32 x 64) among those within --deployment_tolerance validation points (0.5), or two standard errors
            of the paired difference if larger, of the folder's most accurate file; the latencies and the reason are

@@ -64,9 +64,7 @@ def _quantize_gather(onnx_model, gather, weight: torch.Tensor, bits: int, prefix
 
     graph = onnx_model.graph
     rows, columns = weight.shape
-    mask = int4_row_mask(rows, int4_rows)
-    if mask is not None and bits != 2:
-        raise ValueError(f"int4 rows are kept among int2 rows only, not among int{bits} rows.")
+    mask = int4_row_mask(rows, int4_rows, bits)
     block = gather_block(columns) if contrib_op and bits == 4 else None
     if contrib_op and block is None:
         logger.info("GatherBlockQuantized takes int4 rows in blocks of 16-128 values; %d-bit rows of %d values are "

@@ -17,7 +17,8 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
            passing candidate by 10% is not trained;
         3. (--finish) copies the winner into results/pruned/ as its newest checkpoint, runs stage 10 (QKD-4bit) on it
            (with --optimize size first with ternary word-embedding rows, --size_embeddings, the most frequent tokens'
-           rows at int4, --size_int4_rows; int4 rows when those miss the gate); when that all-4-bit model fails the gate (--mixed_precision), reruns stage 10 with --keep_8bit_layers
+           rows at int4, --size_int4_rows; int4 rows when those miss the gate); when that all-4-bit model fails the
+           gate (--mixed_precision), reruns stage 10 with --keep_8bit_layers
            (largest 4-bit error first, by bisection over all, half, ... one) and publishes the fewest that pass; then
            runs stages 12 (ONNX; with --optimize size its 4-bit files keep only the position rows of --max_length
            tokens) and 13 (OpenVINO) as they run alone, gates every file they wrote the same way, times

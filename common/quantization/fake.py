@@ -220,7 +220,7 @@ class FakeQuantEmbedding(nn.Embedding):
         with torch.no_grad():
             self.weight.copy_(embedding.weight)
         self.bits = bits
-        mask = int4_row_mask(embedding.num_embeddings, int4_rows)
+        mask = int4_row_mask(embedding.num_embeddings, int4_rows, bits)
         # not persistent: the checkpoint stores the ids beside the codes, not this training-time mask
         self.register_buffer("int4_mask", None if mask is None else mask.to(embedding.weight.device), persistent=False)
 

@@ -123,10 +123,13 @@ class Int8WeightLinear(nn.Module):
 WIDE_ROW_BITS = 4  # the width of the rows a ternary table keeps for its most frequent tokens
 
 
-def int4_row_mask(rows: int, int4_rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A boolean mask over the table's rows, True for the rows stored at int4 (None when there are none)."""
+def int4_row_mask(rows: int, int4_rows: Optional[torch.Tensor], bits: int = 2) -> Optional[torch.Tensor]:
+    """A boolean mask over the table's rows, True for the rows stored at int4 among ``bits``-bit rows (None when
+    there are none); only ternary tables keep int4 rows."""
     if int4_rows is None or not len(int4_rows):
         return None
+    if bits != 2:
+        raise ValueError(f"int4 rows are kept among int2 rows only, not among int{bits} rows.")
     mask = torch.zeros(rows, dtype=torch.bool)
     mask[torch.as_tensor(int4_rows, dtype=torch.long)] = True
     return mask
@@ -149,9 +152,7 @@ def compress_embedding_state(model: nn.Module, state: dict, method: str,
     name = spec_for(model).embeddings
     weight = state.pop(f"{name}.weight").float()
     bits = EMBEDDING_BITS[method]
-    mask = int4_row_mask(weight.shape[0], int4_rows)
-    if mask is not None and bits != 2:
-        raise ValueError(f"int4 rows are kept among int2 rows only, not among {method} rows.")
+    mask = int4_row_mask(weight.shape[0], int4_rows, bits)
     record = {"method": method, "module": name, "shape": list(weight.shape)}
     if mask is not None:
         state[f"{name}.int4_row_ids"] = torch.nonzero(mask).flatten().to(torch.int32)
@@ -170,7 +171,7 @@ def _load_embedding(state: dict, record: dict) -> dict:
     if f"{name}.int4_row_ids" not in state:
         state[f"{name}.weight"] = narrow
         return state
-    mask = int4_row_mask(rows, state.pop(f"{name}.int4_row_ids"))
+    mask = int4_row_mask(rows, state.pop(f"{name}.int4_row_ids"), bits)
     weight = torch.empty(rows, columns)
     weight[~mask] = narrow
     weight[mask] = dequantize_rows(state.pop(f"{name}.int4_codes"), state.pop(f"{name}.int4_scale"), WIDE_ROW_BITS, columns)
