@@ -3,7 +3,9 @@ the encoder's 4-bit Linears).
 
 - ``quantize_word_embeddings``: the word-embedding table in int8, int4 or int2 rows (``quantization.quantize_rows``),
   only the gathered rows dequantized at run time (standard ONNX ops, or ONNX Runtime's ``GatherBlockQuantized`` for
-  int4); int2 tables may keep their most frequent tokens' rows at int4.
+  int4); int2 tables may keep their most frequent tokens' rows at int4. Ternary rows are stored five codes a byte
+  (base 3, ``pack_ternary_blocks``: 1.6 bits a code where the checkpoint packs four a byte), and per-row scales in
+  fp16 (``row_scales`` rounds them to fp16 values, so that is exact).
 - ``compress_leftovers``: the other large float weights (position table, pooler) in int8 rows (the pooler optionally
   in int4 rows), computed in float.
 """
@@ -84,12 +86,14 @@ def _quantize_gather(onnx_model, gather, weight: torch.Tensor, bits: int, prefix
         record = {"method": "int4", "shape": [rows, columns], "row_wise": True, "op": "GatherBlockQuantized",
                   "block_size": block}
     elif mask is None:
-        nodes, new_initializers = _decode_rows(prefix, *quantize_rows(weight, bits), bits, columns, ids, gather.output[0])
+        nodes, new_initializers = _row_table(prefix, weight, bits, ids, gather.output[0])
         record = {"method": f"int{bits}", "shape": [rows, columns], "row_wise": True}
     else:  # every row at int4 (a tiny vocabulary): one int4 table, nothing to choose between
-        nodes, new_initializers = (_decode_rows(prefix, *quantize_rows(weight, 4), 4, columns, ids, gather.output[0])
+        nodes, new_initializers = (_row_table(prefix, weight, 4, ids, gather.output[0])
                                    if mask.all() else _mixed_rows(prefix, weight, mask, bits, ids, gather.output[0]))
         record = {"method": f"int{bits}", "shape": [rows, columns], "row_wise": True, "int4_rows": int(mask.sum())}
+    if bits == 2 and (mask is None or not mask.all()):
+        record["packing"] = f"{TRITS_PER_BYTE} rows a byte (base 3)"
     position = list(graph.node).index(gather)
     graph.node.remove(gather)
     for offset, node in enumerate(nodes):
@@ -105,12 +109,9 @@ def _decode_rows(prefix: str, codes: torch.Tensor, scale: torch.Tensor, bits: in
     import onnx
     from onnx import TensorProto, helper
 
-    new_initializers = [
-        onnx.numpy_helper.from_array(codes.numpy(), f"{prefix}.codes"),
-        onnx.numpy_helper.from_array(scale.numpy().reshape(-1, 1), f"{prefix}.scale"),
-    ]
-    nodes = [helper.make_node("Gather", [f"{prefix}.codes", ids], [f"{prefix}.gathered_codes"], axis=0),
-             helper.make_node("Gather", [f"{prefix}.scale", ids], [f"{prefix}.gathered_scale"], axis=0)]
+    scale_nodes, scale_initializers = _gathered_scale(prefix, scale, ids)
+    new_initializers = [onnx.numpy_helper.from_array(codes.numpy(), f"{prefix}.codes"), *scale_initializers]
+    nodes = [helper.make_node("Gather", [f"{prefix}.codes", ids], [f"{prefix}.gathered_codes"], axis=0), *scale_nodes]
     if bits == 8:
         nodes.append(helper.make_node("Cast", [f"{prefix}.gathered_codes"], [f"{prefix}.values"], to=TensorProto.FLOAT))
     else:
@@ -146,6 +147,82 @@ def _decode_rows(prefix: str, codes: torch.Tensor, scale: torch.Tensor, bits: in
     return nodes, new_initializers
 
 
+TRITS_PER_BYTE = 5  # 3^5 = 243 values fit a byte: 1.6 bits a ternary code instead of 2
+
+
+def _row_table(prefix: str, weight: torch.Tensor, bits: int, ids: str, output: str) -> tuple[list, list]:
+    """Nodes and initializers that store ``weight`` in ``bits``-bit rows and decode the rows ``ids`` into ``output``:
+    ternary rows in base-3 blocks (``_decode_ternary_blocks``), the others packed as the checkpoint packs them."""
+    from .quantization.rows import quantize_rows, row_codes
+
+    if bits == 2:
+        return _decode_ternary_blocks(prefix, *row_codes(weight, 2), ids, output)
+    return _decode_rows(prefix, *quantize_rows(weight, bits), bits, weight.shape[1], ids, output)
+
+
+def pack_ternary_blocks(codes: torch.Tensor) -> np.ndarray:
+    """Ternary codes [rows, columns] in {-1, 0, 1} as uint8 blocks [ceil(rows / 5), columns]: byte j of block b holds
+    column j of rows 5b .. 5b + 4 as base-3 digits (code + 1), the first row the most significant. Packing down the
+    rows rather than along them wastes no byte on a row whose length 5 does not divide (384 = 5 x 76 + 4)."""
+    rows, columns = codes.shape
+    digits = torch.nn.functional.pad(codes.to(torch.int32) + 1, (0, 0, 0, -rows % TRITS_PER_BYTE), value=1)
+    place_values = 3 ** torch.arange(TRITS_PER_BYTE - 1, -1, -1, dtype=torch.int32)
+    blocks = digits.reshape(-1, TRITS_PER_BYTE, columns) * place_values.reshape(1, -1, 1)
+    return blocks.sum(dim=1).to(torch.uint8).numpy()
+
+
+def _decode_ternary_blocks(prefix: str, codes: torch.Tensor, scale: torch.Tensor, ids: str, output: str) -> tuple[list, list]:
+    """Nodes and initializers that gather the rows ``ids`` of ternary codes stored by ``pack_ternary_blocks``: a
+    token's block is its id // 5, its digit the id's remainder; the digit is (byte // 3^(4 - remainder)) mod 3, in
+    int32 Div/Mul/Sub that every runtime computes alike (see ``_decode_rows`` on BitShift)."""
+    from onnx import TensorProto, helper
+    from onnx.numpy_helper import from_array
+
+    place_values = np.array([3 ** (TRITS_PER_BYTE - 1 - digit) for digit in range(TRITS_PER_BYTE)], dtype=np.int32)
+    scale_nodes, scale_initializers = _gathered_scale(prefix, scale, ids)
+    new_initializers = [
+        from_array(pack_ternary_blocks(codes), f"{prefix}.codes"), *scale_initializers,
+        from_array(np.array(TRITS_PER_BYTE, dtype=np.int64), f"{prefix}.rows_per_block"),
+        from_array(place_values, f"{prefix}.place_values"),
+        from_array(np.array(3, dtype=np.int32), f"{prefix}.base"),
+        from_array(np.array(1.0, dtype=np.float32), f"{prefix}.offset"),
+        from_array(np.array([-1], dtype=np.int64), f"{prefix}.unsqueeze_axis"),
+    ]
+    nodes = [
+        helper.make_node("Cast", [ids], [f"{prefix}.row_ids"], to=TensorProto.INT64),
+        helper.make_node("Div", [f"{prefix}.row_ids", f"{prefix}.rows_per_block"], [f"{prefix}.block"]),
+        helper.make_node("Mul", [f"{prefix}.block", f"{prefix}.rows_per_block"], [f"{prefix}.block_start"]),
+        helper.make_node("Sub", [f"{prefix}.row_ids", f"{prefix}.block_start"], [f"{prefix}.digit"]),
+        helper.make_node("Gather", [f"{prefix}.place_values", f"{prefix}.digit"], [f"{prefix}.place_value"], axis=0),
+        helper.make_node("Unsqueeze", [f"{prefix}.place_value", f"{prefix}.unsqueeze_axis"], [f"{prefix}.divisor"]),
+        helper.make_node("Gather", [f"{prefix}.codes", f"{prefix}.block"], [f"{prefix}.gathered_codes"], axis=0),
+        helper.make_node("Cast", [f"{prefix}.gathered_codes"], [f"{prefix}.wide_bytes"], to=TensorProto.INT32),
+        helper.make_node("Div", [f"{prefix}.wide_bytes", f"{prefix}.divisor"], [f"{prefix}.shifted"]),
+        helper.make_node("Div", [f"{prefix}.shifted", f"{prefix}.base"], [f"{prefix}.above"]),
+        helper.make_node("Mul", [f"{prefix}.above", f"{prefix}.base"], [f"{prefix}.above_digits"]),
+        helper.make_node("Sub", [f"{prefix}.shifted", f"{prefix}.above_digits"], [f"{prefix}.unsigned"]),
+        helper.make_node("Cast", [f"{prefix}.unsigned"], [f"{prefix}.as_float"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", [f"{prefix}.as_float", f"{prefix}.offset"], [f"{prefix}.values"]),
+        *scale_nodes,
+        helper.make_node("Mul", [f"{prefix}.values", f"{prefix}.gathered_scale"], [output]),
+    ]
+    return nodes, new_initializers
+
+
+def _gathered_scale(prefix: str, scale: torch.Tensor, ids: str) -> tuple[list, list]:
+    """The per-row scales gathered for ``ids`` as ``{prefix}.gathered_scale`` [..., 1] float, stored in fp16: half
+    the bytes, and exact, since ``row_scales`` rounds every scale to an fp16 value."""
+    from onnx import TensorProto, helper
+    from onnx.numpy_helper import from_array
+
+    half = scale.reshape(-1, 1).half()
+    if not torch.equal(half.float(), scale.reshape(-1, 1).float()):
+        raise ValueError(f"{prefix}: row scales that fp16 cannot hold exactly; quantize with quantization.row_codes.")
+    return ([helper.make_node("Gather", [f"{prefix}.scale", ids], [f"{prefix}.gathered_half_scale"], axis=0),
+             helper.make_node("Cast", [f"{prefix}.gathered_half_scale"], [f"{prefix}.gathered_scale"], to=TensorProto.FLOAT)],
+            [from_array(half.numpy(), f"{prefix}.scale")])
+
+
 def _mixed_rows(prefix: str, weight: torch.Tensor, mask: torch.Tensor, bits: int, ids: str, output: str) -> tuple[list, list]:
     """Ternary rows with the rows where ``mask`` is True at int4, stored as two tables (the others in id order) and
     the sorted int4 row ids. At run time the ids become a 0/1 row table (ScatterElements) and its running count
@@ -154,14 +231,13 @@ def _mixed_rows(prefix: str, weight: torch.Tensor, mask: torch.Tensor, bits: int
     from onnx import TensorProto, helper
     from onnx.numpy_helper import from_array
 
-    from .quantization import quantize_rows
     from .quantization.rows import WIDE_ROW_BITS
 
     rows, columns = weight.shape
     wide_ids = torch.nonzero(mask).flatten()
     p = f"{prefix}.int4_rows"
-    new_initializers = [
-        from_array(wide_ids.to(torch.int32).numpy(), f"{p}.ids"),
+    new_initializers = [  # the ids in int16 when the table is that short (ScatterElements takes int32: one Cast)
+        from_array(wide_ids.numpy().astype(np.int16 if rows <= np.iinfo(np.int16).max else np.int32), f"{p}.stored_ids"),
         from_array(np.array([rows], dtype=np.int64), f"{p}.table_rows"),
         from_array(np.array([len(wide_ids)], dtype=np.int64), f"{p}.count"),
         from_array(np.array(0, dtype=np.int64), f"{p}.zero"),
@@ -171,6 +247,7 @@ def _mixed_rows(prefix: str, weight: torch.Tensor, mask: torch.Tensor, bits: int
     one = helper.make_tensor("one", TensorProto.INT64, [1], [1])
     zero = helper.make_tensor("zero", TensorProto.INT64, [1], [0])
     nodes = [
+        helper.make_node("Cast", [f"{p}.stored_ids"], [f"{p}.ids"], to=TensorProto.INT32),
         helper.make_node("ConstantOfShape", [f"{p}.table_rows"], [f"{p}.zeros"], value=zero),
         helper.make_node("ConstantOfShape", [f"{p}.count"], [f"{p}.ones"], value=one),
         helper.make_node("ScatterElements", [f"{p}.zeros", f"{p}.ids", f"{p}.ones"], [f"{p}.is_wide_row"], axis=0),
@@ -186,10 +263,9 @@ def _mixed_rows(prefix: str, weight: torch.Tensor, mask: torch.Tensor, bits: int
         helper.make_node("Unsqueeze", [f"{p}.is_wide", f"{p}.last_axis"], [f"{p}.is_wide_column"]),
         helper.make_node("Cast", [f"{p}.is_wide_column"], [f"{p}.use_wide"], to=TensorProto.BOOL),
     ]
-    narrow_nodes, narrow_initializers = _decode_rows(prefix, *quantize_rows(weight[~mask], bits), bits, columns,
-                                                     f"{p}.narrow_ids", f"{prefix}.narrow_rows")
-    wide_nodes, wide_initializers = _decode_rows(f"{prefix}.int4", *quantize_rows(weight[mask], WIDE_ROW_BITS),
-                                                 WIDE_ROW_BITS, columns, f"{p}.wide_ids", f"{prefix}.wide_rows")
+    narrow_nodes, narrow_initializers = _row_table(prefix, weight[~mask], bits, f"{p}.narrow_ids", f"{prefix}.narrow_rows")
+    wide_nodes, wide_initializers = _row_table(f"{prefix}.int4", weight[mask], WIDE_ROW_BITS, f"{p}.wide_ids",
+                                               f"{prefix}.wide_rows")
     nodes += narrow_nodes + wide_nodes
     nodes.append(helper.make_node("Where", [f"{p}.use_wide", f"{prefix}.wide_rows", f"{prefix}.narrow_rows"], [output]))
     return nodes, new_initializers + narrow_initializers + wide_initializers

@@ -15,7 +15,7 @@ import torch
 from common.config import PruningConfig, PTQConfig
 from common.onnx_export import _fingerprint, export_onnx, ffn_output_matmuls, save_onnx, write_runtime_files
 from common.onnx_quantized import int4_blocks, use_bnb4_codes
-from common.onnx_rows import quantize_word_embeddings
+from common.onnx_rows import pack_ternary_blocks, quantize_word_embeddings
 from common.onnx_runtime import (
     CALIBRATION_METHODS,
     OnnxClassifier,
@@ -180,10 +180,43 @@ def test_bnb4_export_runs_the_trained_codes(tokenizer, tmp_path):
         if mask is not None and not mask.all():  # both halves of the batch's tokens are decoded from their own table
             stored = {t.name: list(t.dims) for t in variant.graph.initializer}
             rows, columns = embeddings.shape
-            assert stored["word_embeddings.codes"] == [rows - len(some_int4_rows), columns // 4]
+            assert stored["word_embeddings.codes"] == [-(-(rows - len(some_int4_rows)) // 5), columns], "5 rows a byte"
             assert stored["word_embeddings.int4.codes"] == [len(some_int4_rows), columns // 2]
             assert not torch.equal(fake_quantize_table(embeddings, bits, mask), fake_quantize_rows(embeddings, bits))
         assert not any(t.dims == list(embeddings.shape) and t.data_type == onnx.TensorProto.FLOAT for t in variant.graph.initializer)
+
+
+def test_ternary_rows_are_packed_five_a_byte_down_the_rows():
+    """Base-3 blocks: byte j of block b is the digits of column j of rows 5b..5b+4 (first row most significant), the
+    last block padded with zero codes; every code is recovered the way the ONNX decode reads it."""
+    codes = torch.randint(-1, 2, (13, 7), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    packed = pack_ternary_blocks(codes)
+    assert packed.shape == (3, 7) and packed.dtype == np.uint8 and packed.max() <= 242
+    for row in range(13):
+        block, digit = divmod(row, 5)
+        decoded = (packed[block].astype(np.int32) // 3 ** (4 - digit)) % 3 - 1
+        np.testing.assert_array_equal(decoded, codes[row].numpy())
+    assert (packed[2].astype(np.int32) % 9 == 4).all(), "the two padding rows hold code 0 (digit 1)"
+
+
+def test_row_scales_are_stored_in_fp16_and_decode_exactly(tokenizer, tmp_path):
+    """Row scales are fp16 values (``row_scales``), so the files store them in fp16 and still decode exactly the
+    table the torch model holds, for int8, int4 and ternary rows."""
+    model = tiny_model(tiny_bert_config(layers=1, hidden=64, heads=2, ffn=128))
+    names = export_onnx(model, tokenizer, tmp_path / "plain.onnx")
+    embeddings = model.get_input_embeddings().weight.detach()
+    _, batch = torch_logits(model, tokenizer, TEXTS, names)
+    for bits in (8, 4, 2):
+        graph = onnx.load(str(tmp_path / "plain.onnx"))
+        quantize_word_embeddings(graph, embeddings, bits)
+        stored = {t.name: t for t in graph.graph.initializer}
+        assert stored["word_embeddings.scale"].data_type == onnx.TensorProto.FLOAT16
+        save_onnx(graph, tmp_path / "rows.onnx")
+        reference = copy.deepcopy(model)
+        with torch.no_grad():
+            reference.get_input_embeddings().weight.copy_(fake_quantize_rows(embeddings, bits))
+        expected, _ = torch_logits(reference, tokenizer, TEXTS, names)
+        np.testing.assert_allclose(OnnxClassifier(tmp_path / "rows.onnx").logits(batch), expected, atol=1e-5, rtol=0)
 
 
 def test_matmulnbits_export_stores_int4_blocks_and_stays_close_to_the_torch_4bit_model(tokenizer, tmp_path):

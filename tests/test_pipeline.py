@@ -129,7 +129,7 @@ def test_mixed_precision_learned_scales_and_ternary_embeddings_through_stages_9_
     rows, columns = qkd_record["embedding_quantization"]["shape"]
     folder_4bit, _ = only_checkpoint(exports, "onnx_4bit")
     stored = {t.name: list(t.dims) for t in onnx.load(str(folder_4bit / "model.onnx")).graph.initializer}
-    assert stored["word_embeddings.codes"] == [rows - 20, -(-columns // 4)], "four ternary codes a byte"
+    assert stored["word_embeddings.codes"] == [-(-(rows - 20) // 5), columns], "five ternary rows a byte"
     assert stored["word_embeddings.int4.codes"] == [20, -(-columns // 2)], "the frequent tokens' int4 rows carried over"
 
 

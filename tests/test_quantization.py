@@ -126,10 +126,13 @@ def test_row_quantized_embeddings_round_trip_within_half_a_step(bits, bound):
     assert ((restored - weight).abs() <= row_max * bound + 1e-6).all()
     assert codes.dtype == (torch.int8 if bits == 8 else torch.uint8)
     assert codes.numel() == (50 * 33 if bits == 8 else 50 * 17)
+    assert torch.equal(scale.half().float(), scale), "scales are fp16 values, which the ONNX files store"
+    again_codes, again_scale = quantize_rows(restored, bits)
+    assert torch.equal(again_codes, codes) and torch.equal(again_scale, scale), "a stored table re-quantizes to itself"
 
 
 def test_ternary_rows_pack_four_codes_a_byte_at_the_least_error_and_requantize_exactly():
-    from common.quantization.rows import TERNARY_CLIP_RATIOS
+    from common.quantization.rows import TERNARY_CLIP_RATIOS, _half_exact
 
     weight = torch.randn(40, 33)
     codes, scale = quantize_rows(weight, 2)
@@ -138,13 +141,14 @@ def test_ternary_rows_pack_four_codes_a_byte_at_the_least_error_and_requantize_e
     assert set(torch.unique(torch.round(restored / scale.unsqueeze(1))).tolist()) <= {-1.0, 0.0, 1.0}
     error = ((restored - weight) ** 2).sum(dim=1)
     absmax = weight.abs().amax(dim=1)
-    for ratio in TERNARY_CLIP_RATIOS:  # no candidate scale does better than the one chosen
-        candidate = torch.round(weight / (absmax * ratio).unsqueeze(1)).clamp(-1, 1) * (absmax * ratio).unsqueeze(1)
+    for ratio in TERNARY_CLIP_RATIOS:  # no candidate scale (an fp16 value, as stored) does better than the one chosen
+        candidate_scale = _half_exact(absmax * ratio).unsqueeze(1)
+        candidate = torch.round(weight / candidate_scale).clamp(-1, 1) * candidate_scale
         assert (error <= ((candidate - weight) ** 2).sum(dim=1) + 1e-5).all()
     assert (scale < absmax).all(), "Gaussian rows are clipped: at their absmax most values would round to zero"
     assert error.sum() < 0.6 * ((fake_absmax_ternary(weight) - weight) ** 2).sum()
     again_codes, again_scale = quantize_rows(restored, 2)  # what stage 12 does with the table QKD trained
-    assert torch.equal(again_codes, codes) and torch.allclose(again_scale, scale, rtol=1e-6, atol=0)
+    assert torch.equal(again_codes, codes) and torch.equal(again_scale, scale)
     assert torch.equal(dequantize_rows(again_codes, again_scale, 2, 33), restored)
 
 

@@ -3,9 +3,10 @@ Linears.
 
 Codes run from -L to L, L = 2^(bits-1) - 1 (127, 7 or 1: int2 rows are ternary). int8 and int4 rows are scaled by
 their absmax over L; a ternary row by the scale among 17 clipping ratios of its absmax with the least squared error
-(absmax scaling would round most of a row to zero). int4 and int2 codes are packed 2 and 4 per byte, first code in
-the highest bits, offset by 2^(bits-1). ``fake_quantize_rows`` is the same quantize -> dequantize for training
-through the storage (STE).
+(absmax scaling would round most of a row to zero); every scale is rounded to an fp16 value, so the ONNX files store
+them in fp16 exactly. int4 and int2 codes are packed 2 and 4 per byte, first code in the highest bits, offset by
+2^(bits-1) (the ONNX files pack ternary rows five a byte). ``fake_quantize_rows`` is the same quantize -> dequantize
+for training through the storage (STE).
 
 A ternary table can keep the rows of its most frequent tokens at int4 (``int4_rows``): those few rows carry most of
 the text (on the default task the 1,000 most frequent of 13,646 tokens are 76% of the training split's tokens), for
@@ -27,16 +28,23 @@ from .base import EMBEDDING_BITS
 TERNARY_CLIP_RATIOS = torch.linspace(0.2, 1.0, 17)
 
 
+def _half_exact(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` rounded to the nearest fp16 value (within fp16's range), so a file can store it in half the bytes
+    and still decode exactly what training saw; a 2^-11 relative change, far below the codes' rounding."""
+    return scale.clamp(max=65504.0).half().float().clamp(min=2.0 ** -24)
+
+
 def row_scales(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """The per-row scale ``quantize_rows`` uses. The ternary search keeps a stored grid exact: a row already on
-    {-s, 0, s} re-quantizes to the same codes and scale (ratio 1 gives zero error, any other a clipped top value)."""
+    """The per-row scale ``quantize_rows`` uses, rounded to fp16 values (``_half_exact``). The ternary search keeps a
+    stored grid exact: a row already on {-s, 0, s} re-quantizes to the same codes and scale (ratio 1 gives zero
+    error, any other a clipped top value); so do int8 and int4 rows, whose largest code is then L."""
     levels = 2 ** (bits - 1) - 1
     absmax = weight.abs().amax(dim=1).clamp(min=1e-12)
     if bits > 2:
-        return absmax / levels
-    best, best_error = absmax / levels, torch.full_like(absmax, float("inf"))
+        return _half_exact(absmax / levels)
+    best, best_error = _half_exact(absmax / levels), torch.full_like(absmax, float("inf"))
     for ratio in TERNARY_CLIP_RATIOS:
-        scale = absmax * ratio / levels
+        scale = _half_exact(absmax * ratio / levels)
         error = ((_round_codes(weight, scale, levels) * scale.unsqueeze(1) - weight) ** 2).sum(dim=1)
         better = error < best_error  # strict: the smallest ratio wins a tie
         best, best_error = torch.where(better, scale, best), torch.where(better, error, best_error)
@@ -47,11 +55,15 @@ def _round_codes(weight: torch.Tensor, scale: torch.Tensor, levels: int) -> torc
     return torch.round(weight / scale.unsqueeze(1)).clamp(-levels, levels)
 
 
+def row_codes(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric row-wise quantization, unpacked: (int8 codes from -L to L, per-row fp32 scale)."""
+    scale = row_scales(weight, bits)
+    return _round_codes(weight, scale, 2 ** (bits - 1) - 1).to(torch.int8), scale.float()
+
+
 def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric row-wise quantization: (codes, per-row scale). int4/int2 codes are packed into uint8."""
-    levels = 2 ** (bits - 1) - 1
-    scale = row_scales(weight, bits)
-    codes = _round_codes(weight, scale, levels).to(torch.int8)
+    codes, scale = row_codes(weight, bits)
     if bits < 8:
         per_byte = 8 // bits
         unsigned = (codes + 2 ** (bits - 1)).to(torch.uint8)
@@ -61,7 +73,7 @@ def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
         codes = torch.zeros(grouped.shape[:2], dtype=torch.uint8)
         for position in range(per_byte):
             codes |= grouped[:, :, position] << (8 - bits * (position + 1))
-    return codes, scale.float()
+    return codes, scale
 
 
 def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
