@@ -114,16 +114,13 @@ def _decode_rows(prefix: str, codes: torch.Tensor, scale: torch.Tensor, bits: in
     nodes = [helper.make_node("Gather", [f"{prefix}.codes", ids], [f"{prefix}.gathered_codes"], axis=0), *scale_nodes]
     if bits == 8:
         nodes.append(helper.make_node("Cast", [f"{prefix}.gathered_codes"], [f"{prefix}.values"], to=TensorProto.FLOAT))
-    else:
-        # 8 // bits codes per byte, first code in the highest bits, offset by 2^(bits-1) (quantization.quantize_rows):
-        # each byte, as int32, is divided by 2^(its code's shift) and the multiples of 2^bits above the code are
-        # subtracted. Not BitShift: OpenVINO 2026.4 rounds uint8 right shifts (186 >> 4 gave 12), ONNX Runtime does not
+    else:  # 8 // bits codes per byte, first code in the highest bits, offset by 2^(bits-1) (quantization.quantize_rows)
         per_byte = 8 // bits
-        divisors = np.array([2 ** (8 - bits * (position + 1)) for position in range(per_byte)], dtype=np.int32)
+        place_values = np.array([2 ** (8 - bits * (position + 1)) for position in range(per_byte)], dtype=np.int32)
+        digit_nodes, digit_initializers = _digit_nodes(prefix, f"{prefix}.bytes", f"{prefix}.place_values", 2 ** bits,
+                                                       2.0 ** (bits - 1), f"{prefix}.digits")
         new_initializers += [
-            onnx.numpy_helper.from_array(divisors, f"{prefix}.divisors"),
-            onnx.numpy_helper.from_array(np.array(2 ** bits, dtype=np.int32), f"{prefix}.code_range"),
-            onnx.numpy_helper.from_array(np.array(2.0 ** (bits - 1), dtype=np.float32), f"{prefix}.offset"),
+            onnx.numpy_helper.from_array(place_values, f"{prefix}.place_values"), *digit_initializers,
             onnx.numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), f"{prefix}.flat_shape"),
             onnx.numpy_helper.from_array(np.array([0], dtype=np.int64), f"{prefix}.start"),
             onnx.numpy_helper.from_array(np.array([columns], dtype=np.int64), f"{prefix}.columns"),
@@ -132,18 +129,34 @@ def _decode_rows(prefix: str, codes: torch.Tensor, scale: torch.Tensor, bits: in
         ]
         nodes += [
             helper.make_node("Unsqueeze", [f"{prefix}.gathered_codes", f"{prefix}.unsqueeze_axis"], [f"{prefix}.bytes"]),
-            helper.make_node("Cast", [f"{prefix}.bytes"], [f"{prefix}.wide_bytes"], to=TensorProto.INT32),
-            helper.make_node("Div", [f"{prefix}.wide_bytes", f"{prefix}.divisors"], [f"{prefix}.shifted"]),
-            helper.make_node("Div", [f"{prefix}.shifted", f"{prefix}.code_range"], [f"{prefix}.above"]),
-            helper.make_node("Mul", [f"{prefix}.above", f"{prefix}.code_range"], [f"{prefix}.above_bits"]),
-            helper.make_node("Sub", [f"{prefix}.shifted", f"{prefix}.above_bits"], [f"{prefix}.unsigned"]),
-            helper.make_node("Reshape", [f"{prefix}.unsigned", f"{prefix}.flat_shape"], [f"{prefix}.unpacked"]),
+            *digit_nodes,  # [..., bytes, per_byte]
+            helper.make_node("Reshape", [f"{prefix}.digits", f"{prefix}.flat_shape"], [f"{prefix}.unpacked"]),
             helper.make_node("Slice", [f"{prefix}.unpacked", f"{prefix}.start", f"{prefix}.columns", f"{prefix}.last_axis"],
-                             [f"{prefix}.unpadded"]),
-            helper.make_node("Cast", [f"{prefix}.unpadded"], [f"{prefix}.as_float"], to=TensorProto.FLOAT),
-            helper.make_node("Sub", [f"{prefix}.as_float", f"{prefix}.offset"], [f"{prefix}.values"]),
+                             [f"{prefix}.values"]),
         ]
     nodes.append(helper.make_node("Mul", [f"{prefix}.values", f"{prefix}.gathered_scale"], [output]))
+    return nodes, new_initializers
+
+
+def _digit_nodes(prefix: str, packed: str, place_value: str, base: int, offset: float, output: str) -> tuple[list, list]:
+    """Nodes and initializers that read, from the uint8 tensor ``packed``, the base-``base`` digit at ``place_value``
+    (a tensor broadcast against it) minus ``offset``, as float ``output``: (byte // place value) mod base - offset, in
+    int32 Div/Mul/Sub. Not BitShift: OpenVINO 2026.4 rounds uint8 right shifts with dynamic shapes (186 >> 4 gave
+    12); ONNX Runtime does not."""
+    from onnx import TensorProto, helper
+    from onnx.numpy_helper import from_array
+
+    new_initializers = [from_array(np.array(base, dtype=np.int32), f"{prefix}.base"),
+                        from_array(np.array(offset, dtype=np.float32), f"{prefix}.offset")]
+    nodes = [
+        helper.make_node("Cast", [packed], [f"{prefix}.wide_bytes"], to=TensorProto.INT32),
+        helper.make_node("Div", [f"{prefix}.wide_bytes", place_value], [f"{prefix}.shifted"]),
+        helper.make_node("Div", [f"{prefix}.shifted", f"{prefix}.base"], [f"{prefix}.above"]),
+        helper.make_node("Mul", [f"{prefix}.above", f"{prefix}.base"], [f"{prefix}.above_digits"]),
+        helper.make_node("Sub", [f"{prefix}.shifted", f"{prefix}.above_digits"], [f"{prefix}.unsigned"]),
+        helper.make_node("Cast", [f"{prefix}.unsigned"], [f"{prefix}.as_float"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", [f"{prefix}.as_float", f"{prefix}.offset"], [output]),
+    ]
     return nodes, new_initializers
 
 
@@ -173,19 +186,19 @@ def pack_ternary_blocks(codes: torch.Tensor) -> np.ndarray:
 
 def _decode_ternary_blocks(prefix: str, codes: torch.Tensor, scale: torch.Tensor, ids: str, output: str) -> tuple[list, list]:
     """Nodes and initializers that gather the rows ``ids`` of ternary codes stored by ``pack_ternary_blocks``: a
-    token's block is its id // 5, its digit the id's remainder; the digit is (byte // 3^(4 - remainder)) mod 3, in
-    int32 Div/Mul/Sub that every runtime computes alike (see ``_decode_rows`` on BitShift)."""
+    token's block is its id // 5, its digit the id's remainder; the code is (byte // 3^(4 - remainder)) mod 3 - 1
+    (``_digit_nodes``)."""
     from onnx import TensorProto, helper
     from onnx.numpy_helper import from_array
 
     place_values = np.array([3 ** (TRITS_PER_BYTE - 1 - digit) for digit in range(TRITS_PER_BYTE)], dtype=np.int32)
     scale_nodes, scale_initializers = _gathered_scale(prefix, scale, ids)
+    digit_nodes, digit_initializers = _digit_nodes(prefix, f"{prefix}.gathered_codes", f"{prefix}.divisor", 3, 1.0,
+                                                   f"{prefix}.values")
     new_initializers = [
-        from_array(pack_ternary_blocks(codes), f"{prefix}.codes"), *scale_initializers,
+        from_array(pack_ternary_blocks(codes), f"{prefix}.codes"), *scale_initializers, *digit_initializers,
         from_array(np.array(TRITS_PER_BYTE, dtype=np.int64), f"{prefix}.rows_per_block"),
         from_array(place_values, f"{prefix}.place_values"),
-        from_array(np.array(3, dtype=np.int32), f"{prefix}.base"),
-        from_array(np.array(1.0, dtype=np.float32), f"{prefix}.offset"),
         from_array(np.array([-1], dtype=np.int64), f"{prefix}.unsqueeze_axis"),
     ]
     nodes = [
@@ -196,13 +209,7 @@ def _decode_ternary_blocks(prefix: str, codes: torch.Tensor, scale: torch.Tensor
         helper.make_node("Gather", [f"{prefix}.place_values", f"{prefix}.digit"], [f"{prefix}.place_value"], axis=0),
         helper.make_node("Unsqueeze", [f"{prefix}.place_value", f"{prefix}.unsqueeze_axis"], [f"{prefix}.divisor"]),
         helper.make_node("Gather", [f"{prefix}.codes", f"{prefix}.block"], [f"{prefix}.gathered_codes"], axis=0),
-        helper.make_node("Cast", [f"{prefix}.gathered_codes"], [f"{prefix}.wide_bytes"], to=TensorProto.INT32),
-        helper.make_node("Div", [f"{prefix}.wide_bytes", f"{prefix}.divisor"], [f"{prefix}.shifted"]),
-        helper.make_node("Div", [f"{prefix}.shifted", f"{prefix}.base"], [f"{prefix}.above"]),
-        helper.make_node("Mul", [f"{prefix}.above", f"{prefix}.base"], [f"{prefix}.above_digits"]),
-        helper.make_node("Sub", [f"{prefix}.shifted", f"{prefix}.above_digits"], [f"{prefix}.unsigned"]),
-        helper.make_node("Cast", [f"{prefix}.unsigned"], [f"{prefix}.as_float"], to=TensorProto.FLOAT),
-        helper.make_node("Sub", [f"{prefix}.as_float", f"{prefix}.offset"], [f"{prefix}.values"]),
+        *digit_nodes,
         *scale_nodes,
         helper.make_node("Mul", [f"{prefix}.values", f"{prefix}.gathered_scale"], [output]),
     ]
