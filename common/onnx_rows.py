@@ -161,6 +161,8 @@ def _digit_nodes(prefix: str, packed: str, place_value: str, base: int, offset: 
 
 
 TRITS_PER_BYTE = 5  # 3^5 = 243 values fit a byte: 1.6 bits a ternary code instead of 2
+# the place value of each row of a block in its byte, the first row the most significant (81, 27, 9, 3, 1)
+TRIT_PLACE_VALUES = np.array([3 ** (TRITS_PER_BYTE - 1 - row) for row in range(TRITS_PER_BYTE)], dtype=np.int32)
 
 
 def _row_table(prefix: str, weight: torch.Tensor, bits: int, ids: str, output: str) -> tuple[list, list]:
@@ -179,8 +181,7 @@ def pack_ternary_blocks(codes: torch.Tensor) -> np.ndarray:
     rows rather than along them wastes no byte on a row whose length 5 does not divide (384 = 5 x 76 + 4)."""
     rows, columns = codes.shape
     digits = torch.nn.functional.pad(codes.to(torch.int32) + 1, (0, 0, 0, -rows % TRITS_PER_BYTE), value=1)
-    place_values = 3 ** torch.arange(TRITS_PER_BYTE - 1, -1, -1, dtype=torch.int32)
-    blocks = digits.reshape(-1, TRITS_PER_BYTE, columns) * place_values.reshape(1, -1, 1)
+    blocks = digits.reshape(-1, TRITS_PER_BYTE, columns) * torch.from_numpy(TRIT_PLACE_VALUES).reshape(1, -1, 1)
     return blocks.sum(dim=1).to(torch.uint8).numpy()
 
 
@@ -191,14 +192,13 @@ def _decode_ternary_blocks(prefix: str, codes: torch.Tensor, scale: torch.Tensor
     from onnx import TensorProto, helper
     from onnx.numpy_helper import from_array
 
-    place_values = np.array([3 ** (TRITS_PER_BYTE - 1 - digit) for digit in range(TRITS_PER_BYTE)], dtype=np.int32)
     scale_nodes, scale_initializers = _gathered_scale(prefix, scale, ids)
     digit_nodes, digit_initializers = _digit_nodes(prefix, f"{prefix}.gathered_codes", f"{prefix}.divisor", 3, 1.0,
                                                    f"{prefix}.values")
     new_initializers = [
         from_array(pack_ternary_blocks(codes), f"{prefix}.codes"), *scale_initializers, *digit_initializers,
         from_array(np.array(TRITS_PER_BYTE, dtype=np.int64), f"{prefix}.rows_per_block"),
-        from_array(place_values, f"{prefix}.place_values"),
+        from_array(TRIT_PLACE_VALUES, f"{prefix}.place_values"),
         from_array(np.array([-1], dtype=np.int64), f"{prefix}.unsqueeze_axis"),
     ]
     nodes = [

@@ -56,7 +56,7 @@ def _round_codes(weight: torch.Tensor, scale: torch.Tensor, levels: int) -> torc
 
 
 def row_codes(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric row-wise quantization, unpacked: (int8 codes from -L to L, per-row fp32 scale)."""
+    """Symmetric row-wise quantization, unpacked: (int8 codes from -L to L, per-row scale: fp16 values in fp32)."""
     scale = row_scales(weight, bits)
     return _round_codes(weight, scale, 2 ** (bits - 1) - 1).to(torch.int8), scale.float()
 
