@@ -1,6 +1,7 @@
 """Stage 8: KGSP/MSP structured pruning of the student, fine-tuned with distillation from the teacher.
 
-Reads:  the newest results/student/ checkpoint (or --student_model_path), the newest results/teacher/
+Reads:  the newest results/student/ checkpoint (or --student_model_path: a student, or the teacher's own folder to
+        prune the teacher at full depth), the newest results/teacher/
         checkpoint (or --teacher_model_path) and the same data split as stage 1.
 Does:   optionally drops whole encoder layers first (--drop_layers: those whose skipping changes the student's
         predictions least), then fine-tunes with alpha_ce*CE + alpha_kd*KL*T^2 (+ alpha_hidden*MSE) while a StructuralPruner raises the
@@ -27,7 +28,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from common import DataConfig, PruningConfig
+from common import DataConfig, PruningConfig, stages
 from common.architecture import num_layers
 from common.data import build_loaders, make_loader, tokenize_dataset
 from common.distillation import distillation_for
@@ -108,7 +109,8 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
     run = start_stage("pruned", data_config, config, training=True)
     accelerator, data = run.accelerator, run.data
     teacher_folder, _ = resolve_stage_checkpoint("teacher", config.teacher_model_path, data.label_names, data_config)
-    student_folder, _ = resolve_stage_checkpoint("student", config.student_model_path, data.label_names, data_config)
+    student_folder, _ = resolve_stage_checkpoint("student", config.student_model_path, data.label_names, data_config,
+                                                 allowed_stages=stages.PRUNABLE_STAGES)
     skeleton = model_skeleton(student_folder)  # targets the student cannot meet: refused before any work
     drop_layers(skeleton, layers_to_drop([0.0] * num_layers(skeleton), config.drop_layers))
     StructuralPruner(skeleton, config)

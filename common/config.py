@@ -356,7 +356,9 @@ class ImportanceFields:
 class PruningConfig(TrainingConfig, DistillationWeights, ImportanceFields, UnlabeledFields):
     """Stage 8: KGSP/MSP structured pruning of the student with KD fine-tuning."""
 
-    student_model_path: Optional[str] = _field(None, "Student checkpoint to prune. Default: the newest results/student/ run.")
+    student_model_path: Optional[str] = _field(
+        None, "Checkpoint to prune: a student, or the teacher's own folder to prune the teacher at full depth (no "
+        "stage 2; the layer map is then one to one). Default: the newest results/student/ run.")
     teacher_model_path: Optional[str] = _field(None, "Teacher checkpoint (KD signal). Default: the newest results/teacher/ run.")
     num_epochs: int = _field(3, "Number of passes over the training split.")
     importance_mode: str = _field(
@@ -746,6 +748,7 @@ class CompressConfig:
         "point estimate alone; 1.64: one-sided 95%).",
     )
     pruning_epochs: Optional[int] = _field(None, "Epochs of each stage-8 candidate. Default: stage 8's own default.")
+    qkd_epochs: Optional[int] = _field(None, "Epochs of each stage-10 run (QKD-4bit). Default: stage 10's own default.")
     time_budget_s: Optional[float] = _field(
         None, "Start no new stage-8 candidate after this many seconds; the search keeps the best candidate it has.")
     finish: bool = _field(
@@ -783,6 +786,17 @@ class CompressConfig:
         None, "Passed to every stage-8 candidate: keep only the tokens seen at least this often in the training split "
         "(a smaller embedding table; the gate judges what it costs). Default: stage 8's own (every token seen).",
     )
+    student_model_path: Optional[str] = _field(
+        None, "Checkpoint the stage-8 candidates prune (stage 8 --student_model_path): a student, or the teacher's own "
+        "folder to search at the teacher's full depth without stage 2 (when halving the depth costs more than the "
+        "target allows, as on a bigger teacher with few labelled rows). Default: the newest results/student/ run.",
+    )
+    unlabeled_dataset: Optional[str] = _field(
+        None, "Passed to every stage-8 candidate and stage 10 as their --unlabeled_dataset: texts they distil on "
+        "without labels (a CSV/JSON file, a hub dataset, or 'train_rest'). Default: none.",
+    )
+    max_unlabeled_samples: Optional[int] = _field(
+        None, "Passed with --unlabeled_dataset: use at most this many unlabelled rows. Default: all.")
     seed: Optional[int] = _field(
         None, "Seed of the training stages the search runs (every stage-8 candidate and stage 10): passed on as their "
         "--seed. Repeat the search with other seeds on the same teacher and student to measure the spread. Default: "
@@ -794,6 +808,13 @@ class CompressConfig:
             _check_range("seed", self.seed, 0, 2**32 - 1)
         if self.vocabulary_min_count is not None:
             _check_range("vocabulary_min_count", self.vocabulary_min_count, 1, float("inf"))
+        if self.unlabeled_dataset is not None and not str(self.unlabeled_dataset).strip():
+            raise ValueError("unlabeled_dataset is empty; pass a CSV/JSON file, a hub dataset name or "
+                             f"'{UNLABELED_TRAIN_REST}', or leave it out.")
+        _check_positive("max_unlabeled_samples", self.max_unlabeled_samples, allow_none=True)
+        if self.max_unlabeled_samples is not None and self.unlabeled_dataset is None:
+            raise ValueError(f"max_unlabeled_samples={self.max_unlabeled_samples} limits --unlabeled_dataset, which is "
+                             "not given; pass --unlabeled_dataset (e.g. train_rest) or drop --max_unlabeled_samples.")
         _check_range("target_retention", self.target_retention, 0.0, 1.0, low_open=True)
         _check_choice("optimize", self.optimize, OBJECTIVES)
         _check_choice("size_embeddings", self.size_embeddings, SIZE_EMBEDDINGS)
@@ -810,6 +831,7 @@ class CompressConfig:
             raise ValueError(f"drop_layers={self.drop_layers} must list distinct layer counts of 0 or more, e.g. --drop_layers 0 1.")
         _check_range("gate_z", self.gate_z, 0.0, 5.0)
         _check_positive("pruning_epochs", self.pruning_epochs, allow_none=True)
+        _check_positive("qkd_epochs", self.qkd_epochs, allow_none=True)
         _check_positive("time_budget_s", self.time_budget_s, allow_none=True)
         _check_positive("latency_batch_size", self.latency_batch_size)
         _check_positive("latency_seq_length", self.latency_seq_length)
@@ -837,8 +859,15 @@ class CompressSummaryConfig:
     runs: list[str] = _field([], "results/compress/<run_id> folders (or their search.json) to summarize. Default: every "
                                  "run in results/compress/ that delivered.")
     output_name: str = _field("compress_summary", "Writes results/<output_name>.json and .md.")
+    int8_reference: bool = _field(
+        False, "Also measure each run's teacher in ONNX Runtime dynamic int8 (exported and quantized here, as a user "
+        "would without this project): its test accuracy and size, and, in new interleaved rounds at the run's latency "
+        "batch and length, the picked files' speed-up against it and against the torch teacher.",
+    )
+    reference_rounds: int = _field(20, "With --int8_reference: interleaved timing rounds.")
 
     def __post_init__(self) -> None:
+        _check_positive("reference_rounds", self.reference_rounds)
         for run in self.runs:
             path = Path(run).expanduser()
             if not (path if path.suffix == ".json" else path / "search.json").is_file():

@@ -6,7 +6,10 @@ from __future__ import annotations
 import statistics
 import subprocess
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .data import make_loader, tokenize_dataset
 from .evaluation import accuracy
@@ -45,6 +48,23 @@ def test_accuracy(folder: Path, data, max_length: int, onnx_file: str | None = N
 
 
 test_accuracy.__test__ = False  # a helper, not a pytest test
+
+
+@contextmanager
+def dynamic_int8_copy(folder: Path, seq_length: int, num_threads: int = 2) -> Iterator[ModelRuntime]:
+    """A checkpoint exported to ONNX and quantized by ONNX Runtime's dynamic int8, in a scratch folder removed
+    afterwards: what a user gets from ONNX Runtime alone (no stage of this project), at ``seq_length`` tokens."""
+    from .onnx_export import export_onnx, write_runtime_files
+    from .onnx_runtime import quantize_dynamic_int8
+
+    source = ModelRuntime(folder)
+    tokenizer = load_checkpoint_tokenizer(folder)
+    with tempfile.TemporaryDirectory(prefix="int8-") as scratch:
+        scratch = Path(scratch)
+        export_onnx(source.torch_model, tokenizer, scratch / "model.onnx", seq_length)
+        write_runtime_files(scratch, tokenizer, source.torch_model.config, seq_length)
+        quantize_dynamic_int8(scratch / "model.onnx", scratch / "int8.onnx")
+        yield ModelRuntime(scratch, "int8.onnx", verify=False, spinning=False, num_threads=num_threads)
 
 
 def mean_std(values: list[float]) -> dict:

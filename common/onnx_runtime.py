@@ -228,7 +228,10 @@ def calibrated_ranges(source: Path, batches: list[dict], method: str, percentile
     with _quiet_quantizer():
         calibrator = create_calibrator(str(source), ["MatMul"], augmented_model_path=str(scratch / f"augmented_{method}.onnx"),
                                        calibrate_method=calibrate, extra_options=options)
-        calibrator.collect_data(FixedShapeReader(batches))
+        # one batch a call: a call holds every MatMul activation of all it is given (the 512 rows of a 12-layer base
+        # model exceeded 20 GB) before adding them to its histograms
+        for batch in batches:
+            calibrator.collect_data(FixedShapeReader([batch]))
         ranges = calibrator.compute_data()
     return {name: [{"rmin": np.float32(data.range_value[0]), "rmax": np.float32(data.range_value[1])}]
             for name, data in ranges.data.items()}

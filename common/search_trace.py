@@ -118,3 +118,21 @@ def summary_markdown(rows: list[dict], spread: dict) -> str:
         lines.append(f"| {objective} | {stats['test_retention']['runs']} | {cell(stats['test_retention'], 100, '%')} | "
                      f"{cell(stats['speedup_vs_teacher'])} | {cell(stats['times_smaller'])} |")
     return "\n".join(lines) + "\n"
+
+
+def reference_markdown(references: list[dict]) -> str:
+    """Per run: the teacher in ONNX Runtime dynamic int8 (no project stage), and each picked file against it and against
+    the torch teacher in the same interleaved rounds (speed-up medians [IQR] over rounds)."""
+    def ratio(stats: dict) -> str:
+        return f"{stats['median']:.2f}× [{stats['p25']:.2f}–{stats['p75']:.2f}]"
+
+    lines = ["| Run | Model | Test acc. (% of teacher) | Size MB | Latency ms [IQR] | × faster than the torch teacher | "
+             "× faster than the teacher in ONNX Runtime int8 |", "|---|---|---|---|---|---|---|"]
+    for reference in references:
+        for model in reference["models"]:
+            accuracy = (f"{100 * model['test_accuracy']:.2f}% ({100 * model['test_retention']:.2f}%)"
+                        if model.get("test_accuracy") is not None else "—")
+            lines.append(f"| {reference['run']} | {model['name']} | {accuracy} | {model['size_mb']:.2f} | "
+                         f"{model['latency_ms']:.1f} [{model['latency_iqr_ms'][0]:.1f}–{model['latency_iqr_ms'][1]:.1f}] | "
+                         f"{ratio(model['speedup_vs_torch_teacher'])} | {ratio(model['speedup_vs_teacher_int8'])} |")
+    return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 REPORT_SCRIPT = "7_evaluate_and_generate_report.py"  # runs last: it reads every stage
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
+PRUNABLE_STAGES = ("student", "teacher")  # stage 8 prunes a student, or the teacher itself at full depth
 WEIGHT_KINDS = ("full", "4bit", "int8", "onnx", "openvino")
 
 

@@ -1,8 +1,10 @@
 """Compression toward a target: keep a share of the teacher's accuracy, win latency or size, and let the search pick.
 
 Reads:  the newest results/teacher/ and results/student/ checkpoints (run stages 1 and 2 first; stage 2 can distil on
-        unlabelled text, --unlabeled_dataset) and the data flags they were made with, which go to every stage run
-        (--seed and --vocabulary_min_count go to every stage-8 candidate, --seed to stage 10 too).
+        unlabelled text, --unlabeled_dataset), or with --student_model_path another student or the teacher's own folder
+        (the search then prunes the teacher at full depth, no stage 2), and the data flags they were made with, which
+        go to every stage run (--seed and --vocabulary_min_count go to every stage-8 candidate, --seed,
+        --unlabeled_dataset and --max_unlabeled_samples to stage 10 too).
 Does:   1. measures the teacher on the validation split (per example, for the paired noise of the gate), and gates the
            unpruned student as a reference (a warning before any training when even it misses the target);
         2. searches the ladder --sparsities by bisection: each candidate is a stage-8 run removing that share of the
@@ -37,6 +39,7 @@ Run as:
     python scripts/compress.py --target_retention 0.98 --optimize size --max_size_mb 5 --sparsities 0.5 0.6 0.7 0.8
     python scripts/compress.py --time_budget_s 3600 --max_train_samples 1200 --pruning_epochs 2
     python scripts/compress.py --target_retention 0.98 --drop_layers 0 1 --sparsities 0.2 0.3 0.4
+    python scripts/compress.py --target_retention 0.98 --student_model_path results/teacher/<run> --max_train_samples 1200
 """
 
 from __future__ import annotations
@@ -45,7 +48,6 @@ import dataclasses
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -67,10 +69,10 @@ from common.checkpoints import (  # noqa: E402
 from common.config import OBJECTIVES, CompressConfig, DataConfig  # noqa: E402
 from common.data import load_splits  # noqa: E402
 from common.evaluation import interleaved_latency  # noqa: E402
-from common.experiments import run_script, split_loader  # noqa: E402
+from common.experiments import dynamic_int8_copy, run_script, split_loader  # noqa: E402
 from common.latency_table import latency_table, predict_ms  # noqa: E402
 from common.lifecycle import run_tool  # noqa: E402
-from common.models import count_parameters, load_checkpoint_tokenizer, model_skeleton  # noqa: E402
+from common.models import count_parameters, model_skeleton  # noqa: E402
 from common.runtime import ModelRuntime  # noqa: E402
 from common.search import (  # noqa: E402
     bisect_ladder,
@@ -118,21 +120,11 @@ def validation_correct(model: ModelRuntime, folder: Path, data, max_length: int)
 
 def int8_latency(folder: Path, teacher: ModelRuntime, config: CompressConfig) -> dict:
     """ONNX Runtime dynamic int8 of a candidate, timed round-robin with the torch teacher."""
-    from common.onnx_export import export_onnx, write_runtime_files
-    from common.onnx_runtime import quantize_dynamic_int8
-
-    candidate = ModelRuntime(folder)
-    with tempfile.TemporaryDirectory(prefix="compress-") as scratch:
-        scratch = Path(scratch)
-        tokenizer = load_checkpoint_tokenizer(folder)
-        export_onnx(candidate.torch_model, tokenizer, scratch / "model.onnx", config.latency_seq_length)
-        write_runtime_files(scratch, tokenizer, candidate.torch_model.config, config.latency_seq_length)
-        quantize_dynamic_int8(scratch / "model.onnx", scratch / "int8.onnx")
-        int8 = ModelRuntime(scratch, "int8.onnx", verify=False, spinning=False, num_threads=2)
+    with dynamic_int8_copy(folder, config.latency_seq_length) as int8:
         runners = {name: model.runner(model.batch(config.latency_batch_size, config.latency_seq_length))
                    for name, model in (("teacher", teacher), ("candidate", int8))}
         timing = interleaved_latency(runners, 2, config.latency_rounds, config.latency_batch_size, reference="teacher")
-        size = (scratch / "int8.onnx").stat().st_size / 1e6
+        size = int8.size_bytes / 1e6
     return {"int8_latency_ms": timing["candidate"]["latency_ms_median"],
             "int8_latency_iqr_ms": [timing["candidate"]["latency_ms_p25"], timing["candidate"]["latency_ms_p75"]],
             "int8_speedup_vs_teacher": timing["candidate"].get("speedup_vs_reference_median"),
@@ -143,7 +135,8 @@ def main() -> None:
     argv = sys.argv[1:]
     data_config, config = parse_config(DataConfig, CompressConfig, args=argv)
     forwarded = data_flags(argv)
-    teacher_folder, student_folder = find_checkpoint("teacher"), find_checkpoint("student")
+    teacher_folder = find_checkpoint("teacher")
+    student_folder = find_checkpoint("student", config.student_model_path, stages.PRUNABLE_STAGES)
     student_layers = num_layers(model_skeleton(student_folder))
     if max(config.drop_layers) >= student_layers:
         raise ValueError(f"--drop_layers {max(config.drop_layers)} would leave none of the {student_layers} layers of the "
@@ -164,6 +157,9 @@ def main() -> None:
               f"the search may find none; the gate's margin on {teacher_correct.size} validation examples is "
               f"{student_gate['margin_points']:.2f} points at --gate_z {config.gate_z}.", flush=True)
     seed = [] if config.seed is None else ["--seed", config.seed]
+    unlabeled = [] if config.unlabeled_dataset is None else ["--unlabeled_dataset", config.unlabeled_dataset]
+    if config.max_unlabeled_samples is not None:
+        unlabeled += ["--max_unlabeled_samples", config.max_unlabeled_samples]
     vocabulary = [] if config.vocabulary_min_count is None else ["--vocabulary_min_count", config.vocabulary_min_count]
     ladder = sorted(config.sparsities)
     candidates: dict[tuple[int, int], dict] = {}
@@ -203,7 +199,8 @@ def main() -> None:
         sparsity = ladder[index]
         folder = work / "candidates" / (f"drop-{drop}-sparsity-{sparsity:.2f}" if drop else f"sparsity-{sparsity:.2f}")
         epochs = ["--num_epochs", config.pruning_epochs] if config.pruning_epochs else []
-        run_script("8_pruning_with_finetuning.py", *forwarded, *seed, *vocabulary, "--head_final_sparsity", sparsity, "--ffn_final_sparsity",
+        run_script("8_pruning_with_finetuning.py", *forwarded, *seed, *vocabulary, *unlabeled, "--student_model_path",
+                   student_folder, "--head_final_sparsity", sparsity, "--ffn_final_sparsity",
                    sparsity, "--final_sparsity", sparsity, "--drop_layers", drop, *epochs, "--output_dir", folder, stream=True)
         model = ModelRuntime(folder, spinning=False)
         entry = {"drop_layers": drop, "sparsity": sparsity, "folder": str(folder),
@@ -280,9 +277,10 @@ def main() -> None:
     print(f"Published the winner as {published}", flush=True)
     before = {stage: set(list_checkpoints(stage)) for stage in finishing_stages()}
     _, *exports = FINISHING_SCRIPTS
-    record["embeddings"] = train_qkd([*forwarded, *seed], teacher_correct, data, data_config, config)
+    qkd_flags = [*forwarded, *seed, *unlabeled, *(["--num_epochs", config.qkd_epochs] if config.qkd_epochs else [])]
+    record["embeddings"] = train_qkd(qkd_flags, teacher_correct, data, data_config, config)
     if config.mixed_precision:
-        record["mixed_precision"] = search_8bit_layers([*forwarded, *seed, *record["embeddings"]["flags"]], teacher_correct,
+        record["mixed_precision"] = search_8bit_layers([*qkd_flags, *record["embeddings"]["flags"]], teacher_correct,
                                                        data, data_config, config, work, out_of_time)
     for script in exports:
         run_script(script, *forwarded, *export_flags(script, config, data_config), stream=True)

@@ -7,11 +7,14 @@ torch teacher (from the run's own interleaved rounds) and size reduction against
 
 Reads:  results/compress/<run_id>/search.json of every run that delivered (or --runs), the checkpoints and exported
         files they name, and the test split of the data flags each run was made with (its record keeps them).
+        With --int8_reference also each run's teacher in ONNX Runtime dynamic int8 (exported and quantized here): its
+        test accuracy, and the picked files timed round-robin against it and the torch teacher (--reference_rounds).
 Writes: results/compress_summary.json and .md (--output_name), and the tables on stdout.
 
 Run as:
     python scripts/compress_summary.py
     python scripts/compress_summary.py --runs results/compress/<run_id> results/compress/<run_id>
+    python scripts/compress_summary.py --runs results/compress/<run_id> --int8_reference true
 """
 
 from __future__ import annotations
@@ -56,17 +59,51 @@ def delivered_runs(config: CompressSummaryConfig) -> list[tuple[Path, dict]]:
     return runs
 
 
+def int8_reference(run: str, record: dict, teacher, teacher_accuracy: float, picked: list[dict], data, data_config,
+                   rounds: int) -> dict:
+    """The run's teacher in ONNX Runtime dynamic int8 (exported and quantized in a scratch folder), measured on test,
+    and timed round-robin with the torch teacher and the picked files at the run's latency batch and length."""
+    from common.evaluation import accuracy, interleaved_latency, round_speedup
+    from common.experiments import dynamic_int8_copy, split_loader
+    from common.runtime import ModelRuntime
+
+    batch, length = record["config"]["latency_batch_size"], record["config"]["latency_seq_length"]
+    teacher_folder = Path(record["teacher"])
+    torch_label, int8_label = "teacher (torch fp32)", "teacher, ONNX Runtime dynamic int8 (no project stage)"
+    with dynamic_int8_copy(teacher_folder, length) as int8:
+        int8_accuracy = accuracy(*int8.logits(split_loader(teacher_folder, data.test, data_config.max_length)))
+        models = {torch_label: (teacher, teacher_accuracy), int8_label: (int8, int8_accuracy)}
+        for row in picked:
+            entry = next(f for f in record["files"] if f["name"] == row["name"])
+            models[row["name"]] = (ModelRuntime(Path(entry["folder"]), entry.get("file"), spinning=False, num_threads=2),
+                                   row["test_accuracy"])
+        runners = {name: model.runner(model.batch(batch, length)) for name, (model, _) in models.items()}
+        print(f"{run}: timing {len(runners)} models round-robin, {rounds} rounds at {batch} x {length}", flush=True)
+        timing = interleaved_latency(runners, 2, rounds, batch)
+        sizes = {name: model.size_bytes / 1e6 for name, (model, _) in models.items()}
+    result = {"run": run, "batch_size": batch, "seq_length": length, "rounds": rounds, "models": []}
+    for name, (_, test) in models.items():
+        measured = timing[name]["latency_ms_per_round"]
+        result["models"].append({
+            "name": name, "test_accuracy": test, "test_retention": test / teacher_accuracy, "size_mb": sizes[name],
+            "latency_ms": timing[name]["latency_ms_median"],
+            "latency_iqr_ms": [timing[name]["latency_ms_p25"], timing[name]["latency_ms_p75"]],
+            "speedup_vs_torch_teacher": round_speedup(timing[torch_label]["latency_ms_per_round"], measured),
+            "speedup_vs_teacher_int8": round_speedup(timing[int8_label]["latency_ms_per_round"], measured)})
+    return result
+
+
 def main() -> None:
     (config,) = parse_config(CompressSummaryConfig)
     runs = delivered_runs(config)
     from common.checkpoints import results_root, write_json
     from common.data import load_splits
     from common.experiments import test_accuracy
-    from common.search_trace import seed_spread, summary_markdown
+    from common.search_trace import reference_markdown, seed_spread, summary_markdown
 
     splits: dict[tuple, object] = {}
     teachers: dict[tuple, tuple] = {}  # seeds of one teacher share it: measure it once
-    rows = []
+    rows, references = [], []
     for path, record in runs:
         flags = tuple(record.get("data_flags", []))
         (data_config,) = parse_config(DataConfig, args=list(flags))
@@ -92,6 +129,10 @@ def main() -> None:
                          "times_smaller": teacher.size_bytes / 1e6 / entry["size_mb"]})
             print(f"  {objective}: {chosen['name']} test {file_accuracy:.4f} ({100 * rows[-1]['test_retention']:.2f}% of "
                   f"the teacher)", flush=True)
+        if config.int8_reference:
+            picked = list({row["name"]: row for row in rows if row["run"] == path.parent.name}.values())
+            references.append(int8_reference(path.parent.name, record, teacher, teacher_accuracy, picked, data,
+                                             data_config, config.reference_rounds))
     spread = {}
     for objective in dict.fromkeys(row["objective"] for row in rows):
         mine = [row for row in rows if row["objective"] == objective]
@@ -100,8 +141,11 @@ def main() -> None:
                              "speedup_vs_teacher": seed_spread(speedups) if speedups else None,
                              "times_smaller": seed_spread([row["times_smaller"] for row in mine])}
     markdown = summary_markdown(rows, spread)
+    if references:
+        markdown += "\nAgainst the teacher in ONNX Runtime dynamic int8, in new interleaved rounds:\n\n" + reference_markdown(references)
     output = results_root() / config.output_name
-    write_json(output.with_suffix(".json"), {"runs": [str(path) for path, _ in runs], "rows": rows, "spread": spread})
+    write_json(output.with_suffix(".json"), {"runs": [str(path) for path, _ in runs], "rows": rows, "spread": spread,
+                                             "int8_reference": references})
     output.with_suffix(".md").write_text(markdown)
     print(markdown)
     print(f"Summary: {output.with_suffix('.json')}")

@@ -173,7 +173,8 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
         return run_stage_unchecked("scripts/compress.py", results, *common, "--latency_rounds", "2", "--latency_batch_size",
                                    "4", "--latency_seq_length", "16", *args, timeout=1200)
 
-    completed = compress("--sparsities", 0.25, 0.5, 0.75, "--target_retention", 0.5, "--gate_z", 0, "--seed", 7)
+    completed = compress("--sparsities", 0.25, 0.5, 0.75, "--target_retention", 0.5, "--gate_z", 0, "--seed", 7,
+                         "--qkd_epochs", 2)
     assert completed.returncode == 0, completed.stderr[-4000:]
     [work] = (results / "compress").iterdir()
     record = json.loads((work / "search.json").read_text())
@@ -190,6 +191,8 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert record["winner"]["sparsity"] == max(c["sparsity"] for c in record["candidates"] if c["passes"])
     mixed = record["mixed_precision"]  # all-4-bit judged by the gate; 8-bit Linears searched only when it fails
     assert mixed["all_4bit"]["passes"] or mixed["tried"]
+    qkd_record = json.loads((Path(mixed["all_4bit"]["folder"]) / "compression.json").read_text())
+    assert qkd_record["config"]["num_epochs"] == 2 and qkd_record["seed"] == 7, "--qkd_epochs and --seed reach stage 10"
     assert ("Mixed precision: " in (work / "search.md").read_text())
     stages_written = {f["stage"] for f in record["files"]}
     finishing_scripts = ("10_qat_kd_4bit.py", "12_export_onnx.py", "13_export_openvino.py")
@@ -208,9 +211,18 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert Path(record["published"]).parent == results / "pruned"
     assert published["search"]["winner"] == record["winner"] and published["search"]["target_retention"] == 0.5
 
-    summary = run_stage_unchecked("scripts/compress_summary.py", results)
+    summary = run_stage_unchecked("scripts/compress_summary.py", results, "--int8_reference", "true", "--reference_rounds", 3)
     assert summary.returncode == 0, summary.stderr[-3000:]
     result = json.loads((results / "compress_summary.json").read_text())
+    [reference] = result["int8_reference"]  # the teacher in ONNX Runtime int8, timed with the torch teacher and the picks
+    timed = {model["name"]: model for model in reference["models"]}
+    int8_teacher = timed.pop("teacher, ONNX Runtime dynamic int8 (no project stage)")
+    assert timed.pop("teacher (torch fp32)")["speedup_vs_torch_teacher"]["median"] == pytest.approx(1.0)
+    assert set(timed) == {delivered["name"], record["by_objective"]["size"]["name"]}
+    assert 0 < int8_teacher["test_accuracy"] <= 1 and int8_teacher["speedup_vs_teacher_int8"]["median"] == pytest.approx(1.0)
+    assert all(m["speedup_vs_teacher_int8"]["median"] > 0 and m["latency_ms"] > 0 for m in timed.values())
+    assert (reference["batch_size"], reference["seq_length"], reference["rounds"]) == (4, 16, 3)
+    assert "| teacher, ONNX Runtime dynamic int8 (no project stage) |" in (results / "compress_summary.md").read_text()
     rows = {row["objective"]: row for row in result["rows"]}
     assert set(rows) == {"latency", "size"} and rows["latency"]["name"] == delivered["name"] and rows["latency"]["delivered"]
     assert rows["size"]["name"] == record["by_objective"]["size"]["name"]
@@ -229,7 +241,9 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
                      r"points at --gate_z 5.0 on \d+ validation examples", refused.stderr), refused.stderr[-1500:]
     too_deep = compress("--drop_layers", 0, 2)  # the student has 2 layers
     assert too_deep.returncode == 2 and "--drop_layers 2 would leave none of the 2 layers of the student" in too_deep.stderr
-    assert len(list((results / "compress").iterdir())) == 2, "the refusal came before any work"
+    missing = compress("--student_model_path", tmp_path / "nowhere")
+    assert missing.returncode == 2 and f"student_model_path='{tmp_path / 'nowhere'}': no such folder" in missing.stderr
+    assert len(list((results / "compress").iterdir())) == 2, "the refusals came before any work"
     over_budget = compress("--sparsities", 0.5, "--target_retention", 0.5, "--gate_z", 0, "--finish", "false",
                            "--max_latency_ms", 1e-6, "--drop_layers", 0, 1)
     assert over_budget.returncode == 2 and "meets --max_latency_ms 1e-06. The closest: candidate sparsity 0.50" in over_budget.stderr
@@ -240,9 +254,23 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert sorted(by_depth) == [0, 1] and by_depth[0]["layers"] == 2 and by_depth[1]["layers"] == 1
     assert by_depth[1]["parameters"] < by_depth[0]["parameters"]
     assert "| 0.50 | 1 |" in (deeper / "search.md").read_text()
+    [teacher_folder] = (results / "teacher").iterdir()
+    unlabeled = write_reviews_csv(tmp_path / "unlabeled.csv", rows=40, seed=5)
+    full_depth = compress("--sparsities", 0.5, "--target_retention", 0.5, "--gate_z", 0, "--finish", "false",
+                          "--no_latency_table", "--student_model_path", teacher_folder,
+                          "--unlabeled_dataset", unlabeled, "--max_unlabeled_samples", 16)
+    assert full_depth.returncode == 0, full_depth.stderr[-3000:]
+    [teacher_run] = [w for w in (results / "compress").iterdir()
+                     if json.loads((w / "search.json").read_text())["student"] == str(teacher_folder)]
+    [candidate] = json.loads((teacher_run / "search.json").read_text())["candidates"]
+    pruned_teacher = json.loads((Path(candidate["folder"]) / "compression.json").read_text())
+    assert pruned_teacher["parent"] == str(teacher_folder) and candidate["layers"] == 4, "the teacher pruned at full depth"
+    assert pruned_teacher["config"]["unlabeled_dataset"] == str(unlabeled)
+    assert pruned_teacher["config"]["max_unlabeled_samples"] == 16
     assert sorted(p.name for p in (results / "pruned").iterdir()) == pruned_before, "nothing was published"
     statuses = sorted(json.loads((w / "search.json").read_text())["status"] for w in (results / "compress").iterdir())
-    assert statuses == ["delivered", "no candidate keeps the target", "no file keeps the target within the budgets"]
+    assert statuses == ["delivered", "no candidate keeps the target", "no file keeps the target within the budgets",
+                        "search only (--finish false)"]
     [refused_run] = [w for w in (results / "compress").iterdir() if "no candidate" in (w / "search.json").read_text()]
     not_delivered = run_stage_unchecked("scripts/compress_summary.py", results, "--runs", refused_run)
     assert not_delivered.returncode == 2 and "Traceback" not in not_delivered.stderr
@@ -267,6 +295,7 @@ def test_the_spread_over_runs_is_mean_sample_std_min_and_max():
 @pytest.mark.parametrize("args, message", [
     (["--runs", "nowhere"], "runs: 'nowhere' is not a compress.py run"),
     ([], "No compress.py run that delivered a file in"),
+    (["--reference_rounds", "0"], "reference_rounds=0 must be a positive"),
 ])
 def test_the_summary_refuses_runs_it_cannot_read(tmp_path, args, message):
     completed = run_stage_unchecked("scripts/compress_summary.py", tmp_path / "results", *args)
@@ -284,6 +313,10 @@ def test_the_summary_refuses_runs_it_cannot_read(tmp_path, args, message):
     (["--drop_layers", "0", "0"], "drop_layers=[0, 0] must list distinct layer counts of 0 or more"),
     (["--drop_layers", "-1"], "drop_layers=[-1] must list distinct layer counts"),
     (["--seed", "-1"], "seed=-1 is out of range"),
+    (["--unlabeled_dataset", " "], "unlabeled_dataset is empty"),
+    (["--qkd_epochs", "0"], "qkd_epochs=0 must be a positive"),
+    (["--unlabeled_dataset", "train_rest", "--max_unlabeled_samples", "0"], "max_unlabeled_samples=0 must be a positive"),
+    (["--max_unlabeled_samples", "10"], "max_unlabeled_samples=10 limits --unlabeled_dataset, which is not given"),
     ([], "Run `python 1_train_teacher.py` first"),  # valid flags, but no teacher to compress toward
 ])
 def test_compress_refuses_bad_targets_before_any_work(tmp_path, args, message):

@@ -233,6 +233,9 @@ def test_fake_quantized_embeddings_equal_stored_ones(method, int4_rows):
         mask = int4_row_mask(rows, wide)
         assert record["int4_rows"] == int4_rows and state[f"{name}.int4_row_ids"].tolist() == wide.tolist()
         assert list(state[f"{name}.int4_codes"].shape) == [int4_rows, columns // 2]
+        incomplete = {key: value for key, value in state.items() if key != f"{name}.int4_row_ids"}
+        with pytest.raises(ValueError, match=f"lack {name}.int4_row_ids: the checkpoint is incomplete"):
+            _load_embedding(incomplete, record)
         # the int4 rows are closer to the trained rows than the ternary ones (that is what their bytes buy)
         error = ((stored - master) ** 2).sum(dim=1)
         assert mask.all() or error[mask].mean() < 0.2 * error[~mask].mean()

@@ -180,6 +180,11 @@ def _load_embedding(state: dict, record: dict) -> dict:
     rows, columns = record["shape"]
     codes, scale = state.pop(f"{name}.weight_codes"), state.pop(f"{name}.weight_scale")
     narrow = dequantize_rows(codes, scale, bits, columns)
+    missing = [key for key in ("int4_row_ids", "int4_codes", "int4_scale") if f"{name}.{key}" not in state]
+    if record.get("int4_rows") and missing:
+        raise ValueError(f"The record stores {record['int4_rows']} word-embedding rows at int4, but the weights lack "
+                         f"{', '.join(f'{name}.{key}' for key in missing)}: the checkpoint is incomplete. Rerun the stage "
+                         "that wrote it.")
     if f"{name}.int4_row_ids" not in state:
         state[f"{name}.weight"] = narrow
         return state
@@ -200,5 +205,9 @@ def stored_int4_row_ids(folder, record: dict) -> Optional[torch.Tensor]:
 
     from safetensors import safe_open
 
+    key = f"{embedding['module']}.int4_row_ids"
     with safe_open(str(Path(folder) / "model.safetensors"), framework="pt") as weights:
-        return weights.get_tensor(f"{embedding['module']}.int4_row_ids").long()
+        if key not in weights.keys():
+            raise ValueError(f"{folder}: the record stores {embedding['int4_rows']} word-embedding rows at int4, but "
+                             f"model.safetensors has no {key}: the checkpoint is incomplete. Rerun the stage that wrote it.")
+        return weights.get_tensor(key).long()
