@@ -227,6 +227,12 @@ UNLABELED_TRAIN_REST = "train_rest"
 STUDENT_LAYER_SELECTIONS = ("spread", "importance")
 
 
+def _check_unlabeled_source(source: Optional[str]) -> None:
+    if source is not None and not str(source).strip():
+        raise ValueError("unlabeled_dataset is empty; pass a CSV/JSON file, a hub dataset name or "
+                         f"'{UNLABELED_TRAIN_REST}', or leave it out.")
+
+
 @dataclass
 class UnlabeledFields:
     """Distillation on texts without labels (stages 2, 8 and 10): the teacher's outputs are their only target."""
@@ -241,10 +247,8 @@ class UnlabeledFields:
 
     def __post_init__(self) -> None:
         _check_positive("max_unlabeled_samples", self.max_unlabeled_samples, allow_none=True)
+        _check_unlabeled_source(self.unlabeled_dataset)
         if self.unlabeled_dataset is not None:
-            if not str(self.unlabeled_dataset).strip():
-                raise ValueError("unlabeled_dataset is empty; pass a CSV/JSON file, a hub dataset name or "
-                                 f"'{UNLABELED_TRAIN_REST}', or leave it out.")
             teaching = sum(getattr(self, name, 0.0) for name in ("alpha_kd", "alpha_hidden", "alpha_attention"))
             if teaching == 0:
                 raise ValueError(
@@ -808,9 +812,7 @@ class CompressConfig:
             _check_range("seed", self.seed, 0, 2**32 - 1)
         if self.vocabulary_min_count is not None:
             _check_range("vocabulary_min_count", self.vocabulary_min_count, 1, float("inf"))
-        if self.unlabeled_dataset is not None and not str(self.unlabeled_dataset).strip():
-            raise ValueError("unlabeled_dataset is empty; pass a CSV/JSON file, a hub dataset name or "
-                             f"'{UNLABELED_TRAIN_REST}', or leave it out.")
+        _check_unlabeled_source(self.unlabeled_dataset)
         _check_positive("max_unlabeled_samples", self.max_unlabeled_samples, allow_none=True)
         if self.max_unlabeled_samples is not None and self.unlabeled_dataset is None:
             raise ValueError(f"max_unlabeled_samples={self.max_unlabeled_samples} limits --unlabeled_dataset, which is "
