@@ -806,8 +806,21 @@ class CompressConfig:
         "--seed. Repeat the search with other seeds on the same teacher and student to measure the spread. Default: "
         "each stage's own seed.",
     )
+    resume: Optional[str] = _field(
+        None, "A previous run's folder (results/compress/<run_id>) to continue: each stage run it made (stage-8 "
+        "candidates, stage 10, exports) whose command this run would repeat exactly is reused instead of run again; "
+        "the gate and the timing are measured again. For a run that stopped (its trace is written after every stage "
+        "run), or to finish the same search for another --optimize, --target_retention or --gate_z. It must have "
+        "used the same teacher and student.",
+    )
 
     def __post_init__(self) -> None:
+        if self.resume is not None:
+            trace = Path(self.resume).expanduser() / "search.json"
+            if not trace.is_file():
+                raise ValueError(f"resume={self.resume!r} holds no search.json, so it is not a compress.py run folder; "
+                                 "pass a folder of results/compress/ (a run that stopped before its first stage run "
+                                 "left nothing to reuse: start it again without --resume).")
         if self.seed is not None:
             _check_range("seed", self.seed, 0, 2**32 - 1)
         if self.vocabulary_min_count is not None:

@@ -50,6 +50,9 @@ def search_markdown(record: dict) -> str:
         if objective != record["optimize"] and chosen:
             lines.append(f"With --optimize {objective} the same files would deliver {chosen['name']} "
                          f"({chosen['latency_ms']:.2f} ms, {chosen['size_mb']:.2f} MB, retention {chosen['retention']:.4f}).")
+    if record.get("resumed_from"):
+        lines.append(f"Resumed from {record['resumed_from']}: {record.get('reused_steps', 0)} of "
+                     f"{len(record.get('steps', []))} stage runs reused (the same command), the rest run.")
     if "wall_time_s" in record:
         lines.append(f"Wall time: {record['wall_time_s']} s.")
     return "\n".join(lines) + "\n"

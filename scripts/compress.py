@@ -27,8 +27,14 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
            those that pass round-robin at --latency_batch_size x --latency_seq_length, and delivers the fastest
            (--optimize latency) or the smallest (--optimize size) within --max_latency_ms / --max_size_mb; the record
            also names the file the other objective would deliver (by_objective).
-Writes: results/latency_tables/<key>.json (once per machine and architecture), results/compress/<run_id>/search.json (target, gate, every candidate and file with its validation accuracy,
-        retention, margin, size and latency, the winner and why, wall time), search.md and search.png (the trace);
+        4. (--resume results/compress/<run_id>) reuses every stage run of that earlier run whose command this run repeats
+           exactly (its trace records each one with its flags and folders): a run that stopped continues where it
+           stopped, and the same search finishes for another --optimize, target or gate without retraining; the gate
+           and the timing are measured again.
+Writes: results/latency_tables/<key>.json (once per machine and architecture), results/compress/<run_id>/search.json
+        (written after every stage run, then at the end: target, gate, every candidate and file with its validation
+        accuracy, retention, margin, size and latency, the winner and why, every stage run and its folders, wall
+        time), search.md and search.png (the trace);
         the winner's compression.json gets the same record under "search". Refuses with the closest candidate or file
         when nothing keeps the target or fits the budgets. The search never reads the test split; afterwards
         scripts/compress_summary.py measures on test what each objective picked, over runs (seeds).
@@ -40,6 +46,7 @@ Run as:
     python scripts/compress.py --time_budget_s 3600 --max_train_samples 1200 --pruning_epochs 2
     python scripts/compress.py --target_retention 0.98 --drop_layers 0 1 --sparsities 0.2 0.3 0.4
     python scripts/compress.py --target_retention 0.98 --student_model_path results/teacher/<run> --max_train_samples 1200
+    python scripts/compress.py --optimize size --resume results/compress/<the latency run>
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ from common.architecture import num_layers  # noqa: E402
 from common.checkpoints import (  # noqa: E402
     RECORD_FILE,
     find_checkpoint,
-    list_checkpoints,
+    is_complete,
     new_run_id,
     read_record,
     results_root,
@@ -69,7 +76,7 @@ from common.checkpoints import (  # noqa: E402
 from common.config import OBJECTIVES, CompressConfig, DataConfig  # noqa: E402
 from common.data import load_splits  # noqa: E402
 from common.evaluation import interleaved_latency  # noqa: E402
-from common.experiments import dynamic_int8_copy, run_script, split_loader  # noqa: E402
+from common.experiments import dynamic_int8_copy, split_loader  # noqa: E402
 from common.latency_table import latency_table, predict_ms  # noqa: E402
 from common.lifecycle import run_tool  # noqa: E402
 from common.models import count_parameters, model_skeleton  # noqa: E402
@@ -83,8 +90,11 @@ from common.search import (  # noqa: E402
     retention_gate,
 )
 from common.search_trace import candidate_name, plot_search, search_markdown  # noqa: E402
+from common.stage_steps import StageSteps  # noqa: E402
 
+PRUNING_SCRIPT = "8_pruning_with_finetuning.py"
 FINISHING_SCRIPTS = ("10_qat_kd_4bit.py", "12_export_onnx.py", "13_export_openvino.py")
+IN_PROGRESS = "in progress (if this run stopped, continue it with --resume and this folder)"
 
 
 def export_flags(script: str, config: CompressConfig, data_config: DataConfig) -> list:
@@ -96,9 +106,48 @@ def export_flags(script: str, config: CompressConfig, data_config: DataConfig) -
     return []
 
 
-def finishing_stages() -> list[str]:
-    """The stages whose folders the finishing scripts write (from the stage table)."""
-    return [stage.name for stage in stages.STAGE_TABLE if stage.script in FINISHING_SCRIPTS]
+def training_flags(config: CompressConfig) -> list:
+    """The flags every stage-8 candidate shares with stage 10: --seed and the unlabelled texts."""
+    flags = [] if config.seed is None else ["--seed", config.seed]
+    if config.unlabeled_dataset is not None:
+        flags += ["--unlabeled_dataset", config.unlabeled_dataset]
+    if config.max_unlabeled_samples is not None:
+        flags += ["--max_unlabeled_samples", config.max_unlabeled_samples]
+    return flags
+
+
+def candidate_args(config: CompressConfig, forwarded: list, student: Path, teacher: Path, drop: int, sparsity: float) -> list:
+    """Stage 8's flags for one candidate (without --output_dir): what --resume compares to reuse a trained one."""
+    vocabulary = [] if config.vocabulary_min_count is None else ["--vocabulary_min_count", config.vocabulary_min_count]
+    epochs = ["--num_epochs", config.pruning_epochs] if config.pruning_epochs else []
+    return [*forwarded, *training_flags(config), *vocabulary, "--student_model_path", student, "--teacher_model_path",
+            teacher, "--head_final_sparsity", sparsity, "--ffn_final_sparsity", sparsity, "--final_sparsity", sparsity,
+            "--drop_layers", drop, *epochs]
+
+
+def previous_run(config: CompressConfig, teacher: Path, student: Path) -> tuple[dict, list[dict]]:
+    """The trace of --resume and its stage runs, refused when it used another teacher or student (then nothing could
+    match). Traces written before stage runs were recorded give their candidates' stage-8 commands rebuilt from their
+    own config (those runs let stage 8 find the newest teacher, the one their trace names)."""
+    folder = Path(config.resume).expanduser().resolve()
+    try:
+        record = json.loads((folder / "search.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"--resume {folder}: its search.json is not valid JSON ({error}); start without --resume.") from error
+    how = {"teacher": "compress.py uses the newest results/teacher/ run: resume where that teacher is the newest",
+           "student": "pass its --student_model_path"}
+    for role, used, now in (("teacher", record.get("teacher"), teacher), ("student", record.get("student"), student)):
+        if used != str(now):
+            raise ValueError(f"--resume {folder} searched with the {role} {used}, and this run would use {now}; none of "
+                             f"its stage runs could be reused. To resume it, {how[role]}; or start without --resume.")
+    if "steps" in record:
+        return record, record["steps"]
+    fields = {field.name for field in dataclasses.fields(CompressConfig)}
+    old = CompressConfig(**{key: value for key, value in record["config"].items() if key in fields})
+    return record, [{"script": PRUNING_SCRIPT, "folders": [c["folder"]],
+                     "args": [str(arg) for arg in candidate_args(old, record["data_flags"], student, teacher,
+                                                                 c["drop_layers"], c["sparsity"])]}
+                    for c in record["candidates"]]
 
 
 def data_flags(argv: list[str]) -> list[str]:
@@ -141,9 +190,16 @@ def main() -> None:
     if max(config.drop_layers) >= student_layers:
         raise ValueError(f"--drop_layers {max(config.drop_layers)} would leave none of the {student_layers} layers of the "
                          f"student {student_folder}; give values from 0 to {student_layers - 1}.")
+    previous, previous_steps = previous_run(config, teacher_folder, student_folder) if config.resume else ({}, [])
     started = time.time()
     data = load_splits(data_config)
     work = results_root() / "compress" / new_run_id()
+    record = {"target_retention": config.target_retention, "optimize": config.optimize, "gate_z": config.gate_z,
+              "budgets": {"max_latency_ms": config.max_latency_ms, "max_size_mb": config.max_size_mb},
+              "teacher": str(teacher_folder), "student": str(student_folder), "seed": config.seed,
+              "resumed_from": config.resume and str(Path(config.resume).expanduser().resolve()),
+              "config": dataclasses.asdict(config), "data_flags": forwarded}
+    steps = StageSteps(previous_steps, on_step=lambda: write_progress(work, record, steps))
     teacher = ModelRuntime(teacher_folder, spinning=False)
     teacher_correct = validation_correct(teacher, teacher_folder, data, data_config.max_length)
     print(f"Teacher {teacher_folder}: validation accuracy {teacher_correct.mean():.4f}; target "
@@ -156,11 +212,6 @@ def main() -> None:
         print(f"Note: the unpruned student already misses the target by the gate. Pruned candidates seldom beat it, so "
               f"the search may find none; the gate's margin on {teacher_correct.size} validation examples is "
               f"{student_gate['margin_points']:.2f} points at --gate_z {config.gate_z}.", flush=True)
-    seed = [] if config.seed is None else ["--seed", config.seed]
-    unlabeled = [] if config.unlabeled_dataset is None else ["--unlabeled_dataset", config.unlabeled_dataset]
-    if config.max_unlabeled_samples is not None:
-        unlabeled += ["--max_unlabeled_samples", config.max_unlabeled_samples]
-    vocabulary = [] if config.vocabulary_min_count is None else ["--vocabulary_min_count", config.vocabulary_min_count]
     ladder = sorted(config.sparsities)
     candidates: dict[tuple[int, int], dict] = {}
     not_trained: dict[tuple[int, int], dict] = {}
@@ -197,11 +248,9 @@ def main() -> None:
         if cannot_win(drop, index):
             return True  # as far as winning goes it is settled: the bisection looks at more compressed candidates
         sparsity = ladder[index]
-        folder = work / "candidates" / (f"drop-{drop}-sparsity-{sparsity:.2f}" if drop else f"sparsity-{sparsity:.2f}")
-        epochs = ["--num_epochs", config.pruning_epochs] if config.pruning_epochs else []
-        run_script("8_pruning_with_finetuning.py", *forwarded, *seed, *vocabulary, *unlabeled, "--student_model_path",
-                   student_folder, "--head_final_sparsity", sparsity, "--ffn_final_sparsity",
-                   sparsity, "--final_sparsity", sparsity, "--drop_layers", drop, *epochs, "--output_dir", folder, stream=True)
+        name = f"drop-{drop}-sparsity-{sparsity:.2f}" if drop else f"sparsity-{sparsity:.2f}"
+        [folder] = steps.run(PRUNING_SCRIPT, *candidate_args(config, forwarded, student_folder, teacher_folder, drop, sparsity),
+                             output_dir=work / "candidates" / name)
         model = ModelRuntime(folder, spinning=False)
         entry = {"drop_layers": drop, "sparsity": sparsity, "folder": str(folder),
                  "layers": num_layers(model.torch_model),
@@ -228,18 +277,13 @@ def main() -> None:
         if winner is not None:
             depth_winners.append(winner)
     tried = [candidates[key] for key in sorted(candidates)]
-    record = {"target_retention": config.target_retention, "optimize": config.optimize, "gate_z": config.gate_z,
-              "budgets": {"max_latency_ms": config.max_latency_ms, "max_size_mb": config.max_size_mb},
-              "teacher": str(teacher_folder), "student": str(student_folder), "seed": config.seed,
-              "student_gate": student_gate,
-              "teacher_validation_accuracy": float(teacher_correct.mean()), "validation_examples": int(teacher_correct.size),
-              "ladder": ladder, "drop_layers": sorted(config.drop_layers), "candidates": tried,
-              "not_trained": [not_trained[key] for key in sorted(not_trained)],
-              "latency_table": None if table is None else {key: table[key] for key in ("path", "cached", "build_seconds", "key")},
-              "config": dataclasses.asdict(config), "data_flags": forwarded}
+    record.update(student_gate=student_gate, teacher_validation_accuracy=float(teacher_correct.mean()),
+                  validation_examples=int(teacher_correct.size), ladder=ladder, drop_layers=sorted(config.drop_layers),
+                  candidates=tried, not_trained=[not_trained[key] for key in sorted(not_trained)],
+                  latency_table=None if table is None else {key: table[key] for key in ("path", "cached", "build_seconds", "key")})
     if not depth_winners:
         record.update(status="no candidate keeps the target", wall_time_s=round(time.time() - started))
-        write_trace(work, record)
+        write_trace(work, record, steps)
         closest = max(tried, key=lambda entry: entry["retention"], default=None)
         hint = "" if closest is None else (f" The closest: {candidate_name(closest)}, retention "
                                            f"{closest['retention']:.4f} (lower bound {closest['lower_bound_points']:+.2f} points).")
@@ -267,33 +311,47 @@ def main() -> None:
         files = [{"name": f"candidate {candidate_name(c)} (ONNX Runtime dynamic int8)", "passes": c["passes"],
                   "retention": c["retention"], "lower_bound_points": c["lower_bound_points"],
                   "latency_ms": c["int8_latency_ms"], "size_mb": c["int8_size_mb"]} for c in record["candidates"]]
-        delivered, reason = deliver(files, config, record, work)
+        delivered, reason = deliver(files, config, record, work, steps)
         record.update(status="search only (--finish false)", delivered=delivered, delivered_why=reason,
                       wall_time_s=round(time.time() - started))
-        write_trace(work, record)
+        write_trace(work, record, steps)
         return
-    published = stage_dir("pruned") / new_run_id()
-    shutil.copytree(chosen["folder"], published)
-    print(f"Published the winner as {published}", flush=True)
-    before = {stage: set(list_checkpoints(stage)) for stage in finishing_stages()}
-    _, *exports = FINISHING_SCRIPTS
-    qkd_flags = [*forwarded, *seed, *unlabeled, *(["--num_epochs", config.qkd_epochs] if config.qkd_epochs else [])]
-    record["embeddings"] = train_qkd(qkd_flags, teacher_correct, data, data_config, config)
+    published = publish_winner(chosen["folder"], previous)
+    record.update(published=str(published), published_from=chosen["folder"])
+    qkd_flags = [*forwarded, *training_flags(config), "--pruned_model_path", published, "--teacher_model_path",
+                 teacher_folder, *(["--num_epochs", config.qkd_epochs] if config.qkd_epochs else [])]
+    record["embeddings"] = train_qkd(steps, qkd_flags, teacher_correct, data, data_config, config)
+    qkd_folder = Path(record["embeddings"]["folder"])
     if config.mixed_precision:
-        record["mixed_precision"] = search_8bit_layers([*qkd_flags, *record["embeddings"]["flags"]], teacher_correct,
-                                                       data, data_config, config, work, out_of_time)
-    for script in exports:
-        run_script(script, *forwarded, *export_flags(script, config, data_config), stream=True)
-    files = gate_files({stage: sorted(set(list_checkpoints(stage)) - before[stage]) for stage in before}, teacher,
-                       teacher_correct, data, data_config, config)
+        record["mixed_precision"] = search_8bit_layers(steps, [*qkd_flags, *record["embeddings"]["flags"]], qkd_folder,
+                                                       teacher_correct, data, data_config, config, work, out_of_time)
+        qkd_folder = Path(record["mixed_precision"].get("published", qkd_folder))
+    exported = []
+    for script in FINISHING_SCRIPTS[1:]:
+        exported += steps.run(script, *forwarded, "--source_model_path", published, "--qkd_model_path", qkd_folder,
+                              *export_flags(script, config, data_config))
+    folders_by_stage: dict[str, list[Path]] = {}
+    for folder in [qkd_folder, *exported]:  # the QKD model runs in torch too
+        folders_by_stage.setdefault(read_record(folder)["stage"], []).append(folder)
+    files = gate_files(folders_by_stage, teacher, teacher_correct, data, data_config, config)
     record["files"] = files
-    delivered, reason = deliver(files, config, record, work)
-    record.update(status="delivered", delivered=delivered, delivered_why=reason, published=str(published),
-                  wall_time_s=round(time.time() - started))
-    write_trace(work, record)
+    delivered, reason = deliver(files, config, record, work, steps)
+    record.update(status="delivered", delivered=delivered, delivered_why=reason, wall_time_s=round(time.time() - started))
+    write_trace(work, record, steps)
     compression = json.loads((published / RECORD_FILE).read_text())
-    compression["search"] = {key: value for key, value in record.items() if key != "config"}
+    compression["search"] = {key: value for key, value in record.items() if key not in ("config", "steps")}
     write_json(published / RECORD_FILE, compression)
+
+
+def publish_winner(winner: str, previous: dict) -> Path:
+    """The winner copied as the newest results/pruned/ checkpoint, or the resumed run's copy of the same candidate."""
+    if previous.get("published") and previous.get("published_from") == winner and is_complete(Path(previous["published"])):
+        print(f"Reusing {previous['published']}: the resumed run published the same candidate", flush=True)
+        return Path(previous["published"])
+    published = stage_dir("pruned") / new_run_id()
+    shutil.copytree(winner, published)
+    print(f"Published the winner as {published}", flush=True)
+    return published
 
 
 def gate_folder(folder: Path, teacher_correct, data, data_config, config) -> dict:
@@ -303,12 +361,11 @@ def gate_folder(folder: Path, teacher_correct, data, data_config, config) -> dic
                              config.target_retention, config.gate_z)}
 
 
-def train_qkd(flags: list, teacher_correct, data, data_config, config) -> dict:
+def train_qkd(steps: StageSteps, flags: list, teacher_correct, data, data_config, config) -> dict:
     """Stage 10 on the published winner. With --optimize size it first trains ternary word-embedding rows
     (--size_embeddings int2; the --size_int4_rows most frequent tokens' rows at int4) and keeps them when that model
-    passes the gate; otherwise stage 10 runs again with int4 rows, so the newest qkd_4bit checkpoint (which the 8-bit
-    search and stages 12 and 13 read) is the one kept. Returns the rows chosen, the stage-10 flags that give them, and
-    why."""
+    passes the gate; otherwise stage 10 runs again with int4 rows. Returns the rows chosen, the stage-10 flags that give
+    them, the checkpoint kept (which the 8-bit search and stages 12 and 13 read) and why."""
     quantize = FINISHING_SCRIPTS[0]
     result = {"method": "int4", "flags": [], "why": "int4 rows (stage 10's default)"}
     if config.optimize == "size" and config.size_embeddings == "int4":
@@ -319,24 +376,24 @@ def train_qkd(flags: list, teacher_correct, data, data_config, config) -> dict:
         if config.size_embeddings == "int2" and config.size_int4_rows:
             ternary_flags += ["--embedding_int4_rows", config.size_int4_rows]
             rows += f" (the {config.size_int4_rows} most frequent tokens' at int4)"
-        run_script(quantize, *flags, *ternary_flags, stream=True)
-        ternary = gate_folder(find_checkpoint("qkd_4bit"), teacher_correct, data, data_config, config)
+        [folder] = steps.run(quantize, *flags, *ternary_flags, output_dir=stage_dir("qkd_4bit") / new_run_id())
+        ternary = gate_folder(folder, teacher_correct, data, data_config, config)
         outcome = f"QKD-4bit with {rows}: retention {ternary['retention']:.4f}"
         if ternary["passes"]:
             print(f"{outcome}, passes the gate", flush=True)
-            return {"method": config.size_embeddings, "flags": ternary_flags, "tried": [ternary],
+            return {"method": config.size_embeddings, "flags": ternary_flags, "tried": [ternary], "folder": str(folder),
                     "why": f"{rows} keep the target (retention {ternary['retention']:.4f})"}
         print(f"{outcome}, fails the gate; stage 10 again with int4 rows", flush=True)
         result.update(tried=[ternary], why=f"{rows} missed the target (retention {ternary['retention']:.4f}); int4 rows")
-    run_script(quantize, *flags, stream=True)
-    return result
+    [folder] = steps.run(quantize, *flags, output_dir=stage_dir("qkd_4bit") / new_run_id())
+    return {**result, "folder": str(folder)}
 
 
-def search_8bit_layers(forwarded: list, teacher_correct, data, data_config, config, work: Path, out_of_time) -> dict:
-    """Bits under the gate: when the QKD model just written (every Linear in 4 bits) misses the target, the fewest
+def search_8bit_layers(steps: StageSteps, flags: list, all_4bit: Path, teacher_correct, data, data_config, config,
+                       work: Path, out_of_time) -> dict:
+    """Bits under the gate: when the QKD model ``all_4bit`` (every Linear in 4 bits) misses the target, the fewest
     Linears kept at 8 bits (largest 4-bit output error first) that meet it, by stage 10 with --keep_8bit_layers over
-    ``eight_bit_ladder``. The winner becomes the newest qkd_4bit checkpoint, which stages 12 and 13 then export."""
-    all_4bit = find_checkpoint("qkd_4bit")
+    ``eight_bit_ladder``. The winner is published as a new qkd_4bit checkpoint, which stages 12 and 13 then export."""
     result = {"all_4bit": gate_folder(all_4bit, teacher_correct, data, data_config, config)}
     if result["all_4bit"]["passes"]:
         result["why"] = "4 bits everywhere keeps the target; no Linear needs 8 bits"
@@ -348,8 +405,8 @@ def search_8bit_layers(forwarded: list, teacher_correct, data, data_config, conf
     tried: dict[int, dict] = {}
 
     def passes(index: int) -> bool:
-        folder = work / "mixed" / f"8bit-{ladder[index]}"
-        run_script(FINISHING_SCRIPTS[0], *forwarded, "--keep_8bit_layers", ladder[index], "--output_dir", folder, stream=True)
+        [folder] = steps.run(FINISHING_SCRIPTS[0], *flags, "--keep_8bit_layers", ladder[index],
+                             output_dir=work / "mixed" / f"8bit-{ladder[index]}")
         tried[index] = {"layers_8bit": ladder[index], **gate_folder(folder, teacher_correct, data, data_config, config)}
         print(f"{ladder[index]} Linear(s) at 8 bits: retention {tried[index]['retention']:.4f}, "
               f"{'passes' if tried[index]['passes'] else 'fails'}", flush=True)
@@ -398,7 +455,7 @@ def gate_files(new_folders: dict, teacher: ModelRuntime, teacher_correct, data, 
     return entries
 
 
-def deliver(files: list[dict], config: CompressConfig, record: dict, work: Path) -> tuple[dict, str]:
+def deliver(files: list[dict], config: CompressConfig, record: dict, work: Path, steps: StageSteps) -> tuple[dict, str]:
     """The file chosen for --optimize; the record also names what the other objective would deliver from the same
     gated files (the search before them does not depend on the objective at one depth)."""
     record["by_objective"] = {}
@@ -413,13 +470,20 @@ def deliver(files: list[dict], config: CompressConfig, record: dict, work: Path)
             key: chosen[0][key] for key in ("name", "latency_ms", "size_mb", "retention") if key in chosen[0]}
     if isinstance(choices[config.optimize], ValueError):
         record["status"] = "no file keeps the target within the budgets"
-        write_trace(work, record)
+        write_trace(work, record, steps)
         raise choices[config.optimize]
     return choices[config.optimize]
 
 
-def write_trace(work: Path, record: dict) -> None:
+def write_progress(work: Path, record: dict, steps: StageSteps) -> None:
+    """The trace so far (its stage runs), written after each one so that a run that stops can be resumed."""
     work.mkdir(parents=True, exist_ok=True)
+    write_json(work / "search.json", {**record, "status": IN_PROGRESS, "steps": steps.steps})
+
+
+def write_trace(work: Path, record: dict, steps: StageSteps) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    record.update(steps=steps.steps, reused_steps=steps.reused)
     write_json(work / "search.json", record)
     (work / "search.md").write_text(search_markdown(record))
     plot_search(record, work / "search.png")

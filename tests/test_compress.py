@@ -87,14 +87,29 @@ def test_the_latency_table_prediction_is_scaled_by_what_the_timed_candidates_mea
     assert scale == pytest.approx(1.5) and expected == pytest.approx(15.0)
 
 
-def test_bits_under_the_gate_search_the_fewest_8bit_linears_and_publish_them(tmp_path, monkeypatch):
-    """The mixed-precision step of compress.py: all-4-bit fails, so stage 10 reruns with --keep_8bit_layers over
-    12, 6, 3, 1 by bisection; the fewest that pass (3) become the newest qkd_4bit checkpoint."""
+def load_compress_script():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("compress_script", PROJECT_ROOT / "scripts" / "compress.py")
     compress = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compress)
+    return compress
+
+
+def fake_checkpoint(folder: Path, text: str = "") -> Path:
+    """A folder that counts as a complete checkpoint (it has a record) for the step bookkeeping."""
+    folder.mkdir(parents=True)
+    (folder / "compression.json").write_text(json.dumps({"stage": "qkd_4bit"}))
+    (folder / "weights").write_text(text)
+    return folder
+
+
+def test_bits_under_the_gate_search_the_fewest_8bit_linears_and_publish_them(tmp_path, monkeypatch):
+    """The mixed-precision step of compress.py: all-4-bit fails, so stage 10 reruns with --keep_8bit_layers over
+    12, 6, 3, 1 by bisection; the fewest that pass (3) are published as a new qkd_4bit checkpoint."""
+    from common import stage_steps
+
+    compress = load_compress_script()
     assert eight_bit_ladder(12) == [12, 6, 3, 1] and eight_bit_ladder(1) == [1]
     with pytest.raises(ValueError, match="nothing to keep at 8 bits"):
         eight_bit_ladder(0)
@@ -102,28 +117,101 @@ def test_bits_under_the_gate_search_the_fewest_8bit_linears_and_publish_them(tmp
 
     def fake_stage_10(script, *args, stream=False):
         calls.append((script, args[args.index("--keep_8bit_layers") + 1]))
-        folder = Path(args[args.index("--output_dir") + 1])
-        folder.mkdir(parents=True)
-        (folder / "weights").write_text(str(calls[-1][1]))
+        fake_checkpoint(Path(args[args.index("--output_dir") + 1]), str(calls[-1][1]))
 
     def fake_gate(folder, *rest):
         count = int(folder.name.split("-")[1]) if folder.name.startswith("8bit-") else 0
         return {"folder": str(folder), "passes": count >= 3, "retention": 0.9 + count / 100}
 
-    monkeypatch.setattr(compress, "run_script", fake_stage_10)
+    monkeypatch.setattr(stage_steps, "run_script", fake_stage_10)
     monkeypatch.setattr(compress, "gate_folder", fake_gate)
-    monkeypatch.setattr(compress, "find_checkpoint", lambda stage: tmp_path / "qkd-all-4bit")
     monkeypatch.setattr(compress, "read_record", lambda folder: {"quantization": {"modules": [f"m{i}" for i in range(12)]}})
     monkeypatch.setattr(compress, "stage_dir", lambda stage: tmp_path / "results" / stage)
-    result = compress.search_8bit_layers([], None, None, None, None, tmp_path / "work", lambda: False)
-    assert [count for _, count in calls] == [6, 3, 1] and {script for script, _ in calls} == {"10_qat_kd_4bit.py"}
+    steps = compress.StageSteps()
+    result = compress.search_8bit_layers(steps, [], tmp_path / "qkd-all-4bit", None, None, None, None, tmp_path / "work",
+                                         lambda: False)
+    assert [count for _, count in calls] == ["6", "3", "1"] and {script for script, _ in calls} == {"10_qat_kd_4bit.py"}
+    assert [step["args"] for step in steps.steps] == [["--keep_8bit_layers", "6"], ["--keep_8bit_layers", "3"],
+                                                      ["--keep_8bit_layers", "1"]]
     assert result["chosen"] == 3 and [entry["layers_8bit"] for entry in result["tried"]] == [6, 3, 1]
     assert "tried 6 pass, 3 pass, 1 fail" in result["why"] and not result["all_4bit"]["passes"]
     assert (Path(result["published"]) / "weights").read_text() == "3" and Path(result["published"]).parent.name == "qkd_4bit"
     calls.clear()
+    resumed = compress.StageSteps(steps.steps)  # a resumed run repeats none of the three stage-10 runs
+    again = compress.search_8bit_layers(resumed, [], tmp_path / "qkd-all-4bit", None, None, None, None, tmp_path / "work3",
+                                        lambda: False)
+    assert calls == [] and resumed.reused == 3 and again["chosen"] == 3
+    assert [entry["folder"] for entry in again["tried"]] == [entry["folder"] for entry in result["tried"]]
     monkeypatch.setattr(compress, "gate_folder", lambda folder, *rest: {"folder": str(folder), "passes": True, "retention": 1.0})
-    assert compress.search_8bit_layers([], None, None, None, None, tmp_path / "work2", lambda: False)["why"].startswith(
-        "4 bits everywhere keeps the target") and calls == []
+    assert compress.search_8bit_layers(steps, [], tmp_path / "qkd-all-4bit", None, None, None, None, tmp_path / "work2",
+                                       lambda: False)["why"].startswith("4 bits everywhere keeps the target") and calls == []
+
+
+def test_stage_runs_are_reused_only_when_their_command_matches_and_their_folders_are_complete(tmp_path, monkeypatch):
+    """--resume's bookkeeping: a step with the same script and flags whose checkpoints are complete is not run again;
+    other flags, or a folder that lost its record, run again; without --output_dir the new checkpoints of the script's
+    stages are what it wrote (stage 12: onnx and onnx_4bit); the trace callback follows every step."""
+    from common import stage_steps
+
+    monkeypatch.setenv("COMPRESSION_RESULTS_DIR", str(tmp_path / "results"))
+    ran = []
+
+    def fake_run(script, *args, stream=False):
+        ran.append((script, args))
+        if "--output_dir" in args:
+            fake_checkpoint(Path(args[args.index("--output_dir") + 1]))
+        else:
+            for stage in ("onnx", "onnx_4bit"):
+                (tmp_path / "results" / stage / f"run{len(ran)}").mkdir(parents=True)
+                (tmp_path / "results" / stage / f"run{len(ran)}" / "compression.json").write_text("{}")
+
+    monkeypatch.setattr(stage_steps, "run_script", fake_run)
+    traced = []
+    first = stage_steps.StageSteps(on_step=lambda: traced.append(len(first.steps)))
+    [candidate] = first.run("8_pruning_with_finetuning.py", "--final_sparsity", 0.3, output_dir=tmp_path / "a")
+    exported = first.run("12_export_onnx.py", "--source_model_path", candidate)
+    assert candidate == tmp_path / "a" and [f.parent.name for f in exported] == ["onnx", "onnx_4bit"]
+    assert len(ran) == 2 and traced == [1, 2] and first.reused == 0
+    assert first.steps[0]["args"] == ["--final_sparsity", "0.3"], "the output folder is not part of the command"
+
+    resumed = stage_steps.StageSteps(first.steps)
+    assert resumed.run("8_pruning_with_finetuning.py", "--final_sparsity", 0.3, output_dir=tmp_path / "b") == [candidate]
+    assert resumed.run("12_export_onnx.py", "--source_model_path", candidate) == exported
+    assert len(ran) == 2 and resumed.reused == 2 and not (tmp_path / "b").exists()
+    resumed.run("8_pruning_with_finetuning.py", "--final_sparsity", 0.4, output_dir=tmp_path / "c")
+    (exported[1] / "compression.json").unlink()  # one of the step's folders is no checkpoint any more: run it again
+    again = resumed.run("12_export_onnx.py", "--source_model_path", candidate)
+    assert len(ran) == 4 and resumed.reused == 2 and again != exported and all(f.is_dir() for f in again)
+
+
+def test_resume_refuses_another_teacher_and_rebuilds_the_candidates_of_older_traces(tmp_path):
+    """A trace written before stage runs were recorded: its candidates' stage-8 commands are rebuilt from its own config,
+    so a run with the same flags reuses them; a trace of another teacher or student is refused by name."""
+    from common.config import CompressConfig
+    from common.stage_steps import step_key
+
+    compress = load_compress_script()
+    teacher, student = tmp_path / "teacher" / "t1", tmp_path / "student" / "s1"
+    old_config = CompressConfig(sparsities=[0.2, 0.3], seed=2)
+    folder = tmp_path / "compress" / "run1"
+    folder.mkdir(parents=True)
+    candidates = [{"drop_layers": 0, "sparsity": 0.3, "folder": str(folder / "candidates" / "sparsity-0.30")}]
+    trace = {"teacher": str(teacher), "student": str(student), "config": {**vars(old_config), "an_old_field": 1},
+             "data_flags": ["--max_train_samples", "1200"], "candidates": candidates}
+    (folder / "search.json").write_text(json.dumps(trace))
+    config = CompressConfig(resume=str(folder), sparsities=[0.2, 0.3], seed=2, optimize="size", gate_z=0.0)
+    record, steps = compress.previous_run(config, teacher, student)
+    assert record["candidates"] == candidates and [step["folders"] for step in steps] == [[candidates[0]["folder"]]]
+    this_run = compress.candidate_args(config, ["--max_train_samples", "1200"], student, teacher, 0, 0.3)
+    assert step_key(steps[0]["script"], steps[0]["args"]) == step_key("8_pruning_with_finetuning.py", this_run)
+    assert "--seed" in steps[0]["args"] and str(teacher) in steps[0]["args"]
+    with pytest.raises(ValueError, match=f"searched with the teacher {teacher}, and this run would use {tmp_path / 'other'}"):
+        compress.previous_run(config, tmp_path / "other", student)
+    with pytest.raises(ValueError, match="To resume it, pass its --student_model_path"):
+        compress.previous_run(config, teacher, tmp_path / "other")
+    (folder / "search.json").write_text("{not json")
+    with pytest.raises(ValueError, match="its search.json is not valid JSON"):
+        compress.previous_run(config, teacher, student)
 
 
 TERNARY = ["--embedding_quantization", "int2", "--embedding_int4_rows", 1000]
@@ -139,24 +227,29 @@ def test_the_size_objective_trains_ternary_embedding_rows_first_and_falls_back_t
         tmp_path, monkeypatch, optimize, size_embeddings, ternary_passes, runs, method):
     """compress.py's stage 10: with --optimize size, ternary rows first; when they miss the gate, stage 10 again with
     int4 rows, so the newest qkd_4bit checkpoint is the one kept. The flags returned reach the 8-bit search."""
-    import importlib.util
-
+    from common import stage_steps
     from common.config import CompressConfig
 
-    spec = importlib.util.spec_from_file_location("compress_script", PROJECT_ROOT / "scripts" / "compress.py")
-    compress = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compress)
+    compress = load_compress_script()
     calls = []
-    monkeypatch.setattr(compress, "run_script", lambda script, *args, stream=False: calls.append((script, list(args))))
-    monkeypatch.setattr(compress, "find_checkpoint", lambda stage: tmp_path / f"qkd-{len(calls)}")
+
+    def fake_stage_10(script, *args, stream=False):
+        calls.append((script, list(args[:-2])))
+        fake_checkpoint(Path(args[-1]))
+
+    monkeypatch.setattr(stage_steps, "run_script", fake_stage_10)
+    monkeypatch.setattr(compress, "stage_dir", lambda stage: tmp_path / stage)
     monkeypatch.setattr(compress, "gate_folder", lambda folder, *rest: {"folder": str(folder), "passes": ternary_passes,
                                                                          "retention": 0.995 if ternary_passes else 0.97})
     config = CompressConfig(optimize=optimize, size_embeddings=size_embeddings)
-    result = compress.train_qkd(["--seed", 3], None, None, None, config)
-    assert calls == [("10_qat_kd_4bit.py", ["--seed", 3, *flags]) for flags in runs]
+    result = compress.train_qkd(compress.StageSteps(), ["--seed", 3], None, None, None, config)
+    assert calls == [("10_qat_kd_4bit.py", ["--seed", "3", *map(str, flags)]) for flags in runs]
     assert result["method"] == method and result["flags"] == runs[-1]
+    kept = Path(result["folder"])
+    assert kept.parent == tmp_path / "qkd_4bit" and (kept / "compression.json").is_file()
     if ternary_passes is False:
-        assert result["tried"][0]["folder"] == str(tmp_path / "qkd-1") and "int2 rows (the 1000 most frequent tokens' at int4) missed the target (retention 0.9700)" in result["why"]
+        assert result["tried"][0]["folder"] != result["folder"], "the int4 run is the one kept"
+        assert "int2 rows (the 1000 most frequent tokens' at int4) missed the target (retention 0.9700)" in result["why"]
 
 
 @pytest.mark.slow
@@ -232,6 +325,35 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert result["spread"]["size"]["test_retention"]["runs"] == 1 and result["spread"]["size"]["test_retention"]["std"] is None
     assert "| size | 1 | " in (results / "compress_summary.md").read_text()
 
+    # a run that stopped after its stage-10 runs, as its trace stood then; resumed, it runs only the exports
+    trace = json.loads((work / "search.json").read_text())
+    assert trace["reused_steps"] == 0 and [step["script"] for step in trace["steps"]][-2:] == list(finishing_scripts[1:])
+    stopped = trace["steps"][:-2]
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    kept = ("teacher", "student", "config", "data_flags", "published", "published_from")
+    (interrupted / "search.json").write_text(json.dumps({**{key: trace[key] for key in kept}, "steps": stopped,
+                                                         "status": load_compress_script().IN_PROGRESS}))
+    written = {stage: sorted((results / stage).iterdir()) for stage in ("pruned", "qkd_4bit", "onnx", "openvino")}
+    resumed = compress("--sparsities", 0.25, 0.5, 0.75, "--target_retention", 0.5, "--gate_z", 0, "--seed", 7,
+                       "--qkd_epochs", 2, "--resume", interrupted)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    [resumed_work] = [w for w in (results / "compress").iterdir() if w != work]
+    again = json.loads((resumed_work / "search.json").read_text())
+    assert again["status"] == "delivered" and again["resumed_from"] == str(interrupted)
+    assert again["reused_steps"] == len(stopped) and [step["reused"] for step in again["steps"]] == [True] * len(stopped) + [False] * 2
+    assert again["published"] == record["published"] and again["candidates"][0]["folder"] == record["candidates"][0]["folder"]
+    for stage in ("pruned", "qkd_4bit"):
+        assert sorted((results / stage).iterdir()) == written[stage], f"nothing new in {stage}: its runs were reused"
+    for stage in ("onnx", "openvino"):
+        assert len(list((results / stage).iterdir())) == len(written[stage]) + 1, f"{stage} exported again"
+    assert f"Resumed from {interrupted}: {len(stopped)} of {len(stopped) + 2} stage runs reused" in (
+        resumed_work / "search.md").read_text()
+    other_student = compress("--resume", interrupted, "--student_model_path", results / "teacher" / next(
+        (results / "teacher").iterdir()).name)
+    assert other_student.returncode == 2 and "none of its stage runs could be reused" in other_student.stderr
+    assert "Traceback" not in other_student.stderr
+
     pruned_before = sorted(p.name for p in (results / "pruned").iterdir())
     refused = compress("--sparsities", 0.5, "--target_retention", 1.0, "--gate_z", 5, "--finish", "false")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
@@ -243,11 +365,11 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert too_deep.returncode == 2 and "--drop_layers 2 would leave none of the 2 layers of the student" in too_deep.stderr
     missing = compress("--student_model_path", tmp_path / "nowhere")
     assert missing.returncode == 2 and f"student_model_path='{tmp_path / 'nowhere'}': no such folder" in missing.stderr
-    assert len(list((results / "compress").iterdir())) == 2, "the refusals came before any work"
+    assert len(list((results / "compress").iterdir())) == 3, "the refusals came before any work"
     over_budget = compress("--sparsities", 0.5, "--target_retention", 0.5, "--gate_z", 0, "--finish", "false",
                            "--max_latency_ms", 1e-6, "--drop_layers", 0, 1)
     assert over_budget.returncode == 2 and "meets --max_latency_ms 1e-06. The closest: candidate sparsity 0.50" in over_budget.stderr
-    [deeper] = [w for w in (results / "compress").iterdir() if w != work and "drop_layers" in (w / "search.json").read_text()
+    [deeper] = [w for w in (results / "compress").iterdir() if w not in (work, resumed_work) and "drop_layers" in (w / "search.json").read_text()
                 and json.loads((w / "search.json").read_text())["drop_layers"] == [0, 1]]
     assert json.loads((deeper / "search.json").read_text())["latency_table"]["cached"], "the table is built once per machine"
     by_depth = {c["drop_layers"]: c for c in json.loads((deeper / "search.json").read_text())["candidates"]}
@@ -269,7 +391,7 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert pruned_teacher["config"]["max_unlabeled_samples"] == 16
     assert sorted(p.name for p in (results / "pruned").iterdir()) == pruned_before, "nothing was published"
     statuses = sorted(json.loads((w / "search.json").read_text())["status"] for w in (results / "compress").iterdir())
-    assert statuses == ["delivered", "no candidate keeps the target", "no file keeps the target within the budgets",
+    assert statuses == ["delivered", "delivered", "no candidate keeps the target", "no file keeps the target within the budgets",
                         "search only (--finish false)"]
     [refused_run] = [w for w in (results / "compress").iterdir() if "no candidate" in (w / "search.json").read_text()]
     not_delivered = run_stage_unchecked("scripts/compress_summary.py", results, "--runs", refused_run)
@@ -317,6 +439,7 @@ def test_the_summary_refuses_runs_it_cannot_read(tmp_path, args, message):
     (["--qkd_epochs", "0"], "qkd_epochs=0 must be a positive"),
     (["--unlabeled_dataset", "train_rest", "--max_unlabeled_samples", "0"], "max_unlabeled_samples=0 must be a positive"),
     (["--max_unlabeled_samples", "10"], "max_unlabeled_samples=10 limits --unlabeled_dataset, which is not given"),
+    (["--resume", "nowhere"], "resume='nowhere' holds no search.json, so it is not a compress.py run folder"),
     ([], "Run `python 1_train_teacher.py` first"),  # valid flags, but no teacher to compress toward
 ])
 def test_compress_refuses_bad_targets_before_any_work(tmp_path, args, message):

@@ -1,0 +1,64 @@
+"""The stage runs of one ``scripts/compress.py`` run, each recorded with its command and the checkpoint folders it
+wrote, so that a later run given ``--resume`` reuses a run whose command matches instead of running it again: a search
+that stopped (a crash, a full disk, a killed job) continues where it stopped, and the same search finishes for the
+other objective or target without retraining its candidates."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from . import stages
+from .checkpoints import is_complete, list_checkpoints
+from .experiments import run_script
+
+
+def step_key(script: str, args: Iterable) -> str:
+    """What makes two stage runs the same: the script and its flags (paths included), the output folder excluded."""
+    return json.dumps([script, *map(str, args)])
+
+
+def stages_of(script: str) -> tuple[str, ...]:
+    """The stages whose folders ``script`` writes (from the stage table)."""
+    return tuple(stage.name for stage in stages.STAGE_TABLE if stage.script == script)
+
+
+class StageSteps:
+    """Runs stage scripts, or reuses a previous run's step with the same command whose folders are all complete
+    checkpoints. ``steps`` is the record of this run (each: script, args, folders, seconds, reused); ``on_step`` is
+    called after each one (compress.py writes its trace then, so a run that stops can be resumed)."""
+
+    def __init__(self, previous_steps: Iterable[dict] = (), on_step: Optional[Callable[[], None]] = None):
+        self.steps: list[dict] = []
+        self._previous = {step_key(step["script"], step["args"]): step for step in previous_steps}
+        self._on_step = on_step
+
+    @property
+    def reused(self) -> int:
+        return sum(step["reused"] for step in self.steps)
+
+    def run(self, script: str, *args, output_dir: Optional[Path] = None) -> list[Path]:
+        """Run ``script`` with ``args`` (and ``--output_dir``), unless a previous step ran the same command; returns the
+        checkpoint folders the step wrote: ``output_dir``, or the new complete checkpoints of the script's stages."""
+        args = [str(arg) for arg in args]
+        previous = self._previous.get(step_key(script, args))
+        if previous is not None and previous["folders"] and all(is_complete(Path(f)) for f in previous["folders"]):
+            print(f"Reusing {', '.join(previous['folders'])}: the resumed run ran {script} with the same flags", flush=True)
+            step = {**previous, "reused": True}
+        else:
+            started = time.time()
+            written = stages_of(script)
+            before = {stage: set(list_checkpoints(stage)) for stage in written}
+            run_script(script, *args, *(["--output_dir", output_dir] if output_dir is not None else []), stream=True)
+            if output_dir is not None:
+                folders = [str(output_dir)]
+            else:
+                folders = [str(folder) for stage in written for folder in sorted(set(list_checkpoints(stage)) - before[stage])]
+            step = {"script": script, "args": args, "folders": folders, "seconds": round(time.time() - started),
+                    "reused": False}
+        self.steps.append(step)
+        if self._on_step is not None:
+            self._on_step()
+        return [Path(folder) for folder in step["folders"]]
