@@ -28,12 +28,15 @@ def stages_of(script: str) -> tuple[str, ...]:
 class StageSteps:
     """Runs stage scripts, or reuses a previous run's step with the same command whose folders are all complete
     checkpoints. ``steps`` is the record of this run (each: script, args, folders, seconds, reused); ``on_step`` is
-    called after each one (compress.py writes its trace then, so a run that stops can be resumed)."""
+    called after each one (compress.py writes its trace to ``trace_folder`` then, so a run that stops can be resumed,
+    and a stage that fails says how)."""
 
-    def __init__(self, previous_steps: Iterable[dict] = (), on_step: Optional[Callable[[], None]] = None):
+    def __init__(self, previous_steps: Iterable[dict] = (), on_step: Optional[Callable[[], None]] = None,
+                 trace_folder: Optional[Path] = None):
         self.steps: list[dict] = []
         self._previous = {step_key(step["script"], step["args"]): step for step in previous_steps}
         self._on_step = on_step
+        self._trace_folder = trace_folder
 
     @property
     def reused(self) -> int:
@@ -51,7 +54,14 @@ class StageSteps:
             started = time.time()
             written = stages_of(script)
             before = {stage: set(list_checkpoints(stage)) for stage in written}
-            run_script(script, *args, *(["--output_dir", output_dir] if output_dir is not None else []), stream=True)
+            try:
+                run_script(script, *args, *(["--output_dir", output_dir] if output_dir is not None else []), stream=True)
+            except RuntimeError as error:
+                if not self.steps or self._trace_folder is None:
+                    raise
+                raise RuntimeError(f"{error} The {len(self.steps)} stage run(s) before it are recorded in "
+                                   f"{self._trace_folder / 'search.json'}: fix the cause, then run the same command "
+                                   f"with --resume {self._trace_folder} to continue from there.") from error
             if output_dir is not None:
                 folders = [str(output_dir)]
             else:

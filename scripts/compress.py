@@ -144,7 +144,7 @@ def previous_run(config: CompressConfig, teacher: Path, student: Path) -> tuple[
         return record, record["steps"]
     fields = {field.name for field in dataclasses.fields(CompressConfig)}
     old = CompressConfig(**{key: value for key, value in record["config"].items() if key in fields})
-    return record, [{"script": PRUNING_SCRIPT, "folders": [c["folder"]],
+    return record, [{"script": PRUNING_SCRIPT, "folders": [c["folder"]], "seconds": None,
                      "args": [str(arg) for arg in candidate_args(old, record["data_flags"], student, teacher,
                                                                  c["drop_layers"], c["sparsity"])]}
                     for c in record["candidates"]]
@@ -199,7 +199,7 @@ def main() -> None:
               "teacher": str(teacher_folder), "student": str(student_folder), "seed": config.seed,
               "resumed_from": config.resume and str(Path(config.resume).expanduser().resolve()),
               "config": dataclasses.asdict(config), "data_flags": forwarded}
-    steps = StageSteps(previous_steps, on_step=lambda: write_progress(work, record, steps))
+    steps = StageSteps(previous_steps, on_step=lambda: write_progress(work, record, steps), trace_folder=work)
     teacher = ModelRuntime(teacher_folder, spinning=False)
     teacher_correct = validation_correct(teacher, teacher_folder, data, data_config.max_length)
     print(f"Teacher {teacher_folder}: validation accuracy {teacher_correct.mean():.4f}; target "

@@ -12,6 +12,7 @@ import pytest
 from common import stages
 from common.search import bisect_ladder, choose_file, depth_winner, eight_bit_ladder, expected_latency, retention_gate
 from common.search_trace import seed_spread, summary_markdown
+from common.stage_steps import stages_of
 from conftest import PROJECT_ROOT, make_pretrained_folder, run_stage, run_stage_unchecked, write_reviews_csv
 
 
@@ -183,6 +184,24 @@ def test_stage_runs_are_reused_only_when_their_command_matches_and_their_folders
     again = resumed.run("12_export_onnx.py", "--source_model_path", candidate)
     assert len(ran) == 4 and resumed.reused == 2 and again != exported and all(f.is_dir() for f in again)
 
+    def failing_run(script, *args, stream=False):
+        raise RuntimeError(f"{script} failed with exit code 137 (its output is above).")
+
+    monkeypatch.setattr(stage_steps, "run_script", failing_run)
+    with pytest.raises(RuntimeError) as failed:  # nothing ran before it: nothing to resume
+        stage_steps.StageSteps(first.steps, trace_folder=tmp_path / "work").run("13_export_openvino.py")
+    assert str(failed.value) == "13_export_openvino.py failed with exit code 137 (its output is above)."
+    interrupted = stage_steps.StageSteps(first.steps, trace_folder=tmp_path / "work")
+    interrupted.run("8_pruning_with_finetuning.py", "--final_sparsity", 0.3, output_dir=tmp_path / "d")
+    with pytest.raises(RuntimeError, match=re.escape(f"The 1 stage run(s) before it are recorded in {tmp_path / 'work' / 'search.json'}: "
+                                                     f"fix the cause, then run the same command with --resume {tmp_path / 'work'}")):
+        interrupted.run("13_export_openvino.py")
+
+    compress = load_compress_script()  # what compress.py leaves after each stage run, for --resume to read
+    compress.write_progress(tmp_path / "work", {"teacher": "t", "steps": []}, resumed)
+    progress = json.loads((tmp_path / "work" / "search.json").read_text())
+    assert progress["status"].startswith("in progress") and progress["steps"] == resumed.steps and len(progress["steps"]) == 4
+
 
 def test_resume_refuses_another_teacher_and_rebuilds_the_candidates_of_older_traces(tmp_path):
     """A trace written before stage runs were recorded: its candidates' stage-8 commands are rebuilt from its own config,
@@ -204,7 +223,7 @@ def test_resume_refuses_another_teacher_and_rebuilds_the_candidates_of_older_tra
     assert record["candidates"] == candidates and [step["folders"] for step in steps] == [[candidates[0]["folder"]]]
     this_run = compress.candidate_args(config, ["--max_train_samples", "1200"], student, teacher, 0, 0.3)
     assert step_key(steps[0]["script"], steps[0]["args"]) == step_key("8_pruning_with_finetuning.py", this_run)
-    assert "--seed" in steps[0]["args"] and str(teacher) in steps[0]["args"]
+    assert "--seed" in steps[0]["args"] and str(teacher) in steps[0]["args"] and steps[0]["seconds"] is None
     with pytest.raises(ValueError, match=f"searched with the teacher {teacher}, and this run would use {tmp_path / 'other'}"):
         compress.previous_run(config, tmp_path / "other", student)
     with pytest.raises(ValueError, match="To resume it, pass its --student_model_path"):
@@ -334,7 +353,9 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     kept = ("teacher", "student", "config", "data_flags", "published", "published_from")
     (interrupted / "search.json").write_text(json.dumps({**{key: trace[key] for key in kept}, "steps": stopped,
                                                          "status": load_compress_script().IN_PROGRESS}))
-    written = {stage: sorted((results / stage).iterdir()) for stage in ("pruned", "qkd_4bit", "onnx", "openvino")}
+    reused_stages = stages_of("8_pruning_with_finetuning.py") + stages_of(finishing_scripts[0])
+    export_stages = stages_of(finishing_scripts[1]) + stages_of(finishing_scripts[2])
+    written = {stage: sorted((results / stage).iterdir()) for stage in reused_stages + export_stages}
     resumed = compress("--sparsities", 0.25, 0.5, 0.75, "--target_retention", 0.5, "--gate_z", 0, "--seed", 7,
                        "--qkd_epochs", 2, "--resume", interrupted)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
@@ -343,9 +364,9 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert again["status"] == "delivered" and again["resumed_from"] == str(interrupted)
     assert again["reused_steps"] == len(stopped) and [step["reused"] for step in again["steps"]] == [True] * len(stopped) + [False] * 2
     assert again["published"] == record["published"] and again["candidates"][0]["folder"] == record["candidates"][0]["folder"]
-    for stage in ("pruned", "qkd_4bit"):
+    for stage in reused_stages:
         assert sorted((results / stage).iterdir()) == written[stage], f"nothing new in {stage}: its runs were reused"
-    for stage in ("onnx", "openvino"):
+    for stage in export_stages:
         assert len(list((results / stage).iterdir())) == len(written[stage]) + 1, f"{stage} exported again"
     assert f"Resumed from {interrupted}: {len(stopped)} of {len(stopped) + 2} stage runs reused" in (
         resumed_work / "search.md").read_text()
