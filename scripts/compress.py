@@ -142,10 +142,13 @@ def previous_run(config: CompressConfig, teacher: Path, student: Path) -> tuple[
                              f"its stage runs could be reused. To resume it, {how[role]}; or start without --resume.")
     if "steps" in record:
         return record, record["steps"]
+    if not isinstance(record.get("config"), dict) or not isinstance(record.get("candidates"), list):
+        raise ValueError(f"--resume {folder}: its search.json names no config and candidates, so compress.py cannot tell "
+                         "what it ran; start without --resume.")
     fields = {field.name for field in dataclasses.fields(CompressConfig)}
     old = CompressConfig(**{key: value for key, value in record["config"].items() if key in fields})
     return record, [{"script": PRUNING_SCRIPT, "folders": [c["folder"]], "seconds": None,
-                     "args": [str(arg) for arg in candidate_args(old, record["data_flags"], student, teacher,
+                     "args": [str(arg) for arg in candidate_args(old, record.get("data_flags", []), student, teacher,
                                                                  c["drop_layers"], c["sparsity"])]}
                     for c in record["candidates"]]
 

@@ -228,6 +228,9 @@ def test_resume_refuses_another_teacher_and_rebuilds_the_candidates_of_older_tra
         compress.previous_run(config, tmp_path / "other", student)
     with pytest.raises(ValueError, match="To resume it, pass its --student_model_path"):
         compress.previous_run(config, teacher, tmp_path / "other")
+    (folder / "search.json").write_text(json.dumps({"teacher": str(teacher), "student": str(student)}))
+    with pytest.raises(ValueError, match="its search.json names no config and candidates"):
+        compress.previous_run(config, teacher, student)
     (folder / "search.json").write_text("{not json")
     with pytest.raises(ValueError, match="its search.json is not valid JSON"):
         compress.previous_run(config, teacher, student)
