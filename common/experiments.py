@@ -51,14 +51,13 @@ test_accuracy.__test__ = False  # a helper, not a pytest test
 
 
 @contextmanager
-def dynamic_int8_copy(folder: Path, seq_length: int, num_threads: int = 2) -> Iterator[ModelRuntime]:
-    """A checkpoint exported to ONNX and quantized by ONNX Runtime's dynamic int8, in a scratch folder removed
-    afterwards: what a user gets from ONNX Runtime alone (no stage of this project), at ``seq_length`` tokens."""
+def dynamic_int8_copy(source: ModelRuntime, seq_length: int, num_threads: int = 2) -> Iterator[ModelRuntime]:
+    """A loaded torch checkpoint exported to ONNX and quantized by ONNX Runtime's dynamic int8, in a scratch folder
+    removed afterwards: what a user gets from ONNX Runtime alone (no stage of this project), at ``seq_length`` tokens."""
     from .onnx_export import export_onnx, write_runtime_files
     from .onnx_runtime import quantize_dynamic_int8
 
-    source = ModelRuntime(folder)
-    tokenizer = load_checkpoint_tokenizer(folder)
+    tokenizer = load_checkpoint_tokenizer(source.folder)
     with tempfile.TemporaryDirectory(prefix="int8-") as scratch:
         scratch = Path(scratch)
         export_onnx(source.torch_model, tokenizer, scratch / "model.onnx", seq_length)

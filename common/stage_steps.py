@@ -20,11 +20,6 @@ def step_key(script: str, args: Iterable) -> str:
     return json.dumps([script, *map(str, args)])
 
 
-def stages_of(script: str) -> tuple[str, ...]:
-    """The stages whose folders ``script`` writes (from the stage table)."""
-    return tuple(stage.name for stage in stages.STAGE_TABLE if stage.script == script)
-
-
 class StageSteps:
     """Runs stage scripts, or reuses a previous run's step with the same command whose folders are all complete
     checkpoints. ``steps`` is the record of this run (each: script, args, folders, seconds, reused); ``on_step`` is
@@ -52,7 +47,8 @@ class StageSteps:
             step = {**previous, "reused": True}
         else:
             started = time.time()
-            written = stages_of(script)
+            # a script told where to write needs no before/after comparison of its stages' folders
+            written = () if output_dir is not None else stages.stages_of(script)
             before = {stage: set(list_checkpoints(stage)) for stage in written}
             try:
                 run_script(script, *args, *(["--output_dir", output_dir] if output_dir is not None else []), stream=True)

@@ -101,6 +101,11 @@ def onnx_stages() -> tuple[str, ...]:
     return tuple(stage.name for stage in STAGE_TABLE if stage.runtime == "onnxruntime")
 
 
+def stages_of(script: str) -> tuple[str, ...]:
+    """The stages whose folders ``script`` writes."""
+    return tuple(stage.name for stage in STAGE_TABLE if stage.script == script)
+
+
 def export_stages() -> tuple[str, ...]:
     """Stages whose folders hold graphs for a runtime (ONNX Runtime, OpenVINO) rather than a torch checkpoint."""
     return tuple(stage.name for stage in STAGE_TABLE if stage.runtime != "torch")

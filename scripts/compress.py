@@ -170,9 +170,9 @@ def validation_correct(model: ModelRuntime, folder: Path, data, max_length: int)
     return logits.argmax(-1) == labels
 
 
-def int8_latency(folder: Path, teacher: ModelRuntime, config: CompressConfig) -> dict:
-    """ONNX Runtime dynamic int8 of a candidate, timed round-robin with the torch teacher."""
-    with dynamic_int8_copy(folder, config.latency_seq_length) as int8:
+def int8_latency(candidate: ModelRuntime, teacher: ModelRuntime, config: CompressConfig) -> dict:
+    """ONNX Runtime dynamic int8 of a candidate (loaded in torch), timed round-robin with the torch teacher."""
+    with dynamic_int8_copy(candidate, config.latency_seq_length) as int8:
         runners = {name: model.runner(model.batch(config.latency_batch_size, config.latency_seq_length))
                    for name, model in (("teacher", teacher), ("candidate", int8))}
         timing = interleaved_latency(runners, 2, config.latency_rounds, config.latency_batch_size, reference="teacher")
@@ -260,7 +260,7 @@ def main() -> None:
                  "parameters": count_parameters(model.torch_model),
                  **retention_gate(validation_correct(model, folder, data, data_config.max_length), teacher_correct,
                                   config.target_retention, config.gate_z),
-                 **int8_latency(folder, teacher, config), "seconds_since_start": round(time.time() - started)}
+                 **int8_latency(model, teacher, config), "seconds_since_start": round(time.time() - started)}
         if table is not None:
             entry["predicted_int8_latency_ms"] = predicted_ms(drop, sparsity)
         candidates[(drop, index)] = entry

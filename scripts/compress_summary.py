@@ -70,7 +70,7 @@ def int8_reference(run: str, record: dict, teacher, teacher_accuracy: float, pic
     batch, length = record["config"]["latency_batch_size"], record["config"]["latency_seq_length"]
     teacher_folder = Path(record["teacher"])
     torch_label, int8_label = "teacher (torch fp32)", "teacher, ONNX Runtime dynamic int8 (no project stage)"
-    with dynamic_int8_copy(teacher_folder, length) as int8:
+    with dynamic_int8_copy(teacher, length) as int8:
         int8_accuracy = accuracy(*int8.logits(split_loader(teacher_folder, data.test, data_config.max_length)))
         models = {torch_label: (teacher, teacher_accuracy), int8_label: (int8, int8_accuracy)}
         for row in picked:

@@ -12,7 +12,6 @@ import pytest
 from common import stages
 from common.search import bisect_ladder, choose_file, depth_winner, eight_bit_ladder, expected_latency, retention_gate
 from common.search_trace import seed_spread, summary_markdown
-from common.stage_steps import stages_of
 from conftest import PROJECT_ROOT, make_pretrained_folder, run_stage, run_stage_unchecked, write_reviews_csv
 
 
@@ -356,8 +355,8 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     kept = ("teacher", "student", "config", "data_flags", "published", "published_from")
     (interrupted / "search.json").write_text(json.dumps({**{key: trace[key] for key in kept}, "steps": stopped,
                                                          "status": load_compress_script().IN_PROGRESS}))
-    reused_stages = stages_of("8_pruning_with_finetuning.py") + stages_of(finishing_scripts[0])
-    export_stages = stages_of(finishing_scripts[1]) + stages_of(finishing_scripts[2])
+    reused_stages = stages.stages_of("8_pruning_with_finetuning.py") + stages.stages_of(finishing_scripts[0])
+    export_stages = stages.stages_of(finishing_scripts[1]) + stages.stages_of(finishing_scripts[2])
     written = {stage: sorted((results / stage).iterdir()) for stage in reused_stages + export_stages}
     resumed = compress("--sparsities", 0.25, 0.5, 0.75, "--target_retention", 0.5, "--gate_z", 0, "--seed", 7,
                        "--qkd_epochs", 2, "--resume", interrupted)
