@@ -232,9 +232,43 @@ def calibrated_ranges(source: Path, batches: list[dict], method: str, percentile
         # model exceeded 20 GB) before adding them to its histograms
         for batch in batches:
             calibrator.collect_data(FixedShapeReader([batch]))
+        if method == "entropy":
+            calibrator.collector.get_entropy_threshold = entropy_threshold
         ranges = calibrator.compute_data()
     return {name: [{"rmin": np.float32(data.range_value[0]), "rmax": np.float32(data.range_value[1])}]
             for name, data in ranges.data.items()}
+
+
+def entropy_threshold(histogram: tuple, num_quantized_bins: int) -> tuple:
+    """ONNX Runtime's ``HistogramCollector.get_entropy_threshold`` with its element-by-element Python sums of the
+    integer bin counts done by numpy: the same candidates, the same float32 KL divergences, hence the same range.
+    ONNX Runtime's own took about 1 s a tensor at 2048 bins, minutes for the MatMuls of a 12-layer model."""
+    from onnxruntime.quantization.calibrate import entropy
+    from onnxruntime.quantization.quant_utils import smooth_distribution
+
+    counts, edges, min_value, max_value = histogram[:4]
+    zero_bin = counts.size // 2
+    counts_before = np.concatenate([[0], np.cumsum(counts)])
+    thresholds, divergences = [], []
+    for half_width in range(num_quantized_bins // 2, zero_bin + 1):
+        start, end = zero_bin - half_width, min(zero_bin + half_width + 1, counts.size)
+        thresholds.append((edges[start], edges[end]))
+        sliced = counts[start:end]
+        reference = sliced.copy()  # the outliers clipped into the end bins
+        reference[0] += counts_before[start]
+        reference[-1] += counts_before[-1] - counts_before[end]
+        merged = sliced.size // num_quantized_bins
+        body = merged * num_quantized_bins
+        quantized = sliced[:body].reshape(num_quantized_bins, merged).sum(axis=1)
+        quantized[-1] += sliced[body:].sum()
+        nonzero = (reference[:body] != 0).reshape(num_quantized_bins, merged).sum(axis=1)
+        candidate = np.zeros(reference.size, dtype=np.int64)  # integer, as ONNX Runtime's: the mean bin truncates
+        candidate[:body] = np.repeat(np.where(nonzero != 0, quantized / np.maximum(nonzero, 1), 0).astype(np.int64), merged)
+        reference, candidate = smooth_distribution(reference), smooth_distribution(candidate)
+        divergence = np.inf if reference is None or candidate is None else entropy(reference, candidate)
+        divergences.append(np.array(divergence, dtype=edges.dtype))
+    low, high = thresholds[int(np.argmin(divergences))]
+    return (min_value if low < min_value else low, max_value if high > max_value else high)
 
 
 def quantize_static_int8(source: Path, target: Path, batches: list[dict], method: str, percentile: float = 99.999,

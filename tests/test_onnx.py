@@ -20,6 +20,7 @@ from common.onnx_runtime import (
     CALIBRATION_METHODS,
     OnnxClassifier,
     calibration_batches,
+    entropy_threshold,
     matmul_names,
     preprocess_for_static,
     quantize_dynamic_int8,
@@ -113,6 +114,26 @@ def test_dynamic_and_static_int8_with_every_calibrator(tokenizer, tmp_path):
     assert scales["entropy"] != scales["minmax"] and scales["percentile"] != scales["minmax"], "each calibrator sets its own ranges"
     kept = quantize_static_int8(tmp_path / "pre.onnx", tmp_path / "partial.onnx", batches, "minmax", keep_float=ffn_output_matmuls(model))
     assert kept["quantized_matmuls"] == constant_matmuls - 2 and kept["kept_float"] == sorted(ffn_output_matmuls(model))
+
+
+@pytest.mark.parametrize("shape", ["heavy_tails", "skewed", "relu", "gaps"])
+def test_entropy_threshold_equals_onnx_runtimes_own(shape):
+    """The numpy sums give ONNX Runtime's range exactly (its KL search sums bins one by one in Python)."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    rng = np.random.default_rng(0)
+    values = {"heavy_tails": rng.standard_t(3, 20_000),
+              "skewed": np.concatenate([rng.exponential(1.0, 20_000), -rng.exponential(0.1, 2_000)]),
+              "relu": np.maximum(rng.normal(size=20_000), 0),
+              "gaps": np.concatenate([rng.normal(-5, 0.1, 5_000), rng.normal(3, 0.5, 5_000), [40.0]])}[shape].astype(np.float32)
+    threshold = float(np.abs(values).max())
+    counts, edges = np.histogram(values, 512, range=(-threshold, threshold))
+    histogram = (counts, edges, values.min(), values.max(), threshold)
+    collector = HistogramCollector("entropy", True, 512, 64, 99.999, None)
+    expected = collector.get_entropy_threshold(histogram, 64)
+    low, high = entropy_threshold(histogram, 64)
+    assert (low, high) == expected and low.dtype == high.dtype == np.float32
+    assert values.min() <= low < high <= values.max()
 
 
 def test_unknown_calibrator_is_refused(tmp_path):
