@@ -76,6 +76,7 @@ from common.onnx_export import compact_names, export_onnx, ffn_output_matmuls, s
 from common.onnx_quantized import use_bnb4_codes
 from common.onnx_rows import compress_leftovers, quantize_word_embeddings
 from common.onnx_runtime import (
+    calibrated_ranges,
     calibration_batches,
     matmul_names,
     optimize_graph,
@@ -146,10 +147,11 @@ def export_int8_bundle(run, source: Path, source_record: dict, scratch: Path) ->
             raise RuntimeError(f"The exported graph has no MatMul nodes {missing}; cannot choose which to keep in float.")
         calibrations = {}
         for method in config.calibration_methods:
+            ranges = None if method == "minmax" else calibrated_ranges(prepared, batches, method, config.percentile, scratch)
             for variant, keep_float in (("", ()), ("+ffn_out_float", ffn_outputs)):
                 name = method + variant
                 target = scratch / f"static_{name}.onnx"
-                details = quantize_static_int8(prepared, target, batches, method, config.percentile, keep_float, scratch)
+                details = quantize_static_int8(prepared, target, batches, method, config.percentile, keep_float, scratch, ranges)
                 static_accuracy, _, static_correct = evaluate_file(target, loader)
                 calibrations[name] = {**details, "validation_accuracy": static_accuracy}
                 correct.setdefault("static", {})[name] = static_correct

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -272,9 +273,10 @@ def entropy_threshold(histogram: tuple, num_quantized_bins: int) -> tuple:
 
 
 def quantize_static_int8(source: Path, target: Path, batches: list[dict], method: str, percentile: float = 99.999,
-                         keep_float: Iterable[str] = (), scratch: Optional[Path] = None) -> dict:
+                         keep_float: Iterable[str] = (), scratch: Optional[Path] = None, ranges: Optional[dict] = None) -> dict:
     """Static QDQ int8 (per-channel weights, activations calibrated with ``method``) of constant-weight MatMuls,
-    except the MatMul nodes named in ``keep_float``."""
+    except the MatMul nodes named in ``keep_float``. ``ranges``: what ``calibrated_ranges`` gave for the same source,
+    batches and method, so that several variants share one histogram pass (minutes on a 12-layer model)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in CALIBRATION_METHODS:
@@ -283,7 +285,9 @@ def quantize_static_int8(source: Path, target: Path, batches: list[dict], method
     nodes = [name for name in _constant_b_matmuls(source) if name not in keep_float]
     extra = {**_extra_options(), "WeightSymmetric": True, "ActivationSymmetric": False}
     if method != "minmax":
-        extra["TensorQuantOverrides"] = calibrated_ranges(source, batches, method, percentile, scratch or Path(target).parent)
+        if ranges is None:
+            ranges = calibrated_ranges(source, batches, method, percentile, scratch or Path(target).parent)
+        extra["TensorQuantOverrides"] = copy.deepcopy(ranges)  # the quantizer may edit it
     with _quiet_quantizer():
         quantize_static(
             str(source), str(target), FixedShapeReader(batches), quant_format=QuantFormat.QDQ,

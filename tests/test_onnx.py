@@ -19,6 +19,7 @@ from common.onnx_rows import pack_ternary_blocks, quantize_word_embeddings
 from common.onnx_runtime import (
     CALIBRATION_METHODS,
     OnnxClassifier,
+    calibrated_ranges,
     calibration_batches,
     entropy_threshold,
     matmul_names,
@@ -111,6 +112,14 @@ def test_dynamic_and_static_int8_with_every_calibrator(tokenizer, tmp_path):
         logits = OnnxClassifier(target).logits(batch)
         assert np.abs(logits - expected).max() < 0.1 * scale, method
         scales[method] = sorted(float(onnx.numpy_helper.to_array(t).max()) for t in graph.initializer if t.name.endswith("_scale"))
+        if method != "minmax":  # stage 12 calibrates once and quantizes both of its variants with those ranges
+            ranges = calibrated_ranges(tmp_path / "pre.onnx", batches, method, 99.999, tmp_path)
+            given = copy.deepcopy(ranges)
+            quantize_static_int8(tmp_path / "pre.onnx", tmp_path / "shared.onnx", batches, method, ranges=ranges)
+            assert ranges == given, "the shared ranges are not edited for the next variant"
+            shared = onnx.load(str(tmp_path / "shared.onnx")).graph
+            assert sorted(float(onnx.numpy_helper.to_array(t).max()) for t in shared.initializer
+                          if t.name.endswith("_scale")) == scales[method]
     assert scales["entropy"] != scales["minmax"] and scales["percentile"] != scales["minmax"], "each calibrator sets its own ranges"
     kept = quantize_static_int8(tmp_path / "pre.onnx", tmp_path / "partial.onnx", batches, "minmax", keep_float=ffn_output_matmuls(model))
     assert kept["quantized_matmuls"] == constant_matmuls - 2 and kept["kept_float"] == sorted(ffn_output_matmuls(model))
