@@ -43,7 +43,8 @@ def retention_gate(correct, teacher_correct, target: float, z: float) -> dict:
 
 def bisect_ladder(count: int, passes: Callable[[int], bool], out_of_time: Callable[[], bool] = lambda: False) -> Optional[int]:
     """The highest index of a ladder of ``count`` candidates for which ``passes`` holds, by bisection (``passes`` is
-    called about log2(count + 1) times, each index at most once); None when none passes or none was tried in time."""
+    called about log2(count + 1) times, each index at most once); None when none passes or none was tried in time.
+    ``out_of_time`` is asked before each try only, so a True answer means the bisection stopped unsettled."""
     passing, failing = -1, count  # every index <= passing passes, every index >= failing fails (as far as tried)
     while failing - passing > 1 and not out_of_time():
         middle = (passing + failing) // 2

@@ -273,9 +273,17 @@ def main() -> None:
     def out_of_time() -> bool:
         return config.time_budget_s is not None and time.time() - started > config.time_budget_s
 
+    cut_by_time: list[int] = []  # the depths whose bisection the budget stopped with candidates left to try
+
+    def budget_spent(drop: int) -> bool:  # bisect_ladder asks only while candidates are left to try
+        if out_of_time():
+            cut_by_time.append(drop)
+            return True
+        return False
+
     depth_winners = []
     for drop in sorted(config.drop_layers):
-        bisect_ladder(len(ladder), lambda index: try_candidate(drop, index), out_of_time)
+        bisect_ladder(len(ladder), lambda index: try_candidate(drop, index), lambda: budget_spent(drop))
         winner = depth_winner(candidates, drop)
         if winner is not None:
             depth_winners.append(winner)
@@ -284,6 +292,11 @@ def main() -> None:
                   validation_examples=int(teacher_correct.size), ladder=ladder, drop_layers=sorted(config.drop_layers),
                   candidates=tried, not_trained=[not_trained[key] for key in sorted(not_trained)],
                   latency_table=None if table is None else {key: table[key] for key in ("path", "cached", "build_seconds", "key")})
+    budget_note = ""
+    if cut_by_time:
+        budget_note = time_budget_note(config, work, len(tried))
+        record["time_budget_cut"] = {"drop_layers": cut_by_time, "candidates_trained": len(tried), "note": budget_note}
+        print(budget_note, flush=True)
     if not depth_winners:
         record.update(status="no candidate keeps the target", wall_time_s=round(time.time() - started))
         write_trace(work, record, steps)
@@ -295,8 +308,8 @@ def main() -> None:
                  f"points at --gate_z {config.gate_z} on {teacher_correct.size} validation examples.")
         depths = "" if config.drop_layers == [0] else f" (--drop_layers {sorted(config.drop_layers)})"
         raise ValueError(f"No stage-8 candidate of --sparsities {ladder}{depths} keeps "
-                         f"{config.target_retention} of the teacher's validation accuracy{' in the time budget' if out_of_time() else ''}."
-                         f"{hint} Lower --target_retention or --gate_z, add smaller shares to --sparsities, or hold out "
+                         f"{config.target_retention} of the teacher's validation accuracy{' in the time budget' if cut_by_time else ''}."
+                         f"{hint}{' ' + budget_note if budget_note else ''} Lower --target_retention or --gate_z, add smaller shares to --sparsities, or hold out "
                          f"a larger validation split (--validation_fraction, which means retraining stages 1 and 2). "
                          f"Trace: {work / 'search.json'}")
     if config.optimize == "latency":  # each candidate was timed against the teacher in its own rounds: compare ratios
@@ -309,7 +322,8 @@ def main() -> None:
     record["winner"] = {"sparsity": chosen["sparsity"], "drop_layers": chosen["drop_layers"], "name": candidate_name(chosen), "why": (
         f"of each depth's most compressed candidate that passes the gate ({per_depth}), the "
         f"{'fastest in ONNX Runtime int8' if config.optimize == 'latency' else 'smallest in ONNX Runtime int8'} (tried "
-        f"{len(tried)} of {len(ladder) * len(config.drop_layers)} by bisection: {summary})")}
+        f"{len(tried)} of {len(ladder) * len(config.drop_layers)} by bisection: {summary})"
+        f"{'. ' + budget_note if budget_note else ''}")}
     if not config.finish:
         files = [{"name": f"candidate {candidate_name(c)} (ONNX Runtime dynamic int8)", "passes": c["passes"],
                   "retention": c["retention"], "lower_bound_points": c["lower_bound_points"],
@@ -344,6 +358,12 @@ def main() -> None:
     compression = json.loads((published / RECORD_FILE).read_text())
     compression["search"] = {key: value for key, value in record.items() if key not in ("config", "steps")}
     write_json(published / RECORD_FILE, compression)
+
+
+def time_budget_note(config: CompressConfig, work: Path, trained: int) -> str:
+    """What the record and the refusal say when --time_budget_s stopped the bisection before it settled."""
+    return (f"--time_budget_s {config.time_budget_s:g} ran out after {trained} stage-8 candidate(s) with more of the "
+            f"ladder left to try; to go on without retraining those: --resume {work} with a larger --time_budget_s.")
 
 
 def publish_winner(winner: str, previous: dict) -> Path:

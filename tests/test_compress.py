@@ -45,6 +45,10 @@ def test_bisection_finds_the_most_compressed_passing_candidate_in_log_time():
             assert found == (None if last_passing < 0 else last_passing)
             assert len(calls) == len(set(calls)) <= math.ceil(math.log2(count + 1))
     assert bisect_ladder(5, lambda index: True, out_of_time=lambda: True) is None  # no time: nothing tried
+    for first_failing in range(6):  # the budget is asked before each try only: a True answer means an unsettled ladder
+        tried, asked = [], []
+        bisect_ladder(5, lambda index: tried.append(index) or index < first_failing, lambda: asked.append(1) or False)
+        assert len(asked) == len(tried) > 0
 
 
 def test_a_depth_whose_most_compressed_index_was_skipped_still_delivers_its_best_trained_candidate():
