@@ -207,7 +207,11 @@ def main() -> None:
     teacher_correct = validation_correct(teacher, teacher_folder, data, data_config.max_length)
     print(f"Teacher {teacher_folder}: validation accuracy {teacher_correct.mean():.4f}; target "
           f"{config.target_retention} of it = {config.target_retention * teacher_correct.mean():.4f}, gate z = {config.gate_z}")
-    student_gate = gate_folder(student_folder, teacher_correct, data, data_config, config)
+    if student_folder.resolve() == teacher_folder.resolve():  # the candidates prune the teacher: measured just above
+        student_gate = {"folder": str(student_folder), "size_mb": teacher.size_bytes / 1e6,
+                        **retention_gate(teacher_correct, teacher_correct, config.target_retention, config.gate_z)}
+    else:
+        student_gate = gate_folder(student_folder, teacher_correct, data, data_config, config)
     print(f"Student {student_folder} (unpruned, for reference): validation retention {student_gate['retention']:.4f}, "
           f"{'passes' if student_gate['passes'] else 'fails'} the gate (lower bound {student_gate['lower_bound_points']:+.2f} "
           f"points, margin {student_gate['margin_points']:.2f})", flush=True)
@@ -303,9 +307,12 @@ def main() -> None:
         closest = max(tried, key=lambda entry: entry["retention"], default=None)
         hint = "" if closest is None else (f" The closest: {candidate_name(closest)}, retention "
                                            f"{closest['retention']:.4f} (lower bound {closest['lower_bound_points']:+.2f} points).")
+        # the margin is the paired noise of a model against the teacher: the teacher as its own student has almost none
+        margin_of = closest or student_gate
         hint += (f" The unpruned student keeps {student_gate['retention']:.4f} (lower bound "
-                 f"{student_gate['lower_bound_points']:+.2f} points); the gate's margin is {student_gate['margin_points']:.2f} "
-                 f"points at --gate_z {config.gate_z} on {teacher_correct.size} validation examples.")
+                 f"{student_gate['lower_bound_points']:+.2f} points); the gate's margin is {margin_of['margin_points']:.2f} "
+                 f"points at --gate_z {config.gate_z} on {teacher_correct.size} validation examples"
+                 f"{' for the closest candidate' if closest else ''}.")
         depths = "" if config.drop_layers == [0] else f" (--drop_layers {sorted(config.drop_layers)})"
         raise ValueError(f"No stage-8 candidate of --sparsities {ladder}{depths} keeps "
                          f"{config.target_retention} of the teacher's validation accuracy{' in the time budget' if cut_by_time else ''}."

@@ -387,7 +387,7 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert "No stage-8 candidate of --sparsities [0.5] keeps 1.0" in refused.stderr and "The closest: sparsity 0.50" in refused.stderr
     assert "(unpruned, for reference): validation retention" in refused.stdout
     assert re.search(r"The unpruned student keeps [0-9.]+ \(lower bound [-+0-9.]+ points\); the gate's margin is [0-9.]+ "
-                     r"points at --gate_z 5.0 on \d+ validation examples", refused.stderr), refused.stderr[-1500:]
+                     r"points at --gate_z 5.0 on \d+ validation examples for the closest candidate", refused.stderr), refused.stderr[-1500:]
     too_deep = compress("--drop_layers", 0, 2)  # the student has 2 layers
     assert too_deep.returncode == 2 and "--drop_layers 2 would leave none of the 2 layers of the student" in too_deep.stderr
     missing = compress("--student_model_path", tmp_path / "nowhere")
@@ -412,6 +412,8 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     [teacher_run] = [w for w in (results / "compress").iterdir()
                      if json.loads((w / "search.json").read_text())["student"] == str(teacher_folder)]
     [candidate] = json.loads((teacher_run / "search.json").read_text())["candidates"]
+    teacher_gate = json.loads((teacher_run / "search.json").read_text())["student_gate"]
+    assert teacher_gate["retention"] == 1.0 and teacher_gate["folder"] == str(teacher_folder), "the teacher as its own student"
     pruned_teacher = json.loads((Path(candidate["folder"]) / "compression.json").read_text())
     assert pruned_teacher["parent"] == str(teacher_folder) and candidate["layers"] == 4, "the teacher pruned at full depth"
     assert pruned_teacher["config"]["unlabeled_dataset"] == str(unlabeled)
@@ -424,6 +426,15 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     not_delivered = run_stage_unchecked("scripts/compress_summary.py", results, "--runs", refused_run)
     assert not_delivered.returncode == 2 and "Traceback" not in not_delivered.stderr
     assert f"these did not: {refused_run.name} (no candidate keeps the target)" in not_delivered.stderr
+    no_time = compress("--sparsities", 0.5, "--target_retention", 0.5, "--gate_z", 0, "--finish", "false",
+                       "--time_budget_s", 1e-6)
+    assert no_time.returncode == 2 and "Traceback" not in no_time.stderr
+    assert "keeps 0.5 of the teacher's validation accuracy in the time budget" in no_time.stderr
+    resume_hint = re.search(r"--time_budget_s 1e-06 ran out after 0 stage-8 candidate\(s\) with more of the ladder left "
+                            r"to try; to go on without retraining those: --resume (\S+) with a larger --time_budget_s", no_time.stderr)
+    assert resume_hint, no_time.stderr[-1500:]
+    cut = json.loads((Path(resume_hint.group(1)) / "search.json").read_text())
+    assert cut["time_budget_cut"]["candidates_trained"] == 0 and cut["candidates"] == []
 
 
 def test_the_spread_over_runs_is_mean_sample_std_min_and_max():
