@@ -208,8 +208,7 @@ def main() -> None:
     print(f"Teacher {teacher_folder}: validation accuracy {teacher_correct.mean():.4f}; target "
           f"{config.target_retention} of it = {config.target_retention * teacher_correct.mean():.4f}, gate z = {config.gate_z}")
     if student_folder.resolve() == teacher_folder.resolve():  # the candidates prune the teacher: measured just above
-        student_gate = {"folder": str(student_folder), "size_mb": teacher.size_bytes / 1e6,
-                        **retention_gate(teacher_correct, teacher_correct, config.target_retention, config.gate_z)}
+        student_gate = gate_model(teacher, teacher_correct, teacher_correct, config)
     else:
         student_gate = gate_folder(student_folder, teacher_correct, data, data_config, config)
     print(f"Student {student_folder} (unpruned, for reference): validation retention {student_gate['retention']:.4f}, "
@@ -313,10 +312,12 @@ def main() -> None:
                  f"{student_gate['lower_bound_points']:+.2f} points); the gate's margin is {margin_of['margin_points']:.2f} "
                  f"points at --gate_z {config.gate_z} on {teacher_correct.size} validation examples"
                  f"{' for the closest candidate' if closest else ''}.")
+        if budget_note:
+            hint += " " + budget_note
         depths = "" if config.drop_layers == [0] else f" (--drop_layers {sorted(config.drop_layers)})"
         raise ValueError(f"No stage-8 candidate of --sparsities {ladder}{depths} keeps "
                          f"{config.target_retention} of the teacher's validation accuracy{' in the time budget' if cut_by_time else ''}."
-                         f"{hint}{' ' + budget_note if budget_note else ''} Lower --target_retention or --gate_z, add smaller shares to --sparsities, or hold out "
+                         f"{hint} Lower --target_retention or --gate_z, add smaller shares to --sparsities, or hold out "
                          f"a larger validation split (--validation_fraction, which means retraining stages 1 and 2). "
                          f"Trace: {work / 'search.json'}")
     if config.optimize == "latency":  # each candidate was timed against the teacher in its own rounds: compare ratios
@@ -384,11 +385,15 @@ def publish_winner(winner: str, previous: dict) -> Path:
     return published
 
 
+def gate_model(model: ModelRuntime, correct, teacher_correct, config) -> dict:
+    """The gate's entry of a loaded model whose validation results are ``correct``."""
+    return {"folder": str(model.folder), "size_mb": model.size_bytes / 1e6,
+            **retention_gate(correct, teacher_correct, config.target_retention, config.gate_z)}
+
+
 def gate_folder(folder: Path, teacher_correct, data, data_config, config) -> dict:
     model = ModelRuntime(folder, spinning=False)
-    return {"folder": str(folder), "size_mb": model.size_bytes / 1e6,
-            **retention_gate(validation_correct(model, folder, data, data_config.max_length), teacher_correct,
-                             config.target_retention, config.gate_z)}
+    return gate_model(model, validation_correct(model, folder, data, data_config.max_length), teacher_correct, config)
 
 
 def train_qkd(steps: StageSteps, flags: list, teacher_correct, data, data_config, config) -> dict:
