@@ -4,11 +4,12 @@ Reads:  the newest results/student/ checkpoint (or --student_model_path: a stude
         prune the teacher at full depth), the newest results/teacher/
         checkpoint (or --teacher_model_path) and the same data split as stage 1.
 Does:   optionally drops whole encoder layers first (--drop_layers: those whose skipping changes the student's
-        predictions least), then fine-tunes with alpha_ce*CE + alpha_kd*KL*T^2 (+ alpha_hidden*MSE) while a StructuralPruner raises the
-        sparsity of attention heads and FFN neurons along a cubic schedule (importance_mode l2 / kd_grad /
-        l2+kd_grad; uniform or multi-granularity), evaluates the masked model, then removes the pruned
-        structures physically. Optionally prunes the vocabulary to the tokens of the training split first
-        (--prune_vocabulary), so the fine-tuning sees the token ids the pruned model will be given.
+        predictions least) and narrows the residual stream (--hidden_sparsity: the dimensions with the least Fisher
+        information), then fine-tunes with alpha_ce*CE + alpha_kd*KL*T^2 (+ alpha_hidden*MSE) while a
+        StructuralPruner raises the sparsity of attention heads and FFN neurons along a cubic schedule
+        (importance_mode l2 / kd_grad / l2+kd_grad; uniform or multi-granularity), evaluates the masked model, then
+        removes the pruned structures physically. Optionally prunes the vocabulary to the tokens of the training
+        split first (--prune_vocabulary), so the fine-tuning sees the token ids the pruned model will be given.
 Writes: results/pruned/<run_id>/ with the smaller model, its architecture record (heads and FFN width per
         layer) and a pruning summary (sparsity, parameters and validation accuracy before and after).
         While training, per-epoch state (weights, optimizer, RNG, the pruner's masks, importance window and
@@ -22,6 +23,7 @@ Run as:
     python 8_pruning_with_finetuning.py --layer_targets results/sensitivity_targets.json   # after make sensitivity
     python 8_pruning_with_finetuning.py --ffn_round_to 16 --alpha_attention 1.0
     python 8_pruning_with_finetuning.py --drop_layers 1     # also remove the least important whole layer
+    python 8_pruning_with_finetuning.py --hidden_sparsity 0.25   # and a quarter of the residual width (BERT-like)
 """
 
 import json
@@ -47,6 +49,7 @@ from common.pruning import (
     layer_skip_importance,
     layers_to_drop,
 )
+from common.pruning.hidden import dimensions_to_keep, hidden_importance, hidden_width_to_keep, prune_hidden
 from common.training import optimizer_steps_per_epoch, train
 from common.vocabulary import prune_vocabulary, teacher_token_ids, unsupported_reason
 
@@ -85,6 +88,23 @@ def drop_least_important_layers(student, loader, config: PruningConfig, resume_d
     return choice
 
 
+def narrow_hidden_width(student, loader, config: PruningConfig, resume_dir: Optional[Path]) -> dict:
+    """Remove the --hidden_sparsity share of the residual dimensions with the least Fisher information; the choice
+    is kept in the run's state folder, so --resume removes the same dimensions."""
+    saved = resume_dir / "hidden_dimensions.json" if resume_dir is not None else None
+    width = student.config.hidden_size
+    if saved is not None and saved.is_file():
+        kept = json.loads(saved.read_text())["kept"]
+    else:
+        scores = hidden_importance(student, loader, config.layer_importance_batches)
+        kept = dimensions_to_keep(scores, hidden_width_to_keep(student, config.hidden_sparsity))
+        if saved is not None:
+            saved.write_text(json.dumps({"kept": kept}))
+    prune_hidden(student, kept)
+    print(f"Hidden width {width} -> {len(kept)} (the dimensions with the least Fisher information removed)")
+    return {"width_before": width, "width_after": len(kept)}
+
+
 def prune_vocabulary_first(student, tokenizer, teacher_folder, run, config: PruningConfig):
     """Slice the student's vocabulary to the training split's tokens before it is fine-tuned, so that the recovery
     trains on the ids (with --vocabulary_min_count > 1, the new segmentation) the pruned model will be given and the
@@ -113,6 +133,8 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
                                                  allowed_stages=stages.PRUNABLE_STAGES)
     skeleton = model_skeleton(student_folder)  # targets the student cannot meet: refused before any work
     drop_layers(skeleton, layers_to_drop([0.0] * num_layers(skeleton), config.drop_layers))
+    if config.hidden_sparsity:
+        hidden_width_to_keep(skeleton, config.hidden_sparsity)
     StructuralPruner(skeleton, config)
     run.resume({"student": student_folder, "teacher": teacher_folder})
     teacher, student = load_model(teacher_folder), load_model(student_folder)
@@ -137,6 +159,12 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
         layers = drop_least_important_layers(student, scoring_loader, config, run.resume_dir)
         layers["validation_accuracy_after_drop"] = evaluate_accuracy(student, eval_loader)["accuracy"]
         print(f"Validation accuracy with the layers dropped, before fine-tuning: {layers['validation_accuracy_after_drop']:.4f}")
+    hidden = None
+    if config.hidden_sparsity:
+        scoring_loader = make_loader(train_loader.dataset, tokenizer, config.batch_size, shuffle=True, seed=config.seed + 2)
+        hidden = narrow_hidden_width(student, scoring_loader, config, run.resume_dir)
+        hidden["validation_accuracy_after_narrowing"] = evaluate_accuracy(student, eval_loader)["accuracy"]
+        print(f"Validation accuracy with the narrower width, before fine-tuning: {hidden['validation_accuracy_after_narrowing']:.4f}")
     pruner = StructuralPruner(student, config)
     total_steps = optimizer_steps_per_epoch(len(train_loader), accelerator.num_processes, config.gradient_accumulation_steps) * config.num_epochs
     pruner.set_schedule(total_steps)
@@ -167,6 +195,7 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
         validation_accuracy_after=pruned_metrics["accuracy"],
         kept_heads=architecture["kept_heads"],
         layers=layers,
+        hidden=hidden,
         vocabulary=vocabulary,
     )
     run.finish(
@@ -175,7 +204,8 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
         pruning=summary, pruning_history=pruner.history,
         metrics={"validation": pruned_metrics, "validation_before": {"accuracy": accuracy_before}},
         summary=lambda folder, record: (
-            f"Pruned: {'' if layers is None else 'student layers %s kept, ' % layers['kept']}heads per layer {summary['kept_heads_per_layer']}, FFN width per layer {summary['ffn_width_per_layer']}, "
+            f"Pruned: {'' if layers is None else 'student layers %s kept, ' % layers['kept']}"
+            f"{'' if hidden is None else 'hidden width %d, ' % hidden['width_after']}heads per layer {summary['kept_heads_per_layer']}, FFN width per layer {summary['ffn_width_per_layer']}, "
             f"head sparsity {summary['head_sparsity']:.3f}, FFN sparsity {summary['ffn_sparsity']:.3f}; "
             f"parameters {parameters_before:,} -> {parameters_after:,}; validation accuracy {accuracy_before:.4f} -> "
             f"{pruned_metrics['accuracy']:.4f} (masked {masked_metrics['accuracy']:.4f}) -> {folder}"),

@@ -424,7 +424,16 @@ class PruningConfig(TrainingConfig, DistillationWeights, ImportanceFields, Unlab
         "changes its predictions least (KL of its outputs with the layer skipped, on --layer_importance_batches "
         "training batches); the distillation fine-tuning then recovers. 0 (default): keep every layer. Must leave one.",
     )
-    layer_importance_batches: int = _field(8, "Training batches that score the student's layers for --drop_layers.")
+    hidden_sparsity: float = _field(
+        0.0, "Share of the residual stream's width removed before the heads and neurons are pruned (CoFi's hidden "
+        "dimensions): every matrix product, LayerNorm and embedding table narrows with it. The dimensions go by the "
+        "Fisher information of a mask on them (--layer_importance_batches training batches); the kept width is "
+        "rounded to a multiple of the head size. BERT, RoBERTa, XLM-R, CamemBERT and ELECTRA with embeddings as wide "
+        "as its hidden states. 0 (default): keep the width.",
+    )
+    layer_importance_batches: int = _field(
+        8, "Training batches that score the student's layers for --drop_layers and its hidden dimensions for "
+        "--hidden_sparsity.")
 
     @classmethod
     def from_preset(cls, preset: str, **fields) -> "PruningConfig":
@@ -466,6 +475,7 @@ class PruningConfig(TrainingConfig, DistillationWeights, ImportanceFields, Unlab
         _check_range("vocabulary_extra_tokens", self.vocabulary_extra_tokens, 0, float("inf"))
         _check_range("vocabulary_min_count", self.vocabulary_min_count, 1, float("inf"))
         _check_range("drop_layers", self.drop_layers, 0, float("inf"))
+        _check_range("hidden_sparsity", self.hidden_sparsity, 0.0, 1.0, high_open=True)
         _check_positive("layer_importance_batches", self.layer_importance_batches)
 
 
@@ -790,6 +800,10 @@ class CompressConfig:
         None, "Passed to every stage-8 candidate: keep only the tokens seen at least this often in the training split "
         "(a smaller embedding table; the gate judges what it costs). Default: stage 8's own (every token seen).",
     )
+    hidden_sparsity: Optional[float] = _field(
+        None, "Passed to every stage-8 candidate: the share of the residual stream's width removed before its heads "
+        "and neurons (stage 8 --hidden_sparsity; BERT-like models). Default: stage 8's own (the width kept).",
+    )
     student_model_path: Optional[str] = _field(
         None, "Checkpoint the stage-8 candidates prune (stage 8 --student_model_path): a student, or the teacher's own "
         "folder to search at the teacher's full depth without stage 2 (when halving the depth costs more than the "
@@ -825,6 +839,8 @@ class CompressConfig:
             _check_range("seed", self.seed, 0, 2**32 - 1)
         if self.vocabulary_min_count is not None:
             _check_range("vocabulary_min_count", self.vocabulary_min_count, 1, float("inf"))
+        if self.hidden_sparsity is not None:
+            _check_range("hidden_sparsity", self.hidden_sparsity, 0.0, 1.0, high_open=True)
         _check_unlabeled_source(self.unlabeled_dataset)
         _check_positive("max_unlabeled_samples", self.max_unlabeled_samples, allow_none=True)
         if self.max_unlabeled_samples is not None and self.unlabeled_dataset is None:

@@ -3,7 +3,7 @@
 Reads:  the newest results/teacher/ and results/student/ checkpoints (run stages 1 and 2 first; stage 2 can distil on
         unlabelled text, --unlabeled_dataset), or with --student_model_path another student or the teacher's own folder
         (the search then prunes the teacher at full depth, no stage 2), and the data flags they were made with, which
-        go to every stage run (--seed and --vocabulary_min_count go to every stage-8 candidate, --seed,
+        go to every stage run (--seed, --vocabulary_min_count and --hidden_sparsity go to every stage-8 candidate, --seed,
         --unlabeled_dataset and --max_unlabeled_samples to stage 10 too).
 Does:   1. measures the teacher on the validation split (per example, for the paired noise of the gate), and gates the
            unpruned student as a reference (a warning before any training when even it misses the target);
@@ -45,6 +45,7 @@ Run as:
     python scripts/compress.py --target_retention 0.98 --optimize size --max_size_mb 5 --sparsities 0.5 0.6 0.7 0.8
     python scripts/compress.py --time_budget_s 3600 --max_train_samples 1200 --pruning_epochs 2
     python scripts/compress.py --target_retention 0.98 --drop_layers 0 1 --sparsities 0.2 0.3 0.4
+    python scripts/compress.py --hidden_sparsity 0.25 --sparsities 0.2 0.3 0.4   # every candidate a quarter narrower
     python scripts/compress.py --target_retention 0.98 --student_model_path results/teacher/<run> --max_train_samples 1200
     python scripts/compress.py --optimize size --resume results/compress/<the latency run>
 """
@@ -80,6 +81,7 @@ from common.experiments import dynamic_int8_copy, split_loader  # noqa: E402
 from common.latency_table import latency_table, predict_ms  # noqa: E402
 from common.lifecycle import run_tool  # noqa: E402
 from common.models import count_parameters, model_skeleton  # noqa: E402
+from common.pruning.hidden import hidden_width_to_keep  # noqa: E402
 from common.runtime import ModelRuntime  # noqa: E402
 from common.search import (  # noqa: E402
     bisect_ladder,
@@ -119,10 +121,11 @@ def training_flags(config: CompressConfig) -> list:
 def candidate_args(config: CompressConfig, forwarded: list, student: Path, teacher: Path, drop: int, sparsity: float) -> list:
     """Stage 8's flags for one candidate (without --output_dir): what --resume compares to reuse a trained one."""
     vocabulary = [] if config.vocabulary_min_count is None else ["--vocabulary_min_count", config.vocabulary_min_count]
+    width = [] if config.hidden_sparsity is None else ["--hidden_sparsity", config.hidden_sparsity]
     epochs = ["--num_epochs", config.pruning_epochs] if config.pruning_epochs else []
     return [*forwarded, *training_flags(config), *vocabulary, "--student_model_path", student, "--teacher_model_path",
             teacher, "--head_final_sparsity", sparsity, "--ffn_final_sparsity", sparsity, "--final_sparsity", sparsity,
-            "--drop_layers", drop, *epochs]
+            "--drop_layers", drop, *width, *epochs]
 
 
 def previous_run(config: CompressConfig, teacher: Path, student: Path) -> tuple[dict, list[dict]]:
@@ -189,7 +192,10 @@ def main() -> None:
     forwarded = data_flags(argv)
     teacher_folder = find_checkpoint("teacher")
     student_folder = find_checkpoint("student", config.student_model_path, stages.PRUNABLE_STAGES)
-    student_layers = num_layers(model_skeleton(student_folder))
+    skeleton = model_skeleton(student_folder)
+    student_layers = num_layers(skeleton)
+    if config.hidden_sparsity:  # stage 8 would refuse it, after the teacher's evaluation here
+        hidden_width_to_keep(skeleton, config.hidden_sparsity)
     if max(config.drop_layers) >= student_layers:
         raise ValueError(f"--drop_layers {max(config.drop_layers)} would leave none of the {student_layers} layers of the "
                          f"student {student_folder}; give values from 0 to {student_layers - 1}.")

@@ -86,6 +86,13 @@ def test_stage_8_refuses_dropping_every_student_layer_before_loading_any_model(r
                                "drop_layers=1 must leave at least one of the model's 1 encoder layers",
                                "--drop_layers", 1, *data_args(stage_folders))
 
+
+def test_stage_8_refuses_a_hidden_width_with_nothing_left_before_loading_any_model(results_dir, stage_folders):
+    assert_refused_before_work(results_dir, "8_pruning_with_finetuning.py",
+                               "hidden_sparsity=0.9 leaves no multiple of the head size (8)",
+                               "--hidden_sparsity", 0.9, *data_args(stage_folders))
+
+
 def test_stage_9_refuses_a_size_budget_below_all_4bit_before_evaluating(results_dir, stage_folders):
     assert_refused_before_work(results_dir, "9_quantize_pruned_model.py", "keep_8bit_size_budget_mb=0.001 is below the all-4-bit",
                                "--keep_8bit_size_budget_mb", 0.001, *data_args(stage_folders))

@@ -34,7 +34,9 @@ def pipeline_run(tmp_path_factory):
     completed = run_pipeline(results, common, {
         "1_train_teacher.py": ["--model_name_or_path", model_folder, "--batch_size", 16],
         "2_distill_student.py": ["--batch_size", 16],
-        "8_pruning_with_finetuning.py": ["--batch_size", 16, "--head_final_sparsity", 0.5, "--ffn_final_sparsity", 0.5],
+        # a quarter of the residual width too, so every later stage and export runs on a narrowed model
+        "8_pruning_with_finetuning.py": ["--batch_size", 16, "--head_final_sparsity", 0.5, "--ffn_final_sparsity", 0.5,
+                                         "--hidden_sparsity", 0.25],
         "10_qat_kd_4bit.py": ["--num_epochs", 1],
         "12_export_onnx.py": ["--max_positions", 64],  # the tiny model's 64 positions, all used at --max_length 64
         stages.REPORT_SCRIPT: ["--latency_repeats", 2, "--latency_batch_size", 4, "--latency_seq_length", 16],
@@ -67,6 +69,8 @@ def test_pruned_and_quantized_checkpoints(pipeline_run):
     assert summary["head_sparsity"] == pytest.approx(0.5)
     assert summary["ffn_sparsity"] == pytest.approx(0.5)
     assert summary["parameters_after"] < summary["parameters_before"]
+    assert summary["hidden"]["width_before"] == 32 and summary["hidden"]["width_after"] == 24  # head size 8
+    assert pruned_record["architecture"]["head_size"] == 8
     # the vocabulary was pruned before the fine-tuning; with every training token kept that changes no prediction
     vocabulary = summary["vocabulary"]
     assert vocabulary["validation_accuracy_pruned_vocabulary"] == vocabulary["validation_accuracy_full_vocabulary"]

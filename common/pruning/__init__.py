@@ -7,6 +7,8 @@
 - ``masks``: structure groups, their masks and zeroing;
 - ``selection``: which groups go (lowest-scored, per layer or across layers; width alignment);
 - ``layers``: whole encoder layers scored by the KL of skipping them, and dropped (stage 8's ``--drop_layers``);
+- ``hidden``: the residual stream's width, scored by the Fisher information of a mask and narrowed (stage 8's
+  ``--hidden_sparsity``);
 - ``pruner``: ``StructuralPruner``, which composes them and removes pruned structures physically.
 
 A new importance criterion is one ``Importance`` class and one ``CRITERIA`` entry in ``importance.py``.
