@@ -152,19 +152,19 @@ def main(data_config: DataConfig, config: PruningConfig) -> None:
         print(f"Vocabulary pruned before fine-tuning: {vocabulary['original_vocab_size']} -> "
               f"{vocabulary['kept_vocab_size']} tokens; validation accuracy {vocabulary['validation_accuracy_full_vocabulary']:.4f} -> "
               f"{accuracy_before:.4f} before the recovery")
-    layers = None
-    if config.drop_layers:
+    def shrink_first(shrink, seed_offset: int, what: str, key: str) -> dict:
         # its own shuffled loader over the training rows, so scoring leaves the training order as it was
-        scoring_loader = make_loader(train_loader.dataset, tokenizer, config.batch_size, shuffle=True, seed=config.seed + 1)
-        layers = drop_least_important_layers(student, scoring_loader, config, run.resume_dir)
-        layers["validation_accuracy_after_drop"] = evaluate_accuracy(student, eval_loader)["accuracy"]
-        print(f"Validation accuracy with the layers dropped, before fine-tuning: {layers['validation_accuracy_after_drop']:.4f}")
-    hidden = None
+        scoring_loader = make_loader(train_loader.dataset, tokenizer, config.batch_size, shuffle=True, seed=config.seed + seed_offset)
+        summary = shrink(student, scoring_loader, config, run.resume_dir)
+        summary[key] = evaluate_accuracy(student, eval_loader)["accuracy"]
+        print(f"Validation accuracy with {what}, before fine-tuning: {summary[key]:.4f}")
+        return summary
+
+    layers, hidden = None, None
+    if config.drop_layers:
+        layers = shrink_first(drop_least_important_layers, 1, "the layers dropped", "validation_accuracy_after_drop")
     if config.hidden_sparsity:
-        scoring_loader = make_loader(train_loader.dataset, tokenizer, config.batch_size, shuffle=True, seed=config.seed + 2)
-        hidden = narrow_hidden_width(student, scoring_loader, config, run.resume_dir)
-        hidden["validation_accuracy_after_narrowing"] = evaluate_accuracy(student, eval_loader)["accuracy"]
-        print(f"Validation accuracy with the narrower width, before fine-tuning: {hidden['validation_accuracy_after_narrowing']:.4f}")
+        hidden = shrink_first(narrow_hidden_width, 2, "the narrower width", "validation_accuracy_after_narrowing")
     pruner = StructuralPruner(student, config)
     total_steps = optimizer_steps_per_epoch(len(train_loader), accelerator.num_processes, config.gradient_accumulation_steps) * config.num_epochs
     pruner.set_schedule(total_steps)
