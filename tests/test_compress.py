@@ -390,6 +390,9 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
                      r"points at --gate_z 5.0 on \d+ validation examples for the closest candidate", refused.stderr), refused.stderr[-1500:]
     too_deep = compress("--drop_layers", 0, 2)  # the student has 2 layers
     assert too_deep.returncode == 2 and "--drop_layers 2 would leave none of the 2 layers of the student" in too_deep.stderr
+    too_narrow = compress("--hidden_sparsity", 0.9)  # the tiny student's width 32 in heads of 8: nothing left
+    assert too_narrow.returncode == 2 and "hidden_sparsity=0.9 leaves no multiple of the head size (8)" in too_narrow.stderr
+    assert "Traceback" not in too_narrow.stderr
     missing = compress("--student_model_path", tmp_path / "nowhere")
     assert missing.returncode == 2 and f"student_model_path='{tmp_path / 'nowhere'}': no such folder" in missing.stderr
     assert len(list((results / "compress").iterdir())) == 3, "the refusals came before any work"
@@ -473,6 +476,7 @@ def test_the_summary_refuses_runs_it_cannot_read(tmp_path, args, message):
     (["--drop_layers", "0", "0"], "drop_layers=[0, 0] must list distinct layer counts of 0 or more"),
     (["--drop_layers", "-1"], "drop_layers=[-1] must list distinct layer counts"),
     (["--seed", "-1"], "seed=-1 is out of range"),
+    (["--hidden_sparsity", "1"], "hidden_sparsity=1.0 is out of range; it must lie in [0.0, 1.0)"),
     (["--unlabeled_dataset", " "], "unlabeled_dataset is empty"),
     (["--qkd_epochs", "0"], "qkd_epochs=0 must be a positive"),
     (["--unlabeled_dataset", "train_rest", "--max_unlabeled_samples", "0"], "max_unlabeled_samples=0 must be a positive"),

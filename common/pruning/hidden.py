@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..architecture import layer_views, set_module, spec_for
+from ..architecture import layer_views, select_linear, set_module, spec_for
 from ..data import UNLABELED, model_inputs
 
 
@@ -86,10 +86,15 @@ def hidden_width_to_keep(model: nn.Module, sparsity: float) -> int:
     return min(kept, width)
 
 
+def _residual_norm_paths(model: nn.Module) -> list[str]:
+    """The LayerNorms whose outputs are the residual stream: the embeddings' and both of every layer's."""
+    layout, spec = _layout(model), spec_for(model)
+    count = len(model.get_submodule(spec.layers))
+    return [layout.embedding_norm] + [f"{spec.layers}.{number}.{name}" for number in range(count) for name in layout.layer_norms]
+
+
 def _residual_norms(model: nn.Module) -> list[nn.LayerNorm]:
-    layout = _layout(model)
-    layers = model.get_submodule(spec_for(model).layers)
-    return [model.get_submodule(layout.embedding_norm)] + [layer.get_submodule(path) for layer in layers for path in layout.layer_norms]
+    return [model.get_submodule(path) for path in _residual_norm_paths(model)]
 
 
 def hidden_importance(model: nn.Module, loader, batches: int) -> torch.Tensor:
@@ -126,22 +131,6 @@ def dimensions_to_keep(scores: torch.Tensor, width: int) -> list[int]:
     return sorted(order[:width])
 
 
-def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None, columns: torch.Tensor | None) -> nn.Linear:
-    weight = linear.weight.detach()
-    bias = linear.bias.detach() if linear.bias is not None else None
-    if rows is not None:
-        weight = weight.index_select(0, rows)
-        bias = bias.index_select(0, rows) if bias is not None else None
-    if columns is not None:
-        weight = weight.index_select(1, columns)
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias)
-    return new
-
-
 def _sliced_norm(norm: nn.LayerNorm, kept: torch.Tensor) -> nn.LayerNorm:
     new = nn.LayerNorm(len(kept), eps=norm.eps, elementwise_affine=norm.elementwise_affine,
                        device=norm.weight.device, dtype=norm.weight.dtype)
@@ -156,7 +145,7 @@ def _sliced_norm(norm: nn.LayerNorm, kept: torch.Tensor) -> nn.LayerNorm:
 def prune_hidden(model: nn.Module, kept: list[int]) -> None:
     """Keep only the residual dimensions ``kept`` (indices) everywhere the residual stream is read or written, in
     place; the config gets the new width and the head count that keeps the head size."""
-    layout, spec = _layout(model), spec_for(model)
+    layout = _layout(model)
     width = model.config.hidden_size
     views = layer_views(model)
     head_size = views[0].head_size
@@ -172,18 +161,17 @@ def prune_hidden(model: nn.Module, kept: list[int]) -> None:
                               device=table.weight.device, dtype=table.weight.dtype)
         sliced.weight.copy_(table.weight.index_select(1, index))
         set_module(model, path, sliced)
-    for path in [layout.embedding_norm] + [f"{spec.layers}.{number}.{name}" for number in range(len(views))
-                                            for name in layout.layer_norms]:
+    for path in _residual_norm_paths(model):
         set_module(model, path, _sliced_norm(model.get_submodule(path), index))
     for view in views:
         for part in ("query", "key", "value", "ffn_in"):
-            view.set(part, _sliced_linear(view.get(part), None, index))
+            view.set(part, select_linear(view.get(part), index, 1))
         for part in ("attn_output", "ffn_out"):
-            view.set(part, _sliced_linear(view.get(part), index, None))
+            view.set(part, select_linear(view.get(part), index, 0))
     for path in layout.head_square:
-        set_module(model, path, _sliced_linear(model.get_submodule(path), index, index))
+        set_module(model, path, select_linear(select_linear(model.get_submodule(path), index, 0), index, 1))
     for path in layout.head_input:
-        set_module(model, path, _sliced_linear(model.get_submodule(path), None, index))
+        set_module(model, path, select_linear(model.get_submodule(path), index, 1))
     model.config.hidden_size = len(index)
     model.config.num_attention_heads = len(index) // head_size
     if getattr(model.config, "embedding_size", None) is not None:
