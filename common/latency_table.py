@@ -3,12 +3,15 @@
 ``scripts/compress.py`` predicts a stage-8 candidate's latency before training it, and does not train one that cannot
 beat the fastest passing candidate found so far. The table holds, for the student's architecture, one-layer models
 at a grid of (kept heads, FFN width): each is exported to ONNX, quantized to dynamic int8 and timed round-robin in
-ONNX Runtime at one batch x sequence length. One two-layer model at the full shape separates the cost outside the
-encoder layers (embeddings, pooler, classifier: ``base_ms``) from a layer's. A model with per-layer shapes
+ONNX Runtime at one batch x sequence length, at the residual width the candidates will have (stage 8's
+``--hidden_sparsity`` narrows every projection, so a narrowed search gets its own table). One two-layer model at the
+full shape separates the cost outside the encoder layers (embeddings, pooler, classifier: ``base_ms``) from a
+layer's. A model with per-layer shapes
 (h_i, w_i) is then predicted as ``base + sum_i (T(h_i, w_i) - base)``, T interpolated bilinearly in the grid.
 
 The cache is ``<results>/latency_tables/<key>.json``. The key names everything the timings depend on: CPU model,
-logical cores, threads, the ONNX Runtime version, the architecture and its dimensions, batch and sequence length.
+logical cores, threads, the ONNX Runtime version, the architecture and its dimensions (the residual width timed
+among them), batch and sequence length.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,28 +32,36 @@ from .architecture import layer_views, num_layers, select_bias_heads, shrink_lay
 from .checkpoints import results_root, write_json
 from .evaluation import cpu_info, interleaved_latency
 from .models import load_checkpoint_tokenizer, model_skeleton
+from .pruning.hidden import prune_hidden
 from .pruning.layers import drop_layers
 
 logger = logging.getLogger(__name__)
 GRID_SHARES = (0.125, 0.25, 0.5, 0.75, 1.0)
 
 
-def table_key(folder: Path, batch_size: int, seq_length: int, threads: int) -> dict:
+def table_key(folder: Path, batch_size: int, seq_length: int, threads: int, hidden_width: Optional[int] = None) -> dict:
+    """What the table's timings depend on; ``hidden_width`` (default: the checkpoint's) is the residual width timed."""
     import onnxruntime
 
     model = model_skeleton(folder)
     spec, view = spec_for(model), layer_views(model)[0]
+    full_width = getattr(model.config, spec.config_hidden)
+    if hidden_width is not None and not (0 < hidden_width <= full_width and hidden_width % view.head_size == 0):
+        raise ValueError(f"a latency table at residual width {hidden_width} cannot be built from {folder} (width "
+                         f"{full_width}, head size {view.head_size}): give a multiple of the head size up to the width.")
     return {"cpu": cpu_info().get("cpu_model"), "logical_cores": os.cpu_count(), "threads": threads,
             "runtime": f"onnxruntime {onnxruntime.__version__} dynamic int8", "model_type": spec.model_type,
-            "hidden": getattr(model.config, spec.config_hidden), "head_size": view.head_size,
+            "hidden": full_width if hidden_width is None else hidden_width, "head_size": view.head_size,
             "heads": view.num_heads, "ffn": view.ffn_width, "vocab": model.get_input_embeddings().num_embeddings,
             "batch_size": batch_size, "seq_length": seq_length}
 
 
-def _shaped_model(folder: Path, layers: int, heads: int, width: int) -> torch.nn.Module:
+def _shaped_model(folder: Path, layers: int, heads: int, width: int, hidden_width: Optional[int] = None) -> torch.nn.Module:
     """The checkpoint's architecture (random weights) with ``layers`` encoder layers of ``heads`` heads and ``width``
-    FFN neurons each."""
+    FFN neurons each, its residual stream narrowed to ``hidden_width`` when that is below the checkpoint's."""
     model = model_skeleton(folder)
+    if hidden_width is not None and hidden_width < model.config.hidden_size:
+        prune_hidden(model, list(range(hidden_width)))  # as stage 8 does, before the heads and neurons
     drop_layers(model, list(range(layers, num_layers(model))))
     for view in layer_views(model):
         shrink_layer(view, torch.arange(heads * view.head_size), torch.arange(width), keep_weights=False)
@@ -76,7 +88,7 @@ def build_latency_table(folder: Path, key: dict, rounds: int = 10) -> dict:
         for label, (layers, h, w) in shapes.items():
             target = Path(scratch) / label
             target.mkdir()
-            model = _shaped_model(folder, layers, h, w)
+            model = _shaped_model(folder, layers, h, w, key["hidden"])
             export_onnx(model, tokenizer, target / "model.onnx", seq_length)
             write_runtime_files(target, tokenizer, model.config, seq_length)
             quantize_dynamic_int8(target / "model.onnx", target / "int8.onnx")
@@ -91,9 +103,11 @@ def build_latency_table(folder: Path, key: dict, rounds: int = 10) -> dict:
             "build_seconds": round(time.time() - started, 1)}
 
 
-def latency_table(folder: Path, batch_size: int, seq_length: int, rounds: int = 10, threads: int = 2) -> dict:
-    """The cached table for this machine and architecture, built (and cached) when there is none."""
-    key = table_key(folder, batch_size, seq_length, threads)
+def latency_table(folder: Path, batch_size: int, seq_length: int, rounds: int = 10, threads: int = 2,
+                  hidden_width: Optional[int] = None) -> dict:
+    """The cached table for this machine and architecture (at ``hidden_width``, default the checkpoint's residual
+    width), built (and cached) when there is none."""
+    key = table_key(folder, batch_size, seq_length, threads, hidden_width)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = results_root() / "latency_tables" / f"{digest}.json"
     if path.is_file():

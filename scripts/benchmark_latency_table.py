@@ -4,9 +4,9 @@ Reads:  the newest results/student/ checkpoint (the table's architecture) and th
         --checkpoints (default: every finished results/pruned/ run).
 Does:   loads or builds the latency table (common/latency_table.py, cached in results/latency_tables/); exports each
         checkpoint to ONNX, quantizes it to dynamic int8 and times all of them round-robin with the first in one
-        process (--rounds rounds, --batch_size x --seq_length, 2 threads); predicts each from the table twice: from
-        its real per-layer shapes, and from its total kept heads and neurons spread evenly (what compress.py knows
-        before training a candidate).
+        process (--rounds rounds, --batch_size x --seq_length, 2 threads); predicts each from the table at its residual
+        width (a checkpoint narrowed by --hidden_sparsity has its own) twice: from its real per-layer shapes, and from
+        its total kept heads and neurons spread evenly (what compress.py knows before training a candidate).
 Writes: results/latency_table_check.json and a table on stdout: measured, both predictions and their ratios.
 
 Run as:
@@ -49,7 +49,13 @@ def main() -> None:
     from common.onnx_export import export_onnx, write_runtime_files
     from common.onnx_runtime import quantize_dynamic_int8
 
-    table = latency_table(student, args.batch_size, args.seq_length)
+    tables: dict[int, dict] = {}
+
+    def table_at(width: int) -> dict:
+        if width not in tables:
+            tables[width] = latency_table(student, args.batch_size, args.seq_length, hidden_width=width)
+        return tables[width]
+
     rows, paths = {}, {}
     with tempfile.TemporaryDirectory(prefix="latency-table-check-") as scratch:
         for folder in folders:
@@ -63,8 +69,10 @@ def main() -> None:
             paths[label] = target / "int8.onnx"
             architecture = read_record(folder)["architecture"]
             heads, widths = architecture["heads_per_layer"], architecture["ffn_width_per_layer"]
-            layers = len(heads)
-            rows[label] = {"folder": str(folder), "heads_per_layer": heads, "ffn_width_per_layer": widths,
+            layers, width = len(heads), model.config.hidden_size
+            table = table_at(width)
+            rows[label] = {"folder": str(folder), "hidden_width": width, "table": table["path"],
+                           "heads_per_layer": heads, "ffn_width_per_layer": widths,
                            "predicted_ms_real_shapes": predict_ms(table, heads, widths),
                            "predicted_ms_even_shapes": predict_ms(table, [sum(heads) / layers] * layers, [sum(widths) / layers] * layers)}
         vocab_size = min(read_record(folder)["architecture"]["vocab_size"] for folder in folders)
@@ -74,11 +82,13 @@ def main() -> None:
         row["measured_iqr_ms"] = [speed[label]["latency_ms_p25"], speed[label]["latency_ms_p75"]]
         row["measured_over_real_shapes"] = row["measured_ms"] / row["predicted_ms_real_shapes"]
         row["measured_over_even_shapes"] = row["measured_ms"] / row["predicted_ms_even_shapes"]
-    result = {"table": {key: table[key] for key in ("path", "cached", "build_seconds", "key", "base_ms")},
+    result = {"tables": {width: {key: table[key] for key in ("path", "cached", "build_seconds", "key", "base_ms")}
+                         for width, table in tables.items()},
               "settings": vars(args), "checkpoints": rows}
     write_json(results_root() / "latency_table_check.json", result)
-    how = "read from the cache" if table["cached"] else f"built in {table['build_seconds']} s"
-    print(f"Latency table: {table['path']} ({how})")
+    for width, table in tables.items():
+        how = "read from the cache" if table["cached"] else f"built in {table['build_seconds']} s"
+        print(f"Latency table at residual width {width}: {table['path']} ({how})")
     print("| Checkpoint | Heads per layer | FFN width per layer | Measured ms [IQR] | Predicted (real shapes) | Predicted (even) |")
     print("|---|---|---|---|---|---|")
     for label, row in rows.items():

@@ -194,8 +194,8 @@ def main() -> None:
     student_folder = find_checkpoint("student", config.student_model_path, stages.PRUNABLE_STAGES)
     skeleton = model_skeleton(student_folder)
     student_layers = num_layers(skeleton)
-    if config.hidden_sparsity:  # stage 8 would refuse it, after the teacher's evaluation here
-        hidden_width_to_keep(skeleton, config.hidden_sparsity)
+    # stage 8 would refuse a width it cannot keep, after the teacher's evaluation here; the latency table times it
+    hidden_width = hidden_width_to_keep(skeleton, config.hidden_sparsity) if config.hidden_sparsity else None
     if max(config.drop_layers) >= student_layers:
         raise ValueError(f"--drop_layers {max(config.drop_layers)} would leave none of the {student_layers} layers of the "
                          f"student {student_folder}; give values from 0 to {student_layers - 1}.")
@@ -229,9 +229,10 @@ def main() -> None:
     not_trained: dict[tuple[int, int], dict] = {}
     table = None
     if config.latency_table:
-        table = latency_table(student_folder, config.latency_batch_size, config.latency_seq_length, config.latency_rounds)
+        table = latency_table(student_folder, config.latency_batch_size, config.latency_seq_length, config.latency_rounds,
+                              hidden_width=hidden_width)
         how = "read from the cache" if table["cached"] else f"built in {table['build_seconds']} s"
-        print(f"Latency table of layer shapes ({how}): {table['path']}", flush=True)
+        print(f"Latency table of layer shapes at residual width {table['key']['hidden']} ({how}): {table['path']}", flush=True)
 
     def predicted_ms(drop: int, sparsity: float) -> float:
         """The candidate's int8 latency from the table, its kept heads and neurons spread evenly over its layers."""

@@ -430,7 +430,7 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert not_delivered.returncode == 2 and "Traceback" not in not_delivered.stderr
     assert f"these did not: {refused_run.name} (no candidate keeps the target)" in not_delivered.stderr
     no_time = compress("--sparsities", 0.5, "--target_retention", 0.5, "--gate_z", 0, "--finish", "false",
-                       "--time_budget_s", 1e-6)
+                       "--time_budget_s", 1e-6, "--hidden_sparsity", 0.25)
     assert no_time.returncode == 2 and "Traceback" not in no_time.stderr
     assert "keeps 0.5 of the teacher's validation accuracy in the time budget" in no_time.stderr
     resume_hint = re.search(r"--time_budget_s 1e-06 ran out after 0 stage-8 candidate\(s\) with more of the ladder left "
@@ -438,6 +438,9 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert resume_hint, no_time.stderr[-1500:]
     cut = json.loads((Path(resume_hint.group(1)) / "search.json").read_text())
     assert cut["time_budget_cut"]["candidates_trained"] == 0 and cut["candidates"] == []
+    narrowed_table = cut["latency_table"]  # the candidates would be a quarter narrower: 32 -> 24, timed at that width
+    assert narrowed_table["key"]["hidden"] == 24 and not narrowed_table["cached"]
+    assert narrowed_table["path"] != json.loads((deeper / "search.json").read_text())["latency_table"]["path"]
 
 
 def test_the_spread_over_runs_is_mean_sample_std_min_and_max():

@@ -38,6 +38,28 @@ def test_the_timed_shapes_have_the_layers_heads_and_width_asked_for(model_type, 
         assert shaped(**{k: v for k, v in batch.items() if k != "token_type_ids" or model_type == "bert"}).logits.shape == (1, 2)
 
 
+def test_a_narrowed_search_times_its_shapes_at_the_narrower_residual_width(tmp_path, results_dir):
+    tokenizer = make_architecture_tokenizer("bert", tmp_path / "tokenizer")
+    folder = save_checkpoint("student", tiny_model(tiny_config("bert", layers=2, vocab_size=len(tokenizer))), tokenizer,
+                             {"label_names": ["a", "b"]})
+    shaped = _shaped_model(folder, 1, 3, 16, hidden_width=16)  # width 32 in heads of 8, narrowed to 16
+    record = architecture_record(shaped)
+    assert record["heads_per_layer"] == [3] and record["ffn_width_per_layer"] == [16]
+    assert shaped.config.hidden_size == 16 and shaped.get_input_embeddings().embedding_dim == 16
+    assert shaped.bert.encoder.layer[0].attention.self.query.in_features == 16
+    with torch.no_grad():
+        assert shaped(**tokenizer(["a short text"], return_tensors="pt")).logits.shape == (1, 2)
+    assert _shaped_model(folder, 1, 3, 16, hidden_width=32).config.hidden_size == 32, "the full width is not narrowed"
+    narrowed = latency_table(folder, batch_size=2, seq_length=8, rounds=2, hidden_width=16)
+    full = latency_table(folder, batch_size=2, seq_length=8, rounds=2)
+    assert narrowed["key"]["hidden"] == 16 and full["key"]["hidden"] == 32 and narrowed["path"] != full["path"]
+    assert not full["cached"], "another width is another key: measured anew"
+    assert latency_table(folder, batch_size=2, seq_length=8, rounds=2, hidden_width=32)["cached"], "the full width named is the default"
+    for bad in (12, 48, 0):
+        with pytest.raises(ValueError, match=f"a latency table at residual width {bad} cannot be built .* head size 8"):
+            latency_table(folder, batch_size=2, seq_length=8, rounds=2, hidden_width=bad)
+
+
 def test_the_table_is_built_once_per_machine_and_key_then_read_from_the_cache(tmp_path, results_dir, monkeypatch):
     tokenizer = make_architecture_tokenizer("bert", tmp_path / "tokenizer")
     folder = save_checkpoint("student", tiny_model(tiny_config("bert", layers=2, vocab_size=len(tokenizer))), tokenizer,
@@ -67,6 +89,7 @@ def test_the_table_check_predicts_and_times_pruned_checkpoints(tmp_path, results
 
     from common.config import PruningConfig
     from common.pruning import StructuralPruner
+    from common.pruning.hidden import prune_hidden
     from conftest import PROJECT_ROOT
 
     tokenizer = make_architecture_tokenizer("bert", tmp_path / "tokenizer")
@@ -77,13 +100,19 @@ def test_the_table_check_predicts_and_times_pruned_checkpoints(tmp_path, results
     pruner.compute_importance_and_prune(0.5, 0.5)
     architecture = pruner.prune_physically()
     save_checkpoint("pruned", pruned, tokenizer, {"label_names": ["a", "b"]})
+    narrowed = tiny_model(config)
+    prune_hidden(narrowed, list(range(16)))  # the width 32 halved, as stage 8 --hidden_sparsity 0.5 would
+    save_checkpoint("pruned", narrowed, tokenizer, {"label_names": ["a", "b"]})
     env = {**os.environ, "COMPRESSION_RESULTS_DIR": str(results_dir), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(PROJECT_ROOT / "scripts" / "benchmark_latency_table.py"), "--rounds", "2",
                "--batch_size", "2", "--seq_length", "8"]
     completed = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    [row] = json.loads((results_dir / "latency_table_check.json").read_text())["checkpoints"].values()
+    check = json.loads((results_dir / "latency_table_check.json").read_text())
+    row, narrow_row = sorted(check["checkpoints"].values(), key=lambda row: -row["hidden_width"])
     assert row["heads_per_layer"] == architecture["heads_per_layer"] and row["measured_ms"] > 0
+    assert narrow_row["hidden_width"] == 16 and narrow_row["heads_per_layer"] == [4, 4] and narrow_row["measured_ms"] > 0
+    assert sorted(check["tables"]) == ["16", "32"] and narrow_row["table"] == check["tables"]["16"]["path"] != row["table"]
     assert row["predicted_ms_real_shapes"] > 0 and row["predicted_ms_even_shapes"] > 0
     refused = subprocess.run([*command, "--checkpoints", str(tmp_path / "nowhere")], cwd=PROJECT_ROOT, env=env,
                              capture_output=True, text=True, timeout=300)
