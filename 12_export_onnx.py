@@ -130,10 +130,10 @@ def export_int8_bundle(run, source: Path, source_record: dict, scratch: Path) ->
         if config.optimize_graph:
             quantize_from, found["graph_optimization"] = optimized_if_faster(folder / FP32_FILE, scratch, model, loader, fp32_logits, config)
 
-        quantize_dynamic_int8(quantize_from, folder / DYNAMIC_FILE)
+        dynamic = quantize_dynamic_int8(quantize_from, folder / DYNAMIC_FILE)
         dynamic_accuracy, _, correct[DYNAMIC_FILE] = evaluate_file(folder / DYNAMIC_FILE, loader)
         files[DYNAMIC_FILE] = file_entry(folder / DYNAMIC_FILE, dynamic_accuracy, precision="int8 dynamic",
-                                         quantized_from=quantize_from.name)
+                                         quantized_from=quantize_from.name, weights=dynamic["weights"])
         print(f"ONNX Runtime dynamic int8: validation accuracy {dynamic_accuracy:.4f}")
 
         # static QDQ starts from the plain graph: its per-MatMul choices (FFN outputs in float) need the unfused MatMuls

@@ -125,6 +125,50 @@ def test_dynamic_and_static_int8_with_every_calibrator(tokenizer, tmp_path):
     assert kept["quantized_matmuls"] == constant_matmuls - 2 and kept["kept_float"] == sorted(ffn_output_matmuls(model))
 
 
+def int8_weight_range(path):
+    """The smallest and largest code over the graph's int8 weight initializers."""
+    codes = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+             if t.data_type == onnx.TensorProto.INT8 and t.dims and len(t.dims) == 2]
+    assert codes, "no int8 weight matrix in the graph"
+    return min(int(c.min()) for c in codes), max(int(c.max()) for c in codes)
+
+
+def test_int8_weights_take_the_7_bit_range_where_the_cpus_int8_products_saturate(tokenizer, tmp_path, monkeypatch):
+    import common.evaluation as evaluation
+    import common.onnx_runtime as onnx_runtime
+
+    model = pruned_model(tiny_bert_config(layers=2, hidden=64, heads=4, ffn=128))
+    names = export_onnx(model, tokenizer, tmp_path / "model.onnx")
+    expected, batch = torch_logits(model, tokenizer, TEXTS, names)
+    full = quantize_dynamic_int8(tmp_path / "model.onnx", tmp_path / "full.onnx", reduce_range=False)
+    reduced = quantize_dynamic_int8(tmp_path / "model.onnx", tmp_path / "reduced.onnx", reduce_range=True)
+    assert int8_weight_range(tmp_path / "full.onnx") == (-127, 127)  # symmetric per channel: each row reaches 127
+    low, high = int8_weight_range(tmp_path / "reduced.onnx")
+    assert -64 <= low and high <= 64 and high >= 63, (low, high)
+    assert not full["reduce_range"] and reduced["reduce_range"] and "7-bit weight range" in reduced["weights"]
+    assert np.abs(OnnxClassifier(tmp_path / "reduced.onnx").logits(batch) - expected).max() < 0.1 * np.abs(expected).max()
+
+    def cpu(flags, machine="x86_64"):
+        monkeypatch.setattr("platform.machine", lambda: machine)
+        acceleration = "AMX" if "amx_int8" in flags else "VNNI" if {"avx512_vnni", "avx_vnni"} & set(flags) else "none (no VNNI/AMX)"
+        monkeypatch.setattr(evaluation, "cpu_info", lambda: {"int8_acceleration": acceleration})
+        return onnx_runtime.int8_products_saturate()
+
+    assert cpu(["avx2"]) and cpu([]) and not cpu(["avx2", "avx512_vnni"]) and not cpu(["avx2", "avx_vnni"])
+    assert not cpu(["amx_int8"]) and not cpu([], machine="aarch64")
+    cpu(["avx2"])  # the default follows the CPU: a saturating one gets 7-bit weights in both quantizers
+    assert quantize_dynamic_int8(tmp_path / "model.onnx", tmp_path / "auto.onnx")["reduce_range"]
+    assert int8_weight_range(tmp_path / "auto.onnx") == (low, high)
+    preprocess_for_static(tmp_path / "model.onnx", tmp_path / "pre.onnx")
+    batches = calibration_batches(tokenizer, TEXTS * 4, None, names, max_length=16, batch_size=8, limit=24)
+    static = quantize_static_int8(tmp_path / "pre.onnx", tmp_path / "static.onnx", batches, "minmax", scratch=tmp_path)
+    assert static["reduce_range"] and "7-bit weight range" in static["weights"]
+    assert max(map(abs, int8_weight_range(tmp_path / "static.onnx"))) <= 64
+    cpu(["avx2", "avx512_vnni"])
+    assert not quantize_dynamic_int8(tmp_path / "model.onnx", tmp_path / "vnni.onnx")["reduce_range"]
+    assert int8_weight_range(tmp_path / "vnni.onnx") == (-127, 127)
+
+
 @pytest.mark.parametrize("shape", ["heavy_tails", "skewed", "relu", "gaps"])
 def test_entropy_threshold_equals_onnx_runtimes_own(shape):
     """The numpy sums give ONNX Runtime's range exactly (its KL search sums bins one by one in Python)."""
