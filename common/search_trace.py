@@ -14,19 +14,25 @@ def candidate_name(entry: dict) -> str:
     return f"sparsity {entry['sparsity']:.2f}" + (f", {drop} layer(s) dropped" if drop else "")
 
 
+def _int8_gate(candidate: dict) -> str:
+    gate = candidate.get("int8_gate")  # traces written before the int8 copy was gated have none
+    return "—" if gate is None else f"{gate['retention']:.4f} ({'pass' if gate['passes'] else 'fail'})"
+
+
 def search_markdown(record: dict) -> str:
     """The target, every candidate and file with its gate, the winner and the delivered file, and why."""
     lines = [f"Target: {record['target_retention']} of the teacher's validation accuracy "
              f"({record['teacher_validation_accuracy']:.4f}, {record['validation_examples']} examples), gate z = "
              f"{record['gate_z']}, optimize {record['optimize']}{_seed(record)}. Status: {record.get('status')}.", "",
-             "| Sparsity | Layers dropped | Validation acc. | Retention | Margin (points) | Gate | int8 ms | int8 MB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| Sparsity | Layers dropped | Validation acc. | Retention | Margin (points) | Gate | int8 ms | int8 MB | int8 retention (gate) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for c in record["candidates"]:
         predicted = f" (table: {c['predicted_int8_latency_ms']:.2f})" if c.get("predicted_int8_latency_ms") else ""
         lines.append(f"| {c['sparsity']:.2f} | {c.get('drop_layers', 0)} | {c['validation_accuracy']:.4f} | {c['retention']:.4f} | {c['margin_points']:.2f} | "
-                     f"{'pass' if c['passes'] else 'fail'} | {c['int8_latency_ms']:.2f}{predicted} | {c['int8_size_mb']:.2f} |")
+                     f"{'pass' if c['passes'] else 'fail'} | {c['int8_latency_ms']:.2f}{predicted} | {c['int8_size_mb']:.2f} | "
+                     f"{_int8_gate(c)} |")
     for c in record.get("not_trained", []):
-        lines.append(f"| {c['sparsity']:.2f} | {c['drop_layers']} | not trained: {c['why']} | | | | | |")
+        lines.append(f"| {c['sparsity']:.2f} | {c['drop_layers']} | not trained: {c['why']} | | | | | | |")
     if record.get("files"):
         lines += ["", "| File | Validation acc. | Retention | Gate | Latency ms | Size MB |", "|---|---|---|---|---|---|"]
         for f in record["files"]:

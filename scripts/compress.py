@@ -173,9 +173,11 @@ def validation_correct(model: ModelRuntime, folder: Path, data, max_length: int)
     return logits.argmax(-1) == labels
 
 
-def int8_latency(candidate: ModelRuntime, teacher: ModelRuntime, config: CompressConfig) -> dict:
-    """ONNX Runtime dynamic int8 of a candidate (loaded in torch), timed round-robin with the torch teacher."""
+def int8_latency(candidate: ModelRuntime, teacher: ModelRuntime, config: CompressConfig, gate_int8) -> dict:
+    """ONNX Runtime dynamic int8 of a candidate (loaded in torch), timed round-robin with the torch teacher and gated
+    by ``gate_int8`` (the file --finish false delivers is this one, so its own accuracy is what counts)."""
     with dynamic_int8_copy(candidate, config.latency_seq_length) as int8:
+        int8_gate = gate_int8(int8)
         runners = {name: model.runner(model.batch(config.latency_batch_size, config.latency_seq_length))
                    for name, model in (("teacher", teacher), ("candidate", int8))}
         timing = interleaved_latency(runners, 2, config.latency_rounds, config.latency_batch_size, reference="teacher")
@@ -183,7 +185,7 @@ def int8_latency(candidate: ModelRuntime, teacher: ModelRuntime, config: Compres
     return {"int8_latency_ms": timing["candidate"]["latency_ms_median"],
             "int8_latency_iqr_ms": [timing["candidate"]["latency_ms_p25"], timing["candidate"]["latency_ms_p75"]],
             "int8_speedup_vs_teacher": timing["candidate"].get("speedup_vs_reference_median"),
-            "teacher_latency_ms": timing["teacher"]["latency_ms_median"], "int8_size_mb": size}
+            "teacher_latency_ms": timing["teacher"]["latency_ms_median"], "int8_size_mb": size, "int8_gate": int8_gate}
 
 
 def main() -> None:
@@ -270,7 +272,10 @@ def main() -> None:
                  "parameters": count_parameters(model.torch_model),
                  **retention_gate(validation_correct(model, folder, data, data_config.max_length), teacher_correct,
                                   config.target_retention, config.gate_z),
-                 **int8_latency(model, teacher, config), "seconds_since_start": round(time.time() - started)}
+                 **int8_latency(model, teacher, config, lambda int8: retention_gate(
+                     validation_correct(int8, folder, data, data_config.max_length), teacher_correct,
+                     config.target_retention, config.gate_z)),
+                 "seconds_since_start": round(time.time() - started)}
         if table is not None:
             entry["predicted_int8_latency_ms"] = predicted_ms(drop, sparsity)
         candidates[(drop, index)] = entry
@@ -340,8 +345,8 @@ def main() -> None:
         f"{len(tried)} of {len(ladder) * len(config.drop_layers)} by bisection: {summary})"
         f"{'. ' + budget_note if budget_note else ''}")}
     if not config.finish:
-        files = [{"name": f"candidate {candidate_name(c)} (ONNX Runtime dynamic int8)", "passes": c["passes"],
-                  "retention": c["retention"], "lower_bound_points": c["lower_bound_points"],
+        files = [{"name": f"candidate {candidate_name(c)} (ONNX Runtime dynamic int8)", "folder": c["folder"],
+                  **{key: c["int8_gate"][key] for key in ("passes", "retention", "lower_bound_points")},
                   "latency_ms": c["int8_latency_ms"], "size_mb": c["int8_size_mb"]} for c in record["candidates"]]
         delivered, reason = deliver(files, config, record, work, steps)
         record.update(status="search only (--finish false)", delivered=delivered, delivered_why=reason,

@@ -415,6 +415,9 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     [teacher_run] = [w for w in (results / "compress").iterdir()
                      if json.loads((w / "search.json").read_text())["student"] == str(teacher_folder)]
     [candidate] = json.loads((teacher_run / "search.json").read_text())["candidates"]
+    delivered_int8 = json.loads((teacher_run / "search.json").read_text())["delivered"]  # --finish false: the int8 copy
+    assert delivered_int8["retention"] == candidate["int8_gate"]["retention"] and candidate["int8_gate"]["passes"]
+    assert delivered_int8["folder"] == candidate["folder"] and 0 < candidate["int8_gate"]["validation_accuracy"] <= 1
     teacher_gate = json.loads((teacher_run / "search.json").read_text())["student_gate"]
     assert teacher_gate["retention"] == 1.0 and teacher_gate["folder"] == str(teacher_folder), "the teacher as its own student"
     pruned_teacher = json.loads((Path(candidate["folder"]) / "compression.json").read_text())

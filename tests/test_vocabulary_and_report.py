@@ -230,7 +230,7 @@ def test_the_report_shows_the_search_behind_a_pruned_checkpoint(results_dir, tok
         {"sparsity": 0.3, "drop_layers": 0, "validation_accuracy": 0.8, "retention": 1.0, "margin_points": 1.0,
          "passes": True, "int8_latency_ms": 5.0, "int8_size_mb": 2.0},
         {"sparsity": 0.5, "drop_layers": 1, "validation_accuracy": 0.7, "retention": 0.875, "margin_points": 1.2,
-         "passes": False, "int8_latency_ms": 3.0, "int8_size_mb": 1.5},
+         "passes": False, "int8_latency_ms": 3.0, "int8_size_mb": 1.5, "int8_gate": {"retention": 0.5, "passes": False}},
     ]
     search = {"target_retention": 0.99, "optimize": "latency", "gate_z": 1.0, "teacher_validation_accuracy": 0.8,
               "validation_examples": 100, "status": "delivered", "candidates": candidates,
@@ -247,7 +247,8 @@ def test_the_report_shows_the_search_behind_a_pruned_checkpoint(results_dir, tok
     from common.search_trace import search_markdown
 
     table = search_markdown(found)
-    assert "| 0.50 | 1 | 0.7000 | 0.8750 | 1.20 | fail | 3.00 | 1.50 |" in table
+    assert "| 0.50 | 1 | 0.7000 | 0.8750 | 1.20 | fail | 3.00 | 1.50 | 0.5000 (fail) |" in table
+    assert "| 5.00 | 2.00 | — |" in table, "a trace from before the int8 copy was gated"
     assert "Winner: sparsity 0.30, the only candidate that passes." in table and "retention 0.9500 (fail)" in table
     from common.search_trace import plot_search
 
