@@ -41,7 +41,8 @@ def use_bnb4_codes(onnx_model, quantized_model: nn.Module, dequantized_weights: 
     hold an NF4/FP4 codebook, so the decoded 4-bit weights are re-quantized to it (symmetric, round to nearest): close
     to the trained codes, not equal to them.
     ``compute='int8'``: the file still holds only the 4-bit codes and block scales, but the graph decodes them
-    (codebook lookup, times the block absmax) and quantizes the result per output channel to int8 for
+    (codebook lookup, times the block absmax) and quantizes the result per output channel to int8 (7-bit range on
+    CPUs without VNNI or AMX, ``onnx_runtime.int8_products_saturate``) for
     ``DynamicQuantizeMatMul``; every input of that decoding is a constant, so ONNX Runtime folds it once when the
     session loads and then runs int8 matrix products: the size of 4 bits, the speed of int8. Layers that mixed
     precision kept at 8 bits (``Int8WeightLinear``) feed their own int8 rows to the same op in this mode and stay
@@ -183,8 +184,12 @@ def _nf4_as_int8_nodes(name: str, node, weight, dequantized: torch.Tensor) -> tu
     absmax_nodes, absmax_initializers, absmax = _absmax_nodes(name, state)
     count, blocksize = out_features * in_features, state.blocksize
     blocks = -(-count // blocksize)
-    # per-output-channel int8 scales of the decoded 4-bit weight, computed here from the same values
-    scale = np.maximum(np.abs(dequantized.numpy()).max(axis=1) / 127.0, 1e-12).astype(np.float32)
+    from . import onnx_runtime
+
+    # per-output-channel int8 scales of the decoded 4-bit weight, computed here from the same values; in the 7-bit
+    # range where this CPU's int8 products saturate (onnx_runtime.int8_products_saturate)
+    levels = 63.0 if onnx_runtime.int8_products_saturate() else 127.0
+    scale = np.maximum(np.abs(dequantized.numpy()).max(axis=1) / levels, 1e-12).astype(np.float32)
     p = f"{name}."
     initializers = [
         *absmax_initializers, from_array(codes, p + "codes"), from_array(np.array([-1, 1], np.int64), p + "column"),

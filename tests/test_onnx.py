@@ -205,7 +205,7 @@ def four_bit_export(model, tokenizer, tmp_path):
     return quantized, weights, plain, names, onnx.load(str(tmp_path / "plain.onnx"))
 
 
-def test_bnb4_export_runs_the_trained_codes(tokenizer, tmp_path):
+def test_bnb4_export_runs_the_trained_codes(tokenizer, tmp_path, monkeypatch):
     import bitsandbytes as bnb
 
     model = pruned_model(tiny_bert_config(layers=2, hidden=128, heads=4, ffn=256))
@@ -233,6 +233,18 @@ def test_bnb4_export_runs_the_trained_codes(tokenizer, tmp_path):
     expected, batch = torch_logits(quantized, tokenizer, TEXTS, names)
     int8_logits = OnnxClassifier(tmp_path / "nf4_int8.onnx").logits(batch)
     assert np.abs(int8_logits - expected).max() < 0.05 * np.abs(expected).max()
+    import common.onnx_runtime as onnx_runtime
+
+    row_absmax = np.abs(weights[replaced[0]].numpy()).max(axis=1)
+    for saturates, levels in ((True, 63.0), (False, 127.0)):  # the decoded codes' int8 range follows the CPU
+        monkeypatch.setattr(onnx_runtime, "int8_products_saturate", lambda: saturates)
+        decoded = onnx.load(str(tmp_path / "plain.onnx"))
+        use_bnb4_codes(decoded, quantized, weights, compute="int8")
+        scale = {t.name: onnx.numpy_helper.to_array(t) for t in decoded.graph.initializer}[f"{replaced[0]}.scale"]
+        np.testing.assert_allclose(scale * levels, row_absmax, rtol=1e-6)
+        save_onnx(decoded, tmp_path / f"nf4_int8_{int(levels)}.onnx")
+        logits = OnnxClassifier(tmp_path / f"nf4_int8_{int(levels)}.onnx").logits(batch)
+        assert np.abs(logits - expected).max() < 0.05 * np.abs(expected).max()
     with pytest.raises(ValueError, match="compute='int4' is not supported"):
         use_bnb4_codes(onnx.load(str(tmp_path / "plain.onnx")), quantized, weights, compute="int4")
     embeddings = plain.get_input_embeddings().weight
