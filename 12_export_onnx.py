@@ -76,8 +76,10 @@ from common.onnx_export import compact_names, export_onnx, ffn_output_matmuls, s
 from common.onnx_quantized import use_bnb4_codes
 from common.onnx_rows import compress_leftovers, quantize_word_embeddings
 from common.onnx_runtime import (
+    SATURATION_NOTE,
     calibrated_ranges,
     calibration_batches,
+    int8_products_saturate,
     matmul_names,
     optimize_graph,
     preprocess_for_static,
@@ -254,7 +256,9 @@ def export_4bit_bundle(run, source: Path, source_record: dict, scratch: Path) ->
             files[file_name] = file_entry(folder / file_name, file_accuracy, precision=precision,
                                           max_abs_difference_vs_torch_4bit=difference, embedding_quantization=embeddings,
                                           int8_leftovers=leftovers["int8_rows"],
-                                          int4_leftovers=leftovers["int4_rows"], compact_names_saved_bytes=names_saved_bytes)
+                                          int4_leftovers=leftovers["int4_rows"], compact_names_saved_bytes=names_saved_bytes,
+                                          **({"weights": f"decoded to int8 per channel, {SATURATION_NOTE}"}
+                                             if compute == "int8" and int8_products_saturate() else {}))
         found.update(choose_by_speed(folder, files, plain.config.vocab_size, config, correct))
         found["metrics"] = {"validation": {"accuracy": files[found["deployment_model"]]["validation_accuracy"]},
                             "validation_torch_4bit": {"accuracy": torch_accuracy}}

@@ -214,6 +214,11 @@ def test_onnx_stage_folders(pipeline_run):
     assert record_4bit["deployment_model"] in ("model.onnx", "model_nf4_int8.onnx", "model_int4_nbits.onnx")
     for name in ("model_nf4_int8.onnx", "model_int4_nbits.onnx"):
         assert (folder_4bit / name).is_file() and "int8_leftovers" in record_4bit["files"][name]
+    from common.onnx_runtime import int8_products_saturate
+
+    saturates = int8_products_saturate()  # the int8 files record the 7-bit range exactly where this CPU needs it
+    assert ("7-bit weight range" in record_4bit["files"]["model_nf4_int8.onnx"].get("weights", "")) == saturates
+    assert ("7-bit weight range" in record["files"]["model_int8_dynamic.onnx"]["weights"]) == saturates
     # the narrowed width (24) has no block of 16-128 values GatherBlockQuantized takes: the rows stay in standard ops
     # (the op itself is tested in test_onnx)
     int4_embeddings = record_4bit["files"]["model_int4_nbits.onnx"]["embedding_quantization"]
