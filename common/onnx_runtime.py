@@ -173,6 +173,10 @@ def _reduce_range(reduce_range: Optional[bool]) -> bool:
     return int8_products_saturate() if reduce_range is None else reduce_range
 
 
+def _int8_weights(reduce_range: bool) -> str:
+    return "int8 per channel, symmetric" + (f", {SATURATION_NOTE}" if reduce_range else "")
+
+
 def quantize_dynamic_int8(source: Path, target: Path, reduce_range: Optional[bool] = None) -> dict:
     """Dynamic int8: weights of every constant-weight MatMul per channel; activations quantized at run time.
     ``reduce_range`` (default: ``int8_products_saturate()``) stores the weights in 7 bits."""
@@ -185,8 +189,8 @@ def quantize_dynamic_int8(source: Path, target: Path, reduce_range: Optional[boo
             str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range,
             op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, extra_options=_extra_options(),
         )
-    weights = "int8 per channel, symmetric" + (f", {SATURATION_NOTE}" if reduce_range else "")
-    return {"method": "ort_dynamic_int8", "weights": weights, "reduce_range": reduce_range, "quantized_matmuls": len(nodes)}
+    return {"method": "ort_dynamic_int8", "weights": _int8_weights(reduce_range), "reduce_range": reduce_range,
+            "quantized_matmuls": len(nodes)}
 
 
 class FixedShapeReader:
@@ -327,8 +331,7 @@ def quantize_static_int8(source: Path, target: Path, batches: list[dict], method
         )
     return {"method": "ort_static_int8_qdq", "calibration": method, "calibration_batches": len(batches),
             "calibration_shape": list(batches[0]["input_ids"].shape), "quantized_matmuls": len(nodes),
-            "kept_float": sorted(keep_float), "reduce_range": reduce_range,
-            **({"weights": f"int8 per channel, symmetric, {SATURATION_NOTE}"} if reduce_range else {})}
+            "kept_float": sorted(keep_float), "reduce_range": reduce_range, "weights": _int8_weights(reduce_range)}
 
 
 def optimize_graph(source: Path, target: Path) -> dict:

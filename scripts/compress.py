@@ -10,7 +10,8 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
         2. searches the ladder --sparsities by bisection: each candidate is a stage-8 run removing that share of the
            heads and FFN neurons (results/compress/<run_id>/candidates/), judged on validation by the retention gate
            (common/search.py: its paired difference from --target_retention x the teacher must stay above 0 by
-           --gate_z standard errors) and timed in ONNX Runtime dynamic int8 against the torch teacher; the most
+           --gate_z standard errors) and timed in ONNX Runtime dynamic int8 against the torch teacher (that int8 copy
+           gated on validation too: it is what --finish false delivers); the most
            compressed candidate that passes wins (accuracy falls as the share grows, so about log2(n + 1) runs);
            With --drop_layers 0 1 ... each depth (whole student layers dropped first) gets its own bisection and the
            depths' winners compete on the objective (int8 speed-up against the teacher, or size). Before training a
@@ -173,6 +174,12 @@ def validation_correct(model: ModelRuntime, folder: Path, data, max_length: int)
     return logits.argmax(-1) == labels
 
 
+def validation_gate(model: ModelRuntime, folder: Path, teacher_correct, data, data_config, config) -> dict:
+    """The retention gate of a loaded model (tokenized as the checkpoint in ``folder``) on the validation split."""
+    return retention_gate(validation_correct(model, folder, data, data_config.max_length), teacher_correct,
+                          config.target_retention, config.gate_z)
+
+
 def int8_latency(candidate: ModelRuntime, teacher: ModelRuntime, config: CompressConfig, gate_int8) -> dict:
     """ONNX Runtime dynamic int8 of a candidate (loaded in torch), timed round-robin with the torch teacher and gated
     by ``gate_int8`` (the file --finish false delivers is this one, so its own accuracy is what counts)."""
@@ -270,11 +277,9 @@ def main() -> None:
         entry = {"drop_layers": drop, "sparsity": sparsity, "folder": str(folder),
                  "layers": num_layers(model.torch_model),
                  "parameters": count_parameters(model.torch_model),
-                 **retention_gate(validation_correct(model, folder, data, data_config.max_length), teacher_correct,
-                                  config.target_retention, config.gate_z),
-                 **int8_latency(model, teacher, config, lambda int8: retention_gate(
-                     validation_correct(int8, folder, data, data_config.max_length), teacher_correct,
-                     config.target_retention, config.gate_z)),
+                 **validation_gate(model, folder, teacher_correct, data, data_config, config),
+                 **int8_latency(model, teacher, config,
+                                lambda int8: validation_gate(int8, folder, teacher_correct, data, data_config, config)),
                  "seconds_since_start": round(time.time() - started)}
         if table is not None:
             entry["predicted_int8_latency_ms"] = predicted_ms(drop, sparsity)
@@ -484,8 +489,7 @@ def gate_files(new_folders: dict, teacher: ModelRuntime, teacher_correct, data, 
             for name in names:
                 model = ModelRuntime(folder, name, spinning=False, num_threads=2)
                 label = f"{stage}/{folder.name}/{name}" if name else f"{stage}/{folder.name}"
-                gate = retention_gate(validation_correct(model, folder, data, data_config.max_length), teacher_correct,
-                                      config.target_retention, config.gate_z)
+                gate = validation_gate(model, folder, teacher_correct, data, data_config, config)
                 entries.append({"name": label, "stage": stage, "folder": str(folder), "file": name,
                                 "size_mb": model.size_bytes / 1e6, **gate})
                 if gate["passes"]:
