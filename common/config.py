@@ -757,6 +757,11 @@ class CompressConfig:
         "gets its own bisection over --sparsities, and the passing candidates of every depth compete on --optimize "
         "(int8 latency or size). E.g. --drop_layers 0 1.",
     )
+    extend_ladder: int = _field(
+        2, "When every share of --sparsities fails the gate at --drop_layers 0 while the unpruned student passes it, "
+        "bisect this many more times over evenly spaced shares below the smallest one (2: three shares, e.g. 0.08, "
+        "0.15 and 0.23 below 0.3; each try one more stage-8 run, within --time_budget_s) before refusing. 0: refuse.",
+    )
     gate_z: float = _field(
         1.0, "Standard errors of the paired validation difference a candidate must clear above the target (0: the "
         "point estimate alone; 1.64: one-sided 95%).",
@@ -861,6 +866,7 @@ class CompressConfig:
         if not self.drop_layers or len(set(self.drop_layers)) != len(self.drop_layers) or min(self.drop_layers) < 0:
             raise ValueError(f"drop_layers={self.drop_layers} must list distinct layer counts of 0 or more, e.g. --drop_layers 0 1.")
         _check_range("gate_z", self.gate_z, 0.0, 5.0)
+        _check_range("extend_ladder", self.extend_ladder, 0, 5)
         _check_positive("pruning_epochs", self.pruning_epochs, allow_none=True)
         _check_positive("qkd_epochs", self.qkd_epochs, allow_none=True)
         _check_positive("time_budget_s", self.time_budget_s, allow_none=True)

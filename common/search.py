@@ -6,6 +6,8 @@
   both get right or both get wrong add little). The gate passes when ``mean(d) - z * SE(d) >= 0``.
 - ``bisect_ladder``: the most compressed candidate of a ladder (ordered from least to most compressed) that passes,
   in about log2(n + 1) evaluations, assuming accuracy falls as compression grows; stops early when time runs out.
+- ``bisect_sparsities``: ``bisect_ladder`` over sparsities; when every one fails and the unpruned model passed,
+  it bisects on over shares below the least compressed one (``extension_ladder``) instead of refusing.
 - ``eight_bit_ladder``: how many Linears stay at 8 bits, from all of them down to one by halving, for a bisection
   (with ``bisect_ladder``) of the fewest that keep the target when 4 bits everywhere does not.
 - ``expected_latency``: a latency-table prediction scaled by the measured/predicted ratio of the candidates timed so
@@ -55,9 +57,48 @@ def bisect_ladder(count: int, passes: Callable[[int], bool], out_of_time: Callab
     return passing if passing >= 0 else None
 
 
-def depth_winner(candidates: dict[tuple[int, int], dict], drop: int) -> Optional[dict]:
+def extension_ladder(lowest: float, halvings: int) -> list[float]:
+    """Up to ``2**halvings - 1`` evenly spaced sparsities in (0, ``lowest``), least compressed first, on a grid of 0.01
+    (names print two decimals), which ``bisect_ladder`` settles in ``halvings`` tries: e.g. 0.3 and 2 -> [0.08, 0.15,
+    0.23]."""
+    count = 2**halvings
+    shares = sorted({round(lowest * step / count + 1e-9, 2) for step in range(1, count)} - {0.0})
+    shares = [share for share in shares if share < lowest]
+    if not shares:
+        raise ValueError(f"no share on a 0.01 grid lies between 0 and sparsity {lowest}.")
+    return shares
+
+
+def bisect_sparsities(ladder: list[float], passes: Callable[[float], bool], out_of_time: Callable[[], bool],
+                      extend_halvings: int = 0, on_extend: Callable[[list[float]], None] = lambda shares: None,
+                      ) -> tuple[Optional[float], list[float]]:
+    """The most compressed sparsity of ``ladder`` (ascending) for which ``passes`` holds, by ``bisect_ladder``. When none
+    does, with ``extend_halvings`` > 0 (the caller knows the unpruned model passes, so a smaller share can), the shares
+    of ``extension_ladder`` below the ladder are bisected the same way (``out_of_time`` asked before each try, as
+    ``bisect_ladder`` does; ``on_extend`` hears the shares first). Returns (that sparsity or None, the extension's sparsities, empty when it was not needed
+    or not allowed)."""
+    stopped = []  # the ladder's bisection ended on the time budget, not settled: nothing to extend
+
+    def ladder_out_of_time() -> bool:
+        if out_of_time():
+            stopped.append(True)
+        return bool(stopped)
+
+    found = bisect_ladder(len(ladder), lambda index: passes(ladder[index]), ladder_out_of_time)
+    if found is not None or extend_halvings < 1 or stopped:
+        return (None if found is None else ladder[found]), []
+    try:
+        below = extension_ladder(ladder[0], extend_halvings)
+    except ValueError:  # the ladder already starts at the grid's smallest share
+        return None, []
+    on_extend(below)
+    found = bisect_ladder(len(below), lambda index: passes(below[index]), out_of_time)
+    return (None if found is None else below[found]), below
+
+
+def depth_winner(candidates: dict[tuple[int, float], dict], drop: int) -> Optional[dict]:
     """The most compressed trained candidate with ``drop`` layers dropped that passes the gate; ``candidates`` maps
-    (drop, ladder index) to a trained candidate's entry. A more compressed index that the latency search skipped as
+    (drop, sparsity) to a trained candidate's entry. A more compressed sparsity that the latency search skipped as
     unable to win counts as passing for the bisection but was never trained, so it cannot be the winner."""
     passing = [index for (depth, index), entry in candidates.items() if depth == drop and entry["passes"]]
     return candidates[(drop, max(passing))] if passing else None

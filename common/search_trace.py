@@ -42,6 +42,8 @@ def search_markdown(record: dict) -> str:
     if student:
         lines += ["", f"Unpruned student, for reference: retention {student['retention']:.4f}, "
                       f"{'pass' if student['passes'] else 'fail'} (lower bound {student['lower_bound_points']:+.2f} points)."]
+    if record.get("ladder_extension"):
+        lines.append(f"Below the ladder: {record['ladder_extension']['why']}.")
     if record.get("winner"):
         lines += ["", f"Winner: {candidate_name(record['winner'])}, {record['winner']['why']}."]
     if record.get("embeddings"):

@@ -13,6 +13,8 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
            --gate_z standard errors) and timed in ONNX Runtime dynamic int8 against the torch teacher (that int8 copy
            gated on validation too: it is what --finish false delivers); the most
            compressed candidate that passes wins (accuracy falls as the share grows, so about log2(n + 1) runs);
+           when every share fails and the unpruned student passes, smaller shares below the ladder are bisected too
+           (--extend_ladder) before the search refuses;
            With --drop_layers 0 1 ... each depth (whole student layers dropped first) gets its own bisection and the
            depths' winners compete on the objective (int8 speed-up against the teacher, or size). Before training a
            candidate, its int8 latency is predicted from the machine's latency table of layer shapes
@@ -86,6 +88,7 @@ from common.pruning.hidden import hidden_width_to_keep  # noqa: E402
 from common.runtime import ModelRuntime  # noqa: E402
 from common.search import (  # noqa: E402
     bisect_ladder,
+    bisect_sparsities,
     choose_file,
     depth_winner,
     eight_bit_ladder,
@@ -234,8 +237,8 @@ def main() -> None:
               f"the search may find none; the gate's margin on {teacher_correct.size} validation examples is "
               f"{student_gate['margin_points']:.2f} points at --gate_z {config.gate_z}.", flush=True)
     ladder = sorted(config.sparsities)
-    candidates: dict[tuple[int, int], dict] = {}
-    not_trained: dict[tuple[int, int], dict] = {}
+    candidates: dict[tuple[int, float], dict] = {}  # (layers dropped, sparsity) -> its entry
+    not_trained: dict[tuple[int, float], dict] = {}
     table = None
     if config.latency_table:
         table = latency_table(student_folder, config.latency_batch_size, config.latency_seq_length, config.latency_rounds,
@@ -249,27 +252,26 @@ def main() -> None:
         heads = max(1.0, (1 - sparsity) * table["key"]["heads"])
         return predict_ms(table, [heads] * layers, [max(1.0, (1 - sparsity) * table["key"]["ffn"])] * layers)
 
-    def cannot_win(drop: int, index: int) -> bool:
+    def cannot_win(drop: int, sparsity: float) -> bool:
         """--optimize latency: the candidate is predicted (scaled by the measured/predicted ratio so far) slower than the
         fastest passing candidate by more than 10%, so training it cannot change the winner."""
         passing = [c["int8_latency_ms"] for c in candidates.values() if c["passes"]]
         if table is None or config.optimize != "latency" or not passing:
             return False
         timed = [(c["int8_latency_ms"], c["predicted_int8_latency_ms"]) for c in candidates.values()]
-        expected, scale = expected_latency(predicted_ms(drop, ladder[index]), timed)
+        expected, scale = expected_latency(predicted_ms(drop, sparsity), timed)
         if expected <= 1.1 * min(passing):
             return False
-        not_trained[(drop, index)] = {"drop_layers": drop, "sparsity": ladder[index], "predicted_int8_latency_ms": expected,
-                                      "why": f"predicted {expected:.2f} ms (scaled by {scale:.2f}), slower than the fastest "
-                                             f"passing candidate ({min(passing):.2f} ms) by more than 10%"}
-        print(f"Not training sparsity {ladder[index]:.2f} with {drop} layer(s) dropped: {not_trained[(drop, index)]['why']}",
+        not_trained[(drop, sparsity)] = {"drop_layers": drop, "sparsity": sparsity, "predicted_int8_latency_ms": expected,
+                                         "why": f"predicted {expected:.2f} ms (scaled by {scale:.2f}), slower than the "
+                                                f"fastest passing candidate ({min(passing):.2f} ms) by more than 10%"}
+        print(f"Not training sparsity {sparsity:.2f} with {drop} layer(s) dropped: {not_trained[(drop, sparsity)]['why']}",
               flush=True)
         return True
 
-    def try_candidate(drop: int, index: int) -> bool:
-        if cannot_win(drop, index):
+    def try_candidate(drop: int, sparsity: float) -> bool:
+        if cannot_win(drop, sparsity):
             return True  # as far as winning goes it is settled: the bisection looks at more compressed candidates
-        sparsity = ladder[index]
         name = f"drop-{drop}-sparsity-{sparsity:.2f}" if drop else f"sparsity-{sparsity:.2f}"
         [folder] = steps.run(PRUNING_SCRIPT, *candidate_args(config, forwarded, student_folder, teacher_folder, drop, sparsity),
                              output_dir=work / "candidates" / name)
@@ -283,7 +285,7 @@ def main() -> None:
                  "seconds_since_start": round(time.time() - started)}
         if table is not None:
             entry["predicted_int8_latency_ms"] = predicted_ms(drop, sparsity)
-        candidates[(drop, index)] = entry
+        candidates[(drop, sparsity)] = entry
         print(f"Candidate {candidate_name(entry)}: validation {entry['validation_accuracy']:.4f} (retention "
               f"{entry['retention']:.4f}, margin {entry['margin_points']:.2f} points) -> "
               f"{'passes' if entry['passes'] else 'fails'} the gate; int8 {entry['int8_latency_ms']:.2f} ms, "
@@ -303,7 +305,10 @@ def main() -> None:
 
     depth_winners = []
     for drop in sorted(config.drop_layers):
-        bisect_ladder(len(ladder), lambda index: try_candidate(drop, index), lambda: budget_spent(drop))
+        # below the ladder only from the unpruned student, which passes: a smaller share keeps more of it
+        extend = config.extend_ladder if drop == 0 and student_gate["passes"] else 0
+        bisect_sparsities(ladder, lambda sparsity: try_candidate(drop, sparsity), lambda: budget_spent(drop), extend,
+                          on_extend=lambda below: note_extension(record, ladder, below, config.extend_ladder))
         winner = depth_winner(candidates, drop)
         if winner is not None:
             depth_winners.append(winner)
@@ -317,6 +322,7 @@ def main() -> None:
         budget_note = time_budget_note(config, work, len(tried))
         record["time_budget_cut"] = {"drop_layers": cut_by_time, "candidates_trained": len(tried), "note": budget_note}
         print(budget_note, flush=True)
+    below_ladder = record.get("ladder_extension", {}).get("sparsities", [])
     if not depth_winners:
         record.update(status="no candidate keeps the target", wall_time_s=round(time.time() - started))
         write_trace(work, record, steps)
@@ -332,7 +338,8 @@ def main() -> None:
         if budget_note:
             hint += " " + budget_note
         depths = "" if config.drop_layers == [0] else f" (--drop_layers {sorted(config.drop_layers)})"
-        raise ValueError(f"No stage-8 candidate of --sparsities {ladder}{depths} keeps "
+        below = f" nor of the smaller shares {below_ladder} tried below them (--extend_ladder)" if below_ladder else ""
+        raise ValueError(f"No stage-8 candidate of --sparsities {ladder}{depths}{below} keeps "
                          f"{config.target_retention} of the teacher's validation accuracy{' in the time budget' if cut_by_time else ''}."
                          f"{hint} Lower --target_retention or --gate_z, add smaller shares to --sparsities, or hold out "
                          f"a larger validation split (--validation_fraction, which means retraining stages 1 and 2). "
@@ -347,7 +354,7 @@ def main() -> None:
     record["winner"] = {"sparsity": chosen["sparsity"], "drop_layers": chosen["drop_layers"], "name": candidate_name(chosen), "why": (
         f"of each depth's most compressed candidate that passes the gate ({per_depth}), the "
         f"{'fastest in ONNX Runtime int8' if config.optimize == 'latency' else 'smallest in ONNX Runtime int8'} (tried "
-        f"{len(tried)} of {len(ladder) * len(config.drop_layers)} by bisection: {summary})"
+        f"{len(tried)} of {len(ladder) * len(config.drop_layers) + len(below_ladder)} by bisection: {summary})"
         f"{'. ' + budget_note if budget_note else ''}")}
     if not config.finish:
         files = [{"name": f"candidate {candidate_name(c)} (ONNX Runtime dynamic int8)", "folder": c["folder"],
@@ -383,6 +390,14 @@ def main() -> None:
     compression = json.loads((published / RECORD_FILE).read_text())
     compression["search"] = {key: value for key, value in record.items() if key not in ("config", "steps")}
     write_json(published / RECORD_FILE, compression)
+
+
+def note_extension(record: dict, ladder: list[float], below: list[float], halvings: int) -> None:
+    """Says (log and record) that every share of the ladder failed and the search goes on below it."""
+    why = (f"every share of --sparsities {ladder} failed the gate while the unpruned student passes it, so the search "
+           f"bisects over smaller shares {below} (--extend_ladder {halvings})")
+    record["ladder_extension"] = {"drop_layers": 0, "sparsities": below, "why": why}
+    print(f"{why[0].upper()}{why[1:]}", flush=True)
 
 
 def time_budget_note(config: CompressConfig, work: Path, trained: int) -> str:

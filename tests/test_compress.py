@@ -10,8 +10,17 @@ import numpy as np
 import pytest
 
 from common import stages
-from common.search import bisect_ladder, choose_file, depth_winner, eight_bit_ladder, expected_latency, retention_gate
-from common.search_trace import seed_spread, summary_markdown
+from common.search import (
+    bisect_ladder,
+    bisect_sparsities,
+    choose_file,
+    depth_winner,
+    eight_bit_ladder,
+    expected_latency,
+    extension_ladder,
+    retention_gate,
+)
+from common.search_trace import search_markdown, seed_spread, summary_markdown
 from conftest import PROJECT_ROOT, make_pretrained_folder, run_stage, run_stage_unchecked, write_reviews_csv
 
 
@@ -49,6 +58,43 @@ def test_bisection_finds_the_most_compressed_passing_candidate_in_log_time():
         tried, asked = [], []
         bisect_ladder(5, lambda index: tried.append(index) or index < first_failing, lambda: asked.append(1) or False)
         assert len(asked) == len(tried) > 0
+
+
+def test_when_every_share_fails_the_search_bisects_below_the_ladder_before_refusing():
+    # MPNet seed 2 refused at 0.30 and 0.50 while the teacher (its unpruned start) passed; 0.20 then passed by hand
+    assert extension_ladder(0.3, 2) == [0.08, 0.15, 0.23] and extension_ladder(0.1, 1) == [0.05]
+    assert extension_ladder(0.3, 3) == [0.04, 0.08, 0.11, 0.15, 0.19, 0.23, 0.26] and extension_ladder(0.02, 3) == [0.01]
+    with pytest.raises(ValueError, match="no share on a 0.01 grid lies between 0 and sparsity 0.01"):
+        extension_ladder(0.01, 2)
+    ladder = [0.3, 0.5, 0.7]
+    for threshold, expected_found, expected_tries in [
+        (0.6, 0.5, [0.5, 0.7]),  # the ladder settles: nothing below it
+        (0.2, 0.15, [0.5, 0.3, 0.15, 0.23]),
+        (0.23, 0.23, [0.5, 0.3, 0.15, 0.23]),
+        (0.1, 0.08, [0.5, 0.3, 0.15, 0.08]),
+        (0.0, None, [0.5, 0.3, 0.15, 0.08]),
+    ]:
+        tries = []
+        found, below = bisect_sparsities(ladder, lambda share: tries.append(share) or share <= threshold, lambda: False, 2)
+        assert (found, tries) == (expected_found, expected_tries), threshold
+        assert below == ([] if threshold >= 0.3 else [0.08, 0.15, 0.23])
+    tries, heard = [], []
+    assert bisect_sparsities(ladder, lambda share: tries.append(share) or False, lambda: False, 0) == (None, [])
+    assert tries == [0.5, 0.3], "--extend_ladder 0 (or an unpruned student that fails) refuses after the ladder"
+    assert bisect_sparsities([0.01, 0.2], lambda share: False, lambda: False, 2) == (None, []), "nothing lies below 0.01"
+    budget = iter([False, True])  # time runs out before the ladder settles: the search stops, it does not go below
+    assert bisect_sparsities(ladder, lambda share: tries.append(share) or False, lambda: next(budget, True), 2,
+                             on_extend=heard.append) == (None, []) and heard == []
+    bisect_sparsities(ladder, lambda share: False, lambda: False, 1, on_extend=heard.append)
+    assert heard == [[0.15]]
+    record = {}
+    load_compress_script().note_extension(record, ladder, [0.15], 1)
+    assert record["ladder_extension"] == {"drop_layers": 0, "sparsities": [0.15], "why": (
+        "every share of --sparsities [0.3, 0.5, 0.7] failed the gate while the unpruned student passes it, so the "
+        "search bisects over smaller shares [0.15] (--extend_ladder 1)")}
+    shown = search_markdown({**record, "target_retention": 0.98, "teacher_validation_accuracy": 0.87, "gate_z": 1.0,
+                             "validation_examples": 100, "optimize": "latency", "candidates": []})
+    assert "Below the ladder: every share of --sparsities [0.3, 0.5, 0.7] failed the gate" in shown
 
 
 def test_a_depth_whose_most_compressed_index_was_skipped_still_delivers_its_best_trained_candidate():
@@ -384,7 +430,20 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     pruned_before = sorted(p.name for p in (results / "pruned").iterdir())
     refused = compress("--sparsities", 0.5, "--target_retention", 1.0, "--gate_z", 5, "--finish", "false")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert "No stage-8 candidate of --sparsities [0.5] keeps 1.0" in refused.stderr and "The closest: sparsity 0.50" in refused.stderr
+    [refused_work] = [w for w in (results / "compress").iterdir() if "no candidate" in (w / "search.json").read_text()]
+    refused_record = json.loads((refused_work / "search.json").read_text())
+    if refused_record["student_gate"]["passes"]:  # the unpruned student passes: smaller shares are tried before refusing
+        below = [0.13, 0.25, 0.38]
+        assert refused_record["ladder_extension"]["sparsities"] == below
+        assert f"No stage-8 candidate of --sparsities [0.5] nor of the smaller shares {below} tried below them " \
+               "(--extend_ladder) keeps 1.0" in refused.stderr
+        tried = sorted(c["sparsity"] for c in refused_record["candidates"])
+        assert tried in ([0.13, 0.25, 0.5], [0.25, 0.38, 0.5]), "two halvings: two more stage-8 runs"
+        assert "Below the ladder: every share of --sparsities [0.5] failed the gate" in (refused_work / "search.md").read_text()
+    else:
+        assert "ladder_extension" not in refused_record and [c["sparsity"] for c in refused_record["candidates"]] == [0.5]
+        assert "No stage-8 candidate of --sparsities [0.5] keeps 1.0" in refused.stderr
+    assert re.search(r"The closest: sparsity 0\.\d\d", refused.stderr)
     assert "(unpruned, for reference): validation retention" in refused.stdout
     assert re.search(r"The unpruned student keeps [0-9.]+ \(lower bound [-+0-9.]+ points\); the gate's margin is [0-9.]+ "
                      r"points at --gate_z 5.0 on \d+ validation examples for the closest candidate", refused.stderr), refused.stderr[-1500:]
@@ -428,10 +487,9 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     statuses = sorted(json.loads((w / "search.json").read_text())["status"] for w in (results / "compress").iterdir())
     assert statuses == ["delivered", "delivered", "no candidate keeps the target", "no file keeps the target within the budgets",
                         "search only (--finish false)"]
-    [refused_run] = [w for w in (results / "compress").iterdir() if "no candidate" in (w / "search.json").read_text()]
-    not_delivered = run_stage_unchecked("scripts/compress_summary.py", results, "--runs", refused_run)
+    not_delivered = run_stage_unchecked("scripts/compress_summary.py", results, "--runs", refused_work)
     assert not_delivered.returncode == 2 and "Traceback" not in not_delivered.stderr
-    assert f"these did not: {refused_run.name} (no candidate keeps the target)" in not_delivered.stderr
+    assert f"these did not: {refused_work.name} (no candidate keeps the target)" in not_delivered.stderr
     no_time = compress("--sparsities", 0.5, "--target_retention", 0.5, "--gate_z", 0, "--finish", "false",
                        "--time_budget_s", 1e-6, "--hidden_sparsity", 0.25)
     assert no_time.returncode == 2 and "Traceback" not in no_time.stderr
@@ -482,6 +540,8 @@ def test_the_summary_refuses_runs_it_cannot_read(tmp_path, args, message):
     (["--drop_layers", "0", "0"], "drop_layers=[0, 0] must list distinct layer counts of 0 or more"),
     (["--drop_layers", "-1"], "drop_layers=[-1] must list distinct layer counts"),
     (["--seed", "-1"], "seed=-1 is out of range"),
+    (["--extend_ladder", "-1"], "extend_ladder=-1 is out of range; it must lie in [0, 5]"),
+    (["--extend_ladder", "6"], "extend_ladder=6 is out of range"),
     (["--hidden_sparsity", "1"], "hidden_sparsity=1.0 is out of range; it must lie in [0.0, 1.0)"),
     (["--unlabeled_dataset", " "], "unlabeled_dataset is empty"),
     (["--qkd_epochs", "0"], "qkd_epochs=0 must be a positive"),
