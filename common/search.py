@@ -4,6 +4,7 @@
   validation split? Per validation example ``d = correct(model) - target * correct(teacher)``; the mean of ``d`` is
   the model's accuracy minus the target accuracy, and its standard error is that of a paired difference (examples
   both get right or both get wrong add little). The gate passes when ``mean(d) - z * SE(d) >= 0``.
+- ``examples_to_pass``: the validation split size at which a failing model's point estimate would clear the margin.
 - ``bisect_ladder``: the most compressed candidate of a ladder (ordered from least to most compressed) that passes,
   in about log2(n + 1) evaluations, assuming accuracy falls as compression grows; stops early when time runs out.
 - ``bisect_sparsities``: ``bisect_ladder`` over sparsities; when every one fails and the unpruned model passed,
@@ -41,6 +42,18 @@ def retention_gate(correct, teacher_correct, target: float, z: float) -> dict:
         "lower_bound_points": 100 * lower,
         "passes": lower >= 0,
     }
+
+
+def examples_to_pass(gate: dict, examples: int) -> Optional[int]:
+    """About how many validation examples a model with this gate entry (measured on ``examples``) would need to pass at
+    the same z, its point estimate and per-example spread unchanged (the margin shrinks as 1/sqrt(n)): ``examples``
+    or fewer when it passes already; None when its point estimate is below the target, which no split size fixes."""
+    point = gate["lower_bound_points"] + gate["margin_points"]
+    if gate["passes"]:
+        return examples if point <= 0 else min(examples, math.ceil(examples * (gate["margin_points"] / point) ** 2))
+    if point <= 0:
+        return None
+    return math.ceil(examples * (gate["margin_points"] / point) ** 2)
 
 
 def bisect_ladder(count: int, passes: Callable[[int], bool], out_of_time: Callable[[], bool] = lambda: False) -> Optional[int]:

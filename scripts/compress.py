@@ -92,6 +92,7 @@ from common.search import (  # noqa: E402
     choose_file,
     depth_winner,
     eight_bit_ladder,
+    examples_to_pass,
     expected_latency,
     retention_gate,
 )
@@ -235,7 +236,8 @@ def main() -> None:
     if not student_gate["passes"]:
         print(f"Note: the unpruned student already misses the target by the gate. Pruned candidates seldom beat it, so "
               f"the search may find none; the gate's margin on {teacher_correct.size} validation examples is "
-              f"{student_gate['margin_points']:.2f} points at --gate_z {config.gate_z}.", flush=True)
+              f"{student_gate['margin_points']:.2f} points at --gate_z {config.gate_z}. "
+              f"{split_size_hint('The student', student_gate, teacher_correct.size, config.gate_z)}", flush=True)
     ladder = sorted(config.sparsities)
     candidates: dict[tuple[int, float], dict] = {}  # (layers dropped, sparsity) -> its entry
     not_trained: dict[tuple[int, float], dict] = {}
@@ -335,6 +337,9 @@ def main() -> None:
                  f"{student_gate['lower_bound_points']:+.2f} points); the gate's margin is {margin_of['margin_points']:.2f} "
                  f"points at --gate_z {config.gate_z} on {teacher_correct.size} validation examples"
                  f"{' for the closest candidate' if closest else ''}.")
+        if not margin_of["passes"]:
+            hint += " " + split_size_hint("The closest" if closest else "The student", margin_of, teacher_correct.size,
+                                          config.gate_z)
         if budget_note:
             hint += " " + budget_note
         depths = "" if config.drop_layers == [0] else f" (--drop_layers {sorted(config.drop_layers)})"
@@ -390,6 +395,15 @@ def main() -> None:
     compression = json.loads((published / RECORD_FILE).read_text())
     compression["search"] = {key: value for key, value in record.items() if key not in ("config", "steps")}
     write_json(published / RECORD_FILE, compression)
+
+
+def split_size_hint(who: str, gate: dict, examples: int, z: float) -> str:
+    """Whether a larger validation split (--validation_fraction) could make a failing model pass, and about how large."""
+    needed = examples_to_pass(gate, examples)
+    if needed is None:
+        return f"{who}'s point estimate is below the target itself, so no larger validation split would pass it."
+    return (f"{who} would pass at --gate_z {z} with about {needed:,} validation examples (this split has {examples:,}), "
+            f"its accuracy and spread unchanged.")
 
 
 def note_extension(record: dict, ladder: list[float], below: list[float], halvings: int) -> None:

@@ -16,6 +16,7 @@ from common.search import (
     choose_file,
     depth_winner,
     eight_bit_ladder,
+    examples_to_pass,
     expected_latency,
     extension_ladder,
     retention_gate,
@@ -58,6 +59,27 @@ def test_bisection_finds_the_most_compressed_passing_candidate_in_log_time():
         tried, asked = [], []
         bisect_ladder(5, lambda index: tried.append(index) or index < first_failing, lambda: asked.append(1) or False)
         assert len(asked) == len(tried) > 0
+
+
+def test_a_refusal_says_how_large_a_validation_split_would_let_the_closest_model_pass():
+    teacher = np.array([True] * 330 + [False] * 70)  # 82.5% on 400 examples; target 0.99 -> 81.675%
+    model = teacher.copy()
+    model[:6] = False  # 6 examples lost, 8 gained: 83.0%, 0.5 points above the teacher, 1.3 above the target
+    model[330:338] = True
+    gate = retention_gate(model, teacher, 0.99, 3.0)
+    needed = examples_to_pass(gate, 400)
+    assert not gate["passes"] and needed > 400
+    tiles = math.ceil(needed / 400)  # the same examples, repeated: the same point estimate and spread
+    assert retention_gate(np.tile(model, tiles), np.tile(teacher, tiles), 0.99, 3.0)["passes"]
+    assert not retention_gate(np.tile(model, tiles - 1), np.tile(teacher, tiles - 1), 0.99, 3.0)["passes"]
+    assert examples_to_pass(retention_gate(model, teacher, 0.99, 0.5), 400) <= 400, "it passes already"
+    below = retention_gate(np.array([True] * 300 + [False] * 100), teacher, 0.99, 1.0)
+    assert examples_to_pass(below, 400) is None
+    compress = load_compress_script()
+    assert compress.split_size_hint("The closest", gate, 400, 3.0) == (
+        f"The closest would pass at --gate_z 3.0 with about {needed:,} validation examples (this split has 400), its "
+        "accuracy and spread unchanged.")
+    assert "no larger validation split would pass it" in compress.split_size_hint("The student", below, 400, 1.0)
 
 
 def test_when_every_share_fails_the_search_bisects_below_the_ladder_before_refusing():
