@@ -362,10 +362,7 @@ def main() -> None:
         f"{len(tried)} of {len(ladder) * len(config.drop_layers) + len(below_ladder)} by bisection: {summary})"
         f"{'. ' + budget_note if budget_note else ''}")}
     if not config.finish:
-        files = [{"name": f"candidate {candidate_name(c)} (ONNX Runtime dynamic int8)", "folder": c["folder"],
-                  **{key: c["int8_gate"][key] for key in ("passes", "retention", "lower_bound_points")},
-                  "latency_ms": c["int8_latency_ms"], "size_mb": c["int8_size_mb"]} for c in record["candidates"]]
-        delivered, reason = deliver(files, config, record, work, steps)
+        delivered, reason = deliver(search_only_files(record["candidates"]), config, record, work, steps)
         record.update(status="search only (--finish false)", delivered=delivered, delivered_why=reason,
                       wall_time_s=round(time.time() - started))
         write_trace(work, record, steps)
@@ -404,6 +401,15 @@ def split_size_hint(who: str, gate: dict, examples: int, z: float) -> str:
         return f"{who}'s point estimate is below the target itself, so no larger validation split would pass it."
     return (f"{who} would pass at --gate_z {z} with about {needed:,} validation examples (this split has {examples:,}), "
             f"its accuracy and spread unchanged.")
+
+
+def search_only_files(candidates: list[dict]) -> list[dict]:
+    """What --finish false may deliver: the ONNX Runtime int8 copies of the candidates that pass the gate, each gated
+    on its own validation accuracy as well. A failing candidate's copy is left out even when its own accuracy passes:
+    that is quantization noise on a structure the gate refused, and the winner is the structure."""
+    return [{"name": f"candidate {candidate_name(c)} (ONNX Runtime dynamic int8)", "folder": c["folder"],
+             **{key: c["int8_gate"][key] for key in ("passes", "retention", "lower_bound_points")},
+             "latency_ms": c["int8_latency_ms"], "size_mb": c["int8_size_mb"]} for c in candidates if c["passes"]]
 
 
 def note_extension(record: dict, ladder: list[float], below: list[float], halvings: int) -> None:

@@ -82,6 +82,21 @@ def test_a_refusal_says_how_large_a_validation_split_would_let_the_closest_model
     assert "no larger validation split would pass it" in compress.split_size_hint("The student", below, 400, 1.0)
 
 
+def test_the_search_alone_delivers_an_int8_copy_only_of_a_candidate_that_passes():
+    # MPNet seed 2: the 0.30 candidate failed (98.11%) but its int8 copy passed on its own (98.83%) and was faster than
+    # the winner's; delivering it would ship a structure the gate refused
+    def candidate(sparsity, passes, int8_passes, latency):
+        return {"sparsity": sparsity, "drop_layers": 0, "folder": f"c{sparsity}", "passes": passes,
+                "int8_gate": {"passes": int8_passes, "retention": 0.99, "lower_bound_points": 0.1 if int8_passes else -0.1},
+                "int8_latency_ms": latency, "int8_size_mb": 100 * (1 - sparsity)}
+
+    compress = load_compress_script()
+    files = compress.search_only_files([candidate(0.15, True, True, 1023.0), candidate(0.3, False, True, 871.0),
+                                        candidate(0.08, True, False, 1100.0)])
+    assert [f["folder"] for f in files] == ["c0.15", "c0.08"] and [f["passes"] for f in files] == [True, False]
+    assert choose_file(files, "latency")[0]["name"] == "candidate sparsity 0.15 (ONNX Runtime dynamic int8)"
+
+
 def test_when_every_share_fails_the_search_bisects_below_the_ladder_before_refusing():
     # MPNet seed 2 refused at 0.30 and 0.50 while the teacher (its unpruned start) passed; 0.20 then passed by hand
     assert extension_ladder(0.3, 2) == [0.08, 0.15, 0.23] and extension_ladder(0.1, 1) == [0.05]
