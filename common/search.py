@@ -88,8 +88,8 @@ def bisect_sparsities(ladder: list[float], passes: Callable[[float], bool], out_
     """The most compressed sparsity of ``ladder`` (ascending) for which ``passes`` holds, by ``bisect_ladder``. When none
     does, with ``extend_halvings`` > 0 (the caller knows the unpruned model passes, so a smaller share can), the shares
     of ``extension_ladder`` below the ladder are bisected the same way (``out_of_time`` asked before each try, as
-    ``bisect_ladder`` does; ``on_extend`` hears the shares first). Returns (that sparsity or None, the extension's sparsities, empty when it was not needed
-    or not allowed)."""
+    ``bisect_ladder`` does; ``on_extend`` hears the shares first). Returns (that sparsity or None, the extension's
+    sparsities, empty when it was not needed or not allowed)."""
     stopped = []  # the ladder's bisection ended on the time budget, not settled: nothing to extend
 
     def ladder_out_of_time() -> bool:
