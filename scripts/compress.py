@@ -11,7 +11,7 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
            heads and FFN neurons (results/compress/<run_id>/candidates/), judged on validation by the retention gate
            (common/search.py: its paired difference from --target_retention x the teacher must stay above 0 by
            --gate_z standard errors) and timed in ONNX Runtime dynamic int8 against the torch teacher (that int8 copy
-           gated on validation too: it is what --finish false delivers); the most
+           gated on validation too: --finish false delivers the copy of a candidate that passes both); the most
            compressed candidate that passes wins (accuracy falls as the share grows, so about log2(n + 1) runs);
            when every share fails and the unpruned student passes, smaller shares below the ladder are bisected too
            (--extend_ladder) before the search refuses;
@@ -310,7 +310,7 @@ def main() -> None:
         # below the ladder only from the unpruned student, which passes: a smaller share keeps more of it
         extend = config.extend_ladder if drop == 0 and student_gate["passes"] else 0
         bisect_sparsities(ladder, lambda sparsity: try_candidate(drop, sparsity), lambda: budget_spent(drop), extend,
-                          on_extend=lambda below: note_extension(record, ladder, below, config.extend_ladder))
+                          on_extend=lambda below: note_extension(record, drop, ladder, below, config.extend_ladder))
         winner = depth_winner(candidates, drop)
         if winner is not None:
             depth_winners.append(winner)
@@ -412,11 +412,11 @@ def search_only_files(candidates: list[dict]) -> list[dict]:
              "latency_ms": c["int8_latency_ms"], "size_mb": c["int8_size_mb"]} for c in candidates if c["passes"]]
 
 
-def note_extension(record: dict, ladder: list[float], below: list[float], halvings: int) -> None:
-    """Says (log and record) that every share of the ladder failed and the search goes on below it."""
+def note_extension(record: dict, drop: int, ladder: list[float], below: list[float], halvings: int) -> None:
+    """Says (log and record) that every share of the ladder failed at this depth and the search goes on below it."""
     why = (f"every share of --sparsities {ladder} failed the gate while the unpruned student passes it, so the search "
            f"bisects over smaller shares {below} (--extend_ladder {halvings})")
-    record["ladder_extension"] = {"drop_layers": 0, "sparsities": below, "why": why}
+    record["ladder_extension"] = {"drop_layers": drop, "sparsities": below, "why": why}
     print(f"{why[0].upper()}{why[1:]}", flush=True)
 
 

@@ -125,7 +125,7 @@ def test_when_every_share_fails_the_search_bisects_below_the_ladder_before_refus
     bisect_sparsities(ladder, lambda share: False, lambda: False, 1, on_extend=heard.append)
     assert heard == [[0.15]]
     record = {}
-    load_compress_script().note_extension(record, ladder, [0.15], 1)
+    load_compress_script().note_extension(record, 0, ladder, [0.15], 1)
     assert record["ladder_extension"] == {"drop_layers": 0, "sparsities": [0.15], "why": (
         "every share of --sparsities [0.3, 0.5, 0.7] failed the gate while the unpruned student passes it, so the "
         "search bisects over smaller shares [0.15] (--extend_ladder 1)")}
