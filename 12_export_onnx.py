@@ -135,7 +135,8 @@ def export_int8_bundle(run, source: Path, source_record: dict, scratch: Path) ->
         dynamic = quantize_dynamic_int8(quantize_from, folder / DYNAMIC_FILE)
         dynamic_accuracy, _, correct[DYNAMIC_FILE] = evaluate_file(folder / DYNAMIC_FILE, loader)
         files[DYNAMIC_FILE] = file_entry(folder / DYNAMIC_FILE, dynamic_accuracy, precision="int8 dynamic",
-                                         quantized_from=quantize_from.name, weights=dynamic["weights"])
+                                         quantized_from=quantize_from.name, weights=dynamic["weights"],
+                                         int8_weight_bits=7 if dynamic["reduce_range"] else 8)
         print(f"ONNX Runtime dynamic int8: validation accuracy {dynamic_accuracy:.4f}")
 
         # static QDQ starts from the plain graph: its per-MatMul choices (FFN outputs in float) need the unfused MatMuls
@@ -163,7 +164,8 @@ def export_int8_bundle(run, source: Path, source_record: dict, scratch: Path) ->
         best = max(order, key=lambda name: (calibrations[name]["validation_accuracy"], -order.index(name)))
         shutil.copyfile(scratch / f"static_{best}.onnx", folder / STATIC_FILE)
         files[STATIC_FILE] = file_entry(folder / STATIC_FILE, calibrations[best]["validation_accuracy"],
-                                        precision="int8 static QDQ", calibration=best, quantized_from=FP32_FILE)
+                                        precision="int8 static QDQ", calibration=best, quantized_from=FP32_FILE,
+                                        int8_weight_bits=7 if calibrations[best]["reduce_range"] else 8)
         found["calibrations"] = calibrations
         correct[STATIC_FILE] = correct.pop("static")[best]
         found.update(choose_by_speed(folder, files, model.config.vocab_size, config, correct))
@@ -225,6 +227,9 @@ def export_4bit_bundle(run, source: Path, source_record: dict, scratch: Path) ->
         files, correct = {}, {}
         found = {"quantization": onnx_quantization, "files": files}
         write_runtime_files(folder, tokenizer, plain.config, data_config.max_length)
+        saturates = int8_products_saturate()  # onnx_quantized asks the same when it decodes the codes to int8
+        int8_decode = {"weights": "decoded to int8 per channel" + (f", {SATURATION_NOTE}" if saturates else ""),
+                       "int8_weight_bits": 7 if saturates else 8}
         for file_name, compute, precision, contrib_embeddings in FOUR_BIT_FILES:
             graph = onnx.load(str(scratch / "dequantized.onnx"))
             onnx_quantization["modules"] = use_bnb4_codes(graph, quantized, exported, compute)
@@ -257,8 +262,7 @@ def export_4bit_bundle(run, source: Path, source_record: dict, scratch: Path) ->
                                           max_abs_difference_vs_torch_4bit=difference, embedding_quantization=embeddings,
                                           int8_leftovers=leftovers["int8_rows"],
                                           int4_leftovers=leftovers["int4_rows"], compact_names_saved_bytes=names_saved_bytes,
-                                          **({"weights": f"decoded to int8 per channel, {SATURATION_NOTE}"}
-                                             if compute == "int8" and int8_products_saturate() else {}))
+                                          **(int8_decode if compute == "int8" else {}))
         found.update(choose_by_speed(folder, files, plain.config.vocab_size, config, correct))
         found["metrics"] = {"validation": {"accuracy": files[found["deployment_model"]]["validation_accuracy"]},
                             "validation_torch_4bit": {"accuracy": torch_accuracy}}

@@ -758,7 +758,8 @@ class CompressConfig:
         "(int8 latency or size). E.g. --drop_layers 0 1.",
     )
     extend_ladder: int = _field(
-        2, "When every share of --sparsities fails the gate at --drop_layers 0 while the unpruned student passes it, "
+        2, "When every share of --sparsities fails the gate at --drop_layers 0 while the unpruned student (or the "
+        "teacher pruned as its own student) passes it, "
         "bisect this many more times over evenly spaced shares below the smallest one (2: three shares, e.g. 0.08, "
         "0.15 and 0.23 below 0.3; each try one more stage-8 run, within --time_budget_s) before refusing. 0: refuse.",
     )

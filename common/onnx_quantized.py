@@ -45,8 +45,8 @@ def use_bnb4_codes(onnx_model, quantized_model: nn.Module, dequantized_weights: 
     CPUs without VNNI or AMX, ``onnx_runtime.int8_products_saturate``) for
     ``DynamicQuantizeMatMul``; every input of that decoding is a constant, so ONNX Runtime folds it once when the
     session loads and then runs int8 matrix products: the size of 4 bits, the speed of int8. Layers that mixed
-    precision kept at 8 bits (``Int8WeightLinear``) feed their own int8 rows to the same op in this mode and stay
-    float MatMuls of their int8 values in the exact ``bnb4`` graph.
+    precision kept at 8 bits (``Int8WeightLinear``) feed their own int8 rows to the same op in this mode (halved to 7
+    bits where the products saturate) and stay float MatMuls of their int8 values in the exact ``bnb4`` graph.
 
     ``dequantized_weights[name]`` is the float weight that was exported for module ``name`` (how its MatMul is
     found). Raises when a quantized module has no matching MatMul: a half-quantized graph is never returned.
@@ -261,14 +261,21 @@ def _nbits_nodes(name: str, node, _weight, dequantized: torch.Tensor) -> tuple[l
 
 def _int8_rows_nodes(name: str, node, module) -> tuple[list, list]:
     """A layer that mixed precision kept at 8 bits: its own int8 row codes and scales feed DynamicQuantizeMatMul
-    directly (per-output-channel symmetric int8 is that op's weight format, so nothing is re-quantized)."""
+    directly (per-output-channel symmetric int8 is that op's weight format, so nothing is re-quantized), except where
+    this CPU's int8 products saturate (``onnx_runtime.int8_products_saturate``): there the codes are halved to the
+    7-bit range and the scales doubled, as every other int8 weight there is stored in 7 bits."""
     from onnx import helper
     from onnx.numpy_helper import from_array
 
+    from . import onnx_runtime
+
+    codes, scale = module.weight_codes.numpy().T.copy(), module.weight_scale.float().numpy().copy()
+    if onnx_runtime.int8_products_saturate():
+        codes, scale = np.clip(np.round(codes / 2.0), -64, 64).astype(np.int8), scale * 2.0
     p = f"{name}."
     initializers = [
-        from_array(module.weight_codes.numpy().T.copy(), p + "weight_int8"),
-        from_array(module.weight_scale.float().numpy().copy(), p + "scale"),
+        from_array(codes, p + "weight_int8"),
+        from_array(scale, p + "scale"),
         from_array(np.zeros(module.out_features, np.int8), p + "zero_point"),
     ]
     matmul = helper.make_node("DynamicQuantizeMatMul", [node.input[0], p + "weight_int8", p + "scale", p + "zero_point"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import multiprocessing
 import os
 import resource
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 
 from .evaluation import predict
+
+logger = logging.getLogger(__name__)
 
 
 def synthetic_batch(vocab_size: int, batch_size: int, seq_length: int, seed: int = 0) -> dict:
@@ -195,7 +198,8 @@ def open_onnx_file(folder: str | Path, onnx_file: str, *, num_threads: Optional[
     if not path.is_file():
         available = sorted(p.name for p in folder.glob("*.onnx"))
         raise FileNotFoundError(f"{folder} has no {onnx_file}; its ONNX files are {available}. Name one of them.")
-    manifest = read_record(folder).get(MANIFEST_KEY)
+    record = read_record(folder)
+    manifest = record.get(MANIFEST_KEY)
     written = manifest is None or onnx_file in manifest  # a folder without a manifest is used as before, with a warning
     try:
         runtime = ModelRuntime(folder, onnx_file, num_threads=num_threads, spinning=spinning, device=device, verify=written)
@@ -207,6 +211,12 @@ def open_onnx_file(folder: str | Path, onnx_file: str, *, num_threads: Optional[
                          f"model {engine} reads; name another file of the folder.") from error
     if not written:
         _check_fits(runtime, path)
+    if not is_openvino_file(onnx_file):
+        from .onnx_runtime import saturation_warning
+
+        warning = saturation_warning(path, (record.get("files") or {}).get(onnx_file) or {})
+        if warning:
+            logger.warning(warning)
     return runtime
 
 
@@ -252,9 +262,7 @@ def _peak_rss_bytes() -> int:
 
 def _measure_child(folder: str, settings: dict, queue) -> None:
     try:
-        import logging as child_logging
-
-        child_logging.disable(child_logging.INFO)
+        logging.disable(logging.INFO)
         if settings.get("num_threads"):
             torch.set_num_threads(settings["num_threads"])
         before = _current_rss_bytes()

@@ -109,11 +109,19 @@ def bisect_sparsities(ladder: list[float], passes: Callable[[float], bool], out_
     return (None if found is None else below[found]), below
 
 
+def qualifies(entry: dict, finish: bool) -> bool:
+    """Whether a trained candidate can win: its torch model passes the gate and, when the search delivers its ONNX
+    Runtime int8 copy (``finish`` false), that copy passes too. A candidate whose copy fails counts as failing for
+    the bisection, which then looks at less compressed shares whose copy may pass."""
+    return bool(entry["passes"] and (finish or entry["int8_gate"]["passes"]))
+
+
 def depth_winner(candidates: dict[tuple[int, float], dict], drop: int) -> Optional[dict]:
-    """The most compressed trained candidate with ``drop`` layers dropped that passes the gate; ``candidates`` maps
-    (drop, sparsity) to a trained candidate's entry. A more compressed sparsity that the latency search skipped as
-    unable to win counts as passing for the bisection but was never trained, so it cannot be the winner."""
-    passing = [index for (depth, index), entry in candidates.items() if depth == drop and entry["passes"]]
+    """The most compressed trained candidate with ``drop`` layers dropped that qualifies (``qualifies``, stored as
+    the entry's ``qualifies``); ``candidates`` maps (drop, sparsity) to a trained candidate's entry. A more
+    compressed sparsity that the latency search skipped as unable to win counts as passing for the bisection but was
+    never trained, so it cannot be the winner."""
+    passing = [index for (depth, index), entry in candidates.items() if depth == drop and entry["qualifies"]]
     return candidates[(drop, max(passing))] if passing else None
 
 

@@ -11,8 +11,8 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
            heads and FFN neurons (results/compress/<run_id>/candidates/), judged on validation by the retention gate
            (common/search.py: its paired difference from --target_retention x the teacher must stay above 0 by
            --gate_z standard errors) and timed in ONNX Runtime dynamic int8 against the torch teacher (that int8 copy
-           gated on validation too: --finish false delivers the copy of a candidate that passes both); the most
-           compressed candidate that passes wins (accuracy falls as the share grows, so about log2(n + 1) runs);
+           gated on validation too: --finish false delivers the copy of a candidate that passes both, and then
+           counts a candidate as passing only when both do); the most compressed candidate that passes wins (accuracy falls as the share grows, so about log2(n + 1) runs);
            when every share fails and the unpruned student passes, smaller shares below the ladder are bisected too
            (--extend_ladder) before the search refuses;
            With --drop_layers 0 1 ... each depth (whole student layers dropped first) gets its own bisection and the
@@ -94,6 +94,7 @@ from common.search import (  # noqa: E402
     eight_bit_ladder,
     examples_to_pass,
     expected_latency,
+    qualifies,
     retention_gate,
 )
 from common.search_trace import candidate_name, plot_search, search_markdown  # noqa: E402
@@ -226,18 +227,20 @@ def main() -> None:
     teacher_correct = validation_correct(teacher, teacher_folder, data, data_config.max_length)
     print(f"Teacher {teacher_folder}: validation accuracy {teacher_correct.mean():.4f}; target "
           f"{config.target_retention} of it = {config.target_retention * teacher_correct.mean():.4f}, gate z = {config.gate_z}")
+    start = start_name(student_folder, teacher_folder)
     if student_folder.resolve() == teacher_folder.resolve():  # the candidates prune the teacher: measured just above
         student_gate = gate_model(teacher, teacher_correct, teacher_correct, config)
     else:
         student_gate = gate_folder(student_folder, teacher_correct, data, data_config, config)
-    print(f"Student {student_folder} (unpruned, for reference): validation retention {student_gate['retention']:.4f}, "
+    print(f"{start[0].upper()}{start[1:]} {student_folder}, for reference: validation retention {student_gate['retention']:.4f}, "
           f"{'passes' if student_gate['passes'] else 'fails'} the gate (lower bound {student_gate['lower_bound_points']:+.2f} "
           f"points, margin {student_gate['margin_points']:.2f})", flush=True)
     if not student_gate["passes"]:
-        print(f"Note: the unpruned student already misses the target by the gate. Pruned candidates seldom beat it, so "
+        print(f"Note: {start} already misses the target by the gate. Pruned candidates seldom beat it, so "
               f"the search may find none; the gate's margin on {teacher_correct.size} validation examples is "
               f"{student_gate['margin_points']:.2f} points at --gate_z {config.gate_z}. "
-              f"{split_size_hint('The student', student_gate, teacher_correct.size, config.gate_z)}", flush=True)
+              f"{split_size_hint(start[0].upper() + start[1:], student_gate, teacher_correct.size, config.gate_z)}",
+              flush=True)
     ladder = sorted(config.sparsities)
     candidates: dict[tuple[int, float], dict] = {}  # (layers dropped, sparsity) -> its entry
     not_trained: dict[tuple[int, float], dict] = {}
@@ -257,7 +260,7 @@ def main() -> None:
     def cannot_win(drop: int, sparsity: float) -> bool:
         """--optimize latency: the candidate is predicted (scaled by the measured/predicted ratio so far) slower than the
         fastest passing candidate by more than 10%, so training it cannot change the winner."""
-        passing = [c["int8_latency_ms"] for c in candidates.values() if c["passes"]]
+        passing = [c["int8_latency_ms"] for c in candidates.values() if c["qualifies"]]
         if table is None or config.optimize != "latency" or not passing:
             return False
         timed = [(c["int8_latency_ms"], c["predicted_int8_latency_ms"]) for c in candidates.values()]
@@ -287,12 +290,17 @@ def main() -> None:
                  "seconds_since_start": round(time.time() - started)}
         if table is not None:
             entry["predicted_int8_latency_ms"] = predicted_ms(drop, sparsity)
+        entry["qualifies"] = qualifies(entry, config.finish)
         candidates[(drop, sparsity)] = entry
         print(f"Candidate {candidate_name(entry)}: validation {entry['validation_accuracy']:.4f} (retention "
               f"{entry['retention']:.4f}, margin {entry['margin_points']:.2f} points) -> "
               f"{'passes' if entry['passes'] else 'fails'} the gate; int8 {entry['int8_latency_ms']:.2f} ms, "
               f"{entry['int8_size_mb']:.2f} MB", flush=True)
-        return entry["passes"]
+        if entry["passes"] and not entry["qualifies"]:
+            print(f"Its int8 copy, the file --finish false delivers, fails the gate (retention "
+                  f"{entry['int8_gate']['retention']:.4f}): the search counts the candidate as failing and looks at "
+                  f"less compressed shares.", flush=True)
+        return entry["qualifies"]
 
     def out_of_time() -> bool:
         return config.time_budget_s is not None and time.time() - started > config.time_budget_s
@@ -307,10 +315,10 @@ def main() -> None:
 
     depth_winners = []
     for drop in sorted(config.drop_layers):
-        # below the ladder only from the unpruned student, which passes: a smaller share keeps more of it
+        # below the ladder only from an unpruned start that passes: a smaller share keeps more of it
         extend = config.extend_ladder if drop == 0 and student_gate["passes"] else 0
         bisect_sparsities(ladder, lambda sparsity: try_candidate(drop, sparsity), lambda: budget_spent(drop), extend,
-                          on_extend=lambda below: note_extension(record, drop, ladder, below, config.extend_ladder))
+                          on_extend=lambda below: note_extension(record, drop, ladder, below, config.extend_ladder, start))
         winner = depth_winner(candidates, drop)
         if winner is not None:
             depth_winners.append(winner)
@@ -333,17 +341,21 @@ def main() -> None:
                                            f"{closest['retention']:.4f} (lower bound {closest['lower_bound_points']:+.2f} points).")
         # the margin is the paired noise of a model against the teacher: the teacher as its own student has almost none
         margin_of = closest or student_gate
-        hint += (f" The unpruned student keeps {student_gate['retention']:.4f} (lower bound "
+        hint += (f" {start[0].upper()}{start[1:]} keeps {student_gate['retention']:.4f} (lower bound "
                  f"{student_gate['lower_bound_points']:+.2f} points); the gate's margin is {margin_of['margin_points']:.2f} "
                  f"points at --gate_z {config.gate_z} on {teacher_correct.size} validation examples"
                  f"{' for the closest candidate' if closest else ''}.")
         if not margin_of["passes"]:
-            hint += " " + split_size_hint("The closest" if closest else "The student", margin_of, teacher_correct.size,
-                                          config.gate_z)
+            hint += " " + split_size_hint("The closest" if closest else start[0].upper() + start[1:], margin_of,
+                                          teacher_correct.size, config.gate_z)
         if budget_note:
             hint += " " + budget_note
         depths = "" if config.drop_layers == [0] else f" (--drop_layers {sorted(config.drop_layers)})"
         below = f" nor of the smaller shares {below_ladder} tried below them (--extend_ladder)" if below_ladder else ""
+        copies_failed = [candidate_name(c) for c in tried if c["passes"] and not c["qualifies"]]
+        if copies_failed:
+            hint += (f" {', '.join(copies_failed)} passed in torch, but the ONNX Runtime int8 copy that --finish false "
+                     f"delivers did not; --finish true gates the winner's other deployment files too.")
         raise ValueError(f"No stage-8 candidate of --sparsities {ladder}{depths}{below} keeps "
                          f"{config.target_retention} of the teacher's validation accuracy{' in the time budget' if cut_by_time else ''}."
                          f"{hint} Lower --target_retention or --gate_z, add smaller shares to --sparsities, or hold out "
@@ -357,7 +369,8 @@ def main() -> None:
         per_depth = "; ".join(f"{candidate_name(c)}: {c['int8_size_mb']:.2f} MB" for c in depth_winners)
     summary = ", ".join(f"{candidate_name(c)} {'pass' if c['passes'] else 'fail'}" for c in tried)
     record["winner"] = {"sparsity": chosen["sparsity"], "drop_layers": chosen["drop_layers"], "name": candidate_name(chosen), "why": (
-        f"of each depth's most compressed candidate that passes the gate ({per_depth}), the "
+        f"of each depth's most compressed candidate that passes the gate"
+        f"{'' if config.finish else ' with its int8 copy (--finish false delivers that copy)'} ({per_depth}), the "
         f"{'fastest in ONNX Runtime int8' if config.optimize == 'latency' else 'smallest in ONNX Runtime int8'} (tried "
         f"{len(tried)} of {len(ladder) * len(config.drop_layers) + len(below_ladder)} by bisection: {summary})"
         f"{'. ' + budget_note if budget_note else ''}")}
@@ -412,9 +425,17 @@ def search_only_files(candidates: list[dict]) -> list[dict]:
              "latency_ms": c["int8_latency_ms"], "size_mb": c["int8_size_mb"]} for c in candidates if c["passes"]]
 
 
-def note_extension(record: dict, drop: int, ladder: list[float], below: list[float], halvings: int) -> None:
+def start_name(student_folder: Path, teacher_folder: Path) -> str:
+    """What the messages call the model the candidates are pruned from."""
+    if student_folder.resolve() == teacher_folder.resolve():
+        return "the unpruned teacher (pruned as its own student)"
+    return "the unpruned student"
+
+
+def note_extension(record: dict, drop: int, ladder: list[float], below: list[float], halvings: int,
+                   start: str = "the unpruned student") -> None:
     """Says (log and record) that every share of the ladder failed at this depth and the search goes on below it."""
-    why = (f"every share of --sparsities {ladder} failed the gate while the unpruned student passes it, so the search "
+    why = (f"every share of --sparsities {ladder} failed the gate while {start} passes it, so the search "
            f"bisects over smaller shares {below} (--extend_ladder {halvings})")
     record["ladder_extension"] = {"drop_layers": drop, "sparsities": below, "why": why}
     print(f"{why[0].upper()}{why[1:]}", flush=True)

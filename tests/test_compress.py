@@ -19,6 +19,7 @@ from common.search import (
     examples_to_pass,
     expected_latency,
     extension_ladder,
+    qualifies,
     retention_gate,
 )
 from common.search_trace import search_markdown, seed_spread, summary_markdown
@@ -125,13 +126,18 @@ def test_when_every_share_fails_the_search_bisects_below_the_ladder_before_refus
     bisect_sparsities(ladder, lambda share: False, lambda: False, 1, on_extend=heard.append)
     assert heard == [[0.15]]
     record = {}
-    load_compress_script().note_extension(record, 0, ladder, [0.15], 1)
+    compress = load_compress_script()
+    compress.note_extension(record, 0, ladder, [0.15], 1, compress.start_name(Path("student"), Path("teacher")))
     assert record["ladder_extension"] == {"drop_layers": 0, "sparsities": [0.15], "why": (
         "every share of --sparsities [0.3, 0.5, 0.7] failed the gate while the unpruned student passes it, so the "
         "search bisects over smaller shares [0.15] (--extend_ladder 1)")}
     shown = search_markdown({**record, "target_retention": 0.98, "teacher_validation_accuracy": 0.87, "gate_z": 1.0,
                              "validation_examples": 100, "optimize": "latency", "candidates": []})
     assert "Below the ladder: every share of --sparsities [0.3, 0.5, 0.7] failed the gate" in shown
+    as_own_student = {}
+    compress.note_extension(as_own_student, 0, ladder, [0.15], 1, compress.start_name(Path("teacher"), Path("teacher")))
+    assert "failed the gate while the unpruned teacher (pruned as its own student) passes it" in \
+        as_own_student["ladder_extension"]["why"]
 
 
 def test_a_depth_whose_most_compressed_index_was_skipped_still_delivers_its_best_trained_candidate():
@@ -142,13 +148,32 @@ def test_a_depth_whose_most_compressed_index_was_skipped_still_delivers_its_best
     def passes(index):
         if index == 2:
             return True  # skipped: predicted slower than the fastest passing candidate
-        trained[(0, index)] = {"sparsity": index / 4, "passes": index <= 1}
+        trained[(0, index)] = {"sparsity": index / 4, "passes": index <= 1, "qualifies": index <= 1}
         return trained[(0, index)]["passes"]
 
     assert bisect_ladder(3, passes) == 2 and (0, 2) not in trained
     assert depth_winner(trained, 0) is trained[(0, 1)]
-    trained[(1, 0)] = {"sparsity": 0.0, "passes": False}
+    trained[(1, 0)] = {"sparsity": 0.0, "passes": False, "qualifies": False}
     assert depth_winner(trained, 1) is None and depth_winner({}, 0) is None
+
+
+def test_with_finish_false_a_candidate_whose_int8_copy_fails_counts_as_failing():
+    # --finish false delivers the int8 copy, so the bisection must find the most compressed candidate whose copy
+    # passes as well (default teacher, seed 3: 0.30 passed in torch at 100.38% while its copy kept 99.53%, lower bound
+    # -0.26 points, and the search refused instead of trying 0.20)
+    def candidate(torch_passes, copy_passes):
+        return {"passes": torch_passes, "int8_gate": {"passes": copy_passes}}
+
+    assert qualifies(candidate(True, True), finish=False) and qualifies(candidate(True, False), finish=True)
+    assert not qualifies(candidate(True, False), finish=False), "the copy the search would deliver fails"
+    assert not qualifies(candidate(False, True), finish=False), "a refused structure is not rescued by its copy"
+    assert not qualifies(candidate(False, True), finish=True)
+    trained = {}
+    for index, (torch_passes, copy_passes) in enumerate([(True, True), (True, False)]):
+        trained[(0, index)] = {"sparsity": index, **candidate(torch_passes, copy_passes)}
+        trained[(0, index)]["qualifies"] = qualifies(trained[(0, index)], finish=False)
+    assert bisect_ladder(2, lambda index: trained[(0, index)]["qualifies"]) == 0
+    assert depth_winner(trained, 0) is trained[(0, 0)]
 
 
 def entry(name, passes, latency, size, retention=0.995):
@@ -481,7 +506,7 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
         assert "ladder_extension" not in refused_record and [c["sparsity"] for c in refused_record["candidates"]] == [0.5]
         assert "No stage-8 candidate of --sparsities [0.5] keeps 1.0" in refused.stderr
     assert re.search(r"The closest: sparsity 0\.\d\d", refused.stderr)
-    assert "(unpruned, for reference): validation retention" in refused.stdout
+    assert re.search(r"The unpruned student \S+, for reference: validation retention", refused.stdout)
     assert re.search(r"The unpruned student keeps [0-9.]+ \(lower bound [-+0-9.]+ points\); the gate's margin is [0-9.]+ "
                      r"points at --gate_z 5.0 on \d+ validation examples for the closest candidate", refused.stderr), refused.stderr[-1500:]
     too_deep = compress("--drop_layers", 0, 2)  # the student has 2 layers
@@ -508,6 +533,7 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
                           "--no_latency_table", "--student_model_path", teacher_folder,
                           "--unlabeled_dataset", unlabeled, "--max_unlabeled_samples", 16)
     assert full_depth.returncode == 0, full_depth.stderr[-3000:]
+    assert f"The unpruned teacher (pruned as its own student) {teacher_folder}, for reference" in full_depth.stdout
     [teacher_run] = [w for w in (results / "compress").iterdir()
                      if json.loads((w / "search.json").read_text())["student"] == str(teacher_folder)]
     [candidate] = json.loads((teacher_run / "search.json").read_text())["candidates"]

@@ -133,7 +133,7 @@ def int8_weight_range(path):
     return min(int(c.min()) for c in codes), max(int(c.max()) for c in codes)
 
 
-def test_int8_weights_take_the_7_bit_range_where_the_cpus_int8_products_saturate(tokenizer, tmp_path, monkeypatch):
+def test_int8_weights_take_the_7_bit_range_where_the_cpus_int8_products_saturate(tokenizer, tmp_path, monkeypatch, caplog):
     import common.evaluation as evaluation
     import common.onnx_runtime as onnx_runtime
 
@@ -167,6 +167,29 @@ def test_int8_weights_take_the_7_bit_range_where_the_cpus_int8_products_saturate
     cpu(["avx2", "avx512_vnni"])
     assert not quantize_dynamic_int8(tmp_path / "model.onnx", tmp_path / "vnni.onnx")["reduce_range"]
     assert int8_weight_range(tmp_path / "vnni.onnx") == (-127, 127)
+
+    # a file written with full-range weights (on a VNNI CPU) and opened where the products saturate: a warning that
+    # names the file and the fix, from the record's int8_weight_bits; none for 7-bit files or on a VNNI CPU
+    import logging
+
+    from common.runtime import open_onnx_file
+
+    write_runtime_files(tmp_path, tokenizer, model.config, 16)
+    files = {"vnni.onnx": {"int8_weight_bits": 8}, "auto.onnx": {"int8_weight_bits": 7}}
+    (tmp_path / "compression.json").write_text(json.dumps({"stage": "onnx", "files": files}))
+
+    def warnings_opening(name):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="common.runtime"):
+            assert open_onnx_file(tmp_path, name).logits_for(batch).shape == expected.shape
+        return [r.getMessage() for r in caplog.records if r.name == "common.runtime"]
+
+    cpu(["avx2"])
+    [warning] = warnings_opening("vnni.onnx")
+    assert str(tmp_path / "vnni.onnx") in warning and "full 8-bit range" in warning and "12_export_onnx.py" in warning
+    assert warnings_opening("auto.onnx") == [] and warnings_opening("model.onnx") == []
+    cpu(["avx2", "avx512_vnni"])
+    assert warnings_opening("vnni.onnx") == []
 
 
 @pytest.mark.parametrize("shape", ["heavy_tails", "skewed", "relu", "gaps"])
@@ -459,11 +482,13 @@ def test_readme_stock_transformers_snippet_loads_a_pruned_checkpoint(tokenizer, 
     np.testing.assert_allclose(np.array(json.loads(completed.stdout.strip().splitlines()[-1])), expected, atol=1e-5, rtol=0)
 
 
-def test_bnb4_export_of_a_mixed_8_and_4_bit_model(tokenizer, tmp_path):
+def test_bnb4_export_of_a_mixed_8_and_4_bit_model(tokenizer, tmp_path, monkeypatch):
     """Layers that mixed precision kept at 8 bits are exported as float MatMuls of their stored int8 values; the
-    4-bit ones still get their codes; ONNX Runtime then reproduces the torch 8/4-bit model."""
+    4-bit ones still get their codes; ONNX Runtime then reproduces the torch 8/4-bit model. In the int8-compute file
+    the 8-bit layers keep their codes, halved to 7 bits where this CPU's int8 products saturate."""
     import bitsandbytes as bnb
 
+    import common.onnx_runtime as onnx_runtime
     from common.quantization import Int8WeightLinear, dequantized_linear_weights, quantizable_linear_names
 
     model = pruned_model(tiny_bert_config(layers=2, hidden=128, heads=4, ffn=256))
@@ -481,14 +506,26 @@ def test_bnb4_export_of_a_mixed_8_and_4_bit_model(tokenizer, tmp_path):
     save_onnx(graph, tmp_path / "mixed.onnx")
     expected, batch = torch_logits(model, tokenizer, TEXTS, names)
     np.testing.assert_allclose(OnnxClassifier(tmp_path / "mixed.onnx").logits(batch), expected, atol=1e-4)
-    int8_compute = onnx.load(str(tmp_path / "plain.onnx"))
-    assert sorted(use_bnb4_codes(int8_compute, model, weights, compute="int8")) == sorted(weights)
-    stored = {t.name: onnx.numpy_helper.to_array(t) for t in int8_compute.graph.initializer}
-    np.testing.assert_array_equal(stored[f"{eight_bit[0]}.weight_int8"], model.get_submodule(eight_bit[0]).weight_codes.numpy().T)
-    assert not any(n.op_type == "MatMul" and n.input[1] in stored for n in int8_compute.graph.node), "every encoder weight is int8 or 4-bit"
-    save_onnx(int8_compute, tmp_path / "mixed_int8.onnx")
-    int8_logits = OnnxClassifier(tmp_path / "mixed_int8.onnx").logits(batch)
-    assert np.abs(int8_logits - expected).max() < 0.05 * np.abs(expected).max()
+    kept = model.get_submodule(eight_bit[0])
+    trained_codes, trained_scale = kept.weight_codes.numpy().T, kept.weight_scale.float().numpy()
+    assert np.abs(trained_codes).max() > 64, "the trained rows use the full 8-bit range"
+    for saturates in (False, True):
+        monkeypatch.setattr(onnx_runtime, "int8_products_saturate", lambda: saturates)
+        int8_compute = onnx.load(str(tmp_path / "plain.onnx"))
+        assert sorted(use_bnb4_codes(int8_compute, model, weights, compute="int8")) == sorted(weights)
+        stored = {t.name: onnx.numpy_helper.to_array(t) for t in int8_compute.graph.initializer}
+        codes, scale = stored[f"{eight_bit[0]}.weight_int8"], stored[f"{eight_bit[0]}.scale"]
+        if saturates:
+            np.testing.assert_array_equal(codes, np.clip(np.round(trained_codes / 2.0), -64, 64))
+            np.testing.assert_allclose(scale, 2 * trained_scale)
+            assert np.abs(codes).max() <= 64
+        else:
+            np.testing.assert_array_equal(codes, trained_codes)
+            np.testing.assert_array_equal(scale, trained_scale)
+        assert not any(n.op_type == "MatMul" and n.input[1] in stored for n in int8_compute.graph.node), "every encoder weight is int8 or 4-bit"
+        save_onnx(int8_compute, tmp_path / "mixed_int8.onnx")
+        int8_logits = OnnxClassifier(tmp_path / "mixed_int8.onnx").logits(batch)
+        assert np.abs(int8_logits - expected).max() < 0.05 * np.abs(expected).max(), saturates
 
 
 def test_model_runtime_runs_a_checkpoint_and_its_onnx_file_behind_one_interface(tokenizer, results_dir):

@@ -219,6 +219,9 @@ def test_onnx_stage_folders(pipeline_run):
     saturates = int8_products_saturate()  # the int8 files record the 7-bit range exactly where this CPU needs it
     assert ("7-bit weight range" in record_4bit["files"]["model_nf4_int8.onnx"].get("weights", "")) == saturates
     assert ("7-bit weight range" in record["files"]["model_int8_dynamic.onnx"]["weights"]) == saturates
+    for folder_record, name in ((record_4bit, "model_nf4_int8.onnx"), (record, "model_int8_dynamic.onnx"),
+                                (record, "model_int8_static.onnx")):  # what predict.py checks where it runs the file
+        assert folder_record["files"][name]["int8_weight_bits"] == (7 if saturates else 8), name
     # the narrowed width (24) has no block of 16-128 values GatherBlockQuantized takes: the rows stay in standard ops
     # (the op itself is tested in test_onnx)
     int4_embeddings = record_4bit["files"]["model_int4_nbits.onnx"]["embedding_quantization"]
