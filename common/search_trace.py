@@ -14,6 +14,14 @@ def candidate_name(entry: dict) -> str:
     return f"sparsity {entry['sparsity']:.2f}" + (f", {drop} layer(s) dropped" if drop else "")
 
 
+def gate_word(candidate: dict) -> str:
+    """A candidate's gate in a word; 'pass, not its int8 copy' where --finish false counted it as failing because
+    the copy it would deliver fails (``common.search.qualifies``)."""
+    if not candidate["passes"]:
+        return "fail"
+    return "pass" if candidate.get("qualifies", True) else "pass, not its int8 copy"
+
+
 def _int8_gate(candidate: dict) -> str:
     gate = candidate.get("int8_gate")  # traces written before the int8 copy was gated have none
     return "—" if gate is None else f"{gate['retention']:.4f} ({'pass' if gate['passes'] else 'fail'})"
@@ -29,7 +37,7 @@ def search_markdown(record: dict) -> str:
     for c in record["candidates"]:
         predicted = f" (table: {c['predicted_int8_latency_ms']:.2f})" if c.get("predicted_int8_latency_ms") else ""
         lines.append(f"| {c['sparsity']:.2f} | {c.get('drop_layers', 0)} | {c['validation_accuracy']:.4f} | {c['retention']:.4f} | {c['margin_points']:.2f} | "
-                     f"{'pass' if c['passes'] else 'fail'} | {c['int8_latency_ms']:.2f}{predicted} | {c['int8_size_mb']:.2f} | "
+                     f"{gate_word(c)} | {c['int8_latency_ms']:.2f}{predicted} | {c['int8_size_mb']:.2f} | "
                      f"{_int8_gate(c)} |")
     for c in record.get("not_trained", []):
         lines.append(f"| {c['sparsity']:.2f} | {c['drop_layers']} | not trained: {c['why']} | | | | | | |")

@@ -97,7 +97,7 @@ from common.search import (  # noqa: E402
     qualifies,
     retention_gate,
 )
-from common.search_trace import candidate_name, plot_search, search_markdown  # noqa: E402
+from common.search_trace import candidate_name, gate_word, plot_search, search_markdown  # noqa: E402
 from common.stage_steps import StageSteps  # noqa: E402
 
 PRUNING_SCRIPT = "8_pruning_with_finetuning.py"
@@ -367,7 +367,7 @@ def main() -> None:
     else:
         chosen = min(depth_winners, key=lambda entry: entry["int8_size_mb"])
         per_depth = "; ".join(f"{candidate_name(c)}: {c['int8_size_mb']:.2f} MB" for c in depth_winners)
-    summary = ", ".join(f"{candidate_name(c)} {'pass' if c['passes'] else 'fail'}" for c in tried)
+    summary = ", ".join(f"{candidate_name(c)} {gate_word(c)}" for c in tried)
     record["winner"] = {"sparsity": chosen["sparsity"], "drop_layers": chosen["drop_layers"], "name": candidate_name(chosen), "why": (
         f"of each depth's most compressed candidate that passes the gate"
         f"{'' if config.finish else ' with its int8 copy (--finish false delivers that copy)'} ({per_depth}), the "

@@ -22,7 +22,7 @@ from common.search import (
     qualifies,
     retention_gate,
 )
-from common.search_trace import search_markdown, seed_spread, summary_markdown
+from common.search_trace import gate_word, search_markdown, seed_spread, summary_markdown
 from conftest import PROJECT_ROOT, make_pretrained_folder, run_stage, run_stage_unchecked, write_reviews_csv
 
 
@@ -174,6 +174,8 @@ def test_with_finish_false_a_candidate_whose_int8_copy_fails_counts_as_failing()
         trained[(0, index)]["qualifies"] = qualifies(trained[(0, index)], finish=False)
     assert bisect_ladder(2, lambda index: trained[(0, index)]["qualifies"]) == 0
     assert depth_winner(trained, 0) is trained[(0, 0)]
+    assert [gate_word(c) for c in trained.values()] == ["pass", "pass, not its int8 copy"]
+    assert gate_word({"passes": False, "qualifies": False}) == "fail" and gate_word({"passes": True}) == "pass"
 
 
 def entry(name, passes, latency, size, retention=0.995):
