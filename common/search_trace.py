@@ -4,6 +4,7 @@ the pruned checkpoint it evaluates (the record is kept in that checkpoint's ``co
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -44,8 +45,9 @@ def search_markdown(record: dict) -> str:
     if record.get("files"):
         lines += ["", "| File | Validation acc. | Retention | Gate | Latency ms | Size MB |", "|---|---|---|---|---|---|"]
         for f in record["files"]:
+            latency = "not timed" if f["latency_ms"] is None or math.isinf(f["latency_ms"]) else f"{f['latency_ms']:.2f}"
             lines.append(f"| {f['name']} | {f['validation_accuracy']:.4f} | {f['retention']:.4f} | {'pass' if f['passes'] else 'fail'} | "
-                         f"{f['latency_ms']:.2f} | {f['size_mb']:.2f} |")
+                         f"{latency} | {f['size_mb']:.2f} |")
     student = record.get("student_gate")
     if student:
         lines += ["", f"Unpruned student, for reference: retention {student['retention']:.4f}, "

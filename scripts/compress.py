@@ -12,7 +12,8 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
            (common/search.py: its paired difference from --target_retention x the teacher must stay above 0 by
            --gate_z standard errors) and timed in ONNX Runtime dynamic int8 against the torch teacher (that int8 copy
            gated on validation too: --finish false delivers the copy of a candidate that passes both, and then
-           counts a candidate as passing only when both do); the most compressed candidate that passes wins (accuracy falls as the share grows, so about log2(n + 1) runs);
+           counts a candidate as passing only when both do); the most compressed candidate that passes wins
+           (accuracy falls as the share grows, so about log2(n + 1) runs);
            when every share fails and the unpruned student passes, smaller shares below the ladder are bisected too
            (--extend_ladder) before the search refuses;
            With --drop_layers 0 1 ... each depth (whole student layers dropped first) gets its own bisection and the
@@ -228,19 +229,19 @@ def main() -> None:
     print(f"Teacher {teacher_folder}: validation accuracy {teacher_correct.mean():.4f}; target "
           f"{config.target_retention} of it = {config.target_retention * teacher_correct.mean():.4f}, gate z = {config.gate_z}")
     start = start_name(student_folder, teacher_folder)
+    start_capitalized = start[0].upper() + start[1:]
     if student_folder.resolve() == teacher_folder.resolve():  # the candidates prune the teacher: measured just above
         student_gate = gate_model(teacher, teacher_correct, teacher_correct, config)
     else:
         student_gate = gate_folder(student_folder, teacher_correct, data, data_config, config)
-    print(f"{start[0].upper()}{start[1:]} {student_folder}, for reference: validation retention {student_gate['retention']:.4f}, "
+    print(f"{start_capitalized} {student_folder}, for reference: validation retention {student_gate['retention']:.4f}, "
           f"{'passes' if student_gate['passes'] else 'fails'} the gate (lower bound {student_gate['lower_bound_points']:+.2f} "
           f"points, margin {student_gate['margin_points']:.2f})", flush=True)
     if not student_gate["passes"]:
         print(f"Note: {start} already misses the target by the gate. Pruned candidates seldom beat it, so "
               f"the search may find none; the gate's margin on {teacher_correct.size} validation examples is "
               f"{student_gate['margin_points']:.2f} points at --gate_z {config.gate_z}. "
-              f"{split_size_hint(start[0].upper() + start[1:], student_gate, teacher_correct.size, config.gate_z)}",
-              flush=True)
+              f"{split_size_hint(start_capitalized, student_gate, teacher_correct.size, config.gate_z)}", flush=True)
     ladder = sorted(config.sparsities)
     candidates: dict[tuple[int, float], dict] = {}  # (layers dropped, sparsity) -> its entry
     not_trained: dict[tuple[int, float], dict] = {}
@@ -341,13 +342,13 @@ def main() -> None:
                                            f"{closest['retention']:.4f} (lower bound {closest['lower_bound_points']:+.2f} points).")
         # the margin is the paired noise of a model against the teacher: the teacher as its own student has almost none
         margin_of = closest or student_gate
-        hint += (f" {start[0].upper()}{start[1:]} keeps {student_gate['retention']:.4f} (lower bound "
+        hint += (f" {start_capitalized} keeps {student_gate['retention']:.4f} (lower bound "
                  f"{student_gate['lower_bound_points']:+.2f} points); the gate's margin is {margin_of['margin_points']:.2f} "
                  f"points at --gate_z {config.gate_z} on {teacher_correct.size} validation examples"
                  f"{' for the closest candidate' if closest else ''}.")
         if not margin_of["passes"]:
-            hint += " " + split_size_hint("The closest" if closest else start[0].upper() + start[1:], margin_of,
-                                          teacher_correct.size, config.gate_z)
+            hint += " " + split_size_hint("The closest" if closest else start_capitalized, margin_of, teacher_correct.size,
+                                          config.gate_z)
         if budget_note:
             hint += " " + budget_note
         depths = "" if config.drop_layers == [0] else f" (--drop_layers {sorted(config.drop_layers)})"
@@ -375,7 +376,7 @@ def main() -> None:
         f"{len(tried)} of {len(ladder) * len(config.drop_layers) + len(below_ladder)} by bisection: {summary})"
         f"{'. ' + budget_note if budget_note else ''}")}
     if not config.finish:
-        delivered, reason = deliver(search_only_files(record["candidates"]), config, record, work, steps)
+        delivered, reason = deliver(search_only_files(record["candidates"]), config, record, work, steps, started)
         record.update(status="search only (--finish false)", delivered=delivered, delivered_why=reason,
                       wall_time_s=round(time.time() - started))
         write_trace(work, record, steps)
@@ -399,7 +400,7 @@ def main() -> None:
         folders_by_stage.setdefault(read_record(folder)["stage"], []).append(folder)
     files = gate_files(folders_by_stage, teacher, teacher_correct, data, data_config, config)
     record["files"] = files
-    delivered, reason = deliver(files, config, record, work, steps)
+    delivered, reason = deliver(files, config, record, work, steps, started)
     record.update(status="delivered", delivered=delivered, delivered_why=reason, wall_time_s=round(time.time() - started))
     write_trace(work, record, steps)
     compression = json.loads((published / RECORD_FILE).read_text())
@@ -556,13 +557,14 @@ def gate_files(new_folders: dict, teacher: ModelRuntime, teacher_correct, data, 
     timing = interleaved_latency(runners, 2, config.latency_rounds, config.latency_batch_size, reference="teacher")
     for entry in entries:
         measured = timing.get(entry["name"])
-        entry["latency_ms"] = measured["latency_ms_median"] if measured else float("inf")
+        entry["latency_ms"] = measured["latency_ms_median"] if measured else None  # a file that fails is not timed
         entry["latency_iqr_ms"] = [measured["latency_ms_p25"], measured["latency_ms_p75"]] if measured else None
         entry["speedup_vs_teacher"] = measured.get("speedup_vs_reference_median") if measured else None
     return entries
 
 
-def deliver(files: list[dict], config: CompressConfig, record: dict, work: Path, steps: StageSteps) -> tuple[dict, str]:
+def deliver(files: list[dict], config: CompressConfig, record: dict, work: Path, steps: StageSteps,
+            started: float) -> tuple[dict, str]:
     """The file chosen for --optimize; the record also names what the other objective would deliver from the same
     gated files (the search before them does not depend on the objective at one depth)."""
     record["by_objective"] = {}
@@ -576,7 +578,7 @@ def deliver(files: list[dict], config: CompressConfig, record: dict, work: Path,
         record["by_objective"][objective] = None if isinstance(chosen, ValueError) else {
             key: chosen[0][key] for key in ("name", "latency_ms", "size_mb", "retention") if key in chosen[0]}
     if isinstance(choices[config.optimize], ValueError):
-        record["status"] = "no file keeps the target within the budgets"
+        record.update(status="no file keeps the target within the budgets", wall_time_s=round(time.time() - started))
         write_trace(work, record, steps)
         raise choices[config.optimize]
     return choices[config.optimize]

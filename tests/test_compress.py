@@ -157,6 +157,22 @@ def test_a_depth_whose_most_compressed_index_was_skipped_still_delivers_its_best
     assert depth_winner(trained, 1) is None and depth_winner({}, 0) is None
 
 
+def test_the_trace_says_a_failing_file_was_not_timed():
+    # a file that fails the gate is not timed: None in search.json (older traces hold Infinity, which strict JSON
+    # readers refuse), "not timed" in search.md
+    files = [{"name": "onnx/model.onnx", "validation_accuracy": 0.8, "retention": 0.99, "passes": True, "latency_ms": 12.5,
+              "size_mb": 9.0},
+             {"name": "onnx/nbits.onnx", "validation_accuracy": 0.7, "retention": 0.9, "passes": False, "latency_ms": None,
+              "size_mb": 8.0},
+             {"name": "old/nbits.onnx", "validation_accuracy": 0.7, "retention": 0.9, "passes": False,
+              "latency_ms": float("inf"), "size_mb": 8.0}]
+    shown = search_markdown({"target_retention": 0.98, "teacher_validation_accuracy": 0.87, "gate_z": 1.0,
+                             "validation_examples": 100, "optimize": "latency", "candidates": [], "files": files})
+    assert "| onnx/model.onnx | 0.8000 | 0.9900 | pass | 12.50 | 9.00 |" in shown
+    assert "| onnx/nbits.onnx | 0.7000 | 0.9000 | fail | not timed | 8.00 |" in shown
+    assert "| old/nbits.onnx | 0.7000 | 0.9000 | fail | not timed | 8.00 |" in shown
+
+
 def test_with_finish_false_a_candidate_whose_int8_copy_fails_counts_as_failing():
     # --finish false delivers the int8 copy, so the bisection must find the most compressed candidate whose copy
     # passes as well (default teacher, seed 3: 0.30 passed in torch at 100.38% while its copy kept 99.53%, lower bound
@@ -550,6 +566,11 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert pruned_teacher["config"]["max_unlabeled_samples"] == 16
     assert sorted(p.name for p in (results / "pruned").iterdir()) == pruned_before, "nothing was published"
     statuses = sorted(json.loads((w / "search.json").read_text())["status"] for w in (results / "compress").iterdir())
+    def strict_json(path):  # no Infinity or NaN, which Python writes and other JSON readers refuse
+        return json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{path} holds {name}"))
+
+    assert all("wall_time_s" in strict_json(w / "search.json") for w in (results / "compress").iterdir()), \
+        "every finished run, refused or not, records its wall time"
     assert statuses == ["delivered", "delivered", "no candidate keeps the target", "no file keeps the target within the budgets",
                         "search only (--finish false)"]
     not_delivered = run_stage_unchecked("scripts/compress_summary.py", results, "--runs", refused_work)
