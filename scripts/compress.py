@@ -228,9 +228,10 @@ def main() -> None:
     teacher_correct = validation_correct(teacher, teacher_folder, data, data_config.max_length)
     print(f"Teacher {teacher_folder}: validation accuracy {teacher_correct.mean():.4f}; target "
           f"{config.target_retention} of it = {config.target_retention * teacher_correct.mean():.4f}, gate z = {config.gate_z}")
-    start = start_name(student_folder, teacher_folder)
+    as_own_student = student_folder.resolve() == teacher_folder.resolve()  # the candidates prune the teacher
+    start = start_name(as_own_student)
     start_capitalized = start[0].upper() + start[1:]
-    if student_folder.resolve() == teacher_folder.resolve():  # the candidates prune the teacher: measured just above
+    if as_own_student:  # the teacher was measured just above
         student_gate = gate_model(teacher, teacher_correct, teacher_correct, config)
     else:
         student_gate = gate_folder(student_folder, teacher_correct, data, data_config, config)
@@ -426,15 +427,13 @@ def search_only_files(candidates: list[dict]) -> list[dict]:
              "latency_ms": c["int8_latency_ms"], "size_mb": c["int8_size_mb"]} for c in candidates if c["passes"]]
 
 
-def start_name(student_folder: Path, teacher_folder: Path) -> str:
+def start_name(as_own_student: bool) -> str:
     """What the messages call the model the candidates are pruned from."""
-    if student_folder.resolve() == teacher_folder.resolve():
-        return "the unpruned teacher (pruned as its own student)"
-    return "the unpruned student"
+    return "the unpruned teacher (pruned as its own student)" if as_own_student else "the unpruned student"
 
 
 def note_extension(record: dict, drop: int, ladder: list[float], below: list[float], halvings: int,
-                   start: str = "the unpruned student") -> None:
+                   start: str) -> None:
     """Says (log and record) that every share of the ladder failed at this depth and the search goes on below it."""
     why = (f"every share of --sparsities {ladder} failed the gate while {start} passes it, so the search "
            f"bisects over smaller shares {below} (--extend_ladder {halvings})")

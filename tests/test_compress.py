@@ -127,7 +127,7 @@ def test_when_every_share_fails_the_search_bisects_below_the_ladder_before_refus
     assert heard == [[0.15]]
     record = {}
     compress = load_compress_script()
-    compress.note_extension(record, 0, ladder, [0.15], 1, compress.start_name(Path("student"), Path("teacher")))
+    compress.note_extension(record, 0, ladder, [0.15], 1, compress.start_name(as_own_student=False))
     assert record["ladder_extension"] == {"drop_layers": 0, "sparsities": [0.15], "why": (
         "every share of --sparsities [0.3, 0.5, 0.7] failed the gate while the unpruned student passes it, so the "
         "search bisects over smaller shares [0.15] (--extend_ladder 1)")}
@@ -135,7 +135,7 @@ def test_when_every_share_fails_the_search_bisects_below_the_ladder_before_refus
                              "validation_examples": 100, "optimize": "latency", "candidates": []})
     assert "Below the ladder: every share of --sparsities [0.3, 0.5, 0.7] failed the gate" in shown
     as_own_student = {}
-    compress.note_extension(as_own_student, 0, ladder, [0.15], 1, compress.start_name(Path("teacher"), Path("teacher")))
+    compress.note_extension(as_own_student, 0, ladder, [0.15], 1, compress.start_name(as_own_student=True))
     assert "failed the gate while the unpruned teacher (pruned as its own student) passes it" in \
         as_own_student["ladder_extension"]["why"]
 
@@ -566,6 +566,7 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert pruned_teacher["config"]["max_unlabeled_samples"] == 16
     assert sorted(p.name for p in (results / "pruned").iterdir()) == pruned_before, "nothing was published"
     statuses = sorted(json.loads((w / "search.json").read_text())["status"] for w in (results / "compress").iterdir())
+
     def strict_json(path):  # no Infinity or NaN, which Python writes and other JSON readers refuse
         return json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{path} holds {name}"))
 
