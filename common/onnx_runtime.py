@@ -169,12 +169,12 @@ def int8_products_saturate() -> bool:
     return cpu_info()["int8_acceleration"].startswith("none")
 
 
-def saturation_warning(path: Path, entry: dict) -> Optional[str]:
+def saturation_warning(path: Path, entry) -> Optional[str]:
     """What to tell a user about to run ``path`` here when its record (``entry``, the folder record's ``files`` entry)
     says its int8 weights take the full 8-bit range (written on a CPU with VNNI or AMX) and this CPU's int8 products
     saturate: its accuracy can collapse here, as all-mpnet-base-v2's did (``int8_products_saturate``). None otherwise;
-    files recorded before ``int8_weight_bits`` existed are not checked."""
-    if entry.get("int8_weight_bits") != 8 or not int8_products_saturate():
+    files recorded before ``int8_weight_bits`` existed, or without a readable entry, are not checked."""
+    if not isinstance(entry, dict) or entry.get("int8_weight_bits") != 8 or not int8_products_saturate():
         return None
     return (f"{path} stores its int8 weights in the full 8-bit range (it was written on a CPU with VNNI or AMX), but this "
             f"CPU has neither: ONNX Runtime's int8 products can saturate here and cost accuracy (all-mpnet-base-v2 fell "

@@ -214,7 +214,8 @@ def open_onnx_file(folder: str | Path, onnx_file: str, *, num_threads: Optional[
     if not is_openvino_file(onnx_file):
         from .onnx_runtime import saturation_warning
 
-        warning = saturation_warning(path, (record.get("files") or {}).get(onnx_file) or {})
+        files = record.get("files")
+        warning = saturation_warning(path, files.get(onnx_file) if isinstance(files, dict) else None)
         if warning:
             logger.warning(warning)
     return runtime

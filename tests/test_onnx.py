@@ -188,6 +188,10 @@ def test_int8_weights_take_the_7_bit_range_where_the_cpus_int8_products_saturate
     [warning] = warnings_opening("vnni.onnx")
     assert str(tmp_path / "vnni.onnx") in warning and "full 8-bit range" in warning and "12_export_onnx.py" in warning
     assert warnings_opening("auto.onnx") == [] and warnings_opening("model.onnx") == []
+    for damaged in ({"vnni.onnx": "8 bits"}, ["vnni.onnx"], "files"):  # a record whose files entry is unreadable
+        (tmp_path / "compression.json").write_text(json.dumps({"stage": "onnx", "files": damaged}))
+        assert warnings_opening("vnni.onnx") == [], damaged
+    (tmp_path / "compression.json").write_text(json.dumps({"stage": "onnx", "files": files}))
     cpu(["avx2", "avx512_vnni"])
     assert warnings_opening("vnni.onnx") == []
 
