@@ -79,7 +79,7 @@ from common.onnx_runtime import (
     SATURATION_NOTE,
     calibrated_ranges,
     calibration_batches,
-    int8_products_saturate,
+    int8_weight_bits,
     matmul_names,
     optimize_graph,
     preprocess_for_static,
@@ -227,12 +227,12 @@ def export_4bit_bundle(run, source: Path, source_record: dict, scratch: Path) ->
         files, correct = {}, {}
         found = {"quantization": onnx_quantization, "files": files}
         write_runtime_files(folder, tokenizer, plain.config, data_config.max_length)
-        saturates = int8_products_saturate()  # onnx_quantized asks the same when it decodes the codes to int8
-        int8_decode = {"weights": "decoded to int8 per channel" + (f", {SATURATION_NOTE}" if saturates else ""),
-                       "int8_weight_bits": 7 if saturates else 8}
+        bits = int8_weight_bits()  # the graphs below are built with the range the record states
+        int8_decode = {"weights": "decoded to int8 per channel" + (f", {SATURATION_NOTE}" if bits == 7 else ""),
+                       "int8_weight_bits": bits}
         for file_name, compute, precision, contrib_embeddings in FOUR_BIT_FILES:
             graph = onnx.load(str(scratch / "dequantized.onnx"))
-            onnx_quantization["modules"] = use_bnb4_codes(graph, quantized, exported, compute)
+            onnx_quantization["modules"] = use_bnb4_codes(graph, quantized, exported, compute, int8_weight_bits=bits)
             embeddings = None
             if embedding_method != "none":
                 embeddings = quantize_word_embeddings(

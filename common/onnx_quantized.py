@@ -15,6 +15,7 @@ Linear's weight appears exactly (transposed) as its MatMul's constant input.
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ NBITS_ACCURACY_LEVEL = 4  # MatMulNBits: activations quantized to int8 per block
 
 
 def use_bnb4_codes(onnx_model, quantized_model: nn.Module, dequantized_weights: dict[str, torch.Tensor],
-                   compute: str = "bnb4") -> list[str]:
+                   compute: str = "bnb4", int8_weight_bits: Optional[int] = None) -> list[str]:
     """Store the trained bitsandbytes NF4/FP4 codes of every 4-bit Linear in the graph, in place of its weight.
 
     ``compute='bnb4'``: ONNX Runtime's ``MatMulBnb4`` runs the codes as they are (exactly the torch 4-bit model).
@@ -45,18 +46,22 @@ def use_bnb4_codes(onnx_model, quantized_model: nn.Module, dequantized_weights: 
     CPUs without VNNI or AMX, ``onnx_runtime.int8_products_saturate``) for
     ``DynamicQuantizeMatMul``; every input of that decoding is a constant, so ONNX Runtime folds it once when the
     session loads and then runs int8 matrix products: the size of 4 bits, the speed of int8. Layers that mixed
-    precision kept at 8 bits (``Int8WeightLinear``) feed their own int8 rows to the same op in this mode (halved to 7
-    bits where the products saturate) and stay float MatMuls of their int8 values in the exact ``bnb4`` graph.
+    precision kept at 8 bits (``Int8WeightLinear``) feed their own int8 rows to the same op in this mode (halved when
+    ``int8_weight_bits`` is 7) and stay float MatMuls of their int8 values in the exact ``bnb4`` graph. The caller
+    records the same ``int8_weight_bits`` with the file, so the record cannot disagree with the graph.
 
     ``dequantized_weights[name]`` is the float weight that was exported for module ``name`` (how its MatMul is
     found). Raises when a quantized module has no matching MatMul: a half-quantized graph is never returned.
     """
     import bitsandbytes as bnb
 
+    from .onnx_runtime import int8_weight_levels
+    from .onnx_runtime import int8_weight_bits as this_cpus_bits
     from .quantization import Int8WeightLinear
 
     if compute not in FOUR_BIT_COMPUTE:
         raise ValueError(f"compute={compute!r} is not supported; allowed: {', '.join(FOUR_BIT_COMPUTE)}.")
+    levels = int8_weight_levels(this_cpus_bits() if int8_weight_bits is None else int8_weight_bits)
     graph = onnx_model.graph
     by_weight = _matmul_weights(graph)
     replaced, missing = [], []
@@ -70,9 +75,11 @@ def use_bnb4_codes(onnx_model, quantized_model: nn.Module, dequantized_weights: 
             continue
         node, _ = match
         if eight_bit:
-            nodes, initializers = _int8_rows_nodes(name, node, module)
+            nodes, initializers = _int8_rows_nodes(name, node, module, levels)
+        elif compute == "int8":
+            nodes, initializers = _nf4_as_int8_nodes(name, node, module.weight, dequantized_weights[name], levels)
         else:
-            build = {"bnb4": _bnb4_nodes, "int8": _nf4_as_int8_nodes, "nbits": _nbits_nodes}[compute]
+            build = {"bnb4": _bnb4_nodes, "nbits": _nbits_nodes}[compute]
             nodes, initializers = build(name, node, module.weight, dequantized_weights[name])
         position = list(graph.node).index(node)
         graph.node.remove(node)
@@ -174,7 +181,7 @@ def _bnb4_nodes(name: str, node, weight, _dequantized) -> tuple[list, list]:
     return [*nodes, matmul], initializers
 
 
-def _nf4_as_int8_nodes(name: str, node, weight, dequantized: torch.Tensor) -> tuple[list, list]:
+def _nf4_as_int8_nodes(name: str, node, weight, dequantized: torch.Tensor, levels: int) -> tuple[list, list]:
     from onnx import TensorProto, helper
     from onnx.numpy_helper import from_array
 
@@ -184,12 +191,8 @@ def _nf4_as_int8_nodes(name: str, node, weight, dequantized: torch.Tensor) -> tu
     absmax_nodes, absmax_initializers, absmax = _absmax_nodes(name, state)
     count, blocksize = out_features * in_features, state.blocksize
     blocks = -(-count // blocksize)
-    from . import onnx_runtime
-
-    # per-output-channel int8 scales of the decoded 4-bit weight, computed here from the same values; in the 7-bit
-    # range where this CPU's int8 products saturate (onnx_runtime.int8_products_saturate)
-    levels = 63.0 if onnx_runtime.int8_products_saturate() else 127.0
-    scale = np.maximum(np.abs(dequantized.numpy()).max(axis=1) / levels, 1e-12).astype(np.float32)
+    # per-output-channel int8 scales of the decoded 4-bit weight, computed here from the same values
+    scale = np.maximum(np.abs(dequantized.numpy()).max(axis=1) / float(levels), 1e-12).astype(np.float32)
     p = f"{name}."
     initializers = [
         *absmax_initializers, from_array(codes, p + "codes"), from_array(np.array([-1, 1], np.int64), p + "column"),
@@ -259,19 +262,17 @@ def _nbits_nodes(name: str, node, _weight, dequantized: torch.Tensor) -> tuple[l
     return [matmul], initializers
 
 
-def _int8_rows_nodes(name: str, node, module) -> tuple[list, list]:
+def _int8_rows_nodes(name: str, node, module, levels: int) -> tuple[list, list]:
     """A layer that mixed precision kept at 8 bits: its own int8 row codes and scales feed DynamicQuantizeMatMul
-    directly (per-output-channel symmetric int8 is that op's weight format, so nothing is re-quantized), except where
-    this CPU's int8 products saturate (``onnx_runtime.int8_products_saturate``): there the codes are halved to the
-    7-bit range and the scales doubled, as every other int8 weight there is stored in 7 bits."""
+    directly (per-output-channel symmetric int8 is that op's weight format, so nothing is re-quantized), except for
+    7-bit weights (``levels`` 63, where this CPU's int8 products saturate): there the codes are halved and the scales
+    doubled, as every other int8 weight there is stored in 7 bits."""
     from onnx import helper
     from onnx.numpy_helper import from_array
 
-    from . import onnx_runtime
-
     codes, scale = module.weight_codes.numpy().T.copy(), module.weight_scale.float().numpy().copy()
-    if onnx_runtime.int8_products_saturate():
-        codes, scale = np.clip(np.round(codes / 2.0), -64, 64).astype(np.int8), scale * 2.0
+    if levels < 127:
+        codes, scale = np.clip(np.round(codes / 2.0), -64, 64).astype(np.int8), scale * 2.0  # int8 halved
     p = f"{name}."
     initializers = [
         from_array(codes, p + "weight_int8"),

@@ -169,6 +169,19 @@ def int8_products_saturate() -> bool:
     return cpu_info()["int8_acceleration"].startswith("none")
 
 
+def int8_weight_bits() -> int:
+    """The range this project's int8 weights take on this CPU: 7 bits where its int8 products saturate
+    (``int8_products_saturate``), else 8. Files record it (``int8_weight_bits``) so that another CPU can check."""
+    return 7 if int8_products_saturate() else 8
+
+
+def int8_weight_levels(bits: int) -> int:
+    """The largest symmetric int8 code of ``bits``-bit weights: 63 for 7 bits, 127 for 8."""
+    if bits not in (7, 8):
+        raise ValueError(f"int8 weights take 7 or 8 bits, not {bits!r}.")
+    return 2 ** (bits - 1) - 1
+
+
 def saturation_warning(path: Path, entry) -> Optional[str]:
     """What to tell a user about to run ``path`` here when its record (``entry``, the folder record's ``files`` entry)
     says its int8 weights take the full 8-bit range (written on a CPU with VNNI or AMX) and this CPU's int8 products

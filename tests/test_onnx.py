@@ -156,6 +156,8 @@ def test_int8_weights_take_the_7_bit_range_where_the_cpus_int8_products_saturate
 
     assert cpu(["avx2"]) and cpu([]) and not cpu(["avx2", "avx512_vnni"]) and not cpu(["avx2", "avx_vnni"])
     assert not cpu(["amx_int8"]) and not cpu([], machine="aarch64")
+    assert onnx_runtime.int8_weight_bits() == 8 and cpu(["avx2"]) and onnx_runtime.int8_weight_bits() == 7
+    assert [onnx_runtime.int8_weight_levels(bits) for bits in (7, 8)] == [63, 127]
     cpu(["avx2"])  # the default follows the CPU: a saturating one gets 7-bit weights in both quantizers
     assert quantize_dynamic_int8(tmp_path / "model.onnx", tmp_path / "auto.onnx")["reduce_range"]
     assert int8_weight_range(tmp_path / "auto.onnx") == (low, high)
@@ -263,10 +265,10 @@ def test_bnb4_export_runs_the_trained_codes(tokenizer, tmp_path, monkeypatch):
     import common.onnx_runtime as onnx_runtime
 
     row_absmax = np.abs(weights[replaced[0]].numpy()).max(axis=1)
-    for saturates, levels in ((True, 63.0), (False, 127.0)):  # the decoded codes' int8 range follows the CPU
-        monkeypatch.setattr(onnx_runtime, "int8_products_saturate", lambda: saturates)
+    for bits, levels in ((7, 63.0), (8, 127.0), (None, 63.0), (None, 127.0)):  # None: the range this CPU needs
+        monkeypatch.setattr(onnx_runtime, "int8_products_saturate", lambda levels=levels: levels == 63.0)
         decoded = onnx.load(str(tmp_path / "plain.onnx"))
-        use_bnb4_codes(decoded, quantized, weights, compute="int8")
+        use_bnb4_codes(decoded, quantized, weights, compute="int8", int8_weight_bits=bits)
         scale = {t.name: onnx.numpy_helper.to_array(t) for t in decoded.graph.initializer}[f"{replaced[0]}.scale"]
         np.testing.assert_allclose(scale * levels, row_absmax, rtol=1e-6)
         save_onnx(decoded, tmp_path / f"nf4_int8_{int(levels)}.onnx")
@@ -274,6 +276,8 @@ def test_bnb4_export_runs_the_trained_codes(tokenizer, tmp_path, monkeypatch):
         assert np.abs(logits - expected).max() < 0.05 * np.abs(expected).max()
     with pytest.raises(ValueError, match="compute='int4' is not supported"):
         use_bnb4_codes(onnx.load(str(tmp_path / "plain.onnx")), quantized, weights, compute="int4")
+    with pytest.raises(ValueError, match="int8 weights take 7 or 8 bits, not 4"):
+        use_bnb4_codes(onnx.load(str(tmp_path / "plain.onnx")), quantized, weights, compute="int8", int8_weight_bits=4)
     embeddings = plain.get_input_embeddings().weight
     _, batch = torch_logits(quantized, tokenizer, TEXTS, names)
     in_batch = batch["input_ids"].unique()
@@ -513,13 +517,14 @@ def test_bnb4_export_of_a_mixed_8_and_4_bit_model(tokenizer, tmp_path, monkeypat
     kept = model.get_submodule(eight_bit[0])
     trained_codes, trained_scale = kept.weight_codes.numpy().T, kept.weight_scale.float().numpy()
     assert np.abs(trained_codes).max() > 64, "the trained rows use the full 8-bit range"
-    for saturates in (False, True):
-        monkeypatch.setattr(onnx_runtime, "int8_products_saturate", lambda: saturates)
+    for saturates, bits in ((False, None), (True, None), (False, 7), (True, 8)):  # None: the range this CPU needs
+        monkeypatch.setattr(onnx_runtime, "int8_products_saturate", lambda saturates=saturates: saturates)
+        halved = saturates if bits is None else bits == 7  # the caller's bits win over this CPU's
         int8_compute = onnx.load(str(tmp_path / "plain.onnx"))
-        assert sorted(use_bnb4_codes(int8_compute, model, weights, compute="int8")) == sorted(weights)
+        assert sorted(use_bnb4_codes(int8_compute, model, weights, compute="int8", int8_weight_bits=bits)) == sorted(weights)
         stored = {t.name: onnx.numpy_helper.to_array(t) for t in int8_compute.graph.initializer}
         codes, scale = stored[f"{eight_bit[0]}.weight_int8"], stored[f"{eight_bit[0]}.scale"]
-        if saturates:
+        if halved:
             np.testing.assert_array_equal(codes, np.clip(np.round(trained_codes / 2.0), -64, 64))
             np.testing.assert_allclose(scale, 2 * trained_scale)
             assert np.abs(codes).max() <= 64
@@ -529,7 +534,7 @@ def test_bnb4_export_of_a_mixed_8_and_4_bit_model(tokenizer, tmp_path, monkeypat
         assert not any(n.op_type == "MatMul" and n.input[1] in stored for n in int8_compute.graph.node), "every encoder weight is int8 or 4-bit"
         save_onnx(int8_compute, tmp_path / "mixed_int8.onnx")
         int8_logits = OnnxClassifier(tmp_path / "mixed_int8.onnx").logits(batch)
-        assert np.abs(int8_logits - expected).max() < 0.05 * np.abs(expected).max(), saturates
+        assert np.abs(int8_logits - expected).max() < 0.05 * np.abs(expected).max(), (saturates, bits)
 
 
 def test_model_runtime_runs_a_checkpoint_and_its_onnx_file_behind_one_interface(tokenizer, results_dir):
