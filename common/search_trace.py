@@ -15,6 +15,11 @@ def candidate_name(entry: dict) -> str:
     return f"sparsity {entry['sparsity']:.2f}" + (f", {drop} layer(s) dropped" if drop else "")
 
 
+def start_name(as_own_student: bool) -> str:
+    """What the messages call the model the candidates are pruned from."""
+    return "the unpruned teacher (pruned as its own student)" if as_own_student else "the unpruned student"
+
+
 def gate_word(candidate: dict) -> str:
     """A candidate's gate in a word; 'pass, not its int8 copy' where --finish false counted it as failing because
     the copy it would deliver fails (``common.search.qualifies``)."""
@@ -50,7 +55,9 @@ def search_markdown(record: dict) -> str:
                          f"{latency} | {f['size_mb']:.2f} |")
     student = record.get("student_gate")
     if student:
-        lines += ["", f"Unpruned student, for reference: retention {student['retention']:.4f}, "
+        # traces written before as_own_student was recorded: the same folder named for both
+        start = start_name(record.get("as_own_student", record.get("student") == record.get("teacher")))
+        lines += ["", f"{start[0].upper()}{start[1:]}, for reference: retention {student['retention']:.4f}, "
                       f"{'pass' if student['passes'] else 'fail'} (lower bound {student['lower_bound_points']:+.2f} points)."]
     if record.get("ladder_extension"):
         lines.append(f"Below the ladder: {record['ladder_extension']['why']}.")

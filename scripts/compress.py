@@ -98,7 +98,7 @@ from common.search import (  # noqa: E402
     qualifies,
     retention_gate,
 )
-from common.search_trace import candidate_name, gate_word, plot_search, search_markdown  # noqa: E402
+from common.search_trace import candidate_name, gate_word, plot_search, search_markdown, start_name  # noqa: E402
 from common.stage_steps import StageSteps  # noqa: E402
 
 PRUNING_SCRIPT = "8_pruning_with_finetuning.py"
@@ -229,6 +229,7 @@ def main() -> None:
     print(f"Teacher {teacher_folder}: validation accuracy {teacher_correct.mean():.4f}; target "
           f"{config.target_retention} of it = {config.target_retention * teacher_correct.mean():.4f}, gate z = {config.gate_z}")
     as_own_student = student_folder.resolve() == teacher_folder.resolve()  # the candidates prune the teacher
+    record["as_own_student"] = as_own_student
     start = start_name(as_own_student)
     start_capitalized = start[0].upper() + start[1:]
     if as_own_student:  # the teacher was measured just above
@@ -425,11 +426,6 @@ def search_only_files(candidates: list[dict]) -> list[dict]:
     return [{"name": f"candidate {candidate_name(c)} (ONNX Runtime dynamic int8)", "folder": c["folder"],
              **{key: c["int8_gate"][key] for key in ("passes", "retention", "lower_bound_points")},
              "latency_ms": c["int8_latency_ms"], "size_mb": c["int8_size_mb"]} for c in candidates if c["passes"]]
-
-
-def start_name(as_own_student: bool) -> str:
-    """What the messages call the model the candidates are pruned from."""
-    return "the unpruned teacher (pruned as its own student)" if as_own_student else "the unpruned student"
 
 
 def note_extension(record: dict, drop: int, ladder: list[float], below: list[float], halvings: int,

@@ -173,6 +173,19 @@ def test_the_trace_says_a_failing_file_was_not_timed():
     assert "| old/nbits.onnx | 0.7000 | 0.9000 | fail | not timed | 8.00 |" in shown
 
 
+def test_the_trace_names_the_start_the_candidates_were_pruned_from():
+    start = {"retention": 1.0, "passes": True, "lower_bound_points": 0.82}
+    base = {"target_retention": 0.99, "teacher_validation_accuracy": 0.83, "gate_z": 1.0, "validation_examples": 100,
+            "optimize": "latency", "candidates": [], "student_gate": start}
+    own = "The unpruned teacher (pruned as its own student), for reference: retention 1.0000, pass (lower bound +0.82 points)."
+    student = "The unpruned student, for reference: retention 1.0000, pass"
+    assert own in search_markdown({**base, "as_own_student": True, "teacher": "t", "student": "s"})
+    assert student in search_markdown({**base, "as_own_student": False, "teacher": "t", "student": "t"})
+    # traces written before as_own_student was recorded: the same folder named for both
+    assert own in search_markdown({**base, "teacher": "results/teacher/a", "student": "results/teacher/a"})
+    assert student in search_markdown({**base, "teacher": "results/teacher/a", "student": "results/student/b"})
+
+
 def test_with_finish_false_a_candidate_whose_int8_copy_fails_counts_as_failing():
     # --finish false delivers the int8 copy, so the bisection must find the most compressed candidate whose copy
     # passes as well (default teacher, seed 3: 0.30 passed in torch at 100.38% while its copy kept 99.53%, lower bound
@@ -427,7 +440,7 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     candidate_record = json.loads((Path(record["candidates"][0]["folder"]) / "compression.json").read_text())
     assert candidate_record["seed"] == 7, "the seed reaches every stage-8 candidate"
     assert record["student_gate"]["passes"] and 0 < record["student_gate"]["retention"]
-    assert "Unpruned student, for reference: retention" in (work / "search.md").read_text()
+    assert record["as_own_student"] is False and "The unpruned student, for reference: retention" in (work / "search.md").read_text()
     assert Path(record["latency_table"]["path"]).is_file() and not record["latency_table"]["cached"]
     assert all(c["predicted_int8_latency_ms"] > 0 for c in record["candidates"])
     first = min(record["candidates"], key=lambda c: c["seconds_since_start"])
