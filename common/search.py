@@ -13,6 +13,8 @@
   (with ``bisect_ladder``) of the fewest that keep the target when 4 bits everywhere does not.
 - ``expected_latency``: a latency-table prediction scaled by the measured/predicted ratio of the candidates timed so
   far; a candidate expected slower than the fastest passing one by more than a margin cannot win (not trained).
+- ``qualifies``: a candidate can win when its torch model passes the gate and, where ``int8_copy_reason`` says the
+  int8 copy counts (``--finish false``, or ``--optimize latency``), its ONNX Runtime int8 copy passes too.
 - ``choose_file``: among files that pass the gate, the fastest or the smallest, within hard budgets; otherwise the
   error names the closest file.
 """
@@ -109,11 +111,24 @@ def bisect_sparsities(ladder: list[float], passes: Callable[[float], bool], out_
     return (None if found is None else below[found]), below
 
 
-def qualifies(entry: dict, finish: bool) -> bool:
-    """Whether a trained candidate can win: its torch model passes the gate and, when the search delivers its ONNX
-    Runtime int8 copy (``finish`` false), that copy passes too. A candidate whose copy fails counts as failing for
-    the bisection, which then looks at less compressed shares whose copy may pass."""
-    return bool(entry["passes"] and (finish or entry["int8_gate"]["passes"]))
+def int8_copy_reason(finish: bool, optimize: str) -> Optional[str]:
+    """Why a candidate's ONNX Runtime int8 copy must pass the gate too for the candidate to win, or None when the
+    torch model's gate alone decides (``--finish`` with ``--optimize size``, whose files are the QKD model's 4-bit
+    ones). With ``--finish false`` the search delivers that copy. With ``--optimize latency`` the fast files are
+    int8, and a winner whose int8 copy fails tends to leave only float files, slower than a less compressed
+    candidate's int8 file (ALGORITHM_ENHANCEMENTS.md, seed 3 of the teacher as its own student at z = 1)."""
+    if not finish:
+        return "--finish false delivers that copy"
+    if optimize == "latency":
+        return "--optimize latency needs a winner whose int8 files keep the target"
+    return None
+
+
+def qualifies(entry: dict, copy_must_pass: bool) -> bool:
+    """Whether a trained candidate can win: its torch model passes the gate and, where ``int8_copy_reason`` says so
+    (``copy_must_pass``), its ONNX Runtime int8 copy passes too. A candidate whose copy fails then counts as failing
+    for the bisection, which looks at less compressed shares whose copy may pass."""
+    return bool(entry["passes"] and (not copy_must_pass or entry["int8_gate"]["passes"]))
 
 
 def depth_winner(candidates: dict[tuple[int, float], dict], drop: int) -> Optional[dict]:

@@ -11,8 +11,9 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
            heads and FFN neurons (results/compress/<run_id>/candidates/), judged on validation by the retention gate
            (common/search.py: its paired difference from --target_retention x the teacher must stay above 0 by
            --gate_z standard errors) and timed in ONNX Runtime dynamic int8 against the torch teacher (that int8 copy
-           gated on validation too: --finish false delivers the copy of a candidate that passes both, and then
-           counts a candidate as passing only when both do); the most compressed candidate that passes wins
+           gated on validation too: --finish false delivers the copy of a candidate that passes both; with --finish
+           false or --optimize latency, whose fast files are int8, a candidate passes only when both do; with
+           --optimize size the torch gate alone decides); the most compressed candidate that passes wins
            (accuracy falls as the share grows, so about log2(n + 1) runs);
            when every share fails and the unpruned student passes, smaller shares below the ladder are bisected too
            (--extend_ladder) before the search refuses;
@@ -95,6 +96,7 @@ from common.search import (  # noqa: E402
     eight_bit_ladder,
     examples_to_pass,
     expected_latency,
+    int8_copy_reason,
     qualifies,
     retention_gate,
 )
@@ -245,6 +247,7 @@ def main() -> None:
               f"{student_gate['margin_points']:.2f} points at --gate_z {config.gate_z}. "
               f"{split_size_hint(start_capitalized, student_gate, teacher_correct.size, config.gate_z)}", flush=True)
     ladder = sorted(config.sparsities)
+    copy_reason = int8_copy_reason(config.finish, config.optimize)  # None: the torch gate alone decides
     candidates: dict[tuple[int, float], dict] = {}  # (layers dropped, sparsity) -> its entry
     not_trained: dict[tuple[int, float], dict] = {}
     table = None
@@ -293,16 +296,16 @@ def main() -> None:
                  "seconds_since_start": round(time.time() - started)}
         if table is not None:
             entry["predicted_int8_latency_ms"] = predicted_ms(drop, sparsity)
-        entry["qualifies"] = qualifies(entry, config.finish)
+        entry["qualifies"] = qualifies(entry, copy_reason is not None)
         candidates[(drop, sparsity)] = entry
         print(f"Candidate {candidate_name(entry)}: validation {entry['validation_accuracy']:.4f} (retention "
               f"{entry['retention']:.4f}, margin {entry['margin_points']:.2f} points) -> "
               f"{'passes' if entry['passes'] else 'fails'} the gate; int8 {entry['int8_latency_ms']:.2f} ms, "
               f"{entry['int8_size_mb']:.2f} MB", flush=True)
         if entry["passes"] and not entry["qualifies"]:
-            print(f"Its int8 copy, the file --finish false delivers, fails the gate (retention "
-                  f"{entry['int8_gate']['retention']:.4f}): the search counts the candidate as failing and looks at "
-                  f"less compressed shares.", flush=True)
+            print(f"Its ONNX Runtime int8 copy fails the gate (retention {entry['int8_gate']['retention']:.4f}) and "
+                  f"{copy_reason}: the search counts the candidate as failing and looks at less compressed shares.",
+                  flush=True)
         return entry["qualifies"]
 
     def out_of_time() -> bool:
@@ -357,8 +360,9 @@ def main() -> None:
         below = f" nor of the smaller shares {below_ladder} tried below them (--extend_ladder)" if below_ladder else ""
         copies_failed = [candidate_name(c) for c in tried if c["passes"] and not c["qualifies"]]
         if copies_failed:
-            hint += (f" {', '.join(copies_failed)} passed in torch, but the ONNX Runtime int8 copy that --finish false "
-                     f"delivers did not; --finish true gates the winner's other deployment files too.")
+            hint += (f" {', '.join(copies_failed)} passed in torch, but not their ONNX Runtime int8 copies, which "
+                     f"count because {copy_reason}; with --optimize size (and --finish true, the default) the torch "
+                     f"model's gate alone decides.")
         raise ValueError(f"No stage-8 candidate of --sparsities {ladder}{depths}{below} keeps "
                          f"{config.target_retention} of the teacher's validation accuracy{' in the time budget' if cut_by_time else ''}."
                          f"{hint} Lower --target_retention or --gate_z, add smaller shares to --sparsities, or hold out "
@@ -373,7 +377,7 @@ def main() -> None:
     summary = ", ".join(f"{candidate_name(c)} {gate_word(c)}" for c in tried)
     record["winner"] = {"sparsity": chosen["sparsity"], "drop_layers": chosen["drop_layers"], "name": candidate_name(chosen), "why": (
         f"of each depth's most compressed candidate that passes the gate"
-        f"{'' if config.finish else ' with its int8 copy (--finish false delivers that copy)'} ({per_depth}), the "
+        f"{f' with its int8 copy ({copy_reason})' if copy_reason else ''} ({per_depth}), the "
         f"{'fastest in ONNX Runtime int8' if config.optimize == 'latency' else 'smallest in ONNX Runtime int8'} (tried "
         f"{len(tried)} of {len(ladder) * len(config.drop_layers) + len(below_ladder)} by bisection: {summary})"
         f"{'. ' + budget_note if budget_note else ''}")}
