@@ -21,8 +21,8 @@ def start_name(as_own_student: bool) -> str:
 
 
 def gate_word(candidate: dict) -> str:
-    """A candidate's gate in a word; 'pass, not its int8 copy' where --finish false counted it as failing because
-    the copy it would deliver fails (``common.search.qualifies``)."""
+    """A candidate's gate in a word; 'pass, not its int8 copy' where its int8 copy counts (--finish false, or
+    --optimize latency) and fails, so the search counted it as failing (``common.search.qualifies``)."""
     if not candidate["passes"]:
         return "fail"
     return "pass" if candidate.get("qualifies", True) else "pass, not its int8 copy"
