@@ -59,6 +59,8 @@ def search_markdown(record: dict) -> str:
         start = start_name(record.get("as_own_student", record.get("student") == record.get("teacher")))
         lines += ["", f"{start[0].upper()}{start[1:]}, for reference: retention {student['retention']:.4f}, "
                       f"{'pass' if student['passes'] else 'fail'} (lower bound {student['lower_bound_points']:+.2f} points)."]
+    if record.get("start_fallback"):
+        lines.append(f"Start: {record['start_fallback']['why']}.")
     if record.get("ladder_extension"):
         lines.append(f"Below the ladder: {record['ladder_extension']['why']}.")
     if record.get("winner"):

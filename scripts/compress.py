@@ -6,7 +6,9 @@ Reads:  the newest results/teacher/ and results/student/ checkpoints (run stages
         go to every stage run (--seed, --vocabulary_min_count and --hidden_sparsity go to every stage-8 candidate, --seed,
         --unlabeled_dataset and --max_unlabeled_samples to stage 10 too).
 Does:   1. measures the teacher on the validation split (per example, for the paired noise of the gate), and gates the
-           unpruned student as a reference (a warning before any training when even it misses the target);
+           unpruned student as a reference; when even it misses the target and it was found by itself (no
+           --student_model_path), the candidates prune the teacher at full depth instead (--teacher_fallback; false:
+           the student anyway, with a warning before any training);
         2. searches the ladder --sparsities by bisection: each candidate is a stage-8 run removing that share of the
            heads and FFN neurons (results/compress/<run_id>/candidates/), judged on validation by the retention gate
            (common/search.py: its paired difference from --target_retention x the teacher must stay above 0 by
@@ -209,43 +211,45 @@ def main() -> None:
     forwarded = data_flags(argv)
     teacher_folder = find_checkpoint("teacher")
     student_folder = find_checkpoint("student", config.student_model_path, stages.PRUNABLE_STAGES)
-    skeleton = model_skeleton(student_folder)
-    student_layers = num_layers(skeleton)
-    # stage 8 would refuse a width it cannot keep, after the teacher's evaluation here; the latency table times it
-    hidden_width = hidden_width_to_keep(skeleton, config.hidden_sparsity) if config.hidden_sparsity else None
-    if max(config.drop_layers) >= student_layers:
-        raise ValueError(f"--drop_layers {max(config.drop_layers)} would leave none of the {student_layers} layers of the "
-                         f"student {student_folder}; give values from 0 to {student_layers - 1}.")
-    previous, previous_steps = previous_run(config, teacher_folder, student_folder) if config.resume else ({}, [])
+    student_layers, hidden_width = start_shape(student_folder, config)
+    if config.resume:  # a refusal before any work; checked again below once the start is settled
+        previous_run(config, teacher_folder, resumed_start(config, teacher_folder, student_folder))
     started = time.time()
     data = load_splits(data_config)
-    work = results_root() / "compress" / new_run_id()
-    record = {"target_retention": config.target_retention, "optimize": config.optimize, "gate_z": config.gate_z,
-              "budgets": {"max_latency_ms": config.max_latency_ms, "max_size_mb": config.max_size_mb},
-              "teacher": str(teacher_folder), "student": str(student_folder), "seed": config.seed,
-              "resumed_from": config.resume and str(Path(config.resume).expanduser().resolve()),
-              "config": dataclasses.asdict(config), "data_flags": forwarded}
-    steps = StageSteps(previous_steps, on_step=lambda: write_progress(work, record, steps), trace_folder=work)
     teacher = ModelRuntime(teacher_folder, spinning=False)
     teacher_correct = validation_correct(teacher, teacher_folder, data, data_config.max_length)
     print(f"Teacher {teacher_folder}: validation accuracy {teacher_correct.mean():.4f}; target "
           f"{config.target_retention} of it = {config.target_retention * teacher_correct.mean():.4f}, gate z = {config.gate_z}")
     as_own_student = student_folder.resolve() == teacher_folder.resolve()  # the candidates prune the teacher
-    record["as_own_student"] = as_own_student
-    start = start_name(as_own_student)
-    start_capitalized = start[0].upper() + start[1:]
     if as_own_student:  # the teacher was measured just above
         student_gate = gate_model(teacher, teacher_correct, teacher_correct, config)
     else:
         student_gate = gate_folder(student_folder, teacher_correct, data, data_config, config)
-    print(f"{start_capitalized} {student_folder}, for reference: validation retention {student_gate['retention']:.4f}, "
-          f"{'passes' if student_gate['passes'] else 'fails'} the gate (lower bound {student_gate['lower_bound_points']:+.2f} "
-          f"points, margin {student_gate['margin_points']:.2f})", flush=True)
+    print(start_line(as_own_student, student_folder, student_gate), flush=True)
+    fallback = teacher_fallback(config, student_folder, student_gate, as_own_student)
+    if fallback:
+        print(f"Start: {fallback['why']}.", flush=True)
+        student_folder, as_own_student = teacher_folder, True
+        student_layers, hidden_width = start_shape(student_folder, config)
+        student_gate = gate_model(teacher, teacher_correct, teacher_correct, config)
+        print(start_line(as_own_student, student_folder, student_gate), flush=True)
+    previous, previous_steps = previous_run(config, teacher_folder, student_folder) if config.resume else ({}, [])
+    work = results_root() / "compress" / new_run_id()
+    record = {"target_retention": config.target_retention, "optimize": config.optimize, "gate_z": config.gate_z,
+              "budgets": {"max_latency_ms": config.max_latency_ms, "max_size_mb": config.max_size_mb},
+              "teacher": str(teacher_folder), "student": str(student_folder), "seed": config.seed,
+              "resumed_from": config.resume and str(Path(config.resume).expanduser().resolve()),
+              "config": dataclasses.asdict(config), "data_flags": forwarded,
+              "as_own_student": as_own_student, "start_fallback": fallback}
+    steps = StageSteps(previous_steps, on_step=lambda: write_progress(work, record, steps), trace_folder=work)
+    start = start_name(as_own_student)
+    start_capitalized = start[0].upper() + start[1:]
     if not student_gate["passes"]:
         print(f"Note: {start} already misses the target by the gate. Pruned candidates seldom beat it, so "
               f"the search may find none; the gate's margin on {teacher_correct.size} validation examples is "
               f"{student_gate['margin_points']:.2f} points at --gate_z {config.gate_z}. "
-              f"{split_size_hint(start_capitalized, student_gate, teacher_correct.size, config.gate_z)}", flush=True)
+              f"{split_size_hint(start_capitalized, student_gate, teacher_correct.size, config.gate_z)}"
+              f"{teacher_hint(as_own_student, teacher_folder)}", flush=True)
     ladder = sorted(config.sparsities)
     copy_reason = int8_copy_reason(config.finish, config.optimize)  # None: the torch gate alone decides
     candidates: dict[tuple[int, float], dict] = {}  # (layers dropped, sparsity) -> its entry
@@ -354,6 +358,8 @@ def main() -> None:
         if not margin_of["passes"]:
             hint += " " + split_size_hint("The closest" if closest else start_capitalized, margin_of, teacher_correct.size,
                                           config.gate_z)
+        if not student_gate["passes"]:
+            hint += teacher_hint(as_own_student, teacher_folder)
         if budget_note:
             hint += " " + budget_note
         depths = "" if config.drop_layers == [0] else f" (--drop_layers {sorted(config.drop_layers)})"
@@ -412,6 +418,59 @@ def main() -> None:
     compression = json.loads((published / RECORD_FILE).read_text())
     compression["search"] = {key: value for key, value in record.items() if key not in ("config", "steps")}
     write_json(published / RECORD_FILE, compression)
+
+
+def start_shape(folder: Path, config: CompressConfig) -> tuple[int, int | None]:
+    """The start's layer count and the residual width its candidates keep (--hidden_sparsity), refusing --drop_layers
+    that would leave no layer; from the config and a weightless skeleton, before any work."""
+    skeleton = model_skeleton(folder)
+    layers = num_layers(skeleton)
+    # stage 8 would refuse a width it cannot keep, after the teacher's evaluation here; the latency table times it
+    hidden_width = hidden_width_to_keep(skeleton, config.hidden_sparsity) if config.hidden_sparsity else None
+    if max(config.drop_layers) >= layers:
+        raise ValueError(f"--drop_layers {max(config.drop_layers)} would leave none of the {layers} layers of the "
+                         f"student {folder}; give values from 0 to {layers - 1}.")
+    return layers, hidden_width
+
+
+def resumed_start(config: CompressConfig, teacher: Path, student: Path) -> Path:
+    """The start the --resume run's candidates pruned, as far as this run can tell before its gate: the teacher where
+    that run pruned the teacher and this one may fall back to it (--teacher_fallback, no --student_model_path), else
+    the student. previous_run checks again once the start is settled."""
+    try:
+        trace = json.loads((Path(config.resume).expanduser() / "search.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return student  # previous_run says what is wrong with it
+    may_fall_back = config.teacher_fallback and config.student_model_path is None
+    if may_fall_back and isinstance(trace, dict) and trace.get("student") == str(teacher):
+        return teacher
+    return student
+
+
+def teacher_fallback(config: CompressConfig, student: Path, student_gate: dict, as_own_student: bool) -> dict | None:
+    """--teacher_fallback: when the student found by itself (no --student_model_path) misses the target unpruned, the
+    record of the switch to the teacher as the start (the caller switches); None when the student stays."""
+    if student_gate["passes"] or as_own_student or config.student_model_path is not None or not config.teacher_fallback:
+        return None
+    return {"student": str(student), "student_gate": student_gate, "why": (
+        f"the student {student} misses the target by the gate (retention {student_gate['retention']:.4f}, lower bound "
+        f"{student_gate['lower_bound_points']:+.2f} points) and a pruned copy seldom beats its unpruned start, so the "
+        f"candidates prune the teacher itself at full depth (--teacher_fallback false: the student anyway)")}
+
+
+def teacher_hint(as_own_student: bool, teacher: Path) -> str:
+    """Where a student misses the target unpruned: the start that can pass (none when the teacher is the start)."""
+    if as_own_student:
+        return ""
+    return (f" A pruned copy of the teacher disagrees with it less than a student does, so its margin is smaller: "
+            f"--student_model_path {teacher} searches the teacher at full depth.")
+
+
+def start_line(as_own_student: bool, folder: Path, gate: dict) -> str:
+    start = start_name(as_own_student)
+    return (f"{start[0].upper()}{start[1:]} {folder}, for reference: validation retention {gate['retention']:.4f}, "
+            f"{'passes' if gate['passes'] else 'fails'} the gate (lower bound {gate['lower_bound_points']:+.2f} points, "
+            f"margin {gate['margin_points']:.2f})")
 
 
 def split_size_hint(who: str, gate: dict, examples: int, z: float) -> str:

@@ -4,6 +4,7 @@ scripts/compress.py end to end on a tiny model (with its refusals)."""
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +186,39 @@ def test_the_trace_names_the_start_the_candidates_were_pruned_from():
     # traces written before as_own_student was recorded: the same folder named for both
     assert own in search_markdown({**base, "teacher": "results/teacher/a", "student": "results/teacher/a"})
     assert student in search_markdown({**base, "teacher": "results/teacher/a", "student": "results/student/b"})
+    fell_back = search_markdown({**base, "as_own_student": True, "teacher": "t", "student": "t",
+                                 "start_fallback": {"student": "s", "why": "the student s misses the target by the gate"}})
+    assert own in fell_back and "Start: the student s misses the target by the gate." in fell_back
+    assert "Start:" not in search_markdown({**base, "as_own_student": False, "start_fallback": None})
+
+
+def test_a_resumed_run_that_pruned_the_teacher_matches_a_run_that_may_fall_back_to_it(tmp_path):
+    from common.config import CompressConfig
+
+    compress = load_compress_script()
+    teacher, student = tmp_path / "teacher" / "t1", tmp_path / "student" / "s1"
+    folder = tmp_path / "compress" / "run1"
+    folder.mkdir(parents=True)
+    (folder / "search.json").write_text(json.dumps({"teacher": str(teacher), "student": str(teacher)}))
+    config = CompressConfig(resume=str(folder))
+    assert compress.resumed_start(config, teacher, student) == teacher, "this run may prune the teacher too"
+    assert compress.resumed_start(CompressConfig(resume=str(folder), teacher_fallback=False), teacher, student) == student
+    named = CompressConfig(resume=str(folder), student_model_path=str(student))
+    assert compress.resumed_start(named, teacher, student) == student, "a named student: previous_run refuses by name"
+    (folder / "search.json").write_text(json.dumps({"teacher": str(teacher), "student": str(student)}))
+    assert compress.resumed_start(config, teacher, student) == student
+    (folder / "search.json").write_text("{not json")
+    assert compress.resumed_start(config, teacher, student) == student, "previous_run says what is wrong with the file"
+    failing = {"passes": False, "retention": 0.981, "lower_bound_points": -0.59}
+    switch = compress.teacher_fallback(CompressConfig(), student, failing, as_own_student=False)
+    assert switch["student"] == str(student) and switch["student_gate"] == failing
+    assert f"the student {student} misses the target by the gate (retention 0.9810, lower bound -0.59 points)" in switch["why"]
+    assert compress.teacher_fallback(CompressConfig(), student, {**failing, "passes": True}, as_own_student=False) is None
+    assert compress.teacher_fallback(CompressConfig(teacher_fallback=False), student, failing, as_own_student=False) is None
+    assert compress.teacher_fallback(CompressConfig(student_model_path=str(tmp_path)), student, failing, False) is None, \
+        "a student named on the command line is searched as asked"
+    assert compress.teacher_hint(True, teacher) == ""
+    assert f"--student_model_path {teacher} searches the teacher at full depth" in compress.teacher_hint(False, teacher)
 
 
 def test_where_the_int8_copy_counts_a_candidate_whose_copy_fails_counts_as_failing():
@@ -529,7 +563,8 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert "Traceback" not in other_student.stderr
 
     pruned_before = sorted(p.name for p in (results / "pruned").iterdir())
-    refused = compress("--sparsities", 0.5, "--target_retention", 1.0, "--gate_z", 5, "--finish", "false")
+    refused = compress("--sparsities", 0.5, "--target_retention", 1.0, "--gate_z", 5, "--finish", "false",
+                       "--teacher_fallback", "false")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     [refused_work] = [w for w in (results / "compress").iterdir() if "no candidate" in (w / "search.json").read_text()]
     refused_record = json.loads((refused_work / "search.json").read_text())
@@ -548,6 +583,7 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert re.search(r"The unpruned student \S+, for reference: validation retention", refused.stdout)
     assert re.search(r"The unpruned student keeps [0-9.]+ \(lower bound [-+0-9.]+ points\); the gate's margin is [0-9.]+ "
                      r"points at --gate_z 5.0 on \d+ validation examples for the closest candidate", refused.stderr), refused.stderr[-1500:]
+    [teacher_folder] = (results / "teacher").iterdir()
     too_deep = compress("--drop_layers", 0, 2)  # the student has 2 layers
     assert too_deep.returncode == 2 and "--drop_layers 2 would leave none of the 2 layers of the student" in too_deep.stderr
     too_narrow = compress("--hidden_sparsity", 0.9)  # the tiny student's width 32 in heads of 8: nothing left
@@ -566,7 +602,6 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert sorted(by_depth) == [0, 1] and by_depth[0]["layers"] == 2 and by_depth[1]["layers"] == 1
     assert by_depth[1]["parameters"] < by_depth[0]["parameters"]
     assert "| 0.50 | 1 |" in (deeper / "search.md").read_text()
-    [teacher_folder] = (results / "teacher").iterdir()
     unlabeled = write_reviews_csv(tmp_path / "unlabeled.csv", rows=40, seed=5)
     full_depth = compress("--sparsities", 0.5, "--target_retention", 0.5, "--gate_z", 0, "--finish", "false",
                           "--no_latency_table", "--student_model_path", teacher_folder,
@@ -574,7 +609,8 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert full_depth.returncode == 0, full_depth.stderr[-3000:]
     assert f"The unpruned teacher (pruned as its own student) {teacher_folder}, for reference" in full_depth.stdout
     [teacher_run] = [w for w in (results / "compress").iterdir()
-                     if json.loads((w / "search.json").read_text())["student"] == str(teacher_folder)]
+                     if json.loads((w / "search.json").read_text())["student"] == str(teacher_folder)
+                     and json.loads((w / "search.json").read_text())["status"] == "search only (--finish false)"]
     [candidate] = json.loads((teacher_run / "search.json").read_text())["candidates"]
     delivered_int8 = json.loads((teacher_run / "search.json").read_text())["delivered"]  # --finish false: the int8 copy
     assert delivered_int8["retention"] == candidate["int8_gate"]["retention"] and candidate["int8_gate"]["passes"]
@@ -610,6 +646,53 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     narrowed_table = cut["latency_table"]  # the candidates would be a quarter narrower: 32 -> 24, timed at that width
     assert narrowed_table["key"]["hidden"] == 24 and not narrowed_table["cached"]
     assert narrowed_table["path"] != json.loads((deeper / "search.json").read_text())["latency_table"]["path"]
+
+    # a student that misses the target gives way to the teacher before any training (--teacher_fallback, the default);
+    # the time budget then stops the search before its first candidate. The flipped copy disagrees with the teacher on
+    # every example the original agreed on, so at the target 1.0 its paired noise alone makes it fail (z = 1), even
+    # where the tiny teacher is at chance level and the teacher as its own student passes with no noise at all
+    [student_folder] = (results / "student").iterdir()
+    flipped = flipped_student(student_folder, results / "student" / "30000101-000000-000000")  # the newest: found by itself
+    after_budget = ["--sparsities", 0.5, "--target_retention", 1.0, "--finish", "false", "--no_latency_table",
+                    "--time_budget_s", 1e-6]
+    fallback = compress(*after_budget)
+    assert fallback.returncode == 2 and "Traceback" not in fallback.stderr
+    fallback_trace = Path(re.search(r"Trace: (\S+)", fallback.stderr).group(1))
+    fallback_record = json.loads(fallback_trace.read_text())
+    assert fallback_record["start_fallback"]["student"] == str(flipped), fallback.stdout[-2000:]
+    assert not fallback_record["start_fallback"]["student_gate"]["passes"] and fallback_record["as_own_student"]
+    assert fallback_record["student"] == str(teacher_folder) and fallback_record["student_gate"]["passes"]
+    assert f"Start: the student {flipped} misses the target by the gate" in fallback.stdout
+    assert f"The unpruned teacher (pruned as its own student) {teacher_folder}, for reference" in fallback.stdout
+    assert f"Start: the student {flipped} misses the target" in (fallback_trace.parent / "search.md").read_text()
+    kept = compress(*after_budget, "--teacher_fallback", "false")
+    assert kept.returncode == 2 and "Traceback" not in kept.stderr
+    assert f"The unpruned student {flipped}, for reference: validation retention" in kept.stdout
+    assert f"--student_model_path {teacher_folder} searches the teacher at full depth" in kept.stderr
+    assert f"--student_model_path {teacher_folder} searches the teacher at full depth" in kept.stdout, "the note before work"
+    shutil.rmtree(flipped)  # this test's own copy
+
+
+def flipped_student(student: Path, destination: Path) -> Path:
+    """A copy of a binary classifier's checkpoint that predicts the other label for every text (its classifier's rows
+    swapped, its manifest rewritten): below the original student wherever the teacher beats chance."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from common.checkpoints import MANIFEST_KEY, RECORD_FILE, file_manifest
+
+    shutil.copytree(student, destination)
+    weights_file = destination / "model.safetensors"
+    with safe_open(weights_file, framework="pt") as handle:
+        metadata = handle.metadata()
+        weights = {key: handle.get_tensor(key) for key in handle.keys()}
+    for key in ("classifier.weight", "classifier.bias"):
+        weights[key] = weights[key].flip(0).contiguous()
+    save_file(weights, weights_file, metadata=metadata)
+    record = json.loads((destination / RECORD_FILE).read_text())
+    record[MANIFEST_KEY] = file_manifest(destination)
+    (destination / RECORD_FILE).write_text(json.dumps(record))
+    return destination
 
 
 def test_the_spread_over_runs_is_mean_sample_std_min_and_max():
@@ -655,6 +738,7 @@ def test_the_summary_refuses_runs_it_cannot_read(tmp_path, args, message):
     (["--qkd_epochs", "0"], "qkd_epochs=0 must be a positive"),
     (["--unlabeled_dataset", "train_rest", "--max_unlabeled_samples", "0"], "max_unlabeled_samples=0 must be a positive"),
     (["--max_unlabeled_samples", "10"], "max_unlabeled_samples=10 limits --unlabeled_dataset, which is not given"),
+    (["--teacher_fallback", "maybe"], "--teacher-fallback: Truthy value expected: got maybe"),
     (["--resume", "nowhere"], "resume='nowhere' holds no search.json, so it is not a compress.py run folder"),
     ([], "Run `python 1_train_teacher.py` first"),  # valid flags, but no teacher to compress toward
 ])
