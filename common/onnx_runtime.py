@@ -182,16 +182,56 @@ def int8_weight_levels(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def saturation_warning(path: Path, entry) -> Optional[str]:
-    """What to tell a user about to run ``path`` here when its record (``entry``, the folder record's ``files`` entry)
-    says its int8 weights take the full 8-bit range (written on a CPU with VNNI or AMX) and this CPU's int8 products
-    saturate: its accuracy can collapse here, as all-mpnet-base-v2's did (``int8_products_saturate``). None otherwise;
-    files recorded before ``int8_weight_bits`` existed, or without a readable entry, are not checked."""
-    if not isinstance(entry, dict) or entry.get("int8_weight_bits") != 8 or not int8_products_saturate():
+INT8_WEIGHT_INPUTS = {"MatMulInteger": 1, "DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1, "QLinearMatMul": 3,
+                      "DequantizeLinear": 0}  # operator -> which of its inputs is the int8 weight matrix
+
+
+def int8_weight_bits_in_graph(path: Path) -> Optional[int]:
+    """The range an ONNX file's int8 weight matrices take, read from its graph: 8 when a code lies beyond the 7-bit
+    range (|code| > 64; ONNX Runtime's reduce_range stores -64..64), 7 when none does, None when the graph has no int8
+    weight matrix (a float or 4-bit file, or the NF4-codes int8 file, which decodes its int8 weights when the session
+    loads). For files whose record does not say (``int8_weight_bits``)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    products = {name for node in graph.node if node.op_type in ("MatMul", "Gemm") for name in node.input}
+    weights = {node.input[index] for node in graph.node
+               if node.op_type in INT8_WEIGHT_INPUTS and len(node.input) > INT8_WEIGHT_INPUTS[node.op_type]
+               # a DequantizeLinear counts where it feeds a matrix product (ONNX Runtime fuses the pair into an int8
+               # one), not where it decodes a table for a Gather
+               and (node.op_type != "DequantizeLinear" or node.output[0] in products)
+               for index in [INT8_WEIGHT_INPUTS[node.op_type]]}
+    largest = [int(np.abs(numpy_helper.to_array(tensor).astype(np.int16)).max()) for tensor in graph.initializer
+               if tensor.name in weights and tensor.data_type == onnx.TensorProto.INT8 and len(tensor.dims) == 2]
+    if not largest:
         return None
-    return (f"{path} stores its int8 weights in the full 8-bit range (it was written on a CPU with VNNI or AMX), but this "
-            f"CPU has neither: ONNX Runtime's int8 products can saturate here and cost accuracy (all-mpnet-base-v2 fell "
-            f"from 87.1% to 46.4% on validation that way). Check its accuracy on this machine (7_evaluate_and_generate_report.py), "
+    return 8 if max(largest) > 64 else 7
+
+
+def saturation_warning(path: Path, entry) -> Optional[str]:
+    """What to tell a user about to run ``path`` here when its int8 weights take the full 8-bit range and this CPU's
+    int8 products saturate: its accuracy can collapse here, as all-mpnet-base-v2's did (``int8_products_saturate``).
+    The range is the record's (``entry``, the folder record's ``files`` entry: ``int8_weight_bits``), or where the
+    record does not say (files written before it did, a file the user put in the folder, an unreadable entry) the
+    graph's own (``int8_weight_bits_in_graph``). None where nothing is wrong or nothing can be read."""
+    if not int8_products_saturate():
+        return None
+    recorded = entry.get("int8_weight_bits") if isinstance(entry, dict) else None
+    if recorded is not None:
+        if recorded != 8:
+            return None
+        origin = "it was written on a CPU with VNNI or AMX"
+    else:
+        try:
+            if int8_weight_bits_in_graph(path) != 8:
+                return None
+        except Exception:  # onnx cannot parse it: loading it says what is wrong
+            return None
+        origin = "its graph's int8 weights reach beyond the 7-bit range"
+    return (f"{path} stores its int8 weights in the full 8-bit range ({origin}), but this CPU has neither VNNI nor AMX: "
+            f"ONNX Runtime's int8 products can saturate here and cost accuracy (all-mpnet-base-v2 fell from 87.1% to "
+            f"46.4% on validation that way). Check its accuracy on this machine (7_evaluate_and_generate_report.py), "
             f"or re-export it here with 12_export_onnx.py, which then stores 7-bit weights.")
 
 

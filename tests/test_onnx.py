@@ -190,9 +190,17 @@ def test_int8_weights_take_the_7_bit_range_where_the_cpus_int8_products_saturate
     [warning] = warnings_opening("vnni.onnx")
     assert str(tmp_path / "vnni.onnx") in warning and "full 8-bit range" in warning and "12_export_onnx.py" in warning
     assert warnings_opening("auto.onnx") == [] and warnings_opening("model.onnx") == []
-    for damaged in ({"vnni.onnx": "8 bits"}, ["vnni.onnx"], "files"):  # a record whose files entry is unreadable
+    # where the record does not say (an unreadable entry, a file recorded before int8_weight_bits, one the user put
+    # there), the graph's own int8 weights decide: codes beyond -64..64 are the full range
+    assert [onnx_runtime.int8_weight_bits_in_graph(tmp_path / name) for name in ("vnni.onnx", "reduced.onnx", "model.onnx")] \
+        == [8, 7, None]
+    for damaged in ({"vnni.onnx": "8 bits"}, ["vnni.onnx"], "files", {}):
         (tmp_path / "compression.json").write_text(json.dumps({"stage": "onnx", "files": damaged}))
-        assert warnings_opening("vnni.onnx") == [], damaged
+        [warning] = warnings_opening("vnni.onnx")
+        assert "full 8-bit range (its graph's int8 weights reach beyond the 7-bit range)" in warning, damaged
+        assert warnings_opening("reduced.onnx") == [] and warnings_opening("model.onnx") == [], damaged
+    (tmp_path / "compression.json").write_text(json.dumps({"stage": "onnx", "files": {"vnni.onnx": {"int8_weight_bits": 7}}}))
+    assert warnings_opening("vnni.onnx") == [], "the record, where it says, wins over the graph"
     (tmp_path / "compression.json").write_text(json.dumps({"stage": "onnx", "files": files}))
     cpu(["avx2", "avx512_vnni"])
     assert warnings_opening("vnni.onnx") == []
