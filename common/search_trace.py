@@ -15,9 +15,10 @@ def candidate_name(entry: dict) -> str:
     return f"sparsity {entry['sparsity']:.2f}" + (f", {drop} layer(s) dropped" if drop else "")
 
 
-def start_name(as_own_student: bool) -> str:
-    """What the messages call the model the candidates are pruned from."""
-    return "the unpruned teacher (pruned as its own student)" if as_own_student else "the unpruned student"
+def start_name(as_own_student: bool, capitalized: bool = False) -> str:
+    """What the messages call the model the candidates are pruned from (``capitalized`` to open a sentence)."""
+    name = "the unpruned teacher (pruned as its own student)" if as_own_student else "the unpruned student"
+    return name[0].upper() + name[1:] if capitalized else name
 
 
 def gate_word(candidate: dict) -> str:
@@ -56,8 +57,8 @@ def search_markdown(record: dict) -> str:
     student = record.get("student_gate")
     if student:
         # traces written before as_own_student was recorded: the same folder named for both
-        start = start_name(record.get("as_own_student", record.get("student") == record.get("teacher")))
-        lines += ["", f"{start[0].upper()}{start[1:]}, for reference: retention {student['retention']:.4f}, "
+        start = start_name(record.get("as_own_student", record.get("student") == record.get("teacher")), capitalized=True)
+        lines += ["", f"{start}, for reference: retention {student['retention']:.4f}, "
                       f"{'pass' if student['passes'] else 'fail'} (lower bound {student['lower_bound_points']:+.2f} points)."]
     if record.get("start_fallback"):
         lines.append(f"Start: {record['start_fallback']['why']}.")

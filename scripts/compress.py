@@ -212,8 +212,9 @@ def main() -> None:
     teacher_folder = find_checkpoint("teacher")
     student_folder = find_checkpoint("student", config.student_model_path, stages.PRUNABLE_STAGES)
     student_layers, hidden_width = start_shape(student_folder, config)
-    if config.resume:  # a refusal before any work; checked again below once the start is settled
-        previous_run(config, teacher_folder, resumed_start(config, teacher_folder, student_folder))
+    # --resume: refused before any work when it pruned another start; checked again if the gate settles another one
+    checked_start = resumed_start(config, teacher_folder, student_folder) if config.resume else None
+    previous, previous_steps = previous_run(config, teacher_folder, checked_start) if config.resume else ({}, [])
     started = time.time()
     data = load_splits(data_config)
     teacher = ModelRuntime(teacher_folder, spinning=False)
@@ -233,7 +234,8 @@ def main() -> None:
         student_layers, hidden_width = start_shape(student_folder, config)
         student_gate = gate_model(teacher, teacher_correct, teacher_correct, config)
         print(start_line(as_own_student, student_folder, student_gate), flush=True)
-    previous, previous_steps = previous_run(config, teacher_folder, student_folder) if config.resume else ({}, [])
+    if config.resume and student_folder != checked_start:
+        previous, previous_steps = previous_run(config, teacher_folder, student_folder)
     work = results_root() / "compress" / new_run_id()
     record = {"target_retention": config.target_retention, "optimize": config.optimize, "gate_z": config.gate_z,
               "budgets": {"max_latency_ms": config.max_latency_ms, "max_size_mb": config.max_size_mb},
@@ -242,8 +244,7 @@ def main() -> None:
               "config": dataclasses.asdict(config), "data_flags": forwarded,
               "as_own_student": as_own_student, "start_fallback": fallback}
     steps = StageSteps(previous_steps, on_step=lambda: write_progress(work, record, steps), trace_folder=work)
-    start = start_name(as_own_student)
-    start_capitalized = start[0].upper() + start[1:]
+    start, start_capitalized = start_name(as_own_student), start_name(as_own_student, capitalized=True)
     if not student_gate["passes"]:
         print(f"Note: {start} already misses the target by the gate. Pruned candidates seldom beat it, so "
               f"the search may find none; the gate's margin on {teacher_correct.size} validation examples is "
@@ -467,8 +468,7 @@ def teacher_hint(as_own_student: bool, teacher: Path) -> str:
 
 
 def start_line(as_own_student: bool, folder: Path, gate: dict) -> str:
-    start = start_name(as_own_student)
-    return (f"{start[0].upper()}{start[1:]} {folder}, for reference: validation retention {gate['retention']:.4f}, "
+    return (f"{start_name(as_own_student, capitalized=True)} {folder}, for reference: validation retention {gate['retention']:.4f}, "
             f"{'passes' if gate['passes'] else 'fails'} the gate (lower bound {gate['lower_bound_points']:+.2f} points, "
             f"margin {gate['margin_points']:.2f})")
 
