@@ -201,6 +201,9 @@ def test_int8_weights_take_the_7_bit_range_where_the_cpus_int8_products_saturate
         assert warnings_opening("reduced.onnx") == [] and warnings_opening("model.onnx") == [], damaged
     (tmp_path / "compression.json").write_text(json.dumps({"stage": "onnx", "files": {"vnni.onnx": {"int8_weight_bits": 7}}}))
     assert warnings_opening("vnni.onnx") == [], "the record, where it says, wins over the graph"
+    (tmp_path / "garbage.onnx").write_bytes(b"not a model")
+    assert onnx_runtime.saturation_warning(tmp_path / "garbage.onnx", None) is None, "loading it says what is wrong"
+    assert onnx_runtime.saturation_warning(tmp_path / "missing.onnx", {}) is None
     (tmp_path / "compression.json").write_text(json.dumps({"stage": "onnx", "files": files}))
     cpu(["avx2", "avx512_vnni"])
     assert warnings_opening("vnni.onnx") == []
