@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,11 +58,17 @@ def export_onnx(model: nn.Module, tokenizer, path: Path, max_length: int = 64) -
     previous = getattr(model.config, "_attn_implementation", None)
     model.config._attn_implementation = "eager"
     try:
-        torch.onnx.export(
-            _LogitsOnly(model, names).eval(), inputs, str(path), input_names=names, output_names=[OUTPUT_NAME],
-            dynamic_axes={**{name: {0: "batch", 1: "sequence"} for name in names}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=OPSET, do_constant_folding=True, dynamo=False,
-        )
+        with warnings.catch_warnings():
+            # The tracer warns about every Python-level shape check and about index ops with negative indices; the
+            # head indices are never negative, the axes are dynamic, and stage 12 compares the graph's logits with
+            # torch's before it keeps a file, so these warnings only bury the logs of a search that exports often.
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
+            torch.onnx.export(
+                _LogitsOnly(model, names).eval(), inputs, str(path), input_names=names, output_names=[OUTPUT_NAME],
+                dynamic_axes={**{name: {0: "batch", 1: "sequence"} for name in names}, OUTPUT_NAME: {0: "batch"}},
+                opset_version=OPSET, do_constant_folding=True, dynamo=False,
+            )
     finally:
         if previous is not None:
             model.config._attn_implementation = previous

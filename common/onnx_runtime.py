@@ -119,14 +119,21 @@ def predict_onnx(classifier: OnnxClassifier, loader) -> tuple[np.ndarray, np.nda
 
 @contextmanager
 def _quiet_quantizer():
-    """onnxruntime.quantization logs one INFO line per tensor on the root logger; keep its warnings only."""
+    """onnxruntime.quantization logs one INFO line per tensor on the root logger: keep its warnings only, less its
+    advice to pre-process (the static path does; the dynamic one quantizes only constant-weight MatMuls)."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.WARNING)
+    root.addFilter(_no_preprocessing_advice)
     try:
         yield
     finally:
+        root.removeFilter(_no_preprocessing_advice)
         root.setLevel(level)
+
+
+def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Please consider to run pre-processing before quantization")
 
 
 def matmul_names(path: Path) -> list[str]:

@@ -79,6 +79,28 @@ def test_export_round_trip_of_uneven_pruned_layers(make_config, tokenizer, tmp_p
     assert model.training is False, "the export must leave the model in eval mode (dropout off)"
 
 
+def test_export_and_quantizer_keep_their_known_harmless_warnings_out_of_the_logs(tokenizer, tmp_path, caplog):
+    """A search exports and quantizes every candidate: the tracer's shape-check warnings and ONNX Runtime's advice to
+    pre-process drowned its log. Those are dropped; any other warning still reaches the user."""
+    import logging
+    import warnings
+
+    from common.onnx_runtime import _quiet_quantizer
+
+    model = pruned_model(tiny_bert_config(layers=2, hidden=64, heads=4, ffn=128))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(model, tokenizer, tmp_path / "model.onnx")
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)], [str(w.message) for w in caught]
+    with caplog.at_level(logging.WARNING):
+        quantize_dynamic_int8(tmp_path / "model.onnx", tmp_path / "int8.onnx")
+        with _quiet_quantizer():
+            logging.warning("an unrelated warning")
+    messages = [record.getMessage() for record in caplog.records]
+    assert not [m for m in messages if "pre-processing" in m] and "an unrelated warning" in messages, messages
+    assert logging.getLogger().filters == [], "the filter is removed again after quantizing"
+
+
 def graph_ops(path):
     return [node.op_type for node in onnx.load(str(path)).graph.node]
 
