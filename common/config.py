@@ -739,7 +739,8 @@ class CompressConfig:
     target_retention: float = _field(
         0.99, "Share of the teacher's validation accuracy the delivered model must keep, in (0, 1]. A candidate meets it "
         "only when its paired difference from the target stays above 0 by --gate_z standard errors (the validation "
-        "noise), so that meeting it on validation means meeting it on unseen data too.",
+        "noise), so that passing is seldom the luck of the split; the search picks among candidates and files that pass, "
+        "which favours lucky draws, so raise --gate_z for more confidence on unseen data.",
     )
     optimize: str = _field(
         "latency", "What to win among the models that keep the target: 'latency' (the fastest file measured on this "
@@ -767,12 +768,13 @@ class CompressConfig:
     )
     gate_z: float = _field(
         1.0, "Standard errors of the paired validation difference a candidate must clear above the target (0: the "
-        "point estimate alone; 1.64: one-sided 95%).",
+        "point estimate alone; 1: about 84% one-sided for one model; 1.64: 95%).",
     )
     pruning_epochs: Optional[int] = _field(None, "Epochs of each stage-8 candidate. Default: stage 8's own default.")
     qkd_epochs: Optional[int] = _field(None, "Epochs of each stage-10 run (QKD-4bit). Default: stage 10's own default.")
     time_budget_s: Optional[float] = _field(
-        None, "Start no new stage-8 candidate after this many seconds; the search keeps the best candidate it has.")
+        None, "Start no new stage-8 candidate, nor another stage-10 try of the 8-bit search, after this many seconds; "
+        "the search keeps the best it has (stages 12 and 13 still run on it).")
     finish: bool = _field(
         True, "After the search, publish the chosen candidate as the newest results/pruned/ checkpoint and run stages 10, "
         "12 and 13 on it; the delivered file is chosen among their files. false: stop after the search.",
