@@ -744,7 +744,8 @@ class CompressConfig:
     )
     optimize: str = _field(
         "latency", "What to win among the models that keep the target: 'latency' (the fastest file measured on this "
-        "machine at --latency_batch_size x --latency_seq_length; a stage-8 candidate wins only when its ONNX Runtime "
+        "machine at --latency_batch_size x --latency_seq_length, the smallest of those within the fastest's "
+        "interquartile range; a stage-8 candidate wins only when its ONNX Runtime "
         "int8 copy keeps the target too, since the fast files are int8) or 'size' (the smallest file; the candidate's "
         "torch model alone is gated, unless --finish false).",
     )

@@ -192,7 +192,24 @@ def choose_file(files: list[dict], optimize: str, max_latency_ms: Optional[float
         )
     primary, secondary = ("latency_ms", "size_mb") if optimize == "latency" else ("size_mb", "latency_ms")
     chosen = min(fits, key=lambda entry: (entry[primary], entry[secondary]))
-    reason = (f"the {'fastest' if optimize == 'latency' else 'smallest'} of the {len(fits)} file(s) that keep "
-              f"the target on validation{' within the budgets' if len(fits) < len(keep) or max_latency_ms or max_size_mb else ''}: "
+    ranked = f"the {'fastest' if optimize == 'latency' else 'smallest'} of the {len(fits)} file(s)"
+    tied = as_fast_within_noise(chosen, fits) if optimize == "latency" else [chosen]
+    if len(tied) > 1:  # sizes are exact, latencies noisy: among files the timing cannot tell apart, the smallest
+        fastest, chosen = chosen, min(tied, key=lambda entry: (entry["size_mb"], entry["latency_ms"]))
+        if chosen is not fastest:
+            ranked = (f"the smallest of the {len(tied)} file(s) whose median latency lies within the fastest's "
+                      f"interquartile range ({fastest['name']}: {fastest['latency_ms']:.2f} ms, IQR up to "
+                      f"{fastest['latency_iqr_ms'][1]:.2f}, {fastest['size_mb']:.2f} MB), of the {len(fits)}")
+    reason = (f"{ranked} that keep the target on validation"
+              f"{' within the budgets' if len(fits) < len(keep) or max_latency_ms or max_size_mb else ''}: "
               f"{chosen['name']} ({chosen['latency_ms']:.2f} ms, {chosen['size_mb']:.2f} MB, retention {chosen['retention']:.4f})")
     return chosen, reason
+
+
+def as_fast_within_noise(fastest: dict, files: list[dict]) -> list[dict]:
+    """The files whose median latency is at most the fastest's 75th percentile (its ``latency_iqr_ms``, from the same
+    interleaved rounds): the timing cannot rank them. Only the fastest when its spread was not recorded."""
+    spread = fastest.get("latency_iqr_ms")
+    if not spread:
+        return [fastest]
+    return [entry for entry in files if entry["latency_ms"] <= spread[1]]

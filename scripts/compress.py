@@ -32,7 +32,8 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
            runs stages 12 (ONNX; with --optimize size its 4-bit files keep only the position rows of --max_length
            tokens) and 13 (OpenVINO) as they run alone, gates every file they wrote the same way, times
            those that pass round-robin at --latency_batch_size x --latency_seq_length, and delivers the fastest
-           (--optimize latency) or the smallest (--optimize size) within --max_latency_ms / --max_size_mb; the record
+           (--optimize latency; of the files whose median lies within the fastest's interquartile range, the
+           smallest) or the smallest (--optimize size) within --max_latency_ms / --max_size_mb; the record
            also names the file the other objective would deliver (by_objective).
         4. (--resume results/compress/<run_id>) reuses every stage run of that earlier run whose command this run repeats
            exactly (its trace records each one with its flags and folders): a run that stopped continues where it

@@ -264,6 +264,23 @@ def test_the_delivered_file_is_the_fastest_or_smallest_that_keeps_the_target_wit
         choose_file([files[2]], "latency")
 
 
+def test_latency_delivers_the_smallest_of_the_files_the_timing_cannot_tell_from_the_fastest():
+    # MPNet seed 2 through --finish: dynamic int8 1347.9 ms [IQR 1302.0-1488.0], 108.9 MB, and the NF4-codes int8 file
+    # 1420.0 ms, 43.4 MB, in the same rounds; the 2.5x smaller file is as fast within the timing noise
+    fast = {**entry("dynamic int8", True, 1347.9, 108.9), "latency_iqr_ms": [1302.0, 1488.0]}
+    small = {**entry("nf4 codes int8", True, 1420.0, 43.4), "latency_iqr_ms": [1360.0, 1491.8]}
+    slow = {**entry("fp32", True, 2413.7, 325.3), "latency_iqr_ms": [2340.9, 2472.9]}
+    chosen, reason = choose_file([fast, small, slow], "latency")
+    assert chosen is small and "smallest of the 2 file(s) whose median latency lies within the fastest's" in reason
+    assert "dynamic int8: 1347.90 ms, IQR up to 1488.00" in reason and "of the 3 that keep the target" in reason
+    slower_small = {**small, "latency_ms": 1500.0}  # beyond the fastest's 75th percentile: the timing ranks them
+    assert choose_file([fast, slower_small, slow], "latency")[0] is fast
+    assert choose_file([{**fast, "latency_iqr_ms": None}, small], "latency")[0]["name"] == "dynamic int8"  # no spread recorded
+    assert choose_file([fast, small, slow], "size")[0] is small and choose_file([fast, slow], "latency")[0] is fast
+    chosen, reason = choose_file([fast, small], "latency", max_size_mb=50)
+    assert chosen is small and reason.startswith("the fastest of the 1 file(s)")
+
+
 def test_the_latency_table_prediction_is_scaled_by_what_the_timed_candidates_measured():
     assert expected_latency(10.0, []) == (10.0, 1.0)
     expected, scale = expected_latency(10.0, [(12.0, 8.0), (30.0, 20.0), (20.0, 20.0)])  # ratios 1.5, 1.5, 1.0
