@@ -27,8 +27,8 @@ Does:   1. exports the model to ONNX with its per-layer head counts and FFN widt
            the position rows sequences up to that length use.
         5. chooses each folder's deployment model by accuracy and speed: the fastest file in an interleaved benchmark
            (batch 32 x 64) among those within --deployment_tolerance validation points (0.5), or two standard errors
-           of the paired difference if larger, of the folder's most accurate file; the latencies and the reason are
-           recorded.
+           of the paired difference if larger, of the folder's most accurate file (the smallest of those whose
+           median latency lies within the fastest's interquartile range); the latencies and the reason are recorded.
 Writes: results/onnx/<run_id>/       model.onnx, model_int8_dynamic.onnx, model_int8_static.onnx, config.json
                                      (id2label), tokenizer.json and the other tokenizer files, compression.json
         results/onnx_4bit/<run_id>/  model.onnx (MatMulBnb4), model_nf4_int8.onnx, model_int4_nbits.onnx, config.json,

@@ -627,7 +627,8 @@ class ExportFields(OutputFields):
     deployment_tolerance: float = _field(
         0.5, "Validation-accuracy band, in points, of each export folder's deployment choice: the fastest file whose "
         "validation accuracy is at most this far below the folder's most accurate file is shipped (about one standard "
-        "error of a paired accuracy difference on 1,275 validation examples)."
+        "error of a paired accuracy difference on 1,275 validation examples), or the smallest such file whose median "
+        "latency lies within the fastest's interquartile range."
     )
     eval_batch_size: int = _field(64, "Evaluation batch size.")
     num_threads: Optional[int] = _field(

@@ -14,8 +14,8 @@ from . import stages
 from .architecture import position_limit
 from .checkpoints import find_checkpoint, list_checkpoints, read_record, stage_dir
 from .evaluation import accuracy, interleaved_latency
+from .metrics import paired_difference_se
 from .models import check_matches_data
-from .onnx_runtime import choose_deployment
 from .runtime import ModelRuntime, graph_files
 
 logger = logging.getLogger(__name__)
@@ -52,10 +52,55 @@ def compare_speed(paths: dict[str, Path], vocab_size: int, num_threads, batch_si
     return interleaved_latency(runners, warmup=3, rounds=rounds, batch_size=batch_size, reference=next(iter(paths)))
 
 
+def choose_deployment(candidates: dict[str, dict], tolerance_points: float,
+                      correct: Optional[dict[str, np.ndarray]] = None) -> tuple[str, str]:
+    """The file a folder ships: among ``candidates`` ({file: {"validation_accuracy", "latency_ms_median"}, optionally
+    "latency_ms_p75" and "size_bytes"}) whose validation accuracy is at most ``tolerance_points`` below the best one's
+    (within the noise of the validation split), the fastest; on equal latency the earlier candidate. With ``correct``
+    ({file: per-example bools on the validation split}) a file's band is the larger of ``tolerance_points`` and two
+    standard errors of its paired difference from the best file (files that flip many borderline examples both ways
+    differ by noise, not quality). Sizes are exact and latencies noisy, so when other eligible files' median latency
+    lies within the fastest's 75th percentile (same interleaved rounds), the smallest of them ships, as compress.py
+    delivers. Returns (file, the reason in words)."""
+    best_name = max(candidates, key=lambda name: candidates[name]["validation_accuracy"])
+    best = candidates[best_name]["validation_accuracy"]
+    bands = {name: tolerance_points for name in candidates}
+    if correct:
+        for name in candidates:
+            if name != best_name and name in correct and best_name in correct:
+                noise = 2 * 100 * paired_difference_se(correct[name], correct[best_name])
+                bands[name] = max(tolerance_points, noise)
+                candidates[name]["paired_noise_points"] = round(noise, 3)
+    eligible = [name for name, entry in candidates.items()
+                if 100 * (best - entry["validation_accuracy"]) <= bands[name] + 1e-9]
+    chosen = min(eligible, key=lambda name: (candidates[name]["latency_ms_median"], list(candidates).index(name)))
+    ranked = "fastest"
+    spread_end = candidates[chosen].get("latency_ms_p75")
+    tied = [name for name in eligible if spread_end is not None and "size_bytes" in candidates[name]
+            and candidates[name]["latency_ms_median"] <= spread_end]
+    if len(tied) > 1 and "size_bytes" in candidates[chosen]:
+        fastest = chosen
+        chosen = min(tied, key=lambda name: (candidates[name]["size_bytes"], candidates[name]["latency_ms_median"]))
+        if chosen != fastest:
+            ranked = (f"smallest ({candidates[chosen]['size_bytes'] / 1e6:.2f} MB) of the {len(tied)} files whose median "
+                      f"latency lies within the fastest's interquartile range ({fastest}: "
+                      f"{candidates[fastest]['latency_ms_median']:.1f} ms, IQR up to {spread_end:.1f} ms, "
+                      f"{candidates[fastest]['size_bytes'] / 1e6:.2f} MB), among the files")
+    others = ", ".join(f"{name} {100 * entry['validation_accuracy']:.2f}% / {entry['latency_ms_median']:.1f} ms"
+                       for name, entry in candidates.items() if name != chosen)
+    band = (f"max({tolerance_points}, 2 paired standard errors) = {bands[chosen]:.2f}" if correct and chosen != best_name
+            else f"{tolerance_points}") + " validation points"
+    reason = (f"{ranked} within {band} of the most accurate "
+              f"({100 * best:.2f}%): {chosen} {100 * candidates[chosen]['validation_accuracy']:.2f}% / "
+              f"{candidates[chosen]['latency_ms_median']:.1f} ms (others: {others or 'none'})")
+    return chosen, reason
+
+
 def choose_by_speed(folder: Path, files: dict, vocab_size: int, config, correct: Optional[dict] = None) -> dict:
     """The folder's deployment model: the fastest file (interleaved benchmark, batch 32 x 64) whose validation accuracy
     is within --deployment_tolerance points, or two paired standard errors (``correct``: {file: per-example bools}),
-    of the folder's most accurate file. Latencies go into ``files``."""
+    of the folder's most accurate file, or the smallest of those the timing cannot rank (``choose_deployment``).
+    Latencies go into ``files``."""
     speed = compare_speed({name: folder / name for name in files}, vocab_size, config.num_threads)
     for name, entry in files.items():
         entry.update(latency_ms_median=speed[name]["latency_ms_median"], latency_ms_p25=speed[name]["latency_ms_p25"],

@@ -416,35 +416,3 @@ def optimize_graph(source: Path, target: Path) -> dict:
     optimized = optimize_model(str(source), model_type="bert", num_heads=0, hidden_size=0, opt_level=1)
     optimized.save_model_to_file(str(target))
     return {name: int(count) for name, count in optimized.get_fused_operator_statistics().items() if count}
-
-
-def choose_deployment(candidates: dict[str, dict], tolerance_points: float,
-                      correct: Optional[dict[str, np.ndarray]] = None) -> tuple[str, str]:
-    """The file a folder ships: among ``candidates`` ({file: {"validation_accuracy", "latency_ms_median"}}) whose
-    validation accuracy is at most ``tolerance_points`` below the best one's (within the noise of the validation
-    split), the fastest; on equal latency the earlier candidate. With ``correct`` ({file: per-example bools on the
-    validation split}) a file's band is the larger of ``tolerance_points`` and two standard errors of its paired
-    difference from the best file (files that flip many borderline examples both ways differ by noise, not quality).
-    Returns (file, the reason in words)."""
-    from .metrics import paired_difference_se
-
-    best_name = max(candidates, key=lambda name: candidates[name]["validation_accuracy"])
-    best = candidates[best_name]["validation_accuracy"]
-    bands = {name: tolerance_points for name in candidates}
-    if correct:
-        for name in candidates:
-            if name != best_name and name in correct and best_name in correct:
-                noise = 2 * 100 * paired_difference_se(correct[name], correct[best_name])
-                bands[name] = max(tolerance_points, noise)
-                candidates[name]["paired_noise_points"] = round(noise, 3)
-    eligible = [name for name, entry in candidates.items()
-                if 100 * (best - entry["validation_accuracy"]) <= bands[name] + 1e-9]
-    chosen = min(eligible, key=lambda name: (candidates[name]["latency_ms_median"], list(candidates).index(name)))
-    others = ", ".join(f"{name} {100 * entry['validation_accuracy']:.2f}% / {entry['latency_ms_median']:.1f} ms"
-                       for name, entry in candidates.items() if name != chosen)
-    band = (f"max({tolerance_points}, 2 paired standard errors) = {bands[chosen]:.2f}" if correct and chosen != best_name
-            else f"{tolerance_points}") + " validation points"
-    reason = (f"fastest of the files within {band} of the most accurate "
-              f"({100 * best:.2f}%): {chosen} {100 * candidates[chosen]['validation_accuracy']:.2f}% / "
-              f"{candidates[chosen]['latency_ms_median']:.1f} ms (others: {others or 'none'})")
-    return chosen, reason

@@ -600,7 +600,7 @@ def test_model_runtime_runs_a_checkpoint_and_its_onnx_file_behind_one_interface(
 
 
 def test_the_deployment_model_is_the_fastest_file_within_the_noise_of_the_best():
-    from common.onnx_runtime import choose_deployment
+    from common.exports import choose_deployment
 
     files = {
         "model.onnx": {"validation_accuracy": 0.850, "latency_ms_median": 30.0},
@@ -614,9 +614,34 @@ def test_the_deployment_model_is_the_fastest_file_within_the_noise_of_the_best()
     assert choose_deployment(files, tolerance_points=0.0)[0] == "model.onnx"
 
 
+def test_the_deployment_model_is_the_smallest_of_the_files_the_timing_cannot_rank():
+    from common.exports import choose_deployment
+
+    def files():  # stage 12's 4-bit folder of MPNet seed 2 (ms, MB): the int8-compute file 5% slower, 2.5x smaller
+        return {"model_int8_dynamic.onnx": {"validation_accuracy": 0.862, "latency_ms_median": 1347.9,
+                                            "latency_ms_p75": 1488.0, "size_bytes": 108_900_000},
+                "model_nf4_int8.onnx": {"validation_accuracy": 0.864, "latency_ms_median": 1420.0,
+                                        "latency_ms_p75": 1491.8, "size_bytes": 43_400_000},
+                "model.onnx": {"validation_accuracy": 0.866, "latency_ms_median": 2500.0,
+                               "latency_ms_p75": 2600.0, "size_bytes": 42_900_000}}
+
+    chosen, reason = choose_deployment(files(), 0.5)
+    assert chosen == "model_nf4_int8.onnx"  # model.onnx is smaller still, but beyond the fastest's 75th percentile
+    assert "interquartile range (model_int8_dynamic.onnx: 1347.9 ms, IQR up to 1488.0 ms, 108.90 MB)" in reason
+    clear_gap = files()
+    clear_gap["model_int8_dynamic.onnx"]["latency_ms_p75"] = 1400.0  # the 43 MB file's median lies beyond it
+    assert choose_deployment(clear_gap, 0.5)[0] == "model_int8_dynamic.onnx"
+    unlisted_size = files()
+    del unlisted_size["model_int8_dynamic.onnx"]["size_bytes"]  # without a size the fastest is kept, as before
+    assert choose_deployment(unlisted_size, 0.5)[0] == "model_int8_dynamic.onnx"
+    too_inaccurate = files()
+    too_inaccurate["model_nf4_int8.onnx"]["validation_accuracy"] = 0.855  # 1.1 points below the best: not eligible
+    assert choose_deployment(too_inaccurate, 0.5)[0] == "model_int8_dynamic.onnx"
+
+
 def test_the_deployment_band_widens_to_the_paired_noise_of_files_that_flip_borderline_examples():
     from common.metrics import paired_difference_se
-    from common.onnx_runtime import choose_deployment
+    from common.exports import choose_deployment
 
     best = np.ones(1000, bool)
     best[:150] = False  # 85.0%
