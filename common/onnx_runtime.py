@@ -124,11 +124,13 @@ def _quiet_quantizer():
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.WARNING)
+    outermost = _no_preprocessing_advice not in root.filters  # a nested use must not lift the outer one's filter
     root.addFilter(_no_preprocessing_advice)
     try:
         yield
     finally:
-        root.removeFilter(_no_preprocessing_advice)
+        if outermost:
+            root.removeFilter(_no_preprocessing_advice)
         root.setLevel(level)
 
 

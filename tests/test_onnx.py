@@ -96,6 +96,9 @@ def test_export_and_quantizer_keep_their_known_harmless_warnings_out_of_the_logs
         quantize_dynamic_int8(tmp_path / "model.onnx", tmp_path / "int8.onnx")
         with _quiet_quantizer():
             logging.warning("an unrelated warning")
+            with _quiet_quantizer():
+                pass
+            logging.warning("Please consider to run pre-processing before quantization (after a nested use)")
     messages = [record.getMessage() for record in caplog.records]
     assert not [m for m in messages if "pre-processing" in m] and "an unrelated warning" in messages, messages
     assert logging.getLogger().filters == [], "the filter is removed again after quantizing"
