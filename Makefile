@@ -19,7 +19,7 @@ STAGES := $(shell $(PYTHON) common/stages.py)
 
 help:
 	@echo "make pipeline   install if needed, then run every stage on the embedded default (ARGS='--field value' passes overrides)"
-	@echo "make test       install if needed, then run the test suite (17–34 minutes on 2 cores)"
+	@echo "make test       install if needed, then run the test suite (17–42 minutes on 2 cores)"
 	@echo "make test-fast  the suite without the end-to-end subprocess runs (marked slow): every module, a few minutes"
 	@echo "make smoke      every stage on the smoke profile, into $(SMOKE_DIR)/"
 	@echo "make ablation   KGSP / MSP / QKD ablation over 3 seeds -> results/ablation.{json,png,md}"
