@@ -17,6 +17,7 @@ from .evaluation import accuracy, interleaved_latency
 from .metrics import paired_difference_se
 from .models import check_matches_data
 from .runtime import ModelRuntime, graph_files
+from .search import smallest_within_spread
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +75,17 @@ def choose_deployment(candidates: dict[str, dict], tolerance_points: float,
     eligible = [name for name, entry in candidates.items()
                 if 100 * (best - entry["validation_accuracy"]) <= bands[name] + 1e-9]
     chosen = min(eligible, key=lambda name: (candidates[name]["latency_ms_median"], list(candidates).index(name)))
-    ranked = "fastest"
-    spread_end = candidates[chosen].get("latency_ms_p75")
-    tied = [name for name in eligible if spread_end is not None and "size_bytes" in candidates[name]
-            and candidates[name]["latency_ms_median"] <= spread_end]
-    if len(tied) > 1 and "size_bytes" in candidates[chosen]:
-        fastest = chosen
-        chosen = min(tied, key=lambda name: (candidates[name]["size_bytes"], candidates[name]["latency_ms_median"]))
-        if chosen != fastest:
-            ranked = (f"smallest ({candidates[chosen]['size_bytes'] / 1e6:.2f} MB) of the {len(tied)} files whose median "
-                      f"latency lies within the fastest's interquartile range ({fastest}: "
-                      f"{candidates[fastest]['latency_ms_median']:.1f} ms, IQR up to {spread_end:.1f} ms, "
-                      f"{candidates[fastest]['size_bytes'] / 1e6:.2f} MB), among the files")
+    ranked, fastest = "fastest", chosen
+    sized = [name for name in eligible if "size_bytes" in candidates[name]]
+    spread_end = candidates[fastest].get("latency_ms_p75") if fastest in sized else None
+    chosen, tied = smallest_within_spread(fastest, sized, spread_end,
+                                          median=lambda name: candidates[name]["latency_ms_median"],
+                                          size=lambda name: candidates[name]["size_bytes"])
+    if chosen != fastest:
+        ranked = (f"smallest ({candidates[chosen]['size_bytes'] / 1e6:.2f} MB) of the {tied} files whose median "
+                  f"latency lies within the fastest's interquartile range ({fastest}: "
+                  f"{candidates[fastest]['latency_ms_median']:.1f} ms, IQR up to {spread_end:.1f} ms, "
+                  f"{candidates[fastest]['size_bytes'] / 1e6:.2f} MB), among the files")
     others = ", ".join(f"{name} {100 * entry['validation_accuracy']:.2f}% / {entry['latency_ms_median']:.1f} ms"
                        for name, entry in candidates.items() if name != chosen)
     band = (f"max({tolerance_points}, 2 paired standard errors) = {bands[chosen]:.2f}" if correct and chosen != best_name

@@ -17,14 +17,18 @@
   int8 copy counts (``--finish false``, or ``--optimize latency``), its ONNX Runtime int8 copy passes too.
 - ``choose_file``: among files that pass the gate, the fastest or the smallest, within hard budgets; otherwise the
   error names the closest file.
+- ``smallest_within_spread``: among files whose median latency the timing cannot tell from the fastest's, the
+  smallest (``choose_file`` and the export stages' ``common.exports.choose_deployment``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 def retention_gate(correct, teacher_correct, target: float, z: float) -> dict:
@@ -193,23 +197,26 @@ def choose_file(files: list[dict], optimize: str, max_latency_ms: Optional[float
     primary, secondary = ("latency_ms", "size_mb") if optimize == "latency" else ("size_mb", "latency_ms")
     chosen = min(fits, key=lambda entry: (entry[primary], entry[secondary]))
     ranked = f"the {'fastest' if optimize == 'latency' else 'smallest'} of the {len(fits)} file(s)"
-    tied = as_fast_within_noise(chosen, fits) if optimize == "latency" else [chosen]
-    if len(tied) > 1:  # sizes are exact, latencies noisy: among files the timing cannot tell apart, the smallest
-        fastest, chosen = chosen, min(tied, key=lambda entry: (entry["size_mb"], entry["latency_ms"]))
-        if chosen is not fastest:
-            ranked = (f"the smallest of the {len(tied)} file(s) whose median latency lies within the fastest's "
-                      f"interquartile range ({fastest['name']}: {fastest['latency_ms']:.2f} ms, IQR up to "
-                      f"{fastest['latency_iqr_ms'][1]:.2f}, {fastest['size_mb']:.2f} MB), of the {len(fits)}")
+    spread = chosen.get("latency_iqr_ms") if optimize == "latency" else None
+    fastest = chosen
+    chosen, tied = smallest_within_spread(fastest, fits, spread[1] if spread else None,
+                                          median=lambda entry: entry["latency_ms"], size=lambda entry: entry["size_mb"])
+    if chosen is not fastest:
+        ranked = (f"the smallest of the {tied} file(s) whose median latency lies within the fastest's "
+                  f"interquartile range ({fastest['name']}: {fastest['latency_ms']:.2f} ms, IQR up to "
+                  f"{spread[1]:.2f}, {fastest['size_mb']:.2f} MB), of the {len(fits)}")
     reason = (f"{ranked} that keep the target on validation"
               f"{' within the budgets' if len(fits) < len(keep) or max_latency_ms or max_size_mb else ''}: "
               f"{chosen['name']} ({chosen['latency_ms']:.2f} ms, {chosen['size_mb']:.2f} MB, retention {chosen['retention']:.4f})")
     return chosen, reason
 
 
-def as_fast_within_noise(fastest: dict, files: list[dict]) -> list[dict]:
-    """The files whose median latency is at most the fastest's 75th percentile (its ``latency_iqr_ms``, from the same
-    interleaved rounds): the timing cannot rank them. Only the fastest when its spread was not recorded."""
-    spread = fastest.get("latency_iqr_ms")
-    if not spread:
-        return [fastest]
-    return [entry for entry in files if entry["latency_ms"] <= spread[1]]
+def smallest_within_spread(fastest: T, entries: list[T], spread_end: Optional[float], median: Callable[[T], float],
+                           size: Callable[[T], float]) -> tuple[T, int]:
+    """Sizes are exact, latencies noisy: of ``entries`` whose median latency is at most ``spread_end`` (the fastest's
+    75th percentile, from the same interleaved rounds) the timing cannot rank them, so the smallest (then the faster)
+    ships. Returns (that entry, how many were tied); (``fastest``, 1) when its spread was not recorded."""
+    if spread_end is None:
+        return fastest, 1
+    tied = [entry for entry in entries if median(entry) <= spread_end]
+    return min(tied, key=lambda entry: (size(entry), median(entry))), len(tied)
