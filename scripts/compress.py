@@ -583,8 +583,12 @@ def search_8bit_layers(steps: StageSteps, flags: list, all_4bit: Path, teacher_c
     index = bisect_ladder(len(ladder), passes, out_of_time)
     result["tried"] = [tried[i] for i in sorted(tried)]
     if index is None:
-        result["why"] = (f"no count of 8-bit Linears tried ({[entry['layers_8bit'] for entry in result['tried']]}) keeps the "
-                         "target; stages 12 and 13 export the all-4-bit model and the gate judges their files")
+        counts = [entry["layers_8bit"] for entry in result["tried"]]
+        # ladder[0] keeps the most Linears at 8 bits: unless it was tried, the bisection stopped on the time budget
+        why = (f"no count of 8-bit Linears tried ({counts}) keeps the target" if 0 in tried else
+               f"--time_budget_s ran out with {len(counts)} of the 8-bit Linear counts {ladder} tried ({counts}, none "
+               "passing)")
+        result["why"] = f"{why}; stages 12 and 13 export the all-4-bit model and the gate judges their files"
         return result
     published = stage_dir("qkd_4bit") / new_run_id()
     shutil.copytree(tried[index]["folder"], published)

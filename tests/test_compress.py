@@ -306,7 +306,8 @@ def fake_checkpoint(folder: Path, text: str = "") -> Path:
 
 def test_bits_under_the_gate_search_the_fewest_8bit_linears_and_publish_them(tmp_path, monkeypatch):
     """The mixed-precision step of compress.py: all-4-bit fails, so stage 10 reruns with --keep_8bit_layers over
-    12, 6, 3, 1 by bisection; the fewest that pass (3) are published as a new qkd_4bit checkpoint."""
+    12, 6, 3, 1 by bisection; the fewest that pass (3) are published as a new qkd_4bit checkpoint. When none passes,
+    the reason tells a settled bisection from one the time budget stopped."""
     from common import stage_steps
 
     compress = load_compress_script()
@@ -345,6 +346,15 @@ def test_bits_under_the_gate_search_the_fewest_8bit_linears_and_publish_them(tmp
     monkeypatch.setattr(compress, "gate_folder", lambda folder, *rest: {"folder": str(folder), "passes": True, "retention": 1.0})
     assert compress.search_8bit_layers(steps, [], tmp_path / "qkd-all-4bit", None, None, None, None, tmp_path / "work2",
                                        lambda: False)["why"].startswith("4 bits everywhere keeps the target") and calls == []
+    monkeypatch.setattr(compress, "gate_folder", lambda folder, *rest: {"folder": str(folder), "passes": False, "retention": 0.9})
+    out_of_time = compress.search_8bit_layers(steps, [], tmp_path / "qkd-all-4bit", None, None, None, None,
+                                              tmp_path / "work4", lambda: True)
+    assert calls == [] and "chosen" not in out_of_time and out_of_time["why"].startswith(
+        "--time_budget_s ran out with 0 of the 8-bit Linear counts [12, 6, 3, 1] tried ([], none passing)")
+    none_pass = compress.search_8bit_layers(steps, [], tmp_path / "qkd-all-4bit", None, None, None, None,
+                                            tmp_path / "work5", lambda: False)
+    assert [count for _, count in calls] == ["6", "12"] and "chosen" not in none_pass
+    assert none_pass["why"].startswith("no count of 8-bit Linears tried ([12, 6]) keeps the target")
 
 
 def test_stage_runs_are_reused_only_when_their_command_matches_and_their_folders_are_complete(tmp_path, monkeypatch):
