@@ -61,6 +61,7 @@ Run as:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
 import sys
@@ -582,19 +583,26 @@ def search_8bit_layers(steps: StageSteps, flags: list, all_4bit: Path, teacher_c
 
     index = bisect_ladder(len(ladder), passes, out_of_time)
     result["tried"] = [tried[i] for i in sorted(tried)]
+    counts = [entry["layers_8bit"] for entry in result["tried"]]
+    resume = f"to go on without retraining those: --resume {work} with a larger --time_budget_s"
     if index is None:
-        counts = [entry["layers_8bit"] for entry in result["tried"]]
         # ladder[0] keeps the most Linears at 8 bits: unless it was tried, the bisection stopped on the time budget
         why = (f"no count of 8-bit Linears tried ({counts}) keeps the target" if 0 in tried else
                f"--time_budget_s ran out with {len(counts)} of the 8-bit Linear counts {ladder} tried ({counts}, none "
-               "passing)")
+               f"passing; {resume})")
         result["why"] = f"{why}; stages 12 and 13 export the all-4-bit model and the gate judges their files"
         return result
     published = stage_dir("qkd_4bit") / new_run_id()
     shutil.copytree(tried[index]["folder"], published)
     tried_summary = ", ".join(f"{entry['layers_8bit']} {'pass' if entry['passes'] else 'fail'}" for entry in result["tried"])
-    result.update(chosen=ladder[index], published=str(published),
-                  why=f"the fewest Linears at 8 bits that keep the target, largest 4-bit output error first (tried {tried_summary})")
+    # the counts between the chosen one and the next that failed were never tried: the budget stopped the bisection
+    untried = [ladder[i] for i in itertools.takewhile(lambda i: i not in tried, range(index + 1, len(ladder)))]
+    settled = not untried
+    fewest = ("the fewest Linears at 8 bits that keep the target" if settled else
+              f"the fewest Linears at 8 bits found to keep the target before --time_budget_s ran out (counts "
+              f"{untried} not tried; {resume})")
+    result.update(chosen=ladder[index], published=str(published), settled=settled,
+                  why=f"{fewest}, largest 4-bit output error first (tried {tried_summary})")
     print(f"Published the QKD model with {ladder[index]} Linear(s) at 8 bits as {published}", flush=True)
     return result
 

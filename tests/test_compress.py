@@ -336,6 +336,7 @@ def test_bits_under_the_gate_search_the_fewest_8bit_linears_and_publish_them(tmp
                                                       ["--keep_8bit_layers", "1"]]
     assert result["chosen"] == 3 and [entry["layers_8bit"] for entry in result["tried"]] == [6, 3, 1]
     assert "tried 6 pass, 3 pass, 1 fail" in result["why"] and not result["all_4bit"]["passes"]
+    assert result["settled"] and result["why"].startswith("the fewest Linears at 8 bits that keep the target")
     assert (Path(result["published"]) / "weights").read_text() == "3" and Path(result["published"]).parent.name == "qkd_4bit"
     calls.clear()
     resumed = compress.StageSteps(steps.steps)  # a resumed run repeats none of the three stage-10 runs
@@ -343,6 +344,13 @@ def test_bits_under_the_gate_search_the_fewest_8bit_linears_and_publish_them(tmp
                                         lambda: False)
     assert calls == [] and resumed.reused == 3 and again["chosen"] == 3
     assert [entry["folder"] for entry in again["tried"]] == [entry["folder"] for entry in result["tried"]]
+    budget = iter([False, True])  # the budget runs out after the first try (6 Linears at 8 bits, passing)
+    cut = compress.search_8bit_layers(compress.StageSteps(), [], tmp_path / "qkd-all-4bit", None, None, None, None,
+                                      tmp_path / "work6", lambda: next(budget))
+    assert [count for _, count in calls] == ["6"] and cut["chosen"] == 6 and not cut["settled"]
+    assert cut["why"].startswith("the fewest Linears at 8 bits found to keep the target before --time_budget_s ran out "
+                                 f"(counts [3, 1] not tried; to go on without retraining those: --resume {tmp_path / 'work6'}")
+    calls.clear()
     monkeypatch.setattr(compress, "gate_folder", lambda folder, *rest: {"folder": str(folder), "passes": True, "retention": 1.0})
     assert compress.search_8bit_layers(steps, [], tmp_path / "qkd-all-4bit", None, None, None, None, tmp_path / "work2",
                                        lambda: False)["why"].startswith("4 bits everywhere keeps the target") and calls == []
@@ -350,7 +358,8 @@ def test_bits_under_the_gate_search_the_fewest_8bit_linears_and_publish_them(tmp
     out_of_time = compress.search_8bit_layers(steps, [], tmp_path / "qkd-all-4bit", None, None, None, None,
                                               tmp_path / "work4", lambda: True)
     assert calls == [] and "chosen" not in out_of_time and out_of_time["why"].startswith(
-        "--time_budget_s ran out with 0 of the 8-bit Linear counts [12, 6, 3, 1] tried ([], none passing)")
+        "--time_budget_s ran out with 0 of the 8-bit Linear counts [12, 6, 3, 1] tried ([], none passing; to go on "
+        f"without retraining those: --resume {tmp_path / 'work4'} with a larger --time_budget_s)")
     none_pass = compress.search_8bit_layers(steps, [], tmp_path / "qkd-all-4bit", None, None, None, None,
                                             tmp_path / "work5", lambda: False)
     assert [count for _, count in calls] == ["6", "12"] and "chosen" not in none_pass
