@@ -306,8 +306,8 @@ def fake_checkpoint(folder: Path, text: str = "") -> Path:
 
 def test_bits_under_the_gate_search_the_fewest_8bit_linears_and_publish_them(tmp_path, monkeypatch):
     """The mixed-precision step of compress.py: all-4-bit fails, so stage 10 reruns with --keep_8bit_layers over
-    12, 6, 3, 1 by bisection; the fewest that pass (3) are published as a new qkd_4bit checkpoint. When none passes,
-    the reason tells a settled bisection from one the time budget stopped."""
+    12, 6, 3, 1 by bisection; the fewest that pass (3) are published as a new qkd_4bit checkpoint. The reason tells a
+    settled bisection from one the time budget stopped (with or without a passing count), and a cut gives --resume."""
     from common import stage_steps
 
     compress = load_compress_script()
