@@ -502,10 +502,15 @@ def note_extension(record: dict, drop: int, ladder: list[float], below: list[flo
     print(f"{why[0].upper()}{why[1:]}", flush=True)
 
 
+def resume_advice(work: Path) -> str:
+    """How to continue a search that --time_budget_s stopped, reusing the stage runs it finished."""
+    return f"to go on without retraining those: --resume {work} with a larger --time_budget_s"
+
+
 def time_budget_note(config: CompressConfig, work: Path, trained: int) -> str:
     """What the record and the refusal say when --time_budget_s stopped the bisection before it settled."""
     return (f"--time_budget_s {config.time_budget_s:g} ran out after {trained} stage-8 candidate(s) with more of the "
-            f"ladder left to try; to go on without retraining those: --resume {work} with a larger --time_budget_s.")
+            f"ladder left to try; {resume_advice(work)}.")
 
 
 def publish_winner(winner: str, previous: dict) -> Path:
@@ -583,24 +588,24 @@ def search_8bit_layers(steps: StageSteps, flags: list, all_4bit: Path, teacher_c
 
     index = bisect_ladder(len(ladder), passes, out_of_time)
     result["tried"] = [tried[i] for i in sorted(tried)]
-    counts = [entry["layers_8bit"] for entry in result["tried"]]
-    resume = f"to go on without retraining those: --resume {work} with a larger --time_budget_s"
+    # counts after the last passing one (or from the ladder's first) up to the first that failed were never tried:
+    # the bisection stopped on the time budget before it settled
+    passing = -1 if index is None else index
+    untried = [ladder[i] for i in itertools.takewhile(lambda i: i not in tried, range(passing + 1, len(ladder)))]
     if index is None:
-        # ladder[0] keeps the most Linears at 8 bits: unless it was tried, the bisection stopped on the time budget
-        why = (f"no count of 8-bit Linears tried ({counts}) keeps the target" if 0 in tried else
+        counts = [entry["layers_8bit"] for entry in result["tried"]]
+        why = (f"no count of 8-bit Linears tried ({counts}) keeps the target" if not untried else
                f"--time_budget_s ran out with {len(counts)} of the 8-bit Linear counts {ladder} tried ({counts}, none "
-               f"passing; {resume})")
+               f"passing; {resume_advice(work)})")
         result["why"] = f"{why}; stages 12 and 13 export the all-4-bit model and the gate judges their files"
         return result
     published = stage_dir("qkd_4bit") / new_run_id()
     shutil.copytree(tried[index]["folder"], published)
     tried_summary = ", ".join(f"{entry['layers_8bit']} {'pass' if entry['passes'] else 'fail'}" for entry in result["tried"])
-    # the counts between the chosen one and the next that failed were never tried: the budget stopped the bisection
-    untried = [ladder[i] for i in itertools.takewhile(lambda i: i not in tried, range(index + 1, len(ladder)))]
     settled = not untried
     fewest = ("the fewest Linears at 8 bits that keep the target" if settled else
               f"the fewest Linears at 8 bits found to keep the target before --time_budget_s ran out (counts "
-              f"{untried} not tried; {resume})")
+              f"{untried} not tried; {resume_advice(work)})")
     result.update(chosen=ladder[index], published=str(published), settled=settled,
                   why=f"{fewest}, largest 4-bit output error first (tried {tried_summary})")
     print(f"Published the QKD model with {ladder[index]} Linear(s) at 8 bits as {published}", flush=True)
