@@ -28,7 +28,8 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
            (with --optimize size first with ternary word-embedding rows, --size_embeddings, the most frequent tokens'
            rows at int4, --size_int4_rows; int4 rows when those miss the gate); when that all-4-bit model fails the
            gate (--mixed_precision), reruns stage 10 with --keep_8bit_layers
-           (largest 4-bit error first, by bisection over all, half, ... one) and publishes the fewest that pass; then
+           (largest 4-bit error first, by bisection over all, half, ... one) and publishes the fewest that pass (the
+           fewest found so far when --time_budget_s stops it, and the record says so); then
            runs stages 12 (ONNX; with --optimize size its 4-bit files keep only the position rows of --max_length
            tokens) and 13 (OpenVINO) as they run alone, gates every file they wrote the same way, times
            those that pass round-robin at --latency_batch_size x --latency_seq_length, and delivers the fastest
