@@ -820,14 +820,23 @@ class CompressConfig:
         None, "Checkpoint the stage-8 candidates prune (stage 8 --student_model_path): a student, or the teacher's own "
         "folder to search at the teacher's full depth without stage 2 (when halving the depth costs more than the "
         "target allows, as on a bigger teacher with few labelled rows). Default: the newest results/student/ run, or the "
-        "teacher where that run misses the target unpruned (--teacher_fallback).",
+        "shallowest deeper student that passes (--deeper_students) or the teacher (--teacher_fallback) where that run "
+        "misses the target unpruned.",
+    )
+    deeper_students: bool = _field(
+        True, "When --student_model_path is not given and the student (the newest results/student/ run) already misses "
+        "the target by the gate, first distil deeper students: stage 2 again with that student's own flags and more "
+        "of the teacher's layers (the depth between the student's and the teacher's by bisection, shallower first: "
+        "about log2(teacher layers - student layers) stage-2 runs, written to results/compress/<run_id>/students/), "
+        "and prune the shallowest that passes the gate. Only when none does, --teacher_fallback. Decided before any "
+        "stage-8 training; the trace records every depth tried. false: no stage-2 runs.",
     )
     teacher_fallback: bool = _field(
         True, "When --student_model_path is not given and the student (the newest results/student/ run) already misses "
-        "the target by the gate, prune the teacher itself at full depth instead, as --student_model_path <the "
-        "teacher's folder> would: a pruned candidate seldom beats its unpruned start, and a pruned copy of the teacher "
-        "disagrees with it less, so the gate's noise margin is smaller. Decided before any training; the trace records "
-        "it. false: search the student anyway.",
+        "the target by the gate (and no deeper student passes, --deeper_students), prune the teacher itself at full "
+        "depth instead, as --student_model_path <the teacher's folder> would: a pruned candidate seldom beats its "
+        "unpruned start, and a pruned copy of the teacher disagrees with it less, so the gate's noise margin is "
+        "smaller. Decided before any stage-8 training; the trace records it. false: search the student anyway.",
     )
     unlabeled_dataset: Optional[str] = _field(
         None, "Passed to every stage-8 candidate and stage 10 as their --unlabeled_dataset: texts they distil on "

@@ -60,6 +60,15 @@ def search_markdown(record: dict) -> str:
         start = start_name(record.get("as_own_student", record.get("student") == record.get("teacher")), capitalized=True)
         lines += ["", f"{start}, for reference: retention {student['retention']:.4f}, "
                       f"{'pass' if student['passes'] else 'fail'} (lower bound {student['lower_bound_points']:+.2f} points)."]
+    deeper = record.get("deeper_students")
+    if deeper:
+        found = deeper["found_gate"]
+        lines.append(f"Found student {deeper['found_student']}: retention {found['retention']:.4f}, fail (lower bound "
+                     f"{found['lower_bound_points']:+.2f} points); {deeper['why']}.")
+        for student in deeper["tried"]:
+            lines.append(f"- deeper student, {student['layers']} layers ({student['folder']}): retention "
+                         f"{student['retention']:.4f}, {'pass' if student['passes'] else 'fail'} (lower bound "
+                         f"{student['lower_bound_points']:+.2f} points)")
     if record.get("start_fallback"):
         lines.append(f"Start: {record['start_fallback']['why']}.")
     if record.get("ladder_extension"):

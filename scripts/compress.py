@@ -7,7 +7,9 @@ Reads:  the newest results/teacher/ and results/student/ checkpoints (run stages
         --unlabeled_dataset and --max_unlabeled_samples to stage 10 too).
 Does:   1. measures the teacher on the validation split (per example, for the paired noise of the gate), and gates the
            unpruned student as a reference; when even it misses the target and it was found by itself (no
-           --student_model_path), the candidates prune the teacher at full depth instead (--teacher_fallback; false:
+           --student_model_path), stage 2 distils deeper students with its flags (--deeper_students: the depths between
+           the student's and the teacher's, by bisection, in results/compress/<run_id>/students/) and the candidates
+           prune the shallowest that passes; when none does, the teacher at full depth (--teacher_fallback; false:
            the student anyway, with a warning before any training);
         2. searches the ladder --sparsities by bisection: each candidate is a stage-8 run removing that share of the
            heads and FFN neurons (results/compress/<run_id>/candidates/), judged on validation by the retention gate
@@ -40,7 +42,8 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
            exactly (its trace records each one with its flags and folders): a run that stopped continues where it
            stopped, and the same search finishes for another --optimize, target or gate without retraining; the gate
            and the timing are measured again.
-Writes: results/latency_tables/<key>.json (once per machine and architecture), results/compress/<run_id>/search.json
+Writes: results/latency_tables/<key>.json (once per machine and architecture), results/compress/<run_id>/students/
+        layers-<n>/ (the deeper students, when distilled), results/compress/<run_id>/search.json
         (written after every stage run, then at the end: target, gate, every candidate and file with its validation
         accuracy, retention, margin, size and latency, the winner and why, every stage run and its folders, wall
         time), search.md and search.png (the trace);
@@ -68,6 +71,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
@@ -107,8 +111,10 @@ from common.search import (  # noqa: E402
 )
 from common.search_trace import candidate_name, gate_word, plot_search, search_markdown, start_name  # noqa: E402
 from common.stage_steps import StageSteps  # noqa: E402
+from common.student_depth import deeper_student_args, shallowest_passing_depth, why_not_deeper  # noqa: E402
 
 PRUNING_SCRIPT = "8_pruning_with_finetuning.py"
+STUDENT_SCRIPT = stages.script_for("student")
 FINISHING_SCRIPTS = ("10_qat_kd_4bit.py", "12_export_onnx.py", "13_export_openvino.py")
 IN_PROGRESS = "in progress (if this run stopped, continue it with --resume and this folder)"
 
@@ -230,6 +236,22 @@ def main() -> None:
     else:
         student_gate = gate_folder(student_folder, teacher_correct, data, data_config, config)
     print(start_line(as_own_student, student_folder, student_gate), flush=True)
+    work = results_root() / "compress" / new_run_id()
+    record = {"target_retention": config.target_retention, "optimize": config.optimize, "gate_z": config.gate_z,
+              "budgets": {"max_latency_ms": config.max_latency_ms, "max_size_mb": config.max_size_mb},
+              "teacher": str(teacher_folder), "student": str(student_folder), "seed": config.seed,
+              "resumed_from": config.resume and str(Path(config.resume).expanduser().resolve()),
+              "config": dataclasses.asdict(config), "data_flags": forwarded, "as_own_student": as_own_student}
+    steps = StageSteps(previous_steps, on_step=lambda: write_progress(work, record, steps), trace_folder=work)
+    record["deeper_students"] = deeper_students(
+        config, steps, forwarded, work, student_folder, student_gate, as_own_student, teacher_folder,
+        lambda folder: gate_folder(folder, teacher_correct, data, data_config, config),
+        out_of_time=lambda: config.time_budget_s is not None and time.time() - started > config.time_budget_s)
+    if record["deeper_students"] and record["deeper_students"]["chosen"]:
+        chosen_student = record["deeper_students"]["chosen"]
+        student_folder, student_gate = Path(chosen_student["folder"]), chosen_student
+        student_layers, hidden_width = start_shape(student_folder, config)
+        print(start_line(as_own_student, student_folder, student_gate), flush=True)
     fallback = teacher_fallback(config, student_folder, student_gate, as_own_student)
     if fallback:
         print(f"Start: {fallback['why']}.", flush=True)
@@ -237,16 +259,9 @@ def main() -> None:
         student_layers, hidden_width = start_shape(student_folder, config)
         student_gate = gate_model(teacher, teacher_correct, teacher_correct, config)
         print(start_line(as_own_student, student_folder, student_gate), flush=True)
-    if config.resume and student_folder != checked_start:
-        previous, previous_steps = previous_run(config, teacher_folder, student_folder)
-    work = results_root() / "compress" / new_run_id()
-    record = {"target_retention": config.target_retention, "optimize": config.optimize, "gate_z": config.gate_z,
-              "budgets": {"max_latency_ms": config.max_latency_ms, "max_size_mb": config.max_size_mb},
-              "teacher": str(teacher_folder), "student": str(student_folder), "seed": config.seed,
-              "resumed_from": config.resume and str(Path(config.resume).expanduser().resolve()),
-              "config": dataclasses.asdict(config), "data_flags": forwarded,
-              "as_own_student": as_own_student, "start_fallback": fallback}
-    steps = StageSteps(previous_steps, on_step=lambda: write_progress(work, record, steps), trace_folder=work)
+    if config.resume and student_folder != checked_start:  # refuses: that run's stage-8 runs pruned another start
+        previous, _ = previous_run(config, teacher_folder, student_folder)
+    record.update(student=str(student_folder), as_own_student=as_own_student, start_fallback=fallback)
     start, start_capitalized = start_name(as_own_student), start_name(as_own_student, capitalized=True)
     if not student_gate["passes"]:
         print(f"Note: {start} already misses the target by the gate. Pruned candidates seldom beat it, so "
@@ -439,16 +454,65 @@ def start_shape(folder: Path, config: CompressConfig) -> tuple[int, int | None]:
 
 def resumed_start(config: CompressConfig, teacher: Path, student: Path) -> Path:
     """The start the --resume run's candidates pruned, as far as this run can tell before its gate: the teacher where
-    that run pruned the teacher and this one may fall back to it (--teacher_fallback, no --student_model_path), else
-    the student. previous_run checks again once the start is settled."""
+    that run pruned the teacher and this one may fall back to it (--teacher_fallback, no --student_model_path), the
+    deeper student it distilled from this student where this run may do the same (--deeper_students), else the
+    student. previous_run checks again once the start is settled."""
     try:
         trace = json.loads((Path(config.resume).expanduser() / "search.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return student  # previous_run says what is wrong with it
-    may_fall_back = config.teacher_fallback and config.student_model_path is None
-    if may_fall_back and isinstance(trace, dict) and trace.get("student") == str(teacher):
+    if not isinstance(trace, dict) or config.student_model_path is not None:
+        return student
+    if config.teacher_fallback and trace.get("student") == str(teacher):
         return teacher
+    deeper = trace.get("deeper_students")
+    if (config.deeper_students and isinstance(deeper, dict) and deeper.get("found_student") == str(student)
+            and isinstance(deeper.get("chosen"), dict) and trace.get("student") == deeper["chosen"].get("folder")):
+        return Path(trace["student"])
     return student
+
+
+def deeper_students(config: CompressConfig, steps: StageSteps, forwarded: list, work: Path, student: Path,
+                    student_gate: dict, as_own_student: bool, teacher: Path, gate: Callable[[Path], dict],
+                    out_of_time: Callable[[], bool]) -> dict | None:
+    """--deeper_students: when the student found by itself (no --student_model_path) misses the target unpruned,
+    stage 2 again with that student's flags and more teacher layers, by bisection over the depths between the two
+    (common/student_depth.py), each gated like the student. Returns the record (``chosen``: the shallowest passing
+    student's gate entry, or None), or None when it does not apply."""
+    if student_gate["passes"] or as_own_student or config.student_model_path is not None or not config.deeper_students:
+        return None
+    recorded = read_record(student).get("config") or {}
+    student_layers, teacher_layers = num_layers(model_skeleton(student)), num_layers(model_skeleton(teacher))
+    entry = {"found_student": str(student), "found_gate": student_gate, "tried": [], "chosen": None}
+    cannot = why_not_deeper(recorded, student_layers, teacher_layers)
+    if cannot:
+        entry["why"] = f"no deeper student: {cannot}"
+        print(f"Start: {entry['why']}.", flush=True)
+        return entry
+    print(f"Start: the student {student} ({student_layers} layers) misses the target by the gate, so stage 2 distils "
+          f"deeper students with its flags (between {student_layers + 1} and {teacher_layers - 1} of the teacher's "
+          f"{teacher_layers} layers, by bisection) before any pruning; --deeper_students false skips this.", flush=True)
+    by_depth = {}
+
+    def passes(layers: int) -> bool:
+        [folder] = steps.run(STUDENT_SCRIPT, *forwarded, *deeper_student_args(recorded, layers, teacher),
+                             output_dir=work / "students" / f"layers-{layers}")
+        by_depth[layers] = {"layers": layers, **gate(folder)}
+        entry["tried"].append(by_depth[layers])
+        print(f"Deeper student, {layers} layers: {start_line(False, folder, by_depth[layers])}", flush=True)
+        return by_depth[layers]["passes"]
+
+    chosen = shallowest_passing_depth(student_layers, teacher_layers, passes, out_of_time)
+    tried = ", ".join(f"{e['layers']} layers {'pass' if e['passes'] else 'fail'}" for e in entry["tried"])
+    if chosen is None and not entry["tried"]:
+        entry["why"] = f"--time_budget_s {config.time_budget_s:g} ran out before any deeper student was distilled"
+    elif chosen is None:
+        entry["why"] = f"no deeper student passes the gate ({tried}{'; then the time budget ran out' if out_of_time() else ''})"
+    else:
+        entry["chosen"] = by_depth[chosen]
+        entry["why"] = f"the shallowest student that passes the gate has {chosen} layers ({tried})"
+    print(f"Start: {entry['why']}.", flush=True)
+    return entry
 
 
 def teacher_fallback(config: CompressConfig, student: Path, student_gate: dict, as_own_student: bool) -> dict | None:
