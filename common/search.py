@@ -62,13 +62,16 @@ def examples_to_pass(gate: dict, examples: int) -> Optional[int]:
     return math.ceil(examples * (gate["margin_points"] / point) ** 2)
 
 
-def bisect_ladder(count: int, passes: Callable[[int], bool], out_of_time: Callable[[], bool] = lambda: False) -> Optional[int]:
+def bisect_ladder(count: int, passes: Callable[[int], bool], out_of_time: Callable[[], bool] = lambda: False,
+                  compressed_middle_first: bool = False) -> Optional[int]:
     """The highest index of a ladder of ``count`` candidates for which ``passes`` holds, by bisection (``passes`` is
     called about log2(count + 1) times, each index at most once); None when none passes or none was tried in time.
-    ``out_of_time`` is asked before each try only, so a True answer means the bisection stopped unsettled."""
+    ``out_of_time`` is asked before each try only, so a True answer means the bisection stopped unsettled. Where the
+    remaining range has two middles, the less compressed is tried first, or the more compressed with
+    ``compressed_middle_first`` (cheaper tries, as shallower students are)."""
     passing, failing = -1, count  # every index <= passing passes, every index >= failing fails (as far as tried)
     while failing - passing > 1 and not out_of_time():
-        middle = (passing + failing) // 2
+        middle = (passing + failing + compressed_middle_first) // 2
         if passes(middle):
             passing = middle
         else:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .config import DataConfig, StudentConfig
+from .search import bisect_ladder
 
 # flags that say where and how a run is kept, not what it trains; and the two this module sets itself
 _NOT_REPEATED = {"output_dir", "overwrite_output_dir", "resume", "profile", "stop_after_epochs", "teacher_model_path",
@@ -25,17 +26,13 @@ _NOT_REPEATED = {"output_dir", "overwrite_output_dir", "resume", "profile", "sto
 def shallowest_passing_depth(student_layers: int, teacher_layers: int, passes: Callable[[int], bool],
                              out_of_time: Callable[[], bool] = lambda: False) -> Optional[int]:
     """The fewest layers in (``student_layers``, ``teacher_layers``) whose student passes (``passes(layers)``), by
-    bisection: the student fails, and a deeper one keeps at least as much. Each depth is tried at most once, the
-    shallower middle first (shallower students are cheaper to distil and what the search wants); ``out_of_time`` is
-    asked before each try. None when none passes or none was tried in time."""
-    failing, passing = student_layers, teacher_layers  # every depth <= failing fails, every depth >= passing passes
-    while passing - failing > 1 and not out_of_time():
-        middle = (failing + passing) // 2
-        if passes(middle):
-            passing = middle
-        else:
-            failing = middle
-    return passing if passing < teacher_layers else None
+    ``bisect_ladder`` over the depths from the deepest (least compressed) down: the student fails, and a deeper one
+    keeps at least as much. Each depth is tried at most once, the shallower middle first (shallower students are
+    cheaper to distil and what the search wants); ``out_of_time`` is asked before each try. None when none passes or
+    none was tried in time."""
+    depths = list(range(teacher_layers - 1, student_layers, -1))
+    found = bisect_ladder(len(depths), lambda index: passes(depths[index]), out_of_time, compressed_middle_first=True)
+    return None if found is None else depths[found]
 
 
 def why_not_deeper(recorded_config: dict, student_layers: int, teacher_layers: int) -> Optional[str]:

@@ -243,10 +243,13 @@ def main() -> None:
               "resumed_from": config.resume and str(Path(config.resume).expanduser().resolve()),
               "config": dataclasses.asdict(config), "data_flags": forwarded, "as_own_student": as_own_student}
     steps = StageSteps(previous_steps, on_step=lambda: write_progress(work, record, steps), trace_folder=work)
+
+    def out_of_time() -> bool:
+        return config.time_budget_s is not None and time.time() - started > config.time_budget_s
+
     record["deeper_students"] = deeper_students(
         config, steps, forwarded, work, student_folder, student_gate, as_own_student, teacher_folder,
-        lambda folder: gate_folder(folder, teacher_correct, data, data_config, config),
-        out_of_time=lambda: config.time_budget_s is not None and time.time() - started > config.time_budget_s)
+        lambda folder: gate_folder(folder, teacher_correct, data, data_config, config), out_of_time)
     if record["deeper_students"] and record["deeper_students"]["chosen"]:
         chosen_student = record["deeper_students"]["chosen"]
         student_folder, student_gate = Path(chosen_student["folder"]), chosen_student
@@ -330,9 +333,6 @@ def main() -> None:
                   f"{copy_reason}: the search counts the candidate as failing and looks at less compressed shares.",
                   flush=True)
         return entry["qualifies"]
-
-    def out_of_time() -> bool:
-        return config.time_budget_s is not None and time.time() - started > config.time_budget_s
 
     cut_by_time: list[int] = []  # the depths whose bisection the budget stopped with candidates left to try
 
