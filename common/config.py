@@ -831,6 +831,12 @@ class CompressConfig:
         "and prune the shallowest that passes the gate. Only when none does, --teacher_fallback. Decided before any "
         "stage-8 training; the trace records every depth tried. false: no stage-2 runs.",
     )
+    reuse_students: bool = _field(
+        True, "With --deeper_students: a deeper student that an earlier compress.py run distilled with the same stage-2 "
+        "command (same teacher, flags, data flags and depth; its folder still a complete checkpoint) is reused, not "
+        "distilled again, as --resume would reuse it; the log and the trace's step name that run (origin). Runs "
+        "with other --seed, --optimize or --target_retention on one teacher share them. false: distil anew.",
+    )
     teacher_fallback: bool = _field(
         True, "When --student_model_path is not given and the student (the newest results/student/ run) already misses "
         "the target by the gate (and no deeper student passes, --deeper_students), prune the teacher itself at full "

@@ -8,8 +8,9 @@ Reads:  the newest results/teacher/ and results/student/ checkpoints (run stages
 Does:   1. measures the teacher on the validation split (per example, for the paired noise of the gate), and gates the
            unpruned student as a reference; when even it misses the target and it was found by itself (no
            --student_model_path), stage 2 distils deeper students with its flags (--deeper_students: the depths between
-           the student's and the teacher's, by bisection, in results/compress/<run_id>/students/) and the candidates
-           prune the shallowest that passes; when none does, the teacher at full depth (--teacher_fallback; false:
+           the student's and the teacher's, by bisection, in results/compress/<run_id>/students/; one that an earlier
+           run distilled with the same command is reused, --reuse_students) and the candidates prune the shallowest
+           that passes; when none does, the teacher at full depth (--teacher_fallback; false:
            the student anyway, with a warning before any training);
         2. searches the ladder --sparsities by bisection: each candidate is a stage-8 run removing that share of the
            heads and FFN neurons (results/compress/<run_id>/candidates/), judged on validation by the retention gate
@@ -110,7 +111,7 @@ from common.search import (  # noqa: E402
     retention_gate,
 )
 from common.search_trace import candidate_name, gate_word, plot_search, search_markdown, start_name  # noqa: E402
-from common.stage_steps import StageSteps  # noqa: E402
+from common.stage_steps import StageSteps, earlier_steps  # noqa: E402
 from common.student_depth import deeper_student_args, shallowest_passing_depth, why_not_deeper  # noqa: E402
 
 PRUNING_SCRIPT = "8_pruning_with_finetuning.py"
@@ -242,7 +243,9 @@ def main() -> None:
               "teacher": str(teacher_folder), "student": str(student_folder), "seed": config.seed,
               "resumed_from": config.resume and str(Path(config.resume).expanduser().resolve()),
               "config": dataclasses.asdict(config), "data_flags": forwarded, "as_own_student": as_own_student}
-    steps = StageSteps(previous_steps, on_step=lambda: write_progress(work, record, steps), trace_folder=work)
+    shared = earlier_steps(work.parent, STUDENT_SCRIPT, exclude=work) if config.reuse_students else []
+    steps = StageSteps(previous_steps, on_step=lambda: write_progress(work, record, steps), trace_folder=work,
+                       shared_steps=shared)
 
     def out_of_time() -> bool:
         return config.time_budget_s is not None and time.time() - started > config.time_budget_s

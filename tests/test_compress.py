@@ -514,6 +514,66 @@ def test_stage_runs_are_reused_only_when_their_command_matches_and_their_folders
     assert progress["status"].startswith("in progress") and progress["steps"] == resumed.steps and len(progress["steps"]) == 4
 
 
+def test_a_deeper_student_of_an_earlier_run_is_reused_by_a_run_with_the_same_stage2_command(tmp_path, monkeypatch, capsys):
+    """--reuse_students: the stage-2 runs that earlier compress.py runs ran themselves (not those they reused, not this
+    run's own trace, not a trace that cannot be read) are offered newest run first; a step with the same command whose
+    folder is complete is reused and names its run; the resumed run's own steps come first; other flags run anew."""
+    from common import stage_steps
+
+    compress_root = tmp_path / "results" / "compress"
+    ran = []
+
+    def fake_run(script, *args, stream=False):
+        ran.append(args)
+        fake_checkpoint(Path(args[args.index("--output_dir") + 1]))
+
+    monkeypatch.setattr(stage_steps, "run_script", fake_run)
+
+    def trace(run: str, steps: list[dict]) -> Path:
+        (compress_root / run).mkdir(parents=True)
+        (compress_root / run / "search.json").write_text(json.dumps({"steps": steps}))
+        return compress_root / run
+
+    def step(folder: Path, *args, script="2_distill_student.py", **extra) -> dict:
+        return {"script": script, "args": list(args), "folders": [str(folder)], "seconds": 5, "reused": False, **extra}
+
+    older = fake_checkpoint(tmp_path / "older" / "layers-4")
+    newer = fake_checkpoint(tmp_path / "newer" / "layers-4")
+    gone = tmp_path / "gone" / "layers-5"  # a folder deleted since: never offered as reusable
+    old_run = trace("20261201-000000-000000", [step(older, "--student_num_layers", "4"),
+                                               step(tmp_path / "x", "--final_sparsity", "0.5", script="8_pruning_with_finetuning.py")])
+    new_run = trace("20261202-000000-000000", [step(newer, "--student_num_layers", "4"), step(gone, "--student_num_layers", "5"),
+                                               step(older, "--student_num_layers", "3", reused=True)])
+    (compress_root / "20261203-000000-000000").mkdir()
+    (compress_root / "20261203-000000-000000" / "search.json").write_text("{not json")
+    this_run = trace("20261204-000000-000000", [step(older, "--student_num_layers", "6")])
+
+    offered = stage_steps.earlier_steps(compress_root, "2_distill_student.py", exclude=this_run)
+    assert [(s["args"], s["origin"]) for s in offered] == [
+        (["--student_num_layers", "4"], f"the compress run {new_run}"), (["--student_num_layers", "5"], f"the compress run {new_run}"),
+        (["--student_num_layers", "4"], f"the compress run {old_run}")], "newest run first; no reused, other-script or own step"
+    assert stage_steps.earlier_steps(tmp_path / "nowhere", "2_distill_student.py") == []
+
+    steps = stage_steps.StageSteps(shared_steps=offered)
+    assert steps.run("2_distill_student.py", "--student_num_layers", 4, output_dir=tmp_path / "mine" / "layers-4") == [newer]
+    assert f"Reusing {newer}: the compress run {new_run} ran 2_distill_student.py with the same flags" in capsys.readouterr().out
+    assert steps.steps[-1]["reused"] and steps.steps[-1]["origin"] == f"the compress run {new_run}"
+    [fresh] = steps.run("2_distill_student.py", "--student_num_layers", 5, output_dir=tmp_path / "mine" / "layers-5")
+    assert fresh == tmp_path / "mine" / "layers-5" and fresh.is_dir() and len(ran) == 1, "the earlier folder is gone"
+    steps.run("2_distill_student.py", "--student_num_layers", 4, "--seed", 2, output_dir=tmp_path / "mine" / "seeded")
+    assert len(ran) == 2 and steps.reused == 1
+    capsys.readouterr()
+    stage_steps.StageSteps(steps.steps).run("2_distill_student.py", "--student_num_layers", 4)  # this run, resumed
+    assert f"Reusing {newer}: the compress run {new_run} ran" in capsys.readouterr().out, "its trace keeps the origin"
+
+    shutil.rmtree(newer)  # the newest run's copy is gone: the older run's is next
+    resumed_own = fake_checkpoint(tmp_path / "resumed" / "layers-4")
+    assert stage_steps.StageSteps(shared_steps=offered).run("2_distill_student.py", "--student_num_layers", 4) == [older]
+    resumed = stage_steps.StageSteps([step(resumed_own, "--student_num_layers", "4")], shared_steps=offered)
+    assert resumed.run("2_distill_student.py", "--student_num_layers", 4) == [resumed_own], "the resumed run's own first"
+    assert "origin" not in resumed.steps[-1] and len(ran) == 2
+
+
 def test_resume_refuses_another_teacher_and_rebuilds_the_candidates_of_older_traces(tmp_path):
     """A trace written before stage runs were recorded: its candidates' stage-8 commands are rebuilt from its own config,
     so a run with the same flags reuses them; a trace of another teacher or student is refused by name."""
@@ -823,6 +883,10 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     resumed = compress(*distilled, "--resume", deeper_trace.parent)
     assert resumed.returncode == deeper_run.returncode, resumed.stderr[-3000:]
     assert f"Reusing {three['folder']}: the resumed run ran 2_distill_student.py with the same flags" in resumed.stdout
+    fresh = compress(*distilled)  # a new run, not resumed, with the same flags: the deeper student is reused too
+    assert fresh.returncode == deeper_run.returncode, fresh.stderr[-3000:]
+    assert (f"Reusing {three['folder']}: the compress run {deeper_trace.parent} ran 2_distill_student.py with the same "
+            f"flags") in fresh.stdout, "the resumed run only reused it, so the run that distilled it is named"
     shutil.rmtree(flipped)  # this test's own copy
 
 
@@ -893,6 +957,7 @@ def test_the_summary_refuses_runs_it_cannot_read(tmp_path, args, message):
     (["--max_unlabeled_samples", "10"], "max_unlabeled_samples=10 limits --unlabeled_dataset, which is not given"),
     (["--teacher_fallback", "maybe"], "--teacher-fallback: Truthy value expected: got maybe"),
     (["--deeper_students", "2"], "--deeper-students: Truthy value expected: got 2"),
+    (["--reuse_students", "maybe"], "--reuse-students: Truthy value expected: got maybe"),
     (["--resume", "nowhere"], "resume='nowhere' holds no search.json, so it is not a compress.py run folder"),
     ([], "Run `python 1_train_teacher.py` first"),  # valid flags, but no teacher to compress toward
 ])
