@@ -41,19 +41,23 @@ def earlier_steps(compress_root: Path, script: str, exclude: Optional[Path] = No
 
 class StageSteps:
     """Runs stage scripts, or reuses a previous run's step with the same command whose folders are all complete
-    checkpoints. ``previous_steps`` are the resumed run's, tried first; ``shared_steps`` (from ``earlier_steps``) other
-    runs'. ``steps`` is the record of this run (each: script, args, folders, seconds, reused, and ``origin`` when another
+    checkpoints. ``previous_steps`` are the resumed run's, tried first; ``share`` offers other runs' steps after them
+    (from ``earlier_steps``). ``steps`` is the record of this run (each: script, args, folders, seconds, reused, and ``origin`` when another
     run wrote its folders); ``on_step`` is called after each one (compress.py writes its trace to ``trace_folder`` then,
     so a run that stops can be resumed, and a stage that fails says how)."""
 
     def __init__(self, previous_steps: Iterable[dict] = (), on_step: Optional[Callable[[], None]] = None,
-                 trace_folder: Optional[Path] = None, shared_steps: Iterable[dict] = ()):
+                 trace_folder: Optional[Path] = None):
         self.steps: list[dict] = []
         self._previous: dict[str, list[dict]] = {}
-        for step in [*previous_steps, *shared_steps]:
-            self._previous.setdefault(step_key(step["script"], step["args"]), []).append(step)
+        self.share(previous_steps)
         self._on_step = on_step
         self._trace_folder = trace_folder
+
+    def share(self, steps: Iterable[dict]) -> None:
+        """Offer ``steps`` for reuse, each after those offered before it with the same command."""
+        for step in steps:
+            self._previous.setdefault(step_key(step["script"], step["args"]), []).append(step)
 
     @property
     def reused(self) -> int:

@@ -243,9 +243,7 @@ def main() -> None:
               "teacher": str(teacher_folder), "student": str(student_folder), "seed": config.seed,
               "resumed_from": config.resume and str(Path(config.resume).expanduser().resolve()),
               "config": dataclasses.asdict(config), "data_flags": forwarded, "as_own_student": as_own_student}
-    shared = earlier_steps(work.parent, STUDENT_SCRIPT, exclude=work) if config.reuse_students else []
-    steps = StageSteps(previous_steps, on_step=lambda: write_progress(work, record, steps), trace_folder=work,
-                       shared_steps=shared)
+    steps = StageSteps(previous_steps, on_step=lambda: write_progress(work, record, steps), trace_folder=work)
 
     def out_of_time() -> bool:
         return config.time_budget_s is not None and time.time() - started > config.time_budget_s
@@ -492,6 +490,9 @@ def deeper_students(config: CompressConfig, steps: StageSteps, forwarded: list, 
         entry["why"] = f"no deeper student: {cannot}"
         print(f"Start: {entry['why']}.", flush=True)
         return entry
+    if config.reuse_students:  # the resumed run's own steps are offered already, and first
+        resumed = Path(config.resume).expanduser() if config.resume else None
+        steps.share(earlier_steps(work.parent, STUDENT_SCRIPT, exclude=resumed))
     print(f"Start: the student {student} ({student_layers} layers) misses the target by the gate, so stage 2 distils "
           f"deeper students with its flags (between {student_layers + 1} and {teacher_layers - 1} of the teacher's "
           f"{teacher_layers} layers, by bisection) before any pruning; --deeper_students false skips this.", flush=True)

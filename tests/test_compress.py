@@ -270,12 +270,19 @@ def test_a_failing_student_gives_way_to_the_shallowest_deeper_student_that_passe
     (student / "compression.json").write_text(json.dumps({"config": {"num_epochs": 6, "batch_size": 32}}))
     monkeypatch.setattr(compress, "model_skeleton", lambda folder: folder)
     monkeypatch.setattr(compress, "num_layers", lambda folder: {student: 3, teacher: 6}[folder])
-    runs = []
+    runs, offered = [], []
+    earlier = tmp_path / "compress" / "run0"  # an earlier compress run that distilled a deeper student itself
+    earlier.mkdir(parents=True)
+    earlier_step = {"script": "2_distill_student.py", "args": ["--student_num_layers", "4"], "folders": ["x"], "reused": False}
+    (earlier / "search.json").write_text(json.dumps({"steps": [earlier_step]}))
 
     class Steps:
         def run(self, script, *args, output_dir):
             runs.append((script, [str(arg) for arg in args], output_dir))
             return [output_dir]
+
+        def share(self, steps):
+            offered.append(steps)
 
     def gate(folder):  # 4 layers miss the target, 5 keep it
         passes = folder.name == "layers-5"
@@ -289,6 +296,7 @@ def test_a_failing_student_gives_way_to_the_shallowest_deeper_student_that_passe
                                         as_own_student, teacher, gate, out_of_time=lambda: False)
 
     record = deeper(CompressConfig())
+    assert offered == [[{**earlier_step, "origin": f"the compress run {earlier}"}]], "other runs' students, offered once"
     assert [run[2].name for run in runs] == ["layers-4", "layers-5"] and {run[0] for run in runs} == {"2_distill_student.py"}
     assert runs[0][1][:2] == ["--validation_fraction", "0.2"] and "--num_epochs" in runs[0][1], "data flags, then its own"
     assert record["chosen"]["folder"] == str(work / "students" / "layers-5") and record["chosen"]["layers"] == 5
@@ -297,12 +305,15 @@ def test_a_failing_student_gives_way_to_the_shallowest_deeper_student_that_passe
     trace = search_markdown({"target_retention": 0.99, "teacher_validation_accuracy": 0.83, "gate_z": 1.0,
                              "validation_examples": 100, "optimize": "size", "candidates": [], "deeper_students": record})
     assert f"Found student {student}: retention 0.9810, fail" in trace and "- deeper student, 4 layers" in trace
+    runs.clear(), offered.clear()
+    deeper(CompressConfig(reuse_students=False))
+    assert offered == [] and len(runs) == 2, "--reuse_students false: distilled anew, nothing offered"
     runs.clear()
     for no_deeper in ({"config": CompressConfig(deeper_students=False)},
                       {"config": CompressConfig(student_model_path=str(student))},
                       {"config": CompressConfig(), "student_gate": {**failing, "passes": True}},
                       {"config": CompressConfig(), "as_own_student": True}):
-        assert deeper(**no_deeper) is None and runs == []
+        assert deeper(**no_deeper) is None and runs == [] and offered == [], "no deeper student: no trace read"
     out_of_time = compress.deeper_students(CompressConfig(time_budget_s=1), Steps(), [], work, student, failing, False,
                                            teacher, gate, out_of_time=lambda: True)
     assert out_of_time["chosen"] is None and runs == [] and "ran out before any deeper student" in out_of_time["why"]
@@ -554,7 +565,8 @@ def test_a_deeper_student_of_an_earlier_run_is_reused_by_a_run_with_the_same_sta
         (["--student_num_layers", "4"], f"the compress run {old_run}")], "newest run first; no reused, other-script or own step"
     assert stage_steps.earlier_steps(tmp_path / "nowhere", "2_distill_student.py") == []
 
-    steps = stage_steps.StageSteps(shared_steps=offered)
+    steps = stage_steps.StageSteps()
+    steps.share(offered)
     assert steps.run("2_distill_student.py", "--student_num_layers", 4, output_dir=tmp_path / "mine" / "layers-4") == [newer]
     assert f"Reusing {newer}: the compress run {new_run} ran 2_distill_student.py with the same flags" in capsys.readouterr().out
     assert steps.steps[-1]["reused"] and steps.steps[-1]["origin"] == f"the compress run {new_run}"
@@ -568,8 +580,11 @@ def test_a_deeper_student_of_an_earlier_run_is_reused_by_a_run_with_the_same_sta
 
     shutil.rmtree(newer)  # the newest run's copy is gone: the older run's is next
     resumed_own = fake_checkpoint(tmp_path / "resumed" / "layers-4")
-    assert stage_steps.StageSteps(shared_steps=offered).run("2_distill_student.py", "--student_num_layers", 4) == [older]
-    resumed = stage_steps.StageSteps([step(resumed_own, "--student_num_layers", "4")], shared_steps=offered)
+    steps = stage_steps.StageSteps()
+    steps.share(offered)
+    assert steps.run("2_distill_student.py", "--student_num_layers", 4) == [older]
+    resumed = stage_steps.StageSteps([step(resumed_own, "--student_num_layers", "4")])
+    resumed.share(offered)
     assert resumed.run("2_distill_student.py", "--student_num_layers", 4) == [resumed_own], "the resumed run's own first"
     assert "origin" not in resumed.steps[-1] and len(ran) == 2
 
