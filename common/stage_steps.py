@@ -42,9 +42,9 @@ def earlier_steps(compress_root: Path, script: str, exclude: Optional[Path] = No
 class StageSteps:
     """Runs stage scripts, or reuses a previous run's step with the same command whose folders are all complete
     checkpoints. ``previous_steps`` are the resumed run's, tried first; ``share`` offers other runs' steps after them
-    (from ``earlier_steps``). ``steps`` is the record of this run (each: script, args, folders, seconds, reused, and ``origin`` when another
-    run wrote its folders); ``on_step`` is called after each one (compress.py writes its trace to ``trace_folder`` then,
-    so a run that stops can be resumed, and a stage that fails says how)."""
+    (from ``earlier_steps``). ``steps`` is the record of this run (each: script, args, folders, seconds, reused, and
+    ``origin`` when another run wrote its folders); ``on_step`` is called after each one (compress.py writes its trace
+    to ``trace_folder`` then, so a run that stops can be resumed, and a stage that fails says how)."""
 
     def __init__(self, previous_steps: Iterable[dict] = (), on_step: Optional[Callable[[], None]] = None,
                  trace_folder: Optional[Path] = None):

@@ -305,7 +305,8 @@ def test_a_failing_student_gives_way_to_the_shallowest_deeper_student_that_passe
     trace = search_markdown({"target_retention": 0.99, "teacher_validation_accuracy": 0.83, "gate_z": 1.0,
                              "validation_examples": 100, "optimize": "size", "candidates": [], "deeper_students": record})
     assert f"Found student {student}: retention 0.9810, fail" in trace and "- deeper student, 4 layers" in trace
-    runs.clear(), offered.clear()
+    runs.clear()
+    offered.clear()
     deeper(CompressConfig(reuse_students=False))
     assert offered == [] and len(runs) == 2, "--reuse_students false: distilled anew, nothing offered"
     runs.clear()
