@@ -775,17 +775,28 @@ class CompressConfig:
     pruning_epochs: Optional[int] = _field(None, "Epochs of each stage-8 candidate. Default: stage 8's own default.")
     qkd_epochs: Optional[int] = _field(None, "Epochs of each stage-10 run (QKD-4bit). Default: stage 10's own default.")
     time_budget_s: Optional[float] = _field(
-        None, "Start no new stage-8 candidate, nor another stage-10 try of the 8-bit search, after this many seconds; "
+        None, "Start no new stage-8 candidate, nor another stage-10 try on another candidate (--qkd_retreats) or of "
+        "the 8-bit search, after this many seconds; "
         "the search keeps the best it has (stages 12 and 13 still run on it).")
     finish: bool = _field(
         True, "After the search, publish the chosen candidate as the newest results/pruned/ checkpoint and run stages 10, "
         "12 and 13 on it; the delivered file is chosen among their files. false: stop after the search.",
     )
     mixed_precision: bool = _field(
-        True, "With --finish: when the QKD model with every Linear in 4 bits misses the target on validation, find the "
+        True, "With --finish: when the QKD model with every Linear in 4 bits misses the target on validation (and no "
+        "other candidate's passes, --qkd_retreats), find the "
         "fewest Linears (largest 4-bit output error first) that must stay at 8 bits: stage 10 again with "
         "--keep_8bit_layers, by bisection over all of them, half, a quarter ... one. The fewest that pass the gate are "
         "published for stages 12 and 13. Counts against --time_budget_s. false: 4 bits everywhere only.",
+    )
+    qkd_retreats: int = _field(
+        1, "With --finish: when the winner's QKD-4bit model (every Linear in 4 bits; with --optimize size its "
+        "word-embedding rows as --size_embeddings says) misses the target on validation, stage 10 runs the same way "
+        "on up to this many other candidates that passed, the next best for --optimize first (usually a smaller "
+        "share: more room above the target), and the first whose QKD model passes is published and exported instead. "
+        "Only when none does, the 8-bit search (--mixed_precision) runs on the winner. Each try is one stage-10 run "
+        "(two when its ternary rows miss), fewer than the 8-bit search's bisection; counts against --time_budget_s. "
+        "0: never.",
     )
     size_embeddings: str = _field(
         "int2", "With --optimize size and --finish: the word-embedding rows stage 10 trains first. 'int2': ternary "
@@ -885,6 +896,7 @@ class CompressConfig:
         _check_choice("optimize", self.optimize, OBJECTIVES)
         _check_choice("size_embeddings", self.size_embeddings, SIZE_EMBEDDINGS)
         _check_range("size_int4_rows", self.size_int4_rows, 0, float("inf"))
+        _check_range("qkd_retreats", self.qkd_retreats, 0, float("inf"))
         _check_positive("max_latency_ms", self.max_latency_ms, allow_none=True)
         _check_positive("max_size_mb", self.max_size_mb, allow_none=True)
         if not self.sparsities:

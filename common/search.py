@@ -9,6 +9,8 @@
   in about log2(n + 1) evaluations, assuming accuracy falls as compression grows; stops early when time runs out.
 - ``bisect_sparsities``: ``bisect_ladder`` over sparsities; when every one fails and the unpruned model passed,
   it bisects on over shares below the least compressed one (``extension_ladder``) instead of refusing.
+- ``retreat_order``: when the winner's QKD-4bit model misses the target, the other candidates that passed, in the
+  order stage 10 falls back to them (the next best for the objective first).
 - ``eight_bit_ladder``: how many Linears stay at 8 bits, from all of them down to one by halving, for a bisection
   (with ``bisect_ladder``) of the fewest that keep the target when 4 bits everywhere does not.
 - ``expected_latency``: a latency-table prediction scaled by the measured/predicted ratio of the candidates timed so
@@ -145,6 +147,16 @@ def depth_winner(candidates: dict[tuple[int, float], dict], drop: int) -> Option
     never trained, so it cannot be the winner."""
     passing = [index for (depth, index), entry in candidates.items() if depth == drop and entry["qualifies"]]
     return candidates[(drop, max(passing))] if passing else None
+
+
+def retreat_order(candidates: list[dict], winner: dict, optimize: str) -> list[dict]:
+    """The trained candidates other than ``winner`` that qualify, best first for ``optimize``: the smallest ONNX Runtime
+    int8 copy ('size') or the largest int8 speed-up against the teacher ('latency'), the other measure breaking ties.
+    At one depth the next best is the next smaller share, which stands further above the target."""
+    others = [entry for entry in candidates if entry["qualifies"] and entry["folder"] != winner["folder"]]
+    if optimize == "latency":
+        return sorted(others, key=lambda entry: (-entry["int8_speedup_vs_teacher"], entry["int8_size_mb"]))
+    return sorted(others, key=lambda entry: (entry["int8_size_mb"], -entry["int8_speedup_vs_teacher"]))
 
 
 def eight_bit_ladder(linears: int) -> list[int]:

@@ -77,6 +77,12 @@ def search_markdown(record: dict) -> str:
         lines += ["", f"Winner: {candidate_name(record['winner'])}, {record['winner']['why']}."]
     if record.get("embeddings"):
         lines.append(f"Word-embedding rows: {record['embeddings']['method']}, {record['embeddings']['why']}.")
+    retreat = record.get("retreat")
+    if retreat:
+        lines.append(f"Retreat (--qkd_retreats): {retreat['why']}.")
+        lines += [f"- stage 10 on {entry['name']}: {entry['embeddings']['method']} rows, retention "
+                  f"{entry['embeddings']['gate']['retention']:.4f} ({'pass' if entry['embeddings']['gate']['passes'] else 'fail'})"
+                  for entry in retreat["tried"]]
     mixed = record.get("mixed_precision")
     if mixed:
         lines.append(f"Mixed precision: every Linear in 4 bits gives retention {mixed['all_4bit']['retention']:.4f} "

@@ -30,7 +30,9 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
         3. (--finish) copies the winner into results/pruned/ as its newest checkpoint, runs stage 10 (QKD-4bit) on it
            (with --optimize size first with ternary word-embedding rows, --size_embeddings, the most frequent tokens'
            rows at int4, --size_int4_rows; int4 rows when those miss the gate); when that all-4-bit model fails the
-           gate (--mixed_precision), reruns stage 10 with --keep_8bit_layers
+           gate, stage 10 runs the same way on the next candidate that passed (--qkd_retreats; a smaller share, in
+           results/compress/<run_id>/retreat/), which is published and exported instead when its QKD model passes;
+           otherwise (--mixed_precision) reruns stage 10 on the winner with --keep_8bit_layers
            (largest 4-bit error first, by bisection over all, half, ... one) and publishes the fewest that pass (the
            fewest found so far when --time_budget_s stops it, and the record says so); then
            runs stages 12 (ONNX; with --optimize size its 4-bit files keep only the position rows of --max_length
@@ -109,6 +111,7 @@ from common.search import (  # noqa: E402
     int8_copy_reason,
     qualifies,
     retention_gate,
+    retreat_order,
 )
 from common.search_trace import candidate_name, gate_word, plot_search, search_markdown, start_name  # noqa: E402
 from common.stage_steps import StageSteps, earlier_steps  # noqa: E402
@@ -415,14 +418,13 @@ def main() -> None:
         return
     published = publish_winner(chosen["folder"], previous)
     record.update(published=str(published), published_from=chosen["folder"])
-    qkd_flags = [*forwarded, *training_flags(config), "--pruned_model_path", published, "--teacher_model_path",
-                 teacher_folder, *(["--num_epochs", config.qkd_epochs] if config.qkd_epochs else [])]
-    record["embeddings"] = train_qkd(steps, qkd_flags, teacher_correct, data, data_config, config)
-    qkd_folder = Path(record["embeddings"]["folder"])
-    if config.mixed_precision:
-        record["mixed_precision"] = search_8bit_layers(steps, [*qkd_flags, *record["embeddings"]["flags"]], qkd_folder,
-                                                       teacher_correct, data, data_config, config, work, out_of_time)
-        qkd_folder = Path(record["mixed_precision"].get("published", qkd_folder))
+
+    def qkd_flags(pruned: Path) -> list:
+        return [*forwarded, *training_flags(config), "--pruned_model_path", pruned, "--teacher_model_path",
+                teacher_folder, *(["--num_epochs", config.qkd_epochs] if config.qkd_epochs else [])]
+
+    published, qkd_folder = quantize_winner(steps, record, tried, chosen, published, previous, qkd_flags, teacher_correct,
+                                            data, data_config, config, work, out_of_time)
     exported = []
     for script in FINISHING_SCRIPTS[1:]:
         exported += steps.run(script, *forwarded, "--source_model_path", published, "--qkd_model_path", qkd_folder,
@@ -583,10 +585,15 @@ def time_budget_note(config: CompressConfig, work: Path, trained: int) -> str:
 
 
 def publish_winner(winner: str, previous: dict) -> Path:
-    """The winner copied as the newest results/pruned/ checkpoint, or the resumed run's copy of the same candidate."""
-    if previous.get("published") and previous.get("published_from") == winner and is_complete(Path(previous["published"])):
-        print(f"Reusing {previous['published']}: the resumed run published the same candidate", flush=True)
-        return Path(previous["published"])
+    """The winner copied as the newest results/pruned/ checkpoint, or the resumed run's copy of the same candidate
+    (published as its winner, or by --qkd_retreats after it)."""
+    retreat = previous.get("retreat") or {}
+    copies = [(previous.get("published_from"), previous.get("published")),
+              ((retreat.get("winner") or {}).get("published_from"), (retreat.get("winner") or {}).get("published"))]
+    for source, copy in copies:
+        if copy and source == winner and is_complete(Path(copy)):
+            print(f"Reusing {copy}: the resumed run published the same candidate", flush=True)
+            return Path(copy)
     published = stage_dir("pruned") / new_run_id()
     shutil.copytree(winner, published)
     print(f"Published the winner as {published}", flush=True)
@@ -604,11 +611,12 @@ def gate_folder(folder: Path, teacher_correct, data, data_config, config) -> dic
     return gate_model(model, validation_correct(model, folder, data, data_config.max_length), teacher_correct, config)
 
 
-def train_qkd(steps: StageSteps, flags: list, teacher_correct, data, data_config, config) -> dict:
-    """Stage 10 on the published winner. With --optimize size it first trains ternary word-embedding rows
+def train_qkd(steps: StageSteps, flags: list, teacher_correct, data, data_config, config,
+              output_root: Path | None = None) -> dict:
+    """Stage 10 on the published winner (its runs in results/qkd_4bit/, or in ``output_root``). With --optimize size it first trains ternary word-embedding rows
     (--size_embeddings int2; the --size_int4_rows most frequent tokens' rows at int4) and keeps them when that model
     passes the gate; otherwise stage 10 runs again with int4 rows. Returns the rows chosen, the stage-10 flags that give
-    them, the checkpoint kept (which the 8-bit search and stages 12 and 13 read) and why."""
+    them, the checkpoint kept (which the 8-bit search and stages 12 and 13 read), its gate and why."""
     quantize = FINISHING_SCRIPTS[0]
     result = {"method": "int4", "flags": [], "why": "int4 rows (stage 10's default)"}
     if config.optimize == "size" and config.size_embeddings == "int4":
@@ -619,25 +627,90 @@ def train_qkd(steps: StageSteps, flags: list, teacher_correct, data, data_config
         if config.size_embeddings == "int2" and config.size_int4_rows:
             ternary_flags += ["--embedding_int4_rows", config.size_int4_rows]
             rows += f" (the {config.size_int4_rows} most frequent tokens' at int4)"
-        [folder] = steps.run(quantize, *flags, *ternary_flags, output_dir=stage_dir("qkd_4bit") / new_run_id())
+        [folder] = steps.run(quantize, *flags, *ternary_flags, output_dir=(output_root or stage_dir("qkd_4bit")) / new_run_id())
         ternary = gate_folder(folder, teacher_correct, data, data_config, config)
         outcome = f"QKD-4bit with {rows}: retention {ternary['retention']:.4f}"
         if ternary["passes"]:
             print(f"{outcome}, passes the gate", flush=True)
             return {"method": config.size_embeddings, "flags": ternary_flags, "tried": [ternary], "folder": str(folder),
-                    "why": f"{rows} keep the target (retention {ternary['retention']:.4f})"}
+                    "gate": ternary, "why": f"{rows} keep the target (retention {ternary['retention']:.4f})"}
         print(f"{outcome}, fails the gate; stage 10 again with int4 rows", flush=True)
         result.update(tried=[ternary], why=f"{rows} missed the target (retention {ternary['retention']:.4f}); int4 rows")
-    [folder] = steps.run(quantize, *flags, output_dir=stage_dir("qkd_4bit") / new_run_id())
-    return {**result, "folder": str(folder)}
+    [folder] = steps.run(quantize, *flags, output_dir=(output_root or stage_dir("qkd_4bit")) / new_run_id())
+    return {**result, "folder": str(folder), "gate": gate_folder(folder, teacher_correct, data, data_config, config)}
+
+
+def retreat_to_other_candidates(steps: StageSteps, others: list[dict], previous: dict, qkd_flags: Callable[[Path], list],
+                                teacher_correct, data, data_config, config, work: Path, out_of_time) -> dict:
+    """--qkd_retreats: the winner's QKD-4bit model missed the target, so stage 10 runs the same way (``train_qkd``) on
+    the next candidates that passed (``others``, best first; its runs in results/compress/<run_id>/retreat/), until
+    one's QKD model passes the gate, --qkd_retreats are spent or --time_budget_s runs out. The one that passes
+    (``chosen``) is published (the candidate as the newest results/pruned/ checkpoint, its QKD model as the newest
+    results/qkd_4bit/ one) for stages 12 and 13; when none does, results/ holds the winner's as before."""
+    result: dict = {"tried": []}
+    for candidate in others[:config.qkd_retreats]:
+        name = candidate_name(candidate)
+        if out_of_time():
+            result["why"] = f"--time_budget_s ran out before stage 10 on {name}, the next candidate that passed ({resume_advice(work)})"
+            break
+        print(f"Stage 10 on {name} instead (--qkd_retreats), the next candidate that passed the gate", flush=True)
+        runs = work / "retreat" / Path(candidate["folder"]).name
+        embeddings = train_qkd(steps, qkd_flags(Path(candidate["folder"])), teacher_correct, data, data_config, config,
+                               output_root=runs)
+        result["tried"].append({"name": name, "folder": candidate["folder"], "embeddings": embeddings})
+        if embeddings["gate"]["passes"]:
+            published = publish_winner(candidate["folder"], previous)
+            qkd_copy = stage_dir("qkd_4bit") / new_run_id()
+            shutil.copytree(embeddings["folder"], qkd_copy)
+            result.update(chosen={**result["tried"][-1], "published": str(published), "qkd_published": str(qkd_copy)},
+                          why=f"the winner's QKD-4bit model missed the target and {name}'s keeps it with every Linear "
+                              f"in 4 bits (retention {embeddings['gate']['retention']:.4f}), so stages 12 and 13 export "
+                              f"{name}")
+            print(f"QKD-4bit of {name} passes the gate (retention {embeddings['gate']['retention']:.4f}): published "
+                  f"as {published} and {qkd_copy} for stages 12 and 13", flush=True)
+            return result
+    if "why" not in result:
+        misses = ", ".join(f"{entry['name']} {entry['embeddings']['gate']['retention']:.4f}" for entry in result["tried"])
+        result["why"] = (f"no other candidate's QKD-4bit model keeps the target (retention {misses}; --qkd_retreats "
+                         f"{config.qkd_retreats})")
+    result["why"] += ("; the 8-bit search (--mixed_precision) runs on the winner" if config.mixed_precision else
+                      "; stages 12 and 13 export the winner's all-4-bit model")
+    print(f"Retreat: {result['why']}", flush=True)
+    return result
+
+
+def quantize_winner(steps: StageSteps, record: dict, tried: list[dict], chosen: dict, published: Path, previous: dict,
+                    qkd_flags: Callable[[Path], list], teacher_correct, data, data_config, config, work: Path,
+                    out_of_time) -> tuple[Path, Path]:
+    """Stage 10 on the published winner; when its QKD model misses the target, on the next candidates that passed
+    (--qkd_retreats), then the 8-bit search on the winner (--mixed_precision). Records each step (``embeddings``,
+    ``retreat``, ``mixed_precision``) and returns the pruned checkpoint and QKD model stages 12 and 13 export."""
+    record["embeddings"] = train_qkd(steps, qkd_flags(published), teacher_correct, data, data_config, config)
+    qkd_folder = Path(record["embeddings"]["folder"])
+    others = retreat_order(tried, chosen, config.optimize)
+    if not record["embeddings"]["gate"]["passes"] and config.qkd_retreats and others:
+        record["retreat"] = retreat_to_other_candidates(steps, others, previous, qkd_flags, teacher_correct, data,
+                                                        data_config, config, work, out_of_time)
+        record["retreat"]["winner"] = {"published": str(published), "published_from": chosen["folder"]}
+        retreated = record["retreat"].get("chosen")
+        if retreated:  # its QKD model passes with every Linear in 4 bits: no 8-bit search
+            record.update(published=retreated["published"], published_from=retreated["folder"])
+            return Path(retreated["published"]), Path(retreated["qkd_published"])
+    if config.mixed_precision:
+        record["mixed_precision"] = search_8bit_layers(steps, [*qkd_flags(published), *record["embeddings"]["flags"]],
+                                                       qkd_folder, teacher_correct, data, data_config, config, work,
+                                                       out_of_time, all_4bit_gate=record["embeddings"]["gate"])
+        qkd_folder = Path(record["mixed_precision"].get("published", qkd_folder))
+    return published, qkd_folder
 
 
 def search_8bit_layers(steps: StageSteps, flags: list, all_4bit: Path, teacher_correct, data, data_config, config,
-                       work: Path, out_of_time) -> dict:
-    """Bits under the gate: when the QKD model ``all_4bit`` (every Linear in 4 bits) misses the target, the fewest
-    Linears kept at 8 bits (largest 4-bit output error first) that meet it, by stage 10 with --keep_8bit_layers over
-    ``eight_bit_ladder``. The winner is published as a new qkd_4bit checkpoint, which stages 12 and 13 then export."""
-    result = {"all_4bit": gate_folder(all_4bit, teacher_correct, data, data_config, config)}
+                       work: Path, out_of_time, all_4bit_gate: dict | None = None) -> dict:
+    """Bits under the gate: when the QKD model ``all_4bit`` (every Linear in 4 bits; its gate entry ``all_4bit_gate``
+    when measured already) misses the target, the fewest Linears kept at 8 bits (largest 4-bit output error first)
+    that meet it, by stage 10 with --keep_8bit_layers over ``eight_bit_ladder``. The winner is published as a new
+    qkd_4bit checkpoint, which stages 12 and 13 then export."""
+    result = {"all_4bit": all_4bit_gate or gate_folder(all_4bit, teacher_correct, data, data_config, config)}
     if result["all_4bit"]["passes"]:
         result["why"] = "4 bits everywhere keeps the target; no Linear needs 8 bits"
         print(f"QKD-4bit with every Linear in 4 bits passes the gate (retention {result['all_4bit']['retention']:.4f})", flush=True)

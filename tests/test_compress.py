@@ -23,6 +23,7 @@ from common.search import (
     int8_copy_reason,
     qualifies,
     retention_gate,
+    retreat_order,
 )
 from common.search_trace import gate_word, search_markdown, seed_spread, summary_markdown
 from conftest import PROJECT_ROOT, make_pretrained_folder, run_stage, run_stage_unchecked, write_reviews_csv
@@ -469,6 +470,156 @@ def test_bits_under_the_gate_search_the_fewest_8bit_linears_and_publish_them(tmp
                                             tmp_path / "work5", lambda: False)
     assert [count for _, count in calls] == ["6", "12"] and "chosen" not in none_pass
     assert none_pass["why"].startswith("no count of 8-bit Linears tried ([12, 6]) keeps the target")
+
+
+def test_stage10_retreats_to_the_next_passing_candidate_in_the_objectives_order():
+    """--qkd_retreats's order: the other candidates that qualify, the smallest int8 copy first with --optimize size,
+    the fastest with --optimize latency; neither the winner nor a candidate that failed (or whose copy failed where it
+    counts) is offered."""
+    def candidate(share, size, speedup, qualifies=True):
+        return {"folder": f"c{share}", "sparsity": share, "int8_size_mb": size, "int8_speedup_vs_teacher": speedup,
+                "qualifies": qualifies}
+
+    winner, half, third, failed = candidate(0.6, 25.5, 3.0), candidate(0.5, 26.1, 2.5), candidate(0.3, 28.0, 2.7), \
+        candidate(0.7, 24.7, 3.4, qualifies=False)
+    tried = [third, half, winner, failed]
+    assert [entry["sparsity"] for entry in retreat_order(tried, winner, "size")] == [0.5, 0.3]
+    assert [entry["sparsity"] for entry in retreat_order(tried, winner, "latency")] == [0.3, 0.5]
+    assert retreat_order([winner, failed], winner, "size") == []
+
+
+def test_a_winner_whose_qkd_model_fails_gives_way_to_the_next_passing_candidates(tmp_path, monkeypatch):
+    """compress.py's retreat: stage 10 runs as on the winner (ternary rows, then int4 rows) on the next candidate
+    that passed, into the run's retreat/ folder; only the one whose QKD model passes is published (newest pruned and
+    qkd_4bit checkpoints), and a failing retreat, a spent budget or --qkd_retreats leave results/ untouched. A resumed
+    run repeats no stage-10 run and reuses its published copy."""
+    from common import stage_steps
+    from common.config import CompressConfig
+
+    compress = load_compress_script()
+    calls = []
+
+    def fake_stage_10(script, *args, stream=False):
+        args = [str(arg) for arg in args]
+        calls.append((args[args.index("--pruned_model_path") + 1], "int2" if "int2" in args else "int4"))
+        fake_checkpoint(Path(args[-1]), " ".join(calls[-1]))
+
+    passing = set()  # (candidate folder, rows) whose QKD model passes
+
+    def fake_gate(folder, *rest):
+        made_by = tuple((folder / "weights").read_text().split())
+        return {"folder": str(folder), "passes": made_by in passing, "retention": 0.995 if made_by in passing else 0.985}
+
+    results = tmp_path / "results"
+    monkeypatch.setattr(stage_steps, "run_script", fake_stage_10)
+    monkeypatch.setattr(compress, "gate_folder", fake_gate)
+    monkeypatch.setattr(compress, "stage_dir", lambda stage: results / stage)
+    candidates = []
+    for share in (0.5, 0.4):
+        folder = fake_checkpoint(tmp_path / "work" / "candidates" / f"sparsity-{share:.2f}", "pruned")
+        candidates.append({"folder": str(folder), "sparsity": share})
+    half, fifth = (candidate["folder"] for candidate in candidates)
+
+    def retreat(config, steps=None, work="work", out_of_time=lambda: False, previous=None):
+        return compress.retreat_to_other_candidates(
+            steps or compress.StageSteps(), candidates, previous or {}, lambda pruned: ["--pruned_model_path", pruned],
+            None, None, None, config, tmp_path / work, out_of_time)
+
+    def published(stage):
+        return sorted((results / stage).iterdir()) if (results / stage).exists() else []
+
+    passing.add((half, "int4"))
+    steps = compress.StageSteps()
+    result = retreat(CompressConfig(optimize="size"), steps)
+    assert calls == [(half, "int2"), (half, "int4")], "ternary rows first, then int4 rows, as on the winner"
+    chosen = result["chosen"]
+    assert chosen["name"] == "sparsity 0.50" and chosen["embeddings"]["method"] == "int4" and len(result["tried"]) == 1
+    assert Path(chosen["embeddings"]["folder"]).parent == tmp_path / "work" / "retreat" / "sparsity-0.50"
+    assert [str(path) for path in published("pruned")] == [chosen["published"]]
+    assert (Path(chosen["published"]) / "weights").read_text() == "pruned"
+    assert [str(path) for path in published("qkd_4bit")] == [chosen["qkd_published"]]
+    assert (Path(chosen["qkd_published"]) / "weights").read_text() == f"{half} int4"
+    assert "sparsity 0.50's keeps it with every Linear in 4 bits (retention 0.9950)" in result["why"]
+    shown = search_markdown({"target_retention": 0.99, "teacher_validation_accuracy": 0.83, "gate_z": 1.0,
+                             "validation_examples": 100, "optimize": "size", "candidates": [], "retreat": result})
+    assert f"Retreat (--qkd_retreats): {result['why']}." in shown
+    assert "- stage 10 on sparsity 0.50: int4 rows, retention 0.9950 (pass)" in shown
+
+    calls.clear()  # resumed: the two stage-10 runs and the published pruned copy are reused
+    again = retreat(CompressConfig(optimize="size"), compress.StageSteps(steps.steps), "work2",
+                    previous={"published": chosen["published"], "published_from": half})
+    assert calls == [] and again["chosen"]["published"] == chosen["published"] and len(published("pruned")) == 1
+    winner_copy = fake_checkpoint(results / "pruned" / "0-winner", "winner")  # older than the retreat's copy
+    resumed = {"published": chosen["published"], "published_from": half,
+               "retreat": {"winner": {"published": str(winner_copy), "published_from": "won"}, "chosen": chosen}}
+    assert compress.publish_winner("won", resumed) == winner_copy, "the resumed run's copy of its winner is reused"
+    assert str(compress.publish_winner(half, resumed)) == chosen["published"] and len(published("pruned")) == 2
+
+    shutil.rmtree(results)
+    passing.clear()
+    passing.add((fifth, "int4"))
+    none_pass = retreat(CompressConfig(optimize="size"), work="work3")
+    assert [entry["name"] for entry in none_pass["tried"]] == ["sparsity 0.50"] and "chosen" not in none_pass
+    assert none_pass["why"] == ("no other candidate's QKD-4bit model keeps the target (retention sparsity 0.50 0.9850; "
+                                "--qkd_retreats 1); the 8-bit search (--mixed_precision) runs on the winner")
+    assert published("pruned") == [] and published("qkd_4bit") == [], "a failing retreat publishes nothing"
+    calls.clear()
+    two = retreat(CompressConfig(optimize="latency", qkd_retreats=2, mixed_precision=False), work="work4")
+    assert calls == [(half, "int4"), (fifth, "int4")] and two["chosen"]["name"] == "sparsity 0.40"
+    calls.clear()
+    out_of_time = retreat(CompressConfig(optimize="latency", mixed_precision=False), work="work5", out_of_time=lambda: True)
+    assert calls == [] and out_of_time["tried"] == [] and out_of_time["why"] == (
+        f"--time_budget_s ran out before stage 10 on sparsity 0.50, the next candidate that passed (to go on without "
+        f"retraining those: --resume {tmp_path / 'work5'} with a larger --time_budget_s); stages 12 and 13 export "
+        f"the winner's all-4-bit model")
+
+
+@pytest.mark.parametrize("winner_passes, retreat_passes, qkd_retreats, others, exported, steps_taken", [
+    (True, None, 1, 1, ("winner", "winner-qkd"), ["stage 10 on winner", "8-bit search"]),
+    (False, True, 1, 1, ("retreat", "retreat-qkd"), ["stage 10 on winner", "retreat"]),
+    (False, False, 1, 1, ("winner", "mixed-qkd"), ["stage 10 on winner", "retreat", "8-bit search"]),
+    (False, None, 0, 1, ("winner", "mixed-qkd"), ["stage 10 on winner", "8-bit search"]),
+    (False, None, 1, 0, ("winner", "mixed-qkd"), ["stage 10 on winner", "8-bit search"]),
+])
+def test_the_retreat_comes_between_the_winners_stage10_and_the_8bit_search(
+        monkeypatch, winner_passes, retreat_passes, qkd_retreats, others, exported, steps_taken):
+    """compress.py's order after the search: stage 10 on the winner; when its QKD model fails and another candidate
+    passed (--qkd_retreats > 0), stage 10 on that one, whose pass ends the quantization (exported instead, no 8-bit
+    search); otherwise the 8-bit search on the winner, with the winner's flags and its measured gate."""
+    from common.config import CompressConfig
+
+    compress = load_compress_script()
+    taken, record = [], {}
+    winner_gate = {"passes": winner_passes}
+
+    def fake_train_qkd(steps, flags, *rest):
+        taken.append(f"stage 10 on {flags[-1]}")
+        return {"folder": "winner-qkd", "flags": ["--embedding_quantization", "int2"], "gate": winner_gate}
+
+    def fake_retreat(steps, offered, *rest):
+        taken.append("retreat")
+        assert offered == [{"folder": "other", "qualifies": True, "int8_size_mb": 26.0, "int8_speedup_vs_teacher": 2.0}]
+        chosen = {"folder": "other", "published": "retreat", "qkd_published": "retreat-qkd"}
+        return {"tried": [chosen], **({"chosen": chosen} if retreat_passes else {})}
+
+    def fake_8bit(steps, flags, all_4bit, *rest, all_4bit_gate):
+        taken.append("8-bit search")
+        assert flags == ["winner", "--embedding_quantization", "int2"] and all_4bit == Path("winner-qkd")
+        assert all_4bit_gate is winner_gate
+        return {} if winner_passes else {"published": "mixed-qkd"}
+
+    monkeypatch.setattr(compress, "train_qkd", fake_train_qkd)
+    monkeypatch.setattr(compress, "retreat_to_other_candidates", fake_retreat)
+    monkeypatch.setattr(compress, "search_8bit_layers", fake_8bit)
+    chosen = {"folder": "won", "qualifies": True, "int8_size_mb": 25.0, "int8_speedup_vs_teacher": 3.0}
+    tried = [chosen] + [{"folder": "other", "qualifies": True, "int8_size_mb": 26.0, "int8_speedup_vs_teacher": 2.0}] * others
+    result = compress.quantize_winner(None, record, tried, chosen, Path("winner"), {}, lambda pruned: [str(pruned)],
+                                      None, None, None, CompressConfig(qkd_retreats=qkd_retreats), None, lambda: False)
+    assert result == tuple(map(Path, exported)) and taken == steps_taken
+    if "retreat" in taken:
+        assert record["retreat"]["winner"] == {"published": "winner", "published_from": "won"}
+    if retreat_passes:
+        assert record["published"] == "retreat" and record["published_from"] == "other" and "mixed_precision" not in record
 
 
 def test_stage_runs_are_reused_only_when_their_command_matches_and_their_folders_are_complete(tmp_path, monkeypatch):
@@ -960,6 +1111,7 @@ def test_the_summary_refuses_runs_it_cannot_read(tmp_path, args, message):
     (["--optimize", "speed"], "optimize='speed' is not supported; allowed values: 'latency', 'size'"),
     (["--size_embeddings", "int3"], "size_embeddings='int3' is not supported; allowed values: 'int4', 'int2'"),
     (["--size_int4_rows", "-5"], "size_int4_rows=-5 is out of range; it must lie in [0, inf]"),
+    (["--qkd_retreats", "-1"], "qkd_retreats=-1 is out of range; it must lie in [0, inf]"),
     (["--max_size_mb", "0"], "max_size_mb=0.0 must be a positive"),
     (["--drop_layers", "0", "0"], "drop_layers=[0, 0] must list distinct layer counts of 0 or more"),
     (["--drop_layers", "-1"], "drop_layers=[-1] must list distinct layer counts"),
