@@ -613,10 +613,11 @@ def gate_folder(folder: Path, teacher_correct, data, data_config, config) -> dic
 
 def train_qkd(steps: StageSteps, flags: list, teacher_correct, data, data_config, config,
               output_root: Path | None = None) -> dict:
-    """Stage 10 on the published winner (its runs in results/qkd_4bit/, or in ``output_root``). With --optimize size it first trains ternary word-embedding rows
-    (--size_embeddings int2; the --size_int4_rows most frequent tokens' rows at int4) and keeps them when that model
-    passes the gate; otherwise stage 10 runs again with int4 rows. Returns the rows chosen, the stage-10 flags that give
-    them, the checkpoint kept (which the 8-bit search and stages 12 and 13 read), its gate and why."""
+    """Stage 10 on a pruned checkpoint (its runs in results/qkd_4bit/, or in ``output_root``). With --optimize size it
+    first trains ternary word-embedding rows (--size_embeddings int2; the --size_int4_rows most frequent tokens' rows at
+    int4) and keeps them when that model passes the gate; otherwise stage 10 runs again with int4 rows. Returns the rows
+    chosen, the stage-10 flags that give them, the checkpoint kept (which the 8-bit search and stages 12 and 13 read),
+    its gate and why."""
     quantize = FINISHING_SCRIPTS[0]
     result = {"method": "int4", "flags": [], "why": "int4 rows (stage 10's default)"}
     if config.optimize == "size" and config.size_embeddings == "int4":
