@@ -584,7 +584,7 @@ def time_budget_note(config: CompressConfig, work: Path, trained: int) -> str:
             f"ladder left to try; {resume_advice(work)}.")
 
 
-def publish_winner(winner: str, previous: dict) -> Path:
+def publish_winner(winner: str, previous: dict, role: str = "the winner") -> Path:
     """The winner copied as the newest results/pruned/ checkpoint, or the resumed run's copy of the same candidate
     (published as its winner, or by --qkd_retreats after it)."""
     retreat = previous.get("retreat") or {}
@@ -596,7 +596,7 @@ def publish_winner(winner: str, previous: dict) -> Path:
             return Path(copy)
     published = stage_dir("pruned") / new_run_id()
     shutil.copytree(winner, published)
-    print(f"Published the winner as {published}", flush=True)
+    print(f"Published {role} as {published}", flush=True)
     return published
 
 
@@ -660,7 +660,7 @@ def retreat_to_other_candidates(steps: StageSteps, others: list[dict], previous:
                                output_root=runs)
         result["tried"].append({"name": name, "folder": candidate["folder"], "embeddings": embeddings})
         if embeddings["gate"]["passes"]:
-            published = publish_winner(candidate["folder"], previous)
+            published = publish_winner(candidate["folder"], previous, role=name)
             qkd_copy = stage_dir("qkd_4bit") / new_run_id()
             shutil.copytree(embeddings["folder"], qkd_copy)
             result.update(chosen={**result["tried"][-1], "published": str(published), "qkd_published": str(qkd_copy)},
