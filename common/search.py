@@ -154,9 +154,13 @@ def retreat_order(candidates: list[dict], winner: dict, optimize: str) -> list[d
     int8 copy ('size') or the largest int8 speed-up against the teacher ('latency'), the other measure breaking ties.
     At one depth the next best is the next smaller share, which stands further above the target."""
     others = [entry for entry in candidates if entry["qualifies"] and entry["folder"] != winner["folder"]]
+
+    def speedup(entry: dict) -> float:  # None where the timing gave no ratio: last among equals
+        return entry.get("int8_speedup_vs_teacher") or 0.0
+
     if optimize == "latency":
-        return sorted(others, key=lambda entry: (-entry["int8_speedup_vs_teacher"], entry["int8_size_mb"]))
-    return sorted(others, key=lambda entry: (entry["int8_size_mb"], -entry["int8_speedup_vs_teacher"]))
+        return sorted(others, key=lambda entry: (-speedup(entry), entry["int8_size_mb"]))
+    return sorted(others, key=lambda entry: (entry["int8_size_mb"], -speedup(entry)))
 
 
 def eight_bit_ladder(linears: int) -> list[int]:

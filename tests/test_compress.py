@@ -486,6 +486,8 @@ def test_stage10_retreats_to_the_next_passing_candidate_in_the_objectives_order(
     assert [entry["sparsity"] for entry in retreat_order(tried, winner, "size")] == [0.5, 0.3]
     assert [entry["sparsity"] for entry in retreat_order(tried, winner, "latency")] == [0.3, 0.5]
     assert retreat_order([winner, failed], winner, "size") == []
+    untimed = {**third, "int8_speedup_vs_teacher": None}  # a timing without a ratio sorts last, not a crash
+    assert [entry["sparsity"] for entry in retreat_order([untimed, half, winner], winner, "latency")] == [0.5, 0.3]
 
 
 def test_a_winner_whose_qkd_model_fails_gives_way_to_the_next_passing_candidates(tmp_path, monkeypatch):
