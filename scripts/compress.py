@@ -46,7 +46,8 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
            stopped, and the same search finishes for another --optimize, target or gate without retraining; the gate
            and the timing are measured again.
 Writes: results/latency_tables/<key>.json (once per machine and architecture), results/compress/<run_id>/students/
-        layers-<n>/ (the deeper students, when distilled), results/compress/<run_id>/search.json
+        layers-<n>/ (the deeper students, when distilled), results/compress/<run_id>/retreat/<candidate>/ (stage 10
+        on the next passing candidate, --qkd_retreats), results/compress/<run_id>/search.json
         (written after every stage run, then at the end: target, gate, every candidate and file with its validation
         accuracy, retention, margin, size and latency, the winner and why, every stage run and its folders, wall
         time), search.md and search.png (the trace);
@@ -587,16 +588,19 @@ def time_budget_note(config: CompressConfig, work: Path, trained: int) -> str:
 def publish_winner(winner: str, previous: dict, role: str = "the winner") -> Path:
     """The winner copied as the newest results/pruned/ checkpoint, or the resumed run's copy of the same candidate
     (published as its winner, or by --qkd_retreats after it)."""
-    retreat = previous.get("retreat") or {}
-    copies = [(previous.get("published_from"), previous.get("published")),
-              ((retreat.get("winner") or {}).get("published_from"), (retreat.get("winner") or {}).get("published"))]
-    for source, copy in copies:
-        if copy and source == winner and is_complete(Path(copy)):
-            print(f"Reusing {copy}: the resumed run published the same candidate", flush=True)
-            return Path(copy)
-    published = stage_dir("pruned") / new_run_id()
-    shutil.copytree(winner, published)
+    for entry in (previous, (previous.get("retreat") or {}).get("winner") or {}):  # both {published, published_from}
+        if entry.get("published") and entry.get("published_from") == winner and is_complete(Path(entry["published"])):
+            print(f"Reusing {entry['published']}: the resumed run published the same candidate", flush=True)
+            return Path(entry["published"])
+    published = publish_copy(winner, "pruned")
     print(f"Published {role} as {published}", flush=True)
+    return published
+
+
+def publish_copy(folder: str | Path, stage: str) -> Path:
+    """A copy of a checkpoint folder the run wrote as the newest checkpoint of ``stage`` in results/."""
+    published = stage_dir(stage) / new_run_id()
+    shutil.copytree(folder, published)
     return published
 
 
@@ -661,8 +665,7 @@ def retreat_to_other_candidates(steps: StageSteps, others: list[dict], previous:
         result["tried"].append({"name": name, "folder": candidate["folder"], "embeddings": embeddings})
         if embeddings["gate"]["passes"]:
             published = publish_winner(candidate["folder"], previous, role=name)
-            qkd_copy = stage_dir("qkd_4bit") / new_run_id()
-            shutil.copytree(embeddings["folder"], qkd_copy)
+            qkd_copy = publish_copy(embeddings["folder"], "qkd_4bit")
             result.update(chosen={**result["tried"][-1], "published": str(published), "qkd_published": str(qkd_copy)},
                           why=f"the winner's QKD-4bit model missed the target and {name}'s keeps it with every Linear "
                               f"in 4 bits (retention {embeddings['gate']['retention']:.4f}), so stages 12 and 13 export "
@@ -742,8 +745,7 @@ def search_8bit_layers(steps: StageSteps, flags: list, all_4bit: Path, teacher_c
                f"passing; {resume_advice(work)})")
         result["why"] = f"{why}; stages 12 and 13 export the all-4-bit model and the gate judges their files"
         return result
-    published = stage_dir("qkd_4bit") / new_run_id()
-    shutil.copytree(tried[index]["folder"], published)
+    published = publish_copy(tried[index]["folder"], "qkd_4bit")
     tried_summary = ", ".join(f"{entry['layers_8bit']} {'pass' if entry['passes'] else 'fail'}" for entry in result["tried"])
     settled = not untried
     fewest = ("the fewest Linears at 8 bits that keep the target" if settled else
