@@ -74,7 +74,12 @@ def search_markdown(record: dict) -> str:
     if record.get("ladder_extension"):
         lines.append(f"Below the ladder: {record['ladder_extension']['why']}.")
     if record.get("winner"):
-        lines += ["", f"Winner: {candidate_name(record['winner'])}, {record['winner']['why']}."]
+        retreated = (record.get("retreat") or {}).get("chosen")
+        lines += ["", f"Winner{' of the search' if retreated else ''}: {candidate_name(record['winner'])}, "
+                      f"{record['winner']['why']}."]
+        if retreated:
+            lines.append(f"Exported instead: {retreated['name']}, whose QKD-4bit model kept the target where the "
+                         f"winner's missed (Retreat, below).")
     if record.get("embeddings"):
         lines.append(f"Word-embedding rows: {record['embeddings']['method']}, {record['embeddings']['why']}.")
     retreat = record.get("retreat")
@@ -105,9 +110,41 @@ def _seed(record: dict) -> str:
     return "" if record.get("seed") is None else f", seed {record['seed']}"
 
 
+def qkd_points(record: dict) -> list[dict]:
+    """The QKD-4bit models of the trace (stage 10 on the winner, then on the retreat's candidates), each with the
+    sparsity of the candidate it was trained from, its word-embedding rows and its gate."""
+    points = []
+    embeddings = record.get("embeddings")
+    if embeddings and record.get("winner"):
+        points += _stage_10_points(record["winner"]["sparsity"], embeddings)
+    by_folder = {c.get("folder"): c for c in record.get("candidates", [])}
+    for entry in (record.get("retreat") or {}).get("tried", []):
+        candidate = by_folder.get(entry["folder"])
+        if candidate is None:
+            continue
+        points += _stage_10_points(candidate["sparsity"], entry["embeddings"])
+    return points
+
+
+def _stage_10_points(sparsity: float, embeddings: dict) -> list[dict]:
+    # a kept first try (ternary rows that passed) is both in "tried" and the "gate": one point
+    gates = [gate for gate in embeddings.get("tried", []) if gate.get("folder") != embeddings["gate"].get("folder")]
+    return [{"sparsity": sparsity, "rows": gate.get("rows", "int2"), "retention": gate["retention"],
+             "passes": gate["passes"]} for gate in gates] + [
+        {"sparsity": sparsity, "rows": embeddings["method"], "retention": embeddings["gate"]["retention"],
+         "passes": embeddings["gate"]["passes"]}]
+
+
+def exported_candidate(record: dict) -> Optional[dict]:
+    """The candidate whose pruned checkpoint stages 12 and 13 exported: the winner, or the retreat's choice."""
+    return next((c for c in record.get("candidates", []) if record.get("published_from")
+                 and c.get("folder") == record["published_from"]), None)
+
+
 def plot_search(record: dict, path: Path) -> None:
     """Validation retention of every candidate against its sparsity (marker: layers dropped; green: passes the gate,
-    bar: the gate's margin; label: int8 latency), with the target as a dashed line."""
+    bar: the gate's margin; label: int8 latency), the QKD-4bit models trained from them (diamonds), the exported
+    candidate ringed, with the target as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,11 +159,23 @@ def plot_search(record: dict, path: Path) -> None:
                       fillstyle="full" if c["passes"] else "none")
         axis.annotate(f"{c['int8_latency_ms']:.1f} ms", (c["sparsity"], 100 * c["retention"]), fontsize=8,
                       xytext=(4, 4), textcoords="offset points")
+    points = qkd_points(record)
+    for point in points:  # drawn a little to the right of their candidate, which they would otherwise hide
+        axis.plot(point["sparsity"] + 0.008, 100 * point["retention"], marker="d", linestyle="none",
+                  color="tab:green" if point["passes"] else "tab:red", fillstyle="full" if point["passes"] else "none")
+        axis.annotate(f"{point['rows']} rows", (point["sparsity"] + 0.008, 100 * point["retention"]), fontsize=7,
+                      xytext=(4, -8), textcoords="offset points")
+    exported = exported_candidate(record)
+    if exported is not None:
+        axis.plot(exported["sparsity"], 100 * exported["retention"], marker="o", markersize=14, fillstyle="none",
+                  color="black", linestyle="none", label="exported by stages 12 and 13")
     axis.axhline(100 * record["target_retention"], color="grey", linestyle="--", label="target")
     axis.set_xlabel("stage-8 sparsity (share of heads and FFN neurons removed)")
     axis.set_ylabel("validation retention (% of the teacher), bar: gate margin")
     for drop, marker in markers.items():
         axis.plot([], [], marker=marker, color="grey", linestyle="none", label=f"{drop} layer(s) dropped")
+    if points:
+        axis.plot([], [], marker="d", color="grey", linestyle="none", label="QKD-4bit model (stage 10)")
     axis.set_title("Search trace (green: passes the gate, red: fails)")
     axis.legend()
     figure.savefig(path, dpi=130, format="png")

@@ -633,7 +633,7 @@ def train_qkd(steps: StageSteps, flags: list, teacher_correct, data, data_config
             ternary_flags += ["--embedding_int4_rows", config.size_int4_rows]
             rows += f" (the {config.size_int4_rows} most frequent tokens' at int4)"
         [folder] = steps.run(quantize, *flags, *ternary_flags, output_dir=(output_root or stage_dir("qkd_4bit")) / new_run_id())
-        ternary = gate_folder(folder, teacher_correct, data, data_config, config)
+        ternary = {**gate_folder(folder, teacher_correct, data, data_config, config), "rows": config.size_embeddings}
         outcome = f"QKD-4bit with {rows}: retention {ternary['retention']:.4f}"
         if ternary["passes"]:
             print(f"{outcome}, passes the gate", flush=True)

@@ -25,7 +25,8 @@ from common.search import (
     retention_gate,
     retreat_order,
 )
-from common.search_trace import gate_word, search_markdown, seed_spread, summary_markdown
+from common.search_trace import (exported_candidate, gate_word, plot_search, qkd_points, search_markdown,
+                                 seed_spread, summary_markdown)
 from conftest import PROJECT_ROOT, make_pretrained_folder, run_stage, run_stage_unchecked, write_reviews_csv
 
 
@@ -574,6 +575,41 @@ def test_a_winner_whose_qkd_model_fails_gives_way_to_the_next_passing_candidates
         f"--time_budget_s ran out before stage 10 on sparsity 0.50, the next candidate that passed (to go on without "
         f"retraining those: --resume {tmp_path / 'work5'} with a larger --time_budget_s); stages 12 and 13 export "
         f"the winner's all-4-bit model")
+
+
+def test_the_trace_shows_which_candidate_was_exported_and_its_qkd_models(tmp_path):
+    """After a retreat, search.md names the search's winner and the candidate exported instead, and the plot's data
+    hold every QKD-4bit model at its candidate's sparsity (the winner's ternary and int4 tries, the retreat's) and ring
+    the exported candidate, not the winner."""
+    def gate(folder, retention, passes, **extra):
+        return {"folder": folder, "retention": retention, "passes": passes, **extra}
+
+    half = {"folder": "c/0.50", "sparsity": 0.5, "drop_layers": 0, "validation_accuracy": 0.84, "retention": 1.0085,
+            "margin_points": 0.91, "passes": True, "int8_latency_ms": 97.1, "int8_size_mb": 26.1}
+    winner = {**half, "folder": "c/0.60", "sparsity": 0.6, "retention": 1.0009, "int8_size_mb": 25.5}
+    retreat_qkd = gate("r/q1", 1.0095, True, rows="int2")
+    record = {
+        "target_retention": 0.99, "teacher_validation_accuracy": 0.83, "gate_z": 1.0, "validation_examples": 1275,
+        "optimize": "size", "candidates": [half, winner], "published_from": "c/0.50",
+        "winner": {"sparsity": 0.6, "drop_layers": 0, "name": "sparsity 0.60", "why": "the smallest"},
+        "embeddings": {"method": "int4", "tried": [gate("q/t", 0.9953, False, rows="int2")], "gate": gate("q/i", 0.9981, False),
+                       "why": "int2 rows missed the target; int4 rows"},
+        "retreat": {"why": "the winner's QKD-4bit model missed the target", "tried": [
+            {"name": "sparsity 0.50", "folder": "c/0.50",
+             "embeddings": {"method": "int2", "tried": [retreat_qkd], "gate": retreat_qkd}}]},
+    }
+    record["retreat"]["chosen"] = record["retreat"]["tried"][0]
+    shown = search_markdown(record)
+    assert "Winner of the search: sparsity 0.60, the smallest." in shown
+    assert "Exported instead: sparsity 0.50, whose QKD-4bit model kept the target where the winner's missed" in shown
+    assert [(p["sparsity"], p["rows"], p["retention"], p["passes"]) for p in qkd_points(record)] == [
+        (0.6, "int2", 0.9953, False), (0.6, "int4", 0.9981, False), (0.5, "int2", 1.0095, True)]
+    assert exported_candidate(record) is half
+    plot_search(record, tmp_path / "search.png")
+    assert (tmp_path / "search.png").read_bytes().startswith(b"\x89PNG")
+    without = {key: value for key, value in record.items() if key not in ("retreat", "published_from")}
+    assert "Winner: sparsity 0.60" in search_markdown(without) and "Exported instead" not in search_markdown(without)
+    assert exported_candidate(without) is None and len(qkd_points(without)) == 2
 
 
 @pytest.mark.parametrize("winner_passes, retreat_passes, qkd_retreats, others, exported, steps_taken", [
