@@ -69,9 +69,7 @@ Run as:
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -85,34 +83,37 @@ from common.architecture import num_layers  # noqa: E402
 from common.checkpoints import (  # noqa: E402
     RECORD_FILE,
     find_checkpoint,
-    is_complete,
     new_run_id,
     read_record,
     results_root,
-    stage_dir,
     write_json,
 )
 from common.config import OBJECTIVES, CompressConfig, DataConfig  # noqa: E402
 from common.data import load_splits  # noqa: E402
 from common.evaluation import interleaved_latency  # noqa: E402
-from common.experiments import dynamic_int8_copy, split_loader  # noqa: E402
+from common.experiments import dynamic_int8_copy  # noqa: E402
+from common.finishing import (  # noqa: E402
+    FINISHING_SCRIPTS,
+    Finishing,
+    ValidationGate,
+    gate_files,
+    publish_winner,
+    resume_advice,
+    validation_correct,
+)
 from common.latency_table import latency_table, predict_ms  # noqa: E402
 from common.lifecycle import run_tool  # noqa: E402
 from common.models import count_parameters, model_skeleton  # noqa: E402
 from common.pruning.hidden import hidden_width_to_keep  # noqa: E402
 from common.runtime import ModelRuntime  # noqa: E402
 from common.search import (  # noqa: E402
-    bisect_ladder,
     bisect_sparsities,
     choose_file,
     depth_winner,
-    eight_bit_ladder,
     examples_to_pass,
     expected_latency,
     int8_copy_reason,
     qualifies,
-    retention_gate,
-    retreat_order,
 )
 from common.search_trace import candidate_name, gate_word, plot_search, search_markdown, start_name  # noqa: E402
 from common.stage_steps import StageSteps, earlier_steps  # noqa: E402
@@ -120,7 +121,6 @@ from common.student_depth import deeper_student_args, shallowest_passing_depth, 
 
 PRUNING_SCRIPT = "8_pruning_with_finetuning.py"
 STUDENT_SCRIPT = stages.script_for("student")
-FINISHING_SCRIPTS = ("10_qat_kd_4bit.py", "12_export_onnx.py", "13_export_openvino.py")
 IN_PROGRESS = "in progress (if this run stopped, continue it with --resume and this folder)"
 
 
@@ -193,17 +193,6 @@ def data_flags(argv: list[str]) -> list[str]:
     return forwarded
 
 
-def validation_correct(model: ModelRuntime, folder: Path, data, max_length: int):
-    logits, labels = model.logits(split_loader(folder, data.validation, max_length))
-    return logits.argmax(-1) == labels
-
-
-def validation_gate(model: ModelRuntime, folder: Path, teacher_correct, data, data_config, config) -> dict:
-    """The retention gate of a loaded model (tokenized as the checkpoint in ``folder``) on the validation split."""
-    return retention_gate(validation_correct(model, folder, data, data_config.max_length), teacher_correct,
-                          config.target_retention, config.gate_z)
-
-
 def int8_latency(candidate: ModelRuntime, teacher: ModelRuntime, config: CompressConfig, gate_int8) -> dict:
     """ONNX Runtime dynamic int8 of a candidate (loaded in torch), timed round-robin with the torch teacher and gated
     by ``gate_int8`` (the file --finish false delivers is this one, so its own accuracy is what counts)."""
@@ -232,14 +221,15 @@ def main() -> None:
     started = time.time()
     data = load_splits(data_config)
     teacher = ModelRuntime(teacher_folder, spinning=False)
-    teacher_correct = validation_correct(teacher, teacher_folder, data, data_config.max_length)
+    teacher_correct = validation_correct(teacher, teacher_folder, data.validation, data_config.max_length)
+    gate = ValidationGate(teacher_correct, data.validation, data_config.max_length, config.target_retention, config.gate_z)
     print(f"Teacher {teacher_folder}: validation accuracy {teacher_correct.mean():.4f}; target "
           f"{config.target_retention} of it = {config.target_retention * teacher_correct.mean():.4f}, gate z = {config.gate_z}")
     as_own_student = student_folder.resolve() == teacher_folder.resolve()  # the candidates prune the teacher
     if as_own_student:  # the teacher was measured just above
-        student_gate = gate_model(teacher, teacher_correct, teacher_correct, config)
+        student_gate = gate.entry(teacher, teacher_correct)
     else:
-        student_gate = gate_folder(student_folder, teacher_correct, data, data_config, config)
+        student_gate = gate.of_folder(student_folder)
     print(start_line(as_own_student, student_folder, student_gate), flush=True)
     work = results_root() / "compress" / new_run_id()
     record = {"target_retention": config.target_retention, "optimize": config.optimize, "gate_z": config.gate_z,
@@ -254,7 +244,7 @@ def main() -> None:
 
     record["deeper_students"] = deeper_students(
         config, steps, forwarded, work, student_folder, student_gate, as_own_student, teacher_folder,
-        lambda folder: gate_folder(folder, teacher_correct, data, data_config, config), out_of_time)
+        gate.of_folder, out_of_time)
     if record["deeper_students"] and record["deeper_students"]["chosen"]:
         chosen_student = record["deeper_students"]["chosen"]
         student_folder, student_gate = Path(chosen_student["folder"]), chosen_student
@@ -265,7 +255,7 @@ def main() -> None:
         print(f"Start: {fallback['why']}.", flush=True)
         student_folder, as_own_student = teacher_folder, True
         student_layers, hidden_width = start_shape(student_folder, config)
-        student_gate = gate_model(teacher, teacher_correct, teacher_correct, config)
+        student_gate = gate.entry(teacher, teacher_correct)
         print(start_line(as_own_student, student_folder, student_gate), flush=True)
     if config.resume and student_folder != checked_start:  # refuses: that run's stage-8 runs pruned another start
         previous, _ = previous_run(config, teacher_folder, student_folder)
@@ -321,9 +311,8 @@ def main() -> None:
         entry = {"drop_layers": drop, "sparsity": sparsity, "folder": str(folder),
                  "layers": num_layers(model.torch_model),
                  "parameters": count_parameters(model.torch_model),
-                 **validation_gate(model, folder, teacher_correct, data, data_config, config),
-                 **int8_latency(model, teacher, config,
-                                lambda int8: validation_gate(int8, folder, teacher_correct, data, data_config, config)),
+                 **gate.of_model(model, folder),
+                 **int8_latency(model, teacher, config, lambda int8: gate.of_model(int8, folder)),
                  "seconds_since_start": round(time.time() - started)}
         if table is not None:
             entry["predicted_int8_latency_ms"] = predicted_ms(drop, sparsity)
@@ -424,8 +413,8 @@ def main() -> None:
         return [*forwarded, *training_flags(config), "--pruned_model_path", pruned, "--teacher_model_path",
                 teacher_folder, *(["--num_epochs", config.qkd_epochs] if config.qkd_epochs else [])]
 
-    published, qkd_folder = quantize_winner(steps, record, tried, chosen, published, previous, qkd_flags, teacher_correct,
-                                            data, data_config, config, work, out_of_time)
+    finishing = Finishing(steps, gate, config, work, out_of_time, qkd_flags, previous)
+    published, qkd_folder = finishing.quantize_winner(record, tried, chosen, published)
     exported = []
     for script in FINISHING_SCRIPTS[1:]:
         exported += steps.run(script, *forwarded, "--source_model_path", published, "--qkd_model_path", qkd_folder,
@@ -433,7 +422,7 @@ def main() -> None:
     folders_by_stage: dict[str, list[Path]] = {}
     for folder in [qkd_folder, *exported]:  # the QKD model runs in torch too
         folders_by_stage.setdefault(read_record(folder)["stage"], []).append(folder)
-    files = gate_files(folders_by_stage, teacher, teacher_correct, data, data_config, config)
+    files = gate_files(folders_by_stage, teacher, gate, config)
     record["files"] = files
     delivered, reason = deliver(files, config, record, work, steps, started)
     record.update(status="delivered", delivered=delivered, delivered_why=reason, wall_time_s=round(time.time() - started))
@@ -574,214 +563,10 @@ def note_extension(record: dict, drop: int, ladder: list[float], below: list[flo
     print(f"{why[0].upper()}{why[1:]}", flush=True)
 
 
-def resume_advice(work: Path) -> str:
-    """How to continue a search that --time_budget_s stopped, reusing the stage runs it finished."""
-    return f"to go on without retraining those: --resume {work} with a larger --time_budget_s"
-
-
 def time_budget_note(config: CompressConfig, work: Path, trained: int) -> str:
     """What the record and the refusal say when --time_budget_s stopped the bisection before it settled."""
     return (f"--time_budget_s {config.time_budget_s:g} ran out after {trained} stage-8 candidate(s) with more of the "
             f"ladder left to try; {resume_advice(work)}.")
-
-
-def publish_winner(winner: str, previous: dict, role: str = "the winner") -> Path:
-    """The winner copied as the newest results/pruned/ checkpoint, or the resumed run's copy of the same candidate
-    (published as its winner, or by --qkd_retreats after it)."""
-    for entry in (previous, (previous.get("retreat") or {}).get("winner") or {}):  # both {published, published_from}
-        if entry.get("published") and entry.get("published_from") == winner and is_complete(Path(entry["published"])):
-            print(f"Reusing {entry['published']}: the resumed run published the same candidate", flush=True)
-            return Path(entry["published"])
-    published = publish_copy(winner, "pruned")
-    print(f"Published {role} as {published}", flush=True)
-    return published
-
-
-def publish_copy(folder: str | Path, stage: str) -> Path:
-    """A copy of a checkpoint folder the run wrote as the newest checkpoint of ``stage`` in results/."""
-    published = stage_dir(stage) / new_run_id()
-    shutil.copytree(folder, published)
-    return published
-
-
-def gate_model(model: ModelRuntime, correct, teacher_correct, config) -> dict:
-    """The gate's entry of a loaded model whose validation results are ``correct``."""
-    return {"folder": str(model.folder), "size_mb": model.size_bytes / 1e6,
-            **retention_gate(correct, teacher_correct, config.target_retention, config.gate_z)}
-
-
-def gate_folder(folder: Path, teacher_correct, data, data_config, config) -> dict:
-    model = ModelRuntime(folder, spinning=False)
-    return gate_model(model, validation_correct(model, folder, data, data_config.max_length), teacher_correct, config)
-
-
-def train_qkd(steps: StageSteps, flags: list, teacher_correct, data, data_config, config,
-              output_root: Path | None = None) -> dict:
-    """Stage 10 on a pruned checkpoint (its runs in results/qkd_4bit/, or in ``output_root``). With --optimize size it
-    first trains ternary word-embedding rows (--size_embeddings int2; the --size_int4_rows most frequent tokens' rows at
-    int4) and keeps them when that model passes the gate; otherwise stage 10 runs again with int4 rows. Returns the rows
-    chosen, the stage-10 flags that give them, the checkpoint kept (which the 8-bit search and stages 12 and 13 read),
-    its gate and why."""
-    quantize = FINISHING_SCRIPTS[0]
-    result = {"method": "int4", "flags": [], "why": "int4 rows (stage 10's default)"}
-    if config.optimize == "size" and config.size_embeddings == "int4":
-        result["why"] += " (--size_embeddings int4)"
-    elif config.optimize == "size":
-        ternary_flags = ["--embedding_quantization", config.size_embeddings]
-        rows = f"{config.size_embeddings} rows"
-        if config.size_embeddings == "int2" and config.size_int4_rows:
-            ternary_flags += ["--embedding_int4_rows", config.size_int4_rows]
-            rows += f" (the {config.size_int4_rows} most frequent tokens' at int4)"
-        [folder] = steps.run(quantize, *flags, *ternary_flags, output_dir=(output_root or stage_dir("qkd_4bit")) / new_run_id())
-        ternary = {**gate_folder(folder, teacher_correct, data, data_config, config), "rows": config.size_embeddings}
-        outcome = f"QKD-4bit with {rows}: retention {ternary['retention']:.4f}"
-        if ternary["passes"]:
-            print(f"{outcome}, passes the gate", flush=True)
-            return {"method": config.size_embeddings, "flags": ternary_flags, "tried": [ternary], "folder": str(folder),
-                    "gate": ternary, "why": f"{rows} keep the target (retention {ternary['retention']:.4f})"}
-        print(f"{outcome}, fails the gate; stage 10 again with int4 rows", flush=True)
-        result.update(tried=[ternary], why=f"{rows} missed the target (retention {ternary['retention']:.4f}); int4 rows")
-    [folder] = steps.run(quantize, *flags, output_dir=(output_root or stage_dir("qkd_4bit")) / new_run_id())
-    return {**result, "folder": str(folder), "gate": gate_folder(folder, teacher_correct, data, data_config, config)}
-
-
-def retreat_to_other_candidates(steps: StageSteps, others: list[dict], previous: dict, qkd_flags: Callable[[Path], list],
-                                teacher_correct, data, data_config, config, work: Path, out_of_time) -> dict:
-    """--qkd_retreats: the winner's QKD-4bit model missed the target, so stage 10 runs the same way (``train_qkd``) on
-    the next candidates that passed (``others``, best first; its runs in results/compress/<run_id>/retreat/), until
-    one's QKD model passes the gate, --qkd_retreats are spent or --time_budget_s runs out. The one that passes
-    (``chosen``) is published (the candidate as the newest results/pruned/ checkpoint, its QKD model as the newest
-    results/qkd_4bit/ one) for stages 12 and 13; when none does, results/ holds the winner's as before."""
-    result: dict = {"tried": []}
-    for candidate in others[:config.qkd_retreats]:
-        name = candidate_name(candidate)
-        if out_of_time():
-            result["why"] = f"--time_budget_s ran out before stage 10 on {name}, the next candidate that passed ({resume_advice(work)})"
-            break
-        print(f"Stage 10 on {name} instead (--qkd_retreats), the next candidate that passed the gate", flush=True)
-        runs = work / "retreat" / Path(candidate["folder"]).name
-        embeddings = train_qkd(steps, qkd_flags(Path(candidate["folder"])), teacher_correct, data, data_config, config,
-                               output_root=runs)
-        result["tried"].append({"name": name, "folder": candidate["folder"], "embeddings": embeddings})
-        if embeddings["gate"]["passes"]:
-            published = publish_winner(candidate["folder"], previous, role=name)
-            qkd_copy = publish_copy(embeddings["folder"], "qkd_4bit")
-            result.update(chosen={**result["tried"][-1], "published": str(published), "qkd_published": str(qkd_copy)},
-                          why=f"the winner's QKD-4bit model missed the target and {name}'s keeps it with every Linear "
-                              f"in 4 bits (retention {embeddings['gate']['retention']:.4f}), so stages 12 and 13 export "
-                              f"{name}")
-            print(f"QKD-4bit of {name} passes the gate (retention {embeddings['gate']['retention']:.4f}): published "
-                  f"as {published} and {qkd_copy} for stages 12 and 13", flush=True)
-            return result
-    if "why" not in result:
-        misses = ", ".join(f"{entry['name']} {entry['embeddings']['gate']['retention']:.4f}" for entry in result["tried"])
-        result["why"] = (f"no other candidate's QKD-4bit model keeps the target (retention {misses}; --qkd_retreats "
-                         f"{config.qkd_retreats})")
-    result["why"] += ("; the 8-bit search (--mixed_precision) runs on the winner" if config.mixed_precision else
-                      "; stages 12 and 13 export the winner's all-4-bit model")
-    print(f"Retreat: {result['why']}", flush=True)
-    return result
-
-
-def quantize_winner(steps: StageSteps, record: dict, tried: list[dict], chosen: dict, published: Path, previous: dict,
-                    qkd_flags: Callable[[Path], list], teacher_correct, data, data_config, config, work: Path,
-                    out_of_time) -> tuple[Path, Path]:
-    """Stage 10 on the published winner; when its QKD model misses the target, on the next candidates that passed
-    (--qkd_retreats), then the 8-bit search on the winner (--mixed_precision). Records each step (``embeddings``,
-    ``retreat``, ``mixed_precision``) and returns the pruned checkpoint and QKD model stages 12 and 13 export."""
-    record["embeddings"] = train_qkd(steps, qkd_flags(published), teacher_correct, data, data_config, config)
-    qkd_folder = Path(record["embeddings"]["folder"])
-    others = retreat_order(tried, chosen, config.optimize)
-    if not record["embeddings"]["gate"]["passes"] and config.qkd_retreats and others:
-        record["retreat"] = retreat_to_other_candidates(steps, others, previous, qkd_flags, teacher_correct, data,
-                                                        data_config, config, work, out_of_time)
-        record["retreat"]["winner"] = {"published": str(published), "published_from": chosen["folder"]}
-        retreated = record["retreat"].get("chosen")
-        if retreated:  # its QKD model passes with every Linear in 4 bits: no 8-bit search
-            record.update(published=retreated["published"], published_from=retreated["folder"])
-            return Path(retreated["published"]), Path(retreated["qkd_published"])
-    if config.mixed_precision:
-        record["mixed_precision"] = search_8bit_layers(steps, [*qkd_flags(published), *record["embeddings"]["flags"]],
-                                                       qkd_folder, teacher_correct, data, data_config, config, work,
-                                                       out_of_time, all_4bit_gate=record["embeddings"]["gate"])
-        qkd_folder = Path(record["mixed_precision"].get("published", qkd_folder))
-    return published, qkd_folder
-
-
-def search_8bit_layers(steps: StageSteps, flags: list, all_4bit: Path, teacher_correct, data, data_config, config,
-                       work: Path, out_of_time, all_4bit_gate: dict | None = None) -> dict:
-    """Bits under the gate: when the QKD model ``all_4bit`` (every Linear in 4 bits; its gate entry ``all_4bit_gate``
-    when measured already) misses the target, the fewest Linears kept at 8 bits (largest 4-bit output error first)
-    that meet it, by stage 10 with --keep_8bit_layers over ``eight_bit_ladder``. The winner is published as a new
-    qkd_4bit checkpoint, which stages 12 and 13 then export."""
-    result = {"all_4bit": all_4bit_gate or gate_folder(all_4bit, teacher_correct, data, data_config, config)}
-    if result["all_4bit"]["passes"]:
-        result["why"] = "4 bits everywhere keeps the target; no Linear needs 8 bits"
-        print(f"QKD-4bit with every Linear in 4 bits passes the gate (retention {result['all_4bit']['retention']:.4f})", flush=True)
-        return result
-    ladder = eight_bit_ladder(len(read_record(all_4bit)["quantization"]["modules"]))
-    print(f"QKD-4bit with every Linear in 4 bits fails the gate (retention {result['all_4bit']['retention']:.4f}); "
-          f"searching the 8-bit Linear counts {ladder}", flush=True)
-    tried: dict[int, dict] = {}
-
-    def passes(index: int) -> bool:
-        [folder] = steps.run(FINISHING_SCRIPTS[0], *flags, "--keep_8bit_layers", ladder[index],
-                             output_dir=work / "mixed" / f"8bit-{ladder[index]}")
-        tried[index] = {"layers_8bit": ladder[index], **gate_folder(folder, teacher_correct, data, data_config, config)}
-        print(f"{ladder[index]} Linear(s) at 8 bits: retention {tried[index]['retention']:.4f}, "
-              f"{'passes' if tried[index]['passes'] else 'fails'}", flush=True)
-        return tried[index]["passes"]
-
-    index = bisect_ladder(len(ladder), passes, out_of_time)
-    result["tried"] = [tried[i] for i in sorted(tried)]
-    # counts after the last passing one (or from the ladder's first) up to the first that failed were never tried:
-    # the bisection stopped on the time budget before it settled
-    passing = -1 if index is None else index
-    untried = [ladder[i] for i in itertools.takewhile(lambda i: i not in tried, range(passing + 1, len(ladder)))]
-    if index is None:
-        counts = [entry["layers_8bit"] for entry in result["tried"]]
-        why = (f"no count of 8-bit Linears tried ({counts}) keeps the target" if not untried else
-               f"--time_budget_s ran out with {len(counts)} of the 8-bit Linear counts {ladder} tried ({counts}, none "
-               f"passing; {resume_advice(work)})")
-        result["why"] = f"{why}; stages 12 and 13 export the all-4-bit model and the gate judges their files"
-        return result
-    published = publish_copy(tried[index]["folder"], "qkd_4bit")
-    tried_summary = ", ".join(f"{entry['layers_8bit']} {'pass' if entry['passes'] else 'fail'}" for entry in result["tried"])
-    settled = not untried
-    fewest = ("the fewest Linears at 8 bits that keep the target" if settled else
-              f"the fewest Linears at 8 bits found to keep the target before --time_budget_s ran out (counts "
-              f"{untried} not tried; {resume_advice(work)})")
-    result.update(chosen=ladder[index], published=str(published), settled=settled,
-                  why=f"{fewest}, largest 4-bit output error first (tried {tried_summary})")
-    print(f"Published the QKD model with {ladder[index]} Linear(s) at 8 bits as {published}", flush=True)
-    return result
-
-
-def gate_files(new_folders: dict, teacher: ModelRuntime, teacher_correct, data, data_config, config) -> list[dict]:
-    """Every model file the finishing stages wrote, gated on validation, then the passing ones timed round-robin."""
-    entries, models = [], {}
-    for stage, folders in new_folders.items():
-        for folder in folders:
-            record = read_record(folder)
-            names = list(record.get("files", {})) or [None]
-            for name in names:
-                model = ModelRuntime(folder, name, spinning=False, num_threads=2)
-                label = f"{stage}/{folder.name}/{name}" if name else f"{stage}/{folder.name}"
-                gate = validation_gate(model, folder, teacher_correct, data, data_config, config)
-                entries.append({"name": label, "stage": stage, "folder": str(folder), "file": name,
-                                "size_mb": model.size_bytes / 1e6, **gate})
-                if gate["passes"]:
-                    models[label] = model
-    runners = {"teacher": teacher.runner(teacher.batch(config.latency_batch_size, config.latency_seq_length))}
-    runners.update({label: model.runner(model.batch(config.latency_batch_size, config.latency_seq_length))
-                    for label, model in models.items()})
-    timing = interleaved_latency(runners, 2, config.latency_rounds, config.latency_batch_size, reference="teacher")
-    for entry in entries:
-        measured = timing.get(entry["name"])
-        entry["latency_ms"] = measured["latency_ms_median"] if measured else None  # a file that fails is not timed
-        entry["latency_iqr_ms"] = [measured["latency_ms_p25"], measured["latency_ms_p75"]] if measured else None
-        entry["speedup_vs_teacher"] = measured.get("speedup_vs_reference_median") if measured else None
-    return entries
 
 
 def deliver(files: list[dict], config: CompressConfig, record: dict, work: Path, steps: StageSteps,

@@ -1,16 +1,18 @@
 """Target-driven compression: the retention gate, the bisection over the stage-8 ladder, the delivered file, and
 scripts/compress.py end to end on a tiny model (with its refusals)."""
 
+import dataclasses
 import json
 import math
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
 
-from common import stages
+from common import finishing, stages
 from common.search import (
     bisect_ladder,
     bisect_sparsities,
@@ -27,6 +29,7 @@ from common.search import (
 )
 from common.search_trace import (exported_candidate, gate_word, plot_search, qkd_points, search_markdown,
                                  seed_spread, summary_markdown)
+from common.stage_steps import StageSteps
 from conftest import PROJECT_ROOT, make_pretrained_folder, run_stage, run_stage_unchecked, write_reviews_csv
 
 
@@ -411,13 +414,27 @@ def fake_checkpoint(folder: Path, text: str = "") -> Path:
     return folder
 
 
+@dataclasses.dataclass
+class FakeGate:
+    """A stand-in for finishing.ValidationGate: ``of_folder`` answers from the folder alone."""
+    of_folder: Callable[[Path], dict]
+
+
+def finishing_run(steps, work: Path, of_folder=None, config=None, out_of_time=lambda: False,
+                  qkd_flags=lambda pruned: ["--pruned_model_path", pruned], previous=None):
+    """compress.py's finishing of one run, its gate and stage-10 flags replaced by stand-ins."""
+    from common.config import CompressConfig
+
+    return finishing.Finishing(steps, FakeGate(of_folder), config or CompressConfig(), work, out_of_time, qkd_flags,
+                               previous or {})
+
+
 def test_bits_under_the_gate_search_the_fewest_8bit_linears_and_publish_them(tmp_path, monkeypatch):
     """The mixed-precision step of compress.py: all-4-bit fails, so stage 10 reruns with --keep_8bit_layers over
     12, 6, 3, 1 by bisection; the fewest that pass (3) are published as a new qkd_4bit checkpoint. The reason tells a
     settled bisection from one the time budget stopped (with or without a passing count), and a cut gives --resume."""
     from common import stage_steps
 
-    compress = load_compress_script()
     assert eight_bit_ladder(12) == [12, 6, 3, 1] and eight_bit_ladder(1) == [1]
     with pytest.raises(ValueError, match="nothing to keep at 8 bits"):
         eight_bit_ladder(0)
@@ -427,17 +444,19 @@ def test_bits_under_the_gate_search_the_fewest_8bit_linears_and_publish_them(tmp
         calls.append((script, args[args.index("--keep_8bit_layers") + 1]))
         fake_checkpoint(Path(args[args.index("--output_dir") + 1]), str(calls[-1][1]))
 
-    def fake_gate(folder, *rest):
+    def fake_gate(folder):
         count = int(folder.name.split("-")[1]) if folder.name.startswith("8bit-") else 0
         return {"folder": str(folder), "passes": count >= 3, "retention": 0.9 + count / 100}
 
+    def search(steps, work, out_of_time=lambda: False, gate=fake_gate):
+        return finishing_run(steps, tmp_path / work, gate, out_of_time=out_of_time).search_8bit_layers(
+            [], tmp_path / "qkd-all-4bit")
+
     monkeypatch.setattr(stage_steps, "run_script", fake_stage_10)
-    monkeypatch.setattr(compress, "gate_folder", fake_gate)
-    monkeypatch.setattr(compress, "read_record", lambda folder: {"quantization": {"modules": [f"m{i}" for i in range(12)]}})
-    monkeypatch.setattr(compress, "stage_dir", lambda stage: tmp_path / "results" / stage)
-    steps = compress.StageSteps()
-    result = compress.search_8bit_layers(steps, [], tmp_path / "qkd-all-4bit", None, None, None, None, tmp_path / "work",
-                                         lambda: False)
+    monkeypatch.setattr(finishing, "read_record", lambda folder: {"quantization": {"modules": [f"m{i}" for i in range(12)]}})
+    monkeypatch.setattr(finishing, "stage_dir", lambda stage: tmp_path / "results" / stage)
+    steps = StageSteps()
+    result = search(steps, "work")
     assert [count for _, count in calls] == ["6", "3", "1"] and {script for script, _ in calls} == {"10_qat_kd_4bit.py"}
     assert [step["args"] for step in steps.steps] == [["--keep_8bit_layers", "6"], ["--keep_8bit_layers", "3"],
                                                       ["--keep_8bit_layers", "1"]]
@@ -446,29 +465,27 @@ def test_bits_under_the_gate_search_the_fewest_8bit_linears_and_publish_them(tmp
     assert result["settled"] and result["why"].startswith("the fewest Linears at 8 bits that keep the target")
     assert (Path(result["published"]) / "weights").read_text() == "3" and Path(result["published"]).parent.name == "qkd_4bit"
     calls.clear()
-    resumed = compress.StageSteps(steps.steps)  # a resumed run repeats none of the three stage-10 runs
-    again = compress.search_8bit_layers(resumed, [], tmp_path / "qkd-all-4bit", None, None, None, None, tmp_path / "work3",
-                                        lambda: False)
+    resumed = StageSteps(steps.steps)  # a resumed run repeats none of the three stage-10 runs
+    again = search(resumed, "work3")
     assert calls == [] and resumed.reused == 3 and again["chosen"] == 3
     assert [entry["folder"] for entry in again["tried"]] == [entry["folder"] for entry in result["tried"]]
     budget = iter([False, True])  # the budget runs out after the first try (6 Linears at 8 bits, passing)
-    cut = compress.search_8bit_layers(compress.StageSteps(), [], tmp_path / "qkd-all-4bit", None, None, None, None,
-                                      tmp_path / "work6", lambda: next(budget))
+    cut = search(StageSteps(), "work6", lambda: next(budget))
     assert [count for _, count in calls] == ["6"] and cut["chosen"] == 6 and not cut["settled"]
     assert cut["why"].startswith("the fewest Linears at 8 bits found to keep the target before --time_budget_s ran out "
                                  f"(counts [3, 1] not tried; to go on without retraining those: --resume {tmp_path / 'work6'}")
     calls.clear()
-    monkeypatch.setattr(compress, "gate_folder", lambda folder, *rest: {"folder": str(folder), "passes": True, "retention": 1.0})
-    assert compress.search_8bit_layers(steps, [], tmp_path / "qkd-all-4bit", None, None, None, None, tmp_path / "work2",
-                                       lambda: False)["why"].startswith("4 bits everywhere keeps the target") and calls == []
-    monkeypatch.setattr(compress, "gate_folder", lambda folder, *rest: {"folder": str(folder), "passes": False, "retention": 0.9})
-    out_of_time = compress.search_8bit_layers(steps, [], tmp_path / "qkd-all-4bit", None, None, None, None,
-                                              tmp_path / "work4", lambda: True)
+    assert search(steps, "work2", gate=lambda folder: {"folder": str(folder), "passes": True, "retention": 1.0})[
+        "why"].startswith("4 bits everywhere keeps the target") and calls == []
+
+    def failing(folder):
+        return {"folder": str(folder), "passes": False, "retention": 0.9}
+
+    out_of_time = search(steps, "work4", lambda: True, gate=failing)
     assert calls == [] and "chosen" not in out_of_time and out_of_time["why"].startswith(
         "--time_budget_s ran out with 0 of the 8-bit Linear counts [12, 6, 3, 1] tried ([], none passing; to go on "
         f"without retraining those: --resume {tmp_path / 'work4'} with a larger --time_budget_s)")
-    none_pass = compress.search_8bit_layers(steps, [], tmp_path / "qkd-all-4bit", None, None, None, None,
-                                            tmp_path / "work5", lambda: False)
+    none_pass = search(steps, "work5", gate=failing)
     assert [count for _, count in calls] == ["6", "12"] and "chosen" not in none_pass
     assert none_pass["why"].startswith("no count of 8-bit Linears tried ([12, 6]) keeps the target")
 
@@ -499,7 +516,6 @@ def test_a_winner_whose_qkd_model_fails_gives_way_to_the_next_passing_candidates
     from common import stage_steps
     from common.config import CompressConfig
 
-    compress = load_compress_script()
     calls = []
 
     def fake_stage_10(script, *args, stream=False):
@@ -509,14 +525,13 @@ def test_a_winner_whose_qkd_model_fails_gives_way_to_the_next_passing_candidates
 
     passing = set()  # (candidate folder, rows) whose QKD model passes
 
-    def fake_gate(folder, *rest):
+    def fake_gate(folder):
         made_by = tuple((folder / "weights").read_text().split())
         return {"folder": str(folder), "passes": made_by in passing, "retention": 0.995 if made_by in passing else 0.985}
 
     results = tmp_path / "results"
     monkeypatch.setattr(stage_steps, "run_script", fake_stage_10)
-    monkeypatch.setattr(compress, "gate_folder", fake_gate)
-    monkeypatch.setattr(compress, "stage_dir", lambda stage: results / stage)
+    monkeypatch.setattr(finishing, "stage_dir", lambda stage: results / stage)
     candidates = []
     for share in (0.5, 0.4):
         folder = fake_checkpoint(tmp_path / "work" / "candidates" / f"sparsity-{share:.2f}", "pruned")
@@ -524,15 +539,14 @@ def test_a_winner_whose_qkd_model_fails_gives_way_to_the_next_passing_candidates
     half, fifth = (candidate["folder"] for candidate in candidates)
 
     def retreat(config, steps=None, work="work", out_of_time=lambda: False, previous=None):
-        return compress.retreat_to_other_candidates(
-            steps or compress.StageSteps(), candidates, previous or {}, lambda pruned: ["--pruned_model_path", pruned],
-            None, None, None, config, tmp_path / work, out_of_time)
+        return finishing_run(steps or StageSteps(), tmp_path / work, fake_gate, config, out_of_time,
+                             previous=previous).retreat(candidates)
 
     def published(stage):
         return sorted((results / stage).iterdir()) if (results / stage).exists() else []
 
     passing.add((half, "int4"))
-    steps = compress.StageSteps()
+    steps = StageSteps()
     result = retreat(CompressConfig(optimize="size"), steps)
     assert calls == [(half, "int2"), (half, "int4")], "ternary rows first, then int4 rows, as on the winner"
     chosen = result["chosen"]
@@ -549,14 +563,14 @@ def test_a_winner_whose_qkd_model_fails_gives_way_to_the_next_passing_candidates
     assert "- stage 10 on sparsity 0.50: int4 rows, retention 0.9950 (pass)" in shown
 
     calls.clear()  # resumed: the two stage-10 runs and the published pruned copy are reused
-    again = retreat(CompressConfig(optimize="size"), compress.StageSteps(steps.steps), "work2",
+    again = retreat(CompressConfig(optimize="size"), StageSteps(steps.steps), "work2",
                     previous={"published": chosen["published"], "published_from": half})
     assert calls == [] and again["chosen"]["published"] == chosen["published"] and len(published("pruned")) == 1
     winner_copy = fake_checkpoint(results / "pruned" / "0-winner", "winner")  # older than the retreat's copy
     resumed = {"published": chosen["published"], "published_from": half,
                "retreat": {"winner": {"published": str(winner_copy), "published_from": "won"}, "chosen": chosen}}
-    assert compress.publish_winner("won", resumed) == winner_copy, "the resumed run's copy of its winner is reused"
-    assert str(compress.publish_winner(half, resumed)) == chosen["published"] and len(published("pruned")) == 2
+    assert finishing.publish_winner("won", resumed) == winner_copy, "the resumed run's copy of its winner is reused"
+    assert str(finishing.publish_winner(half, resumed)) == chosen["published"] and len(published("pruned")) == 2
 
     shutil.rmtree(results)
     passing.clear()
@@ -626,33 +640,32 @@ def test_the_retreat_comes_between_the_winners_stage10_and_the_8bit_search(
     search); otherwise the 8-bit search on the winner, with the winner's flags and its measured gate."""
     from common.config import CompressConfig
 
-    compress = load_compress_script()
     taken, record = [], {}
     winner_gate = {"passes": winner_passes}
 
-    def fake_train_qkd(steps, flags, *rest):
+    def fake_train_qkd(self, flags, output_root=None):
         taken.append(f"stage 10 on {flags[-1]}")
         return {"folder": "winner-qkd", "flags": ["--embedding_quantization", "int2"], "gate": winner_gate}
 
-    def fake_retreat(steps, offered, *rest):
+    def fake_retreat(self, offered):
         taken.append("retreat")
         assert offered == [{"folder": "other", "qualifies": True, "int8_size_mb": 26.0, "int8_speedup_vs_teacher": 2.0}]
         chosen = {"folder": "other", "published": "retreat", "qkd_published": "retreat-qkd"}
         return {"tried": [chosen], **({"chosen": chosen} if retreat_passes else {})}
 
-    def fake_8bit(steps, flags, all_4bit, *rest, all_4bit_gate):
+    def fake_8bit(self, flags, all_4bit, all_4bit_gate):
         taken.append("8-bit search")
         assert flags == ["winner", "--embedding_quantization", "int2"] and all_4bit == Path("winner-qkd")
         assert all_4bit_gate is winner_gate
         return {} if winner_passes else {"published": "mixed-qkd"}
 
-    monkeypatch.setattr(compress, "train_qkd", fake_train_qkd)
-    monkeypatch.setattr(compress, "retreat_to_other_candidates", fake_retreat)
-    monkeypatch.setattr(compress, "search_8bit_layers", fake_8bit)
+    monkeypatch.setattr(finishing.Finishing, "train_qkd", fake_train_qkd)
+    monkeypatch.setattr(finishing.Finishing, "retreat", fake_retreat)
+    monkeypatch.setattr(finishing.Finishing, "search_8bit_layers", fake_8bit)
     chosen = {"folder": "won", "qualifies": True, "int8_size_mb": 25.0, "int8_speedup_vs_teacher": 3.0}
     tried = [chosen] + [{"folder": "other", "qualifies": True, "int8_size_mb": 26.0, "int8_speedup_vs_teacher": 2.0}] * others
-    result = compress.quantize_winner(None, record, tried, chosen, Path("winner"), {}, lambda pruned: [str(pruned)],
-                                      None, None, None, CompressConfig(qkd_retreats=qkd_retreats), None, lambda: False)
+    result = finishing_run(None, Path("work"), config=CompressConfig(qkd_retreats=qkd_retreats),
+                           qkd_flags=lambda pruned: [str(pruned)]).quantize_winner(record, tried, chosen, Path("winner"))
     assert result == tuple(map(Path, exported)) and taken == steps_taken
     if "retreat" in taken:
         assert record["retreat"]["winner"] == {"published": "winner", "published_from": "won"}
@@ -828,7 +841,6 @@ def test_the_size_objective_trains_ternary_embedding_rows_first_and_falls_back_t
     from common import stage_steps
     from common.config import CompressConfig
 
-    compress = load_compress_script()
     calls = []
 
     def fake_stage_10(script, *args, stream=False):
@@ -836,11 +848,10 @@ def test_the_size_objective_trains_ternary_embedding_rows_first_and_falls_back_t
         fake_checkpoint(Path(args[-1]))
 
     monkeypatch.setattr(stage_steps, "run_script", fake_stage_10)
-    monkeypatch.setattr(compress, "stage_dir", lambda stage: tmp_path / stage)
-    monkeypatch.setattr(compress, "gate_folder", lambda folder, *rest: {"folder": str(folder), "passes": ternary_passes,
-                                                                         "retention": 0.995 if ternary_passes else 0.97})
+    monkeypatch.setattr(finishing, "stage_dir", lambda stage: tmp_path / stage)
     config = CompressConfig(optimize=optimize, size_embeddings=size_embeddings)
-    result = compress.train_qkd(compress.StageSteps(), ["--seed", 3], None, None, None, config)
+    gate = lambda folder: {"folder": str(folder), "passes": ternary_passes, "retention": 0.995 if ternary_passes else 0.97}  # noqa: E731
+    result = finishing_run(StageSteps(), tmp_path / "work", gate, config).train_qkd(["--seed", 3])
     assert calls == [("10_qat_kd_4bit.py", ["--seed", "3", *map(str, flags)]) for flags in runs]
     assert result["method"] == method and result["flags"] == runs[-1]
     kept = Path(result["folder"])
