@@ -27,7 +27,8 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
            candidate, its int8 latency is predicted from the machine's latency table of layer shapes
            (common/latency_table.py, --latency_table); with --optimize latency one that cannot beat the fastest
            passing candidate by 10% is not trained;
-        3. (--finish) copies the winner into results/pruned/ as its newest checkpoint, runs stage 10 (QKD-4bit) on it
+        3. (--finish; common/finishing.py) copies the winner into results/pruned/ as its newest checkpoint, runs
+           stage 10 (QKD-4bit) on it
            (with --optimize size first with ternary word-embedding rows, --size_embeddings, the most frequent tokens'
            rows at int4, --size_int4_rows; int4 rows when those miss the gate); when that all-4-bit model fails the
            gate, stage 10 runs the same way on the next candidate that passed (--qkd_retreats; a smaller share, in
