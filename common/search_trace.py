@@ -111,12 +111,17 @@ def _seed(record: dict) -> str:
 
 
 def qkd_points(record: dict) -> list[dict]:
-    """The QKD-4bit models of the trace (stage 10 on the winner, then on the retreat's candidates), each with the
-    sparsity of the candidate it was trained from, its word-embedding rows and its gate."""
+    """The QKD-4bit models of the trace (stage 10 on the winner, its 8-bit search's tries, then stage 10 on the
+    retreat's candidates), each with the sparsity of the candidate it was trained from, its word-embedding rows, a
+    label (naming the Linears kept at 8 bits too) and its gate."""
     points = []
     embeddings = record.get("embeddings")
     if embeddings and record.get("winner"):
         points += _stage_10_points(record["winner"]["sparsity"], embeddings)
+        points += [{"sparsity": record["winner"]["sparsity"], "rows": embeddings["method"],
+                    "label": f"{embeddings['method']} rows, {entry['layers_8bit']} Linear(s) at 8 bits",
+                    "retention": entry["retention"], "passes": entry["passes"]}
+                   for entry in (record.get("mixed_precision") or {}).get("tried", [])]
     by_folder = {c.get("folder"): c for c in record.get("candidates", [])}
     for entry in (record.get("retreat") or {}).get("tried", []):
         candidate = by_folder.get(entry["folder"])
@@ -129,10 +134,10 @@ def qkd_points(record: dict) -> list[dict]:
 def _stage_10_points(sparsity: float, embeddings: dict) -> list[dict]:
     # a kept first try (ternary rows that passed) is both in "tried" and the "gate": one point
     gates = [gate for gate in embeddings.get("tried", []) if gate.get("folder") != embeddings["gate"].get("folder")]
-    return [{"sparsity": sparsity, "rows": gate.get("rows", "int2"), "retention": gate["retention"],
-             "passes": gate["passes"]} for gate in gates] + [
-        {"sparsity": sparsity, "rows": embeddings["method"], "retention": embeddings["gate"]["retention"],
-         "passes": embeddings["gate"]["passes"]}]
+    return [{"sparsity": sparsity, "rows": rows, "label": f"{rows} rows", "retention": gate["retention"],
+             "passes": gate["passes"]}
+            for rows, gate in [*((gate.get("rows", "int2"), gate) for gate in gates),
+                               (embeddings["method"], embeddings["gate"])]]
 
 
 def exported_candidate(record: dict) -> Optional[dict]:
@@ -163,7 +168,7 @@ def plot_search(record: dict, path: Path) -> None:
     for point in points:  # drawn a little to the right of their candidate, which they would otherwise hide
         axis.plot(point["sparsity"] + 0.008, 100 * point["retention"], marker="d", linestyle="none",
                   color="tab:green" if point["passes"] else "tab:red", fillstyle="full" if point["passes"] else "none")
-        axis.annotate(f"{point['rows']} rows", (point["sparsity"] + 0.008, 100 * point["retention"]), fontsize=7,
+        axis.annotate(point["label"], (point["sparsity"] + 0.008, 100 * point["retention"]), fontsize=7,
                       xytext=(4, -8), textcoords="offset points")
     exported = exported_candidate(record)
     if exported is not None:

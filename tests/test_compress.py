@@ -624,6 +624,9 @@ def test_the_trace_shows_which_candidate_was_exported_and_its_qkd_models(tmp_pat
     without = {key: value for key, value in record.items() if key not in ("retreat", "published_from")}
     assert "Winner: sparsity 0.60" in search_markdown(without) and "Exported instead" not in search_markdown(without)
     assert exported_candidate(without) is None and len(qkd_points(without)) == 2
+    without["mixed_precision"] = {"tried": [{"layers_8bit": 12, "retention": 0.9991, "passes": True}]}
+    assert qkd_points(without)[-1] == {"sparsity": 0.6, "rows": "int4", "label": "int4 rows, 12 Linear(s) at 8 bits",
+                                       "retention": 0.9991, "passes": True}
 
 
 @pytest.mark.parametrize("winner_passes, retreat_passes, qkd_retreats, others, exported, steps_taken", [
