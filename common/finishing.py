@@ -59,9 +59,9 @@ class ValidationGate:
         """The gate's record entry of a loaded model whose validation results are ``correct``."""
         return {"folder": str(model.folder), "size_mb": model.size_bytes / 1e6, **self.of_correct(correct)}
 
-    def of_folder(self, folder: Path) -> dict:
-        """The gate's record entry of a checkpoint folder."""
-        model = ModelRuntime(folder, spinning=False)
+    def of_folder(self, folder: Path, model: Optional[ModelRuntime] = None) -> dict:
+        """The gate's record entry of a checkpoint folder (``model``: one of its files, loaded already)."""
+        model = model or ModelRuntime(folder, spinning=False)
         return self.entry(model, validation_correct(model, folder, self.validation, self.max_length))
 
 
@@ -109,6 +109,7 @@ class Finishing:
         Returns the rows chosen, the stage-10 flags that give them, the checkpoint kept (which the 8-bit search and
         stages 12 and 13 read), its gate and why."""
         config, quantize = self.config, FINISHING_SCRIPTS[0]
+        runs = output_root or stage_dir("qkd_4bit")
         result = {"method": "int4", "flags": [], "why": "int4 rows (stage 10's default)"}
         if config.optimize == "size" and config.size_embeddings == "int4":
             result["why"] += " (--size_embeddings int4)"
@@ -118,8 +119,7 @@ class Finishing:
             if config.size_embeddings == "int2" and config.size_int4_rows:
                 ternary_flags += ["--embedding_int4_rows", config.size_int4_rows]
                 rows += f" (the {config.size_int4_rows} most frequent tokens' at int4)"
-            [folder] = self.steps.run(quantize, *flags, *ternary_flags,
-                                      output_dir=(output_root or stage_dir("qkd_4bit")) / new_run_id())
+            [folder] = self.steps.run(quantize, *flags, *ternary_flags, output_dir=runs / new_run_id())
             ternary = {**self.gate.of_folder(folder), "rows": config.size_embeddings}
             outcome = f"QKD-4bit with {rows}: retention {ternary['retention']:.4f}"
             if ternary["passes"]:
@@ -129,7 +129,7 @@ class Finishing:
                         "why": f"{rows} keep the target (retention {ternary['retention']:.4f})"}
             print(f"{outcome}, fails the gate; stage 10 again with int4 rows", flush=True)
             result.update(tried=[ternary], why=f"{rows} missed the target (retention {ternary['retention']:.4f}); int4 rows")
-        [folder] = self.steps.run(quantize, *flags, output_dir=(output_root or stage_dir("qkd_4bit")) / new_run_id())
+        [folder] = self.steps.run(quantize, *flags, output_dir=runs / new_run_id())
         return {**result, "folder": str(folder), "gate": self.gate.of_folder(folder)}
 
     def retreat(self, others: list[dict]) -> dict:
@@ -248,9 +248,8 @@ def gate_files(new_folders: dict, teacher: ModelRuntime, gate: ValidationGate, c
             for name in names:
                 model = ModelRuntime(folder, name, spinning=False, num_threads=2)
                 label = f"{stage}/{folder.name}/{name}" if name else f"{stage}/{folder.name}"
-                entry = gate.of_model(model, folder)
-                entries.append({"name": label, "stage": stage, "folder": str(folder), "file": name,
-                                "size_mb": model.size_bytes / 1e6, **entry})
+                entry = gate.of_folder(folder, model)
+                entries.append({"name": label, "stage": stage, "file": name, **entry})
                 if entry["passes"]:
                     models[label] = model
     runners = {"teacher": teacher.runner(teacher.batch(config.latency_batch_size, config.latency_seq_length))}
