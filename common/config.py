@@ -795,8 +795,8 @@ class CompressConfig:
         "on up to this many other candidates that passed, the next best for --optimize first (usually a smaller "
         "share: more room above the target), and the first whose QKD model passes is published and exported instead. "
         "Only when none does, the 8-bit search (--mixed_precision) runs on the winner. Each try is one stage-10 run "
-        "(two when its ternary rows miss), fewer than the 8-bit search's bisection; counts against --time_budget_s. "
-        "0: never.",
+        "(with --optimize size one per --size_int4_rows count its ternary rows try, and one with int4 rows when they "
+        "all miss), fewer than the 8-bit search's bisection; counts against --time_budget_s. 0: never.",
     )
     size_embeddings: str = _field(
         "int2", "With --optimize size and --finish: the word-embedding rows stage 10 trains first. 'int2': ternary "
@@ -804,10 +804,11 @@ class CompressConfig:
         "target on validation, stage 10 runs again with int4 rows (its default) before the 8-bit search, so a miss "
         "costs one more stage-10 run. 'int4': int4 rows only.",
     )
-    size_int4_rows: int = _field(
-        1000, "With --size_embeddings int2: stage 10's --embedding_int4_rows, the rows of this many most frequent "
+    size_int4_rows: list[int] = _field(
+        [1000], "With --size_embeddings int2: stage 10's --embedding_int4_rows, the rows of this many most frequent "
         "training tokens kept at int4 among the ternary rows (about 100 KB for 1,000 rows of 384 values). 0: every "
-        "row ternary.",
+        "row ternary. Several counts, ascending (e.g. 3000 3500): a ladder tried in order, smallest file first, while "
+        "the ternary QKD model misses the target (one stage-10 run each, against --time_budget_s), before int4 rows.",
     )
     latency_table: bool = _field(
         True, "Predict each candidate's ONNX Runtime int8 latency before training it, from a table of layer shapes "
@@ -895,7 +896,17 @@ class CompressConfig:
         _check_range("target_retention", self.target_retention, 0.0, 1.0, low_open=True)
         _check_choice("optimize", self.optimize, OBJECTIVES)
         _check_choice("size_embeddings", self.size_embeddings, SIZE_EMBEDDINGS)
-        _check_range("size_int4_rows", self.size_int4_rows, 0, float("inf"))
+        if isinstance(self.size_int4_rows, int):  # a single count, as records before the ladder hold it
+            self.size_int4_rows = [self.size_int4_rows]
+        if not self.size_int4_rows:
+            raise ValueError("size_int4_rows is empty; give one count or more, e.g. --size_int4_rows 1000 (0: every "
+                             "word-embedding row ternary).")
+        for value in self.size_int4_rows:
+            _check_range("size_int4_rows entry", value, 0, float("inf"))
+        if list(self.size_int4_rows) != sorted(set(self.size_int4_rows)):
+            raise ValueError(f"size_int4_rows={list(self.size_int4_rows)} must be ascending without repeats: the counts "
+                             "are tried in order, the smallest file first; e.g. --size_int4_rows "
+                             f"{' '.join(str(value) for value in sorted(set(self.size_int4_rows)))}.")
         _check_range("qkd_retreats", self.qkd_retreats, 0, float("inf"))
         _check_positive("max_latency_ms", self.max_latency_ms, allow_none=True)
         _check_positive("max_size_mb", self.max_size_mb, allow_none=True)

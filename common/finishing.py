@@ -65,6 +65,16 @@ class ValidationGate:
         return self.entry(model, validation_correct(model, folder, self.validation, self.max_length))
 
 
+def _ternary_rows(entry: dict) -> str:
+    """``int2 rows (the 3000 most frequent tokens' at int4)``: a ternary try of ``Finishing.train_qkd``."""
+    count = entry.get("int4_rows")
+    return f"{entry['rows']} rows" + (f" (the {count} most frequent tokens' at int4)" if count else "")
+
+
+def _ternary_misses(tried: list[dict]) -> str:
+    return "; ".join(f"{_ternary_rows(entry)} missed the target (retention {entry['retention']:.4f})" for entry in tried)
+
+
 def resume_advice(work: Path) -> str:
     """How to continue a search that --time_budget_s stopped, reusing the stage runs it finished."""
     return f"to go on without retraining those: --resume {work} with a larger --time_budget_s"
@@ -105,7 +115,8 @@ class Finishing:
     def train_qkd(self, flags: list, output_root: Optional[Path] = None) -> dict:
         """Stage 10 on a pruned checkpoint (its runs in results/qkd_4bit/, or in ``output_root``). With --optimize size
         it first trains ternary word-embedding rows (--size_embeddings int2; the --size_int4_rows most frequent tokens'
-        rows at int4) and keeps them when that model passes the gate; otherwise stage 10 runs again with int4 rows.
+        rows at int4, each count of that ladder in turn while the model misses the gate) and keeps the first model that
+        passes; when none does (or --time_budget_s runs out between counts), stage 10 runs again with int4 rows.
         Returns the rows chosen, the stage-10 flags that give them, the checkpoint kept (which the 8-bit search and
         stages 12 and 13 read), its gate and why."""
         config, quantize = self.config, FINISHING_SCRIPTS[0]
@@ -114,21 +125,29 @@ class Finishing:
         if config.optimize == "size" and config.size_embeddings == "int4":
             result["why"] += " (--size_embeddings int4)"
         elif config.optimize == "size":
-            ternary_flags = ["--embedding_quantization", config.size_embeddings]
-            rows = f"{config.size_embeddings} rows"
-            if config.size_embeddings == "int2" and config.size_int4_rows:
-                ternary_flags += ["--embedding_int4_rows", config.size_int4_rows]
-                rows += f" (the {config.size_int4_rows} most frequent tokens' at int4)"
-            [folder] = self.steps.run(quantize, *flags, *ternary_flags, output_dir=runs / new_run_id())
-            ternary = {**self.gate.of_folder(folder), "rows": config.size_embeddings}
-            outcome = f"QKD-4bit with {rows}: retention {ternary['retention']:.4f}"
-            if ternary["passes"]:
-                print(f"{outcome}, passes the gate", flush=True)
-                return {"method": config.size_embeddings, "flags": ternary_flags, "tried": [ternary],
-                        "folder": str(folder), "gate": ternary,
-                        "why": f"{rows} keep the target (retention {ternary['retention']:.4f})"}
-            print(f"{outcome}, fails the gate; stage 10 again with int4 rows", flush=True)
-            result.update(tried=[ternary], why=f"{rows} missed the target (retention {ternary['retention']:.4f}); int4 rows")
+            tried = []
+            counts = config.size_int4_rows if config.size_embeddings == "int2" else [0]
+            for count in counts:
+                if tried and self.out_of_time():
+                    print(f"--time_budget_s ran out before {config.size_embeddings} rows with {count} int4 rows; "
+                          "stage 10 again with int4 rows", flush=True)
+                    break
+                ternary_flags = ["--embedding_quantization", config.size_embeddings]
+                if count:
+                    ternary_flags += ["--embedding_int4_rows", count]
+                [folder] = self.steps.run(quantize, *flags, *ternary_flags, output_dir=runs / new_run_id())
+                tried.append({**self.gate.of_folder(folder), "rows": config.size_embeddings, "int4_rows": count})
+                outcome = f"QKD-4bit with {_ternary_rows(tried[-1])}: retention {tried[-1]['retention']:.4f}"
+                if tried[-1]["passes"]:
+                    print(f"{outcome}, passes the gate", flush=True)
+                    earlier = f"; before, {_ternary_misses(tried[:-1])}" if len(tried) > 1 else ""
+                    return {"method": config.size_embeddings, "flags": ternary_flags, "tried": tried,
+                            "folder": str(folder), "gate": tried[-1],
+                            "why": f"{_ternary_rows(tried[-1])} keep the target (retention "
+                                   f"{tried[-1]['retention']:.4f}){earlier}"}
+                following = f"{counts[len(tried)]} int4 rows among them" if len(tried) < len(counts) else "int4 rows"
+                print(f"{outcome}, fails the gate; stage 10 again with {following}", flush=True)
+            result.update(tried=tried, why=f"{_ternary_misses(tried)}; int4 rows")
         [folder] = self.steps.run(quantize, *flags, output_dir=runs / new_run_id())
         return {**result, "folder": str(folder), "gate": self.gate.of_folder(folder)}
 

@@ -134,7 +134,9 @@ def qkd_points(record: dict) -> list[dict]:
 def _stage_10_points(sparsity: float, embeddings: dict) -> list[dict]:
     # a kept first try (ternary rows that passed) is both in "tried" and the "gate": one point
     gates = [gate for gate in embeddings.get("tried", []) if gate.get("folder") != embeddings["gate"].get("folder")]
-    return [{"sparsity": sparsity, "rows": rows, "label": f"{rows} rows", "retention": gate["retention"],
+    return [{"sparsity": sparsity, "rows": rows,
+             "label": f"{rows} rows" + (f", {gate['int4_rows']} at int4" if gate.get("int4_rows") else ""),
+             "retention": gate["retention"],
              "passes": gate["passes"]}
             for rows, gate in [*((gate.get("rows", "int2"), gate) for gate in gates),
                                (embeddings["method"], embeddings["gate"])]]

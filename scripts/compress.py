@@ -30,7 +30,8 @@ Does:   1. measures the teacher on the validation split (per example, for the pa
         3. (--finish; common/finishing.py) copies the winner into results/pruned/ as its newest checkpoint, runs
            stage 10 (QKD-4bit) on it
            (with --optimize size first with ternary word-embedding rows, --size_embeddings, the most frequent tokens'
-           rows at int4, --size_int4_rows; int4 rows when those miss the gate); when that all-4-bit model fails the
+           rows at int4, --size_int4_rows, each count of that ladder in turn; int4 rows when those miss the gate);
+           when that all-4-bit model fails the
            gate, stage 10 runs the same way on the next candidate that passed (--qkd_retreats; a smaller share, in
            results/compress/<run_id>/retreat/), which is published and exported instead when its QKD model passes;
            otherwise (--mixed_precision) reruns stage 10 on the winner with --keep_8bit_layers

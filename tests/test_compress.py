@@ -619,6 +619,8 @@ def test_the_trace_shows_which_candidate_was_exported_and_its_qkd_models(tmp_pat
     assert [(p["sparsity"], p["rows"], p["retention"], p["passes"]) for p in qkd_points(record)] == [
         (0.6, "int2", 0.9953, False), (0.6, "int4", 0.9981, False), (0.5, "int2", 1.0095, True)]
     assert exported_candidate(record) is half
+    record["embeddings"]["tried"][0]["int4_rows"] = 3000
+    assert [p["label"] for p in qkd_points(record)] == ["int2 rows, 3000 at int4", "int4 rows", "int2 rows"]
     plot_search(record, tmp_path / "search.png")
     assert (tmp_path / "search.png").read_bytes().startswith(b"\x89PNG")
     without = {key: value for key, value in record.items() if key not in ("retreat", "published_from")}
@@ -862,6 +864,54 @@ def test_the_size_objective_trains_ternary_embedding_rows_first_and_falls_back_t
     if ternary_passes is False:
         assert result["tried"][0]["folder"] != result["folder"], "the int4 run is the one kept"
         assert "int2 rows (the 1000 most frequent tokens' at int4) missed the target (retention 0.9700)" in result["why"]
+
+
+@pytest.mark.parametrize("passing_count, budget_left, runs", [
+    (3000, 9, [1000, 3000]),  # the second count passes: kept, no int4-row run
+    (None, 9, [1000, 3000, 5000, None]),  # every count misses: int4 rows
+    (None, 0, [1000, None]),  # --time_budget_s spent after the first count: straight to int4 rows
+])
+def test_the_size_objective_climbs_the_int4_row_ladder_before_int4_rows(tmp_path, monkeypatch, passing_count,
+                                                                        budget_left, runs):
+    """--size_int4_rows 1000 3000 5000: the ternary model is trained with each count in turn until one passes the
+    gate; the record keeps every try, and the reason names the counts that missed."""
+    from common import stage_steps
+    from common.config import CompressConfig
+
+    counts = []
+
+    def fake_stage_10(script, *args, stream=False):
+        args = list(args)
+        counts.append(int(args[args.index("--embedding_int4_rows") + 1]) if "--embedding_int4_rows" in args else None)
+        fake_checkpoint(Path(args[-1]))
+
+    monkeypatch.setattr(stage_steps, "run_script", fake_stage_10)
+    monkeypatch.setattr(finishing, "stage_dir", lambda stage: tmp_path / stage)
+    folders_of = {}
+
+    def gate(folder):
+        folders_of[str(folder)] = counts[-1]
+        passes = counts[-1] is not None and counts[-1] == passing_count
+        return {"folder": str(folder), "passes": passes, "retention": 0.995 if passes else 0.98 + len(counts) / 1000}
+
+    config = CompressConfig(optimize="size", size_int4_rows=[1000, 3000, 5000])
+    with pytest.raises(ValueError, match=r"size_int4_rows=\[3000, 3000\] must be ascending without repeats"):
+        CompressConfig(size_int4_rows=[3000, 3000])
+    assert CompressConfig(size_int4_rows=3000).size_int4_rows == [3000], "a single count, as older records hold it"
+    spent = iter(range(10))
+    result = finishing_run(StageSteps(), tmp_path / "work", gate, config,
+                           out_of_time=lambda: next(spent) >= budget_left).train_qkd(["--seed", 3])
+    assert counts == runs
+    assert [entry["int4_rows"] for entry in result["tried"]] == [count for count in runs if count is not None]
+    assert folders_of[result["folder"]] == runs[-1], "the last run is the one kept"
+    if passing_count:
+        assert result["method"] == "int2" and result["flags"][-2:] == ["--embedding_int4_rows", passing_count]
+        assert result["why"] == ("int2 rows (the 3000 most frequent tokens' at int4) keep the target (retention "
+                                 "0.9950); before, int2 rows (the 1000 most frequent tokens' at int4) missed the target "
+                                 "(retention 0.9810)")
+    else:
+        assert result["method"] == "int4" and result["flags"] == [] and result["why"].endswith("; int4 rows")
+        assert result["why"].count("missed the target") == len(runs) - 1
 
 
 @pytest.mark.slow
@@ -1162,7 +1212,8 @@ def test_the_summary_refuses_runs_it_cannot_read(tmp_path, args, message):
     (["--target_retention", "1.2"], "target_retention=1.2 is out of range"),
     (["--optimize", "speed"], "optimize='speed' is not supported; allowed values: 'latency', 'size'"),
     (["--size_embeddings", "int3"], "size_embeddings='int3' is not supported; allowed values: 'int4', 'int2'"),
-    (["--size_int4_rows", "-5"], "size_int4_rows=-5 is out of range; it must lie in [0, inf]"),
+    (["--size_int4_rows", "-5"], "size_int4_rows entry=-5 is out of range; it must lie in [0, inf]"),
+    (["--size_int4_rows", "3000", "1000"], "size_int4_rows=[3000, 1000] must be ascending without repeats"),
     (["--qkd_retreats", "-1"], "qkd_retreats=-1 is out of range; it must lie in [0, inf]"),
     (["--max_size_mb", "0"], "max_size_mb=0.0 must be a positive"),
     (["--drop_layers", "0", "0"], "drop_layers=[0, 0] must list distinct layer counts of 0 or more"),
