@@ -85,8 +85,9 @@ def search_markdown(record: dict) -> str:
     retreat = record.get("retreat")
     if retreat:
         lines.append(f"Retreat (--qkd_retreats): {retreat['why']}.")
-        lines += [f"- stage 10 on {entry['name']}: {entry['embeddings']['method']} rows, retention "
-                  f"{entry['embeddings']['gate']['retention']:.4f} ({'pass' if entry['embeddings']['gate']['passes'] else 'fail'})"
+        lines += [f"- stage 10 on {entry['name']}: {_rows(entry['embeddings']['method'], entry['embeddings']['gate'])}, "
+                  f"retention {entry['embeddings']['gate']['retention']:.4f} "
+                  f"({'pass' if entry['embeddings']['gate']['passes'] else 'fail'})"
                   for entry in retreat["tried"]]
     mixed = record.get("mixed_precision")
     if mixed:
@@ -134,12 +135,15 @@ def qkd_points(record: dict) -> list[dict]:
 def _stage_10_points(sparsity: float, embeddings: dict) -> list[dict]:
     # a kept first try (ternary rows that passed) is both in "tried" and the "gate": one point
     gates = [gate for gate in embeddings.get("tried", []) if gate.get("folder") != embeddings["gate"].get("folder")]
-    return [{"sparsity": sparsity, "rows": rows,
-             "label": f"{rows} rows" + (f", {gate['int4_rows']} at int4" if gate.get("int4_rows") else ""),
-             "retention": gate["retention"],
+    return [{"sparsity": sparsity, "rows": rows, "label": _rows(rows, gate), "retention": gate["retention"],
              "passes": gate["passes"]}
             for rows, gate in [*((gate.get("rows", "int2"), gate) for gate in gates),
                                (embeddings["method"], embeddings["gate"])]]
+
+
+def _rows(rows: str, gate: dict) -> str:
+    """``int2 rows, 3000 at int4``: a stage-10 model's word-embedding rows (int4 rows among ternary ones counted)."""
+    return f"{rows} rows" + (f", {gate['int4_rows']} at int4" if gate.get("int4_rows") else "")
 
 
 def exported_candidate(record: dict) -> Optional[dict]:

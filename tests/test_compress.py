@@ -619,8 +619,9 @@ def test_the_trace_shows_which_candidate_was_exported_and_its_qkd_models(tmp_pat
     assert [(p["sparsity"], p["rows"], p["retention"], p["passes"]) for p in qkd_points(record)] == [
         (0.6, "int2", 0.9953, False), (0.6, "int4", 0.9981, False), (0.5, "int2", 1.0095, True)]
     assert exported_candidate(record) is half
-    record["embeddings"]["tried"][0]["int4_rows"] = 3000
-    assert [p["label"] for p in qkd_points(record)] == ["int2 rows, 3000 at int4", "int4 rows", "int2 rows"]
+    record["embeddings"]["tried"][0]["int4_rows"] = retreat_qkd["int4_rows"] = 3000
+    assert [p["label"] for p in qkd_points(record)] == ["int2 rows, 3000 at int4", "int4 rows", "int2 rows, 3000 at int4"]
+    assert "- stage 10 on sparsity 0.50: int2 rows, 3000 at int4, retention 1.0095 (pass)" in search_markdown(record)
     plot_search(record, tmp_path / "search.png")
     assert (tmp_path / "search.png").read_bytes().startswith(b"\x89PNG")
     without = {key: value for key, value in record.items() if key not in ("retreat", "published_from")}
