@@ -899,6 +899,8 @@ def test_the_size_objective_climbs_the_int4_row_ladder_before_int4_rows(tmp_path
     with pytest.raises(ValueError, match=r"size_int4_rows=\[3000, 3000\] must be ascending without repeats"):
         CompressConfig(size_int4_rows=[3000, 3000])
     assert CompressConfig(size_int4_rows=3000).size_int4_rows == [3000], "a single count, as older records hold it"
+    with pytest.raises(ValueError, match="size_int4_rows is empty; give one count or more"):
+        CompressConfig(size_int4_rows=[])  # a --config file can say so; the command line cannot
     spent = iter(range(10))
     result = finishing_run(StageSteps(), tmp_path / "work", gate, config,
                            out_of_time=lambda: next(spent) >= budget_left).train_qkd(["--seed", 3])
