@@ -125,12 +125,12 @@ class Finishing:
         if config.optimize == "size" and config.size_embeddings == "int4":
             result["why"] += " (--size_embeddings int4)"
         elif config.optimize == "size":
-            tried = []
-            counts = config.size_int4_rows if config.size_embeddings == "int2" else [0]
-            for count in counts:
+            tried, counts, budget = [], config.size_int4_rows, []
+            for count in counts:  # size_embeddings is int2 here: its int4 rows are what the ladder varies
                 if tried and self.out_of_time():
-                    print(f"--time_budget_s ran out before {config.size_embeddings} rows with {count} int4 rows; "
-                          "stage 10 again with int4 rows", flush=True)
+                    budget = [f"--time_budget_s ran out before the int4-row counts {counts[len(tried):]} "
+                              f"({resume_advice(self.work)})"]
+                    print(f"{budget[0]}; stage 10 again with int4 rows", flush=True)
                     break
                 ternary_flags = ["--embedding_quantization", config.size_embeddings]
                 if count:
@@ -147,7 +147,7 @@ class Finishing:
                                    f"{tried[-1]['retention']:.4f}){earlier}"}
                 following = f"{counts[len(tried)]} int4 rows among them" if len(tried) < len(counts) else "int4 rows"
                 print(f"{outcome}, fails the gate; stage 10 again with {following}", flush=True)
-            result.update(tried=tried, why=f"{_ternary_misses(tried)}; int4 rows")
+            result.update(tried=tried, why="; ".join([_ternary_misses(tried), *budget, "int4 rows"]))
         [folder] = self.steps.run(quantize, *flags, output_dir=runs / new_run_id())
         return {**result, "folder": str(folder), "gate": self.gate.of_folder(folder)}
 

@@ -915,6 +915,8 @@ def test_the_size_objective_climbs_the_int4_row_ladder_before_int4_rows(tmp_path
     else:
         assert result["method"] == "int4" and result["flags"] == [] and result["why"].endswith("; int4 rows")
         assert result["why"].count("missed the target") == len(runs) - 1
+        assert ("--time_budget_s ran out before the int4-row counts [3000, 5000] (to go on without retraining "
+                "those: --resume") in result["why"] if budget_left == 0 else "time_budget_s" not in result["why"]
 
 
 @pytest.mark.slow
