@@ -954,10 +954,25 @@ class CompressSummaryConfig:
         "would without this project): its test accuracy and size, and, in new interleaved rounds at the run's latency "
         "batch and length, the picked files' speed-up against it and against the torch teacher.",
     )
-    reference_rounds: int = _field(20, "With --int8_reference: interleaved timing rounds.")
+    baseline: Optional[str] = _field(
+        None, "A model to beat, timed in the same new interleaved rounds as the picked files and measured on the same "
+        "test split: an exported file (e.g. the fixed recipe's results/onnx_4bit/<run_id>/model_nf4_int8.onnx, from `make "
+        "pipeline`) or a checkpoint folder. Each picked file gets its speed-up against it.",
+    )
+    reference_rounds: int = _field(20, "With --int8_reference or --baseline: interleaved timing rounds.")
 
     def __post_init__(self) -> None:
         _check_positive("reference_rounds", self.reference_rounds)
+        if self.baseline is not None:
+            path = Path(self.baseline).expanduser()
+            folder = path.parent if path.is_file() else path
+            if path.is_file() and path.suffix not in (".onnx", ".xml"):
+                raise ValueError(f"baseline={self.baseline!r} is neither an .onnx file nor an OpenVINO .xml IR nor a "
+                                 "checkpoint folder: pass e.g. results/onnx_4bit/<run_id>/model_nf4_int8.onnx.")
+            if not (folder / "config.json").is_file():
+                raise FileNotFoundError(f"baseline={self.baseline!r} is not an exported file of a project folder or a "
+                                        "checkpoint folder (no config.json beside it): pass e.g. "
+                                        "results/onnx_4bit/<run_id>/model_nf4_int8.onnx or results/pruned/<run_id>.")
         for run in self.runs:
             path = Path(run).expanduser()
             if not (path if path.suffix == ".json" else path / "search.json").is_file():

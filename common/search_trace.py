@@ -226,19 +226,48 @@ def summary_markdown(rows: list[dict], spread: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def reference_markdown(references: list[dict]) -> str:
-    """Per run: the teacher in ONNX Runtime dynamic int8 (no project stage), and each picked file against it and against
-    the torch teacher in the same interleaved rounds (speed-up medians [IQR] over rounds)."""
+REFERENCE_COLUMNS = {"speedup_vs_torch_teacher": "× faster than the torch teacher",
+                     "speedup_vs_teacher_int8": "× faster than the teacher in ONNX Runtime int8",
+                     "speedup_vs_baseline": "× faster than the baseline"}
+
+
+def baseline_spread(rows: list[dict], references: list[dict]) -> dict:
+    """Per objective: the spread over runs of the picked file's median speed-up against --baseline in its run's rounds
+    (empty without a baseline)."""
+    spread = {}
+    for objective in dict.fromkeys(row["objective"] for row in rows):
+        medians = []
+        for reference in references:
+            timed = {model["name"]: model for model in reference["models"]}
+            for row in rows:
+                if row["objective"] == objective and row["run"] == reference["run"] and "speedup_vs_baseline" in timed.get(row["name"], {}):
+                    medians.append(timed[row["name"]]["speedup_vs_baseline"]["median"])
+        if medians:
+            spread[objective] = seed_spread(medians)
+    return spread
+
+
+def reference_markdown(references: list[dict], against_baseline: Optional[dict] = None) -> str:
+    """Per run: the torch teacher, the references (the teacher in ONNX Runtime dynamic int8, --baseline) and each
+    picked file, timed in the same interleaved rounds (speed-up medians [IQR] over rounds); then, with a baseline, the
+    spread over runs of each objective's speed-up against it."""
     def ratio(stats: dict) -> str:
         return f"{stats['median']:.2f}× [{stats['p25']:.2f}–{stats['p75']:.2f}]"
 
-    lines = ["| Run | Model | Test acc. (% of teacher) | Size MB | Latency ms [IQR] | × faster than the torch teacher | "
-             "× faster than the teacher in ONNX Runtime int8 |", "|---|---|---|---|---|---|---|"]
+    columns = [key for key in REFERENCE_COLUMNS if any(key in model for ref in references for model in ref["models"])]
+    lines = ["| Run | Model | Test acc. (% of teacher) | Size MB | Latency ms [IQR] | "
+             + " | ".join(REFERENCE_COLUMNS[key] for key in columns) + " |", "|---|---|---|---|---|" + "---|" * len(columns)]
     for reference in references:
         for model in reference["models"]:
             accuracy = (f"{100 * model['test_accuracy']:.2f}% ({100 * model['test_retention']:.2f}%)"
                         if model.get("test_accuracy") is not None else "—")
+            ratios = " | ".join(ratio(model[key]) if key in model else "—" for key in columns)
             lines.append(f"| {reference['run']} | {model['name']} | {accuracy} | {model['size_mb']:.2f} | "
                          f"{model['latency_ms']:.1f} [{model['latency_iqr_ms'][0]:.1f}–{model['latency_iqr_ms'][1]:.1f}] | "
-                         f"{ratio(model['speedup_vs_torch_teacher'])} | {ratio(model['speedup_vs_teacher_int8'])} |")
+                         f"{ratios} |")
+    if against_baseline:
+        lines += ["", "| Objective | Runs | × faster than the baseline (run medians), mean ± std [min–max] |", "|---|---|---|"]
+        for objective, stats in against_baseline.items():
+            std = "" if stats["std"] is None else f" ± {stats['std']:.2f}"
+            lines.append(f"| {objective} | {stats['runs']} | {stats['mean']:.2f}{std} [{stats['min']:.2f}–{stats['max']:.2f}] |")
     return "\n".join(lines) + "\n"

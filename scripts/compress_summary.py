@@ -7,14 +7,16 @@ torch teacher (from the run's own interleaved rounds) and size reduction against
 
 Reads:  results/compress/<run_id>/search.json of every run that delivered (or --runs), the checkpoints and exported
         files they name, and the test split of the data flags each run was made with (its record keeps them).
-        With --int8_reference also each run's teacher in ONNX Runtime dynamic int8 (exported and quantized here): its
-        test accuracy, and the picked files timed round-robin against it and the torch teacher (--reference_rounds).
+        With --int8_reference also each run's teacher in ONNX Runtime dynamic int8 (exported and quantized here), with
+        --baseline a model to beat (e.g. the fixed recipe's NF4-codes int8 file): their test accuracy, and the picked
+        files timed round-robin against them and the torch teacher (--reference_rounds).
 Writes: results/compress_summary.json and .md (--output_name), and the tables on stdout.
 
 Run as:
     python scripts/compress_summary.py
     python scripts/compress_summary.py --runs results/compress/<run_id> results/compress/<run_id>
     python scripts/compress_summary.py --runs results/compress/<run_id> --int8_reference true
+    python scripts/compress_summary.py --baseline results/onnx_4bit/<run_id>/model_nf4_int8.onnx
 """
 
 from __future__ import annotations
@@ -59,37 +61,57 @@ def delivered_runs(config: CompressSummaryConfig) -> list[tuple[Path, dict]]:
     return runs
 
 
-def int8_reference(run: str, record: dict, teacher, teacher_accuracy: float, picked: list[dict], data, data_config,
-                   rounds: int) -> dict:
-    """The run's teacher in ONNX Runtime dynamic int8 (exported and quantized in a scratch folder), measured on test,
-    and timed round-robin with the torch teacher and the picked files at the run's latency batch and length."""
+BASELINE_PREFIX = "baseline: "
+
+
+def timed_references(run: str, record: dict, teacher, teacher_accuracy: float, picked: list[dict], data, data_config,
+                     config: CompressSummaryConfig) -> dict:
+    """The picked files timed round-robin, at the run's latency batch and length, with the torch teacher and the
+    references asked for: the run's teacher in ONNX Runtime dynamic int8 (exported and quantized in a scratch folder
+    removed afterwards; --int8_reference) and --baseline, each measured on test too."""
+    from contextlib import ExitStack
+
     from common.evaluation import accuracy, interleaved_latency, round_speedup
-    from common.experiments import dynamic_int8_copy, split_loader
+    from common.experiments import dynamic_int8_copy, split_loader, test_accuracy
     from common.runtime import ModelRuntime
 
     batch, length = record["config"]["latency_batch_size"], record["config"]["latency_seq_length"]
     teacher_folder = Path(record["teacher"])
     torch_label, int8_label = "teacher (torch fp32)", "teacher, ONNX Runtime dynamic int8 (no project stage)"
-    with dynamic_int8_copy(teacher, length) as int8:
-        int8_accuracy = accuracy(*int8.logits(split_loader(teacher_folder, data.test, data_config.max_length)))
-        models = {torch_label: (teacher, teacher_accuracy), int8_label: (int8, int8_accuracy)}
+    baseline_label = None
+    with ExitStack() as scratch:
+        models = {torch_label: (teacher, teacher_accuracy)}
+        if config.int8_reference:
+            int8 = scratch.enter_context(dynamic_int8_copy(teacher, length))
+            models[int8_label] = (int8, accuracy(*int8.logits(split_loader(teacher_folder, data.test, data_config.max_length))))
+        if config.baseline is not None:
+            path = Path(config.baseline).expanduser()
+            folder, file = (path.parent, path.name) if path.is_file() else (path, None)
+            baseline_accuracy, _ = test_accuracy(folder, data, data_config.max_length, file)
+            baseline_label = BASELINE_PREFIX + config.baseline
+            models[baseline_label] = (ModelRuntime(folder, file, spinning=False, num_threads=2), baseline_accuracy)
         for row in picked:
             entry = next(f for f in record["files"] if f["name"] == row["name"])
             models[row["name"]] = (ModelRuntime(Path(entry["folder"]), entry.get("file"), spinning=False, num_threads=2),
                                    row["test_accuracy"])
         runners = {name: model.runner(model.batch(batch, length)) for name, (model, _) in models.items()}
-        print(f"{run}: timing {len(runners)} models round-robin, {rounds} rounds at {batch} x {length}", flush=True)
-        timing = interleaved_latency(runners, 2, rounds, batch)
+        print(f"{run}: timing {len(runners)} models round-robin, {config.reference_rounds} rounds at {batch} x {length}",
+              flush=True)
+        timing = interleaved_latency(runners, 2, config.reference_rounds, batch)
         sizes = {name: model.size_bytes / 1e6 for name, (model, _) in models.items()}
-    result = {"run": run, "batch_size": batch, "seq_length": length, "rounds": rounds, "models": []}
+    result = {"run": run, "batch_size": batch, "seq_length": length, "rounds": config.reference_rounds,
+              "baseline": baseline_label, "models": []}
+    against = {"speedup_vs_torch_teacher": torch_label, "speedup_vs_teacher_int8": int8_label,
+               "speedup_vs_baseline": baseline_label}
     for name, (_, test) in models.items():
         measured = timing[name]["latency_ms_per_round"]
-        result["models"].append({
-            "name": name, "test_accuracy": test, "test_retention": test / teacher_accuracy, "size_mb": sizes[name],
-            "latency_ms": timing[name]["latency_ms_median"],
-            "latency_iqr_ms": [timing[name]["latency_ms_p25"], timing[name]["latency_ms_p75"]],
-            "speedup_vs_torch_teacher": round_speedup(timing[torch_label]["latency_ms_per_round"], measured),
-            "speedup_vs_teacher_int8": round_speedup(timing[int8_label]["latency_ms_per_round"], measured)})
+        model = {"name": name, "test_accuracy": test, "test_retention": test / teacher_accuracy, "size_mb": sizes[name],
+                 "latency_ms": timing[name]["latency_ms_median"],
+                 "latency_iqr_ms": [timing[name]["latency_ms_p25"], timing[name]["latency_ms_p75"]]}
+        for key, label in against.items():
+            if label in timing:
+                model[key] = round_speedup(timing[label]["latency_ms_per_round"], measured)
+        result["models"].append(model)
     return result
 
 
@@ -99,7 +121,7 @@ def main() -> None:
     from common.checkpoints import results_root, write_json
     from common.data import load_splits
     from common.experiments import test_accuracy
-    from common.search_trace import reference_markdown, seed_spread, summary_markdown
+    from common.search_trace import baseline_spread, reference_markdown, seed_spread, summary_markdown
 
     splits: dict[tuple, object] = {}
     teachers: dict[tuple, tuple] = {}  # seeds of one teacher share it: measure it once
@@ -129,10 +151,10 @@ def main() -> None:
                          "times_smaller": teacher.size_bytes / 1e6 / entry["size_mb"]})
             print(f"  {objective}: {chosen['name']} test {file_accuracy:.4f} ({100 * rows[-1]['test_retention']:.2f}% of "
                   f"the teacher)", flush=True)
-        if config.int8_reference:
+        if config.int8_reference or config.baseline is not None:
             picked = list({row["name"]: row for row in rows if row["run"] == path.parent.name}.values())
-            references.append(int8_reference(path.parent.name, record, teacher, teacher_accuracy, picked, data,
-                                             data_config, config.reference_rounds))
+            references.append(timed_references(path.parent.name, record, teacher, teacher_accuracy, picked, data,
+                                               data_config, config))
     spread = {}
     for objective in dict.fromkeys(row["objective"] for row in rows):
         mine = [row for row in rows if row["objective"] == objective]
@@ -142,10 +164,13 @@ def main() -> None:
                              "times_smaller": seed_spread([row["times_smaller"] for row in mine])}
     markdown = summary_markdown(rows, spread)
     if references:
-        markdown += "\nAgainst the teacher in ONNX Runtime dynamic int8, in new interleaved rounds:\n\n" + reference_markdown(references)
+        against_baseline = baseline_spread(rows, references)
+        markdown += "\nIn new interleaved rounds:\n\n" + reference_markdown(references, against_baseline)
+    else:
+        against_baseline = {}
     output = results_root() / config.output_name
     write_json(output.with_suffix(".json"), {"runs": [str(path) for path, _ in runs], "rows": rows, "spread": spread,
-                                             "int8_reference": references})
+                                             "references": references, "speedup_vs_baseline": against_baseline})
     output.with_suffix(".md").write_text(markdown)
     print(markdown)
     print(f"Summary: {output.with_suffix('.json')}")

@@ -27,8 +27,8 @@ from common.search import (
     retention_gate,
     retreat_order,
 )
-from common.search_trace import (exported_candidate, gate_word, plot_search, qkd_points, search_markdown,
-                                 seed_spread, summary_markdown)
+from common.search_trace import (baseline_spread, exported_candidate, gate_word, plot_search, qkd_points, search_markdown,
+                                 reference_markdown, seed_spread, summary_markdown)
 from common.stage_steps import StageSteps
 from conftest import PROJECT_ROOT, make_pretrained_folder, run_stage, run_stage_unchecked, write_reviews_csv
 
@@ -977,18 +977,33 @@ def test_compress_searches_the_ladder_and_delivers_a_gated_file(tmp_path):
     assert Path(record["published"]).parent == results / "pruned"
     assert published["search"]["winner"] == record["winner"] and published["search"]["target_retention"] == 0.5
 
-    summary = run_stage_unchecked("scripts/compress_summary.py", results, "--int8_reference", "true", "--reference_rounds", 3)
+    # a model to beat (as the fixed recipe's NF4-codes int8 file would be): one of the run's ONNX files the objectives did not pick
+    picks = {delivered["name"], record["by_objective"]["size"]["name"]}
+    other = next(f for f in record["files"] if (f.get("file") or "").endswith(".onnx") and f["name"] not in picks)
+    baseline = str(Path(other["folder"]) / other["file"])
+    summary = run_stage_unchecked("scripts/compress_summary.py", results, "--int8_reference", "true", "--reference_rounds", 3,
+                                  "--baseline", baseline)
     assert summary.returncode == 0, summary.stderr[-3000:]
     result = json.loads((results / "compress_summary.json").read_text())
-    [reference] = result["int8_reference"]  # the teacher in ONNX Runtime int8, timed with the torch teacher and the picks
+    [reference] = result["references"]  # the teacher in ONNX Runtime int8 and the baseline, timed with the torch teacher and the picks
     timed = {model["name"]: model for model in reference["models"]}
     int8_teacher = timed.pop("teacher, ONNX Runtime dynamic int8 (no project stage)")
     assert timed.pop("teacher (torch fp32)")["speedup_vs_torch_teacher"]["median"] == pytest.approx(1.0)
-    assert set(timed) == {delivered["name"], record["by_objective"]["size"]["name"]}
+    assert reference["baseline"] == "baseline: " + baseline
+    beaten = timed.pop(reference["baseline"])
+    assert beaten["speedup_vs_baseline"]["median"] == pytest.approx(1.0) and 0 < beaten["test_accuracy"] <= 1
+    assert beaten["size_mb"] == pytest.approx(other["size_mb"], rel=0.01)
+    assert set(timed) == picks
     assert 0 < int8_teacher["test_accuracy"] <= 1 and int8_teacher["speedup_vs_teacher_int8"]["median"] == pytest.approx(1.0)
-    assert all(m["speedup_vs_teacher_int8"]["median"] > 0 and m["latency_ms"] > 0 for m in timed.values())
+    assert all(m["speedup_vs_teacher_int8"]["median"] > 0 and m["speedup_vs_baseline"]["median"] > 0 and m["latency_ms"] > 0
+               for m in timed.values())
     assert (reference["batch_size"], reference["seq_length"], reference["rounds"]) == (4, 16, 3)
-    assert "| teacher, ONNX Runtime dynamic int8 (no project stage) |" in (results / "compress_summary.md").read_text()
+    against = result["speedup_vs_baseline"]  # per objective over runs: the picked file's median against the baseline
+    assert set(against) == {"latency", "size"} and against["latency"]["runs"] == 1
+    assert against["latency"]["mean"] == pytest.approx(timed[delivered["name"]]["speedup_vs_baseline"]["median"])
+    summary_md = (results / "compress_summary.md").read_text()
+    assert "| teacher, ONNX Runtime dynamic int8 (no project stage) |" in summary_md
+    assert "× faster than the baseline |" in summary_md and f"| {reference['baseline']} |" in summary_md
     rows = {row["objective"]: row for row in result["rows"]}
     assert set(rows) == {"latency", "size"} and rows["latency"]["name"] == delivered["name"] and rows["latency"]["delivered"]
     assert rows["size"]["name"] == record["by_objective"]["size"]["name"]
@@ -1201,12 +1216,37 @@ def test_the_spread_over_runs_is_mean_sample_std_min_and_max():
     assert "| size | 1 | 99.26% [99.26–99.26] | n/a | 17.20 [17.20–17.20] |" in markdown
 
 
+def test_the_speedup_against_the_baseline_is_spread_over_runs_per_objective():
+    def timed(run, file_ratio):
+        ratio = {"median": file_ratio, "p25": file_ratio - 0.1, "p75": file_ratio + 0.1}
+        one = {"median": 1.0, "p25": 1.0, "p75": 1.0}
+        return {"run": run, "baseline": "baseline: fixed.onnx", "models": [
+            {"name": "baseline: fixed.onnx", "test_accuracy": 0.84, "test_retention": 0.99, "size_mb": 5.6,
+             "latency_ms": 20.0, "latency_iqr_ms": [19.0, 21.0], "speedup_vs_torch_teacher": one, "speedup_vs_baseline": one},
+            {"name": "onnx_4bit/x/model_nf4_int8.onnx", "test_accuracy": 0.85, "test_retention": 1.0, "size_mb": 3.6,
+             "latency_ms": 25.0, "latency_iqr_ms": [24.0, 26.0], "speedup_vs_torch_teacher": one, "speedup_vs_baseline": ratio}]}
+    rows = [{"run": run, "objective": "latency", "name": "onnx_4bit/x/model_nf4_int8.onnx"} for run in ("r1", "r2")]
+    references = [timed("r1", 0.8), timed("r2", 0.9)]
+    spread = baseline_spread(rows, references)
+    assert set(spread) == {"latency"} and spread["latency"]["runs"] == 2
+    assert spread["latency"]["mean"] == pytest.approx(0.85) and spread["latency"]["min"] == pytest.approx(0.8)
+    markdown = reference_markdown(references, spread)
+    assert "| r2 | onnx_4bit/x/model_nf4_int8.onnx | 85.00% (100.00%) | 3.60 | 25.0 [24.0–26.0] | 1.00× [1.00–1.00] | 0.90× [0.80–1.00] |" in markdown
+    assert "× faster than the teacher in ONNX Runtime int8" not in markdown, "only the references that were timed get a column"
+    assert "| latency | 2 | 0.85 ± 0.07 [0.80–0.90] |" in markdown
+    assert baseline_spread(rows, [{**references[0], "baseline": None, "models": []}]) == {}
+
+
 @pytest.mark.parametrize("args, message", [
     (["--runs", "nowhere"], "runs: 'nowhere' is not a compress.py run"),
     ([], "No compress.py run that delivered a file in"),
     (["--reference_rounds", "0"], "reference_rounds=0 must be a positive"),
+    (["--baseline", "nowhere"], "baseline='nowhere' is not an exported file of a project folder or a checkpoint folder"),
+    (["--baseline", "{tmp}/notes.txt"], "notes.txt' is neither an .onnx file nor an OpenVINO .xml IR nor a checkpoint folder"),
 ])
 def test_the_summary_refuses_runs_it_cannot_read(tmp_path, args, message):
+    (tmp_path / "notes.txt").write_text("not a model")
+    args = [arg.format(tmp=tmp_path) for arg in args]
     completed = run_stage_unchecked("scripts/compress_summary.py", tmp_path / "results", *args)
     assert completed.returncode == 2 and message in completed.stderr and "Traceback" not in completed.stderr
     assert not (tmp_path / "results" / "compress_summary.json").exists()
