@@ -65,10 +65,11 @@ BASELINE_PREFIX = "baseline: "
 
 
 def timed_references(run: str, record: dict, teacher, teacher_accuracy: float, picked: list[dict], data, data_config,
-                     config: CompressSummaryConfig) -> dict:
+                     config: CompressSummaryConfig, baseline_accuracies: dict) -> dict:
     """The picked files timed round-robin, at the run's latency batch and length, with the torch teacher and the
     references asked for: the run's teacher in ONNX Runtime dynamic int8 (exported and quantized in a scratch folder
-    removed afterwards; --int8_reference) and --baseline, each measured on test too."""
+    removed afterwards; --int8_reference) and --baseline, each measured on test too (the baseline once per test split:
+    ``baseline_accuracies`` keeps it by data flags)."""
     from contextlib import ExitStack
 
     from common.evaluation import accuracy, interleaved_latency, round_speedup
@@ -87,9 +88,11 @@ def timed_references(run: str, record: dict, teacher, teacher_accuracy: float, p
         if config.baseline is not None:
             path = Path(config.baseline).expanduser()
             folder, file = (path.parent, path.name) if path.is_file() else (path, None)
-            baseline_accuracy, _ = test_accuracy(folder, data, data_config.max_length, file)
+            flags = tuple(record.get("data_flags", []))
+            if flags not in baseline_accuracies:
+                baseline_accuracies[flags], _ = test_accuracy(folder, data, data_config.max_length, file)
             baseline_label = BASELINE_PREFIX + config.baseline
-            models[baseline_label] = (ModelRuntime(folder, file, spinning=False, num_threads=2), baseline_accuracy)
+            models[baseline_label] = (ModelRuntime(folder, file, spinning=False, num_threads=2), baseline_accuracies[flags])
         for row in picked:
             entry = next(f for f in record["files"] if f["name"] == row["name"])
             models[row["name"]] = (ModelRuntime(Path(entry["folder"]), entry.get("file"), spinning=False, num_threads=2),
@@ -125,7 +128,7 @@ def main() -> None:
 
     splits: dict[tuple, object] = {}
     teachers: dict[tuple, tuple] = {}  # seeds of one teacher share it: measure it once
-    rows, references = [], []
+    rows, references, baseline_accuracies = [], [], {}
     for path, record in runs:
         flags = tuple(record.get("data_flags", []))
         (data_config,) = parse_config(DataConfig, args=list(flags))
@@ -154,7 +157,7 @@ def main() -> None:
         if config.int8_reference or config.baseline is not None:
             picked = list({row["name"]: row for row in rows if row["run"] == path.parent.name}.values())
             references.append(timed_references(path.parent.name, record, teacher, teacher_accuracy, picked, data,
-                                               data_config, config))
+                                               data_config, config, baseline_accuracies))
     spread = {}
     for objective in dict.fromkeys(row["objective"] for row in rows):
         mine = [row for row in rows if row["objective"] == objective]
