@@ -963,10 +963,9 @@ class CompressSummaryConfig:
 
     def __post_init__(self) -> None:
         _check_positive("reference_rounds", self.reference_rounds)
-        if self.baseline is not None:
-            path = Path(self.baseline).expanduser()
-            folder = path.parent if path.is_file() else path
-            if path.is_file() and path.suffix not in (".onnx", ".xml"):
+        if self.baseline_model is not None:
+            folder, file = self.baseline_model
+            if file is not None and Path(file).suffix not in (".onnx", ".xml"):
                 raise ValueError(f"baseline={self.baseline!r} is neither an .onnx file nor an OpenVINO .xml IR nor a "
                                  "checkpoint folder: pass e.g. results/onnx_4bit/<run_id>/model_nf4_int8.onnx.")
             if not (folder / "config.json").is_file():
@@ -980,6 +979,14 @@ class CompressSummaryConfig:
                                         "folders or their search.json, or leave --runs out to use every delivered run.")
         if not self.output_name or "/" in self.output_name:
             raise ValueError(f"output_name={self.output_name!r} must be a plain file name, e.g. compress_summary.")
+
+    @property
+    def baseline_model(self) -> Optional[tuple[Path, Optional[str]]]:
+        """--baseline as (folder, file name): an exported file of its folder, or (folder, None) for a checkpoint."""
+        if self.baseline is None:
+            return None
+        path = Path(self.baseline).expanduser()
+        return (path.parent, path.name) if path.is_file() else (path, None)
 
 
 @dataclass

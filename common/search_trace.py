@@ -202,6 +202,14 @@ def seed_spread(values: list[float]) -> dict:
     return {"runs": len(values), "mean": mean, "std": std, "min": min(values), "max": max(values)}
 
 
+def spread_cell(stats: Optional[dict], scale: float = 1.0, unit: str = "") -> str:
+    """One ``seed_spread`` as a table cell: mean ± std [min–max] (no ± for one run; n/a for none)."""
+    if stats is None:
+        return "n/a"
+    std = "" if stats["std"] is None else f" ± {scale * stats['std']:.2f}"
+    return f"{scale * stats['mean']:.2f}{unit}{std} [{scale * stats['min']:.2f}–{scale * stats['max']:.2f}]"
+
+
 def summary_markdown(rows: list[dict], spread: dict) -> str:
     """The per-run table of what each objective delivered (test accuracy measured afterwards) and the spread over runs."""
     lines = ["| Run | Seed | Objective | File | Validation retention | Test acc. (% of teacher) | Latency ms (× teacher) | Size MB (× smaller) |",
@@ -213,16 +221,9 @@ def summary_markdown(rows: list[dict], spread: dict) -> str:
                      f"{row['size_mb']:.2f} ({row['times_smaller']:.1f}×) |")
     lines += ["", "| Objective | Runs | Test retention, mean ± std [min–max] | × faster than the torch teacher | × smaller than the teacher's checkpoint |",
               "|---|---|---|---|---|"]
-
-    def cell(stats: Optional[dict], scale: float = 1.0, unit: str = "") -> str:
-        if stats is None:
-            return "n/a"
-        std = "" if stats["std"] is None else f" ± {scale * stats['std']:.2f}"
-        return f"{scale * stats['mean']:.2f}{unit}{std} [{scale * stats['min']:.2f}–{scale * stats['max']:.2f}]"
-
     for objective, stats in spread.items():
-        lines.append(f"| {objective} | {stats['test_retention']['runs']} | {cell(stats['test_retention'], 100, '%')} | "
-                     f"{cell(stats['speedup_vs_teacher'])} | {cell(stats['times_smaller'])} |")
+        lines.append(f"| {objective} | {stats['test_retention']['runs']} | {spread_cell(stats['test_retention'], 100, '%')} | "
+                     f"{spread_cell(stats['speedup_vs_teacher'])} | {spread_cell(stats['times_smaller'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -234,17 +235,13 @@ REFERENCE_COLUMNS = {"speedup_vs_torch_teacher": "× faster than the torch teach
 def baseline_spread(rows: list[dict], references: list[dict]) -> dict:
     """Per objective: the spread over runs of the picked file's median speed-up against --baseline in its run's rounds
     (empty without a baseline)."""
-    spread = {}
-    for objective in dict.fromkeys(row["objective"] for row in rows):
-        medians = []
-        for reference in references:
-            timed = {model["name"]: model for model in reference["models"]}
-            for row in rows:
-                if row["objective"] == objective and row["run"] == reference["run"] and "speedup_vs_baseline" in timed.get(row["name"], {}):
-                    medians.append(timed[row["name"]]["speedup_vs_baseline"]["median"])
-        if medians:
-            spread[objective] = seed_spread(medians)
-    return spread
+    medians: dict[str, list[float]] = {}
+    for reference in references:
+        timed = {model["name"]: model for model in reference["models"] if "speedup_vs_baseline" in model}
+        for row in rows:
+            if row["run"] == reference["run"] and row["name"] in timed:
+                medians.setdefault(row["objective"], []).append(timed[row["name"]]["speedup_vs_baseline"]["median"])
+    return {objective: seed_spread(values) for objective, values in medians.items()}
 
 
 def reference_markdown(references: list[dict], against_baseline: Optional[dict] = None) -> str:
@@ -268,6 +265,5 @@ def reference_markdown(references: list[dict], against_baseline: Optional[dict] 
     if against_baseline:
         lines += ["", "| Objective | Runs | × faster than the baseline (run medians), mean ± std [min–max] |", "|---|---|---|"]
         for objective, stats in against_baseline.items():
-            std = "" if stats["std"] is None else f" ± {stats['std']:.2f}"
-            lines.append(f"| {objective} | {stats['runs']} | {stats['mean']:.2f}{std} [{stats['min']:.2f}–{stats['max']:.2f}] |")
+            lines.append(f"| {objective} | {stats['runs']} | {spread_cell(stats)} |")
     return "\n".join(lines) + "\n"

@@ -85,9 +85,8 @@ def timed_references(run: str, record: dict, teacher, teacher_accuracy: float, p
         if config.int8_reference:
             int8 = scratch.enter_context(dynamic_int8_copy(teacher, length))
             models[int8_label] = (int8, accuracy(*int8.logits(split_loader(teacher_folder, data.test, data_config.max_length))))
-        if config.baseline is not None:
-            path = Path(config.baseline).expanduser()
-            folder, file = (path.parent, path.name) if path.is_file() else (path, None)
+        if config.baseline_model is not None:
+            folder, file = config.baseline_model
             flags = tuple(record.get("data_flags", []))
             if flags not in baseline_accuracies:
                 baseline_accuracies[flags], _ = test_accuracy(folder, data, data_config.max_length, file)
