@@ -224,13 +224,14 @@ class DistillationWeights:
 
 
 UNLABELED_TRAIN_REST = "train_rest"
+UNLABELED_TRAIN_PERTURBED = "train_perturbed"
 STUDENT_LAYER_SELECTIONS = ("spread", "importance")
 
 
 def _check_unlabeled_source(source: Optional[str]) -> None:
     if source is not None and not str(source).strip():
         raise ValueError("unlabeled_dataset is empty; pass a CSV/JSON file, a hub dataset name or "
-                         f"'{UNLABELED_TRAIN_REST}', or leave it out.")
+                         f"'{UNLABELED_TRAIN_REST}' or '{UNLABELED_TRAIN_PERTURBED}', or leave it out.")
 
 
 @dataclass
@@ -239,9 +240,11 @@ class UnlabeledFields:
 
     unlabeled_dataset: Optional[str] = _field(
         None, "Texts the student learns from the teacher alone, without labels: a local CSV/JSON(L) file or a hub "
-        "dataset with the text column(s) of --dataset (--text_column, --text_pair_column), or 'train_rest': the rows of "
-        "the training split beyond --max_train_samples, their labels unused. Rows whose text is also in the validation "
-        "or test split are dropped. Default: none.",
+        "dataset with the text column(s) of --dataset (--text_column, --text_pair_column); 'train_rest': the rows of "
+        "the training split beyond --max_train_samples, their labels unused; or 'train_perturbed': one perturbed copy "
+        "of each training text (a span of its words, words deleted or swapped; common/augmentation.py), for when "
+        "every labelled row is already used. Rows whose text is also in the validation or test split are dropped. "
+        "Default: none.",
     )
     max_unlabeled_samples: Optional[int] = _field(None, "Use at most this many unlabelled rows. Default: all.")
 
@@ -858,7 +861,7 @@ class CompressConfig:
     )
     unlabeled_dataset: Optional[str] = _field(
         None, "Passed to every stage-8 candidate and stage 10 as their --unlabeled_dataset: texts they distil on "
-        "without labels (a CSV/JSON file, a hub dataset, or 'train_rest'). Default: none.",
+        "without labels (a CSV/JSON file, a hub dataset, 'train_rest' or 'train_perturbed'). Default: none.",
     )
     max_unlabeled_samples: Optional[int] = _field(
         None, "Passed with --unlabeled_dataset: use at most this many unlabelled rows. Default: all.")

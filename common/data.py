@@ -18,6 +18,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from . import embedded
+from .augmentation import perturbed_copies
 from .architecture import MODEL_INPUTS
 from .config import DataConfig
 
@@ -307,9 +308,10 @@ UNLABELED = -100  # the label of rows learnt from the teacher alone; the cross-e
 
 def load_unlabeled(source: str, data: TextClassificationData, config: DataConfig, limit: Optional[int] = None) -> Dataset:
     """Texts for distillation without labels (``--unlabeled_dataset``), labelled ``UNLABELED``: a CSV/JSON file or hub
-    dataset with the data's text column(s), or ``train_rest`` (the training rows beyond ``--max_train_samples``). Rows
+    dataset with the data's text column(s), ``train_rest`` (the training rows beyond ``--max_train_samples``) or
+    ``train_perturbed`` (one perturbed copy of each training text, ``common.augmentation``). Rows
     whose text is also a validation or test text are dropped, so nothing is learnt from the splits that judge."""
-    from .config import UNLABELED_TRAIN_REST
+    from .config import UNLABELED_TRAIN_PERTURBED, UNLABELED_TRAIN_REST
 
     if source == UNLABELED_TRAIN_REST:
         if data.train_rest is None:
@@ -324,9 +326,11 @@ def load_unlabeled(source: str, data: TextClassificationData, config: DataConfig
                 f"one of the {len(data.train)} training rows, so none is left to distil on without its label. Lower "
                 "--max_train_samples or pass a file of unlabelled texts."
             )
-        texts = list(zip(data.train_rest["text"], data.train_rest[PAIR_COLUMN])) if data.is_pair \
-            else list(data.train_rest["text"])
+        texts = _texts(data.train_rest, data.is_pair)
         name = f"the training rows of {data.source} beyond --max_train_samples"
+    elif source == UNLABELED_TRAIN_PERTURBED:
+        texts = perturbed_copies(_texts(data.train, data.is_pair), config.split_seed)
+        name = f"perturbed copies of the {len(data.train)} training texts of {data.source}"
     else:
         table, name = _load_table(replace(config, dataset=source, dataset_config=None))
         split = table["train"] if "train" in table else next(iter(table.values()))
@@ -338,9 +342,7 @@ def load_unlabeled(source: str, data: TextClassificationData, config: DataConfig
         pairs = split[pair_column] if pair_column else [None] * len(split)
         texts = [(str(t), str(p)) if pair_column else str(t) for t, p in zip(split[text_column], pairs)
                  if t is not None and str(t).strip() and (pair_column is None or (p is not None and str(p).strip()))]
-    judged = set()
-    for held_out in (data.validation, data.test):
-        judged.update(zip(held_out["text"], held_out[PAIR_COLUMN]) if data.is_pair else held_out["text"])
+    judged = set(_texts(data.validation, data.is_pair)) | set(_texts(data.test, data.is_pair))
     kept = [text for text in texts if text not in judged]
     if len(kept) < len(texts):
         logger.warning("Dropped %d unlabelled row(s) of %s whose text is in the validation or test split.", len(texts) - len(kept), name)
@@ -351,6 +353,10 @@ def load_unlabeled(source: str, data: TextClassificationData, config: DataConfig
     columns = {"text": [row[0] for row in rows], PAIR_COLUMN: [row[1] for row in rows]} if data.is_pair else {"text": rows}
     logger.info("Unlabelled distillation rows: %d from %s", len(rows), name)
     return Dataset.from_dict({**columns, "label": [UNLABELED] * len(rows)})
+
+
+def _texts(split: Dataset, is_pair: bool) -> list:
+    return list(zip(split["text"], split[PAIR_COLUMN])) if is_pair else list(split["text"])
 
 
 def with_unlabeled(data: TextClassificationData, unlabeled: Dataset) -> TextClassificationData:

@@ -216,6 +216,53 @@ def test_unlabelled_rows_come_from_the_training_rest_or_a_file_never_from_valida
         load_unlabeled(str(tmp_path / "judged.csv"), data, config)
 
 
+def test_a_perturbed_copy_is_a_span_a_deletion_or_a_swap_of_its_text_and_the_same_for_the_same_seed():
+    import random
+    from collections import Counter
+
+    from common.augmentation import perturb_words, perturbed_copies
+
+    texts = [" ".join(f"w{i}_{j}" for j in range(5 + i % 7)) for i in range(300)] + ["too short", "one two three"]
+    copies = perturbed_copies(texts, seed=3)
+    assert copies == perturbed_copies(texts, seed=3) and copies != perturbed_copies(texts, seed=4)
+    assert "too short" not in copies and all(copy not in texts for copy in copies) and len(copies) >= 290
+    kinds = Counter()
+    for copy in copies:
+        words = copy.split()
+        source = texts[int(words[0].split("_")[0][1:])].split()  # every word names the text it came from
+        assert all(word in source for word in words) and len(words) >= 3
+        joined = " ".join(source)
+        if copy in joined:
+            kinds["span"] += 1
+        elif sorted(words) == sorted(source):
+            kinds["swap"] += 1
+        else:
+            assert [word for word in source if word in words] == words  # deletions keep the order of the rest
+            kinds["deletion"] += 1
+    assert min(kinds.values()) > 30 and len(kinds) == 3, kinds
+    assert perturb_words("a b c", random.Random(0)) is None
+
+    pairs = perturbed_copies([("a b c d e f", "g h i j k l"), ("short", "pair")], seed=0)
+    assert len(pairs) == 1 and pairs[0] != ("a b c d e f", "g h i j k l")
+
+
+def test_perturbed_training_texts_distil_without_labels_and_never_as_a_judged_text(tmp_path):
+    from common.config import DataConfig, StudentConfig
+    from common.data import UNLABELED, load_splits, load_unlabeled, with_unlabeled
+    from conftest import write_reviews_csv
+
+    config = DataConfig(dataset=str(write_reviews_csv(tmp_path / "reviews.csv", rows=200)), text_column="review",
+                        label_column="sentiment")
+    data = load_splits(config)
+    perturbed = load_unlabeled("train_perturbed", data, config)
+    assert set(perturbed["label"]) == {UNLABELED} and len(data.train) * 0.8 < len(perturbed) <= len(data.train)
+    judged = set(data.validation["text"]) | set(data.test["text"])
+    assert not set(perturbed["text"]) & (judged | set(data.train["text"]))
+    assert perturbed["text"] == load_unlabeled("train_perturbed", data, config)["text"]
+    assert len(with_unlabeled(data, perturbed).train) == len(data.train) + len(perturbed)
+    assert StudentConfig(unlabeled_dataset="train_perturbed").unlabeled_dataset == "train_perturbed"
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"unlabeled_dataset": " "}, "unlabeled_dataset is empty"),
     ({"unlabeled_dataset": "train_rest", "alpha_kd": 0.0, "alpha_hidden": 0.0, "alpha_attention": 0.0, "alpha_ce": 1.0},
