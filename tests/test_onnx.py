@@ -15,7 +15,7 @@ import torch
 from common.config import PruningConfig, PTQConfig
 from common.onnx_export import _fingerprint, export_onnx, ffn_output_matmuls, save_onnx, write_runtime_files
 from common.onnx_quantized import int4_blocks, use_bnb4_codes
-from common.onnx_rows import pack_ternary_blocks, quantize_word_embeddings
+from common.onnx_rows import pack_planes, pack_ternary_blocks, quantize_word_embeddings
 from common.onnx_runtime import (
     CALIBRATION_METHODS,
     OnnxClassifier,
@@ -350,6 +350,23 @@ def test_ternary_rows_are_packed_five_a_byte_down_the_rows():
         decoded = (packed[block].astype(np.int32) // 3 ** (4 - digit)) % 3 - 1
         np.testing.assert_array_equal(decoded, codes[row].numpy())
     assert (packed[2].astype(np.int32) % 9 == 4).all(), "the two padding rows hold code 0 (digit 1)"
+
+
+@pytest.mark.parametrize("bits, columns", [(4, 7), (4, 384), (2, 10)])
+def test_int4_rows_are_packed_in_planes_across_the_row(bits, columns):
+    """The ONNX files pack a row's int4 codes in planes (byte j holds columns j and j + P), not neighbours, so the
+    decode broadcasts over whole planes; every code comes back as the decode reads it, padding is code 0."""
+    levels = 2 ** (bits - 1) - 1
+    codes = torch.randint(-levels, levels + 1, (6, columns), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    packed = pack_planes(codes, bits)
+    per_byte, planes = 8 // bits, -(-columns // (8 // bits))
+    assert packed.shape == (6, planes) and packed.dtype == np.uint8
+    place_values = np.array([2 ** (8 - bits * (plane + 1)) for plane in range(per_byte)]).reshape(1, -1, 1)
+    digits = (packed.astype(np.int32)[:, None, :] // place_values) % 2 ** bits - 2 ** (bits - 1)
+    unpacked = digits.reshape(6, per_byte * planes)
+    np.testing.assert_array_equal(unpacked[:, :columns], codes.numpy())
+    assert (unpacked[:, columns:] == 0).all()
+    assert packed[0, 0] >> (8 - bits) == codes[0, 0] + 2 ** (bits - 1), "the first plane is in the highest bits"
 
 
 def test_row_scales_are_stored_in_fp16_and_decode_exactly(tokenizer, tmp_path):
