@@ -243,7 +243,8 @@ class UnlabeledFields:
         "dataset with the text column(s) of --dataset (--text_column, --text_pair_column); 'train_rest': the rows of "
         "the training split beyond --max_train_samples, their labels unused; or 'train_perturbed': one perturbed copy "
         "of each training text (a span of its words, words deleted or swapped; common/augmentation.py), for when "
-        "every labelled row is already used. Rows whose text is also in the validation or test split are dropped. "
+        "every labelled row is already used, drawn with --split_seed (the same copies in every stage and for every "
+        "--seed). Rows whose text is also in the validation or test split are dropped. "
         "Default: none.",
     )
     max_unlabeled_samples: Optional[int] = _field(None, "Use at most this many unlabelled rows. Default: all.")

@@ -18,7 +18,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from . import embedded
-from .augmentation import perturbed_copies
+from .augmentation import SHORTEST_PERTURBED, perturbed_copies
 from .architecture import MODEL_INPUTS
 from .config import DataConfig
 
@@ -331,6 +331,13 @@ def load_unlabeled(source: str, data: TextClassificationData, config: DataConfig
     elif source == UNLABELED_TRAIN_PERTURBED:
         texts = perturbed_copies(_texts(data.train, data.is_pair), config.split_seed)
         name = f"perturbed copies of the {len(data.train)} training texts of {data.source}"
+        if not texts:
+            raise ValueError(
+                f"unlabeled_dataset='{UNLABELED_TRAIN_PERTURBED}': none of the {len(data.train)} training texts of "
+                f"{data.source} has {SHORTEST_PERTURBED} words or more (in either text of a pair), so no perturbed copy "
+                "can be made of them. Pass a CSV/JSON file of unlabelled in-domain texts instead, or leave "
+                "--unlabeled_dataset out."
+            )
     else:
         table, name = _load_table(replace(config, dataset=source, dataset_config=None))
         split = table["train"] if "train" in table else next(iter(table.values()))

@@ -262,6 +262,12 @@ def test_perturbed_training_texts_distil_without_labels_and_never_as_a_judged_te
     assert len(with_unlabeled(data, perturbed).train) == len(data.train) + len(perturbed)
     assert StudentConfig(unlabeled_dataset="train_perturbed").unlabeled_dataset == "train_perturbed"
 
+    short = tmp_path / "short.csv"  # no text of four words or more: nothing to perturb, refused with the way out
+    short.write_text("text,label\n" + "".join(f"good film {i},1\nbad plot {i},0\n" for i in range(100)))
+    short_config = DataConfig(dataset=str(short))
+    with pytest.raises(ValueError, match=r"none of the \d+ training texts .* has 4 words or more.*file of unlabelled"):
+        load_unlabeled("train_perturbed", load_splits(short_config), short_config)
+
 
 @pytest.mark.parametrize("fields, message", [
     ({"unlabeled_dataset": " "}, "unlabeled_dataset is empty"),
