@@ -129,7 +129,7 @@ def _decode_rows(prefix: str, codes: torch.Tensor, scale: torch.Tensor, bits: in
 
     columns = codes.shape[1]
     scale_nodes, scale_initializers = _gathered_scale(prefix, scale, ids)
-    stored = codes.to(torch.int8).numpy() if bits == 8 else pack_planes(codes, bits)
+    stored = codes.numpy() if bits == 8 else pack_planes(codes, bits)
     new_initializers = [onnx.numpy_helper.from_array(stored, f"{prefix}.codes"), *scale_initializers]
     nodes = [helper.make_node("Gather", [f"{prefix}.codes", ids], [f"{prefix}.gathered_codes"], axis=0), *scale_nodes]
     if bits == 8:
@@ -187,7 +187,8 @@ TRIT_PLACE_VALUES = np.array([3 ** (TRITS_PER_BYTE - 1 - row) for row in range(T
 
 def _row_table(prefix: str, weight: torch.Tensor, bits: int, ids: str, output: str) -> tuple[list, list]:
     """Nodes and initializers that store ``weight`` in ``bits``-bit rows and decode the rows ``ids`` into ``output``:
-    ternary rows in base-3 blocks (``_decode_ternary_blocks``), the others packed as the checkpoint packs them."""
+    ternary rows in base-3 blocks (``_decode_ternary_blocks``), int8 rows as they are, int4 rows in planes
+    (``pack_planes``)."""
     from .quantization.rows import row_codes
 
     if bits == 2:
@@ -358,11 +359,11 @@ def _row_quantized_matmul(graph, node, weight: np.ndarray, prefix: str, bits: in
 
     codes, scale = row_codes(torch.tensor(np.asarray(weight, dtype=np.float32)), bits)
     if bits == 8:
-        graph.initializer.extend([from_array(codes.to(torch.int8).numpy().T.copy(), prefix + ".weight"),
+        graph.initializer.extend([from_array(codes.numpy().T.copy(), prefix + ".weight"),
                                   from_array(scale.numpy().reshape(1, -1), prefix + ".scale")])
         decode = [helper.make_node("Cast", [prefix + ".weight"], [prefix + ".as_float"], to=TensorProto.FLOAT),
                   helper.make_node("Mul", [prefix + ".as_float", prefix + ".scale"], [prefix + ".decoded"])]
-    else:  # packed rows: every row "gathered" at once by the embedding decode, then [out, in] turned to [in, out]
+    else:  # rows in planes: every row "gathered" at once by the embedding decode, then [out, in] turned to [in, out]
         rows, columns = weight.shape
         decode, new_initializers = _decode_rows(prefix, codes, scale, bits, prefix + ".all_rows", prefix + ".rows")
         graph.initializer.extend([*new_initializers, from_array(np.arange(rows, dtype=np.int32).reshape(1, -1), prefix + ".all_rows"),
