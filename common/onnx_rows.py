@@ -104,6 +104,12 @@ def _quantize_gather(onnx_model, gather, weight: torch.Tensor, bits: int, prefix
     return record
 
 
+def _plane_shifts(bits: int) -> list[int]:
+    """The bit offset of each plane in a byte (``pack_planes``), the first plane in the highest bits: one list that
+    the packing and the ONNX decode both read, so they cannot disagree."""
+    return [8 - bits * (plane + 1) for plane in range(8 // bits)]
+
+
 def pack_planes(codes: torch.Tensor, bits: int) -> np.ndarray:
     """Signed ``bits``-bit codes [rows, columns] (``quantization.row_codes``) as uint8 [rows, P], P = ceil(columns /
     (8 // bits)): byte j of a row holds columns j, j + P, j + 2P, ... (offset by 2^(bits-1)), the first in the highest
@@ -115,7 +121,7 @@ def pack_planes(codes: torch.Tensor, bits: int) -> np.ndarray:
     unsigned = torch.nn.functional.pad(codes.to(torch.int32) + 2 ** (bits - 1), (0, -columns % per_byte),
                                        value=2 ** (bits - 1))
     planes = unsigned.reshape(rows, per_byte, -1)
-    shifts = torch.tensor([8 - bits * (plane + 1) for plane in range(per_byte)], dtype=torch.int32).reshape(1, -1, 1)
+    shifts = torch.tensor(_plane_shifts(bits), dtype=torch.int32).reshape(1, -1, 1)
     return (planes << shifts).sum(dim=1).to(torch.uint8).numpy()
 
 
@@ -135,8 +141,7 @@ def _decode_rows(prefix: str, codes: torch.Tensor, scale: torch.Tensor, bits: in
     if bits == 8:
         nodes.append(helper.make_node("Cast", [f"{prefix}.gathered_codes"], [f"{prefix}.values"], to=TensorProto.FLOAT))
     else:  # 8 // bits planes a byte, the first in the highest bits, offset by 2^(bits-1) (pack_planes)
-        per_byte = 8 // bits
-        place_values = np.array([[2 ** (8 - bits * (plane + 1))] for plane in range(per_byte)], dtype=np.int32)
+        place_values = np.array([[2 ** shift] for shift in _plane_shifts(bits)], dtype=np.int32)
         digit_nodes, digit_initializers = _digit_nodes(prefix, f"{prefix}.bytes", f"{prefix}.place_values", 2 ** bits,
                                                        2.0 ** (bits - 1), f"{prefix}.digits")
         new_initializers += [
