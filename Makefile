@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 # The run order comes from the one stage table (common/stages.py; plain Python, no dependencies).
 STAGES := $(shell $(PYTHON) common/stages.py)
 
-.PHONY: help install pipeline smoke test test-fast ablation benchmark sensitivity benchmark-alignment benchmark-latency-table benchmark-vocabulary sweep compress compress-summary stages clean-smoke gpu-check
+.PHONY: help install pipeline smoke test test-fast ablation benchmark sensitivity benchmark-alignment benchmark-latency-table benchmark-vocabulary sweep compress compress-summary retention-check stages clean-smoke gpu-check
 
 help:
 	@echo "make pipeline   install if needed, then run every stage on the embedded default (ARGS='--field value' passes overrides)"
@@ -27,6 +27,7 @@ help:
 	@echo "make sweep      stage 8 + int8 at 5 sparsities x 3 seeds -> results/sweep.{json,png,md}"
 	@echo "make compress   stages 8, 10, 12, 13 toward ARGS='--target_retention 0.99 --optimize latency' -> results/compress/"
 	@echo "make compress-summary  test accuracy of what every compress run delivered, and its spread over runs -> results/compress_summary.md"
+	@echo "make retention-check  ARGS='--models PATH ...': validation and test accuracy, retention, disagreements and the gate of any models against the teacher -> results/retention_check.md"
 	@echo "make sensitivity  per-layer accuracy drop of pruning heads / FFN neurons -> results/sensitivity.{json,png}"
 	@echo "make benchmark-alignment  latency of aligned vs unaligned FFN widths -> results/alignment_benchmark.json"
 	@echo "make benchmark-latency-table  the per-machine latency table of layer shapes against every pruned checkpoint -> results/latency_table_check.json"
@@ -77,6 +78,9 @@ compress: install
 
 compress-summary: install
 	$(PY) scripts/compress_summary.py $(ARGS)
+
+retention-check: install
+	$(PY) scripts/retention_check.py $(ARGS)
 
 sensitivity: install
 	$(PY) scripts/sensitivity.py $(ARGS)

@@ -987,10 +987,59 @@ class CompressSummaryConfig:
     @property
     def baseline_model(self) -> Optional[tuple[Path, Optional[str]]]:
         """--baseline as (folder, file name): an exported file of its folder, or (folder, None) for a checkpoint."""
-        if self.baseline is None:
-            return None
-        path = Path(self.baseline).expanduser()
-        return (path.parent, path.name) if path.is_file() else (path, None)
+        return None if self.baseline is None else model_location(self.baseline)
+
+
+RETENTION_SPLITS = ("validation", "test")
+
+
+@dataclass
+class RetentionCheckConfig:
+    """scripts/retention_check.py: models against their teacher on validation and test, with compress.py's gate."""
+
+    models: list[str] = _field(
+        [], "The models to check: checkpoint folders (results/<stage>/<run_id>) or exported files beside a config.json "
+        "(results/onnx_4bit/<run_id>/model_nf4_int8.onnx, results/openvino/<run_id>/openvino_model_int8.xml).",
+    )
+    teacher_model_path: Optional[str] = _field(None, "The teacher they are measured against. Default: the newest "
+                                                     "results/teacher/ run.")
+    target_retention: float = _field(0.99, "Share of the teacher's accuracy the gate asks for, in (0, 1] (compress.py's "
+                                           "--target_retention).")
+    gate_z: float = _field(1.0, "Standard errors of the paired difference the gate asks above the target (compress.py's "
+                                "--gate_z).")
+    splits: list[str] = _field(list(RETENTION_SPLITS), "Splits to measure, of: validation, test. The gate decides on "
+                                                       "validation; on test the same statistic is for reading only.")
+    output_name: str = _field("retention_check", "Writes results/<output_name>.json and .md.")
+
+    def __post_init__(self) -> None:
+        from .checkpoints import RECORD_FILE
+
+        _check_range("target_retention", self.target_retention, 0.0, 1.0, low_open=True)
+        _check_range("gate_z", self.gate_z, 0.0, 5.0)
+        for split in self.splits:
+            _check_choice("splits entry", split, RETENTION_SPLITS)
+        if not self.splits or len(set(self.splits)) != len(self.splits):
+            raise ValueError(f"splits={self.splits!r} must name validation and/or test, each once.")
+        if not self.output_name or "/" in self.output_name:
+            raise ValueError(f"output_name={self.output_name!r} must be a plain file name, e.g. retention_check.")
+        if not self.models:
+            raise ValueError("models is empty: pass the models to check, e.g. --models results/pruned/<run_id> "
+                             "results/onnx_4bit/<run_id>/model_nf4_int8.onnx.")
+        for model in self.models:
+            folder, file = model_location(model)
+            if file is not None and Path(file).suffix not in (".onnx", ".xml"):
+                raise ValueError(f"models entry {model!r} is a file but neither an .onnx file nor an OpenVINO .xml IR: "
+                                 "pass a checkpoint folder or an exported model file.")
+            if not (folder / "config.json").is_file() or not (folder / RECORD_FILE).is_file():
+                raise FileNotFoundError(f"models entry {model!r} is not a finished checkpoint folder of this pipeline or "
+                                        f"an exported file of one (no config.json and {RECORD_FILE} there): pass e.g. "
+                                        "results/pruned/<run_id> or results/onnx_4bit/<run_id>/model_nf4_int8.onnx.")
+
+
+def model_location(path: str) -> tuple[Path, Optional[str]]:
+    """A model given as a path: (folder, None) for a checkpoint folder, (its folder, file name) for an exported file."""
+    resolved = Path(path).expanduser()
+    return (resolved.parent, resolved.name) if resolved.is_file() else (resolved, None)
 
 
 @dataclass

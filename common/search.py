@@ -4,6 +4,8 @@
   validation split? Per validation example ``d = correct(model) - target * correct(teacher)``; the mean of ``d`` is
   the model's accuracy minus the target accuracy, and its standard error is that of a paired difference (examples
   both get right or both get wrong add little). The gate passes when ``mean(d) - z * SE(d) >= 0``.
+- ``compare_with_teacher``: the gate with the model's accuracy and its disagreements with the teacher (fixed and
+  broken), for ``scripts/retention_check.py`` on any split.
 - ``examples_to_pass``: the validation split size at which a failing model's point estimate would clear the margin.
 - ``bisect_ladder``: the most compressed candidate of a ladder (ordered from least to most compressed) that passes,
   in about log2(n + 1) evaluations, assuming accuracy falls as compression grows; stops early when time runs out.
@@ -50,6 +52,18 @@ def retention_gate(correct, teacher_correct, target: float, z: float) -> dict:
         "lower_bound_points": 100 * lower,
         "passes": lower >= 0,
     }
+
+
+def compare_with_teacher(predictions, teacher_predictions, labels, target: float, z: float) -> dict:
+    """One model against its teacher on one split: its accuracy, how often it labels an example differently (split
+    into fixed and broken, ``metrics.agreement``), and the retention gate of compress.py on those examples."""
+    from .metrics import agreement
+
+    predictions, teacher_predictions, labels = (np.asarray(values) for values in (predictions, teacher_predictions, labels))
+    gate = retention_gate(predictions == labels, teacher_predictions == labels, target, z)
+    accuracy = gate.pop("validation_accuracy")  # the entry serves any split
+    return {"accuracy": accuracy, "teacher_accuracy": float((teacher_predictions == labels).mean()), **gate,
+            "agreement": agreement(predictions, teacher_predictions, labels)}
 
 
 def examples_to_pass(gate: dict, examples: int) -> Optional[int]:

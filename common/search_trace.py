@@ -1,6 +1,7 @@
 """The record of a target-driven search (``scripts/compress.py``), rendered: its markdown table and its trace plot.
 Shared by compress.py (``results/compress/<run_id>/search.{md,png}``) and the report, which shows the search behind
-the pruned checkpoint it evaluates (the record is kept in that checkpoint's ``compression.json`` under ``search``)."""
+the pruned checkpoint it evaluates (the record is kept in that checkpoint's ``compression.json`` under ``search``);
+also the tables of the tools that measure afterwards (``scripts/compress_summary.py``, ``scripts/retention_check.py``)."""
 
 from __future__ import annotations
 
@@ -266,4 +267,19 @@ def reference_markdown(references: list[dict], against_baseline: Optional[dict] 
         lines += ["", "| Objective | Runs | × faster than the baseline (run medians), mean ± std [min–max] |", "|---|---|---|"]
         for objective, stats in against_baseline.items():
             lines.append(f"| {objective} | {stats['runs']} | {spread_cell(stats)} |")
+    return "\n".join(lines) + "\n"
+
+
+def retention_markdown(rows: list[dict], target: float, z: float, teacher: str) -> str:
+    """scripts/retention_check.py's table: one line per model and split (``compare_with_teacher`` entries with the
+    model's name and split)."""
+    lines = [f"Against the teacher {teacher}; gate: retention {target} at z = {z} (it decides on validation; on test the "
+             "same statistic is for reading only).", "",
+             "| Model | Split | Accuracy | Teacher | Retention | Differs (fixed / broken) | Margin (points) | Lower bound "
+             "(points) | Gate |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        differs = row["agreement"]
+        lines.append(f"| {row['model']} | {row['split']} | {100 * row['accuracy']:.2f}% | {100 * row['teacher_accuracy']:.2f}% "
+                     f"| {100 * row['retention']:.2f}% | {differs['differs']} ({differs['fixed']} / {differs['broken']}) "
+                     f"| {row['margin_points']:.2f} | {row['lower_bound_points']:+.2f} | {'pass' if row['passes'] else 'fail'} |")
     return "\n".join(lines) + "\n"

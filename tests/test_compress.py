@@ -17,6 +17,7 @@ from common.search import (
     bisect_ladder,
     bisect_sparsities,
     choose_file,
+    compare_with_teacher,
     depth_winner,
     eight_bit_ladder,
     examples_to_pass,
@@ -49,6 +50,23 @@ def test_the_gate_passes_by_the_paired_margin_not_by_the_point_estimate():
     with pytest.raises(ValueError, match="same validation examples"):
         retention_gate(model, teacher[:10], 0.9, 1.0)
 
+
+def test_a_model_against_its_teacher_counts_what_it_fixed_and_broke_beside_the_gate():
+    labels = np.array([0, 1, 2, 1] * 100)
+    teacher = labels.copy()
+    teacher[:40] = (labels[:40] + 1) % 3  # 90.0%: 40 errors
+    model = teacher.copy()
+    model[:10] = labels[:10]  # 10 teacher errors fixed
+    model[10:13] = (labels[10:13] + 2) % 3  # 3 changed from one wrong label to another: neither fixed nor broken
+    model[100:125] = (labels[100:125] + 1) % 3  # 25 right answers broken
+    row = compare_with_teacher(model, teacher, labels, 0.99, 1.0)
+    assert row["agreement"] == {"differs": 38, "differs_rate": 38 / 400, "fixed": 10, "broken": 25, "examples": 400}
+    assert row["teacher_accuracy"] == 0.9 and row["accuracy"] == pytest.approx((360 + 10 - 25) / 400)
+    gate = retention_gate(model == labels, teacher == labels, 0.99, 1.0)
+    assert {key: row[key] for key in ("retention", "target_accuracy", "margin_points", "lower_bound_points", "passes")} == \
+        {key: gate[key] for key in ("retention", "target_accuracy", "margin_points", "lower_bound_points", "passes")}
+    assert not row["passes"] and "validation_accuracy" not in row  # the same entry serves the test split
+    assert compare_with_teacher(teacher, teacher, labels, 0.99, 1.0)["passes"]  # the teacher keeps 0.99 of itself
 
 def test_bisection_finds_the_most_compressed_passing_candidate_in_log_time():
     for count in (1, 2, 5, 6, 9):
@@ -1236,6 +1254,20 @@ def test_the_speedup_against_the_baseline_is_spread_over_runs_per_objective():
     assert "| latency | 2 | 0.85 ± 0.07 [0.80–0.90] |" in markdown
     assert baseline_spread(rows, [{**references[0], "baseline": None, "models": []}]) == {}
 
+
+@pytest.mark.parametrize("args, message", [
+    (["--models", "nowhere"], "models entry 'nowhere' is not a finished checkpoint folder of this pipeline or an exported"),
+    (["--models", "{tmp}/notes.txt"], "notes.txt' is a file but neither an .onnx file nor an OpenVINO .xml IR"),
+    ([], "models is empty: pass the models to check"),
+    (["--models", "{tmp}", "--splits", "train"], "splits entry='train' is not supported; allowed values: 'validation', 'test'"),
+    (["--models", "{tmp}", "--target_retention", "1.5"], "target_retention=1.5 is out of range"),
+])
+def test_the_retention_check_refuses_before_any_work(tmp_path, args, message):
+    (tmp_path / "notes.txt").write_text("not a model")
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    completed = run_stage_unchecked("scripts/retention_check.py", tmp_path / "results", *args)
+    assert completed.returncode == 2 and message in completed.stderr and "Traceback" not in completed.stderr
+    assert not (tmp_path / "results").exists(), "a refused check writes nothing"
 
 @pytest.mark.parametrize("args, message", [
     (["--runs", "nowhere"], "runs: 'nowhere' is not a compress.py run"),

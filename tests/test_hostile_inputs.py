@@ -529,6 +529,13 @@ def test_predict_needs_pairs_for_a_pair_model_and_a_separator_in_each_text(tmp_p
     ("CompressSummaryConfig", {"output_name": "../elsewhere/summary"},
      r"output_name='../elsewhere/summary' must be a plain file name, e.g. compress_summary"),
     ("CompressSummaryConfig", {"output_name": ""}, "output_name='' must be a plain file name"),
+    ("RetentionCheckConfig", {"target_retention": 0.0}, r"target_retention=0.0 is out of range; it must lie in \(0.0, 1.0\]"),
+    ("RetentionCheckConfig", {"gate_z": -1.0}, r"gate_z=-1.0 is out of range; it must lie in \[0.0, 5.0\]"),
+    ("RetentionCheckConfig", {"splits": ["train"]}, "splits entry='train' is not supported; allowed values: 'validation', 'test'"),
+    ("RetentionCheckConfig", {"splits": []}, r"splits=\[\] must name validation and/or test, each once"),
+    ("RetentionCheckConfig", {"splits": ["test", "test"]}, "must name validation and/or test, each once"),
+    ("RetentionCheckConfig", {"output_name": "../out"}, "output_name='../out' must be a plain file name, e.g. retention_check"),
+    ("RetentionCheckConfig", {}, "models is empty: pass the models to check, e.g. --models results/pruned/<run_id>"),
     ("ReportConfig", {"deploy_min_retention": 1.5}, r"deploy_min_retention=1.5 must be a share in \(0, 1\]"),
     ("ReportConfig", {"real_text_examples": -1}, "real_text_examples=-1 is out of range"),
 ])

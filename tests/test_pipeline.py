@@ -61,6 +61,32 @@ def test_teacher_and_student_checkpoints(pipeline_run):
     assert not [p for p in (results / "teacher").iterdir() if p.name.startswith(".")], "resume state left behind"
 
 
+def test_retention_check_measures_models_against_the_teacher_on_both_splits(pipeline_run):
+    results, _ = pipeline_run
+    data = ["--dataset", results.parent / "reviews.csv", *DATA_ARGS]
+    _, teacher_record = only_checkpoint(results, "teacher")
+    student, student_record = only_checkpoint(results, "student")
+    onnx_file = only_checkpoint(results, "onnx")[0] / "model_int8_dynamic.onnx"
+    run_stage("scripts/retention_check.py", results, *data, "--models", student, onnx_file, "--output_name", "check")
+    report = json.loads((results / "check.json").read_text())
+    rows = {(row["model"], row["split"]): row for row in report["rows"]}
+    assert set(rows) == {(str(model), split) for model in (student, onnx_file) for split in ("validation", "test")}
+    # the same validation examples and model as stage 2's own evaluation, so the same accuracy
+    assert rows[str(student), "validation"]["accuracy"] == pytest.approx(student_record["metrics"]["validation"]["accuracy"])
+    assert rows[str(student), "validation"]["teacher_accuracy"] == pytest.approx(teacher_record["metrics"]["validation"]["accuracy"])
+    for row in rows.values():
+        agreement = row["agreement"]
+        assert row["accuracy"] - row["teacher_accuracy"] == pytest.approx((agreement["fixed"] - agreement["broken"]) / agreement["examples"])
+        assert row["passes"] == (row["lower_bound_points"] >= 0) and row["margin_points"] >= 0
+    markdown = (results / "check.md").read_text()
+    row = rows[str(onnx_file), "test"]
+    assert f"| {onnx_file} | test | {100 * row['accuracy']:.2f}% | {100 * row['teacher_accuracy']:.2f}% |" in markdown
+    # another split of the data than the models were made with: refused before any model loads, nothing written
+    refused = run_stage_unchecked("scripts/retention_check.py", results, *data, "--split_seed", 7, "--models", student,
+                                  "--output_name", "refused")
+    assert refused.returncode == 2 and "split_seed: 42 then, 7 now" in refused.stderr, refused.stderr[-2000:]
+    assert not (results / "refused.json").exists()
+
 def test_pruned_and_quantized_checkpoints(pipeline_run):
     results, _ = pipeline_run
     student, _ = only_checkpoint(results, "student")
