@@ -45,23 +45,25 @@ def main() -> None:
     for folder, _ in models.values():
         check_matches_data(folder, read_record(folder), data_config, data.label_names)
 
-    def predictions(folder: Path, file, split: str):
-        model = ModelRuntime(folder, file, spinning=False)
-        logits, labels = model.logits(split_loader(folder, getattr(data, split), data_config.max_length))
+    def predictions(model: ModelRuntime, split: str):
+        logits, labels = model.logits(split_loader(model.folder, getattr(data, split), data_config.max_length))
         return logits.argmax(-1), labels
 
     print(f"Teacher {teacher_folder}; data {data.summary()}", flush=True)
-    teacher = {split: predictions(teacher_folder, None, split)[0] for split in config.splits}
+    teacher_model = ModelRuntime(teacher_folder, spinning=False)
+    teacher = {split: predictions(teacher_model, split)[0] for split in config.splits}
     rows = []
     for name, (folder, file) in models.items():
+        model = ModelRuntime(folder, file, spinning=False)
         for split in config.splits:
-            predicted, labels = predictions(folder, file, split)
+            predicted, labels = predictions(model, split)
             rows.append({"model": name, "split": split, **compare_with_teacher(predicted, teacher[split], labels,
                                                                                config.target_retention, config.gate_z)})
             print(f"{name} {split}: accuracy {rows[-1]['accuracy']:.4f}, retention {rows[-1]['retention']:.4f}, "
                   f"lower bound {rows[-1]['lower_bound_points']:+.2f} points", flush=True)
     markdown = retention_markdown(rows, config.target_retention, config.gate_z, str(teacher_folder))
     output = results_root() / config.output_name
+    output.parent.mkdir(parents=True, exist_ok=True)  # a teacher given from elsewhere: the results folder may be new
     write_json(output.with_suffix(".json"), {"teacher": str(teacher_folder), "target_retention": config.target_retention,
                                              "gate_z": config.gate_z, "rows": rows})
     output.with_suffix(".md").write_text(markdown)

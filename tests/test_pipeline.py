@@ -64,7 +64,7 @@ def test_teacher_and_student_checkpoints(pipeline_run):
 def test_retention_check_measures_models_against_the_teacher_on_both_splits(pipeline_run):
     results, _ = pipeline_run
     data = ["--dataset", results.parent / "reviews.csv", *DATA_ARGS]
-    _, teacher_record = only_checkpoint(results, "teacher")
+    teacher, teacher_record = only_checkpoint(results, "teacher")
     student, student_record = only_checkpoint(results, "student")
     onnx_file = only_checkpoint(results, "onnx")[0] / "model_int8_dynamic.onnx"
     run_stage("scripts/retention_check.py", results, *data, "--models", student, onnx_file, "--output_name", "check")
@@ -86,6 +86,14 @@ def test_retention_check_measures_models_against_the_teacher_on_both_splits(pipe
                                   "--output_name", "refused")
     assert refused.returncode == 2 and "split_seed: 42 then, 7 now" in refused.stderr, refused.stderr[-2000:]
     assert not (results / "refused.json").exists()
+    # the teacher named from another results folder: this one is created for the tables
+    elsewhere = results.parent / "elsewhere"
+    run_stage("scripts/retention_check.py", elsewhere, *data, "--teacher_model_path", teacher, "--models", student,
+              "--splits", "validation")
+    rows = json.loads((elsewhere / "retention_check.json").read_text())["rows"]
+    assert [row["split"] for row in rows] == ["validation"]  # --splits validation: no test rows
+    assert rows[0]["accuracy"] == pytest.approx(student_record["metrics"]["validation"]["accuracy"])
+
 
 def test_pruned_and_quantized_checkpoints(pipeline_run):
     results, _ = pipeline_run
