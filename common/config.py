@@ -967,22 +967,14 @@ class CompressSummaryConfig:
 
     def __post_init__(self) -> None:
         _check_positive("reference_rounds", self.reference_rounds)
-        if self.baseline_model is not None:
-            folder, file = self.baseline_model
-            if file is not None and Path(file).suffix not in (".onnx", ".xml"):
-                raise ValueError(f"baseline={self.baseline!r} is neither an .onnx file nor an OpenVINO .xml IR nor a "
-                                 "checkpoint folder: pass e.g. results/onnx_4bit/<run_id>/model_nf4_int8.onnx.")
-            if not (folder / "config.json").is_file():
-                raise FileNotFoundError(f"baseline={self.baseline!r} is not an exported file of a project folder or a "
-                                        "checkpoint folder (no config.json beside it): pass e.g. "
-                                        "results/onnx_4bit/<run_id>/model_nf4_int8.onnx or results/pruned/<run_id>.")
+        if self.baseline is not None:
+            _check_model_path(f"baseline={self.baseline!r}", self.baseline)
         for run in self.runs:
             path = Path(run).expanduser()
             if not (path if path.suffix == ".json" else path / "search.json").is_file():
                 raise FileNotFoundError(f"runs: {run!r} is not a compress.py run: pass results/compress/<run_id> "
                                         "folders or their search.json, or leave --runs out to use every delivered run.")
-        if not self.output_name or "/" in self.output_name:
-            raise ValueError(f"output_name={self.output_name!r} must be a plain file name, e.g. compress_summary.")
+        _check_output_name(self.output_name, "compress_summary")
 
     @property
     def baseline_model(self) -> Optional[tuple[Path, Optional[str]]]:
@@ -1012,34 +1004,45 @@ class RetentionCheckConfig:
     output_name: str = _field("retention_check", "Writes results/<output_name>.json and .md.")
 
     def __post_init__(self) -> None:
-        from .checkpoints import RECORD_FILE
-
         _check_range("target_retention", self.target_retention, 0.0, 1.0, low_open=True)
         _check_range("gate_z", self.gate_z, 0.0, 5.0)
         for split in self.splits:
             _check_choice("splits entry", split, RETENTION_SPLITS)
         if not self.splits or len(set(self.splits)) != len(self.splits):
             raise ValueError(f"splits={self.splits!r} must name validation and/or test, each once.")
-        if not self.output_name or "/" in self.output_name:
-            raise ValueError(f"output_name={self.output_name!r} must be a plain file name, e.g. retention_check.")
+        _check_output_name(self.output_name, "retention_check")
         if not self.models:
             raise ValueError("models is empty: pass the models to check, e.g. --models results/pruned/<run_id> "
                              "results/onnx_4bit/<run_id>/model_nf4_int8.onnx.")
         for model in self.models:
-            folder, file = model_location(model)
-            if file is not None and Path(file).suffix not in (".onnx", ".xml"):
-                raise ValueError(f"models entry {model!r} is a file but neither an .onnx file nor an OpenVINO .xml IR: "
-                                 "pass a checkpoint folder or an exported model file.")
-            if not (folder / "config.json").is_file() or not (folder / RECORD_FILE).is_file():
-                raise FileNotFoundError(f"models entry {model!r} is not a finished checkpoint folder of this pipeline or "
-                                        f"an exported file of one (no config.json and {RECORD_FILE} there): pass e.g. "
-                                        "results/pruned/<run_id> or results/onnx_4bit/<run_id>/model_nf4_int8.onnx.")
+            _check_model_path(f"models entry {model!r}", model, need_record=True)
 
 
 def model_location(path: str) -> tuple[Path, Optional[str]]:
     """A model given as a path: (folder, None) for a checkpoint folder, (its folder, file name) for an exported file."""
     resolved = Path(path).expanduser()
     return (resolved.parent, resolved.name) if resolved.is_file() else (resolved, None)
+
+
+def _check_model_path(label: str, path: str, need_record: bool = False) -> None:
+    """A model given as a path (``model_location``): a checkpoint folder, or an .onnx file or OpenVINO .xml IR beside its
+    folder's config.json (and its compression.json, with ``need_record``, for tools that check its data)."""
+    from .checkpoints import RECORD_FILE
+
+    folder, file = model_location(path)
+    if file is not None and Path(file).suffix not in (".onnx", ".xml"):
+        raise ValueError(f"{label} is neither an .onnx file nor an OpenVINO .xml IR nor a checkpoint folder: pass e.g. "
+                         "results/onnx_4bit/<run_id>/model_nf4_int8.onnx.")
+    needed = ["config.json", RECORD_FILE] if need_record else ["config.json"]
+    if not all((folder / name).is_file() for name in needed):
+        raise FileNotFoundError(f"{label} is not an exported file of a project folder or a checkpoint folder (no "
+                                f"{' and '.join(needed)} beside it): pass e.g. "
+                                "results/onnx_4bit/<run_id>/model_nf4_int8.onnx or results/pruned/<run_id>.")
+
+
+def _check_output_name(name: str, example: str) -> None:
+    if not name or "/" in name:
+        raise ValueError(f"output_name={name!r} must be a plain file name, e.g. {example}.")
 
 
 @dataclass

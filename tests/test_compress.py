@@ -1256,15 +1256,20 @@ def test_the_speedup_against_the_baseline_is_spread_over_runs_per_objective():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--models", "nowhere"], "models entry 'nowhere' is not a finished checkpoint folder of this pipeline or an exported"),
-    (["--models", "{tmp}/notes.txt"], "notes.txt' is a file but neither an .onnx file nor an OpenVINO .xml IR"),
+    (["--models", "nowhere"], "models entry 'nowhere' is not an exported file of a project folder or a checkpoint "
+                              "folder (no config.json and compression.json beside it)"),
+    (["--models", "{tmp}/notes.txt"], "notes.txt' is neither an .onnx file nor an OpenVINO .xml IR nor a checkpoint folder"),
+    (["--models", "{tmp}/made", "--teacher_model_path", "{tmp}/nowhere"], "teacher_model_path='{tmp}/nowhere': no such folder"),
     ([], "models is empty: pass the models to check"),
     (["--models", "{tmp}", "--splits", "train"], "splits entry='train' is not supported; allowed values: 'validation', 'test'"),
     (["--models", "{tmp}", "--target_retention", "1.5"], "target_retention=1.5 is out of range"),
 ])
 def test_the_retention_check_refuses_before_any_work(tmp_path, args, message):
     (tmp_path / "notes.txt").write_text("not a model")
-    args = [arg.format(tmp=tmp_path) for arg in args]
+    (tmp_path / "made").mkdir()  # what the models check looks for, so that the teacher's path is checked next
+    for name in ("config.json", "compression.json"):
+        (tmp_path / "made" / name).write_text("{}")
+    args, message = [arg.format(tmp=tmp_path) for arg in args], message.format(tmp=tmp_path)
     completed = run_stage_unchecked("scripts/retention_check.py", tmp_path / "results", *args)
     assert completed.returncode == 2 and message in completed.stderr and "Traceback" not in completed.stderr
     assert not (tmp_path / "results").exists(), "a refused check writes nothing"

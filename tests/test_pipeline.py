@@ -86,6 +86,11 @@ def test_retention_check_measures_models_against_the_teacher_on_both_splits(pipe
                                   "--output_name", "refused")
     assert refused.returncode == 2 and "split_seed: 42 then, 7 now" in refused.stderr, refused.stderr[-2000:]
     assert not (results / "refused.json").exists()
+    # a checkpoint of another stage named as the teacher: refused the same way
+    refused = run_stage_unchecked("scripts/retention_check.py", results, *data, "--teacher_model_path", student,
+                                  "--models", onnx_file, "--output_name", "refused")
+    assert refused.returncode == 2 and "is a 'student' checkpoint, but a 'teacher' checkpoint is needed" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (results / "refused.json").exists()
     # the teacher named from another results folder: this one is created for the tables
     elsewhere = results.parent / "elsewhere"
     run_stage("scripts/retention_check.py", elsewhere, *data, "--teacher_model_path", teacher, "--models", student,
